@@ -1,0 +1,144 @@
+"""The ``dockyard`` command: generate | inspect.
+
+Generated text goes to stdout and nothing else does; logs go to stderr. Errors a user can
+cause print one clear line and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from dockyard.errors import DockyardError
+
+GiB = 1024**3
+
+
+def _add_model_arg(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    help_text = ("model: a directory with config.json (+ safetensors), a config.json (dummy weights) or a "
+                 ".gguf file; default: the bundled SmolLM2-135M-Instruct")
+    if positional:
+        p.add_argument("model", nargs="?", default=None, help=help_text)
+    else:
+        p.add_argument("--model", default=None, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dockyard", description="Onboard, run and serve LLMs.")
+    parser.add_argument("--log-level", default=os.environ.get("DOCKYARD_LOG_LEVEL", "WARNING"),
+                        help="logging level for stderr (default WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for one prompt; prints only the text")
+    _add_model_arg(gen)
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    gen.add_argument("--system", default=None, help="system message (with --chat)")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    gen.add_argument("--load-format", choices=("auto", "dummy"), default="auto")
+    gen.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    gen.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+    ins = sub.add_parser("inspect", help="print the model's spec and memory plan")
+    _add_model_arg(ins, positional=True)
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.add_argument("--dtype", default="bfloat16", help="dtype the weights would be served in")
+    ins.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ins.add_argument("--device-memory", type=float, default=None, help="device memory in GiB to plan against")
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dockyard import LLM, SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, seed=args.seed, stop=args.stop,
+    )
+    llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.prompt})
+        out = llm.chat(messages, params, use_tqdm=False)
+    else:
+        out = llm.generate([args.prompt], params, use_tqdm=False)
+    sys.stdout.write(out[0].outputs[0].text + "\n")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    from dockyard.engine.llm import resolve_dtype
+    from dockyard.memory import plan_memory
+    from dockyard.model_source import resolve_model
+
+    source = resolve_model(args.model, load_format="dummy")
+    spec = source.spec
+    dtype = resolve_dtype(args.dtype, spec.torch_dtype, torch.device("cuda"))
+    plan = plan_memory(spec, dtype, max_num_batched_tokens=args.max_num_batched_tokens)
+    fit = None
+    if args.device_memory is not None:
+        device_bytes = int(args.device_memory * GiB)
+        kv_tokens = plan.kv_tokens_that_fit(device_bytes)
+        fit = {"device_bytes": device_bytes, "fits": kv_tokens > 0, "kv_tokens": kv_tokens,
+               "max_len_fits": kv_tokens >= spec.max_model_len}
+    if args.json:
+        json.dump({"source": {"kind": source.kind, "path": str(source.path)}, "spec": spec.to_dict(),
+                   "memory_plan": plan.to_dict(), "fit": fit}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"model        {source.name}  ({source.kind}: {source.path})")
+    print(f"architecture {spec.architecture}  (model_type {spec.model_type})")
+    print(f"layers {spec.num_hidden_layers}  hidden {spec.hidden_size}  intermediate {spec.intermediate_size}  "
+          f"vocab {spec.vocab_size}")
+    print(f"heads q {spec.num_attention_heads} / kv {spec.num_key_value_heads}  head_dim {spec.head_dim}  "
+          f"act {spec.hidden_act}  tied embeddings {spec.tie_word_embeddings}")
+    rope = spec.rope
+    window = f"  sliding window {spec.sliding_window}" if spec.sliding_window else ""
+    print(f"rope {rope.rope_type}  theta {rope.theta:g}  factor {rope.factor:g}  "
+          f"max positions {spec.max_position_embeddings}{window}")
+    print(f"\nmemory plan ({plan.dtype})")
+    print(f"  parameters        {plan.num_parameters:,}")
+    print(f"  weights           {plan.weight_bytes / GiB:.3f} GiB  ({plan.weight_bytes:,} bytes)")
+    print(f"  KV cache / token  {plan.kv_bytes_per_token:,} bytes  "
+          f"({plan.kv_bytes_per_token * spec.max_model_len / GiB:.2f} GiB at max length {spec.max_model_len})")
+    print(f"  activation peak   {plan.activation_peak_bytes / GiB:.3f} GiB  "
+          f"(at {plan.max_num_batched_tokens} batched tokens)")
+    print(f"  overhead          {plan.overhead_bytes / GiB:.3f} GiB")
+    if fit is not None:
+        verdict = "fits" if fit["fits"] else "does NOT fit"
+        print(f"\non {args.device_memory:g} GiB: {verdict}; room for {fit['kv_tokens']:,} KV tokens")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "inspect": cmd_inspect}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dockyard`` console command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except DockyardError as exc:
+        print(f"dockyard {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The inference engine: requests, scheduling, model running and sampling."""

@@ -1,0 +1,204 @@
+"""``LLM``: the offline Python API, shaped like vLLM's.
+
+    from dockyard import LLM, SamplingParams
+    llm = LLM()                      # the bundled SmolLM2-135M-Instruct
+    out = llm.generate(["The quick brown fox"], SamplingParams(max_tokens=16))
+    print(out[0].outputs[0].text)
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+import time
+from collections.abc import Sequence as Seq
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dockyard.engine.llm_engine import EngineConfig, LLMEngine
+from dockyard.engine.outputs import RequestOutput
+from dockyard.engine.sampling_params import SamplingParams
+from dockyard.errors import DockyardError, InvalidRequestError
+from dockyard.memory import plan_memory
+from dockyard.model_source import ModelSource, resolve_model
+from dockyard.registry import build_model
+from dockyard.weights.loader import load_weights
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' → cuda when available, else cpu; an unavailable device is a clear error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DockyardError(f"device={device!r} was asked for but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' → float32 on CPU; the checkpoint's dtype on GPU (bfloat16 for float32 checkpoints)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return _DTYPES.get(checkpoint_dtype, torch.bfloat16) if checkpoint_dtype != "float32" else torch.bfloat16
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise DockyardError(f"dtype={dtype!r} is not one of auto, {', '.join(_DTYPES)}") from None
+
+
+class LLM:
+    """Load a model once, then generate for many prompts with continuous batching."""
+
+    def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype = "auto",
+                 device: str = "auto", load_format: str = "auto", seed: int = 0,
+                 max_model_len: int | None = None, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048, block_size: int = 16,
+                 num_kv_blocks: int | None = None, kv_cache_memory_bytes: int | None = None,
+                 gpu_memory_utilization: float = 0.9) -> None:
+        t0 = time.perf_counter()
+        self.source: ModelSource = resolve_model(model, load_format)
+        spec = self.source.spec
+        if max_model_len is not None and not 0 < max_model_len <= spec.max_model_len:
+            raise DockyardError(
+                f"max_model_len={max_model_len} must be in [1, {spec.max_model_len}] "
+                f"(the model's max_position_embeddings)"
+            )
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, spec.torch_dtype, self.device)
+        self.spec = spec
+        self.model = self._load_model(seed)
+        self.tokenizer = self.source.load_tokenizer()
+        config = EngineConfig(
+            block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len, num_kv_blocks=num_kv_blocks,
+            kv_cache_memory_bytes=kv_cache_memory_bytes or EngineConfig.kv_cache_memory_bytes,
+            gpu_memory_utilization=gpu_memory_utilization,
+        )
+        num_blocks = num_kv_blocks or self._kv_blocks_from_memory(config)
+        self.engine = LLMEngine(self.model, spec, self.tokenizer, config, self.device, self.dtype, num_blocks)
+        logger.info(
+            "loaded %s (%s weights, %s, %s) in %.1fs; KV cache: %d blocks × %d tokens = %d tokens",
+            self.source.name, self.source.kind, self.dtype, self.device, time.perf_counter() - t0,
+            num_blocks, block_size, num_blocks * block_size,
+        )
+        self._request_ids = itertools.count()
+
+    def _load_model(self, seed: int) -> torch.nn.Module:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                model = build_model(self.spec)
+        finally:
+            torch.set_default_dtype(previous)
+        model.eval()
+        self.load_report = load_weights(model, self.source.iter_weights(model, self.dtype, seed))
+        return model
+
+    def _kv_blocks_from_memory(self, config: EngineConfig) -> int:
+        plan = plan_memory(self.spec, self.dtype, max_num_batched_tokens=config.max_num_batched_tokens,
+                           max_num_seqs=config.max_num_seqs, device_type=self.device.type)
+        block_bytes = plan.kv_bytes_per_token * config.block_size
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            budget = int(total * config.gpu_memory_utilization) - used - plan.activation_peak_bytes
+        else:
+            budget = config.kv_cache_memory_bytes
+        blocks = budget // block_bytes
+        if blocks < 1:
+            raise DockyardError(
+                f"no memory is left for the KV cache on {self.device} (budget {budget} bytes, one block "
+                f"needs {block_bytes}); lower max_num_batched_tokens or raise the memory budget"
+            )
+        return int(blocks)
+
+    # ---- tokenization ----
+    def get_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise DockyardError(
+                f"model {self.source.name!r} has no tokenizer files; pass prompts as token ids "
+                "or put tokenizer.json beside config.json"
+            )
+        return self.tokenizer
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text for a conversation, through the tokenizer's own chat template."""
+        tok = self.get_tokenizer()
+        if not getattr(tok, "chat_template", None):
+            raise DockyardError(f"model {self.source.name!r} has no chat template; send a plain prompt")
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.get_tokenizer().encode(prompt, add_special_tokens=add_special_tokens)
+        if isinstance(prompt, Seq) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise InvalidRequestError(
+            f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}", param="prompt"
+        )
+
+    # ---- generation ----
+    def generate(self, prompts: str | list[str] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt (strings or token-id lists); results in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        return self._run([self._encode(p) for p in prompts], sampling_params, use_tqdm)
+
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, via the chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        # The template already holds any BOS token: do not let the tokenizer add a second one.
+        encoded = [self._encode(self.apply_chat_template(c), add_special_tokens=False) for c in conversations]
+        return self._run(encoded, sampling_params, use_tqdm)
+
+    def _run(self, encoded: list[tuple[str | None, list[int]]],
+             sampling_params: SamplingParams | list[SamplingParams] | None, use_tqdm: bool) -> list[RequestOutput]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(encoded)
+        if len(params) != len(encoded):
+            raise InvalidRequestError(
+                f"got {len(params)} SamplingParams for {len(encoded)} prompts; give one, or one per prompt",
+                param="sampling_params",
+            )
+        ids = []
+        try:
+            for (text, token_ids), p in zip(encoded, params):
+                rid = str(next(self._request_ids))
+                self.engine.add_request(rid, token_ids, p, prompt=text)
+                ids.append(rid)
+        except DockyardError:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="generate", unit="req", file=sys.stderr)
+        while self.engine.has_unfinished_requests():
+            for output in self.engine.step():
+                if output.finished:
+                    results[output.request_id] = output
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [results[rid] for rid in ids]
+

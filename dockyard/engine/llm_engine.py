@@ -1,0 +1,212 @@
+"""LLMEngine: continuous batching over the scheduler, model runner and sampler.
+
+``step()`` is the whole loop: schedule → run → postprocess → report. Requests are added and
+aborted between steps; every request's output is what it would have been alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dockyard.engine.block_manager import BlockManager
+from dockyard.engine.model_runner import ModelRunner
+from dockyard.engine.outputs import CompletionOutput, RequestOutput
+from dockyard.engine.sampler import make_generator
+from dockyard.engine.sampling_params import SamplingParams
+from dockyard.engine.scheduler import Scheduler
+from dockyard.engine.sequence import Sequence
+from dockyard.errors import InvalidRequestError
+from dockyard.spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    """Engine limits; the KV pool size is derived from the memory budget at start-up."""
+
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    num_kv_blocks: int | None = None  # None: derive from kv_cache_memory_bytes / gpu_memory_utilization
+    kv_cache_memory_bytes: int = 1 << 30  # CPU budget for the KV pool
+    gpu_memory_utilization: float = 0.9
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+class LLMEngine:
+    """Holds requests and advances all of them one step at a time."""
+
+    def __init__(self, model: torch.nn.Module, spec: ModelSpec, tokenizer: Any, config: EngineConfig,
+                 device: torch.device, dtype: torch.dtype, num_blocks: int) -> None:
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.config = config
+        self.max_model_len = config.max_model_len or spec.max_model_len
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, spec, num_blocks, config.block_size, device, dtype)
+        self.requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+
+    # ---- requests ----
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        """Queue a request; reject it at once if it can never run."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request_id {request_id!r} is already in use", param="request_id")
+        n_prompt = len(prompt_token_ids)
+        if n_prompt == 0:
+            raise InvalidRequestError("the prompt is empty; give at least one token", param="prompt")
+        if n_prompt >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {n_prompt} tokens, but the model's maximum length is "
+                f"{self.max_model_len} (prompt plus at least one generated token); shorten the prompt",
+                param="prompt",
+            )
+        pool_tokens = self.block_manager.num_blocks * self.block_manager.block_size
+        if n_prompt + 1 > pool_tokens:
+            raise InvalidRequestError(
+                f"the prompt has {n_prompt} tokens but the whole KV cache holds {pool_tokens}; "
+                "shorten the prompt or give the engine more KV-cache memory",
+                param="prompt",
+            )
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.spec.vocab_size})",
+                param="prompt",
+            )
+        max_total = self.max_model_len
+        if params.max_tokens is not None:
+            max_total = min(max_total, n_prompt + params.max_tokens)
+        seqs = []
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            seq = Sequence(
+                seq_id=next(self._seq_ids), request_id=request_id, sample_index=i,
+                prompt_token_ids=list(prompt_token_ids), params=params, max_total_len=max_total,
+                generator=make_generator(seed, self.runner.device),
+            )
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = _Request(request_id, prompt, list(prompt_token_ids), seqs)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the loop ----
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model, append tokens, and report every request that changed."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        self.stats["steps"] += 1
+        sampled, out = self.runner.execute(batch)
+        for item in batch:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            if item.seq.num_computed_tokens <= len(item.seq.prompt_token_ids):
+                self.stats["prompt_tokens"] += item.num_new_tokens
+        touched: dict[str, _Request] = {}
+        now = time.monotonic()
+        for row, item in enumerate(sampled):
+            seq = item.seq
+            token = int(out.token_ids[row])
+            seq.output_token_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if out.logprobs is not None and seq.params.logprobs is not None:
+                entry = {token: float(out.logprobs[row])}
+                if out.top_token_ids is not None:
+                    k = seq.params.logprobs
+                    for tid, lp in zip(out.top_token_ids[row, :k].tolist(), out.top_logprobs[row, :k].tolist()):
+                        entry.setdefault(tid, lp)
+                seq.output_logprobs.append(entry)
+                seq.cumulative_logprob += float(out.logprobs[row])
+            self.stats["generation_tokens"] += 1
+            self._check_stop(seq, token)
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+            req = self.requests.get(seq.request_id)
+            if req is not None:
+                touched[req.request_id] = req
+        outputs = []
+        for req in touched.values():
+            output = self._make_output(req)
+            if output.finished:
+                del self.requests[req.request_id]
+            outputs.append(output)
+        return outputs
+
+    # ---- stopping and detokenization ----
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        params = seq.params
+        n_out = len(seq.output_token_ids)
+        self._detokenize(seq)
+        if n_out >= params.min_tokens:
+            if not params.ignore_eos and token in self.spec.eos_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", None
+                return
+            if token in (params.stop_token_ids or ()):
+                seq.finish_reason, seq.stop_reason = "stop", token
+                return
+            for stop in params.stop or ():
+                idx = seq.output_text.find(stop)
+                if idx >= 0:
+                    end = idx + len(stop) if params.include_stop_str_in_output else idx
+                    seq.output_text = seq.output_text[:end]
+                    seq.finish_reason, seq.stop_reason = "stop", stop
+                    return
+        if len(seq) >= seq.max_total_len:
+            seq.finish_reason = "length"
+
+    def _detokenize(self, seq: Sequence) -> None:
+        if self.tokenizer is None:
+            return
+        ids = seq.output_token_ids
+        if not seq.params.ignore_eos and ids and ids[-1] in self.spec.eos_token_ids:
+            ids = ids[:-1]
+        seq.output_text = self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
+
+    def _make_output(self, req: _Request) -> RequestOutput:
+        outs = [
+            CompletionOutput(
+                index=s.sample_index, text=s.output_text, token_ids=list(s.output_token_ids),
+                cumulative_logprob=s.cumulative_logprob if s.params.logprobs is not None else None,
+                logprobs=list(s.output_logprobs) if s.params.logprobs is not None else None,
+                finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+            )
+            for s in req.seqs
+        ]
+        finished = all(s.is_finished for s in req.seqs)
+        metrics: dict[str, float] = {}
+        first = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
+        if first:
+            metrics["time_to_first_token"] = min(first) - req.arrival_time
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, metrics)

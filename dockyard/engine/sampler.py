@@ -1,0 +1,279 @@
+"""Batched sampling: penalties, temperature, top-k, top-p, min-p, seeded draws and logprobs.
+
+Pure PyTorch on whatever device the logits live on. Per step the engine builds one
+:class:`SamplingBatch` from the requests' :class:`SamplingParams`, applies
+:func:`apply_penalties`, and calls :class:`Sampler`.
+
+Semantics (see also the docstrings below):
+
+* Order: temperature scaling, then top-k, then top-p, then min-p, then a draw. Greedy rows
+  (temperature < 1e-5) take the argmax of the logits as given (penalties applied), lowest token id
+  on ties.
+* Filters keep tokens by *value*: a token tied with the last one a filter keeps is kept too, so the
+  result never depends on how a sort orders equal values (HF and vLLM keep top-k ties the same way).
+  top-p keeps the smallest set of most-likely tokens whose probability sums to >= top_p (at least
+  one token), plus any ties of its least likely member. min-p keeps tokens with
+  prob >= min_p * max_prob; that ratio does not change under renormalization, so it is applied
+  to the temperature-scaled logits directly.
+* The draw is the exponential race ``argmax(probs / q)``, ``q ~ Exp(1)`` per token, computed in
+  log space as ``argmax(logits - log q)`` (Gumbel-max); it samples exactly from the filtered,
+  renormalized distribution. Each row with a generator draws its own ``q`` from it, so a seeded
+  request's tokens do not depend on its neighbours or its row; rows without one share the
+  default RNG in one draw.
+* Reported logprobs are those of the logits the sampler was given (after penalties, before
+  temperature and the filters), as vLLM reports by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dockyard.engine.sampling_params import SamplingParams
+
+_NEG_INF = float("-inf")
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """A generator on ``device`` seeded with ``seed`` (reduced mod 2**64), or None when unseeded."""
+    if seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed) % 2**64)
+    return gen
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters of one step, as tensors on the logits' device.
+
+    Build it with :meth:`build`: besides the tensors it records, from the host-side params,
+    which stages any row needs, so the sampler skips the rest without reading tensors back.
+    """
+
+    temperature: torch.Tensor  # [B] float32
+    top_p: torch.Tensor  # [B] float32
+    top_k: torch.Tensor  # [B] int64, 0 = off
+    min_p: torch.Tensor  # [B] float32
+    presence_penalty: torch.Tensor  # [B] float32
+    frequency_penalty: torch.Tensor  # [B] float32
+    repetition_penalty: torch.Tensor  # [B] float32
+    generators: list[torch.Generator | None]  # per row; None = the default RNG
+    greedy: torch.Tensor  # [B] bool
+    # Host-side summaries (derived in build(); derived from the tensors, with a sync, if left None).
+    greedy_rows: list[bool] | None = None
+    max_top_k: int | None = None  # largest top-k among sampled rows; 0 when none uses top-k
+    any_top_p: bool | None = None
+    any_min_p: bool | None = None
+    penalty_rows: list[int] | None = None  # rows with any penalty
+    repetition_rows: list[int] | None = None  # rows with repetition_penalty != 1
+
+    def __post_init__(self) -> None:
+        if self.greedy_rows is None:
+            self.greedy_rows = self.greedy.tolist()
+        sampled = ~self.greedy
+        if self.max_top_k is None:
+            top_k = torch.where(sampled, self.top_k.clamp_min(0), 0)
+            self.max_top_k = int(top_k.max().item()) if len(self) else 0
+        if self.any_top_p is None:
+            self.any_top_p = bool((sampled & (self.top_p < 1)).any().item())
+        if self.any_min_p is None:
+            self.any_min_p = bool((sampled & (self.min_p > 0)).any().item())
+        if self.repetition_rows is None:
+            self.repetition_rows = torch.nonzero(self.repetition_penalty != 1).flatten().tolist()
+        if self.penalty_rows is None:
+            uses = self.repetition_penalty != 1
+            uses |= (self.presence_penalty != 0) | (self.frequency_penalty != 0)
+            self.penalty_rows = torch.nonzero(uses).flatten().tolist()
+
+    def __len__(self) -> int:
+        return self.temperature.shape[0]
+
+    @property
+    def all_greedy(self) -> bool:
+        return all(self.greedy_rows)
+
+    @property
+    def any_greedy(self) -> bool:
+        return any(self.greedy_rows)
+
+    @classmethod
+    def build(cls, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+              device: torch.device | str) -> SamplingBatch:
+        """Stack ``params`` (one per row) into tensors on ``device``; ``generators`` is one per row."""
+        if len(params) != len(generators):
+            raise ValueError(f"got {len(params)} SamplingParams but {len(generators)} generators")
+        greedy = [p.greedy for p in params]
+        top_k = [max(p.top_k, 0) for p in params]
+        floats = torch.tensor(
+            [[p.temperature for p in params], [p.top_p for p in params], [p.min_p for p in params],
+             [p.presence_penalty for p in params], [p.frequency_penalty for p in params],
+             [p.repetition_penalty for p in params]],
+            dtype=torch.float32,
+        ).reshape(6, len(params)).to(device)
+        temperature, top_p, min_p, presence, frequency, repetition = floats.unbind(0)
+        sampled = [p for p, g in zip(params, greedy, strict=True) if not g]
+        return cls(
+            temperature=temperature, top_p=top_p, top_k=torch.tensor(top_k, dtype=torch.long).to(device),
+            min_p=min_p, presence_penalty=presence, frequency_penalty=frequency,
+            repetition_penalty=repetition,
+            generators=list(generators), greedy=torch.tensor(greedy, dtype=torch.bool).to(device),
+            greedy_rows=greedy,
+            max_top_k=max((k for k, g in zip(top_k, greedy, strict=True) if not g), default=0),
+            any_top_p=any(p.top_p < 1 for p in sampled),
+            any_min_p=any(p.min_p > 0 for p in sampled),
+            penalty_rows=[i for i, p in enumerate(params) if p.repetition_penalty != 1
+                          or p.presence_penalty != 0 or p.frequency_penalty != 0],
+            repetition_rows=[i for i, p in enumerate(params) if p.repetition_penalty != 1],
+        )
+
+
+def _token_counts(rows: list[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[len(rows), V] float32 count of each token id in each row, from one host-to-device copy."""
+    counts = torch.zeros(len(rows), vocab_size, dtype=torch.float32, device=device)
+    lengths = [len(r) for r in rows]
+    if sum(lengths):
+        # numpy concatenation is several times faster than torch.tensor on nested Python lists.
+        ids = np.concatenate([np.asarray(r, dtype=np.int64).reshape(-1) for r in rows])
+        flat = np.repeat(np.arange(len(rows), dtype=np.int64) * vocab_size, lengths) + ids
+        index = torch.from_numpy(flat).to(device)
+        counts.view(-1).index_add_(0, index, torch.ones(index.shape, dtype=torch.float32, device=device))
+    return counts
+
+
+def apply_penalties(logits: torch.Tensor, prompt_token_ids: Sequence[Sequence[int]],
+                    output_token_ids: Sequence[Sequence[int]], batch: SamplingBatch) -> torch.Tensor:
+    """Logits with repetition, presence and frequency penalties applied (a new tensor if any apply).
+
+    * repetition (HF/vLLM): for every token in the prompt or the output so far, a positive logit
+      is divided by ``repetition_penalty`` and a negative one multiplied by it.
+    * presence / frequency (OpenAI): over the output tokens only,
+      ``logit -= presence * (count > 0) + frequency * count``.
+
+    Returns ``logits`` itself, untouched, when no row uses a penalty.
+    """
+    rows = batch.penalty_rows
+    if not rows:
+        return logits
+    device, vocab_size = logits.device, logits.shape[1]
+    all_rows = len(rows) == logits.shape[0]
+    index = None if all_rows else torch.tensor(rows, dtype=torch.long, device=device)
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t if index is None else t.index_select(0, index)
+
+    sub = pick(logits).clone()
+    counts = _token_counts([output_token_ids[i] for i in rows], vocab_size, device)
+    if batch.repetition_rows:
+        rep = set(batch.repetition_rows)
+        # Rows without a repetition penalty need no prompt mask: their factor is 1.
+        seen = _token_counts([prompt_token_ids[i] if i in rep else () for i in rows], vocab_size, device) > 0
+        seen |= counts > 0
+        penalty = pick(batch.repetition_penalty)[:, None]
+        penalized = torch.where(sub > 0, sub / penalty, sub * penalty)
+        sub = torch.where(seen, penalized, sub)
+    sub -= pick(batch.frequency_penalty)[:, None] * counts
+    sub -= pick(batch.presence_penalty)[:, None] * (counts > 0).to(sub.dtype)
+    if index is None:
+        return sub
+    out = logits.clone()
+    out.index_copy_(0, index, sub)
+    return out
+
+
+def filter_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Temperature-scaled logits with the tokens top-k, top-p and min-p drop set to -inf.
+
+    Greedy rows come back unscaled and unfiltered (the sampler takes their argmax elsewhere).
+    """
+    vocab_size = logits.shape[1]
+    temperature = torch.where(batch.greedy, torch.ones_like(batch.temperature), batch.temperature)
+    x = logits / temperature[:, None]
+    threshold = torch.full((x.shape[0],), _NEG_INF, dtype=x.dtype, device=x.device)
+    sorted_desc = None
+    if batch.any_top_p:
+        sorted_desc = x.sort(dim=-1, descending=True).values
+    elif batch.max_top_k:
+        sorted_desc = x.topk(min(batch.max_top_k, vocab_size), dim=-1).values
+    if batch.max_top_k:
+        k = batch.top_k
+        active = (k > 0) & (k < vocab_size) & ~batch.greedy
+        kth = sorted_desc.gather(1, (k.clamp(1, sorted_desc.shape[1]) - 1)[:, None]).squeeze(1)
+        threshold = torch.where(active, kth, threshold)
+    if batch.any_top_p:
+        # Probabilities of the top-k survivors, in descending order; keep a token while the mass
+        # strictly before it is < top_p, then widen to every token >= the last one kept.
+        probs = torch.softmax(sorted_desc.masked_fill(sorted_desc < threshold[:, None], _NEG_INF), dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        count = (mass_before < batch.top_p[:, None]).sum(dim=-1).clamp_min(1)
+        last_kept = sorted_desc.gather(1, (count - 1)[:, None]).squeeze(1)
+        active = (batch.top_p < 1) & ~batch.greedy
+        threshold = torch.where(active, torch.maximum(threshold, last_kept), threshold)
+    if batch.any_min_p:
+        row_max = sorted_desc[:, 0] if sorted_desc is not None else x.max(dim=-1).values
+        # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p); log(0) = -inf keeps everything.
+        floor = row_max + torch.log(batch.min_p)
+        threshold = torch.where(batch.greedy, threshold, torch.maximum(threshold, floor))
+    if batch.max_top_k or batch.any_top_p or batch.any_min_p:
+        x = x.masked_fill(x < threshold[:, None], _NEG_INF)
+    return x
+
+
+def _exponential_noise(shape: tuple[int, int], batch: SamplingBatch, device: torch.device) -> torch.Tensor:
+    """q ~ Exp(1) of ``shape``; each seeded row from its own generator, greedy rows left at 1."""
+    greedy = batch.greedy_rows
+    if not batch.any_greedy and all(g is None for g in batch.generators):
+        return torch.empty(shape, dtype=torch.float32, device=device).exponential_()
+    q = torch.ones(shape, dtype=torch.float32, device=device)
+    shared = [i for i, g in enumerate(batch.generators) if g is None and not greedy[i]]
+    if shared:
+        index = torch.tensor(shared, dtype=torch.long, device=device)
+        q.index_copy_(0, index, torch.empty(len(shared), shape[1], device=device).exponential_())
+    for i, gen in enumerate(batch.generators):
+        if gen is not None and not greedy[i]:
+            q[i].exponential_(generator=gen)
+    return q
+
+
+@dataclass
+class SamplerOutput:
+    """Sampled tokens and their log-probabilities under the sampler's input logits."""
+
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor | None  # [B] float32: log_softmax(logits)[token]
+    top_logprobs: torch.Tensor | None = None  # [B, K] float32, descending, when num_logprobs > 0
+    top_token_ids: torch.Tensor | None = None  # [B, K] int64
+
+
+class Sampler:
+    """Turns a step's logits into one token per row; see the module docstring for the semantics."""
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch, num_logprobs: int = 0) -> SamplerOutput:
+        """Sample ``logits`` [B, V]; with ``num_logprobs`` > 0 also return the top alternatives."""
+        if logits.dim() != 2 or logits.shape[0] != len(batch):
+            raise ValueError(f"logits must be [B={len(batch)}, V], got {tuple(logits.shape)}")
+        logits = logits.float()
+        token_ids = self.sample(logits, batch)
+        lse = torch.logsumexp(logits, dim=-1)
+        logprobs = logits.gather(1, token_ids[:, None]).squeeze(1) - lse
+        top_logprobs = top_token_ids = None
+        if num_logprobs > 0:
+            values, top_token_ids = logits.topk(min(num_logprobs, logits.shape[1]), dim=-1)
+            top_logprobs = values - lse[:, None]
+        return SamplerOutput(token_ids, logprobs, top_logprobs, top_token_ids)
+
+    @staticmethod
+    def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """[B] token ids: argmax for greedy rows, a draw from the filtered distribution otherwise."""
+        if batch.all_greedy:
+            return logits.argmax(dim=-1)
+        x = filter_logits(logits, batch)
+        q = _exponential_noise(tuple(x.shape), batch, x.device)
+        # argmax(softmax(x) / q) == argmax(x - log q); clamp guards log(0) from a zero draw.
+        sampled = (x - q.clamp_min(torch.finfo(q.dtype).tiny).log()).argmax(dim=-1)
+        if batch.any_greedy:
+            sampled = torch.where(batch.greedy, logits.argmax(dim=-1), sampled)
+        return sampled

@@ -1,0 +1,148 @@
+"""SamplingParams: how one request is decoded.
+
+Field names and defaults follow vLLM's ``SamplingParams``, so code written for vLLM ports by
+changing the import. Every value is checked when the object is made: a bad value raises
+:class:`~dockyard.errors.InvalidRequestError` naming the parameter, the value and the allowed
+range, with ``.param`` set to the field name.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dockyard.errors import InvalidRequestError
+
+# Below this temperature a request is decoded greedily (vLLM's _SAMPLING_EPS).
+GREEDY_TEMPERATURE_EPS = 1e-5
+MAX_N = 128
+MAX_LOGPROBS = 20
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+
+
+def _bad(name: str, value: Any, rule: str) -> InvalidRequestError:
+    return InvalidRequestError(f"{name} must be {rule}, got {value!r}", param=name)
+
+
+def _check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None, rule: str = "") -> int:
+    """``value`` as an int within [lo, hi]; bools and non-integers are rejected."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _bad(name, value, f"an integer {rule}".rstrip())
+    value = int(value)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise _bad(name, value, rule)
+    return value
+
+
+def _check_float(name: str, value: Any, ok: Any, rule: str) -> float:
+    """``value`` as a finite float for which ``ok(value)`` holds; bools and non-numbers are rejected."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _bad(name, value, f"a number {rule}")
+    value = float(value)
+    if not math.isfinite(value) or not ok(value):
+        raise _bad(name, value, rule)
+    return value
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(name, value, "True or False")
+    return value
+
+
+@dataclass
+class SamplingParams:
+    """Decoding parameters of one request (vLLM-compatible names and defaults).
+
+    ``temperature=0`` means greedy decoding; ``top_k`` of 0 or -1 and ``top_p=1`` disable those
+    filters; ``logprobs=k`` asks for the sampled token's log-probability plus the ``k`` most likely
+    alternatives at every step; ``max_tokens=None`` generates up to the model's maximum length.
+    """
+
+    n: int = 1
+    max_tokens: int | None = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        self.n = _check_int("n", self.n, 1, MAX_N, f">= 1 and <= {MAX_N}")
+        if self.max_tokens is not None:
+            self.max_tokens = _check_int("max_tokens", self.max_tokens, 1, None, ">= 1 (or None)")
+        self.temperature = _check_float("temperature", self.temperature, lambda v: v >= 0,
+                                        ">= 0 and finite (0 means greedy)")
+        self.top_p = _check_float("top_p", self.top_p, lambda v: 0 < v <= 1, "in (0, 1]")
+        self.top_k = _check_int("top_k", self.top_k, -1, None, ">= 0, or -1 (0 and -1 disable top-k)")
+        self.min_p = _check_float("min_p", self.min_p, lambda v: 0 <= v <= 1, "in [0, 1]")
+        if self.seed is not None:
+            self.seed = _check_int("seed", self.seed, _SEED_MIN, _SEED_MAX,
+                                   f"in [{_SEED_MIN}, {_SEED_MAX}] (or None)")
+        self.stop = self._normalize_stop(self.stop)
+        self.stop_token_ids = self._normalize_stop_token_ids(self.stop_token_ids)
+        self.ignore_eos = _check_bool("ignore_eos", self.ignore_eos)
+        if self.logprobs is not None:
+            self.logprobs = _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS,
+                                       f">= 0 and <= {MAX_LOGPROBS} (or None)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            setattr(self, name, _check_float(name, getattr(self, name), lambda v: -2 <= v <= 2, "in [-2, 2]"))
+        self.repetition_penalty = _check_float("repetition_penalty", self.repetition_penalty, lambda v: v > 0,
+                                               "> 0 and finite (1 disables it)")
+        self.min_tokens = _check_int("min_tokens", self.min_tokens, 0, None, ">= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}",
+                param="min_tokens",
+            )
+        self.skip_special_tokens = _check_bool("skip_special_tokens", self.skip_special_tokens)
+        self.include_stop_str_in_output = _check_bool(
+            "include_stop_str_in_output", self.include_stop_str_in_output
+        )
+
+    @staticmethod
+    def _normalize_stop(stop: Any) -> list[str]:
+        if stop is None:
+            return []
+        items = [stop] if isinstance(stop, str) else stop
+        if not isinstance(items, Sequence) or isinstance(items, bytes | bytearray):
+            raise _bad("stop", stop, "a string or a list of strings (or None)")
+        out = []
+        for s in items:
+            if not isinstance(s, str):
+                raise _bad("stop", stop, "a string or a list of strings (or None)")
+            if not s:
+                raise _bad("stop", stop, "non-empty strings")
+            out.append(s)
+        return out
+
+    @staticmethod
+    def _normalize_stop_token_ids(ids: Any) -> list[int]:
+        if ids is None:
+            return []
+        if isinstance(ids, str | bytes | bytearray) or not isinstance(ids, Sequence):
+            raise _bad("stop_token_ids", ids, "a list of token ids >= 0 (or None)")
+        out = []
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
+                raise _bad("stop_token_ids", ids, "a list of token ids >= 0 (or None)")
+            out.append(int(t))
+        return out
+
+    @property
+    def greedy(self) -> bool:
+        """True when the request decodes greedily (temperature below 1e-5, as in vLLM)."""
+        return self.temperature < GREEDY_TEMPERATURE_EPS

@@ -1,0 +1,107 @@
+"""Memory plan: what a model needs, computed from its spec alone.
+
+Weight bytes come from instantiating the registered model class on the ``meta`` device (no
+memory is touched), so the plan counts exactly the parameters the engine will load. The KV
+cache, activation peak and overhead follow from the spec and the engine's batch limits.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from dockyard.registry import build_model
+from dockyard.spec import ModelSpec
+
+GiB = 1024**3
+# Runtime memory that is not weights, KV or activations: CUDA context and allocator slack on a
+# GPU; the interpreter, torch and tokenizer on a CPU.
+OVERHEAD_BYTES = {"cuda": int(1.0 * GiB), "cpu": int(0.5 * GiB)}
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes the model needs on a device, and what follows for the KV cache."""
+
+    dtype: str
+    num_parameters: int
+    weight_bytes: int
+    weight_bytes_by_dtype: dict[str, int]
+    kv_cache_dtype: str
+    kv_bytes_per_token: int
+    activation_peak_bytes: int
+    overhead_bytes: int
+    max_num_batched_tokens: int
+    max_model_len: int
+
+    @property
+    def fixed_bytes(self) -> int:
+        """Everything but the KV cache."""
+        return self.weight_bytes + self.activation_peak_bytes + self.overhead_bytes
+
+    def kv_tokens_that_fit(self, device_bytes: int) -> int:
+        """KV-cache tokens left once weights, activations and overhead are placed (0 if none)."""
+        return max(0, (device_bytes - self.fixed_bytes) // self.kv_bytes_per_token)
+
+    def bytes_for(self, context_tokens: int) -> int:
+        """Total bytes to hold ``context_tokens`` tokens of KV cache plus everything else."""
+        return self.fixed_bytes + context_tokens * self.kv_bytes_per_token
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["fixed_bytes"] = self.fixed_bytes
+        return out
+
+
+def count_parameters(spec: ModelSpec, dtype: torch.dtype) -> tuple[int, dict[str, int]]:
+    """(number of parameters, bytes by dtype) of the model class for ``spec``, built on meta."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = build_model(spec)
+    finally:
+        torch.set_default_dtype(previous)
+    by_dtype: Counter[str] = Counter()
+    numel = 0
+    for p in model.parameters():  # tied parameters are yielded once
+        numel += p.numel()
+        by_dtype[str(p.dtype).removeprefix("torch.")] += p.numel() * p.element_size()
+    return numel, dict(by_dtype)
+
+
+def plan_memory(
+    spec: ModelSpec,
+    dtype: torch.dtype = torch.bfloat16,
+    kv_cache_dtype: torch.dtype | None = None,
+    max_num_batched_tokens: int = 8192,
+    max_num_seqs: int = 256,
+    max_model_len: int | None = None,
+    device_type: str = "cuda",
+) -> MemoryPlan:
+    """The memory plan of ``spec`` at ``dtype`` for the given engine limits."""
+    kv_dtype = kv_cache_dtype or dtype
+    numel, by_dtype = count_parameters(spec, dtype)
+    act_bytes = torch.empty((), dtype=dtype).element_size()
+    kv_elem = torch.empty((), dtype=kv_dtype).element_size()
+    kv_per_token = 2 * spec.num_hidden_layers * spec.num_key_value_heads * spec.head_dim * kv_elem
+    tokens = max_num_batched_tokens
+    # One layer's live tensors at the widest point: residual + normed input + q/k/v + attention
+    # output, and the MLP's gate, up and their product; plus float32 logits of the rows sampled.
+    per_token = (3 * spec.hidden_size + spec.q_size + 2 * spec.kv_size + 3 * spec.intermediate_size) * act_bytes
+    logits = min(max_num_seqs, tokens) * spec.vocab_size * 4 * 2  # logits + probabilities
+    return MemoryPlan(
+        dtype=str(dtype).removeprefix("torch."),
+        num_parameters=numel,
+        weight_bytes=sum(by_dtype.values()),
+        weight_bytes_by_dtype=by_dtype,
+        kv_cache_dtype=str(kv_dtype).removeprefix("torch."),
+        kv_bytes_per_token=kv_per_token,
+        activation_peak_bytes=tokens * per_token + logits,
+        overhead_bytes=OVERHEAD_BYTES.get(device_type, OVERHEAD_BYTES["cpu"]),
+        max_num_batched_tokens=tokens,
+        max_model_len=max_model_len or spec.max_model_len,
+    )

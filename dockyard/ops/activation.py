@@ -1,0 +1,30 @@
+"""Gated activations: act(gate) * up over a fused [gate | up] input."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dockyard.errors import ConfigError
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+}
+ACTIVATION_NAMES = tuple(_ACTIVATIONS)
+
+
+def get_activation(name: str):  # noqa: ANN201 - returns a tensor function
+    """The activation function for an HF ``hidden_act`` name."""
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ConfigError(f"hidden_act={name!r} is not supported; supported: {', '.join(_ACTIVATIONS)}") from None
+
+
+def act_and_mul(gate: torch.Tensor, up: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """act(gate) * up — the MLP gating of Llama-style models (SiLU-and-mul for ``act='silu'``)."""
+    return get_activation(act)(gate) * up

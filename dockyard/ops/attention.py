@@ -1,0 +1,127 @@
+"""Attention over a paged KV cache: the reference (pure PyTorch) backend.
+
+The KV cache of one layer is a tensor ``[2, num_blocks, block_size, num_kv_heads, head_dim]``
+(keys, values). A step's flat batch concatenates the new tokens of several sequences; the
+:class:`AttentionMetadata` says where each sequence's queries are, how long its context is
+and which blocks hold it. Prefill, chunked prefill, prefix-cache hits and decode are the same
+computation: queries at the end of a context of ``seq_len`` tokens, attending causally.
+
+The model runner publishes the metadata with :func:`forward_context`; an :class:`Attention`
+module called outside such a context treats its input as one sequence with no cache (this is
+how block-level equivalence tests call it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    """Where a step's tokens go in the KV cache and what each sequence attends to."""
+
+    slot_mapping: torch.Tensor  # [T] int64: flat cache slot (block * block_size + offset) of each new token
+    block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
+    query_lens: list[int]  # new tokens per sequence; sum == T
+    seq_lens: list[int]  # context length per sequence after this step (cached + new)
+    block_size: int
+
+
+_CONTEXT: AttentionMetadata | None = None
+
+
+@contextlib.contextmanager
+def forward_context(metadata: AttentionMetadata | None) -> Iterator[None]:
+    """Make ``metadata`` visible to every Attention module during one forward pass."""
+    global _CONTEXT
+    previous, _CONTEXT = _CONTEXT, metadata
+    try:
+        yield
+    finally:
+        _CONTEXT = previous
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' keys and values at their slots (slots < 0 are skipped)."""
+    num_kv_heads, head_dim = k.shape[-2:]
+    keys = kv_cache[0].view(-1, num_kv_heads, head_dim)
+    values = kv_cache[1].view(-1, num_kv_heads, head_dim)
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
+    keys.index_copy_(0, slot_mapping, k.to(keys.dtype))
+    values.index_copy_(0, slot_mapping, v.to(values.dtype))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+            sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention of q [Lq, Hq, D] placed at the end of a context k, v [Lk, Hkv, D].
+
+    With ``sliding_window`` W, a query at position p sees keys at positions p-W+1 .. p only.
+    """
+    q_len, k_len = q.shape[0], k.shape[0]
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    mask = None
+    if q_len > 1 or (sliding_window is not None and k_len > sliding_window):
+        q_pos = torch.arange(k_len - q_len, k_len, device=q.device)[:, None]
+        k_pos = torch.arange(k_len, device=q.device)[None, :]
+        mask = q_pos >= k_pos
+        if sliding_window is not None:
+            mask &= k_pos > q_pos - sliding_window
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+    )
+    return out.transpose(0, 1)
+
+
+def paged_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Reference attention for a mixed batch: each sequence's queries over its cached context."""
+    out = torch.empty_like(q)
+    bs = metadata.block_size
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    start = 0
+    for i, (q_len, seq_len) in enumerate(zip(metadata.query_lens, metadata.seq_lens)):
+        n_blocks = -(-seq_len // bs)
+        blocks = metadata.block_tables[i, :n_blocks]
+        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        out[start:start + q_len] = _attend(
+            q[start:start + q_len], k.to(q.dtype), v.to(q.dtype), scale, sliding_window
+        )
+        start += q_len
+    return out
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention on the paged KV cache published by the runner."""
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
+                 sliding_window: int | None = None) -> None:
+        super().__init__()
+        self.sliding_window = sliding_window
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.scale = scale
+        # Assigned by the model runner once the pool is allocated.
+        self.kv_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] → [T, Hq, D]."""
+        metadata = _CONTEXT
+        if metadata is None or self.kv_cache is None:
+            return _attend(q, k, v, self.scale, self.sliding_window)
+        write_kv_cache(k, v, self.kv_cache, metadata.slot_mapping)
+        return paged_attention(q, self.kv_cache, metadata, self.scale, self.sliding_window)

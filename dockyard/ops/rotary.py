@@ -1,0 +1,202 @@
+"""Rotary position embedding (RoPE), the reference version (pure PyTorch, any device).
+
+Layout is HF Llama's "rotate_half" (GPT-NeoX) style: within the first ``rotary_dim`` dims of a
+head, dim ``i`` pairs with dim ``i + rotary_dim // 2``; dims past ``rotary_dim`` pass through.
+
+Supported ``rope_type`` values and their frequencies follow transformers' ``modeling_rope_utils``:
+
+- ``default``: ``inv_freq[i] = 1 / theta ** (2i / rotary_dim)``.
+- ``linear``: ``inv_freq / factor`` (the same as dividing positions by ``factor``).
+- ``dynamic`` (dynamic NTK): default while ``max(positions) + 1`` of a call is at most the
+  original context length; beyond it the base grows with that length, per call.
+- ``llama3``: low frequencies divided by ``factor``, high ones kept, a smooth blend between.
+- ``yarn``: a ramp between interpolated and extrapolated frequencies, and cos/sin scaled by
+  an attention factor.
+
+Frequencies are computed in float32 with HF's formulas op for op, so the tables agree with
+transformers to the last bit or so. For every type but ``dynamic`` the cos/sin table covers
+positions ``[0, max_position)`` and grows if a larger position arrives. Rotation runs in float32
+and the result is cast back to the input dtype. The tables are plain attributes, not buffers:
+they stay float32 when the model is cast to a half dtype, follow the inputs' device lazily, and
+never enter a state dict.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dockyard.errors import ConfigError
+from dockyard.spec import RopeSpec
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+def _default_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    """``1 / theta ** (2i / dim)`` for ``i`` in ``[0, dim / 2)``, float32."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+    return 1.0 / (theta**exponents)
+
+
+def _llama3_inv_freq(rope: RopeSpec, dim: int, max_position: int) -> torch.Tensor:
+    if rope.low_freq_factor is None or rope.high_freq_factor is None:
+        raise ConfigError(
+            "rope_scaling.low_freq_factor and high_freq_factor are required for rope_type='llama3'"
+        )
+    inv_freq = _default_inv_freq(rope.theta, dim)
+    factor, low, high = rope.factor, rope.low_freq_factor, rope.high_freq_factor
+    old_len = rope.original_max_position_embeddings or max_position
+    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths (low frequencies) are interpolated, short ones kept, the band between blended.
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, blended, scaled)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 0.1 * mscale * math.log(scale) + 1.0 if scale > 1 else 1.0
+
+
+def _yarn_correction_dim(num_rotations: float, dim: int, base: float, max_position: int) -> float:
+    """The dimension whose wavelength makes ``num_rotations`` turns over ``max_position`` tokens."""
+    return dim * math.log(max_position / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+
+def _yarn_inv_freq(rope: RopeSpec, dim: int, max_position: int) -> tuple[torch.Tensor, float]:
+    """YaRN frequencies and the attention factor that scales cos/sin."""
+    orig_len = rope.original_max_position_embeddings or max_position
+    # HF: a null factor means the ratio of the extended to the original context length.
+    factor = rope.factor if rope.factor is not None else max_position / orig_len
+    if rope.attention_factor is not None:
+        attention_factor = float(rope.attention_factor)
+    elif rope.mscale and rope.mscale_all_dim:  # truthiness, as HF: a zero means "not given"
+        attention_factor = _yarn_mscale(factor, rope.mscale) / _yarn_mscale(factor, rope.mscale_all_dim)
+    else:
+        attention_factor = _yarn_mscale(factor)
+    beta_fast = rope.beta_fast or 32
+    beta_slow = rope.beta_slow or 1
+
+    pos_freqs = rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim)
+    inv_freq_extrapolation = 1.0 / pos_freqs
+    inv_freq_interpolation = 1.0 / (factor * pos_freqs)
+
+    low = _yarn_correction_dim(beta_fast, dim, rope.theta, orig_len)
+    high = _yarn_correction_dim(beta_slow, dim, rope.theta, orig_len)
+    if rope.truncate is None or rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid dividing by zero
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation_weight = 1 - ramp
+    inv_freq = (inv_freq_interpolation * (1 - extrapolation_weight)
+                + inv_freq_extrapolation * extrapolation_weight)
+    return inv_freq, attention_factor
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """Rotate ``x`` [T, heads, head_dim] by ``cos``/``sin`` [T, rotary_dim / 2], in float32."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    xf = x.float()
+    half = rotary_dim // 2
+    x1, x2 = xf[..., :half], xf[..., half:rotary_dim]
+    parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    if rotary_dim < x.shape[-1]:
+        parts.append(xf[..., rotary_dim:])
+    return torch.cat(parts, dim=-1).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies RoPE to q and k of a flat token batch; one instance is shared by all layers."""
+
+    def __init__(
+        self, rope: RopeSpec, head_dim: int, max_position: int, rotary_dim: int | None = None
+    ) -> None:
+        super().__init__()
+        rotary_dim = head_dim if rotary_dim is None else rotary_dim
+        if not (0 < rotary_dim <= head_dim and rotary_dim % 2 == 0):
+            raise ConfigError(f"rotary_dim={rotary_dim} must be even and in (0, head_dim={head_dim}]")
+        if rope.rope_type not in ROPE_TYPES:
+            raise ConfigError(
+                f"rope_type={rope.rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
+            )
+        if rope.rope_type == "dynamic" and rotary_dim <= 2:
+            raise ConfigError(f"rope_type='dynamic' needs rotary_dim > 2, got {rotary_dim}")
+        self.rope = rope
+        self.head_dim = head_dim
+        self.rotary_dim = rotary_dim
+        self.max_position = max_position
+        self.attention_scaling = 1.0
+        # dynamic: positions below this use the plain table; a call reaching past it rescales the base.
+        self.dynamic_threshold: int | None = None
+        table_len = max_position
+
+        kind = rope.rope_type
+        if kind in ("default", "dynamic"):
+            inv_freq = _default_inv_freq(rope.theta, rotary_dim)
+        elif kind == "linear":
+            inv_freq = _default_inv_freq(rope.theta, rotary_dim) / rope.factor
+        elif kind == "llama3":
+            inv_freq = _llama3_inv_freq(rope, rotary_dim, max_position)
+        else:  # yarn
+            inv_freq, self.attention_scaling = _yarn_inv_freq(rope, rotary_dim, max_position)
+        if kind == "dynamic":
+            self.dynamic_threshold = rope.original_max_position_embeddings or max_position
+            table_len = self.dynamic_threshold
+        self.inv_freq = inv_freq
+        self.cos_table, self.sin_table = self._tables(table_len)
+
+    def extra_repr(self) -> str:
+        return (f"rope_type={self.rope.rope_type!r}, theta={self.rope.theta}, head_dim={self.head_dim}, "
+                f"rotary_dim={self.rotary_dim}, max_position={self.max_position}")
+
+    def _tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [length, rotary_dim / 2] for positions 0..length-1, scaled by attention_scaling."""
+        positions = torch.arange(length, dtype=torch.int64, device=self.inv_freq.device).to(torch.float32)
+        freqs = positions[:, None] * self.inv_freq[None, :]
+        return freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+
+    def _dynamic_base(self, seq_len: int) -> float:
+        """HF's dynamic-NTK base for a call that sees ``seq_len`` positions (> the threshold)."""
+        rope, dim, orig_len = self.rope, self.rotary_dim, self.dynamic_threshold
+        assert orig_len is not None
+        return rope.theta * ((rope.factor * seq_len / orig_len) - (rope.factor - 1)) ** (dim / (dim - 2))
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, rotary_dim / 2], float32, for ``positions`` [T]."""
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+            self.cos_table = self.cos_table.to(positions.device)
+            self.sin_table = self.sin_table.to(positions.device)
+        # One host sync: dynamic NTK depends on it, and the table may need to grow.
+        seq_len = int(positions.max()) + 1 if positions.numel() else 0
+        if self.dynamic_threshold is not None and seq_len > self.dynamic_threshold:
+            inv_freq = _default_inv_freq(self._dynamic_base(seq_len), self.rotary_dim).to(positions.device)
+            freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+            return freqs.cos(), freqs.sin()
+        if seq_len > self.cos_table.shape[0]:  # past max_position: grow geometrically, rarely
+            self.cos_table, self.sin_table = self._tables(max(seq_len, 2 * self.cos_table.shape[0]))
+        return self.cos_table[positions], self.sin_table[positions]
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q and k of a flat token batch; returns them with the same shapes and dtypes.
+
+        positions: [T] int64, tokens of several sequences concatenated, in any order;
+        q: [T, num_q_heads, head_dim]; k: [T, num_kv_heads, head_dim].
+        """
+        cos, sin = self.cos_sin(positions.to(q.device))
+        return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
+
+
+def get_rope(
+    rope: RopeSpec, head_dim: int, max_position: int, rotary_dim: int | None = None
+) -> RotaryEmbedding:
+    """The rotary embedding for ``rope``; raises ConfigError for an unknown rope_type."""
+    return RotaryEmbedding(rope, head_dim, max_position, rotary_dim)

