@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from dockyard.engine.block_manager import BlockManager
+from dockyard.engine.metrics import EngineMetrics
 from dockyard.engine.model_runner import ModelRunner
 from dockyard.engine.outputs import CompletionOutput, RequestOutput
 from dockyard.engine.sampler import make_generator
@@ -36,6 +37,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     num_kv_blocks: int | None = None  # None: derive from kv_cache_memory_bytes / gpu_memory_utilization
+    enable_prefix_caching: bool = True
     kv_cache_memory_bytes: int = 1 << 30  # CPU budget for the KV pool
     gpu_memory_utilization: float = 0.9
 
@@ -58,12 +60,12 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config
         self.max_model_len = config.max_model_len or spec.max_model_len
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, spec, num_blocks, config.block_size, device, dtype)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        self.metrics = EngineMetrics()
 
     # ---- requests ----
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -107,6 +109,7 @@ class LLMEngine:
             seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = _Request(request_id, prompt, list(prompt_token_ids), seqs)
+        self.metrics.requests_added += 1
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks."""
@@ -117,9 +120,29 @@ class LLMEngine:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
+                self.metrics.requests_finished["abort"] += 1
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def stats(self) -> dict[str, float]:
+        """A snapshot of queue lengths, KV-cache use and the cumulative counters."""
+        bm, m = self.block_manager, self.metrics
+        return {
+            "num_requests_running": len(self.scheduler.running),
+            "num_requests_waiting": len(self.scheduler.waiting),
+            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_used": bm.num_used_blocks,
+            "kv_blocks_free": bm.num_free_blocks,
+            "kv_cache_usage": bm.num_used_blocks / bm.num_blocks,
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hits": bm.prefix_hits,
+            "prefix_cache_hit_rate": bm.prefix_cache_hit_rate,
+            "prompt_tokens_computed": m.prompt_tokens_computed,
+            "generation_tokens": m.generation_tokens,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "steps": m.steps,
+        }
 
     # ---- the loop ----
     def step(self) -> list[RequestOutput]:
@@ -127,12 +150,14 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        self.stats["steps"] += 1
+        self.metrics.steps += 1
         sampled, out = self.runner.execute(batch)
         for item in batch:
-            item.seq.num_computed_tokens += item.num_new_tokens
-            if item.seq.num_computed_tokens <= len(item.seq.prompt_token_ids):
-                self.stats["prompt_tokens"] += item.num_new_tokens
+            seq = item.seq
+            prompt_left = len(seq.prompt_token_ids) - seq.num_computed_tokens
+            self.metrics.prompt_tokens_computed += max(0, min(prompt_left, item.num_new_tokens))
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.on_computed(seq)
         touched: dict[str, _Request] = {}
         now = time.monotonic()
         for row, item in enumerate(sampled):
@@ -141,6 +166,10 @@ class LLMEngine:
             seq.output_token_ids.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
+                self.metrics.observe_ttft(now - seq.arrival_time)
+            else:
+                self.metrics.observe_itl(now - seq.last_token_time)
+            seq.last_token_time = now
             if out.logprobs is not None and seq.params.logprobs is not None:
                 entry = {token: float(out.logprobs[row])}
                 if out.top_token_ids is not None:
@@ -149,7 +178,7 @@ class LLMEngine:
                         entry.setdefault(tid, lp)
                 seq.output_logprobs.append(entry)
                 seq.cumulative_logprob += float(out.logprobs[row])
-            self.stats["generation_tokens"] += 1
+            self.metrics.generation_tokens += 1
             self._check_stop(seq, token)
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
@@ -161,6 +190,8 @@ class LLMEngine:
             output = self._make_output(req)
             if output.finished:
                 del self.requests[req.request_id]
+                for s in req.seqs:
+                    self.metrics.requests_finished[s.finish_reason or "stop"] += 1
             outputs.append(output)
         return outputs
 
@@ -209,4 +240,10 @@ class LLMEngine:
         first = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
         if first:
             metrics["time_to_first_token"] = min(first) - req.arrival_time
+        gaps = [(s.last_token_time - s.first_token_time, len(s.output_token_ids) - 1)
+                for s in req.seqs if s.first_token_time is not None and len(s.output_token_ids) > 1]
+        if gaps:
+            metrics["mean_inter_token_latency"] = sum(g[0] for g in gaps) / sum(g[1] for g in gaps)
+        if finished:
+            metrics["e2e_latency"] = time.monotonic() - req.arrival_time
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, metrics)

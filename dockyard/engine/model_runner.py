@@ -44,11 +44,9 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.sampler = Sampler()
-        layers = [m for m in model.modules() if isinstance(m, AttentionLayer)]
-        shape = (len(layers), 2, num_blocks, block_size, spec.num_key_value_heads, spec.head_dim)
+        self.attention_layers = [m for m in model.modules() if isinstance(m, AttentionLayer)]
+        shape = (len(self.attention_layers), 2, num_blocks, block_size, spec.num_key_value_heads, spec.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
-        for i, layer in enumerate(layers):
-            layer.kv_cache = self.kv_cache[i]
 
     def prepare(self, batch: list[ScheduledSeq]) -> StepInputs:
         """Flat inputs for ``batch``."""
@@ -91,6 +89,9 @@ class ModelRunner:
     def execute(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], SamplerOutput | None]:
         """Run one step; return the sequences that sampled and their sampler output."""
         inputs = self.prepare(batch)
+        # Bound every step, so several engines may take turns on one model (tests, onboarding).
+        for i, layer in enumerate(self.attention_layers):
+            layer.kv_cache = self.kv_cache[i]
         with forward_context(inputs.metadata):
             hidden = self.model(inputs.input_ids, inputs.positions)
         if not inputs.sampling:

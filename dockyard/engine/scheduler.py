@@ -67,11 +67,10 @@ class Scheduler:
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(len(seq) - seq.num_computed_tokens, budget)
-            if not bm.can_allocate(seq, seq.num_computed_tokens + n):
+            n = bm.allocate_prompt(seq, budget)
+            if n is None:
                 break
             self.waiting.popleft()
-            bm.allocate(seq, seq.num_computed_tokens + n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, n))

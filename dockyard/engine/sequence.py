@@ -33,12 +33,14 @@ class Sequence:
     cumulative_logprob: float = 0.0
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # hashes of the full blocks, in order
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     output_text: str = ""
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    last_token_time: float | None = None
 
     @property
     def token_ids(self) -> list[int]:
