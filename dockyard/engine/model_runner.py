@@ -82,6 +82,7 @@ class ModelRunner:
             query_lens=query_lens,
             seq_lens=seq_lens,
             block_size=bs,
+            seq_lens_tensor=as_tensor(seq_lens),
         )
         return StepInputs(as_tensor(input_ids), as_tensor(positions), metadata, as_tensor(sample_rows), sampling)
 

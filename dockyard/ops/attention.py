@@ -31,6 +31,11 @@ class AttentionMetadata:
     query_lens: list[int]  # new tokens per sequence; sum == T
     seq_lens: list[int]  # context length per sequence after this step (cached + new)
     block_size: int
+    seq_lens_tensor: torch.Tensor | None = None  # seq_lens on the device (the batched decode path uses it)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return len(self.query_lens) == len(self.slot_mapping)
 
 
 _CONTEXT: AttentionMetadata | None = None
@@ -88,6 +93,8 @@ def paged_attention(
     sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Reference attention for a mixed batch: each sequence's queries over its cached context."""
+    if metadata.is_decode_only and metadata.seq_lens_tensor is not None and len(metadata.query_lens) > 1:
+        return _decode_attention(q, kv_cache, metadata, scale, sliding_window)
     out = torch.empty_like(q)
     bs = metadata.block_size
     num_kv_heads, head_dim = kv_cache.shape[-2:]
@@ -102,6 +109,29 @@ def paged_attention(
         )
         start += q_len
     return out
+
+
+def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+                      sliding_window: int | None) -> torch.Tensor:
+    """One query per sequence: gather every context through the block tables and attend in one call."""
+    batch, max_blocks = metadata.block_tables.shape
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    ctx = max_blocks * metadata.block_size
+    k = kv_cache[0][metadata.block_tables].reshape(batch, ctx, num_kv_heads, head_dim).to(q.dtype)
+    v = kv_cache[1][metadata.block_tables].reshape(batch, ctx, num_kv_heads, head_dim).to(q.dtype)
+    groups = q.shape[1] // num_kv_heads
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=2)
+        v = v.repeat_interleave(groups, dim=2)
+    pos = torch.arange(ctx, device=q.device)[None, :]
+    lens = metadata.seq_lens_tensor[:, None]
+    mask = pos < lens
+    if sliding_window is not None:
+        mask &= pos > lens - 1 - sliding_window
+    out = F.scaled_dot_product_attention(
+        q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :], scale=scale
+    )
+    return out[:, :, 0, :]
 
 
 class Attention(nn.Module):
