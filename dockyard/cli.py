@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from dockyard.errors import DockyardError
+from dockyard.server.cli import add_serve_parser, cmd_serve
 
 GiB = 1024**3
 
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--dtype", default="bfloat16", help="dtype the weights would be served in")
     ins.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ins.add_argument("--device-memory", type=float, default=None, help="device memory in GiB to plan against")
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -83,7 +86,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from dockyard.memory import plan_memory
     from dockyard.model_source import resolve_model
 
-    source = resolve_model(args.model, load_format="dummy")
+    source = resolve_model(args.model)  # reads metadata only; no weights are loaded
     spec = source.spec
     dtype = resolve_dtype(args.dtype, spec.torch_dtype, torch.device("cuda"))
     plan = plan_memory(spec, dtype, max_num_batched_tokens=args.max_num_batched_tokens)
@@ -122,7 +125,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "inspect": cmd_inspect}
+COMMANDS = {"generate": cmd_generate, "inspect": cmd_inspect, "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

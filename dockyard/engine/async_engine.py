@@ -2,8 +2,12 @@
 
 One background task runs the engine loop; each step runs in a worker thread so the event loop
 keeps serving connections meanwhile. When there is no work the task sleeps on an event (no
-busy-wait). ``generate`` adds a request and yields its outputs as they grow; closing the
-iterator early (a client that went away) aborts the request and frees its KV blocks.
+busy-wait). ``add_request`` queues a request at once (raising if it is invalid) and returns a
+:class:`RequestStream` of its outputs; ``generate`` wraps the same as an async generator.
+Closing a stream before its request finished (a client that went away) aborts the request and
+frees its KV blocks. The abort needs no ``await``, so it also happens from code that is being
+cancelled: if a step is running in its thread right then, the abort is applied as soon as that
+step returns, before the next one starts.
 """
 
 from __future__ import annotations
@@ -22,7 +26,50 @@ logger = logging.getLogger(__name__)
 
 
 class EngineDeadError(DockyardError):
-    """The engine loop failed; no request can be served any more."""
+    """The engine loop failed or was shut down; no request can be served any more."""
+
+
+class RequestStream:
+    """The outputs of one request, as an async iterator; ``close()`` before the end aborts it."""
+
+    def __init__(self, owner: AsyncLLM, request_id: str,
+                 queue: asyncio.Queue[RequestOutput | BaseException]) -> None:
+        self.request_id = request_id
+        self._owner = owner
+        self._queue = queue
+        self._finished = False  # the engine reported the request finished
+        self._closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished or self._closed:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        if item.finished:
+            self._finished = True
+            self.close()
+        return item
+
+    def close(self) -> None:
+        """Stop listening; abort the request if it has not finished. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._owner._queues.pop(self.request_id, None)
+        if not self._finished:
+            self._owner.abort_nowait(self.request_id)
+
+    async def aclose(self) -> None:
+        """Like :meth:`close`, then wait until the abort has been applied."""
+        self.close()
+        if self.request_id in self._owner._pending_aborts:
+            async with self._owner._lock:  # the loop applies pending aborts before it lets go of the lock
+                pass
 
 
 class AsyncLLM:
@@ -31,20 +78,25 @@ class AsyncLLM:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
-        self._lock = asyncio.Lock()  # the engine is touched by one coroutine (or its step thread) at a time
+        # The engine is touched by one coroutine at a time, or by the step thread while the loop holds this.
+        self._lock = asyncio.Lock()
+        self._pending_aborts: set[str] = set()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._ids = itertools.count()
+        self._closed = False
         self.dead: BaseException | None = None
 
     def start(self) -> None:
         """Start the loop task on the running event loop (idempotent)."""
-        if self._task is None:
+        if self._task is None and not self._closed:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="dockyard-engine")
 
     async def shutdown(self) -> None:
-        """Abort everything in flight and stop the loop."""
+        """Abort everything in flight, fail its streams, and stop the loop (idempotent)."""
+        self._closed = True
         async with self._lock:
+            self._apply_pending_aborts()
             for rid in list(self.engine.requests):
                 self.engine.abort_request(rid)
         for queue in self._queues.values():
@@ -65,7 +117,9 @@ class AsyncLLM:
                 continue
             try:
                 async with self._lock:
+                    self._apply_pending_aborts()
                     outputs = await asyncio.to_thread(self.engine.step)
+                    self._apply_pending_aborts()
             except Exception as exc:  # a bug: fail every waiter loudly rather than hang them
                 logger.exception("engine step failed")
                 self.dead = exc
@@ -77,11 +131,17 @@ class AsyncLLM:
                 if queue is not None:
                     queue.put_nowait(out)
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None, prompt: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Add a request and yield its RequestOutput after every step that changed it."""
+    def _apply_pending_aborts(self) -> None:
+        while self._pending_aborts:
+            self.engine.abort_request(self._pending_aborts.pop())
+
+    async def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                          request_id: str | None = None, prompt: str | None = None) -> RequestStream:
+        """Queue a request now (InvalidRequestError if it can never run) and return its output stream."""
         if self.dead is not None:
             raise EngineDeadError(f"the engine failed earlier: {self.dead!r}")
+        if self._closed:
+            raise EngineDeadError("the server is shutting down")
         self.start()
         rid = request_id or f"req-{next(self._ids)}"
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
@@ -89,18 +149,24 @@ class AsyncLLM:
             self.engine.add_request(rid, prompt_token_ids, params, prompt=prompt)  # raises if invalid
             self._queues[rid] = queue
         self._wakeup.set()
-        finished = False
+        return RequestStream(self, rid, queue)
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None, prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Add a request and yield its RequestOutput after every step that changed it."""
+        stream = await self.add_request(prompt_token_ids, params, request_id, prompt)
         try:
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
+            async for out in stream:
+                yield out
         finally:
-            self._queues.pop(rid, None)
-            if not finished:
-                await self.abort(rid)
+            stream.close()
+
+    def abort_nowait(self, request_id: str) -> None:
+        """Abort a request without waiting: now if no step is running, else right after the current step."""
+        if self._lock.locked():
+            self._pending_aborts.add(request_id)
+        else:  # no step thread is running and we are on the loop's thread: nobody else touches the engine
+            self.engine.abort_request(request_id)
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; its KV blocks are free when this returns."""

@@ -3,6 +3,10 @@
 Each tensor's values depend only on (seed, name), never on iteration order. Matrices (linear
 and embedding) get std 1/sqrt(last dim) so activations keep their scale layer after layer; norm weights are 1
 and biases 0, so a model with dummy weights produces finite logits at any depth.
+
+Large tensors are tiled from one seeded random pool of a prime number of values: filling a
+70B model with ``randn`` takes minutes on a CPU, tiling runs at memory speed. Because the pool
+length is prime and longer than any row, consecutive rows are distinct shifts of the pool.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+# A prime: row r of a [rows, cols] tensor starts at offset r * cols mod POOL_SIZE, so rows differ.
+POOL_SIZE = 1_048_573
+
 
 def _dummy_tensor(name: str, shape: torch.Size, dtype: torch.dtype, seed: int) -> torch.Tensor:
     if name.endswith(".bias"):
@@ -20,7 +27,11 @@ def _dummy_tensor(name: str, shape: torch.Size, dtype: torch.dtype, seed: int) -
     if len(shape) == 1:  # norm weights
         return torch.ones(shape, dtype=dtype)
     gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
-    return (torch.randn(shape, generator=gen) * shape[-1] ** -0.5).to(dtype)
+    numel = shape.numel()
+    if numel <= POOL_SIZE:
+        return (torch.randn(shape, generator=gen) * shape[-1] ** -0.5).to(dtype)
+    pool = (torch.randn(POOL_SIZE, generator=gen) * shape[-1] ** -0.5).to(dtype)
+    return pool.repeat(-(-numel // POOL_SIZE))[:numel].view(shape)
 
 
 def iter_dummy(model: nn.Module, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:

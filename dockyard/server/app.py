@@ -1,0 +1,445 @@
+"""The OpenAI-compatible HTTP app (FastAPI) and ``serve``, which runs it under uvicorn.
+
+The engine runs in the server's process: :class:`AsyncLLM` steps it in a worker thread while
+the event loop serves connections, and sleeps when there is nothing to do.
+
+Readiness is earned, not assumed: ``GET /health`` answers 503 until a warm-up request has gone
+through the whole app (middleware, validation, chat template, engine, response) and come back
+200; a warm-up that fails stops the server with a non-zero exit. On SIGINT/SIGTERM the server
+aborts what is in flight (streams end with an error event, waiting requests get 503), stops
+accepting connections, and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dockyard import __version__
+from dockyard.engine.async_engine import AsyncLLM
+from dockyard.engine.llm import LLM
+from dockyard.errors import DockyardError
+from dockyard.server.errors import APIError, ClientDisconnected, RequestTooLarge, from_validation_error
+from dockyard.server.metrics import ServerStats, render_metrics
+from dockyard.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from dockyard.server.serving import OpenAIServing, to_api_error
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+# Testing hook: the warm-up waits until this file exists, so "503 before ready" can be observed for sure.
+WARMUP_GATE_ENV = "DOCKYARD_WARMUP_WAIT_FOR"
+API_KEY_ENV = "DOCKYARD_API_KEY"
+
+
+def _say(message: str) -> None:
+    """Lifecycle lines for the operator, always on stderr whatever the log level."""
+    print(f"dockyard serve: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class ServerState:
+    """Whether the server may claim to be ready, and why not."""
+
+    ready: bool = False
+    shutting_down: bool = False
+    failure: str | None = None  # why warm-up failed
+
+
+# ---------------------------------------------------------------- ASGI middleware
+def _json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class GuardMiddleware:
+    """API-key check for /v1/* and the request-body size limit, before anything is parsed."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key is not None and scope["path"].startswith("/v1"):
+            auth = headers.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+                err = APIError(401, "missing or incorrect API key; send it as 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")
+                await _json_response(401, err.body(), {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            await _json_response(413, _too_large(self.max_body_bytes).body())(scope, receive, send)
+            return
+        received = 0
+        limit = self.max_body_bytes
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise RequestTooLarge()
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than the server's limit of {limit} bytes",
+                    code="request_too_large")
+
+
+class _SSEResponse(StreamingResponse):
+    """A streamed response whose body generator is always closed, which aborts unfinished requests."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+# ---------------------------------------------------------------- the app
+def build_app(llm: LLM, served_model_name: str | Sequence[str] | None = None, api_key: str | None = None, *,
+              max_body_bytes: int = MAX_BODY_BYTES, warm_up: bool = True,
+              on_ready: Callable[[float], None] | None = None,
+              on_fatal: Callable[[str], None] | None = None,
+              listening: Callable[[], bool] | None = None) -> FastAPI:
+    """The FastAPI app serving ``llm`` under ``served_model_name`` (default: the model's name).
+
+    ``warm_up``: run one chat (or completion) request through the app before /health says ready.
+    ``on_ready(seconds)`` is called once ready; ``on_fatal(reason)`` if the warm-up fails;
+    ``listening()`` says whether the socket is bound (readiness waits for it when given).
+    """
+    if isinstance(served_model_name, str):
+        names = [served_model_name]
+    else:
+        names = list(served_model_name or []) or [llm.source.name]
+    async_llm = AsyncLLM(llm.engine)
+    stats = ServerStats()
+    serving = OpenAIServing(llm, async_llm, names, stats)
+    state = ServerState()
+    warmup_task: asyncio.Task | None = None
+
+    async def begin_shutdown() -> None:
+        state.ready = False
+        state.shutting_down = True
+        if warmup_task is not None:
+            warmup_task.cancel()
+        await async_llm.shutdown()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nonlocal warmup_task
+        async_llm.start()
+        if warm_up:
+            warmup_task = asyncio.create_task(_warm_up(app, llm, serving, state, api_key, on_ready, on_fatal,
+                                                       listening))
+        else:
+            state.ready = True
+        try:
+            yield
+        finally:
+            await begin_shutdown()
+
+    app = FastAPI(title="dockyard", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.dockyard = state
+    app.state.serving = serving
+    app.state.begin_shutdown = begin_shutdown
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes)
+
+    # ---- errors: always OpenAI's shape, never FastAPI's 422
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _json_response(exc.status, exc.body())
+
+    @app.exception_handler(DockyardError)
+    async def _dockyard_error(request: Request, exc: DockyardError) -> JSONResponse:
+        err = to_api_error(exc)
+        return _json_response(err.status, err.body())
+
+    @app.exception_handler(RequestTooLarge)
+    async def _too_large_error(request: Request, exc: RequestTooLarge) -> JSONResponse:
+        return _json_response(413, _too_large(max_body_bytes).body())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = {404: f"no route {request.method} {request.url.path}",
+                   405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code,
+                                                                                             str(exc.detail))
+        return _json_response(exc.status_code, APIError(exc.status_code, message).body(), exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _json_response(500, APIError(500, f"internal server error: {exc!r}").body())
+
+    # ---- endpoints
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if async_llm.dead is not None:
+            return _json_response(503, {"status": "dead", "message": f"the engine failed: {async_llm.dead!r}"})
+        if state.shutting_down:
+            return _json_response(503, {"status": "shutting_down", "message": "the server is shutting down"})
+        if state.failure is not None:
+            return _json_response(503, {"status": "failed", "message": state.failure})
+        if not state.ready:
+            return _json_response(503, {"status": "starting", "message": "warming up: not ready yet"})
+        return _json_response(200, {"status": "ok"})
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        text = render_metrics(llm.engine, stats, names[0])
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        cards = [ModelCard(id=name, root=str(llm.source.path), max_model_len=serving.max_model_len)
+                 for name in names]
+        return _json_response(200, ModelList(data=cards).model_dump())
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = await _parse(request, CompletionRequest)
+        return await _respond(await _run(serving.completions(req, _disconnect_waiter(request))))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = await _parse(request, ChatCompletionRequest)
+        return await _respond(await _run(serving.chat(req, _disconnect_waiter(request))))
+
+    return app
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> Any:
+    body = await request.body()
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+async def _run(work: Awaitable[Any]) -> Any:
+    try:
+        return await work
+    except ClientDisconnected:
+        return None
+
+
+async def _respond(result: Any) -> Response:
+    if result is None:  # the client is gone; nobody reads this
+        return Response(status_code=499)
+    if isinstance(result, BaseModel):
+        return Response(result.model_dump_json(), media_type="application/json")
+    return _SSEResponse(result, media_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _disconnect_waiter(request: Request) -> Callable[[], Awaitable[None]]:
+    async def wait() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+            await asyncio.sleep(0.1)  # a stray non-disconnect message: do not spin
+
+    return wait
+
+
+# ---------------------------------------------------------------- warm-up
+async def asgi_request(app: ASGIApp, method: str, path: str, body: dict[str, Any] | None = None,
+                       headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """Call ``app`` in process, as if over HTTP; returns (status, body)."""
+    raw = json.dumps(body).encode() if body is not None else b""
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    hdrs += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    scope: Scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                    "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
+                    "query_string": b"", "headers": hdrs, "client": ("127.0.0.1", 0),
+                    "server": ("127.0.0.1", 0), "state": {}}
+    body_sent = False
+    never = asyncio.Event()
+
+    async def receive() -> Message:
+        nonlocal body_sent
+        if not body_sent:
+            body_sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await never.wait()  # an in-process client never disconnects
+        return {"type": "http.disconnect"}
+
+    status = 0
+    chunks: list[bytes] = []
+
+    async def send(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return status, b"".join(chunks)
+
+
+async def _warm_up(app: FastAPI, llm: LLM, serving: OpenAIServing, state: ServerState, api_key: str | None,
+                   on_ready: Callable[[float], None] | None, on_fatal: Callable[[str], None] | None,
+                   listening: Callable[[], bool] | None) -> None:
+    gate = os.environ.get(WARMUP_GATE_ENV)
+    if gate:
+        while not Path(gate).exists():
+            await asyncio.sleep(0.05)
+    t0 = time.perf_counter()
+    headers = {"authorization": f"Bearer {api_key}"} if api_key is not None else {}
+    model = serving.model_names[0]
+    tok = llm.tokenizer
+    requests: list[tuple[str, dict[str, Any]]] = []
+    if tok is not None and getattr(tok, "chat_template", None):
+        requests.append(("/v1/chat/completions", {"model": model, "max_tokens": 4, "temperature": 0,
+                                                  "messages": [{"role": "user", "content": "Hello!"}]}))
+    prompt: str | list[int] = "Hello" if tok is not None else [0]
+    requests.append(("/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 2, "stream": True}))
+    try:
+        for path, body in requests:
+            status, raw = await asgi_request(app, "POST", path, body, headers)
+            text = raw.decode(errors="replace")
+            if status != 200 or '"error"' in text:
+                raise RuntimeError(f"warm-up request POST {path} failed with {status}: {text[:500]}")
+        while listening is not None and not listening():
+            await asyncio.sleep(0.01)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure means "not ready", with the reason
+        state.failure = f"warm-up failed: {exc}"
+        logger.error("%s", state.failure)
+        if on_fatal is not None:
+            on_fatal(state.failure)
+        return
+    state.ready = True
+    if on_ready is not None:
+        on_ready(time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- serve
+def _make_server(config: Any, before_shutdown: Callable[[], Awaitable[None]]) -> Any:
+    import uvicorn  # here, so that importing this module does not start with uvicorn
+
+    class DockyardServer(uvicorn.Server):
+        """uvicorn's server, aborting in-flight requests first on shutdown and exiting 0 on a signal."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Any:
+            # uvicorn re-raises a caught signal after shutting down (exit status 130 / -15); a requested
+            # stop is a clean exit here, so handle the signals without re-raising them.
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            _say("shutting down: aborting in-flight requests")
+            await before_shutdown()
+            await super().shutdown(sockets)
+
+    return DockyardServer(config)
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _check_port(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise DockyardError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                                "pick another --port or --host") from None
+
+
+def serve(args: Any) -> int:
+    """Load the model, warm up, and serve until SIGINT/SIGTERM. Returns the exit status."""
+    import uvicorn
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    _check_port(args.host, args.port)
+    _say(f"loading model {args.model or '(bundled SmolLM2-135M-Instruct)'} ...")
+    t0 = time.perf_counter()
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
+              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
+    load_s = time.perf_counter() - t0
+    names = args.served_model_name or [llm.source.name]
+    fatal: list[str] = []
+    server: Any = None
+
+    def bound_port() -> int:
+        servers = getattr(server, "servers", None) or []
+        for srv in servers:
+            for sock in srv.sockets or []:
+                return sock.getsockname()[1]
+        return args.port
+
+    def on_ready(warmup_s: float) -> None:
+        url = f"http://{_url_host(args.host)}:{bound_port()}"
+        _say(f"ready: serving {names[0]!r} at {url}/v1 (model loaded in {load_s:.1f}s, warm-up {warmup_s:.1f}s; "
+             f"GET {url}/health, {url}/metrics)")
+
+    def on_fatal(reason: str) -> None:
+        fatal.append(reason)
+        server.should_exit = True
+
+    app = build_app(llm, names, api_key, on_ready=on_ready, on_fatal=on_fatal,
+                    listening=lambda: bool(server is not None and server.started))
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, lifespan="on",
+                            timeout_keep_alive=5, access_log=logger.isEnabledFor(logging.INFO))
+    server = _make_server(config, app.state.begin_shutdown)
+    where = f"http://{_url_host(args.host)}:{args.port}" if args.port else f"{args.host} (any free port)"
+    _say(f"warming up at {where} (/health answers 503 until ready)")
+    server.run()
+    if fatal:
+        _say(f"error: {fatal[0]}")
+        return 1
+    _say("stopped")
+    return 0

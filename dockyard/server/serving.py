@@ -1,0 +1,572 @@
+"""OpenAI completions and chat completions on top of :class:`~dockyard.engine.async_engine.AsyncLLM`.
+
+A request becomes prompt token ids plus one :class:`SamplingParams` (whose own checks produce the
+400 messages), then one engine request per prompt. Non-streamed responses wait for the final
+outputs while watching for the client to go away; streamed ones turn each engine output into a
+Server-Sent Event carrying only the text not sent yet.
+
+Streamed text is held back where it could still change: the last ``len(longest stop string) - 1``
+characters (a stop string may be completing there, and then the text is cut before it) and any
+trailing U+FFFD (an incomplete UTF-8 character whose remaining bytes come with the next token).
+So the concatenation of the deltas always equals the non-streamed text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from dockyard.engine.async_engine import AsyncLLM, RequestStream
+from dockyard.engine.llm import LLM
+from dockyard.engine.outputs import CompletionOutput, RequestOutput
+from dockyard.engine.sampling_params import SamplingParams
+from dockyard.errors import DockyardError, InvalidRequestError
+from dockyard.server.errors import APIError, ClientDisconnected
+from dockyard.server.metrics import ServerStats
+from dockyard.server.protocol import (
+    AssistantMessage,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChoiceLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    SamplingFields,
+    TokenLogprob,
+    TopLogprob,
+    UsageInfo,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_SEQUENCES_PER_REQUEST = 4096  # prompts x n of one HTTP request
+_MIN_LOGPROB = -9999.0  # JSON has no -inf
+# SamplingParams fields a request may set directly (None = keep the default).
+_PASSTHROUGH = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                "repetition_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "min_tokens",
+                "skip_special_tokens", "include_stop_str_in_output")
+
+Disconnected = Callable[[], Awaitable[None]]  # returns when the client has gone away
+
+
+def sse(payload: BaseModel | dict[str, Any]) -> str:
+    """One Server-Sent Event."""
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several request streams as they come, tagged with the stream's index.
+
+    Leaving early (an exception, cancellation, or closing this generator) closes every stream,
+    which aborts the requests that have not finished.
+    """
+    pending: dict[asyncio.Future[RequestOutput], int] = {}
+    try:
+        pending = {asyncio.ensure_future(s.__anext__()): i for i, s in enumerate(streams)}
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                i = pending.pop(fut)
+                try:
+                    out = fut.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(streams[i].__anext__())] = i
+                yield i, out
+    finally:
+        for fut in pending:
+            fut.cancel()
+        for s in streams:
+            s.close()
+
+
+class EventStream:
+    """A streamed response's SSE lines; closing it, even before the first line, aborts its requests."""
+
+    def __init__(self, lines: AsyncIterator[str], streams: list[RequestStream]) -> None:
+        self._lines = lines
+        self._streams = streams
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> str:
+        return await self._lines.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._lines.aclose()  # type: ignore[attr-defined]
+        finally:
+            for s in self._streams:
+                s.close()
+
+
+@dataclass
+class _Prompt:
+    text: str | None
+    token_ids: list[int]
+
+
+class _TextCursor:
+    """What of a sample's text and tokens has been streamed already."""
+
+    def __init__(self, hold: int) -> None:
+        self.hold = hold
+        self.chars = 0
+        self.tokens = 0
+        self.done = False
+
+    def text_delta(self, text: str, finished: bool) -> str:
+        end = len(text)
+        if not finished:
+            end -= self.hold
+            while end > self.chars and text[end - 1] == "\ufffd":
+                end -= 1
+        if end <= self.chars:
+            return ""
+        delta, self.chars = text[self.chars:end], end
+        return delta
+
+    def new_tokens(self, out: CompletionOutput) -> range:
+        r = range(self.tokens, len(out.token_ids))
+        self.tokens = len(out.token_ids)
+        return r
+
+
+def _hold_back(params: SamplingParams) -> int:
+    """Characters to hold back while streaming (a stop string that kept in the text needs none)."""
+    if not params.stop or params.include_stop_str_in_output:
+        return 0
+    return max(len(s) for s in params.stop) - 1
+
+
+class OpenAIServing:
+    """Turns OpenAI requests into engine requests and engine outputs into OpenAI responses."""
+
+    def __init__(self, llm: LLM, engine: AsyncLLM, served_model_names: list[str], stats: ServerStats) -> None:
+        self.llm = llm
+        self.engine = engine
+        self.model_names = served_model_names
+        self.stats = stats
+        self.max_model_len = llm.engine.max_model_len
+        self._token_strs: dict[int, str] = {}
+
+    # ------------------------------------------------------------ shared
+    def check_model(self, name: str | None) -> str:
+        """The served name to answer with; 404 for a name this server does not serve."""
+        if name is None or name in self.model_names:
+            return self.model_names[0] if name is None else name
+        raise APIError(404, f"the model {name!r} does not exist; this server serves "
+                            f"{', '.join(repr(n) for n in self.model_names)} (see GET /v1/models)",
+                       param="model", code="model_not_found")
+
+    def _check_common(self, req: SamplingFields) -> None:
+        if req.logit_bias:
+            raise APIError(400, "logit_bias is not supported yet; leave it out", param="logit_bias",
+                           code="unsupported_parameter")
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
+
+    def _sampling_params(self, req: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                         max_tokens_param: str) -> SamplingParams:
+        if max_tokens is not None and (isinstance(max_tokens, bool) or max_tokens < 1):
+            raise APIError(400, f"{max_tokens_param} must be >= 1, got {max_tokens}", param=max_tokens_param,
+                           code="invalid_value")
+        kwargs = {name: getattr(req, name) for name in _PASSTHROUGH if getattr(req, name) is not None}
+        try:
+            return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+        except InvalidRequestError as exc:
+            raise APIError(400, str(exc), param=exc.param, code="invalid_value") from None
+
+    def _check_lengths(self, prompts: list[_Prompt], max_tokens: int | None, prompt_param: str,
+                       max_tokens_param: str) -> None:
+        limit = self.max_model_len
+        for p in prompts:
+            n = len(p.token_ids)
+            if n == 0:
+                raise APIError(400, f"the {prompt_param} is empty after tokenization; give at least one token",
+                               param=prompt_param, code="invalid_value")
+            if n >= limit:
+                raise APIError(400, f"the {prompt_param} has {n} tokens, but this model's maximum length is "
+                                    f"{limit} tokens (prompt plus at least one generated token); shorten it",
+                               param=prompt_param, code="context_length_exceeded")
+            if max_tokens is not None and n + max_tokens > limit:
+                raise APIError(400, f"the {prompt_param} ({n} tokens) plus {max_tokens_param} ({max_tokens}) is "
+                                    f"{n + max_tokens} tokens, over this model's maximum length of {limit} "
+                                    f"tokens; shorten the {prompt_param} or lower {max_tokens_param}",
+                               param=max_tokens_param, code="context_length_exceeded")
+
+    async def _start(self, request_id: str, prompts: list[_Prompt], params: SamplingParams,
+                     endpoint: str) -> list[RequestStream]:
+        if len(prompts) * params.n > MAX_SEQUENCES_PER_REQUEST:
+            raise APIError(400, f"{len(prompts)} prompts x n={params.n} is {len(prompts) * params.n} sequences; "
+                                f"one request may ask for at most {MAX_SEQUENCES_PER_REQUEST}", param="n")
+        streams: list[RequestStream] = []
+        try:
+            for i, p in enumerate(prompts):
+                streams.append(await self.engine.add_request(p.token_ids, params, f"{request_id}-{i}", p.text))
+        except BaseException:
+            for s in streams:
+                s.close()
+            raise
+        self.stats.requests_received[endpoint] += 1
+        self.stats.prompt_tokens += sum(len(p.token_ids) for p in prompts)
+        return streams
+
+    async def _collect(self, streams: list[RequestStream], disconnected: Disconnected | None) -> list[RequestOutput]:
+        """The final output of every stream; ClientDisconnected (requests aborted) if the client left."""
+
+        async def run() -> list[RequestOutput]:
+            final: list[RequestOutput | None] = [None] * len(streams)
+            async for i, out in merge_streams(streams):
+                final[i] = out
+            return final  # type: ignore[return-value]
+
+        task = asyncio.ensure_future(run())
+        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+        try:
+            waiting = {task} if watcher is None else {task, watcher}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            raise ClientDisconnected()
+        finally:
+            for t in (task, watcher):
+                if t is not None and not t.done():
+                    t.cancel()
+            for s in streams:
+                s.close()  # aborts whatever has not finished
+
+    def _observe_e2e(self, start: float) -> None:
+        self.stats.e2e_latency.observe(time.monotonic() - start)
+
+    def token_str(self, token_id: int) -> str:
+        """A token's text as logprobs show it (special tokens included)."""
+        s = self._token_strs.get(token_id)
+        if s is None:
+            tok = self.llm.tokenizer
+            s = tok.decode([token_id], skip_special_tokens=False) if tok is not None else f"token_id:{token_id}"
+            self._token_strs[token_id] = s
+        return s
+
+    @staticmethod
+    def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
+        items = list(entry.items())  # the sampled token first, then the top-k alternatives
+        if len(items) > k:
+            items = items[1:]  # the sampled token is not among the top k
+        return sorted(items, key=lambda kv: -kv[1])[:k]
+
+    # ------------------------------------------------------------ chat
+    def _chat_prompt(self, req: ChatCompletionRequest) -> _Prompt:
+        if not req.messages:
+            raise APIError(400, "messages must hold at least one message", param="messages", code="invalid_value")
+        conversation = []
+        for i, m in enumerate(req.messages):
+            content = m.content
+            if content is None:
+                if m.role != "assistant":
+                    raise APIError(400, f"messages[{i}] ({m.role}) has no content", param=f"messages.{i}.content")
+                content = ""
+            elif isinstance(content, list):
+                texts = []
+                for j, part in enumerate(content):
+                    if part.type != "text" or part.text is None:
+                        raise APIError(400, f"messages[{i}].content[{j}] is of type {part.type!r}; only text "
+                                            "parts ({\"type\": \"text\", \"text\": ...}) are supported",
+                                       param=f"messages.{i}.content.{j}", code="unsupported_content")
+                    texts.append(part.text)
+                content = "\n".join(texts)
+            conversation.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        try:
+            text = self.llm.apply_chat_template(conversation)
+            token_ids = self.llm.get_tokenizer().encode(text, add_special_tokens=False)
+        except DockyardError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        except Exception as exc:  # noqa: BLE001 - a template that raises (e.g. role order) is the request's fault
+            raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
+        return _Prompt(text, token_ids)
+
+    def _check_chat(self, req: ChatCompletionRequest) -> None:
+        self._check_common(req)
+        if req.tools:
+            raise APIError(400, "tools (function calling) are not supported yet; leave out tools",
+                           param="tools", code="unsupported_parameter")
+        if req.functions or req.function_call is not None:
+            raise APIError(400, "functions / function_call are not supported", param="functions",
+                           code="unsupported_parameter")
+        if req.tool_choice not in (None, "none", "auto"):
+            raise APIError(400, "tool_choice needs tools, which are not supported yet", param="tool_choice",
+                           code="unsupported_parameter")
+        if req.response_format is not None and req.response_format.type != "text":
+            raise APIError(400, f"response_format {req.response_format.type!r} is not supported yet (structured "
+                                "output); only {\"type\": \"text\"}", param="response_format",
+                           code="unsupported_parameter")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+
+    async def chat(self, req: ChatCompletionRequest,
+                   disconnected: Disconnected | None = None) -> ChatCompletionResponse | EventStream:
+        """A chat completion, or (stream=true) its SSE lines."""
+        start = time.monotonic()
+        model = self.check_model(req.model)
+        self._check_chat(req)
+        if req.max_completion_tokens is not None:
+            max_tokens, max_param = req.max_completion_tokens, "max_completion_tokens"
+        else:
+            max_tokens, max_param = req.max_tokens, "max_tokens"
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = self._sampling_params(req, max_tokens, logprobs, max_param)
+        prompt = self._chat_prompt(req)
+        self._check_lengths([prompt], max_tokens, "messages", max_param)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        streams = await self._start(request_id, [prompt], params, "chat")
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            lines = self._chat_stream(request_id, model, streams, params, len(prompt.token_ids), include_usage,
+                                      start)
+            return EventStream(lines, streams)
+        (final,) = await self._collect(streams, disconnected)
+        self._observe_e2e(start)
+        choices = [
+            ChatCompletionChoice(
+                index=c.index, message=AssistantMessage(content=c.text),
+                logprobs=self._chat_logprobs(c, range(len(c.token_ids)), params),
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+            )
+            for c in final.outputs
+        ]
+        completion_tokens = sum(len(c.token_ids) for c in final.outputs)
+        return ChatCompletionResponse(id=request_id, model=model, choices=choices,
+                                      usage=_usage(len(prompt.token_ids), completion_tokens))
+
+    def _chat_logprobs(self, out: CompletionOutput, positions: range, params: SamplingParams) -> ChoiceLogprobs | None:
+        if params.logprobs is None or out.logprobs is None:
+            return None
+        content = []
+        for j in positions:
+            tid = out.token_ids[j]
+            entry = out.logprobs[j]
+            token = self.token_str(tid)
+            top = [TopLogprob(token=self.token_str(t), logprob=max(lp, _MIN_LOGPROB),
+                              bytes=list(self.token_str(t).encode("utf-8")))
+                   for t, lp in self._top(entry, params.logprobs)]
+            content.append(TokenLogprob(token=token, logprob=max(entry[tid], _MIN_LOGPROB),
+                                        bytes=list(token.encode("utf-8")), top_logprobs=top))
+        return ChoiceLogprobs(content=content)
+
+    async def _chat_stream(self, request_id: str, model: str, streams: list[RequestStream], params: SamplingParams,
+                           prompt_tokens: int, include_usage: bool, start: float) -> AsyncIterator[str]:
+        created = int(time.time())
+        cursors = [_TextCursor(_hold_back(params)) for _ in range(params.n)]
+        last: RequestOutput | None = None
+
+        def chunk(choice: ChatCompletionStreamChoice) -> str:
+            return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice]))
+
+        try:
+            for i in range(params.n):
+                yield chunk(ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
+            async for _, out in merge_streams(streams):
+                last = out
+                for c in out.outputs:
+                    cur = cursors[c.index]
+                    if cur.done:
+                        continue
+                    finished = c.finish_reason is not None
+                    delta = cur.text_delta(c.text, finished)
+                    logprobs = self._chat_logprobs(c, cur.new_tokens(c), params)
+                    if not (delta or finished or (logprobs and logprobs.content)):
+                        continue
+                    cur.done = finished
+                    yield chunk(ChatCompletionStreamChoice(
+                        index=c.index, delta=DeltaMessage(content=delta), logprobs=logprobs,
+                        finish_reason=c.finish_reason, stop_reason=c.stop_reason if finished else None,
+                    ))
+            self._observe_e2e(start)
+            if include_usage and last is not None:
+                completion_tokens = sum(len(c.token_ids) for c in last.outputs)
+                yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
+                                              usage=_usage(prompt_tokens, completion_tokens)))
+        except (APIError, DockyardError) as exc:
+            yield sse(error_body(exc))
+        finally:
+            for s in streams:
+                s.close()
+        yield SSE_DONE
+
+    # ------------------------------------------------------------ completions
+    def _completion_prompts(self, req: CompletionRequest) -> list[_Prompt]:
+        prompt = req.prompt
+        if isinstance(prompt, str) or isinstance(prompt[0], int):
+            items = [prompt]
+        else:
+            items = list(prompt)
+        out = []
+        for item in items:
+            if isinstance(item, str):
+                try:
+                    ids = self.llm.get_tokenizer().encode(item)
+                except DockyardError as exc:
+                    raise APIError(400, str(exc), param="prompt") from None
+                out.append(_Prompt(item, ids))
+            else:
+                out.append(_Prompt(None, list(item)))
+        return out
+
+    def _check_completion(self, req: CompletionRequest) -> None:
+        self._check_common(req)
+        if req.suffix is not None:
+            raise APIError(400, "suffix (fill-in-the-middle) is not supported; leave it out", param="suffix",
+                           code="unsupported_parameter")
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo together with logprobs needs prompt logprobs, which dockyard does not "
+                                "compute yet; drop one of them", param="echo", code="unsupported_parameter")
+        n = 1 if req.n is None else req.n
+        if req.best_of is not None and req.best_of != n:
+            raise APIError(400, f"best_of={req.best_of} is not supported (only best_of == n, here {n})",
+                           param="best_of", code="unsupported_parameter")
+
+    def _echo_text(self, prompt: _Prompt) -> str:
+        if prompt.text is not None:
+            return prompt.text
+        tok = self.llm.tokenizer
+        return tok.decode(prompt.token_ids) if tok is not None else ""
+
+    async def completions(self, req: CompletionRequest,
+                          disconnected: Disconnected | None = None) -> CompletionResponse | EventStream:
+        """A completion, or (stream=true) its SSE lines."""
+        start = time.monotonic()
+        model = self.check_model(req.model)
+        self._check_completion(req)
+        params = self._sampling_params(req, req.max_tokens, req.logprobs, "max_tokens")
+        prompts = self._completion_prompts(req)
+        self._check_lengths(prompts, req.max_tokens, "prompt", "max_tokens")
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        streams = await self._start(request_id, prompts, params, "completions")
+        echo = [self._echo_text(p) if req.echo else "" for p in prompts]
+        prompt_tokens = sum(len(p.token_ids) for p in prompts)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            lines = self._completion_stream(request_id, model, streams, params, echo, prompt_tokens,
+                                            include_usage, start)
+            return EventStream(lines, streams)
+        finals = await self._collect(streams, disconnected)
+        self._observe_e2e(start)
+        choices = []
+        for i, final in enumerate(finals):
+            for c in final.outputs:
+                choices.append(CompletionChoice(
+                    index=i * params.n + c.index, text=echo[i] + c.text,
+                    logprobs=self._completion_logprobs(c, range(len(c.token_ids)), params, len(echo[i])),
+                    finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                ))
+        completion_tokens = sum(len(c.token_ids) for f in finals for c in f.outputs)
+        return CompletionResponse(id=request_id, model=model, choices=choices,
+                                  usage=_usage(prompt_tokens, completion_tokens))
+
+    def _completion_logprobs(self, out: CompletionOutput, positions: range, params: SamplingParams,
+                             offset: int) -> CompletionLogprobs | None:
+        if params.logprobs is None or out.logprobs is None:
+            return None
+        lp = CompletionLogprobs()
+        for j in positions:
+            tid = out.token_ids[j]
+            entry = out.logprobs[j]
+            token = self.token_str(tid)
+            lp.tokens.append(token)
+            lp.token_logprobs.append(max(entry[tid], _MIN_LOGPROB))
+            top = {self.token_str(t): max(v, _MIN_LOGPROB) for t, v in self._top(entry, params.logprobs)}
+            top.setdefault(token, max(entry[tid], _MIN_LOGPROB))
+            lp.top_logprobs.append(top)
+            lp.text_offset.append(offset)
+            offset += len(token)
+        return lp
+
+    async def _completion_stream(self, request_id: str, model: str, streams: list[RequestStream],
+                                 params: SamplingParams, echo: list[str], prompt_tokens: int, include_usage: bool,
+                                 start: float) -> AsyncIterator[str]:
+        created = int(time.time())
+        n = params.n
+        cursors = [_TextCursor(_hold_back(params)) for _ in range(len(streams) * n)]
+        offsets = [len(echo[i // n]) for i in range(len(streams) * n)]
+        last: list[RequestOutput | None] = [None] * len(streams)
+
+        def chunk(choice: CompletionChoice) -> str:
+            return sse(CompletionResponse(id=request_id, created=created, model=model, choices=[choice]))
+
+        try:
+            for i, text in enumerate(echo):
+                if text:
+                    for k in range(n):
+                        yield chunk(CompletionChoice(index=i * n + k, text=text))
+            async for i, out in merge_streams(streams):
+                last[i] = out
+                for c in out.outputs:
+                    index = i * n + c.index
+                    cur = cursors[index]
+                    if cur.done:
+                        continue
+                    finished = c.finish_reason is not None
+                    delta = cur.text_delta(c.text, finished)
+                    logprobs = self._completion_logprobs(c, cur.new_tokens(c), params, offsets[index])
+                    if logprobs is not None:
+                        offsets[index] += sum(len(t) for t in logprobs.tokens)
+                    if not (delta or finished or (logprobs and logprobs.tokens)):
+                        continue
+                    cur.done = finished
+                    yield chunk(CompletionChoice(index=index, text=delta, logprobs=logprobs,
+                                                 finish_reason=c.finish_reason,
+                                                 stop_reason=c.stop_reason if finished else None))
+            self._observe_e2e(start)
+            if include_usage:
+                completion_tokens = sum(len(c.token_ids) for f in last if f is not None for c in f.outputs)
+                yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[],
+                                             usage=_usage(prompt_tokens, completion_tokens)))
+        except (APIError, DockyardError) as exc:
+            yield sse(error_body(exc))
+        finally:
+            for s in streams:
+                s.close()
+        yield SSE_DONE
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
+def to_api_error(exc: BaseException) -> APIError:
+    """The APIError a failure maps to (InvalidRequestError → 400 with its param, engine gone → 503)."""
+    from dockyard.engine.async_engine import EngineDeadError
+
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, InvalidRequestError):
+        return APIError(400, str(exc), param=exc.param, code="invalid_value")
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc), code="engine_unavailable")
+    if isinstance(exc, DockyardError):
+        return APIError(400, str(exc))
+    return APIError(500, f"internal error: {exc!r}")
+
+
+def error_body(exc: BaseException) -> dict[str, Any]:
+    """The OpenAI error body for any exception."""
+    return to_api_error(exc).body()
