@@ -9,8 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dockyard import LLM, SamplingParams
-from dockyard.model_source import bundled_model_path
+from dockyard import SamplingParams
 from tests.helpers import paged_logits, rel_rmse
 
 transformers = pytest.importorskip("transformers")
@@ -29,23 +28,15 @@ CHAT_PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def gguf_path():
-    try:
-        return bundled_model_path()
-    except Exception as exc:  # noqa: BLE001 - any reason it is absent means skip
-        pytest.skip(f"bundled model not installed: {exc}")
-
-
-@pytest.fixture(scope="module")
-def hf_model(gguf_path):
+def hf_model(bundled_gguf):
     return transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        str(bundled_gguf.parent), gguf_file=bundled_gguf.name, dtype=torch.float32
     ).eval()
 
 
 @pytest.fixture(scope="module")
-def llm(gguf_path):
-    return LLM(dtype="float32", device="cpu")
+def llm(bundled_llm):
+    return bundled_llm
 
 
 def _hf_greedy(hf_model, ids: list[int], max_new: int) -> list[int]:

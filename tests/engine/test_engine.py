@@ -14,7 +14,6 @@ from dockyard import LLM, SamplingParams
 from dockyard.engine.async_engine import AsyncLLM
 from dockyard.engine.llm_engine import EngineConfig, LLMEngine
 from dockyard.errors import InvalidRequestError
-from dockyard.model_source import bundled_model_path
 
 TOPICS = ["the ocean", "a small robot", "prime numbers", "the history of Rome", "coffee", "mountains",
           "a lighthouse keeper", "jazz music", "volcanoes", "the moon landing", "bread baking", "chess",
@@ -22,12 +21,8 @@ TOPICS = ["the ocean", "a small robot", "prime numbers", "the history of Rome", 
 
 
 @pytest.fixture(scope="module")
-def llm():
-    try:
-        bundled_model_path()
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"bundled model not installed: {exc}")
-    return LLM(dtype="float32", device="cpu")
+def llm(bundled_llm):
+    return bundled_llm
 
 
 def make_engine(llm: LLM, num_blocks: int = 512, **config) -> LLMEngine:

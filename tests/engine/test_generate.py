@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from dockyard import LLM, SamplingParams
+from dockyard import SamplingParams
 from dockyard.errors import InvalidRequestError
-from dockyard.model_source import bundled_model_path
 
 
 @pytest.fixture(scope="module")
-def llm():
-    try:
-        bundled_model_path()
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"bundled model not installed: {exc}")
-    return LLM(dtype="float32", device="cpu")
+def llm(bundled_llm):
+    return bundled_llm
 
 
 def _gen(llm, prompt, **kw):
