@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from dockyard.errors import DockyardError
+from dockyard.onboard.cli import add_onboard_parser, cmd_onboard
 from dockyard.server.cli import add_serve_parser, cmd_serve
 
 GiB = 1024**3
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--device-memory", type=float, default=None, help="device memory in GiB to plan against")
 
     add_serve_parser(sub)
+    add_onboard_parser(sub)
     return parser
 
 
@@ -125,7 +127,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "inspect": cmd_inspect, "serve": cmd_serve}
+COMMANDS = {"generate": cmd_generate, "inspect": cmd_inspect, "serve": cmd_serve, "onboard": cmd_onboard}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

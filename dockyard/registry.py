@@ -11,22 +11,37 @@ from dataclasses import dataclass
 from torch import nn
 
 from dockyard.errors import UnsupportedArchitectureError
-from dockyard.spec import ModelSpec
+from dockyard.ops.activation import ACTIVATION_NAMES
+from dockyard.spec import ROPE_TYPES, ModelSpec
 
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """Where an architecture's implementation lives and the rope types it implements."""
+    """Where an architecture's implementation lives and what it implements.
+
+    ``features`` are the keys of ``dockyard.onboard.config_features`` this class computes (the inspect
+    gate names every feature a config asks for that no family lists); ``model_types`` are the HF
+    ``model_type`` values of the configs it runs.
+    """
 
     module: str
     class_name: str
     family: str
+    features: frozenset[str] = frozenset()
+    model_types: frozenset[str] = frozenset()
 
     def load(self) -> type[nn.Module]:
         return getattr(importlib.import_module(self.module), self.class_name)
 
 
-_LLAMA = ModelEntry("dockyard.models.llama", "LlamaForCausalLM", "llama")
+_LLAMA = ModelEntry(
+    "dockyard.models.llama", "LlamaForCausalLM", "llama",
+    features=frozenset({
+        "mha", "gqa", "mqa", "sliding_window", "attention_bias", "mlp_bias", "tied_embeddings",
+        *(f"rope:{t}" for t in ROPE_TYPES), *(f"activation:{a}" for a in ACTIVATION_NAMES),
+    }),
+    model_types=frozenset({"llama", "mistral"}),
+)
 
 MODEL_REGISTRY: dict[str, ModelEntry] = {
     "LlamaForCausalLM": _LLAMA,

@@ -8,15 +8,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from dockyard.engine.llm_engine import EngineConfig, LLMEngine
 from dockyard.engine.outputs import RequestOutput
@@ -54,6 +57,17 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str, device: torch
         return _DTYPES[dtype]
     except KeyError:
         raise DockyardError(f"dtype={dtype!r} is not one of auto, {', '.join(_DTYPES)}") from None
+
+
+@contextlib.contextmanager
+def _skip_parameter_init() -> Iterator[None]:
+    """Build nn.Linear / nn.Embedding without their random initialization (memory left as allocated)."""
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved  # type: ignore[method-assign]
 
 
 class LLM:
@@ -97,7 +111,9 @@ class LLM:
         previous = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
-            with torch.device(self.device):
+            # Every parameter is overwritten by the strict load below, so random init is skipped:
+            # on a CPU it costs as much as the load itself.
+            with torch.device(self.device), _skip_parameter_init():
                 model = build_model(self.spec)
         finally:
             torch.set_default_dtype(previous)

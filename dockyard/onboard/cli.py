@@ -1,0 +1,62 @@
+"""The ``dockyard onboard`` subcommand: its arguments and its entry point.
+
+Kept apart from ``dockyard/cli.py`` so the main CLI only registers it; torch and the gates are
+imported when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dockyard.onboard.context import GATE_NAMES
+
+
+def add_onboard_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``onboard`` on the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "onboard", help="prove the engine runs a model correctly: gates → report",
+        description="Run the onboarding gates (inspect, fit, equivalence, dummy, real, features, capacity, "
+                    "serve-smoke) for MODEL and write report.md/report.json, accuracy.yaml, tutorial.md and one "
+                    "log per gate. Exit status 0 when every applicable gate passed.",
+    )
+    p.add_argument("model", nargs="?", default=None,
+                   help="a directory with config.json (+ safetensors), a config.json (dummy weights) or a .gguf "
+                        "file; default: the bundled SmolLM2-135M-Instruct")
+    p.add_argument("--out", default=None, help="output directory (default: reports/<model-name>/)")
+    p.add_argument("--weights", choices=("auto", "dummy", "real"), default="auto",
+                   help="auto: real weights when the model has them; dummy: skip the real gate; real: require them")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device-memory", type=float, default=None, metavar="GiB",
+                   help="device memory to plan against (default: the GPU's, else the machine's RAM)")
+    p.add_argument("--num-layers", type=int, default=None, metavar="N",
+                   help="layer count of the dummy gate (default: all that fit in memory)")
+    p.add_argument("--dummy-memory", type=float, default=None, metavar="GiB",
+                   help="memory the dummy gate may use (default: most of the free memory)")
+    p.add_argument("--skip", action="append", default=[], choices=GATE_NAMES, metavar="GATE",
+                   help=f"do not run GATE (repeatable): {', '.join(GATE_NAMES)}")
+    p.add_argument("--compile-backend", default=None, help="torch.compile backend of the features gate "
+                                                           "(default inductor)")
+    p.add_argument("--json", action="store_true", help="print report.json on stdout (the table goes to stderr)")
+    return p
+
+
+def cmd_onboard(args: argparse.Namespace) -> int:
+    """Run the gates; print progress on stderr and the summary table; return the exit status."""
+    from dockyard.onboard import OnboardOptions, run_onboard, summary_table
+
+    options = OnboardOptions(
+        model=args.model, out=args.out, weights=args.weights, device=args.device,
+        device_memory_gib=args.device_memory, num_layers=args.num_layers, dummy_memory_gib=args.dummy_memory,
+        skip=tuple(args.skip), compile_backend=args.compile_backend,
+    )
+    run = run_onboard(options, progress=sys.stderr)
+    table = summary_table(run)
+    if args.json:
+        print(table, file=sys.stderr)
+        json.dump(run.report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(table)
+    return run.exit_code

@@ -1,0 +1,251 @@
+"""What a model's raw ``config.json`` asks of an implementation, and what no dockyard class covers.
+
+``ModelSpec`` validates only what dockyard implements, so it rejects (rightly) configs that need
+more. The inspect gate needs the other view: read the raw dict, name every architectural feature
+it asks for (MoE, MLA, qk-norm, soft-capping, longrope, ...), and compare that with what each
+registered family declares in ``dockyard.registry``. Detection never raises on a strange config:
+every reader tolerates missing or ill-typed fields.
+
+Feature kinds: ``arch`` features change the computation and must be implemented for the model to
+run; ``checkpoint`` features (quantization, MTP heads) are properties of the weights, checked by the
+features gate; ``info`` features are worth knowing but change nothing here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from dockyard.registry import MODEL_REGISTRY, ModelEntry
+
+# model_type → property that is not spelled out as a config field but fixed by the architecture.
+QK_NORM_TYPES = {"qwen3", "qwen3_moe", "olmo2", "olmoe", "gemma3", "gemma3_text", "cohere2", "chameleon"}
+POST_NORM_TYPES = {"gemma2", "gemma3", "gemma3_text", "olmo2"}
+QKV_BIAS_TYPES = {"qwen2", "qwen2_moe", "qwen2_vl", "qwen2_5_vl"}
+FUSED_QKV_TYPES = {"phi3", "phi3small", "chatglm", "glm", "internlm2", "phi", "gpt_neox", "falcon", "dbrx"}
+LAYERNORM_TYPES = {"phimoe", "phi", "phi3small", "starcoder2", "stablelm", "gpt_neox", "falcon", "gpt2",
+                   "gpt_bigcode", "opt", "bloom", "mpt", "cohere"}
+EMBED_SCALE_TYPES = {"gemma", "gemma2", "gemma3", "gemma3_text"}
+ATTENTION_SINK_TYPES = {"gpt_oss"}
+BLOCKSPARSE_TYPES = {"phi3small"}
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One thing the config asks for: a stable key, a label for people, and the evidence."""
+
+    key: str
+    label: str
+    detail: str = ""
+    kind: str = "arch"  # arch | checkpoint | info
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The language model's fields: ``text_config`` of multimodal wrappers, else the config itself."""
+    text = config.get("text_config")
+    if isinstance(text, dict) and "hidden_size" not in config:
+        return {**text, "architectures": config.get("architectures"), "model_type": text.get("model_type")
+                or config.get("model_type")}
+    return config
+
+
+def _num(config: dict[str, Any], *keys: str) -> float | None:
+    """The first of ``keys`` holding a number (bools excluded), else None."""
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _rope_type(config: dict[str, Any]) -> str:
+    params = config.get("rope_parameters")
+    scaling = params if isinstance(params, dict) else config.get("rope_scaling")
+    if not isinstance(scaling, dict):
+        return "default"
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    return "longrope" if kind == "su" else str(kind)
+
+
+def _activation(config: dict[str, Any]) -> str | None:
+    value = config.get("hidden_act") or config.get("hidden_activation")
+    return str(value) if isinstance(value, str) else None
+
+
+def detect_features(config: dict[str, Any]) -> list[Feature]:
+    """Every feature ``config`` asks for, in a stable order."""
+    if not isinstance(config, dict):
+        return []
+    cfg = _text_config(config)
+    model_type = str(cfg.get("model_type") or config.get("model_type") or "")
+    found: list[Feature] = []
+
+    def add(key: str, label: str, detail: str = "", kind: str = "arch") -> None:
+        found.append(Feature(key, label, detail, kind))
+
+    # ---- attention ----
+    heads = _num(cfg, "num_attention_heads", "n_head", "num_heads")
+    kv_heads = _num(cfg, "num_key_value_heads", "multi_query_group_num", "num_kv_heads")
+    if kv_heads is None and cfg.get("multi_query_attention") is True:
+        kv_heads = 1.0
+    if heads:
+        kv = kv_heads if kv_heads else heads
+        if kv == heads:
+            add("mha", "multi-head attention", f"{int(heads)} heads")
+        elif kv == 1:
+            add("mqa", "multi-query attention", f"{int(heads)} query heads, 1 KV head")
+        else:
+            add("gqa", "grouped-query attention", f"{int(heads)} query heads, {int(kv)} KV heads")
+    if _num(cfg, "kv_lora_rank"):
+        add("mla", "MLA attention (multi-head latent attention)",
+            f"kv_lora_rank={int(_num(cfg, 'kv_lora_rank') or 0)}, q_lora_rank={cfg.get('q_lora_rank')}")
+    layer_types = cfg.get("layer_types")
+    kinds = set(layer_types) if isinstance(layer_types, list) else set()
+    window = _num(cfg, "sliding_window")
+    interleaved = len(kinds) > 1 or model_type in {"gemma2", "gemma3", "gemma3_text", "cohere2"} or (
+        _num(cfg, "sliding_window_pattern") not in (None, 0, 1))
+    if window and cfg.get("use_sliding_window") is not False:
+        if interleaved:
+            add("interleaved_sliding_window", "sliding window on some layers only (local/global attention)",
+                f"window {int(window)}" + (f", layer types {sorted(kinds)}" if kinds else ""))
+        else:
+            add("sliding_window", "sliding-window attention", f"window {int(window)}")
+    if cfg.get("attention_bias") is True or cfg.get("bias") is True or cfg.get("add_bias_linear") is True:
+        add("attention_bias", "bias on q/k/v/o projections")
+    elif model_type in QKV_BIAS_TYPES or cfg.get("add_qkv_bias") is True:
+        add("qkv_bias", "bias on q/k/v projections only")
+    if model_type in QK_NORM_TYPES:
+        add("qk_norm", "qk-norm (RMSNorm on queries and keys)", f"model_type {model_type}")
+    if _num(cfg, "attn_logit_softcapping"):
+        add("attn_softcap", "attention logit soft-capping", f"cap {_num(cfg, 'attn_logit_softcapping')}")
+    if _num(cfg, "query_pre_attn_scalar"):
+        add("query_pre_attn_scalar", "attention scale from query_pre_attn_scalar",
+            f"{_num(cfg, 'query_pre_attn_scalar')}")
+    if model_type in ATTENTION_SINK_TYPES:
+        add("attention_sinks", "learned attention sinks", f"model_type {model_type}")
+    if model_type in BLOCKSPARSE_TYPES or any(str(k).startswith("blocksparse") for k in cfg):
+        add("blocksparse_attention", "block-sparse attention")
+    if model_type in FUSED_QKV_TYPES:
+        add("fused_qkv", "fused qkv / gate_up projections in the checkpoint", f"model_type {model_type}")
+
+    # ---- position ----
+    rope = _rope_type(cfg)
+    if model_type in {"chatglm", "glm"}:
+        rope = "glm_2d" if cfg.get("original_rope") is False else "default"
+    add(f"rope:{rope}", f"RoPE type '{rope}'", f"theta {cfg.get('rope_theta', cfg.get('rope_embedding_base'))}")
+    partial = _num(cfg, "partial_rotary_factor", "rotary_pct")
+    if partial is not None and partial < 1.0:
+        add("partial_rotary", "partial rotary embedding", f"factor {partial}")
+    if cfg.get("use_mrope") is True or rope == "mrope":
+        add("mrope", "multimodal RoPE sections (mrope)")
+    if _num(cfg, "rope_local_base_freq"):
+        add("local_rope_base", "separate RoPE base for local layers", f"{_num(cfg, 'rope_local_base_freq')}")
+
+    # ---- norms, MLP, embeddings ----
+    if model_type in POST_NORM_TYPES:
+        add("post_norms", "norms after attention/MLP outputs (sandwich / post-norm)", f"model_type {model_type}")
+    if model_type in LAYERNORM_TYPES or cfg.get("rmsnorm") is False:
+        add("layernorm", "LayerNorm (not RMSNorm)", f"model_type {model_type}")
+    act = _activation(cfg)
+    if act:
+        add(f"activation:{act}", f"activation '{act}'")
+    if _num(cfg, "swiglu_limit"):
+        add("clamped_swiglu", "clamped SwiGLU", f"limit {_num(cfg, 'swiglu_limit')}")
+    if cfg.get("mlp_bias") is True:
+        add("mlp_bias", "bias on MLP projections")
+    if cfg.get("lm_head_bias") is True:
+        add("lm_head_bias", "bias on the LM head")
+    if cfg.get("tie_word_embeddings") is True or (model_type in EMBED_SCALE_TYPES and
+                                                   cfg.get("tie_word_embeddings") is not False):
+        add("tied_embeddings", "tied input/output embeddings")
+    if model_type in EMBED_SCALE_TYPES or _num(cfg, "scale_emb") not in (None, 1.0) or cfg.get("mup_use_scaling"):
+        add("embedding_scale", "scaled embeddings (×√hidden, scale_emb or muP)", f"model_type {model_type}")
+    if _num(cfg, "scale_depth") not in (None, 1.0):
+        add("residual_scale", "scaled residual branches (scale_depth)", f"{_num(cfg, 'scale_depth')}")
+    if _num(cfg, "final_logit_softcapping"):
+        add("final_softcap", "final logit soft-capping", f"cap {_num(cfg, 'final_logit_softcapping')}")
+
+    # ---- mixture of experts ----
+    experts = _num(cfg, "num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
+    if experts and experts > 1:
+        top_k = _num(cfg, "num_experts_per_tok", "experts_per_token", "moe_top_k")
+        add("moe", "MoE (mixture of experts)", f"{int(experts)} experts, top-{int(top_k or 0)}")
+        shared = _num(cfg, "n_shared_experts", "shared_expert_intermediate_size", "num_shared_experts")
+        if shared:
+            add("moe_shared_experts", "MoE with shared experts", f"{shared:g}")
+        dense = cfg.get("mlp_only_layers")
+        if _num(cfg, "first_k_dense_replace") or (isinstance(dense, list) and dense) or (
+                _num(cfg, "decoder_sparse_step") not in (None, 1.0)) or (
+                _num(cfg, "moe_layer_freq") not in (None, 1.0)):
+            add("moe_dense_layers", "dense MLP on some layers, MoE on others")
+        if (_num(cfg, "n_group") or 1) > 1 or cfg.get("topk_method") == "noaux_tc":
+            add("moe_grouped_routing", "grouped top-k expert routing",
+                f"n_group {cfg.get('n_group')}, topk_method {cfg.get('topk_method')}")
+        if cfg.get("scoring_func") == "sigmoid":
+            add("moe_sigmoid_scoring", "sigmoid router scoring")
+
+    # ---- beyond the text decoder ----
+    if isinstance(config.get("vision_config"), dict) or isinstance(config.get("audio_config"), dict):
+        add("multimodal", "multimodal (vision tower)", str((config.get("vision_config") or {}).get("model_type")))
+    quant = config.get("quantization_config")
+    if isinstance(quant, dict):
+        method = str(quant.get("quant_method") or quant.get("fmt") or "unknown")
+        add(f"quantized:{method}", f"quantized checkpoint ({method})",
+            f"weight_block_size {quant.get('weight_block_size')}" if quant.get("weight_block_size") else "",
+            kind="checkpoint")
+    if _num(cfg, "num_nextn_predict_layers"):
+        add("mtp", "multi-token prediction (MTP) layers", f"{int(_num(cfg, 'num_nextn_predict_layers') or 0)}",
+            kind="checkpoint")
+    if isinstance(config.get("auto_map"), dict):
+        add("custom_code", "reference code ships with the checkpoint (auto_map / trust_remote_code)", kind="info")
+    return found
+
+
+def is_moe(features: list[Feature]) -> bool:
+    return any(f.key == "moe" for f in features)
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How well one registered family covers a config's features."""
+
+    family: str
+    architectures: list[str]
+    covered: list[Feature]
+    missing: list[Feature]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, "architectures": self.architectures,
+                "covered": [f.key for f in self.covered], "missing": [f.label for f in self.missing]}
+
+
+def _families() -> dict[str, tuple[ModelEntry, list[str]]]:
+    out: dict[str, tuple[ModelEntry, list[str]]] = {}
+    for arch, entry in sorted(MODEL_REGISTRY.items()):
+        out.setdefault(entry.family, (entry, []))[1].append(arch)
+    return out
+
+
+def coverage(features: list[Feature], family: str) -> Coverage:
+    """Which of ``features`` (arch kind only) the registered ``family`` implements."""
+    entry, archs = _families()[family]
+    arch_features = [f for f in features if f.kind == "arch"]
+    covered = [f for f in arch_features if f.key in entry.features]
+    missing = [f for f in arch_features if f.key not in entry.features]
+    return Coverage(family, archs, covered, missing)
+
+
+def nearest_family(features: list[Feature], model_type: str = "") -> Coverage | None:
+    """The registered family with the same model_type, else the one missing the fewest features."""
+    families = _families()
+    if not families:
+        return None
+    for name, (entry, _) in families.items():
+        if model_type and model_type in entry.model_types:
+            return coverage(features, name)
+    ranked = sorted((coverage(features, name) for name in families),
+                    key=lambda c: (len(c.missing), -len(c.covered), c.family))
+    return ranked[0]

@@ -1,0 +1,164 @@
+"""Shared state of one onboarding run: its options, the machine, what earlier gates learned.
+
+A gate is a function ``(GateContext) -> Outcome``. It reads what earlier gates stored on the
+context (the raw config, the spec, the memory plan, ...) and returns its status, a one-line
+summary and its evidence; the runner adds timing and the log path to make a :class:`GateResult`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dockyard.errors import DockyardError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    from dockyard.onboard.machine import Machine
+
+GATE_NAMES = ("inspect", "fit", "equivalence", "dummy", "real", "features", "capacity", "serve-smoke")
+STATUSES = ("pass", "fail", "skip")
+WEIGHTS_CHOICES = ("auto", "dummy", "real")
+
+
+@dataclass
+class OnboardOptions:
+    """What ``dockyard onboard`` was asked to do (the CLI flags, as a value)."""
+
+    model: str | None = None  # directory, config.json or .gguf; None = the bundled model
+    out: str | Path | None = None  # default reports/<model-name>/
+    weights: str = "auto"  # auto | dummy | real
+    device: str = "auto"  # auto | cpu | cuda
+    device_memory_gib: float | None = None  # plan against this much device memory
+    num_layers: int | None = None  # layer count of the dummy gate (default: all that fit)
+    dummy_memory_gib: float | None = None  # memory the dummy gate may use (default: most of what is free)
+    skip: tuple[str, ...] = ()  # gates not to run
+    compile_backend: str | None = None  # torch.compile backend of the features gate (default inductor)
+    serve_timeout_s: float = 300.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.weights not in WEIGHTS_CHOICES:
+            raise DockyardError(f"--weights {self.weights!r} is not one of {', '.join(WEIGHTS_CHOICES)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise DockyardError(f"--device {self.device!r} is not one of auto, cpu, cuda")
+        unknown = [g for g in self.skip if g not in GATE_NAMES]
+        if unknown:
+            raise DockyardError(f"--skip {', '.join(unknown)}: no such gate; gates: {', '.join(GATE_NAMES)}")
+        if self.num_layers is not None and self.num_layers < 1:
+            raise DockyardError(f"--num-layers {self.num_layers} must be at least 1")
+        for name in ("device_memory_gib", "dummy_memory_gib"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise DockyardError(f"--{name.removesuffix('_gib').replace('_', '-')} {value} must be a positive "
+                                    "number of GiB")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["out"] = None if self.out is None else str(self.out)
+        out["skip"] = list(self.skip)
+        return out
+
+
+@dataclass
+class Outcome:
+    """What a gate function returns. ``hard``: a failure stops the gates after it."""
+
+    status: str
+    summary: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+    hard: bool = True
+
+
+@dataclass
+class GateResult:
+    """One gate's record in the report."""
+
+    name: str
+    status: str  # pass | fail | skip
+    summary: str
+    evidence: dict[str, Any]
+    duration_s: float
+    log_path: str | None
+    hard: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RawModel:
+    """The MODEL argument resolved to a name, a path and its raw config dict (nothing validated)."""
+
+    name: str
+    path: Path
+    kind: str  # gguf | dir | config
+    config: dict[str, Any]
+
+
+def read_raw_model(model: str | Path | None) -> RawModel:
+    """Locate MODEL the way ``resolve_model`` does, but stop at the raw config dict."""
+    from dockyard.model_source import bundled_model_path
+    from dockyard.spec import read_config_json
+
+    path = bundled_model_path() if model is None else Path(model).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(f"model path not found: {path}; give a directory with config.json, a config.json "
+                                 "file or a .gguf file")
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise ModelNotFoundError(f"{path} has no config.json"
+                                     + (f" and {len(ggufs)} .gguf files; name one of them" if ggufs else ""))
+        path = ggufs[0]
+    if path.is_file() and path.suffix == ".gguf":
+        from dockyard.weights.gguf import GGUFFile
+
+        return RawModel(path.stem, path, "gguf", GGUFFile(path).hf_config())
+    if path.is_file():
+        return RawModel(path.resolve().parent.name, path, "config", read_config_json(path))
+    return RawModel(path.resolve().name, path, "dir", read_config_json(path / "config.json"))
+
+
+@dataclass
+class GateContext:
+    """Everything gates share during one run."""
+
+    options: OnboardOptions
+    machine: Machine
+    out_dir: Path
+    raw: RawModel | None = None
+    source: Any = None  # dockyard.model_source.ModelSource once inspect validated the config
+    features: list[Any] = field(default_factory=list)  # config_features.Feature
+    plan: Any = None  # dockyard.memory.MemoryPlan (fit gate)
+    dtype: Any = None  # torch dtype the engine would serve in on this device
+    fits_device: bool | None = None
+    dummy: dict[str, Any] = field(default_factory=dict)  # what the dummy gate ran (layers, reductions)
+    real: dict[str, Any] = field(default_factory=dict)  # what the real gate measured
+    serve_example: dict[str, Any] | None = None  # the curl actually run by serve-smoke, and its answer
+    ladder: list[dict[str, Any]] = field(default_factory=list)  # fallback-ladder entries
+    feature_matrix: list[dict[str, Any]] = field(default_factory=list)
+    capacity: dict[str, Any] | None = None
+
+    @property
+    def spec(self) -> Any:
+        return None if self.source is None else self.source.spec
+
+    @property
+    def model_name(self) -> str:
+        return self.raw.name if self.raw is not None else str(self.options.model or "model")
+
+
+def jsonable(value: Any) -> Any:
+    """Evidence made JSON-safe: paths, dtypes, tuples and numbers become plain JSON values."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)

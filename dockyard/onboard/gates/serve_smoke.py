@@ -1,0 +1,160 @@
+"""Gate 8, serve-smoke: ``dockyard serve`` answers a chat and a completion request over HTTP.
+
+The server is started as its own process on a free loopback port, exactly as a user would start
+it. ``/health`` 200 alone proves nothing: the gate passes only when both requests came back with
+non-empty answers, and a server that says ready but fails a request is recorded as "false ready".
+The chat request is kept (as a curl command line and its real response) for the tutorial.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from dockyard.onboard.context import GateContext, Outcome
+
+logger = logging.getLogger(__name__)
+
+CHAT_QUESTION = "What is the capital of France?"
+COMPLETION_PROMPT = "The quick brown fox"
+MAX_TOKENS = 24
+SERVER_MODULES = ("dockyard.server", "fastapi", "uvicorn")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _request(url: str, body: dict[str, Any] | None = None, timeout: float = 120.0) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read().decode()
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        raw, status = exc.read().decode(errors="replace"), exc.code
+    try:
+        return status, json.loads(raw)
+    except json.JSONDecodeError:
+        return status, raw
+
+
+def serve_command(ctx: GateContext, port: int | None = None) -> list[str]:
+    """The ``dockyard serve`` arguments for this model (without the executable)."""
+    args = ["serve"]
+    if ctx.options.model is not None:
+        args += ["--model", str(ctx.options.model)]
+    if (ctx.source is not None and not ctx.source.has_real_weights) or ctx.options.weights == "dummy":
+        args += ["--load-format", "dummy"]
+    if ctx.machine.device != "cpu":
+        args += ["--device", ctx.machine.device]
+    if port is not None:
+        args += ["--port", str(port)]
+    return args
+
+
+def _curl(url: str, body: dict[str, Any]) -> str:
+    return (f"curl -s {url} -H 'Content-Type: application/json' \\\n  -d {shlex.quote(json.dumps(body))}")
+
+
+def _stop(proc: subprocess.Popen) -> int | None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    return proc.returncode
+
+
+def run(ctx: GateContext) -> Outcome:
+    absent = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
+    if absent:
+        return Outcome("skip", f"server not available ({', '.join(absent)} not installed)", hard=False)
+    if ctx.spec is None:
+        return Outcome("skip", "no validated spec (inspect did not pass)", hard=False)
+    from dockyard.tokenizer import TOKENIZER_FILES
+
+    source = ctx.source
+    if source.gguf is None and not any((source.path / f).exists() for f in TOKENIZER_FILES):
+        return Outcome("skip", f"{source.path} has no tokenizer ({', '.join(TOKENIZER_FILES)}): the server's chat "
+                               "and completion endpoints need one", hard=False)
+    if ctx.fits_device is False or (ctx.dummy and ctx.dummy.get("layers", 0) < ctx.spec.num_hidden_layers):
+        return Outcome("skip", "the whole model does not fit this machine, so it cannot be served here", hard=False)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "dockyard.cli", *serve_command(ctx, port)]
+    log_path = ctx.out_dir / "logs" / "serve-smoke.server.log"
+    logger.info("starting: %s (server output: %s)", " ".join(cmd), log_path)
+    evidence: dict[str, Any] = {"command": "dockyard " + " ".join(shlex.quote(a) for a in cmd[3:]),
+                                "server_log": str(log_path)}
+    t0 = time.perf_counter()
+    with open(log_path, "w") as server_log:
+        proc = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT, cwd=Path.cwd())
+        try:
+            ready, health = False, None
+            deadline = time.monotonic() + ctx.options.serve_timeout_s
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    status, health = _request(f"{base}/health", timeout=5)
+                    if status == 200:
+                        ready = True
+                        break
+                except (urllib.error.URLError, OSError, TimeoutError):
+                    pass
+                time.sleep(0.5)
+            evidence["startup_seconds"] = time.perf_counter() - t0
+            evidence["health"] = health
+            if not ready:
+                why = (f"server exited with status {proc.returncode}" if proc.poll() is not None
+                       else f"/health not 200 after {ctx.options.serve_timeout_s:.0f}s")
+                return Outcome("fail", f"server never became ready: {why} (see {log_path})", evidence)
+            _, models = _request(f"{base}/v1/models")
+            model_id = models["data"][0]["id"] if isinstance(models, dict) and models.get("data") else None
+            evidence["model_id"] = model_id
+            chat_body = {"model": model_id, "messages": [{"role": "user", "content": CHAT_QUESTION}],
+                         "max_tokens": MAX_TOKENS, "temperature": 0}
+            comp_body = {"model": model_id, "prompt": COMPLETION_PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
+            chat_status, chat = _request(f"{base}/v1/chat/completions", chat_body)
+            comp_status, comp = _request(f"{base}/v1/completions", comp_body)
+        finally:
+            evidence["server_exit_code"] = _stop(proc)
+    chat_text = _answer(chat, "chat")
+    comp_text = _answer(comp, "completion")
+    evidence["chat"] = {"status": chat_status, "answer": chat_text, "response": chat,
+                        "curl": _curl(f"{base}/v1/chat/completions", chat_body)}
+    evidence["completion"] = {"status": comp_status, "answer": comp_text, "response": comp,
+                              "curl": _curl(f"{base}/v1/completions", comp_body)}
+    ok = chat_status == 200 and comp_status == 200 and bool(chat_text) and bool(comp_text)
+    if chat_status == 200 and chat_text:
+        ctx.serve_example = {"command": evidence["command"], "port": port, "chat": evidence["chat"],
+                             "completion": evidence["completion"]}
+    if ok:
+        return Outcome("pass", f"ready after {evidence['startup_seconds']:.1f}s; chat answered {chat_text[:40]!r}; "
+                               f"completion answered {comp_text[:30]!r}", evidence, hard=False)
+    return Outcome("fail", f"false ready: /health said 200 but chat → {chat_status} {chat_text[:60]!r}, "
+                           f"completion → {comp_status} {comp_text[:60]!r}", evidence, hard=False)
+
+
+def _answer(body: Any, kind: str) -> str:
+    try:
+        choice = body["choices"][0]
+        return str(choice["message"]["content"] if kind == "chat" else choice["text"]).strip()
+    except (KeyError, IndexError, TypeError):
+        return ""

@@ -1,0 +1,92 @@
+"""`dockyard onboard` on the bundled model (CPU), run as a user runs it: every applicable gate passes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+jsonschema = pytest.importorskip("jsonschema")
+
+
+@pytest.fixture(scope="module")
+def onboarded(bundled_gguf, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onboard-bundled")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "dockyard.cli", "onboard", "--out", str(out), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
+    return proc, out, report
+
+
+def test_every_applicable_gate_passes(onboarded):
+    proc, out, report = onboarded
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    gates = {g["name"]: g for g in report["gates"]}
+    for name in ("inspect", "fit", "equivalence", "dummy", "real", "features", "capacity"):
+        assert gates[name]["status"] == "pass", (name, gates[name]["summary"])
+    smoke = gates["serve-smoke"]
+    assert smoke["status"] == "pass" or smoke["summary"].startswith("server not available"), smoke["summary"]
+    # The summary table is on stdout, progress on stderr.
+    assert "verdict: PASS" in proc.stdout and "equivalence" in proc.stdout
+    assert "[3/8] equivalence" in proc.stderr
+
+
+def test_real_gate_matches_hf_token_for_token(onboarded):
+    _, _, report = onboarded
+    real = next(g for g in report["gates"] if g["name"] == "real")["evidence"]
+    assert real["missing"] == [] and real["unexpected"] == [] and real["tensors_loaded"] > 0
+    assert real["method"].startswith("token-for-token")
+    assert len(real["prompts"]) == 3 and all(p["equal"] for p in real["prompts"])
+    assert real["prefill_logits_rel_err"] < 1e-4
+
+
+def test_equivalence_levels_and_dummy_true_shapes(onboarded):
+    _, _, report = onboarded
+    gates = {g["name"]: g for g in report["gates"]}
+    levels = gates["equivalence"]["evidence"]["levels"]
+    assert [lv["block"] for lv in levels[:3]] == ["norm", "attention", "mlp"]
+    assert {lv["level"] for lv in levels} == {"block", "layer", "model", "decode"}
+    assert all(lv["rel_err"] < 1e-5 for lv in levels)
+    dummy = gates["dummy"]["evidence"]
+    assert dummy["true_shapes"] and dummy["layers"] == dummy["total_layers"] == 30
+    assert dummy["first_request"]["logits_finite"]
+
+
+def test_report_marks_gpu_only_features_not_run(onboarded):
+    _, _, report = onboarded
+    matrix = {row["feature"]: row for row in report["feature_matrix"]}
+    for feature in ("CUDA graph", "tensor parallel"):
+        assert matrix[feature]["status"] == "not-run" and "GPU" in matrix[feature]["why"]
+    assert matrix["torch.compile"]["status"] in ("supported", "unsupported")  # it was tried, either way
+    assert matrix["expert parallel"]["status"] == "not-applicable"
+    assert matrix["multimodal"]["status"] == "not-applicable"
+    assert matrix["FP8"]["status"] == matrix["MTP"]["status"] == "checkpoint-missing"
+    assert report["fallback_ladder"]["needed"] is False or report["fallback_ladder"]["entries"]
+
+
+def test_artifacts(onboarded):
+    from dockyard.onboard.report import load_schema
+
+    _, out, report = onboarded
+    jsonschema.validate(report, load_schema())
+    accuracy = (out / "accuracy.yaml").read_text()
+    assert "no evaluation ran" in accuracy.lower() and "tasks: []" in accuracy
+    md = (out / "report.md").read_text()
+    for heading in ("## Architecture", "## Gates", "## Feature matrix", "## Max length and capacity",
+                    "## Fallback ladder", "## What dummy weights proved", "## What only real weights proved"):
+        assert heading in md
+    tutorial = (out / "tutorial.md").read_text()
+    for heading in ("## Introduction", "## Supported Features", "## Environment Preparation", "## Deployment",
+                    "## Functional Verification", "## Accuracy Evaluation", "## Performance"):
+        assert heading in tutorial
+    assert "dockyard serve" in tutorial
+    if report["serve_example"]:
+        assert "curl -s http://127.0.0.1:" in tutorial and report["serve_example"]["chat"]["answer"] in tutorial
+    for gate in report["gates"]:
+        if gate["status"] != "skip":
+            assert (out / "logs").is_dir() and os.path.exists(gate["log_path"]), gate["name"]

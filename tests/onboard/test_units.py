@@ -1,0 +1,137 @@
+"""Pieces of the onboarding pipeline on their own: feature detection, config shrinking, the runner's edges."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dockyard.onboard import OnboardOptions, run_onboard
+from dockyard.onboard.config_features import detect_features, nearest_family
+from dockyard.onboard.equivalence import SHRUNK_WINDOW, shrink_config
+
+LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "hidden_act": "silu", "rope_theta": 500000.0,
+    "bos_token_id": 128000, "eos_token_id": [128001, 128009],
+}
+TINY = {**LLAMA, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "bos_token_id": 1,
+        "eos_token_id": 2}
+
+
+def _keys(config):
+    return {f.key for f in detect_features(config)}
+
+
+def test_feature_detection_names_what_each_family_needs():
+    assert {"gqa", "rope:default", "activation:silu"} <= _keys(LLAMA)
+    qwen3 = {**LLAMA, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 128}
+    assert "qk_norm" in _keys(qwen3)
+    deepseek = {**LLAMA, "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+                "kv_lora_rank": 512, "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
+                "num_nextn_predict_layers": 1, "quantization_config": {"quant_method": "fp8"}}
+    keys = _keys(deepseek)
+    assert {"mla", "moe", "moe_shared_experts", "mtp", "quantized:fp8"} <= keys
+    near = nearest_family(detect_features(deepseek), "deepseek_v3")
+    labels = [f.label for f in near.missing]
+    assert near.family == "llama" and "MLA attention (multi-head latent attention)" in labels
+    assert "multi-token prediction (MTP) layers" not in labels  # a checkpoint feature, not an architecture gap
+    gemma = {**LLAMA, "model_type": "gemma2", "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+             "sliding_window": 4096}
+    assert {"attn_softcap", "final_softcap", "interleaved_sliding_window", "post_norms"} <= _keys(gemma)
+    assert "rope:longrope" in _keys({**LLAMA, "rope_scaling": {"type": "su", "short_factor": [1.0]}})
+    assert detect_features({"weird": True}) == [] or all(f.key for f in detect_features({"weird": True}))
+    assert detect_features("not a dict") == []  # type: ignore[arg-type]
+
+
+def test_shrink_keeps_flags_and_ratio():
+    cfg = {**LLAMA, "sliding_window": 4096, "attention_bias": True,
+           "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192}}
+    small, notes = shrink_config(cfg)
+    assert small["num_attention_heads"] // small["num_key_value_heads"] == 4
+    assert small["hidden_size"] == small["num_attention_heads"] * 16 and "head_dim" not in small
+    assert small["sliding_window"] == SHRUNK_WINDOW and small["attention_bias"] is True
+    assert small["rope_scaling"] == cfg["rope_scaling"] and small["rope_theta"] == 500000.0
+    assert small["max_position_embeddings"] == 131072 and small["vocab_size"] == 1000
+    assert small["bos_token_id"] < 1000 and all(e < 1000 for e in small["eos_token_id"])
+    assert small["num_hidden_layers"] in (2, 3, 4) and notes
+    decoupled, _ = shrink_config({**LLAMA, "head_dim": 256, "hidden_size": 2048, "num_attention_heads": 16})
+    assert decoupled["head_dim"] * decoupled["num_attention_heads"] != decoupled["hidden_size"]
+
+
+def test_missing_model_fails_inspect_cleanly(tmp_path):
+    run = run_onboard(OnboardOptions(model=str(tmp_path / "nope"), out=tmp_path / "out"))
+    assert run.exit_code == 1
+    assert run.gate("inspect").status == "fail" and "not found" in run.gate("inspect").summary
+    assert all(r.status == "skip" for r in run.results[1:])
+
+
+def test_compile_failure_walks_the_fallback_ladder(tmp_path, monkeypatch):
+    import torch._dynamo
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(TINY))
+
+    def broken_compile(model, **kwargs):
+        def call(*args):
+            if torch._dynamo.config.disable:  # what TORCHDYNAMO_DISABLE=1 does to a compiled callable
+                return model(*args)
+            raise RuntimeError("simulated inductor failure")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    run = run_onboard(OnboardOptions(model=str(tmp_path / "m"), out=tmp_path / "out", weights="dummy",
+                                     device="cpu", skip=("serve-smoke",)))
+    assert run.exit_code == 0, [(r.name, r.summary) for r in run.results]
+    matrix = {row["feature"]: row for row in run.report["feature_matrix"]}
+    assert matrix["torch.compile"]["status"] == "unsupported"
+    ladder = run.report["fallback_ladder"]
+    assert ladder["needed"] is True
+    rungs = ladder["entries"][0]["rungs"]
+    assert [r["mode"].split("(")[0] for r in rungs] == ["torch.compile", "eager", "TORCHDYNAMO_DISABLE=1"]
+    assert [r["status"] for r in rungs] == ["fail", "pass", "pass"]
+    assert "TORCHDYNAMO_DISABLE=1" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_server_missing_is_a_skip(tmp_path, monkeypatch):
+    import importlib.util
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(TINY))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "dockyard.server" else real_find_spec(name, *a))
+    run = run_onboard(OnboardOptions(model=str(tmp_path / "m"), out=tmp_path / "out", weights="dummy",
+                                     device="cpu", skip=("features",)))
+    assert run.gate("serve-smoke").status == "skip"
+    assert run.gate("serve-smoke").summary.startswith("server not available")
+    assert run.exit_code == 0
+
+
+def test_cli_rejects_unknown_gate():
+    from dockyard.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["onboard", "--skip", "nope"])
+
+
+def test_model_without_tokenizer_skips_serve_smoke(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(TINY))
+    run = run_onboard(OnboardOptions(model=str(tmp_path / "m"), out=tmp_path / "out", weights="dummy",
+                                     device="cpu", skip=("features",)))
+    smoke = run.gate("serve-smoke")
+    assert smoke.status == "skip" and "no tokenizer" in smoke.summary, smoke.summary
+    assert run.gate("real").status == "skip" and "--weights dummy" in run.gate("real").summary
+    assert run.exit_code == 0
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present")
+def test_cli_cuda_without_gpu_is_a_clean_error(capsys, tmp_path):
+    from dockyard.cli import main
+
+    assert main(["onboard", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
