@@ -1,4 +1,4 @@
-"""The ``dockyard`` command: generate | inspect.
+"""The ``dockyard`` command: generate | inspect | models | serve | onboard.
 
 Generated text goes to stdout and nothing else does; logs go to stderr. Errors a user can
 cause print one clear line and exit with status 2, never a traceback.
@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
     ins = sub.add_parser("inspect", help="print the model's spec and memory plan")
+    models = sub.add_parser("models", help="list the supported architectures (docs/supported-models.md)")
+    models.add_argument("--configs", action="append", default=[], metavar="DIR",
+                        help="a directory of <name>/config.json (repeatable): run the equivalence gate on one "
+                             "config per architecture and list the unsupported ones")
+    models.add_argument("--write", default=None, metavar="PATH", help="write the page to PATH instead of stdout")
+
     _add_model_arg(ins, positional=True)
     ins.add_argument("--json", action="store_true", help="machine-readable output")
     ins.add_argument("--dtype", default="bfloat16", help="dtype the weights would be served in")
@@ -114,7 +120,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"rope {rope.rope_type}  theta {rope.theta:g}  factor {rope.factor:g}  "
           f"max positions {spec.max_position_embeddings}{window}")
     print(f"\nmemory plan ({plan.dtype})")
-    print(f"  parameters        {plan.num_parameters:,}")
+    active = (f"  ({plan.active_parameters:,} active per token)"
+              if plan.active_parameters != plan.num_parameters else "")
+    print(f"  parameters        {plan.num_parameters:,}{active}")
     print(f"  weights           {plan.weight_bytes / GiB:.3f} GiB  ({plan.weight_bytes:,} bytes)")
     print(f"  KV cache / token  {plan.kv_bytes_per_token:,} bytes  "
           f"({plan.kv_bytes_per_token * spec.max_model_len / GiB:.2f} GiB at max length {spec.max_model_len})")
@@ -127,7 +135,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "inspect": cmd_inspect, "serve": cmd_serve, "onboard": cmd_onboard}
+def cmd_models(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dockyard.supported_models import render
+
+    configs = [Path(c) for c in args.configs]
+    for c in configs:
+        if not c.is_dir():
+            raise DockyardError(f"--configs {c} is not a directory of <name>/config.json")
+    page = render(configs)
+    if args.write:
+        Path(args.write).write_text(page)
+        print(f"wrote {args.write}", file=sys.stderr)
+    else:
+        sys.stdout.write(page)
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "inspect": cmd_inspect, "serve": cmd_serve, "onboard": cmd_onboard,
+            "models": cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

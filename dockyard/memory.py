@@ -7,6 +7,7 @@ cache, activation peak and overhead follow from the spec and the engine's batch 
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -28,6 +29,7 @@ class MemoryPlan:
 
     dtype: str
     num_parameters: int
+    active_parameters: int  # per token: MoE models run top_k of their routed experts
     weight_bytes: int
     weight_bytes_by_dtype: dict[str, int]
     kv_cache_dtype: str
@@ -58,6 +60,17 @@ class MemoryPlan:
 
 def count_parameters(spec: ModelSpec, dtype: torch.dtype) -> tuple[int, dict[str, int]]:
     """(number of parameters, bytes by dtype) of the model class for ``spec``, built on meta."""
+    numel, by_dtype, _ = _count(spec, dtype)
+    return numel, dict(by_dtype)
+
+
+def active_parameters(spec: ModelSpec, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Parameters one token runs through: all of them, less the routed experts it is not sent to."""
+    return _count(spec, dtype)[2]
+
+
+@functools.lru_cache(maxsize=64)  # a 671B MoE has ~50k modules: build its meta copy once per spec
+def _count(spec: ModelSpec, dtype: torch.dtype) -> tuple[int, dict[str, int], int]:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -66,11 +79,14 @@ def count_parameters(spec: ModelSpec, dtype: torch.dtype) -> tuple[int, dict[str
     finally:
         torch.set_default_dtype(previous)
     by_dtype: Counter[str] = Counter()
-    numel = 0
-    for p in model.parameters():  # tied parameters are yielded once
+    numel = routed = 0
+    for name, p in model.named_parameters():  # tied parameters are yielded once
         numel += p.numel()
         by_dtype[str(p.dtype).removeprefix("torch.")] += p.numel() * p.element_size()
-    return numel, dict(by_dtype)
+        if ".experts." in name:  # routed experts (shared experts live under shared_expert[s])
+            routed += p.numel()
+    idle = 0 if spec.moe is None else routed * (spec.moe.num_experts - spec.moe.top_k) // spec.moe.num_experts
+    return numel, dict(by_dtype), numel - idle
 
 
 def plan_memory(
@@ -84,10 +100,11 @@ def plan_memory(
 ) -> MemoryPlan:
     """The memory plan of ``spec`` at ``dtype`` for the given engine limits."""
     kv_dtype = kv_cache_dtype or dtype
-    numel, by_dtype = count_parameters(spec, dtype)
+    numel, by_dtype, active = _count(spec, dtype)
     act_bytes = torch.empty((), dtype=dtype).element_size()
     kv_elem = torch.empty((), dtype=kv_dtype).element_size()
-    kv_per_token = 2 * spec.num_hidden_layers * spec.num_key_value_heads * spec.head_dim * kv_elem
+    entries, heads, dim = spec.kv_cache_layout
+    kv_per_token = spec.num_hidden_layers * entries * heads * dim * kv_elem
     tokens = max_num_batched_tokens
     # One layer's live tensors at the widest point: residual + normed input + q/k/v + attention
     # output, and the MLP's gate, up and their product; plus float32 logits of the rows sampled.
@@ -96,8 +113,9 @@ def plan_memory(
     return MemoryPlan(
         dtype=str(dtype).removeprefix("torch."),
         num_parameters=numel,
+        active_parameters=active,
         weight_bytes=sum(by_dtype.values()),
-        weight_bytes_by_dtype=by_dtype,
+        weight_bytes_by_dtype=dict(by_dtype),
         kv_cache_dtype=str(kv_dtype).removeprefix("torch."),
         kv_bytes_per_token=kv_per_token,
         activation_peak_bytes=tokens * per_token + logits,

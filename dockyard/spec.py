@@ -18,7 +18,20 @@ from typing import Any
 from dockyard.errors import ConfigError, InvalidModelFileError, ModelNotFoundError
 from dockyard.ops.activation import ACTIVATION_NAMES
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+
+# Architecture facts that configs do not spell out as fields: fixed by the model_type.
+# (dockyard.onboard.config_features reads these too, so each fact lives here only.)
+QK_NORM_HEAD_TYPES = frozenset({"qwen3", "qwen3_moe", "gemma3", "gemma3_text", "cohere2", "chameleon", "olmoe"})
+QK_NORM_FULL_TYPES = frozenset({"olmo2"})  # one RMSNorm over the whole q (or k) projection
+QKV_BIAS_TYPES = frozenset({"qwen2", "qwen2_moe", "qwen2_vl", "qwen2_5_vl"})
+SANDWICH_NORM_TYPES = frozenset({"gemma2", "gemma3", "gemma3_text"})  # pre- and post-norm around each block
+POST_NORM_TYPES = frozenset({"olmo2"})  # norm on each block's output only
+GEMMA_TYPES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})  # (1 + w) RMSNorm, embeddings × √hidden
+LAYERNORM_TYPES = frozenset({"phimoe", "phi", "phi3small", "starcoder2", "stablelm", "gpt_neox", "falcon", "gpt2",
+                             "gpt_bigcode", "opt", "bloom", "mpt", "cohere"})
+ATTENTION_SINK_TYPES = frozenset({"gpt_oss"})
+LAYER_TYPES = ("full_attention", "sliding_attention")
 MAX_SANE_POSITIONS = 10_000_000
 
 _DTYPES = {
@@ -50,11 +63,47 @@ class RopeSpec:
     mscale_all_dim: float | None = None
     attention_factor: float | None = None
     truncate: bool | None = None
+    # longrope (Phi-3 "su"): per-frequency factors below / past original_max_position_embeddings.
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """Mixture-of-experts MLP: router, experts and shared experts (names follow HF configs)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # per expert
+    norm_topk_prob: bool = False  # renormalize the top-k weights to sum to 1
+    scoring_func: str = "softmax"  # softmax | sigmoid
+    topk_method: str = "greedy"  # greedy | group_limited_greedy | noaux_tc
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    num_shared_experts: int = 0  # DeepSeek: shared MLP of num_shared_experts × intermediate_size
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: shared MLP with a sigmoid gate
+    router_bias: bool = False  # gpt-oss
+
+
+@dataclass(frozen=True)
+class MLASpec:
+    """Multi-head latent attention (DeepSeek-V2/V3): low-rank q and a cached kv latent."""
+
+    q_lora_rank: int | None  # None: q is a plain projection (V2-Lite)
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Normalized description of a decoder-only language model (Llama family today)."""
+    """Normalized description of a decoder-only language model.
+
+    Every architectural quirk a model class branches on is a field here, with a default that
+    means "as Llama does it".
+    """
 
     architecture: str
     model_type: str
@@ -73,6 +122,27 @@ class ModelSpec:
     attention_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None  # each token attends to the last sliding_window tokens only
+    # Per-layer attention kind ("full_attention" | "sliding_attention"); empty: every layer uses
+    # sliding_window if set. Layers of kind full ignore the window.
+    layer_types: tuple[str, ...] = ()
+    qkv_bias: bool = False  # bias on q/k/v but not o (Qwen2)
+    qk_norm: str | None = None  # "head": RMSNorm per head (Qwen3, Gemma3) | "full": over the projection (OLMo2)
+    norm_type: str = "rms"  # "rms" | "rms_one_plus" (Gemma: × (1 + w)) | "layernorm"
+    norm_placement: str = "pre"  # "pre" | "sandwich" (Gemma 2/3) | "post" (OLMo2)
+    embedding_multiplier: float = 1.0  # Gemma: √hidden; Granite: embedding_multiplier
+    residual_multiplier: float = 1.0  # Granite: each block's output is scaled before the residual add
+    attention_scale: float | None = None  # None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
+    logits_scale: float = 1.0  # Granite: 1 / logits_scaling
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    rope_local_theta: float | None = None  # Gemma 3: rope base of sliding layers
+    partial_rotary_factor: float = 1.0  # fraction of head_dim that is rotated
+    attention_sinks: bool = False  # gpt-oss: a learned per-head logit in every softmax
+    swiglu_limit: float | None = None  # gpt-oss: clamped SwiGLU
+    moe: MoESpec | None = None
+    moe_layers: tuple[bool, ...] = ()  # per layer: MoE (True) or dense MLP (False); empty when no MoE
+    mla: MLASpec | None = None
+    rope_interleave: bool = True  # MLA: the rope dims come in interleaved pairs (DeepSeek), de-interleaved first
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -92,10 +162,43 @@ class ModelSpec:
     def max_model_len(self) -> int:
         return self.max_position_embeddings
 
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that rotary embeddings rotate (MLA: the decoupled rope dims)."""
+        if self.mla is not None:
+            return self.mla.qk_rope_head_dim
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def v_head_dim(self) -> int:
+        return self.mla.v_head_dim if self.mla is not None else self.head_dim
+
+    @property
+    def kv_cache_layout(self) -> tuple[int, int, int]:
+        """(entries, heads, dim) the paged KV cache stores per token and layer.
+
+        Keys and values: (2, num_kv_heads, head_dim). MLA stores one latent per token:
+        (1, 1, kv_lora_rank + qk_rope_head_dim), MLA's memory saving.
+        """
+        if self.mla is not None:
+            return (1, 1, self.mla.kv_lora_rank + self.mla.qk_rope_head_dim)
+        return (2, self.num_key_value_heads, self.head_dim)
+
+    def layer_sliding_window(self, layer: int) -> int | None:
+        """The sliding window of layer ``layer`` (None: full attention)."""
+        if self.layer_types:
+            return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+        return self.sliding_window
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return bool(self.moe_layers) and self.moe_layers[layer]
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly view (used by ``dockyard inspect --json``)."""
         out = dataclasses.asdict(self)
         out["eos_token_ids"] = list(self.eos_token_ids)
+        out["layer_types"] = list(self.layer_types)
+        out["moe_layers"] = list(self.moe_layers)
         return out
 
     def replace(self, **changes: Any) -> ModelSpec:
@@ -116,11 +219,7 @@ class ModelSpec:
                 "config has no 'architectures' list; dockyard picks the model class from "
                 "architectures[0] (e.g. 'LlamaForCausalLM')"
             )
-        text = config.get("text_config")
-        if isinstance(text, dict) and "hidden_size" not in config:
-            # Multimodal wrappers keep the language model's numbers in text_config.
-            merged = {**text, "architectures": archs}
-            config = merged
+        config = language_model_config(config)
         get = config.get
         hidden = _req_int(config, "hidden_size")
         heads = _req_int(config, "num_attention_heads")
@@ -135,6 +234,15 @@ class ModelSpec:
                 )
             head_dim = hidden // heads if heads > 0 else 0
         head_dim = _as_int("head_dim", head_dim)
+        model_type = str(get("model_type", ""))
+        num_layers = _req_int(config, "num_hidden_layers")
+        mla = _mla_from_config(config)
+        if mla is not None:  # queries and keys carry the no-rope and the rope part of each head
+            head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
+        moe, moe_layers = _moe_from_config(config, model_type, num_layers)
+        intermediate = get("intermediate_size")
+        if intermediate is None and moe is not None:
+            intermediate = moe.intermediate_size
         eos = get("eos_token_id")
         eos_ids: tuple[int, ...] = ()
         if isinstance(eos, int):
@@ -145,14 +253,15 @@ class ModelSpec:
         dtype = _DTYPES.get(str(dtype).replace("torch.", ""), "float32")
         spec = cls(
             architecture=str(archs[0]),
-            model_type=str(get("model_type", "")),
+            model_type=model_type,
             vocab_size=_req_int(config, "vocab_size"),
             hidden_size=hidden,
-            num_hidden_layers=_req_int(config, "num_hidden_layers"),
+            num_hidden_layers=num_layers,
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
-            intermediate_size=_req_int(config, "intermediate_size"),
+            intermediate_size=_as_int("intermediate_size", intermediate) if intermediate is not None
+            else _req_int(config, "intermediate_size"),
             max_position_embeddings=_as_int(
                 "max_position_embeddings", get("max_position_embeddings", 2048)
             ),
@@ -163,6 +272,11 @@ class ModelSpec:
             attention_bias=bool(get("attention_bias", False)),
             mlp_bias=bool(get("mlp_bias", False)),
             sliding_window=_sliding_window(config),
+            layer_types=_layer_types(config, model_type, num_layers),
+            moe=moe,
+            moe_layers=moe_layers,
+            mla=mla,
+            **_family_fields(config, model_type, hidden),
             bos_token_id=get("bos_token_id") if isinstance(get("bos_token_id"), int) else None,
             eos_token_ids=eos_ids,
             pad_token_id=get("pad_token_id") if isinstance(get("pad_token_id"), int) else None,
@@ -213,6 +327,30 @@ class ModelSpec:
             if not (0 <= tok < self.vocab_size):
                 raise ConfigError(f"eos_token_id={tok} is outside the vocabulary [0, {self.vocab_size})")
         _validate_rope(self.rope)
+        if self.layer_types:
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise ConfigError(f"layer_types has {len(self.layer_types)} entries for "
+                                  f"num_hidden_layers={self.num_hidden_layers}; give one per layer")
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if bad:
+                raise ConfigError(f"layer_types has unknown kind(s) {bad}; supported: {', '.join(LAYER_TYPES)}")
+        if not 0.0 < self.partial_rotary_factor <= 1.0 or self.rotary_dim % 2:
+            raise ConfigError(f"partial_rotary_factor={self.partial_rotary_factor} must give an even rotary "
+                              f"dimension in (0, head_dim={self.head_dim}]")
+        if self.moe is not None:
+            m = self.moe
+            if not 0 < m.top_k <= m.num_experts:
+                raise ConfigError(f"num_experts_per_tok={m.top_k} must be in [1, num_experts={m.num_experts}]")
+            if m.scoring_func not in ("softmax", "sigmoid"):
+                raise ConfigError(f"scoring_func={m.scoring_func!r} is not supported; supported: softmax, sigmoid")
+            if m.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+                raise ConfigError(f"topk_method={m.topk_method!r} is not supported; supported: greedy, "
+                                  "group_limited_greedy, noaux_tc")
+            if m.num_experts % m.n_group or not 0 < m.topk_group <= m.n_group:
+                raise ConfigError(f"n_group={m.n_group}, topk_group={m.topk_group} do not divide "
+                                  f"n_routed_experts={m.num_experts} into groups")
+            if len(self.moe_layers) != self.num_hidden_layers:
+                raise ConfigError("moe_layers must have one entry per layer")
 
 
 def read_config_json(path: str | Path) -> dict[str, Any]:
@@ -227,6 +365,68 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidModelFileError(f"{p} must hold a JSON object, found {type(data).__name__}")
     return data
+
+
+def language_model_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The language model's config: a multimodal wrapper's ``text_config`` (with the wrapper's architectures,
+    model_type when the text part has none, and token ids), else the config itself; either way with the
+    fields it omits filled from its transformers config class's defaults (:func:`with_hf_defaults`)."""
+    text = config.get("text_config")
+    if isinstance(text, dict) and "hidden_size" not in config:
+        # A text_config relies on its class's defaults for everything it leaves out.
+        merged = {**text, "model_type": text.get("model_type") or config.get("model_type")}
+        merged = with_hf_defaults(merged, fill_required=True)
+        merged["architectures"] = config.get("architectures")
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id", "torch_dtype", "dtype"):
+            if key in config and key not in text:
+                merged[key] = config[key]
+        return merged
+    return with_hf_defaults(config, fill_required=False)
+
+
+# Fields a config.json must give itself: a default for these would hide a broken file.
+_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
+
+
+def with_hf_defaults(config: dict[str, Any], fill_required: bool) -> dict[str, Any]:
+    """``config`` with the fields it omits filled from its transformers config class's defaults.
+
+    A published config.json means "the class defaults" for every field it leaves out (Gemma's
+    tie_word_embeddings, a multimodal text_config's vocab_size and rope bases). Unknown model types,
+    or a config transformers rejects, are returned unchanged, and their own fields are never replaced.
+    """
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        return config
+    try:
+        from transformers import AutoConfig
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    except ImportError:
+        return config
+    if model_type not in CONFIG_MAPPING_NAMES:
+        return config
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its notes on old-style fields are not for our users
+    try:
+        kwargs = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "auto_map")}
+        defaults = AutoConfig.for_model(model_type, **kwargs).to_dict()
+    except Exception:  # noqa: BLE001 - a config transformers rejects is validated by us, as given
+        return config
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # rope_parameters (transformers v5) is the config's own rope_theta / rope_scaling normalized.
+    skip = set() if fill_required else set(_REQUIRED)
+    out = dict(config)
+    vocab = config.get("vocab_size", defaults.get("vocab_size"))
+    for key, value in defaults.items():
+        if key in out or key in skip:
+            continue
+        if key.endswith("token_id") and isinstance(value, int) and isinstance(vocab, int) and value >= vocab:
+            continue  # a class default past this (possibly shrunken) vocabulary cannot be this model's token
+        out[key] = value
+    return out
 
 
 def _as_int(name: str, value: Any) -> int:
@@ -253,9 +453,140 @@ def _sliding_window(config: dict[str, Any]) -> int | None:
     return window
 
 
+def _num(config: dict[str, Any], key: str) -> float | None:
+    value = config.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _layer_types(config: dict[str, Any], model_type: str, num_layers: int) -> tuple[str, ...]:
+    """Per-layer attention kinds: the config's ``layer_types``, else derived as transformers does."""
+    given = config.get("layer_types")
+    if isinstance(given, list):
+        return tuple(str(t) for t in given)
+    if model_type == "gemma2":
+        return tuple("sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers))
+    if model_type in ("gemma3", "gemma3_text"):
+        pattern = _as_int("sliding_window_pattern", config.get("sliding_window_pattern", 6))
+        return tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers))
+    if model_type in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe") and config.get("use_sliding_window"):
+        first = _as_int("max_window_layers", config.get("max_window_layers", 0))
+        return tuple("sliding_attention" if i >= first else "full_attention" for i in range(num_layers))
+    return ()
+
+
+def _moe_from_config(config: dict[str, Any], model_type: str, num_layers: int) -> tuple[
+    MoESpec | None, tuple[bool, ...]
+]:
+    get = config.get
+    experts = next((get(k) for k in ("num_experts", "n_routed_experts", "num_local_experts")
+                    if isinstance(get(k), int) and get(k) > 0), None)
+    if experts is None:
+        return None, ()
+    top_k = get("num_experts_per_tok", get("experts_per_token"))
+    if top_k is None:
+        raise ConfigError("an MoE config needs num_experts_per_tok (experts each token is routed to)")
+    size = get("moe_intermediate_size", get("intermediate_size"))
+    if size is None:
+        raise ConfigError("an MoE config needs moe_intermediate_size (or intermediate_size) for its experts")
+    # Mixtral and gpt-oss always renormalize the chosen experts' weights; the others say so in the config.
+    norm = True if model_type in ("mixtral", "gpt_oss") else bool(get("norm_topk_prob", False))
+    # DeepSeek-V3's architecture is sigmoid scoring with noaux_tc routing (transformers' class fixes it so).
+    v3 = model_type in ("deepseek_v3", "kimi_k2")
+    moe = MoESpec(
+        num_experts=_as_int("num_experts", experts),
+        top_k=_as_int("num_experts_per_tok", top_k),
+        intermediate_size=_as_int("moe_intermediate_size", size),
+        norm_topk_prob=norm,
+        scoring_func=str(get("scoring_func") or ("sigmoid" if v3 else "softmax")),
+        topk_method=str(get("topk_method") or ("noaux_tc" if v3 else "greedy")),
+        n_group=_as_int("n_group", get("n_group") or 1),
+        topk_group=_as_int("topk_group", get("topk_group") or 1),
+        routed_scaling_factor=float(get("routed_scaling_factor") or 1.0),
+        num_shared_experts=_as_int("n_shared_experts", get("n_shared_experts") or 0),
+        shared_expert_intermediate_size=_as_int("shared_expert_intermediate_size",
+                                                get("shared_expert_intermediate_size") or 0),
+        router_bias=model_type == "gpt_oss",
+    )
+    if model_type in ("deepseek_v2", "deepseek_v3", "kimi_k2"):
+        first_dense = _as_int("first_k_dense_replace", get("first_k_dense_replace") or 0)
+        freq = _as_int("moe_layer_freq", get("moe_layer_freq") or 1)
+        layers = tuple(i >= first_dense and i % freq == 0 for i in range(num_layers))
+    else:
+        dense = set(get("mlp_only_layers") or ())
+        step = _as_int("decoder_sparse_step", get("decoder_sparse_step") or 1)
+        layers = tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers))
+    return moe, layers
+
+
+def _mla_from_config(config: dict[str, Any]) -> MLASpec | None:
+    if not config.get("kv_lora_rank"):
+        return None
+    q_rank = config.get("q_lora_rank")
+    return MLASpec(
+        q_lora_rank=None if q_rank is None else _as_int("q_lora_rank", q_rank),
+        kv_lora_rank=_req_int(config, "kv_lora_rank"),
+        qk_nope_head_dim=_req_int(config, "qk_nope_head_dim"),
+        qk_rope_head_dim=_req_int(config, "qk_rope_head_dim"),
+        v_head_dim=_req_int(config, "v_head_dim"),
+    )
+
+
+def _family_fields(config: dict[str, Any], model_type: str, hidden: int) -> dict[str, Any]:
+    """The ModelSpec fields that depend on the family's conventions more than on plain numbers."""
+    get = config.get
+    out: dict[str, Any] = {}
+    if model_type in QKV_BIAS_TYPES:
+        out["qkv_bias"] = True
+    if model_type in QK_NORM_HEAD_TYPES:
+        out["qk_norm"] = "head"
+    elif model_type in QK_NORM_FULL_TYPES:
+        out["qk_norm"] = "full"
+    if model_type in GEMMA_TYPES:
+        out["norm_type"] = "rms_one_plus"
+        out["embedding_multiplier"] = math.sqrt(hidden)
+    elif model_type in LAYERNORM_TYPES:
+        out["norm_type"] = "layernorm"
+    if model_type in SANDWICH_NORM_TYPES:
+        out["norm_placement"] = "sandwich"
+    elif model_type in POST_NORM_TYPES:
+        out["norm_placement"] = "post"
+    if _num(config, "query_pre_attn_scalar"):
+        out["attention_scale"] = float(get("query_pre_attn_scalar")) ** -0.5
+    # Granite's muP-style multipliers.
+    if _num(config, "embedding_multiplier") is not None:
+        out["embedding_multiplier"] = float(get("embedding_multiplier"))
+    if _num(config, "residual_multiplier") is not None:
+        out["residual_multiplier"] = float(get("residual_multiplier"))
+    if _num(config, "attention_multiplier") is not None:
+        out["attention_scale"] = float(get("attention_multiplier"))
+    if _num(config, "logits_scaling"):
+        out["logits_scale"] = 1.0 / float(get("logits_scaling"))
+    for key in ("attn_logit_softcapping", "final_logit_softcapping", "swiglu_limit"):
+        if _num(config, key):
+            out[key] = float(get(key))
+    local = _num(config, "rope_local_base_freq")
+    params = get("rope_parameters")
+    if isinstance(params, dict) and isinstance(params.get("sliding_attention"), dict):
+        local = float(params["sliding_attention"].get("rope_theta") or 10000.0)
+    if local is not None:
+        out["rope_local_theta"] = local
+    partial = _num(config, "partial_rotary_factor")
+    if partial is None and isinstance(params, dict):
+        partial = _num(params, "partial_rotary_factor")
+    if partial is not None:
+        out["partial_rotary_factor"] = partial
+    if model_type in ATTENTION_SINK_TYPES:
+        out["attention_sinks"] = True
+    if get("rope_interleave") is False:
+        out["rope_interleave"] = False
+    return out
+
+
 def _rope_from_config(config: dict[str, Any]) -> RopeSpec:
     # transformers v5 writes rope_parameters (theta inside); v4 configs use rope_theta + rope_scaling.
     params = config.get("rope_parameters")
+    if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):
+        params = params["full_attention"]  # v5 per-layer-type parameters (Gemma 3): global layers'
     scaling = dict(params) if isinstance(params, dict) else dict(config.get("rope_scaling") or {})
     theta = scaling.pop("rope_theta", None) or config.get("rope_theta", 10000.0)
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
@@ -264,7 +595,10 @@ def _rope_from_config(config: dict[str, Any]) -> RopeSpec:
         rope_type = "longrope"
     known = {f.name for f in dataclasses.fields(RopeSpec)} - {"rope_type", "theta"}
     kwargs = {k: v for k, v in scaling.items() if k in known and v is not None}
-    if rope_type in ("llama3", "yarn", "dynamic") and "original_max_position_embeddings" not in kwargs:
+    for key in ("short_factor", "long_factor"):
+        if isinstance(kwargs.get(key), list):
+            kwargs[key] = tuple(float(v) for v in kwargs[key])
+    if rope_type in ("llama3", "yarn", "dynamic", "longrope") and "original_max_position_embeddings" not in kwargs:
         omax = config.get("original_max_position_embeddings") or config.get("max_position_embeddings")
         if omax is not None:
             kwargs["original_max_position_embeddings"] = int(omax)
@@ -292,3 +626,11 @@ def _validate_rope(rope: RopeSpec) -> None:
                 f"rope_scaling.high_freq_factor={rope.high_freq_factor} must exceed "
                 f"low_freq_factor={rope.low_freq_factor}"
             )
+    if rope.rope_type == "longrope":  # lengths are checked by RotaryEmbedding, which knows rotary_dim
+        for name in ("short_factor", "long_factor"):
+            values = getattr(rope, name)
+            if not isinstance(values, (tuple, list)) or not values:
+                raise ConfigError(f"rope_scaling.{name} (a list of numbers) is required for rope_type='longrope'")
+            bad = [v for v in values if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v))]
+            if bad:
+                raise ConfigError(f"rope_scaling.{name} must hold positive numbers; it has {bad[0]!r}")

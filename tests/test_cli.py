@@ -70,11 +70,11 @@ def test_not_a_gguf(tmp_path, content):
 
 
 def test_unsupported_architecture(tmp_path):
-    cfg = CONFIGS / "Qwen--Qwen3-30B-A3B" / "config.json"
+    cfg = CONFIGS / "internlm--internlm2-7b" / "config.json"
     if not cfg.exists():
         pytest.skip("../shared/configs is not present")
     proc = run_cli("generate", "--model", str(cfg), "hi")
-    assert_clean_error(proc, "Qwen3MoeForCausalLM", "LlamaForCausalLM")
+    assert_clean_error(proc, "InternLM2ForCausalLM", "LlamaForCausalLM", "Qwen3MoeForCausalLM")
 
 
 def test_prompt_longer_than_max_length():

@@ -51,3 +51,36 @@ def test_kv_bytes_per_token_llama31_8b():
     assert 8.0e9 < plan.num_parameters < 8.1e9
     assert plan.kv_tokens_that_fit(80 * 1024**3) > 100_000
     assert plan.kv_tokens_that_fit(8 * 1024**3) == 0  # 16 GB of weights do not fit in 8 GiB
+
+
+PUBLISHED = json.loads((Path(__file__).parent / "data" / "published_parameters.json").read_text())
+_UNITS = {"M": 1e6, "B": 1e9, "T": 1e12}
+
+
+def _published(figure: str) -> tuple[float, float]:
+    """'8.03B' → (8.03e9, allowed relative error): 1%, or one unit of the last digit published, since
+    publishers round or truncate to the digits they print (Qwen3-30B-A3B's 3.35B active is '3.3B')."""
+    number, unit = figure[:-1], _UNITS[figure[-1]]
+    decimals = len(number.split(".")[1]) if "." in number else 0
+    value = float(number) * unit
+    return value, max(0.01, 10**-decimals * unit / value)
+
+
+@pytest.mark.parametrize("name", sorted(k for k in PUBLISHED if not k.startswith("_")))
+def test_memory_plan_matches_published_parameter_count(name):
+    from tests.shared_configs import CONFIGS_DIR
+
+    path = CONFIGS_DIR / name / "config.json"
+    if not path.exists():
+        pytest.skip(f"{path} is not present")
+    spec = ModelSpec.from_json_file(path)
+    plan = plan_memory(spec, torch.bfloat16)
+    published = PUBLISHED[name]
+    active = plan.active_parameters
+    if published.get("active_excludes_input_embedding"):
+        active -= spec.vocab_size * spec.hidden_size
+    for key, ours in (("total", plan.num_parameters), ("active", active)):
+        if key not in published:
+            continue
+        value, rtol = _published(published[key])
+        assert abs(ours - value) <= rtol * value, f"{name} {key}: ours {ours:,} vs published {published[key]}"

@@ -45,7 +45,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.sampler = Sampler()
         self.attention_layers = [m for m in model.modules() if isinstance(m, AttentionLayer)]
-        shape = (len(self.attention_layers), 2, num_blocks, block_size, spec.num_key_value_heads, spec.head_dim)
+        entries, heads, dim = spec.kv_cache_layout
+        shape = (len(self.attention_layers), entries, num_blocks, block_size, heads, dim)
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
 
     def prepare(self, batch: list[ScheduledSeq]) -> StepInputs:

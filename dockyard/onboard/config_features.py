@@ -17,16 +17,24 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from dockyard.registry import MODEL_REGISTRY, ModelEntry
+from dockyard.spec import (
+    ATTENTION_SINK_TYPES,
+    GEMMA_TYPES,
+    LAYERNORM_TYPES,
+    QK_NORM_FULL_TYPES,
+    QK_NORM_HEAD_TYPES,
+    QKV_BIAS_TYPES,
+    SANDWICH_NORM_TYPES,
+    language_model_config,
+)
+from dockyard.spec import POST_NORM_TYPES as POST_NORM_ONLY_TYPES
 
-# model_type → property that is not spelled out as a config field but fixed by the architecture.
-QK_NORM_TYPES = {"qwen3", "qwen3_moe", "olmo2", "olmoe", "gemma3", "gemma3_text", "cohere2", "chameleon"}
-POST_NORM_TYPES = {"gemma2", "gemma3", "gemma3_text", "olmo2"}
-QKV_BIAS_TYPES = {"qwen2", "qwen2_moe", "qwen2_vl", "qwen2_5_vl"}
+# model_type → property that is not spelled out as a config field but fixed by the architecture
+# (the facts ModelSpec also uses live in dockyard.spec).
+QK_NORM_TYPES = QK_NORM_HEAD_TYPES | QK_NORM_FULL_TYPES
+POST_NORM_TYPES = SANDWICH_NORM_TYPES | POST_NORM_ONLY_TYPES
 FUSED_QKV_TYPES = {"phi3", "phi3small", "chatglm", "glm", "internlm2", "phi", "gpt_neox", "falcon", "dbrx"}
-LAYERNORM_TYPES = {"phimoe", "phi", "phi3small", "starcoder2", "stablelm", "gpt_neox", "falcon", "gpt2",
-                   "gpt_bigcode", "opt", "bloom", "mpt", "cohere"}
-EMBED_SCALE_TYPES = {"gemma", "gemma2", "gemma3", "gemma3_text"}
-ATTENTION_SINK_TYPES = {"gpt_oss"}
+EMBED_SCALE_TYPES = GEMMA_TYPES
 BLOCKSPARSE_TYPES = {"phi3small"}
 
 
@@ -45,11 +53,10 @@ class Feature:
 
 def _text_config(config: dict[str, Any]) -> dict[str, Any]:
     """The language model's fields: ``text_config`` of multimodal wrappers, else the config itself."""
-    text = config.get("text_config")
-    if isinstance(text, dict) and "hidden_size" not in config:
-        return {**text, "architectures": config.get("architectures"), "model_type": text.get("model_type")
-                or config.get("model_type")}
-    return config
+    try:
+        return language_model_config(config)
+    except Exception:  # noqa: BLE001 - detection never raises on a strange config
+        return config
 
 
 def _num(config: dict[str, Any], *keys: str) -> float | None:
@@ -163,6 +170,10 @@ def detect_features(config: dict[str, Any]) -> list[Feature]:
         add("tied_embeddings", "tied input/output embeddings")
     if model_type in EMBED_SCALE_TYPES or _num(cfg, "scale_emb") not in (None, 1.0) or cfg.get("mup_use_scaling"):
         add("embedding_scale", "scaled embeddings (×√hidden, scale_emb or muP)", f"model_type {model_type}")
+    granite = [k for k in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
+               if _num(cfg, k) is not None]
+    if granite:
+        add("granite_multipliers", "embedding / residual / attention / logit multipliers", ", ".join(granite))
     if _num(cfg, "scale_depth") not in (None, 1.0):
         add("residual_scale", "scaled residual branches (scale_depth)", f"{_num(cfg, 'scale_depth')}")
     if _num(cfg, "final_logit_softcapping"):
@@ -189,7 +200,10 @@ def detect_features(config: dict[str, Any]) -> list[Feature]:
 
     # ---- beyond the text decoder ----
     if isinstance(config.get("vision_config"), dict) or isinstance(config.get("audio_config"), dict):
-        add("multimodal", "multimodal (vision tower)", str((config.get("vision_config") or {}).get("model_type")))
+        # A property of the checkpoint: its language model runs from text_config; the features gate
+        # records the vision/audio part as unsupported.
+        add("multimodal", "multimodal (vision tower)", str((config.get("vision_config") or {}).get("model_type")),
+            kind="checkpoint")
     quant = config.get("quantization_config")
     if isinstance(quant, dict):
         method = str(quant.get("quant_method") or quant.get("fmt") or "unknown")

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from dockyard.ops.attention import Attention, AttentionMetadata, forward_context
+from dockyard.spec import language_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,8 @@ def paged_logits(model: nn.Module, token_ids: list[int], chunks: list[int], bloc
     attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
-    cache = torch.zeros(len(attn_layers), 2, num_blocks, block_size, spec.num_key_value_heads, spec.head_dim,
-                        dtype=dtype, device=device)
+    entries, heads, dim = spec.kv_cache_layout
+    cache = torch.zeros(len(attn_layers), entries, num_blocks, block_size, heads, dim, dtype=dtype, device=device)
     previous = [layer.kv_cache for layer in attn_layers]
     for i, layer in enumerate(attn_layers):
         layer.kv_cache = cache[i]
@@ -103,10 +104,7 @@ def paged_logits(model: nn.Module, token_ids: list[int], chunks: list[int], bloc
 
 # ---------------------------------------------------------------- shrinking the config
 def _text_part(config: dict[str, Any]) -> dict[str, Any]:
-    text = config.get("text_config")
-    if isinstance(text, dict) and "hidden_size" not in config:
-        return {**text, "model_type": text.get("model_type") or config.get("model_type")}
-    return dict(config)
+    return dict(language_model_config(config))
 
 
 def _int(value: Any) -> int | None:
@@ -183,6 +181,8 @@ def shrink_config(config: dict[str, Any], seq_len: int = SEQ_LEN) -> tuple[dict[
             cfg[key] = 1
     if _int(cfg.get("kv_lora_rank")):
         cfg.update(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+        if "head_dim" in cfg:  # transformers' MLA configs define head_dim as the rope dims
+            cfg["head_dim"] = 8
         if cfg.get("q_lora_rank") is not None:
             cfg["q_lora_rank"] = 48
 
@@ -325,14 +325,23 @@ def _module(root: nn.Module, path: str) -> nn.Module | None:
 
 
 def _layer_type_indices(hf_model: nn.Module) -> list[tuple[int, str]]:
-    """(first layer index, type name) of every layer type of the reference model."""
+    """(first layer index, kind) of every kind of layer in the reference model.
+
+    A kind is the attention type (``layer_types``: sliding / full) and the MLP class (dense or MoE),
+    each named only where the model has more than one; a uniform model has the one kind 'decoder'.
+    """
     types = getattr(hf_model.config, "layer_types", None)
-    if not isinstance(types, list) or not types:
+    layers = list(getattr(getattr(hf_model, "model", None), "layers", []))
+    if not isinstance(types, list) or len(types) != len(layers):
+        types = [""] * len(layers)
+    mlps = [type(getattr(layer, "mlp", None)).__name__ for layer in layers]
+    keys = [(str(t) if len(set(types)) > 1 else "", m if len(set(mlps)) > 1 else "") for t, m in zip(types, mlps)]
+    seen: dict[tuple[str, str], int] = {}
+    for i, key in enumerate(keys):
+        seen.setdefault(key, i)
+    if not seen:
         return [(0, "decoder")]
-    seen: dict[str, int] = {}
-    for i, kind in enumerate(types):
-        seen.setdefault(str(kind), i)
-    return [(i, kind) for kind, i in seen.items()]
+    return [(i, ", ".join(part for part in key if part) or "decoder") for key, i in seen.items()]
 
 
 def _capture_kwargs(hf_model: nn.Module, ids: torch.Tensor, paths: list[str]) -> dict[str, dict[str, Any]]:
@@ -397,6 +406,8 @@ def compare_models(ours: nn.Module, hf_model: nn.Module, seq_len: int = SEQ_LEN,
         prefix = f"model.layers.{i}"
         for block, attr in BLOCKS:
             mine, ref = _module(ours, f"{prefix}.{attr}"), _module(hf_model, f"{prefix}.{attr}")
+            if mine is None and ref is None:  # neither has it (OLMo 2 has no input norm)
+                continue
             if mine is None or ref is None:
                 side = "dockyard" if mine is None else "HF"
                 results.append(LevelResult("block", block, f"{prefix}.{attr}", None, tol.get(block, 1e-5), False,

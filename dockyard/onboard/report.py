@@ -105,6 +105,7 @@ def build_report(ctx: GateContext, results: list[GateResult], exit_code: int, st
             "missing_features": arch_ev.get("missing_features", []),
             "spec": spec.to_dict() if spec is not None else None,
             "num_parameters": ctx.plan.num_parameters if ctx.plan is not None else None,
+            "active_parameters": ctx.plan.active_parameters if ctx.plan is not None else None,
         },
         "gates": [r.to_dict() for r in results],
         "overall": {
@@ -164,7 +165,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                    f"max positions {spec['max_position_embeddings']:,}"
                    + (f", sliding window {spec['sliding_window']}" if spec.get("sliding_window") else ""))
     if arch.get("num_parameters"):
-        out.append(f"- {arch['num_parameters']:,} parameters")
+        active = arch.get("active_parameters")
+        out.append(f"- {arch['num_parameters']:,} parameters" + (
+            f" ({active:,} active per token)" if active and active != arch["num_parameters"] else ""))
     if arch["features"]:
         out += ["", "| feature | kind | detail | covered |", "|---|---|---|---|"]
         for f in arch["features"]:

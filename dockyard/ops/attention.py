@@ -64,9 +64,33 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
     values.index_copy_(0, slot_mapping, v.to(values.dtype))
 
 
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                      softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q·kᵀ·scale [soft-capped], masked [, sinks]) · v over [..., H, L, D] tensors.
+
+    ``mask`` (bool, True = attend) broadcasts to [..., H, Lq, Lk]. ``softcap`` c turns scores s into
+    c·tanh(s / c) (Gemma 2). ``sinks`` [H] are learned per-head logits that join every softmax's
+    denominator but attend to nothing (gpt-oss). Without either, this is PyTorch's SDPA.
+    """
+    if softcap is None and sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        sink = sinks.float().reshape(-1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, v.float()).to(q.dtype)
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-            sliding_window: int | None = None) -> torch.Tensor:
-    """Causal attention of q [Lq, Hq, D] placed at the end of a context k, v [Lk, Hkv, D].
+            sliding_window: int | None = None, softcap: float | None = None,
+            sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of q [Lq, Hq, D] placed at the end of a context k [Lk, Hkv, D], v [Lk, Hkv, Dv].
 
     With ``sliding_window`` W, a query at position p sees keys at positions p-W+1 .. p only.
     """
@@ -82,37 +106,37 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         mask = q_pos >= k_pos
         if sliding_window is not None:
             mask &= k_pos > q_pos - sliding_window
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
-    )
+    out = softmax_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), mask, scale, softcap, sinks)
     return out.transpose(0, 1)
+
+
+def gather_context(cache: torch.Tensor, metadata: AttentionMetadata, index: int) -> torch.Tensor:
+    """The ``seq_lens[index]`` cached entries [L, heads, dim] of sequence ``index`` from one cache part."""
+    seq_len = metadata.seq_lens[index]
+    blocks = metadata.block_tables[index, : -(-seq_len // metadata.block_size)]
+    return cache[blocks].reshape(-1, *cache.shape[-2:])[:seq_len]
 
 
 def paged_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-    sliding_window: int | None = None,
+    sliding_window: int | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference attention for a mixed batch: each sequence's queries over its cached context."""
     if metadata.is_decode_only and metadata.seq_lens_tensor is not None and len(metadata.query_lens) > 1:
-        return _decode_attention(q, kv_cache, metadata, scale, sliding_window)
-    out = torch.empty_like(q)
-    bs = metadata.block_size
-    num_kv_heads, head_dim = kv_cache.shape[-2:]
+        return _decode_attention(q, kv_cache, metadata, scale, sliding_window, softcap, sinks)
+    out = q.new_empty(*q.shape[:2], kv_cache.shape[-1])
     start = 0
-    for i, (q_len, seq_len) in enumerate(zip(metadata.query_lens, metadata.seq_lens)):
-        n_blocks = -(-seq_len // bs)
-        blocks = metadata.block_tables[i, :n_blocks]
-        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-        out[start:start + q_len] = _attend(
-            q[start:start + q_len], k.to(q.dtype), v.to(q.dtype), scale, sliding_window
-        )
+    for i, q_len in enumerate(metadata.query_lens):
+        k = gather_context(kv_cache[0], metadata, i).to(q.dtype)
+        v = gather_context(kv_cache[1], metadata, i).to(q.dtype)
+        out[start:start + q_len] = _attend(q[start:start + q_len], k, v, scale, sliding_window, softcap, sinks)
         start += q_len
     return out
 
 
 def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                      sliding_window: int | None) -> torch.Tensor:
+                      sliding_window: int | None, softcap: float | None = None,
+                      sinks: torch.Tensor | None = None) -> torch.Tensor:
     """One query per sequence: gather every context through the block tables and attend in one call."""
     batch, max_blocks = metadata.block_tables.shape
     num_kv_heads, head_dim = kv_cache.shape[-2:]
@@ -128,30 +152,41 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, metadata: Attenti
     mask = pos < lens
     if sliding_window is not None:
         mask &= pos > lens - 1 - sliding_window
-    out = F.scaled_dot_product_attention(
-        q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :], scale=scale
-    )
+    out = softmax_attention(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), mask[:, None, None, :], scale,
+                            softcap, sinks)
     return out[:, :, 0, :]
 
 
 class Attention(nn.Module):
-    """Multi-head / grouped-query attention on the paged KV cache published by the runner."""
+    """Multi-head / grouped-query attention on the paged KV cache published by the runner.
+
+    ``logit_softcap`` soft-caps the scores (Gemma 2); per-head ``sinks`` may be passed to each
+    call (gpt-oss keeps them as a parameter of its attention block).
+    """
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
-                 sliding_window: int | None = None) -> None:
+                 sliding_window: int | None = None, logit_softcap: float | None = None) -> None:
         super().__init__()
         self.sliding_window = sliding_window
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
         self.scale = scale
-        # Assigned by the model runner once the pool is allocated.
+        self.logit_softcap = logit_softcap
+        # Assigned by the model runner once the pool is allocated: [entries, blocks, block_size, heads, dim].
         self.kv_cache: torch.Tensor | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                sinks: torch.Tensor | None = None) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] → [T, Hq, D]."""
         metadata = _CONTEXT
         if metadata is None or self.kv_cache is None:
-            return _attend(q, k, v, self.scale, self.sliding_window)
+            return _attend(q, k, v, self.scale, self.sliding_window, self.logit_softcap, sinks)
         write_kv_cache(k, v, self.kv_cache, metadata.slot_mapping)
-        return paged_attention(q, self.kv_cache, metadata, self.scale, self.sliding_window)
+        return paged_attention(q, self.kv_cache, metadata, self.scale, self.sliding_window, self.logit_softcap,
+                               sinks)
+
+    @staticmethod
+    def current_metadata() -> AttentionMetadata | None:
+        """The step's metadata (None outside a forward context): for attention variants such as MLA."""
+        return _CONTEXT

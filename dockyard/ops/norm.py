@@ -1,4 +1,8 @@
-"""RMSNorm, the reference version (statistics in float32, like the HF implementations)."""
+"""RMSNorm, the reference version (statistics in float32, like the HF implementations).
+
+Two weightings exist: Llama's ``x̂ · w`` (w starts at 1) and Gemma's ``x̂ · (1 + w)`` (w starts at 0,
+applied in float32); ``one_plus`` picks the second.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,13 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """y = x / rms(x) * weight, with the mean of squares taken in float32."""
+    """y = x / rms(x) * weight (or * (1 + weight)), with the mean of squares taken in float32."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+    def __init__(self, hidden_size: int, eps: float = 1e-6, one_plus: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = nn.Parameter(torch.zeros(hidden_size) if one_plus else torch.ones(hidden_size))
         self.eps = eps
+        self.one_plus = one_plus
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor | tuple[
         torch.Tensor, torch.Tensor
@@ -24,5 +29,8 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * xf.to(dtype)
+        if self.one_plus:
+            out = (xf * (1.0 + self.weight.float())).to(dtype)
+        else:
+            out = self.weight * xf.to(dtype)
         return out if residual is None else (out, residual)

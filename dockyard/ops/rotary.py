@@ -12,13 +12,21 @@ Supported ``rope_type`` values and their frequencies follow transformers' ``mode
 - ``llama3``: low frequencies divided by ``factor``, high ones kept, a smooth blend between.
 - ``yarn``: a ramp between interpolated and extrapolated frequencies, and cos/sin scaled by
   an attention factor.
+- ``longrope`` (Phi-3 / Phi-3.5 / Phi-4-mini, "su" in old configs): ``inv_freq[i] / ext[i]`` with
+  per-pair factors ``ext`` = ``short_factor`` or ``long_factor``, and cos/sin scaled by an attention
+  factor. The choice is per call, like ``dynamic``: a call whose ``max(positions) + 1`` exceeds
+  ``original_max_position_embeddings`` uses the long factors for every token in it (other
+  sequences of the same flat batch included), any other call the short ones. This is
+  transformers' per-forward switch (vLLM also picks one set per batch). As in both, keys already
+  cached stay rotated as they were: a sequence that grows past the original length mixes the two.
 
 Frequencies are computed in float32 with HF's formulas op for op, so the tables agree with
-transformers to the last bit or so. For every type but ``dynamic`` the cos/sin table covers
-positions ``[0, max_position)`` and grows if a larger position arrives. Rotation runs in float32
-and the result is cast back to the input dtype. The tables are plain attributes, not buffers:
-they stay float32 when the model is cast to a half dtype, follow the inputs' device lazily, and
-never enter a state dict.
+transformers to the last bit or so. For every type but ``dynamic`` and ``longrope`` the cos/sin
+table covers positions ``[0, max_position)`` and grows if a larger position arrives; ``longrope``
+keeps a short table over ``[0, original_max_position_embeddings)`` and a long one over
+``[0, max_position)`` that grows likewise. Rotation runs in float32 and the result is cast back
+to the input dtype. The tables are plain attributes, not buffers: they stay float32 when the model
+is cast to a half dtype, follow the inputs' device lazily, and never enter a state dict.
 """
 
 from __future__ import annotations
@@ -29,9 +37,7 @@ import torch
 from torch import nn
 
 from dockyard.errors import ConfigError
-from dockyard.spec import RopeSpec
-
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+from dockyard.spec import ROPE_TYPES, RopeSpec
 
 
 def _default_inv_freq(theta: float, dim: int) -> torch.Tensor:
@@ -99,6 +105,43 @@ def _yarn_inv_freq(rope: RopeSpec, dim: int, max_position: int) -> tuple[torch.T
     return inv_freq, attention_factor
 
 
+def _longrope_params(
+    rope: RopeSpec, dim: int, max_position: int
+) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """Short and long LongRoPE frequencies, the attention factor, and the original context length.
+
+    HF derives the attention factor from ``factor`` when the rope dict gives one, else from
+    ``max_position_embeddings / original_max_position_embeddings`` (Phi-3 configs give no factor).
+    RopeSpec cannot tell a missing factor from its default 1.0, so 1.0 counts as "not given" here;
+    ``max_position`` must then be the config's ``max_position_embeddings``.
+    """
+    orig_len = rope.original_max_position_embeddings or max_position
+    factors = {}
+    for name in ("short_factor", "long_factor"):
+        values = getattr(rope, name)
+        if values is None:
+            raise ConfigError(f"rope_scaling.{name} is required for rope_type='longrope'")
+        if len(values) != dim // 2:
+            raise ConfigError(
+                f"rope_scaling.{name} has {len(values)} entries but rotary_dim={dim} needs {dim // 2} "
+                f"(rope_scaling.short_factor has {len(rope.short_factor or ())}, "
+                f"rope_scaling.long_factor has {len(rope.long_factor or ())})"
+            )
+        factors[name] = torch.tensor(values, dtype=torch.float32)
+    factor = rope.factor if rope.factor != 1.0 else max_position / orig_len
+    if rope.attention_factor is not None:
+        attention_factor = float(rope.attention_factor)
+    elif factor <= 1.0:
+        attention_factor = 1.0
+    else:
+        attention_factor = math.sqrt(1 + math.log(factor) / math.log(orig_len))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+    pos_freqs = rope.theta**exponents
+    short = 1.0 / (factors["short_factor"] * pos_freqs)
+    long = 1.0 / (factors["long_factor"] * pos_freqs)
+    return short, long, attention_factor, orig_len
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
     """Rotate ``x`` [T, heads, head_dim] by ``cos``/``sin`` [T, rotary_dim / 2], in float32."""
     cos, sin = cos[:, None, :], sin[:, None, :]
@@ -134,6 +177,11 @@ class RotaryEmbedding(nn.Module):
         self.attention_scaling = 1.0
         # dynamic: positions below this use the plain table; a call reaching past it rescales the base.
         self.dynamic_threshold: int | None = None
+        # longrope: a call reaching past this uses long_cos/long_sin (the long factors) instead.
+        self.longrope_threshold: int | None = None
+        self.long_inv_freq: torch.Tensor | None = None
+        self.long_cos: torch.Tensor | None = None
+        self.long_sin: torch.Tensor | None = None
         table_len = max_position
 
         kind = rope.rope_type
@@ -143,8 +191,15 @@ class RotaryEmbedding(nn.Module):
             inv_freq = _default_inv_freq(rope.theta, rotary_dim) / rope.factor
         elif kind == "llama3":
             inv_freq = _llama3_inv_freq(rope, rotary_dim, max_position)
-        else:  # yarn
+        elif kind == "yarn":
             inv_freq, self.attention_scaling = _yarn_inv_freq(rope, rotary_dim, max_position)
+        else:  # longrope: inv_freq is the short set; the short table only ever serves positions below the threshold
+            inv_freq, long_inv_freq, self.attention_scaling, threshold = _longrope_params(
+                rope, rotary_dim, max_position
+            )
+            self.longrope_threshold = table_len = threshold
+            self.long_inv_freq = long_inv_freq
+            self.long_cos, self.long_sin = self._tables(max(max_position, threshold + 1), long_inv_freq)
         if kind == "dynamic":
             self.dynamic_threshold = rope.original_max_position_embeddings or max_position
             table_len = self.dynamic_threshold
@@ -155,10 +210,14 @@ class RotaryEmbedding(nn.Module):
         return (f"rope_type={self.rope.rope_type!r}, theta={self.rope.theta}, head_dim={self.head_dim}, "
                 f"rotary_dim={self.rotary_dim}, max_position={self.max_position}")
 
-    def _tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [length, rotary_dim / 2] for positions 0..length-1, scaled by attention_scaling."""
-        positions = torch.arange(length, dtype=torch.int64, device=self.inv_freq.device).to(torch.float32)
-        freqs = positions[:, None] * self.inv_freq[None, :]
+    def _tables(self, length: int, inv_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [length, rotary_dim / 2] for positions 0..length-1, scaled by attention_scaling.
+
+        ``inv_freq`` defaults to ``self.inv_freq``.
+        """
+        inv_freq = self.inv_freq if inv_freq is None else inv_freq
+        positions = torch.arange(length, dtype=torch.int64, device=inv_freq.device).to(torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]
         return freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
 
     def _dynamic_base(self, seq_len: int) -> float:
@@ -173,8 +232,19 @@ class RotaryEmbedding(nn.Module):
             self.inv_freq = self.inv_freq.to(positions.device)
             self.cos_table = self.cos_table.to(positions.device)
             self.sin_table = self.sin_table.to(positions.device)
-        # One host sync: dynamic NTK depends on it, and the table may need to grow.
+            if self.long_inv_freq is not None and self.long_cos is not None and self.long_sin is not None:
+                self.long_inv_freq = self.long_inv_freq.to(positions.device)
+                self.long_cos = self.long_cos.to(positions.device)
+                self.long_sin = self.long_sin.to(positions.device)
+        # One host sync: dynamic NTK and longrope depend on it, and the table may need to grow.
         seq_len = int(positions.max()) + 1 if positions.numel() else 0
+        if self.longrope_threshold is not None and seq_len > self.longrope_threshold:
+            assert self.long_inv_freq is not None and self.long_cos is not None and self.long_sin is not None
+            if seq_len > self.long_cos.shape[0]:  # past max_position: grow geometrically, rarely
+                self.long_cos, self.long_sin = self._tables(
+                    max(seq_len, 2 * self.long_cos.shape[0]), self.long_inv_freq
+                )
+            return self.long_cos[positions], self.long_sin[positions]
         if self.dynamic_threshold is not None and seq_len > self.dynamic_threshold:
             inv_freq = _default_inv_freq(self._dynamic_base(seq_len), self.rotary_dim).to(positions.device)
             freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]

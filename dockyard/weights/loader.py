@@ -36,7 +36,14 @@ def load_weights(
     name_map: Callable[[str], str | None] | None = None,
     strict: bool = True,
 ) -> LoadReport:
-    """Load ``(name, tensor)`` pairs into ``model``; raise WeightsError on any mismatch if strict."""
+    """Load ``(name, tensor)`` pairs into ``model``; raise WeightsError on any mismatch if strict.
+
+    Without ``name_map``, the model's own ``map_checkpoint_name(name) -> str | None`` is used when it
+    has one: it turns a published checkpoint name into the model's parameter name (None: not a
+    weight of this model, e.g. a vision tower), and leaves the model's own names unchanged.
+    """
+    if name_map is None:
+        name_map = getattr(model, "map_checkpoint_name", None)
     params = dict(model.named_parameters(remove_duplicate=False))
     filled: set[int] = set()
     report = LoadReport()

@@ -35,9 +35,13 @@ def test_feature_detection_names_what_each_family_needs():
     keys = _keys(deepseek)
     assert {"mla", "moe", "moe_shared_experts", "mtp", "quantized:fp8"} <= keys
     near = nearest_family(detect_features(deepseek), "deepseek_v3")
-    labels = [f.label for f in near.missing]
-    assert near.family == "llama" and "MLA attention (multi-head latent attention)" in labels
-    assert "multi-token prediction (MTP) layers" not in labels  # a checkpoint feature, not an architecture gap
+    assert near.family == "deepseek" and not near.missing
+    assert "mtp" not in {f.key for f in near.covered}  # a checkpoint feature, not an architecture gap
+    # A config no family covers: the nearest one and the missing features by name.
+    phimoe = {**LLAMA, "architectures": ["PhiMoEForCausalLM"], "model_type": "phimoe", "num_local_experts": 16,
+              "num_experts_per_tok": 2, "lm_head_bias": True}
+    near = nearest_family(detect_features(phimoe), "phimoe")
+    assert {"LayerNorm (not RMSNorm)", "bias on the LM head"} <= {f.label for f in near.missing}
     gemma = {**LLAMA, "model_type": "gemma2", "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
              "sliding_window": 4096}
     assert {"attn_softcap", "final_softcap", "interleaved_sliding_window", "post_norms"} <= _keys(gemma)
@@ -52,7 +56,7 @@ def test_shrink_keeps_flags_and_ratio():
                             "original_max_position_embeddings": 8192}}
     small, notes = shrink_config(cfg)
     assert small["num_attention_heads"] // small["num_key_value_heads"] == 4
-    assert small["hidden_size"] == small["num_attention_heads"] * 16 and "head_dim" not in small
+    assert small["hidden_size"] == small["num_attention_heads"] * 16 and small.get("head_dim", 16) == 16
     assert small["sliding_window"] == SHRUNK_WINDOW and small["attention_bias"] is True
     assert small["rope_scaling"] == cfg["rope_scaling"] and small["rope_theta"] == 500000.0
     assert small["max_position_embeddings"] == 131072 and small["vocab_size"] == 1000

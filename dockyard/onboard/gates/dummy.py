@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from dockyard.onboard.context import GateContext, Outcome
+from dockyard.spec import language_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,12 @@ WIDTH_DIVISORS = (2, 4, 8, 16, 32, 64)
 def _text(cfg: dict[str, Any]) -> dict[str, Any]:
     """The dict holding the language model's sizes (text_config of multimodal wrappers)."""
     text = cfg.get("text_config")
-    return text if isinstance(text, dict) and "hidden_size" not in cfg else cfg
+    if isinstance(text, dict) and "hidden_size" not in cfg:
+        # Its class defaults are part of a text_config's meaning: make them explicit before editing sizes.
+        full = language_model_config(cfg)
+        text.update({k: v for k, v in full.items() if k not in text and k != "architectures"})
+        return text
+    return cfg
 
 
 def _with_layers(cfg: dict[str, Any], layers: int) -> dict[str, Any]:

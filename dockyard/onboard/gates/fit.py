@@ -61,6 +61,7 @@ def run(ctx: GateContext) -> Outcome:
         "device_bytes_source": ctx.machine.device_bytes_source,
         "dtype": plan.dtype,
         "num_parameters": plan.num_parameters,
+        "active_parameters": plan.active_parameters,
         "weight_bytes": plan.weight_bytes,
         "kv_bytes_per_token": plan.kv_bytes_per_token,
         "activation_peak_bytes": plan.activation_peak_bytes,

@@ -63,6 +63,9 @@ def run(ctx: GateContext) -> Outcome:
         what = f"architecture {arch!r}" if arch else "config has no 'architectures' list;"
         near = f"nearest supported family: {cov.family} ({', '.join(cov.architectures)})" if cov else ""
         parts.append(f"{what} is not supported; {near}" if arch else f"{what} {near}")
+        if cov is not None and not missing and arch:
+            parts.append(f"no architectural feature is missing, but no family maps {arch}'s checkpoint layout "
+                         "(module names, fused tensors) onto its modules; a registry entry with a name map is needed")
     if missing:
         parts.append("missing: " + ", ".join(missing))
     if spec_error and (registered or not missing):

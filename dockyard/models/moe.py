@@ -1,0 +1,37 @@
+"""MoE families on the shared decoder: Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss.
+
+Attention, norms and embeddings are the shared decoder's (``dockyard/models/llama.py``); only the
+MLP of the layers ``spec.moe_layers`` marks is a mixture of experts (``dockyard/ops/moe.py``).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from dockyard.models.llama import LlamaForCausalLM, LlamaMLP
+from dockyard.ops.moe import GptOssMoeBlock, SparseMoeBlock, mixtral_checkpoint_name
+from dockyard.spec import ModelSpec
+
+
+class MoEForCausalLM(LlamaForCausalLM):
+    """Qwen2-MoE / Qwen3-MoE: router + routed experts (+ Qwen2-MoE's gated shared expert) on MoE layers."""
+
+    def make_mlp(self, spec: ModelSpec, layer: int) -> nn.Module:
+        if spec.is_moe_layer(layer):
+            return SparseMoeBlock(spec)
+        return LlamaMLP(spec)
+
+
+class MixtralForCausalLM(MoEForCausalLM):
+    """Mixtral: every layer's MLP is 8 experts, top-2; checkpoints call it ``block_sparse_moe`` (w1/w3/w2)."""
+
+    def map_checkpoint_name(self, name: str) -> str | None:
+        mapped = super().map_checkpoint_name(name)
+        return None if mapped is None else mixtral_checkpoint_name(mapped)
+
+
+class GptOssForCausalLM(LlamaForCausalLM):
+    """gpt-oss: attention sinks, alternating sliding/full layers, biased router and clamped-SwiGLU experts."""
+
+    def make_mlp(self, spec: ModelSpec, layer: int) -> nn.Module:
+        return GptOssMoeBlock(spec)

@@ -1,0 +1,353 @@
+"""Mixture-of-experts: routing (``select_experts``), the expert computation (``fused_experts``) and MoE MLP blocks.
+
+Every MoE block makes the same two calls::
+
+    weights, ids = select_experts(router_logits, spec.moe, correction_bias)  # [T, k] float32, [T, k] int64
+    out = fused_experts(x, experts, weights, ids)  # out[t] = Σ_j weights[t, j] · expert_{ids[t, j]}(x[t])
+
+``fused_experts`` is the dispatch point for a fused GPU kernel; today it runs ``moe_reference``, a loop over
+the experts that are hit, with the tokens sorted by expert (the layout grouped-GEMM kernels use). An expert
+bank is anything with ``num_experts`` and ``expert_forward(e, x)``; the two banks here also expose their
+weights stacked per expert (``ExpertList.stacked_weights()``, ``GptOssExperts`` params) for such a kernel.
+
+Parameter names equal the published checkpoint names under a decoder layer's ``mlp.`` prefix:
+
+* ``SparseMoeBlock`` — Mixtral (after ``mixtral_checkpoint_name``), Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3:
+  ``gate.weight`` [E, H], ``gate.e_score_correction_bias`` [E] (noaux_tc only),
+  ``experts.{e}.gate_proj|up_proj|down_proj.weight``, ``shared_expert.*`` + ``shared_expert_gate.weight``
+  (Qwen2-MoE), ``shared_experts.*`` (DeepSeek).
+* ``GptOssMoeBlock`` — gpt-oss: ``router.weight|bias``, ``experts.gate_up_proj`` [E, H, 2I] (gate/up
+  interleaved), ``experts.gate_up_proj_bias`` [E, 2I], ``experts.down_proj`` [E, I, H],
+  ``experts.down_proj_bias`` [E, H].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dockyard.errors import ConfigError
+from dockyard.ops.activation import act_and_mul
+from dockyard.spec import ModelSpec, MoESpec
+
+# gpt-oss's SwiGLU: glu = gate · σ(α · gate), α fixed by the architecture (HF config ``swiglu_alpha``).
+GPT_OSS_SWIGLU_ALPHA = 1.702
+# DeepSeek divides the chosen weights by (sum + 1e-20); in float32 the epsilon changes nothing unless the sum is 0.
+_NORM_EPS = 1e-20
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Routing
+# ---------------------------------------------------------------------------------------------------------
+def select_experts(
+    router_logits: torch.Tensor, moe: MoESpec, correction_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose ``moe.top_k`` experts per token and their weights from router logits [T, E].
+
+    Scores are ``softmax`` or ``sigmoid`` of the logits (``moe.scoring_func``). The choice uses
+    ``scores + correction_bias`` (DeepSeek-V3's ``e_score_correction_bias``; None: no bias), restricted for
+    ``group_limited_greedy`` / ``noaux_tc`` to the ``topk_group`` best of ``n_group`` equal expert groups
+    (group score: the best expert in the group, resp. the sum of its best two). The weights are the
+    *unbiased* scores of the chosen experts, divided by their sum when ``norm_topk_prob``, then multiplied by
+    ``routed_scaling_factor`` (as HF's DeepSeek-V3; HF's DeepSeek-V2 ignores ``norm_topk_prob`` and always
+    scales, DeepSeek's own V2 code scales only when it does not normalize: the three agree whenever
+    ``norm_topk_prob`` is false, as in every released V2 checkpoint).
+
+    Returns (weights [T, k], ids [T, k] int64), best expert first. The math runs in float32 (float64 when the
+    logits are float64).
+    """
+    if router_logits.dim() != 2 or router_logits.shape[-1] != moe.num_experts:
+        raise ValueError(f"router_logits must be [tokens, {moe.num_experts}], got {tuple(router_logits.shape)}")
+    dtype = torch.promote_types(router_logits.dtype, torch.float32)
+    logits = router_logits.to(dtype)
+    k = moe.top_k
+    plain = moe.topk_method == "greedy" and correction_bias is None
+    if plain and moe.scoring_func == "softmax" and moe.norm_topk_prob:
+        # softmax over all experts, top-k, renormalize == softmax over the k largest logits (gpt-oss's form);
+        # choosing on logits also avoids ties that rounding can create among probabilities.
+        top_logits, ids = torch.topk(logits, k, dim=-1)
+        weights = torch.softmax(top_logits, dim=-1)
+        return _scale(weights, moe), ids
+    if moe.scoring_func == "softmax":
+        scores = torch.softmax(logits, dim=-1)
+    elif moe.scoring_func == "sigmoid":
+        scores = torch.sigmoid(logits)
+    else:
+        raise ConfigError(f"scoring_func={moe.scoring_func!r} is not supported; supported: softmax, sigmoid")
+    choice = scores if correction_bias is None else scores + correction_bias.to(dtype)
+    if moe.topk_method in ("group_limited_greedy", "noaux_tc") and moe.n_group > 1:
+        choice = _mask_groups(choice, moe)
+    elif moe.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+        raise ConfigError(f"topk_method={moe.topk_method!r} is not supported; "
+                          "supported: greedy, group_limited_greedy, noaux_tc")
+    _, ids = torch.topk(choice, k, dim=-1)
+    weights = scores.gather(1, ids)
+    if moe.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + _NORM_EPS)
+    return _scale(weights, moe), ids
+
+
+def _mask_groups(choice: torch.Tensor, moe: MoESpec) -> torch.Tensor:
+    """Set the choice scores of experts outside each token's ``topk_group`` best groups to -inf."""
+    tokens, experts = choice.shape
+    grouped = choice.view(tokens, moe.n_group, experts // moe.n_group)
+    if moe.topk_method == "noaux_tc":  # DeepSeek-V3: a group is as good as its best two experts together
+        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+    else:  # DeepSeek-V2: a group is as good as its best expert
+        group_scores = grouped.max(dim=-1).values
+    kept = torch.topk(group_scores, moe.topk_group, dim=-1).indices
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+    return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(tokens, experts)
+
+
+def _scale(weights: torch.Tensor, moe: MoESpec) -> torch.Tensor:
+    return weights * moe.routed_scaling_factor if moe.routed_scaling_factor != 1.0 else weights
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Expert computation
+# ---------------------------------------------------------------------------------------------------------
+@runtime_checkable
+class ExpertBank(Protocol):
+    """What ``fused_experts`` needs of a set of experts."""
+
+    @property
+    def num_experts(self) -> int: ...
+
+    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``expert`` applied to the rows x [n, H] routed to it → [n, H]."""
+        ...
+
+
+def moe_reference(
+    x: torch.Tensor, experts: ExpertBank, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    """out[t] = Σ_j topk_weights[t, j] · experts[topk_ids[t, j]](x[t]) for x [T, H]; the plain loop over experts.
+
+    The (token, slot) pairs are sorted by expert so that each expert runs once on a contiguous batch of its
+    tokens; the weighted outputs are summed in float32 and returned in x's dtype.
+    """
+    tokens, hidden = x.shape
+    k = topk_ids.shape[-1]
+    out = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device)
+    flat_ids = topk_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    token_of = order // k
+    weight_of = topk_weights.reshape(-1)[order].to(torch.float32)
+    counts = torch.bincount(flat_ids, minlength=experts.num_experts).tolist()
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = slice(start, start + count)
+        start += count
+        idx = token_of[rows]
+        y = experts.expert_forward(expert, x[idx])
+        out.index_add_(0, idx, y.to(torch.float32) * weight_of[rows, None])
+    return out.to(x.dtype)
+
+
+def fused_experts(
+    x: torch.Tensor, experts: ExpertBank, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    """The MoE expert computation every block calls: Σ_j topk_weights[t, j] · expert_{topk_ids[t, j]}(x[t]).
+
+    x [T, H], topk_weights [T, k], topk_ids [T, k] → [T, H] in x's dtype. A fused kernel (grouped GEMM over
+    the stacked expert weights) goes here behind the same arguments; the reference is the fallback.
+    """
+    return moe_reference(x, experts, topk_weights, topk_ids)
+
+
+class ExpertMLP(nn.Module):
+    """One gated expert: down(act(gate(x)) * up(x)), as Llama's MLP but with its own intermediate size."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu", bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act = hidden_act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(act_and_mul(self.gate_proj(x), self.up_proj(x), self.act))
+
+
+class ExpertList(nn.ModuleList):
+    """The routed experts as ``ExpertMLP`` modules (checkpoint names ``experts.{e}.gate_proj.weight`` …)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str = "silu") -> None:
+        super().__init__(ExpertMLP(hidden_size, intermediate_size, hidden_act) for _ in range(num_experts))
+
+    @property
+    def num_experts(self) -> int:
+        return len(self)
+
+    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        return self[expert](x)
+
+    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_gate_up [E, 2I, H] — gate rows then up rows, w_down [E, H, I]), copies for a fused kernel."""
+        gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self])
+        down = torch.stack([e.down_proj.weight for e in self])
+        return gate_up, down
+
+
+class MoEGate(nn.Module):
+    """The router: logits = x @ weight.T (+ bias), plus DeepSeek-V3's ``e_score_correction_bias`` when asked.
+
+    ``fp32`` computes the logits in float32 whatever x's dtype (DeepSeek does); otherwise they are computed in
+    x's dtype and returned as float32.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, bias: bool = False, correction_bias: bool = False,
+                 fp32: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
+        # A parameter (not a buffer) so the weight loader fills it like any other checkpoint tensor.
+        self.e_score_correction_bias = (
+            nn.Parameter(torch.zeros(num_experts), requires_grad=False) if correction_bias else None
+        )
+        self.fp32 = fp32
+        nn.init.normal_(self.weight, std=hidden_size**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] → router logits [T, E] float32."""
+        if self.fp32:
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias)
+        return F.linear(x, self.weight, self.bias).float()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MoE MLP blocks
+# ---------------------------------------------------------------------------------------------------------
+def _require_moe(spec: ModelSpec) -> MoESpec:
+    if spec.moe is None:
+        raise ConfigError(f"{spec.architecture}: an MoE block needs a config with experts (spec.moe is None)")
+    return spec.moe
+
+
+class SparseMoeBlock(nn.Module):
+    """Router + routed experts (+ shared experts): the MoE MLP of Mixtral, Qwen2/3-MoE and DeepSeek-V2/V3.
+
+    ``forward(x [T, H]) -> [T, H]`` (any leading shape is flattened). Qwen2-MoE adds
+    ``σ(shared_expert_gate(x)) · shared_expert(x)``; DeepSeek adds ``shared_experts(x)`` unscaled.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        moe = _require_moe(spec)
+        self.moe = moe
+        hidden = spec.hidden_size
+        fp32_router = (spec.model_type.startswith("deepseek") or moe.topk_method != "greedy"
+                       or moe.scoring_func == "sigmoid")
+        self.gate = MoEGate(hidden, moe.num_experts, correction_bias=moe.topk_method == "noaux_tc",
+                            fp32=fp32_router)
+        self.experts = ExpertList(moe.num_experts, hidden, moe.intermediate_size, spec.hidden_act)
+        self.shared_expert: ExpertMLP | None = None
+        self.shared_expert_gate: nn.Linear | None = None
+        self.shared_experts: ExpertMLP | None = None
+        if moe.shared_expert_intermediate_size > 0:
+            self.shared_expert = ExpertMLP(hidden, moe.shared_expert_intermediate_size, spec.hidden_act)
+            self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
+        if moe.num_shared_experts > 0:
+            self.shared_experts = ExpertMLP(hidden, moe.num_shared_experts * moe.intermediate_size,
+                                            spec.hidden_act, bias=spec.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, ids = select_experts(self.gate(x), self.moe, self.gate.e_score_correction_bias)
+        out = fused_experts(x, self.experts, weights, ids)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out.reshape(shape)
+
+
+class GptOssExperts(nn.Module):
+    """gpt-oss's experts, stored stacked as in its checkpoints, with biases and a clamped SwiGLU.
+
+    Per expert e: h = x @ gate_up_proj[e] + gate_up_proj_bias[e] (gate = h[..., ::2], up = h[..., 1::2]);
+    gate ≤ limit, |up| ≤ limit; y = ((up + 1) · gate · σ(α · gate)) @ down_proj[e] + down_proj_bias[e].
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, limit: float | None,
+                 alpha: float = GPT_OSS_SWIGLU_ALPHA) -> None:
+        super().__init__()
+        # Left uninitialized: the strict loader fills every parameter (randn here would cost as much as the load).
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * intermediate_size))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(num_experts, 2 * intermediate_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, hidden_size))
+        self.limit = limit
+        self.alpha = alpha
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up_proj.shape[0]
+
+    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        h = torch.addmm(self.gate_up_proj_bias[expert], x, self.gate_up_proj[expert])
+        return torch.addmm(self.down_proj_bias[expert], gpt_oss_swiglu(h, self.limit, self.alpha),
+                           self.down_proj[expert])
+
+
+def gpt_oss_swiglu(gate_up: torch.Tensor, limit: float | None, alpha: float = GPT_OSS_SWIGLU_ALPHA) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU over interleaved [g0, u0, g1, u1, …] → [..., I]; limit None: no clamping."""
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    if limit is not None:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+class GptOssMoeBlock(nn.Module):
+    """gpt-oss's MoE MLP: a biased router (top-k logits, softmax over the k) and ``GptOssExperts``.
+
+    ``forward(x [T, H]) -> [T, H]`` (any leading shape is flattened).
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        moe = _require_moe(spec)
+        # The routing is fixed by the architecture, whatever the config says.
+        self.moe = dataclasses.replace(moe, scoring_func="softmax", topk_method="greedy", norm_topk_prob=True,
+                                       routed_scaling_factor=1.0, n_group=1, topk_group=1)
+        self.router = MoEGate(spec.hidden_size, moe.num_experts, bias=True)
+        self.experts = GptOssExperts(moe.num_experts, spec.hidden_size, moe.intermediate_size, spec.swiglu_limit)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, ids = select_experts(self.router(x), self.moe)
+        return fused_experts(x, self.experts, weights, ids).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoint names
+# ---------------------------------------------------------------------------------------------------------
+_MIXTRAL_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def mixtral_checkpoint_name(name: str) -> str:
+    """A Mixtral checkpoint name → ours: ``block_sparse_moe.`` → ``mlp.``, ``experts.N.w1|w3|w2`` →
+    ``experts.N.gate_proj|up_proj|down_proj``; every other name unchanged.
+
+    ``model.layers.0.block_sparse_moe.experts.3.w1.weight`` → ``model.layers.0.mlp.experts.3.gate_proj.weight``.
+    """
+    parts = name.split(".")
+    if "block_sparse_moe" not in parts:
+        return name
+    i = parts.index("block_sparse_moe")
+    parts[i] = "mlp"
+    rest = parts[i + 1:]
+    if len(rest) >= 3 and rest[0] == "experts" and rest[1].isdigit() and rest[2] in _MIXTRAL_EXPERT_NAMES:
+        parts[i + 3] = _MIXTRAL_EXPERT_NAMES[rest[2]]
+    return ".".join(parts)

@@ -1,0 +1,24 @@
+"""docs/supported-models.md is what ``dockyard models`` renders now (regenerate it when this fails)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dockyard.supported_models import render
+from tests.shared_configs import CONFIGS_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "supported-models.md"
+REGENERATE = ("dockyard models --write docs/supported-models.md --configs ../shared/configs "
+              "--configs tests/data/configs")
+
+
+def test_supported_models_page_is_current():
+    pytest.importorskip("transformers")
+    if not CONFIGS_DIR.is_dir():
+        pytest.skip("../shared/configs is not present: the page lists configs from it")
+    fresh = render([CONFIGS_DIR, ROOT / "tests" / "data" / "configs"])
+    assert PAGE.read_text() == fresh, f"docs/supported-models.md is stale; run: {REGENERATE}"
+    assert "fail" not in fresh.split("## Features by family")[0].replace("failure", "")
