@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dockyard.errors import DockyardError, ModelNotFoundError
+from dockyard.errors import DockyardError, ModelNotFoundError, WeightsError
 from dockyard.spec import ModelSpec, read_config_json
 
 logger = logging.getLogger(__name__)
@@ -121,4 +121,12 @@ def resolve_model(model: str | Path | None = None, load_format: str = "auto") ->
 
         if safetensors_files(model_dir):
             kind = "safetensors"
+            quant = config.get("quantization_config")
+            if isinstance(quant, dict):
+                method = quant.get("quant_method") or quant.get("fmt") or "unknown"
+                raise WeightsError(
+                    f"{model_dir} holds a quantized checkpoint (quantization_config.quant_method={method!r}), which "
+                    "dockyard cannot load yet; use an unquantized (bf16/fp16/fp32) checkpoint, or "
+                    "--load-format dummy to run the architecture on dummy weights"
+                )
     return ModelSource(name=name, spec=spec, kind=kind, path=model_dir)
