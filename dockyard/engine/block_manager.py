@@ -44,14 +44,21 @@ class BlockManager:
 
     # ---- prefix cache ----
     def _match_prefix(self, seq: Sequence) -> list[int]:
-        """Cached blocks holding the leading full blocks of ``seq`` (at least one token left to compute)."""
+        """Cached blocks holding the leading full blocks of ``seq`` (at least one token left to compute).
+
+        A sequence computing prompt logprobs needs the logits of every prompt row it has no logprobs
+        for yet, so it reuses only blocks whose rows it already has (none on its first run).
+        """
         if not self.enable_prefix_caching:
             return []
         bs = self.block_size
         tokens = seq.token_ids
+        limit = len(tokens) - 1
+        if seq.max_cached_prefix is not None:
+            limit = min(limit, seq.max_cached_prefix)
         blocks: list[int] = []
         parent = None
-        for i in range((len(tokens) - 1) // bs):
+        for i in range(limit // bs):
             chunk = tuple(tokens[i * bs:(i + 1) * bs])
             h = block_hash(parent, chunk)
             hit = self.cached.get(h)

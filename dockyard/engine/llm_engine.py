@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +106,8 @@ class LLMEngine:
                 seq_id=next(self._seq_ids), request_id=request_id, sample_index=i,
                 prompt_token_ids=list(prompt_token_ids), params=params, max_total_len=max_total,
                 generator=make_generator(seed, self.runner.device),
+                # The prompt's logprobs are the same for every sample: the first one computes them.
+                prompt_logprobs=[None] if params.prompt_logprobs is not None and i == 0 else None,
             )
             seqs.append(seq)
             self.scheduler.add(seq)
@@ -148,10 +151,16 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model, append tokens, and report every request that changed."""
         batch = self.scheduler.schedule()
+        ended = self._finish_out_of_blocks()
         if not batch:
-            return []
+            return ended
         self.metrics.steps += 1
-        sampled, out = self.runner.execute(batch)
+        sampled, out, prompt_out = self.runner.execute(batch)
+        if prompt_out is not None:
+            for span in prompt_out.spans:
+                plp = span.seq.prompt_logprobs
+                assert plp is not None and len(plp) == span.first, (span.first, plp and len(plp))
+                plp.extend(prompt_out.entries(span, span.seq.params.prompt_logprobs or 0))
         for item in batch:
             seq = item.seq
             prompt_left = len(seq.prompt_token_ids) - seq.num_computed_tokens
@@ -185,8 +194,12 @@ class LLMEngine:
             req = self.requests.get(seq.request_id)
             if req is not None:
                 touched[req.request_id] = req
+        return ended + self._outputs(touched.values())
+
+    def _outputs(self, reqs: Iterable[_Request]) -> list[RequestOutput]:
+        """The outputs of ``reqs``; finished requests are counted and forgotten."""
         outputs = []
-        for req in touched.values():
+        for req in reqs:
             output = self._make_output(req)
             if output.finished:
                 del self.requests[req.request_id]
@@ -194,6 +207,20 @@ class LLMEngine:
                     self.metrics.requests_finished[s.finish_reason or "stop"] += 1
             outputs.append(output)
         return outputs
+
+    def _finish_out_of_blocks(self) -> list[RequestOutput]:
+        """Finish ("length") the sequences the scheduler found too long for the whole KV pool."""
+        touched: dict[str, _Request] = {}
+        while self.scheduler.out_of_blocks:
+            seq = self.scheduler.out_of_blocks.pop()
+            logger.warning("request %s needs more KV cache than the whole pool (%d blocks of %d tokens) holds: "
+                           "finished at %d tokens; give the engine more KV cache memory",
+                           seq.request_id, self.block_manager.num_blocks, self.block_manager.block_size, len(seq))
+            seq.finish_reason = "length"
+            self.scheduler.finish(seq)
+            if seq.request_id in self.requests:
+                touched[seq.request_id] = self.requests[seq.request_id]
+        return self._outputs(touched.values())
 
     # ---- stopping and detokenization ----
     def _check_stop(self, seq: Sequence, token: int) -> None:
@@ -246,4 +273,9 @@ class LLMEngine:
             metrics["mean_inter_token_latency"] = sum(g[0] for g in gaps) / sum(g[1] for g in gaps)
         if finished:
             metrics["e2e_latency"] = time.monotonic() - req.arrival_time
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, metrics)
+        # Complete once the first sample has its first token (a later sample can overtake it only if the
+        # first was preempted mid-prompt: then the prompt logprobs come with a later output).
+        plp = req.seqs[0].prompt_logprobs
+        prompt_logprobs = list(plp) if plp is not None and len(plp) == len(req.prompt_token_ids) else None
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, metrics,
+                             prompt_logprobs=prompt_logprobs)

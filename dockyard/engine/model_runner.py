@@ -3,6 +3,11 @@
 Per step it builds the flat inputs once (``input_ids``, ``positions``, slot mapping, block
 tables, lengths), runs the model under the attention forward context, computes logits only
 for the sequences that sample this step, and runs the sampler.
+
+Prompt logprobs: for a sequence that computes them, every prompt row of the step whose entry is
+not known yet (row ``p`` scores prompt token ``p + 1``) also goes through ``compute_logits``, in
+chunks of rows so that at most ~``PROMPT_LOGITS_CHUNK_ELEMENTS`` logits exist at a time; they
+are log-softmaxed in float32 as the model gives them (no penalties, no temperature).
 """
 
 from __future__ import annotations
@@ -15,11 +20,14 @@ from torch import nn
 
 from dockyard.engine.sampler import Sampler, SamplerOutput, SamplingBatch, apply_penalties
 from dockyard.engine.scheduler import ScheduledSeq
+from dockyard.engine.sequence import Sequence
 from dockyard.ops.attention import Attention as AttentionLayer
 from dockyard.ops.attention import AttentionMetadata, forward_context
 from dockyard.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
+
+PROMPT_LOGITS_CHUNK_ELEMENTS = 1 << 23  # float32 logits (32 MiB) per chunk of prompt-logprob rows
 
 
 @dataclass
@@ -31,6 +39,40 @@ class StepInputs:
     metadata: AttentionMetadata
     sample_rows: torch.Tensor  # index into the flat batch of each sampling sequence's last token
     sampling: list[ScheduledSeq]
+    prompt_rows: torch.Tensor  # rows whose logits score the next prompt token (prompt logprobs)
+    prompt_targets: torch.Tensor  # the prompt token each of those rows scores
+    prompt_spans: list[PromptSpan]
+
+
+@dataclass
+class PromptSpan:
+    """``count`` consecutive rows of ``prompt_rows`` give prompt logprob entries ``first``.. of ``seq``."""
+
+    seq: Sequence
+    first: int
+    count: int
+    offset: int  # where its rows start in ``prompt_rows``
+
+
+@dataclass
+class PromptLogprobsOutput:
+    """Prompt logprobs of one step: per row of ``StepInputs.prompt_rows``, as host lists."""
+
+    spans: list[PromptSpan]
+    token_logprobs: list[float]  # of the prompt token the row scores
+    top_token_ids: list[list[int]]  # per row, the k most likely tokens (k = the largest asked for)
+    top_logprobs: list[list[float]]
+
+    def entries(self, span: PromptSpan, k: int) -> list[dict[int, float]]:
+        """``{prompt token: logprob}`` then the top ``k`` by descending logprob, per row of ``span``."""
+        out = []
+        for r in range(span.offset, span.offset + span.count):
+            target = span.seq.prompt_token_ids[span.first + r - span.offset]
+            entry = {target: self.token_logprobs[r]}
+            for tid, lp in zip(self.top_token_ids[r][:k], self.top_logprobs[r][:k]):
+                entry.setdefault(tid, lp)
+            out.append(entry)
+        return out
 
 
 class ModelRunner:
@@ -58,10 +100,25 @@ class ModelRunner:
         seq_lens: list[int] = []
         sample_rows: list[int] = []
         sampling: list[ScheduledSeq] = []
+        prompt_rows: list[int] = []
+        prompt_targets: list[int] = []
+        prompt_spans: list[PromptSpan] = []
         bs = self.block_size
         for item in batch:
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_new_tokens
+            if seq.prompt_logprobs is not None:
+                # Rows first..last-1 give entries first+1..last; the last prompt row scores no prompt token.
+                first = len(seq.prompt_logprobs) - 1
+                last = min(end, len(seq.prompt_token_ids) - 1)
+                if first < start and first < last:
+                    raise RuntimeError(f"prompt logprobs of sequence {seq.seq_id}: rows {first}..{start - 1} "
+                                       "were skipped (taken from the prefix cache)")
+                if first < last:
+                    base = len(input_ids) - start
+                    prompt_spans.append(PromptSpan(seq, first + 1, last - first, len(prompt_rows)))
+                    prompt_rows.extend(range(base + first, base + last))
+                    prompt_targets.extend(seq.prompt_token_ids[first + 1:last + 1])
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
@@ -85,19 +142,23 @@ class ModelRunner:
             block_size=bs,
             seq_lens_tensor=as_tensor(seq_lens),
         )
-        return StepInputs(as_tensor(input_ids), as_tensor(positions), metadata, as_tensor(sample_rows), sampling)
+        return StepInputs(as_tensor(input_ids), as_tensor(positions), metadata, as_tensor(sample_rows), sampling,
+                          as_tensor(prompt_rows), as_tensor(prompt_targets), prompt_spans)
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], SamplerOutput | None]:
-        """Run one step; return the sequences that sampled and their sampler output."""
+    def execute(self, batch: list[ScheduledSeq]
+                ) -> tuple[list[ScheduledSeq], SamplerOutput | None, PromptLogprobsOutput | None]:
+        """Run one step; return the sequences that sampled, their sampler output, and the prompt
+        logprobs computed in this step (None when no sequence needed any)."""
         inputs = self.prepare(batch)
         # Bound every step, so several engines may take turns on one model (tests, onboarding).
         for i, layer in enumerate(self.attention_layers):
             layer.kv_cache = self.kv_cache[i]
         with forward_context(inputs.metadata):
             hidden = self.model(inputs.input_ids, inputs.positions)
+        prompt_out = self._prompt_logprobs(hidden, inputs) if inputs.prompt_spans else None
         if not inputs.sampling:
-            return [], None
+            return [], None, prompt_out
         logits = self.model.compute_logits(hidden[inputs.sample_rows])
         seqs = [item.seq for item in inputs.sampling]
         params = [s.params for s in seqs]
@@ -109,7 +170,29 @@ class ModelRunner:
         num_logprobs = max((p.logprobs or 0) for p in params)
         want_logprobs = any(p.logprobs is not None for p in params)
         out = self.sampler(logits, sampling_batch, num_logprobs=num_logprobs if want_logprobs else 0)
-        return inputs.sampling, out
+        return inputs.sampling, out, prompt_out
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> PromptLogprobsOutput:
+        """log_softmax (float32) of the logits of ``inputs.prompt_rows``, a chunk of rows at a time."""
+        k = max(span.seq.params.prompt_logprobs or 0 for span in inputs.prompt_spans)
+        rows, targets = inputs.prompt_rows, inputs.prompt_targets
+        chunk = max(1, PROMPT_LOGITS_CHUNK_ELEMENTS // self.spec.vocab_size)
+        token_lps, top_ids, top_lps = [], [], []
+        for s in range(0, len(rows), chunk):
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows[s:s + chunk]]).float(), dim=-1)
+            token_lps.append(logprobs.gather(1, targets[s:s + chunk, None]).squeeze(1))
+            if k > 0:
+                values, ids = logprobs.topk(min(k, logprobs.shape[1]), dim=-1)
+                top_ids.append(ids)
+                top_lps.append(values)
+            del logprobs
+        n = len(rows)
+        return PromptLogprobsOutput(
+            spans=inputs.prompt_spans,
+            token_logprobs=torch.cat(token_lps).tolist(),
+            top_token_ids=torch.cat(top_ids).tolist() if k > 0 else [[] for _ in range(n)],
+            top_logprobs=torch.cat(top_lps).tolist() if k > 0 else [[] for _ in range(n)],
+        )
 
     def _mask_stops_before_min_tokens(self, logits: torch.Tensor, seqs: list) -> None:
         """Until a sequence has min_tokens outputs, EOS and its stop tokens cannot be sampled."""

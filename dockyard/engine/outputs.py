@@ -24,7 +24,15 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    """A request's prompt and its samples so far (final when ``finished``)."""
+    """A request's prompt and its samples so far (final when ``finished``).
+
+    ``prompt_logprobs`` is set when the request's ``SamplingParams.prompt_logprobs`` is: one entry per
+    prompt token. Entry 0 is None (nothing precedes the first token); entry ``i`` maps prompt token
+    ``i`` to its log-probability given the tokens before it, then the ``k`` most likely tokens at that
+    position by descending log-probability (the prompt token is not repeated among them). It is
+    given complete or not at all (None): normally from the first output on; when the request's first
+    sample was preempted mid-prompt, from a later output (always in the final one).
+    """
 
     request_id: str
     prompt: str | None
@@ -32,3 +40,4 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
+    prompt_logprobs: list[dict[int, float] | None] | None = None

@@ -59,7 +59,10 @@ class SamplingParams:
 
     ``temperature=0`` means greedy decoding; ``top_k`` of 0 or -1 and ``top_p=1`` disable those
     filters; ``logprobs=k`` asks for the sampled token's log-probability plus the ``k`` most likely
-    alternatives at every step; ``max_tokens=None`` generates up to the model's maximum length.
+    alternatives at every step; ``prompt_logprobs=k`` asks for every prompt token's log-probability
+    given the tokens before it, plus the ``k`` most likely tokens at that position, under the raw
+    model distribution (``RequestOutput.prompt_logprobs``); ``max_tokens=None`` generates up to the
+    model's maximum length.
     """
 
     n: int = 1
@@ -73,6 +76,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -95,9 +99,10 @@ class SamplingParams:
         self.stop = self._normalize_stop(self.stop)
         self.stop_token_ids = self._normalize_stop_token_ids(self.stop_token_ids)
         self.ignore_eos = _check_bool("ignore_eos", self.ignore_eos)
-        if self.logprobs is not None:
-            self.logprobs = _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS,
-                                       f">= 0 and <= {MAX_LOGPROBS} (or None)")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _check_int(name, getattr(self, name), 0, MAX_LOGPROBS,
+                                               f">= 0 and <= {MAX_LOGPROBS} (or None)"))
         for name in ("presence_penalty", "frequency_penalty"):
             setattr(self, name, _check_float(name, getattr(self, name), lambda v: -2 <= v <= 2, "in [-2, 2]"))
         self.repetition_penalty = _check_float("repetition_penalty", self.repetition_penalty, lambda v: v > 0,

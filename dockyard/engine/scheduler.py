@@ -4,7 +4,8 @@ Every step is the same computation for every sequence: feed the tokens not yet i
 (a whole prompt, a chunk of one, or the single newest token), up to a token budget. Running
 sequences go first (FCFS), then waiting ones while blocks and the sequence cap allow. When
 blocks run out, the most recently started sequence is preempted: its blocks are freed and it
-goes back to the front of the waiting queue, to be recomputed later.
+goes back to the front of the waiting queue, to be recomputed later. A sequence that alone needs
+more blocks than the pool has is finished instead (``out_of_blocks``), never preempted forever.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # Sequences that outgrew the whole KV pool; the engine finishes them with reason "length".
+        self.out_of_blocks: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -57,6 +60,12 @@ class Scheduler:
             n = min(len(seq) - seq.num_computed_tokens, budget)
             while not bm.can_allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running.pop()
+                if victim is seq and not self.running:
+                    # Alone and still too big: the whole pool cannot hold it, so recomputing would loop
+                    # forever. It ends here ("length"), as at max_model_len.
+                    bm.free(seq)
+                    self.out_of_blocks.append(seq)
+                    break
                 self._preempt(victim)
                 if victim is seq:
                     break

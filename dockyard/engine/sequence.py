@@ -30,6 +30,10 @@ class Sequence:
     generator: torch.Generator | None = None
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    # The request's prompt logprobs computed so far (entry 0 is None), when this sequence computes them
+    # (the first sample of a request with prompt_logprobs set), else None. Entry i comes from the logits
+    # of prompt row i - 1, so only the first len - 1 prompt tokens may be taken from the prefix cache.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     cumulative_logprob: float = 0.0
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
@@ -48,6 +52,11 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def max_cached_prefix(self) -> int | None:
+        """How many leading tokens may come from the prefix cache (None: no limit)."""
+        return None if self.prompt_logprobs is None else len(self.prompt_logprobs) - 1
 
     @property
     def is_finished(self) -> bool:

@@ -117,7 +117,7 @@ class CompletionRequest(SamplingFields):
 
 
 class CompletionLogprobs(OpenAIModel):
-    """Legacy completions logprobs: parallel lists over the generated tokens."""
+    """Legacy completions logprobs: parallel lists over the tokens (with echo: the prompt's, then the generated)."""
 
     text_offset: list[int] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)

@@ -9,6 +9,13 @@ Streamed text is held back where it could still change: the last ``len(longest s
 characters (a stop string may be completing there, and then the text is cut before it) and any
 trailing U+FFFD (an incomplete UTF-8 character whose remaining bytes come with the next token).
 So the concatenation of the deltas always equals the non-streamed text.
+
+Completions with ``echo`` and ``logprobs`` (the legacy API's way to score a text, which lm-eval's
+``local-completions`` uses for loglikelihood): the engine computes the prompt's logprobs
+(``SamplingParams.prompt_logprobs``), and the choice's ``logprobs`` cover the prompt tokens (the
+first one with null ``token_logprobs`` / ``top_logprobs`` entries) followed by the generated ones.
+``max_tokens: 0`` is allowed with ``echo``: one token is generated and dropped, so the answer is the
+prompt alone (``finish_reason: "length"``, no completion tokens).
 """
 
 from __future__ import annotations
@@ -185,13 +192,15 @@ class OpenAIServing:
             raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
 
     def _sampling_params(self, req: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                         max_tokens_param: str) -> SamplingParams:
+                         max_tokens_param: str, prompt_logprobs: int | None = None,
+                         max_tokens_hint: str = "") -> SamplingParams:
         if max_tokens is not None and (isinstance(max_tokens, bool) or max_tokens < 1):
-            raise APIError(400, f"{max_tokens_param} must be >= 1, got {max_tokens}", param=max_tokens_param,
-                           code="invalid_value")
+            raise APIError(400, f"{max_tokens_param} must be >= 1{max_tokens_hint}, got {max_tokens}",
+                           param=max_tokens_param, code="invalid_value")
         kwargs = {name: getattr(req, name) for name in _PASSTHROUGH if getattr(req, name) is not None}
         try:
-            return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+            return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                  **kwargs)
         except InvalidRequestError as exc:
             raise APIError(400, str(exc), param=exc.param, code="invalid_value") from None
 
@@ -435,9 +444,6 @@ class OpenAIServing:
         if req.suffix is not None:
             raise APIError(400, "suffix (fill-in-the-middle) is not supported; leave it out", param="suffix",
                            code="unsupported_parameter")
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo together with logprobs needs prompt logprobs, which dockyard does not "
-                                "compute yet; drop one of them", param="echo", code="unsupported_parameter")
         n = 1 if req.n is None else req.n
         if req.best_of is not None and req.best_of != n:
             raise APIError(400, f"best_of={req.best_of} is not supported (only best_of == n, here {n})",
@@ -455,7 +461,11 @@ class OpenAIServing:
         start = time.monotonic()
         model = self.check_model(req.model)
         self._check_completion(req)
-        params = self._sampling_params(req, req.max_tokens, req.logprobs, "max_tokens")
+        # max_tokens=0 with echo: score the prompt only (one token is generated, then dropped).
+        prompt_only = bool(req.echo) and req.max_tokens == 0
+        prompt_logprobs = req.logprobs if req.echo else None
+        params = self._sampling_params(req, 1 if prompt_only else req.max_tokens, req.logprobs, "max_tokens",
+                                       prompt_logprobs=prompt_logprobs, max_tokens_hint=" (or 0 with echo=true)")
         prompts = self._completion_prompts(req)
         self._check_lengths(prompts, req.max_tokens, "prompt", "max_tokens")
         request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -464,22 +474,57 @@ class OpenAIServing:
         prompt_tokens = sum(len(p.token_ids) for p in prompts)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            lines = self._completion_stream(request_id, model, streams, params, echo, prompt_tokens,
-                                            include_usage, start)
+            lines = self._completion_stream(request_id, model, streams, params, prompts, echo, prompt_only,
+                                            prompt_tokens, include_usage, start)
             return EventStream(lines, streams)
         finals = await self._collect(streams, disconnected)
         self._observe_e2e(start)
         choices = []
         for i, final in enumerate(finals):
+            echo_lp = self._echo_logprobs(prompts[i], final, params)
             for c in final.outputs:
+                if prompt_only:
+                    choices.append(CompletionChoice(index=i * params.n + c.index, text=echo[i], logprobs=echo_lp,
+                                                    finish_reason="length"))
+                    continue
+                logprobs = self._completion_logprobs(c, range(len(c.token_ids)), params, len(echo[i]))
                 choices.append(CompletionChoice(
-                    index=i * params.n + c.index, text=echo[i] + c.text,
-                    logprobs=self._completion_logprobs(c, range(len(c.token_ids)), params, len(echo[i])),
+                    index=i * params.n + c.index, text=echo[i] + c.text, logprobs=_join_logprobs(echo_lp, logprobs),
                     finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                 ))
-        completion_tokens = sum(len(c.token_ids) for f in finals for c in f.outputs)
+        completion_tokens = 0 if prompt_only else sum(len(c.token_ids) for f in finals for c in f.outputs)
         return CompletionResponse(id=request_id, model=model, choices=choices,
                                   usage=_usage(prompt_tokens, completion_tokens))
+
+    def _echo_logprobs(self, prompt: _Prompt, out: RequestOutput, params: SamplingParams) -> CompletionLogprobs | None:
+        """The prompt tokens' part of an echoed choice's logprobs (None unless logprobs were asked for)."""
+        k = params.prompt_logprobs
+        if k is None:
+            return None
+        entries = out.prompt_logprobs
+        if entries is None or len(entries) != len(prompt.token_ids):
+            raise RuntimeError(f"request {out.request_id}: the engine returned no complete prompt logprobs")
+        lp = CompletionLogprobs()
+        offset = 0
+        for tid, entry in zip(prompt.token_ids, entries):
+            offset = self._append_logprob(lp, tid, entry, k, offset)
+        return lp
+
+    def _append_logprob(self, lp: CompletionLogprobs, tid: int, entry: dict[int, float] | None, k: int,
+                        offset: int) -> int:
+        """Append one token (``entry`` None: the first prompt token, which has no logprob); the next offset."""
+        token = self.token_str(tid)
+        lp.tokens.append(token)
+        lp.text_offset.append(offset)
+        if entry is None:
+            lp.token_logprobs.append(None)
+            lp.top_logprobs.append(None)
+        else:
+            lp.token_logprobs.append(max(entry[tid], _MIN_LOGPROB))
+            top = {self.token_str(t): max(v, _MIN_LOGPROB) for t, v in self._top(entry, k)}
+            top.setdefault(token, max(entry[tid], _MIN_LOGPROB))
+            lp.top_logprobs.append(top)
+        return offset + len(token)
 
     def _completion_logprobs(self, out: CompletionOutput, positions: range, params: SamplingParams,
                              offset: int) -> CompletionLogprobs | None:
@@ -487,41 +532,46 @@ class OpenAIServing:
             return None
         lp = CompletionLogprobs()
         for j in positions:
-            tid = out.token_ids[j]
-            entry = out.logprobs[j]
-            token = self.token_str(tid)
-            lp.tokens.append(token)
-            lp.token_logprobs.append(max(entry[tid], _MIN_LOGPROB))
-            top = {self.token_str(t): max(v, _MIN_LOGPROB) for t, v in self._top(entry, params.logprobs)}
-            top.setdefault(token, max(entry[tid], _MIN_LOGPROB))
-            lp.top_logprobs.append(top)
-            lp.text_offset.append(offset)
-            offset += len(token)
+            offset = self._append_logprob(lp, out.token_ids[j], out.logprobs[j], params.logprobs, offset)
         return lp
 
     async def _completion_stream(self, request_id: str, model: str, streams: list[RequestStream],
-                                 params: SamplingParams, echo: list[str], prompt_tokens: int, include_usage: bool,
-                                 start: float) -> AsyncIterator[str]:
+                                 params: SamplingParams, prompts: list[_Prompt], echo: list[str], prompt_only: bool,
+                                 prompt_tokens: int, include_usage: bool, start: float) -> AsyncIterator[str]:
         created = int(time.time())
         n = params.n
         cursors = [_TextCursor(_hold_back(params)) for _ in range(len(streams) * n)]
         offsets = [len(echo[i // n]) for i in range(len(streams) * n)]
         last: list[RequestOutput | None] = [None] * len(streams)
+        # With prompt logprobs the echo goes out with them, once the engine has them.
+        echo_pending = [params.prompt_logprobs is not None] * len(streams)
 
         def chunk(choice: CompletionChoice) -> str:
             return sse(CompletionResponse(id=request_id, created=created, model=model, choices=[choice]))
 
         try:
             for i, text in enumerate(echo):
-                if text:
+                if text and not echo_pending[i]:
                     for k in range(n):
                         yield chunk(CompletionChoice(index=i * n + k, text=text))
             async for i, out in merge_streams(streams):
                 last[i] = out
+                if echo_pending[i]:
+                    if out.prompt_logprobs is None:
+                        continue  # later outputs carry the whole text so far: nothing is lost
+                    echo_pending[i] = False
+                    echo_lp = self._echo_logprobs(prompts[i], out, params)
+                    for k in range(n):
+                        yield chunk(CompletionChoice(index=i * n + k, text=echo[i], logprobs=echo_lp))
                 for c in out.outputs:
                     index = i * n + c.index
                     cur = cursors[index]
                     if cur.done:
+                        continue
+                    if prompt_only:  # the generated token is dropped: only say that the choice ended
+                        if c.finish_reason is not None:
+                            cur.done = True
+                            yield chunk(CompletionChoice(index=index, text="", finish_reason="length"))
                         continue
                     finished = c.finish_reason is not None
                     delta = cur.text_delta(c.text, finished)
@@ -536,7 +586,8 @@ class OpenAIServing:
                                                  stop_reason=c.stop_reason if finished else None))
             self._observe_e2e(start)
             if include_usage:
-                completion_tokens = sum(len(c.token_ids) for f in last if f is not None for c in f.outputs)
+                completion_tokens = 0 if prompt_only else sum(
+                    len(c.token_ids) for f in last if f is not None for c in f.outputs)
                 yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[],
                                              usage=_usage(prompt_tokens, completion_tokens)))
         except (APIError, DockyardError) as exc:
@@ -545,6 +596,15 @@ class OpenAIServing:
             for s in streams:
                 s.close()
         yield SSE_DONE
+
+
+def _join_logprobs(head: CompletionLogprobs | None, tail: CompletionLogprobs | None) -> CompletionLogprobs | None:
+    """The prompt's logprobs followed by the generated tokens' (either may be None)."""
+    if head is None or tail is None:
+        return tail if head is None else head
+    return CompletionLogprobs(text_offset=head.text_offset + tail.text_offset,
+                              token_logprobs=head.token_logprobs + tail.token_logprobs,
+                              tokens=head.tokens + tail.tokens, top_logprobs=head.top_logprobs + tail.top_logprobs)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:

@@ -99,6 +99,22 @@ def test_preemption_recomputes_to_identical_output(llm):
     assert small.block_manager.num_free_blocks == small.block_manager.num_blocks
 
 
+def test_sequence_longer_than_the_whole_pool_finishes_instead_of_looping(llm):
+    prompt = list(range(100, 220))  # 120 tokens; with 24 new ones it needs 144 > the pool's 128 slots
+    engine = make_engine(llm, num_blocks=8, enable_prefix_caching=False)
+    ended = {}
+    for rid, p in (("big", prompt), ("small", prompt[:20])):
+        engine.add_request(rid, p, GREEDY)
+    for _ in range(500):
+        if not engine.has_unfinished_requests():
+            break
+        ended.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
+    assert not engine.has_unfinished_requests()
+    assert ended["big"].finish_reason == "length" and 0 < len(ended["big"].token_ids) < 24
+    assert ended["small"].finish_reason == "length" and len(ended["small"].token_ids) == 24
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
 def test_chunked_prefill_matches_unchunked(llm):
     prompts = prompts_of_varied_length(llm, 5)[-1:]
     assert len(prompts[0]) > 64

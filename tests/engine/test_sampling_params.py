@@ -15,7 +15,8 @@ def test_defaults_match_vllm() -> None:
     p = SamplingParams()
     expected = dict(
         n=1, max_tokens=16, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed=None, stop=[],
-        stop_token_ids=[], ignore_eos=False, logprobs=None, presence_penalty=0.0, frequency_penalty=0.0,
+        stop_token_ids=[], ignore_eos=False, logprobs=None, prompt_logprobs=None,
+        presence_penalty=0.0, frequency_penalty=0.0,
         repetition_penalty=1.0, min_tokens=0, skip_special_tokens=True, include_stop_str_in_output=False,
     )
     for name, value in expected.items():
@@ -51,6 +52,7 @@ def test_numbers_are_coerced() -> None:
     dict(top_k=-1), dict(top_k=0), dict(top_k=1), dict(top_k=10**6), dict(min_p=0.0), dict(min_p=1.0),
     dict(seed=0), dict(seed=-(2**63)), dict(seed=2**64 - 1), dict(stop=None), dict(stop=[]),
     dict(stop_token_ids=[0]), dict(logprobs=0), dict(logprobs=20),
+    dict(prompt_logprobs=0), dict(prompt_logprobs=20),
     dict(presence_penalty=-2.0), dict(presence_penalty=2.0), dict(frequency_penalty=-2.0),
     dict(frequency_penalty=2), dict(repetition_penalty=1e-3), dict(repetition_penalty=10.0),
     dict(min_tokens=0), dict(min_tokens=16), dict(max_tokens=None, min_tokens=1000),
@@ -73,6 +75,7 @@ INVALID = [
     ("stop_token_ids", [-1]), ("stop_token_ids", ["1"]), ("stop_token_ids", 3), ("stop_token_ids", [1.0]),
     ("ignore_eos", 1), ("ignore_eos", "yes"),
     ("logprobs", -1), ("logprobs", 21), ("logprobs", 1.0),
+    ("prompt_logprobs", -1), ("prompt_logprobs", 21), ("prompt_logprobs", 1.0), ("prompt_logprobs", True),
     ("presence_penalty", 2.01), ("presence_penalty", -2.01), ("presence_penalty", math.inf),
     ("frequency_penalty", 3.0), ("frequency_penalty", -3.0), ("frequency_penalty", "0"),
     ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", math.inf),

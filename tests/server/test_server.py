@@ -290,7 +290,7 @@ def _completion(**kw) -> dict:
     ("/v1/chat/completions", _chat(n="2"), "n", ["valid integer"]),
     ("/v1/chat/completions", _chat(stream_options={"include_usage": True}), "stream_options", ["stream=true"]),
     ("/v1/chat/completions", {"model": MODEL_NAME}, "messages", ["required"]),
-    ("/v1/completions", _completion(echo=True, logprobs=1), "echo", ["prompt logprobs"]),
+    ("/v1/completions", _completion(max_tokens=0), "max_tokens", [">= 1", "echo=true"]),
     ("/v1/completions", _completion(suffix="!"), "suffix", ["not supported"]),
     ("/v1/completions", _completion(best_of=3), "best_of", []),
     ("/v1/completions", _completion(logit_bias={"1": 5}), "logit_bias", []),
