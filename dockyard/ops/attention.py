@@ -14,6 +14,9 @@ how block-level equivalence tests call it).
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -117,13 +120,63 @@ def gather_context(cache: torch.Tensor, metadata: AttentionMetadata, index: int)
     return cache[blocks].reshape(-1, *cache.shape[-2:])[:seq_len]
 
 
+BACKEND_ENV = "DOCKYARD_ATTENTION_BACKEND"
+
+
+def decode_backend(q: torch.Tensor, kv_cache: torch.Tensor) -> str:
+    """Which backend runs a decode-only batch: ``"triton"`` or ``"reference"``.
+
+    ``DOCKYARD_ATTENTION_BACKEND=reference|triton`` forces one (``triton`` raises where it cannot
+    run; on the CPU it needs ``TRITON_INTERPRET=1``). Unset (or ``auto``): Triton on CUDA when it
+    is installed and handles the shapes, the reference otherwise.
+    """
+    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice == "reference":
+        return "reference"
+    if choice not in ("auto", "triton"):
+        raise ValueError(f"{BACKEND_ENV}={choice!r}: expected reference, triton or auto")
+    if choice == "auto" and q.device.type != "cuda":
+        return "reference"
+    usable = _triton_usable(q, kv_cache)
+    if choice == "triton" and not usable:
+        raise RuntimeError(f"{BACKEND_ENV}=triton, but the Triton decode kernel cannot run here (Triton "
+                           f"installed: {_triton_installed()}, device {q.device}, q {tuple(q.shape)} {q.dtype}, "
+                           f"kv_cache {tuple(kv_cache.shape)})")
+    return "triton" if usable else "reference"
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_usable(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    if not _triton_installed() or q.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+        return False
+    if kv_cache.shape[-1] != q.shape[-1] or kv_cache.device != q.device:
+        return False
+    from dockyard.ops.triton_attention import supports, triton_available
+
+    return triton_available(q.device) and supports(q.shape[-1], q.shape[1], kv_cache.shape[-2], q.dtype)
+
+
 def paged_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
     sliding_window: int | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reference attention for a mixed batch: each sequence's queries over its cached context."""
-    if metadata.is_decode_only and metadata.seq_lens_tensor is not None and len(metadata.query_lens) > 1:
-        return _decode_attention(q, kv_cache, metadata, scale, sliding_window, softcap, sinks)
+    """Attention for a mixed batch: each sequence's queries over its cached context.
+
+    Decode-only batches go to the Triton kernel on CUDA (see :func:`decode_backend`); everything
+    else, and every batch on the CPU, takes the reference path.
+    """
+    if metadata.is_decode_only and metadata.seq_lens_tensor is not None:
+        if decode_backend(q, kv_cache) == "triton":
+            from dockyard.ops.triton_attention import paged_decode_attention
+
+            return paged_decode_attention(q, kv_cache, metadata.block_tables, metadata.seq_lens_tensor, scale,
+                                          sliding_window, softcap, sinks)
+        if len(metadata.query_lens) > 1:
+            return _decode_attention(q, kv_cache, metadata, scale, sliding_window, softcap, sinks)
     out = q.new_empty(*q.shape[:2], kv_cache.shape[-1])
     start = 0
     for i, q_len in enumerate(metadata.query_lens):

@@ -1,0 +1,319 @@
+"""Paged decode attention as a Triton kernel: the fast backend behind :func:`ops.attention.paged_attention`.
+
+One query token per sequence attends to its whole cached context, read through the block table
+from the paged KV cache ``[2, num_blocks, block_size, num_kv_heads, head_dim]``. The kernel:
+
+- is GQA-aware: one program owns one (sequence, KV head) pair and all the query heads that share
+  that KV head, so every K/V row is read from memory once for the group (the group is padded to
+  16 rows so that the scores and the weighted sum are matrix products);
+- keeps an online softmax in float32 (running max and sum, base-2 exponentials);
+- splits long contexts ("split-K"): the context of a sequence is cut into ``num_splits`` equal
+  token ranges, each handled by its own program, which writes a partial (max, sum, unnormalized
+  output); a second small kernel combines the partials. With one split the first kernel writes
+  the output directly;
+- supports a sliding window, Gemma 2's logit soft-capping and gpt-oss's per-head sinks (a logit
+  that joins the softmax denominator and attends to nothing), with the same semantics as
+  :func:`ops.attention.softmax_attention`.
+
+Grid sizes come from tensor shapes only (batch, KV heads, width of the block table), never from
+the contents of a tensor, so a call makes no host synchronization and can be captured in a CUDA
+graph. ``TRITON_INTERPRET=1`` (set before this module is imported) runs the kernels on the CPU
+through Triton's interpreter; the tests use it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Fewest context tokens one split should own: below this, the extra partial writes and the
+# reduction launch cost more than the parallelism gains.
+_MIN_TOKENS_PER_SPLIT = 256
+_MAX_SPLITS = 128
+
+
+# The kernels call only Triton builtins and the jit functions of this module, none of
+# triton.language's own jit helpers (tl.max, tl.sum, tl.cdiv, tl.zeros): those are decorated when
+# triton.language is first imported, so under TRITON_INTERPRET=1 set later (as a test does) they
+# would not run in the interpreter, while this module's functions follow the setting at its import.
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _add_combine(a, b):
+    return a + b
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, sinks_ptr,
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    stride_qb, stride_qh,
+    stride_cache_block, stride_cache_tok, stride_cache_head,
+    stride_bt,
+    stride_ob, stride_oh,
+    scale, softcap, window,
+    NUM_Q_HEADS: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_SINKS: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Program (b, kv_head, split): the group's queries over one token range of sequence b."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(seq_len - window, 0)
+    # Equal token ranges, each a whole number of BLOCK_N tiles; trailing splits may be empty.
+    per_split = (seq_len - lo + num_splits - 1) // num_splits
+    chunk = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    rows = tl.arange(0, GROUP_PAD)
+    row_ok = rows < GROUP
+    heads = kv_head * GROUP + rows
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(DOT_DTYPE)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([GROUP_PAD], 0.0, dtype=tl.float32)
+    if USE_SINKS and not SPLIT:
+        # The sink is one more logit in the softmax, with a zero value row: start the running
+        # max and sum from it. (With splits, the reduction adds it once.)
+        m_i = tl.load(sinks_ptr + heads, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
+        l_i = tl.full([GROUP_PAD], 1.0, dtype=tl.float32)
+    acc = tl.full([GROUP_PAD, BLOCK_D], 0.0, dtype=tl.float32)
+
+    table = block_tables_ptr + b.to(tl.int64) * stride_bt
+    head_off = kv_head * stride_cache_head
+    for tile in range(start, end, BLOCK_N):
+        pos = tile + tl.arange(0, BLOCK_N)
+        valid = pos < end
+        block = tl.load(table + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+        row_off = block * stride_cache_block + (pos % PAGE_SIZE) * stride_cache_tok + head_off
+        kv_mask = valid[:, None] & dim_ok[None, :]
+        k = tl.load(k_ptr + row_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + row_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+
+        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION)  # [GROUP_PAD, BLOCK_N] fp32
+        if USE_SOFTCAP:
+            # softcap * tanh(s / softcap), tanh(x) = 1 - 2 / (exp(2x) + 1) (exact limits at ±inf).
+            x = s * (scale / softcap)
+            s = softcap * (1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)) * LOG2E
+        else:
+            s = s * (scale * LOG2E)
+        s = tl.where(valid[None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.reduce(p, 1, _add_combine)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    io_mask = row_ok[:, None] & dim_ok[None, :]
+    if SPLIT:
+        # Partials [B, Hq, S] (max, sum) and [B, Hq, S, D] (unnormalized output), in float32.
+        part = (b * NUM_Q_HEADS + heads) * num_splits + split
+        tl.store(part_m_ptr + part, m_i, mask=row_ok)
+        tl.store(part_l_ptr + part, l_i, mask=row_ok)
+        tl.store(part_acc_ptr + part[:, None].to(tl.int64) * HEAD_DIM + dims[None, :], acc, mask=io_mask)
+    else:
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    part_acc_ptr, part_m_ptr, part_l_ptr, sinks_ptr, out_ptr,
+    num_splits, stride_ob, stride_oh,
+    NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    USE_SINKS: tl.constexpr,
+):
+    """Program (b, q_head): softmax-weighted sum of the split partials (plus the sink's share)."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, BLOCK_S)
+    split_ok = splits < num_splits
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    base = (b * NUM_Q_HEADS + head) * num_splits
+    m = tl.load(part_m_ptr + base + splits, mask=split_ok, other=float("-inf"))
+    l_s = tl.load(part_l_ptr + base + splits, mask=split_ok, other=0.0)
+    m_max = tl.reduce(m, 0, _max_combine)
+    if USE_SINKS:
+        sink = tl.load(sinks_ptr + head).to(tl.float32) * LOG2E
+        m_max = tl.maximum(m_max, sink)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # every split empty (a padded row): output 0
+    w = tl.exp2(m - m_max)  # empty splits: exp2(-inf) = 0
+    denom = tl.reduce(w * l_s, 0, _add_combine)
+    if USE_SINKS:
+        denom += tl.exp2(sink - m_max)
+    acc = tl.load(part_acc_ptr + (base + splits[:, None]).to(tl.int64) * HEAD_DIM + dims[None, :],
+                  mask=split_ok[:, None] & dim_ok[None, :], other=0.0)
+    out = tl.reduce(acc * w[:, None], 0, _add_combine) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty),
+             mask=dim_ok)
+
+
+_INTERPRETED = bool(triton.knobs.runtime.interpret)  # the kernels above were made for the interpreter
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """Whether the Triton kernels can run on ``device``: a CUDA device, or any under ``TRITON_INTERPRET=1``."""
+    device = torch.device(device)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
+def supports(head_dim: int, num_q_heads: int, num_kv_heads: int, dtype: torch.dtype) -> bool:
+    """Whether :func:`paged_decode_attention` handles these attention shapes and query dtype."""
+    return (16 <= head_dim <= 256 and num_kv_heads > 0 and num_q_heads % num_kv_heads == 0
+            and dtype in _TL_DTYPES)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few splits are enough to exercise the reduction
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
+    """Splits per sequence, from shapes alone: none once (sequence, KV head) pairs fill every
+    multiprocessor, else enough for about four programs per multiprocessor.
+
+    ``max_context`` bounds the context (the block table's width × block size, or the sliding
+    window); each split gets at least ``_MIN_TOKENS_PER_SPLIT`` tokens of it. (H100, bf16,
+    Llama-3.1-8B shapes, benchmarks/RESULTS.md: at batch 64 one split was as fast as two at 32k
+    tokens and 6% faster at 1k; splitting took batch 1 × 32k from 5% to 69% of the copy bandwidth
+    and batch 8 × 8k from 38% to 78%.)
+    """
+    programs = max(1, batch * num_kv_heads)
+    sms = _sm_count(device)
+    if programs >= sms:
+        return 1
+    wanted = -(-4 * sms // programs)
+    useful = max(1, max_context // _MIN_TOKENS_PER_SPLIT)
+    return max(1, min(wanted, useful, _MAX_SPLITS))
+
+
+@functools.cache
+def _fp32_dot_precision(device: torch.device) -> str:
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return "tf32x3"
+    return "ieee"
+
+
+def _default_block_n(head_dim: int) -> int:
+    return 64 if head_dim <= 128 else 32
+
+
+def paged_decode_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+    sliding_window: int | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None, *,
+    num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+    num_stages: int | None = None, dot_precision: str | None = None,
+) -> torch.Tensor:
+    """Decode attention of one query per sequence over its paged context → [B, Hq, D] in q's dtype.
+
+    ``q`` [B, Hq, D]; ``kv_cache`` [2, num_blocks, block_size, Hkv, D] (any float dtype; converted
+    to q's dtype on load, as the reference does); ``block_tables`` [B, max_blocks] (int32 or int64;
+    entries past a sequence's last block are never read); ``seq_lens`` [B] context lengths on the
+    device, including the token being decoded. ``sliding_window`` W: the query sees the last W
+    keys. ``softcap``: scores s become softcap·tanh(s / softcap). ``sinks`` [Hq]: per-head logits
+    that join the softmax denominator. The keyword-only arguments override the tuning defaults;
+    ``dot_precision`` is Triton's mode for float32 products ("tf32x3", the default where the GPU
+    has tf32, about float32's accuracy on the tensor cores; "ieee", exact, on the FMA units).
+    """
+    batch, num_q_heads, head_dim = q.shape
+    entries, _, page_size, num_kv_heads, cache_dim = kv_cache.shape
+    if entries != 2 or cache_dim != head_dim:
+        raise ValueError(f"kv_cache {tuple(kv_cache.shape)} does not hold K and V of head_dim {head_dim}")
+    if not supports(head_dim, num_q_heads, num_kv_heads, q.dtype):
+        raise ValueError(f"unsupported: head_dim {head_dim}, {num_q_heads} q heads, {num_kv_heads} kv heads, {q.dtype}")
+    if q.stride(-1) != 1 or kv_cache.stride(-1) != 1:
+        raise ValueError("q and kv_cache need a contiguous last dimension")
+    out = torch.empty(batch, num_q_heads, head_dim, dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    group = num_q_heads // num_kv_heads
+    max_context = block_tables.shape[1] * page_size
+    if sliding_window is not None:
+        max_context = min(max_context, sliding_window)
+    block_n = block_n or _default_block_n(head_dim)
+    splits = num_splits or default_num_splits(batch, num_kv_heads, max_context, q.device)
+    split = splits > 1
+    # Matrix products in q's dtype. Triton's interpreter multiplies bfloat16 operands as their raw
+    # bits, so there they are products in float32.
+    dot_dtype = torch.float32 if _INTERPRETED and q.dtype == torch.bfloat16 else q.dtype
+    if dot_dtype == torch.float32:
+        dot_precision = dot_precision or _fp32_dot_precision(q.device)
+    else:
+        dot_precision = None
+    if split:  # one allocation for the partials: [B, Hq, S, D] sums, then [B, Hq, S] maxes and sums
+        partials = batch * num_q_heads * splits
+        work = torch.empty(partials * (head_dim + 2), dtype=torch.float32, device=q.device)
+        part_acc, part_m, part_l = work[: partials * head_dim], work[partials * head_dim:][:partials], work[-partials:]
+    else:
+        part_m = part_l = part_acc = out  # unused
+    options = {}
+    if num_warps is not None:
+        options["num_warps"] = num_warps
+    if num_stages is not None:
+        options["num_stages"] = num_stages
+    _paged_decode_kernel[(batch, num_kv_heads, splits)](
+        q, kv_cache[0], kv_cache[1], block_tables, seq_lens, sinks if sinks is not None else q,
+        out, part_acc, part_m, part_l,
+        q.stride(0), q.stride(1),
+        kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        float(scale), float(softcap) if softcap is not None else 1.0,
+        int(sliding_window) if sliding_window is not None else 0,
+        NUM_Q_HEADS=num_q_heads,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        PAGE_SIZE=page_size, BLOCK_N=block_n,
+        USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None, USE_SINKS=sinks is not None,
+        SPLIT=split, DOT_DTYPE=_TL_DTYPES[dot_dtype], DOT_PRECISION=dot_precision,
+        **options,
+    )
+    if split:
+        _combine_splits_kernel[(batch, num_q_heads)](
+            part_acc, part_m, part_l, sinks if sinks is not None else q, out,
+            splits, out.stride(0), out.stride(1),
+            NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+            BLOCK_S=max(2, triton.next_power_of_2(splits)), USE_SINKS=sinks is not None,
+        )
+    return out
+
+
+def decode_kv_bytes(seq_lens: list[int], num_kv_heads: int, head_dim: int, element_size: int,
+                    sliding_window: int | None = None) -> int:
+    """Bytes of K and V a decode step must read: the floor of its memory traffic."""
+    tokens = sum(min(n, sliding_window) if sliding_window else n for n in seq_lens)
+    return 2 * tokens * num_kv_heads * head_dim * element_size
+
+
+__all__ = ["default_num_splits", "decode_kv_bytes", "paged_decode_attention", "supports", "triton_available"]

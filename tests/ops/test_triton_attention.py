@@ -1,0 +1,221 @@
+"""The Triton paged decode kernel against the reference decode path.
+
+On a machine without CUDA the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set
+while the kernel module is imported, since Triton decides at decoration time), at small sizes.
+Skipped when Triton is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+from dockyard.ops import attention
+from dockyard.ops.attention import AttentionMetadata, _decode_attention, paged_attention
+
+triton = pytest.importorskip("triton")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+INTERPRET = DEVICE.type == "cpu"
+
+
+def _import_kernels():
+    """Import the kernel module, in the interpreter's mode on the CPU (reloaded if imported otherwise)."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    if INTERPRET:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        module = importlib.import_module("dockyard.ops.triton_attention")
+        if module._INTERPRETED != INTERPRET:
+            module = importlib.reload(module)
+        return module
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+ta = _import_kernels()
+BS = 16  # block size (tokens per KV block)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    """Under the interpreter: TRITON_INTERPRET=1 for availability checks, and a numpy >= 2.4 fix.
+
+    Triton 3.6's interpreter turns a scalar (a 1-element array there) into a loop bound with
+    ``int(array)``, which numpy 2.4 refuses; the kernel's context loop has such bounds. The fix
+    (upstream in later Triton) takes the element explicitly.
+    """
+    if not INTERPRET:
+        yield
+        return
+    import numpy as np
+    from triton.runtime import interpreter
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    original = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patch_lang_tensor)
+    yield
+
+
+def build(seq_lens, num_q_heads, num_kv_heads, head_dim, dtype=torch.float32, seed=0, extra_columns=2):
+    """Random q and KV cache, each sequence's blocks scattered over a shuffled pool; padded block table."""
+    gen = torch.Generator().manual_seed(seed)
+    needed = [-(-n // BS) for n in seq_lens]
+    num_blocks = sum(needed) + 7
+    cache = torch.randn(2, num_blocks, BS, num_kv_heads, head_dim, generator=gen).to(dtype)
+    pool = torch.randperm(num_blocks, generator=gen).tolist()
+    width = max(needed) + extra_columns
+    tables = []
+    for nb in needed:
+        row = [pool.pop() for _ in range(nb)]
+        tables.append(row + [0] * (width - nb))
+    q = torch.randn(len(seq_lens), num_q_heads, head_dim, generator=gen).to(dtype)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(len(seq_lens), dtype=torch.long), block_tables=torch.tensor(tables),
+        query_lens=[1] * len(seq_lens), seq_lens=list(seq_lens), block_size=BS,
+        seq_lens_tensor=torch.tensor(seq_lens),
+    )
+    return q, cache, meta
+
+
+def reference(q, cache, meta, scale, window=None, softcap=None, sinks=None):
+    """The reference decode path in float64 (float32 where softmax_attention upcasts for softcap/sinks)."""
+    sinks = sinks.double() if sinks is not None else None
+    return _decode_attention(q.double(), cache.double(), meta, scale, window, softcap, sinks)
+
+
+def kernel(q, cache, meta, scale, window=None, softcap=None, sinks=None, **options):
+    dev = lambda t: t.to(DEVICE) if t is not None else None  # noqa: E731
+    out = ta.paged_decode_attention(dev(q), dev(cache), dev(meta.block_tables), dev(meta.seq_lens_tensor), scale,
+                                    window, softcap, dev(sinks), **options)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    return out.cpu()
+
+
+SEQ_LENS = [1, 16, 45, 83]  # one token, a whole block, and lengths that end mid-block
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(("num_q_heads", "num_kv_heads"), [(2, 2), (8, 2), (8, 1)])  # GQA ratios 1, 4, 8
+@pytest.mark.parametrize("num_splits", [1, 3])  # one pass, split-K (the default picks 1 at these sizes)
+def test_matches_reference(num_q_heads, num_kv_heads, head_dim, num_splits):
+    q, cache, meta = build(SEQ_LENS, num_q_heads, num_kv_heads, head_dim, seed=head_dim + num_q_heads)
+    scale = head_dim**-0.5
+    out = kernel(q, cache, meta, scale, num_splits=num_splits)
+    torch.testing.assert_close(out.double(), reference(q, cache, meta, scale), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize(("window", "softcap", "with_sinks"), [
+    (20, None, False),  # sliding window shorter than most contexts
+    (200, None, False),  # window longer than every context
+    (None, 2.0, False),  # soft-capping that bites (scores of a few units)
+    (None, None, True),  # gpt-oss sinks
+    (24, 3.0, True),  # everything at once
+])
+def test_window_softcap_sinks(window, softcap, with_sinks, num_splits):
+    q, cache, meta = build(SEQ_LENS, 8, 2, 64, seed=7)
+    q = q * 3  # sharper scores, so capping and sinks change the result visibly
+    sinks = torch.randn(8, generator=torch.Generator().manual_seed(3)) * 2 if with_sinks else None
+    scale = 64**-0.5
+    out = kernel(q, cache, meta, scale, window, softcap, sinks, num_splits=num_splits)
+    ref = reference(q, cache, meta, scale, window, softcap, sinks)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    changed = (ref - reference(q, cache, meta, scale)).abs().max() > 1e-2
+    assert changed == (window != 200)  # the feature under test did something (a window past every context: not)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    q, cache, meta = build(SEQ_LENS, 8, 2, 64, dtype=dtype, seed=11)
+    sinks = torch.randn(8).to(dtype)
+    for num_splits in (1, 3):
+        out = kernel(q, cache, meta, 0.125, softcap=5.0, sinks=sinks, num_splits=num_splits)
+        ref = reference(q, cache, meta, 0.125, softcap=5.0, sinks=sinks)
+        err = (out.double() - ref).norm() / ref.norm()
+        assert err < 1e-2, err
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_head_dim_not_a_power_of_two(num_splits):
+    """head_dim 96 (Phi-3-mini): the dimension is padded to 128 inside the kernel and masked."""
+    q, cache, meta = build(SEQ_LENS, 8, 2, 96, seed=19)
+    out = kernel(q, cache, meta, 96**-0.5, num_splits=num_splits)
+    torch.testing.assert_close(out.double(), reference(q, cache, meta, 96**-0.5), atol=1e-4, rtol=1e-4)
+
+
+def test_int32_tables_padded_rows_and_empty_splits():
+    """int32 indices; more splits than a short context fills; a padded row (length 0) gives zeros."""
+    q, cache, meta = build([5, 70, 0, 18], 4, 1, 64, seed=5)
+    meta.block_tables[2] = 0
+    bt, lens = meta.block_tables.int(), meta.seq_lens_tensor.int()
+    for splits in (1, 8):
+        out = ta.paged_decode_attention(q.to(DEVICE), cache.to(DEVICE), bt.to(DEVICE), lens.to(DEVICE), 0.125,
+                                        num_splits=splits).cpu()
+        assert torch.equal(out[2], torch.zeros_like(out[2]))
+        keep = [0, 1, 3]
+        sub = AttentionMetadata(meta.slot_mapping[keep], meta.block_tables[keep], [1] * 3,
+                                [meta.seq_lens[i] for i in keep], BS, meta.seq_lens_tensor[keep])
+        torch.testing.assert_close(out[keep].double(), reference(q[keep], cache, sub, 0.125), atol=1e-4, rtol=1e-4)
+
+
+def test_strided_query():
+    """q as a view into a fused qkv projection: rows further apart than Hq × D."""
+    q, cache, meta = build(SEQ_LENS, 8, 2, 64, seed=13)
+    fused = torch.randn(q.shape[0], 12, 64)
+    fused[:, :8] = q
+    view = fused[:, :8]
+    assert not view.is_contiguous()
+    torch.testing.assert_close(kernel(view, cache, meta, 0.125).double(), reference(q, cache, meta, 0.125),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_default_splits_from_shapes():
+    device = torch.device("cpu")  # the interpreter's stand-in: 4 multiprocessors
+    assert ta.default_num_splits(1, 1, 16, device) == 1  # short context: never split below 256 tokens
+    assert ta.default_num_splits(1, 1, 8192, device) == 16  # 4 programs per multiprocessor
+    assert ta.default_num_splits(64, 8, 32768, device) == 1  # the batch already fills the machine
+    assert ta.decode_kv_bytes([10, 100], 2, 64, 2) == 2 * 110 * 2 * 64 * 2
+    assert ta.decode_kv_bytes([10, 100], 2, 64, 2, sliding_window=20) == 2 * 30 * 2 * 64 * 2
+
+
+def test_paged_attention_backend_switch(monkeypatch):
+    """DOCKYARD_ATTENTION_BACKEND forces a backend; unset, the CPU keeps the reference path."""
+    q, cache, meta = build(SEQ_LENS, 8, 2, 64, seed=17)
+    q, cache = q.to(DEVICE), cache.to(DEVICE)
+    meta = AttentionMetadata(meta.slot_mapping.to(DEVICE), meta.block_tables.to(DEVICE), meta.query_lens,
+                             meta.seq_lens, BS, meta.seq_lens_tensor.to(DEVICE))
+    monkeypatch.setenv(attention.BACKEND_ENV, "reference")
+    assert attention.decode_backend(q, cache) == "reference"
+    ref = paged_attention(q, cache, meta, 0.125, 30)
+    monkeypatch.setenv(attention.BACKEND_ENV, "triton")
+    assert attention.decode_backend(q, cache) == "triton"
+    torch.testing.assert_close(paged_attention(q, cache, meta, 0.125, 30), ref, atol=1e-4, rtol=1e-4)
+    # A batch of one decode goes to the kernel too.
+    one = AttentionMetadata(meta.slot_mapping[:1], meta.block_tables[2:3], [1], meta.seq_lens[2:3], BS,
+                            meta.seq_lens_tensor[2:3])
+    torch.testing.assert_close(paged_attention(q[2:3], cache, one, 0.125, 30), ref[2:3], atol=1e-4, rtol=1e-4)
+
+    monkeypatch.setenv(attention.BACKEND_ENV, "fast")
+    with pytest.raises(ValueError, match="expected reference, triton or auto"):
+        paged_attention(q, cache, meta, 0.125)
+    monkeypatch.delenv(attention.BACKEND_ENV)
+    if DEVICE.type == "cpu":
+        assert attention.decode_backend(q, cache) == "reference"
+        monkeypatch.setenv(attention.BACKEND_ENV, "triton")
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(RuntimeError, match="cannot run here"):
+            paged_attention(q, cache, meta, 0.125)
+    else:
+        assert attention.decode_backend(q, cache) == "triton"
