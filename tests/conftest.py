@@ -24,3 +24,15 @@ def bundled_llm(bundled_gguf):
     from dockyard import LLM
 
     return LLM(dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def hf_model(bundled_gguf):
+    """transformers' own load of the bundled GGUF in float32: the reference of the real-model tests
+    (and lm-eval's ``--model hf``)."""
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(bundled_gguf.parent), gguf_file=bundled_gguf.name, dtype=torch.float32
+    ).eval()

@@ -28,13 +28,6 @@ CHAT_PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def hf_model(bundled_gguf):
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(bundled_gguf.parent), gguf_file=bundled_gguf.name, dtype=torch.float32
-    ).eval()
-
-
-@pytest.fixture(scope="module")
 def llm(bundled_llm):
     return bundled_llm
 

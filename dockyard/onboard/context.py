@@ -141,6 +141,7 @@ class GateContext:
     ladder: list[dict[str, Any]] = field(default_factory=list)  # fallback-ladder entries
     feature_matrix: list[dict[str, Any]] = field(default_factory=list)
     capacity: dict[str, Any] | None = None
+    accuracy: dict[str, Any] | None = None  # the accuracy run the real gate made (onboard/accuracy.py)
 
     @property
     def spec(self) -> Any:

@@ -19,8 +19,6 @@ from dockyard.onboard.context import GateContext, GateResult, jsonable
 SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
 SCHEMA_VERSION = 1
 GiB = 1024**3
-NO_EVAL_NOTE = ("No evaluation ran: dockyard has no evaluation harness yet, so no accuracy numbers are reported "
-                "(none are invented)")
 
 
 def load_schema() -> dict[str, Any]:
@@ -75,6 +73,24 @@ def _proof(ctx: GateContext, gates: dict[str, GateResult]) -> dict[str, list[str
     return {"dummy": proved_dummy, "real": proved_real}
 
 
+def _accuracy(ctx: GateContext, gates: dict[str, GateResult]) -> dict[str, Any]:
+    """The accuracy run the real gate made, or why none was made."""
+    from dockyard.onboard.accuracy import not_evaluated
+
+    if ctx.accuracy is not None:
+        return ctx.accuracy
+    real = gates.get("real")
+    if real is None:
+        why = "the real gate did not run"
+    elif real.status == "skip":
+        why = f"accuracy is measured on verified real weights, and the real gate did not run ({real.summary})"
+    elif real.status == "fail":
+        why = "accuracy is measured on verified real weights, and the real gate failed"
+    else:
+        why = "the model has no tokenizer, and the evaluation tasks are text"
+    return not_evaluated(why)
+
+
 def build_report(ctx: GateContext, results: list[GateResult], exit_code: int, started: float) -> dict[str, Any]:
     """report.json's content."""
     gates = {r.name: r for r in results}
@@ -120,7 +136,7 @@ def build_report(ctx: GateContext, results: list[GateResult], exit_code: int, st
         "fallback_ladder": _fallback_ladder(ctx),
         "proof": _proof(ctx, gates),
         "serve_example": ctx.serve_example,
-        "accuracy": {"evaluated": False, "note": NO_EVAL_NOTE},
+        "accuracy": _accuracy(ctx, gates),
     })
 
 
@@ -222,7 +238,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
     out += ["", "## What dummy weights proved", ""] + [f"- {p}" for p in report["proof"]["dummy"]]
     out += ["", "## What only real weights proved", ""] + [f"- {p}" for p in report["proof"]["real"]]
-    out += ["", "## Accuracy", "", report["accuracy"]["note"] + "; see accuracy.yaml.", "",
+    out += ["", "## Accuracy", ""] + _accuracy_lines(report["accuracy"]) + ["",
             "## Artifacts", "", "`report.json` (source of truth), `report.md` (this page), `accuracy.yaml`, "
             "`tutorial.md`, `logs/` (one log per gate).", ""]
     return "\n".join(out)
@@ -230,19 +246,36 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------- accuracy.yaml
 def render_accuracy_yaml(report: dict[str, Any]) -> str:
-    """accuracy.yaml: the eval config shape, with no numbers because no evaluation ran."""
-    data = {"model_name": report["model"]["name"], "hardware": report["machine"]["hardware"], "tasks": [],
-            "num_fewshot": None, "evaluated": False, "note": NO_EVAL_NOTE}
-    header = f"# {NO_EVAL_NOTE}\n"
-    try:
-        import yaml
+    """accuracy.yaml: what the onboarding's accuracy run measured, or no numbers and why none ran."""
+    import yaml
 
-        return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
-    except ImportError:
-        lines = [header.rstrip()]
-        for key, value in data.items():
-            lines.append(f"{key}: {json.dumps(value) if value is not None else 'null'}")
-        return "\n".join(lines) + "\n"
+    acc = report["accuracy"]
+    if acc["evaluated"]:
+        data = acc["results"]
+        header = (f"# Accuracy of {data['model_name']}: {acc['note']}.\n"
+                  f"# Reproduce: {data['command']}   |   regression check: dockyard eval --check accuracy.yaml\n")
+    else:
+        data = {"model_name": report["model"]["name"], "hardware": report["machine"]["hardware"], "tasks": [],
+                "num_fewshot": None, "evaluated": False, "note": acc["note"]}
+        header = f"# {acc['note']}.\n"
+    return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=1000)
+
+
+def _accuracy_lines(acc: dict[str, Any]) -> list[str]:
+    """The accuracy section of report.md and tutorial.md: the measured table, or why there is none."""
+    if not acc["evaluated"]:
+        return [acc["note"] + "; accuracy.yaml says the same."]
+    data = acc["results"]
+    lines = [acc["note"] + ".", "", "| task | n-shot | documents | metric | value | ± stderr |",
+             "|---|---|---|---|---|---|"]
+    for t in data["tasks"]:
+        for m in t["metrics"]:
+            stderr = f"{m['stderr']:.4f}" if isinstance(m.get("stderr"), (int, float)) else "—"
+            lines.append(f"| {t['name']} | {t['num_fewshot']} | {t['samples']} | {m['name']} | {m['value']:.4f} | "
+                         f"{stderr} |")
+    lines += ["", f"Reproduce with `{data['command']}`; `accuracy.yaml` holds these numbers and the settings, and "
+                  "`dockyard eval --check accuracy.yaml` re-runs it and fails when a metric moves by more than 5%."]
+    return lines
 
 
 # ---------------------------------------------------------------- tutorial.md
@@ -297,8 +330,7 @@ def render_tutorial(report: dict[str, Any]) -> str:
                 "curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
                 "  -d '{\"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}], "
                 "\"max_tokens\": 24}'", "```"]
-    out += ["", "## Accuracy Evaluation", "", f"{report['accuracy']['note']}. `accuracy.yaml` holds the task list "
-            "to fill once an evaluation runs.", "", "## Performance", ""]
+    out += ["", "## Accuracy Evaluation", ""] + _accuracy_lines(report["accuracy"]) + ["", "## Performance", ""]
     perf = []
     dummy = gates.get("dummy")
     if dummy and dummy["status"] == "pass":

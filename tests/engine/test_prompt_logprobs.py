@@ -36,13 +36,6 @@ def llm(bundled_llm: LLM) -> LLM:
     return bundled_llm
 
 
-@pytest.fixture(scope="module")
-def hf_model(bundled_gguf):
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(bundled_gguf.parent), gguf_file=bundled_gguf.name, dtype=torch.float32
-    ).eval()
-
-
 def hf_logprobs(hf_model, ids: list[int]) -> torch.Tensor:
     """[len(ids) - 1, vocab] float64: row i is the distribution of token i + 1 given ids[:i + 1]."""
     with torch.no_grad():

@@ -5,7 +5,9 @@ parameter is filled, or the load fails naming each missing and unexpected tensor
 prompts are decoded greedily by dockyard and by HF transformers on the same checkpoint (for a
 GGUF file, transformers dequantizes it with its own reader), and the token ids must be equal.
 When the reference does not fit in memory (or transformers lacks the architecture), a coherence
-check runs instead and the evidence says so.
+check runs instead and the evidence says so. When the gate passes, the loaded model also gets the
+onboarding's small accuracy run (``onboard/accuracy.py``: ARC-Easy, 20 questions, lm-eval-harness),
+which never changes the gate's status.
 """
 
 from __future__ import annotations
@@ -192,6 +194,13 @@ def run(ctx: GateContext) -> Outcome:
                    f"({reason}): {'coherent' if ok else 'INCOHERENT'}")
     ctx.real["prompts"] = results
     ctx.real["passed"] = ok
+    if ok and llm.tokenizer is not None:
+        from dockyard.onboard.accuracy import run_accuracy
+
+        ctx.accuracy = run_accuracy(llm, opts.model)
+        evidence["accuracy"] = {k: v for k, v in ctx.accuracy.items() if k != "results"}
+        if ctx.accuracy["evaluated"]:
+            evidence["accuracy"]["tasks"] = ctx.accuracy["results"]["tasks"]
     del llm
     gc.collect()
     return Outcome("pass" if ok else "fail", summary, evidence)
