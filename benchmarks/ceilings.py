@@ -5,6 +5,7 @@ Results are compared with a roofline built from these numbers, never from a data
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -43,3 +44,19 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None) 
 
 def measure(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     return {"copy_bytes_per_s": copy_bandwidth(device), "matmul_flops_per_s": matmul_rate(device, dtype)}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model options every engine benchmark takes (model path, weights, device, dtype, eager mode)."""
+    p.add_argument("--model", default=None, help="HF config/checkpoint/GGUF (default: the bundled model)")
+    p.add_argument("--load-format", default="auto", choices=("auto", "dummy"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

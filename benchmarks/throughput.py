@@ -5,12 +5,17 @@
         --input-len 100 1024 --output-len 100 1024
 
 Prompts are random token ids (like vLLM's random dataset); ``ignore_eos`` makes every request
-produce exactly its output length. Prints requests/s, output tokens/s and total tokens/s.
+produce exactly its output length. Prints requests/s, output tokens/s and total tokens/s, the
+model-FLOPs utilization they imply (against the bf16 matmul rate measured in the same run), and
+with ``--hf-baseline`` HF transformers' ``generate`` on the same config at ``--hf-batch-sizes``
+(equal-length prompts of the mean input length, the mean output length, no padding waste): the
+best of those is the baseline the engine's output tokens/s is divided by.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import sys
@@ -22,27 +27,70 @@ from dockyard import LLM, SamplingParams
 from dockyard.memory import plan_memory
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from ceilings import measure  # noqa: E402
+from ceilings import add_model_args, measure  # noqa: E402
+from hf_baseline import build_hf_model, hf_generate_rate  # noqa: E402
+
+
+class StepProfile:
+    """Host-side timing of the engine's step phases (a device sync after each model call, so the
+    GPU time lands in the phase that launched it): schedule, execute (graph replays separately),
+    and the rest of ``step`` (appending tokens, stop checks, block hashing)."""
+
+    def __init__(self, engine) -> None:
+        self.seconds = {"schedule": 0.0, "execute_graph": 0.0, "execute_eager": 0.0, "step": 0.0}
+        self.counts = {"graph_steps": 0, "eager_steps": 0}
+        runner, scheduler = engine.runner, engine.scheduler
+        device = runner.device
+
+        def timed(fn, key):
+            def wrapper(*args, **kwargs):
+                t = time.perf_counter()
+                out = fn(*args, **kwargs)
+                if key != "schedule" and device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                self.seconds[key] += time.perf_counter() - t
+                return out
+            return wrapper
+
+        execute_graph = runner._execute_graph
+
+        def execute_graph_counted(batch):
+            self.counts["graph_steps"] += 1
+            return execute_graph(batch)
+
+        runner._execute_graph = timed(execute_graph_counted, "execute_graph")
+        runner.execute = timed(runner.execute, "execute_eager")  # includes graph steps; subtracted below
+        scheduler.schedule = timed(scheduler.schedule, "schedule")
+        engine.step = timed(engine.step, "step")
+        self.engine = engine
+        self.steps_before = engine.metrics.steps
+
+    def summary(self) -> dict:
+        s = dict(self.seconds)
+        s["execute_eager"] -= s["execute_graph"]
+        s["other"] = s["step"] - s["schedule"] - s["execute_graph"] - s["execute_eager"]
+        steps = self.engine.metrics.steps - self.steps_before
+        counts = {**self.counts, "eager_steps": steps - self.counts["graph_steps"]}
+        return {**{k: round(v, 3) for k, v in s.items()}, **counts}
 
 
 def main(argv: list[str] | None = None) -> dict:
     cpu_default = not torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None)
-    p.add_argument("--load-format", default="auto", choices=("auto", "dummy"))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    add_model_args(p)
     p.add_argument("--num-prompts", type=int, default=32 if cpu_default else 256)
     p.add_argument("--input-len", type=int, nargs=2, default=(32, 256) if cpu_default else (100, 1024))
     p.add_argument("--output-len", type=int, nargs=2, default=(16, 128) if cpu_default else (100, 1024))
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--max-num-seqs", type=int, default=64 if cpu_default else 256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048 if cpu_default else 8192)
+    p.add_argument("--hf-baseline", action="store_true", help="time HF transformers generate on the same config")
+    p.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--profile", action="store_true", help="time the engine's step phases (syncs the device)")
     args = p.parse_args(argv)
 
-    llm = LLM(args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    llm = LLM(args.model, load_format=args.load_format, device=args.device, dtype=args.dtype, seed=args.seed,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              enforce_eager=args.enforce_eager)
     rng = random.Random(args.seed)
     vocab = llm.spec.vocab_size
     prompts, params = [], []
@@ -50,8 +98,14 @@ def main(argv: list[str] | None = None) -> dict:
         n_in = rng.randint(*args.input_len)
         prompts.append([rng.randrange(vocab) for _ in range(n_in)])
         params.append(SamplingParams(max_tokens=rng.randint(*args.output_len), temperature=0.0, ignore_eos=True))
-    # warm-up: one short request through the whole path
-    llm.generate([prompts[0][:16]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    # Warm-up: a slice of the same prompts with short outputs, so mixed prefill/decode steps of the
+    # workload's shapes have compiled their kernels (Triton specializes on shapes) before the clock starts.
+    # (Fresh token ids of the same lengths: the timed prompts must not hit the prefix cache.)
+    warm_rng = random.Random(args.seed + 1)
+    warm = [[warm_rng.randrange(vocab) for _ in prompt] for prompt in prompts[:32]]
+    llm.generate(warm, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    profile = StepProfile(llm.engine) if args.profile else None
+    steps_before = llm.engine.metrics.steps
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=True)
     elapsed = time.perf_counter() - start
@@ -70,9 +124,11 @@ def main(argv: list[str] | None = None) -> dict:
     spec = llm.spec
     ceilings = measure(llm.device, llm.dtype)
     plan = plan_memory(spec, llm.dtype)
-    matmul_params = plan.num_parameters - spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
-    flops = 2 * matmul_params * (n_in + n_out) + 2 * spec.hidden_size * spec.vocab_size * n_out
-    steps = llm.engine.metrics.steps
+    lm_head = spec.vocab_size * spec.hidden_size
+    matmul_params = plan.active_parameters - lm_head * (1 if spec.tie_word_embeddings else 2)
+    # Model FLOPs: the matmuls of every token, the lm_head of every sampled one (attention not counted).
+    flops = 2 * matmul_params * (n_in + n_out) + 2 * lm_head * n_out
+    steps = llm.engine.metrics.steps - steps_before
     compute_floor = flops / ceilings["matmul_flops_per_s"]
     memory_floor = steps * plan.weight_bytes / ceilings["copy_bytes_per_s"]
     floor = max(compute_floor, memory_floor)
@@ -80,7 +136,30 @@ def main(argv: list[str] | None = None) -> dict:
         **{k: round(v / 1e9, 1) for k, v in ceilings.items()},  # GB/s and GFLOP/s
         "model_flops": flops, "steps": steps, "compute_floor_s": round(compute_floor, 2),
         "memory_floor_s": round(memory_floor, 2), "fraction_of_roofline": round(floor / elapsed, 3),
+        "mfu": round(flops / elapsed / ceilings["matmul_flops_per_s"], 3),
     }
+    if profile is not None:
+        result["profile"] = profile.summary()
+    if args.hf_baseline:
+        print(json.dumps({k: v for k, v in result.items() if k != "engine"}), file=sys.stderr, flush=True)
+        device, dtype = llm.device, llm.dtype
+        mean_in, mean_out = n_in // args.num_prompts, n_out // args.num_prompts
+        del llm, profile  # the profile's wrappers hold the engine (and its KV cache)
+        gc.collect()
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        model = build_hf_model(args.model, device, dtype)
+        runs = []
+        for b in args.hf_batch_sizes:
+            try:
+                runs.append(hf_generate_rate(model, b, mean_in, mean_out, args.seed))
+            except torch.OutOfMemoryError as exc:  # a batch HF cannot hold is recorded, not fatal
+                runs.append({"batch": b, "error": f"out of memory: {str(exc).splitlines()[0][:120]}"})
+                torch.cuda.empty_cache()
+            print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+        best = max((r for r in runs if "output_tokens_per_s" in r), key=lambda r: r["output_tokens_per_s"])
+        result["hf"] = {"runs": runs, "best_output_tokens_per_s": best["output_tokens_per_s"],
+                        "speedup_output_tokens": round(result["output_tokens_per_s"] / best["output_tokens_per_s"], 2)}
+        del model
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         print()
@@ -89,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{result['output_tokens_per_s']} output tok/s, {result['total_tokens_per_s']} total tok/s "
               f"({n_in} prompt + {n_out} generated tokens; {llm.device}, {result['dtype']})")
         print(f"roofline: {json.dumps(result['roofline'])}")
+        if "hf" in result:
+            print(f"HF transformers: {json.dumps(result['hf'])}")
     return result
 
 

@@ -1,18 +1,38 @@
-"""Shared test helpers: error metric, paged single-sequence driver, tiny HF reference models."""
+"""Shared test helpers: error metric, paged single-sequence driver, tiny HF reference models,
+Triton kernel modules in the interpreter's mode."""
 
 from __future__ import annotations
 
+import importlib
+import os
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
 # The metric and the paged driver are library code now (the onboarding equivalence gate uses them).
 from dockyard.onboard.equivalence import paged_logits, rel_rmse
 
-__all__ = ["paged_logits", "rel_rmse", "save_tiny_hf_model"]
+__all__ = ["import_kernels", "paged_logits", "rel_rmse", "save_tiny_hf_model"]
 
 
 def save_tiny_hf_model(hf_model: torch.nn.Module, directory: Path) -> Path:
     """Save an HF model (config + safetensors) so dockyard loads it through its own loader."""
     hf_model.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def import_kernels(module_name: str, interpret: bool) -> ModuleType:
+    """Import a Triton kernel module; with ``interpret`` (no CUDA) in Triton's interpreter mode, which
+    Triton fixes when a kernel is decorated, so the module is reloaded with TRITON_INTERPRET=1 set."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        module = importlib.import_module(module_name)
+        return importlib.reload(module) if interpret else module
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous

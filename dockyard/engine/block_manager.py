@@ -73,9 +73,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        tokens = seq.token_ids
         for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
-            chunk = tuple(tokens[i * bs:(i + 1) * bs])
+            chunk = tuple(seq.tokens(i * bs, (i + 1) * bs))
             parent = seq.block_hashes[-1] if seq.block_hashes else None
             h = block_hash(parent, chunk)
             seq.block_hashes.append(h)

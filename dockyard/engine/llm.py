@@ -78,7 +78,8 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_memory_bytes: int | None = None,
-                 gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True) -> None:
+                 gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
+                 enforce_eager: bool = False) -> None:
         t0 = time.perf_counter()
         self.source: ModelSource = resolve_model(model, load_format)
         spec = self.source.spec
@@ -97,6 +98,7 @@ class LLM:
             max_model_len=max_model_len, num_kv_blocks=num_kv_blocks,
             kv_cache_memory_bytes=kv_cache_memory_bytes or EngineConfig.kv_cache_memory_bytes,
             gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
+            enforce_eager=enforce_eager,
         )
         num_blocks = num_kv_blocks or self._kv_blocks_from_memory(config)
         self.engine = LLMEngine(self.model, spec, self.tokenizer, config, self.device, self.dtype, num_blocks)
@@ -119,6 +121,8 @@ class LLM:
             torch.set_default_dtype(previous)
         model.eval()
         self.load_report = load_weights(model, self.source.iter_weights(model, self.dtype, seed))
+        if self.device.type == "cuda" and hasattr(model, "fuse_projections"):
+            model.fuse_projections()
         return model
 
     def _kv_blocks_from_memory(self, config: EngineConfig) -> int:
@@ -209,7 +213,7 @@ class LLM:
 
             bar = tqdm(total=len(ids), desc="generate", unit="req", file=sys.stderr)
         while self.engine.has_unfinished_requests():
-            for output in self.engine.step():
+            for output in self.engine.step(report_unfinished=False):
                 if output.finished:
                     results[output.request_id] = output
                     if bar is not None:

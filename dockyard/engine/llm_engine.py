@@ -41,6 +41,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_cache_memory_bytes: int = 1 << 30  # CPU budget for the KV pool
     gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False  # CUDA: never capture decode steps in CUDA graphs
 
 
 @dataclass
@@ -63,7 +64,9 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or spec.max_model_len
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, spec, num_blocks, config.block_size, device, dtype)
+        self.runner = ModelRunner(model, spec, num_blocks, config.block_size, device, dtype,
+                                  max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
+                                  enforce_eager=config.enforce_eager)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self.metrics = EngineMetrics()
@@ -148,8 +151,9 @@ class LLMEngine:
         }
 
     # ---- the loop ----
-    def step(self) -> list[RequestOutput]:
-        """Schedule, run the model, append tokens, and report every request that changed."""
+    def step(self, report_unfinished: bool = True) -> list[RequestOutput]:
+        """Schedule, run the model, append tokens, and report every request that changed (only the
+        ones that finished with ``report_unfinished=False``: building outputs costs host time)."""
         batch = self.scheduler.schedule()
         ended = self._finish_out_of_blocks()
         if not batch:
@@ -168,10 +172,14 @@ class LLMEngine:
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.on_computed(seq)
         touched: dict[str, _Request] = {}
+        # One device-to-host copy for the step's tokens (and their logprobs when any request wants them).
+        tokens = out.token_ids.tolist() if sampled else []
+        want_logprobs = any(item.seq.params.logprobs is not None for item in sampled)
+        token_logprobs = out.logprobs.tolist() if want_logprobs and out.logprobs is not None else None
         now = time.monotonic()
         for row, item in enumerate(sampled):
             seq = item.seq
-            token = int(out.token_ids[row])
+            token = tokens[row]
             seq.output_token_ids.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -179,20 +187,20 @@ class LLMEngine:
             else:
                 self.metrics.observe_itl(now - seq.last_token_time)
             seq.last_token_time = now
-            if out.logprobs is not None and seq.params.logprobs is not None:
-                entry = {token: float(out.logprobs[row])}
+            if token_logprobs is not None and seq.params.logprobs is not None:
+                entry = {token: token_logprobs[row]}
                 if out.top_token_ids is not None:
                     k = seq.params.logprobs
                     for tid, lp in zip(out.top_token_ids[row, :k].tolist(), out.top_logprobs[row, :k].tolist()):
                         entry.setdefault(tid, lp)
                 seq.output_logprobs.append(entry)
-                seq.cumulative_logprob += float(out.logprobs[row])
+                seq.cumulative_logprob += token_logprobs[row]
             self.metrics.generation_tokens += 1
             self._check_stop(seq, token)
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
             req = self.requests.get(seq.request_id)
-            if req is not None:
+            if req is not None and (report_unfinished or seq.finish_reason is not None):
                 touched[req.request_id] = req
         return ended + self._outputs(touched.values())
 

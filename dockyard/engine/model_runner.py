@@ -8,6 +8,9 @@ Prompt logprobs: for a sequence that computes them, every prompt row of the step
 not known yet (row ``p`` scores prompt token ``p + 1``) also goes through ``compute_logits``, in
 chunks of rows so that at most ~``PROMPT_LOGITS_CHUNK_ELEMENTS`` logits exist at a time; they
 are log-softmaxed in float32 as the model gives them (no penalties, no temperature).
+
+On CUDA, decode-only steps replay a captured CUDA graph of the forward (:mod:`.cuda_graphs`)
+unless ``enforce_eager`` is set or the model cannot be captured; every other step runs eagerly.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dockyard.engine.cuda_graphs import DecodeGraphs, decode_split_shape, graph_batch_sizes, why_not_capturable
 from dockyard.engine.sampler import Sampler, SamplerOutput, SamplingBatch, apply_penalties
 from dockyard.engine.scheduler import ScheduledSeq
 from dockyard.engine.sequence import Sequence
@@ -79,7 +83,8 @@ class ModelRunner:
     """Runs the model over paged KV for the scheduler's batches."""
 
     def __init__(self, model: nn.Module, spec: ModelSpec, num_blocks: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, *, max_num_seqs: int = 64,
+                 max_model_len: int | None = None, enforce_eager: bool = False) -> None:
         self.model = model
         self.spec = spec
         self.device = device
@@ -88,8 +93,27 @@ class ModelRunner:
         self.sampler = Sampler()
         self.attention_layers = [m for m in model.modules() if isinstance(m, AttentionLayer)]
         entries, heads, dim = spec.kv_cache_layout
-        shape = (len(self.attention_layers), entries, num_blocks, block_size, heads, dim)
+        # On CUDA one more block than the block manager owns: the sink of captured batches' padding rows.
+        use_graphs = device.type == "cuda" and not enforce_eager
+        shape = (len(self.attention_layers), entries, num_blocks + int(use_graphs), block_size, heads, dim)
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self._bind_kv_cache()
+        self.graphs: DecodeGraphs | None = None
+        self.eager_reason = "enforce_eager" if enforce_eager else None
+        max_len = max_model_len or spec.max_model_len
+        self._split_sizes = graph_batch_sizes(max_num_seqs)
+        self._split_context = -(-max_len // block_size) * block_size
+        if use_graphs:
+            self.eager_reason = why_not_capturable(model, self.kv_cache, max_len)
+            if self.eager_reason is None:
+                self.graphs = DecodeGraphs(model, self.kv_cache, num_blocks, block_size, max_num_seqs, max_len)
+                self.graphs.capture()
+            else:
+                logger.info("decode steps run eagerly (no CUDA graphs): %s", self.eager_reason)
+
+    def _bind_kv_cache(self) -> None:
+        for i, layer in enumerate(self.attention_layers):
+            layer.kv_cache = self.kv_cache[i]
 
     def prepare(self, batch: list[ScheduledSeq]) -> StepInputs:
         """Flat inputs for ``batch``."""
@@ -119,7 +143,7 @@ class ModelRunner:
                     prompt_spans.append(PromptSpan(seq, first + 1, last - first, len(prompt_rows)))
                     prompt_rows.extend(range(base + first, base + last))
                     prompt_targets.extend(seq.prompt_token_ids[first + 1:last + 1])
-            input_ids.extend(seq.token_ids[start:end])
+            input_ids.extend(seq.tokens(start, end))
             positions.extend(range(start, end))
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
             query_lens.append(item.num_new_tokens)
@@ -150,17 +174,57 @@ class ModelRunner:
                 ) -> tuple[list[ScheduledSeq], SamplerOutput | None, PromptLogprobsOutput | None]:
         """Run one step; return the sequences that sampled, their sampler output, and the prompt
         logprobs computed in this step (None when no sequence needed any)."""
-        inputs = self.prepare(batch)
         # Bound every step, so several engines may take turns on one model (tests, onboarding).
-        for i, layer in enumerate(self.attention_layers):
-            layer.kv_cache = self.kv_cache[i]
+        self._bind_kv_cache()
+        if self.graphs is not None and self._graph_step(batch):
+            return self._execute_graph(batch)
+        inputs = self.prepare(batch)
+        if self.device.type == "cuda":
+            inputs.metadata.decode_split_shape = decode_split_shape(inputs.metadata.num_leading_decodes,
+                                                                    self._split_sizes, self._split_context)
         with forward_context(inputs.metadata):
             hidden = self.model(inputs.input_ids, inputs.positions)
         prompt_out = self._prompt_logprobs(hidden, inputs) if inputs.prompt_spans else None
         if not inputs.sampling:
             return [], None, prompt_out
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])
-        seqs = [item.seq for item in inputs.sampling]
+        return self._sample(self.model.compute_logits(hidden[inputs.sample_rows]), inputs.sampling, prompt_out)
+
+    def _graph_step(self, batch: list[ScheduledSeq]) -> bool:
+        """Whether a captured graph runs this step: every sequence decodes one token and samples it."""
+        assert self.graphs is not None
+        if not self.graphs.fits(len(batch)):
+            return False
+        for item in batch:
+            seq = item.seq
+            if item.num_new_tokens != 1 or not item.samples:
+                return False
+            if seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < len(seq.prompt_token_ids):
+                return False
+        return True
+
+    def _execute_graph(self, batch: list[ScheduledSeq]
+                       ) -> tuple[list[ScheduledSeq], SamplerOutput | None, PromptLogprobsOutput | None]:
+        assert self.graphs is not None
+        bs = self.block_size
+        ids, positions, slots, lens, tables = [], [], [], [], []
+        for item in batch:
+            seq = item.seq
+            p = seq.num_computed_tokens
+            ids.append(seq.tokens(p, p + 1)[0])
+            positions.append(p)
+            slots.append(seq.block_table[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            tables.append(seq.block_table)
+        logits, argmax = self.graphs.run(ids, positions, slots, lens, tables)
+        if all(item.seq.params.plain_greedy and len(item.seq.output_token_ids) >= item.seq.params.min_tokens
+               for item in batch):
+            return batch, SamplerOutput(argmax, None), None
+        return self._sample(logits, batch, None)
+
+    def _sample(self, logits: torch.Tensor, sampling: list[ScheduledSeq], prompt_out: PromptLogprobsOutput | None
+                ) -> tuple[list[ScheduledSeq], SamplerOutput | None, PromptLogprobsOutput | None]:
+        """The sampler over the sampling rows' float32 logits [len(sampling), vocab]."""
+        seqs = [item.seq for item in sampling]
         params = [s.params for s in seqs]
         sampling_batch = SamplingBatch.build(params, [s.generator for s in seqs], logits.device)
         self._mask_stops_before_min_tokens(logits, seqs)
@@ -170,7 +234,7 @@ class ModelRunner:
         num_logprobs = max((p.logprobs or 0) for p in params)
         want_logprobs = any(p.logprobs is not None for p in params)
         out = self.sampler(logits, sampling_batch, num_logprobs=num_logprobs if want_logprobs else 0)
-        return inputs.sampling, out, prompt_out
+        return sampling, out, prompt_out
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> PromptLogprobsOutput:
         """log_softmax (float32) of the logits of ``inputs.prompt_rows``, a chunk of rows at a time."""

@@ -151,3 +151,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         """True when the request decodes greedily (temperature below 1e-5, as in vLLM)."""
         return self.temperature < GREEDY_TEMPERATURE_EPS
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that changes the argmax or asks more of the sampler: no penalties, no
+        logprobs (then the token is the argmax of the raw logits, taken on the device in the step)."""
+        return (self.greedy and self.logprobs is None and self.repetition_penalty == 1
+                and self.presence_penalty == 0 and self.frequency_penalty == 0)

@@ -39,6 +39,17 @@ def make_norm(spec: ModelSpec, size: int) -> RMSNorm:
     return RMSNorm(size, spec.rms_norm_eps, one_plus=spec.norm_type == "rms_one_plus")
 
 
+def _concat_linears(linears: list[nn.Linear]) -> nn.Linear:
+    """One Linear whose output is the outputs of ``linears`` side by side."""
+    first = linears[0]
+    has_bias = first.bias is not None
+    fused = nn.Linear(first.in_features, sum(lin.out_features for lin in linears), bias=has_bias, device="meta")
+    fused.weight = nn.Parameter(torch.cat([lin.weight.detach() for lin in linears]), requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([lin.bias.detach() for lin in linears]), requires_grad=False)
+    return fused
+
+
 class LlamaAttention(nn.Module):
     """q/k/v projections → [q/k norm] → rotary → attention over the KV cache → output projection."""
 
@@ -140,6 +151,9 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         x, m = hidden_states, self.residual_multiplier
+        if self.fusable:
+            out, residual = self.forward_fused(positions, x, None)
+            return out + residual
         if self.placement == "pre":
             x = x + self.self_attn(positions, self.input_layernorm(x)) * m
             return x + self.mlp(self.post_attention_layernorm(x)) * m
@@ -148,6 +162,26 @@ class LlamaDecoderLayer(nn.Module):
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))) * m
         x = x + self.post_attention_layernorm(self.self_attn(positions, x)) * m
         return x + self.post_feedforward_layernorm(self.mlp(x)) * m
+
+    @property
+    def fusable(self) -> bool:
+        """Whether :meth:`forward_fused` applies (pre-norm, no residual multiplier)."""
+        return self.placement == "pre" and self.residual_multiplier == 1.0
+
+    def forward_fused(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pre-norm layer with its residual adds fused into the norms that follow them.
+
+        Takes the previous layer's MLP output ``x`` and the residual stream before it was added
+        (None for the first layer, whose input is the stream); returns this layer's MLP output and
+        the stream before it is added: the next layer (or the final norm) adds it while normalizing.
+        """
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual=residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(positions, h), residual=residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -168,6 +202,11 @@ class LlamaModel(nn.Module):
             hidden_states = hidden_states * torch.tensor(self.embedding_multiplier, dtype=hidden_states.dtype)
         elif self.embedding_multiplier != 1.0:
             hidden_states = hidden_states * self.embedding_multiplier
+        if all(isinstance(layer, LlamaDecoderLayer) and layer.fusable for layer in self.layers):
+            residual = None
+            for layer in self.layers:
+                hidden_states, residual = layer.forward_fused(positions, hidden_states, residual)
+            return self.norm(hidden_states, residual=residual)[0]
         for layer in self.layers:
             hidden_states = layer(positions, hidden_states)
         return self.norm(hidden_states)
@@ -209,6 +248,18 @@ class LlamaForCausalLM(nn.Module):
             if name.startswith(prefix):
                 return ours + name[len(prefix):]
         return name
+
+    def fuse_projections(self) -> None:
+        """Concatenate each attention's q/k/v and each MLP's gate/up weights into one matmul (done after
+        loading, on the GPU: one wide matmul reads its weights faster than three narrow ones and
+        launches once). The forward passes already handle the fused layout (Phi-3 ships it)."""
+        for module in self.modules():
+            if isinstance(module, LlamaAttention) and not hasattr(module, "qkv_proj"):
+                module.qkv_proj = _concat_linears([module.q_proj, module.k_proj, module.v_proj])
+                del module.q_proj, module.k_proj, module.v_proj
+            elif isinstance(module, LlamaMLP) and not hasattr(module, "gate_up_proj"):
+                module.gate_up_proj = _concat_linears([module.gate_proj, module.up_proj])
+                del module.gate_proj, module.up_proj
 
     # ---- the model ----
     def rotary_for_layer(self, layer: int) -> RotaryEmbedding:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dockyard.errors import ConfigError
+from dockyard.ops.dispatch import fused_ops_enabled
 
 _ACTIVATIONS = {
     "silu": F.silu,
@@ -26,5 +27,10 @@ def get_activation(name: str):  # noqa: ANN201 - returns a tensor function
 
 
 def act_and_mul(gate: torch.Tensor, up: torch.Tensor, act: str = "silu") -> torch.Tensor:
-    """act(gate) * up — the MLP gating of Llama-style models (SiLU-and-mul for ``act='silu'``)."""
+    """act(gate) * up — the MLP gating of Llama-style models (SiLU-and-mul for ``act='silu'``, one
+    Triton kernel on CUDA)."""
+    if act == "silu" and gate.dim() == 2 and fused_ops_enabled(gate):
+        from dockyard.ops.triton_fused import silu_and_mul
+
+        return silu_and_mul(gate, up)
     return get_activation(act)(gate) * up

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass
@@ -35,10 +36,23 @@ class AttentionMetadata:
     seq_lens: list[int]  # context length per sequence after this step (cached + new)
     block_size: int
     seq_lens_tensor: torch.Tensor | None = None  # seq_lens on the device (the batched decode path uses it)
+    # (batch, context) the Triton decode kernel sizes its split-K from, instead of the batch and the block
+    # table's width: the runner gives an eager step the shape its CUDA graph would have, so both sum alike.
+    decode_split_shape: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        # Sequences at the front of the batch with one new token each (the scheduler puts running
+        # sequences first): a mixed batch runs them as one decode batch.
+        n = 0
+        for q_len in self.query_lens:
+            if q_len != 1:
+                break
+            n += 1
+        self.num_leading_decodes = n
 
     @property
     def is_decode_only(self) -> bool:
-        return len(self.query_lens) == len(self.slot_mapping)
+        return self.num_leading_decodes == len(self.query_lens)
 
 
 _CONTEXT: AttentionMetadata | None = None
@@ -56,13 +70,11 @@ def forward_context(metadata: AttentionMetadata | None) -> Iterator[None]:
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store the new tokens' keys and values at their slots (slots < 0 are skipped)."""
+    """Store the new tokens' keys and values at their slots (every slot valid: a padded row of a
+    captured batch writes to a block no sequence owns). No host synchronization."""
     num_kv_heads, head_dim = k.shape[-2:]
     keys = kv_cache[0].view(-1, num_kv_heads, head_dim)
     values = kv_cache[1].view(-1, num_kv_heads, head_dim)
-    valid = slot_mapping >= 0
-    if not bool(valid.all()):
-        k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
     keys.index_copy_(0, slot_mapping, k.to(keys.dtype))
     values.index_copy_(0, slot_mapping, v.to(values.dtype))
 
@@ -99,6 +111,20 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     """
     q_len, k_len = q.shape[0], k.shape[0]
     groups = q.shape[1] // k.shape[1]
+    if softcap is None and sinks is None and (sliding_window is None or k_len <= sliding_window):
+        # Plain causal attention goes to SDPA's fused kernels (flash attention on a GPU), never
+        # materializing the scores: a whole prompt is causal, one query sees everything, and a
+        # chunk after a cached prefix is causal aligned to the bottom-right corner (query i sees
+        # keys up to k_len - q_len + i).
+        # Grouped heads are repeated: with enable_gqa, SDPA on CUDA falls back to its math kernel.
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        mask = None if q_len == k_len or q_len == 1 else causal_lower_right(q_len, k_len)
+        # [1, heads, L, D]: the fused kernels take 4-D inputs only (3-D goes to the math kernel).
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                             v.transpose(0, 1)[None], attn_mask=mask,
+                                             is_causal=q_len > 1 and mask is None, scale=scale)
+        return out[0].transpose(0, 1)
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
@@ -166,25 +192,47 @@ def paged_attention(
 ) -> torch.Tensor:
     """Attention for a mixed batch: each sequence's queries over its cached context.
 
-    Decode-only batches go to the Triton kernel on CUDA (see :func:`decode_backend`); everything
-    else, and every batch on the CPU, takes the reference path.
+    The sequences at the front of the batch that decode one token go to the Triton kernel on CUDA
+    (see :func:`decode_backend`) as one batch; the others (prompts, chunks of prompts), and every
+    batch on the CPU, take the reference path one sequence at a time (a whole uncached prompt is
+    causal SDPA).
     """
-    if metadata.is_decode_only and metadata.seq_lens_tensor is not None:
+    num_decodes = metadata.num_leading_decodes
+    start = 0
+    out = q.new_empty(*q.shape[:2], kv_cache.shape[-1])
+    if num_decodes and metadata.seq_lens_tensor is not None:
         if decode_backend(q, kv_cache) == "triton":
             from dockyard.ops.triton_attention import paged_decode_attention
 
-            return paged_decode_attention(q, kv_cache, metadata.block_tables, metadata.seq_lens_tensor, scale,
-                                          sliding_window, softcap, sinks)
-        if len(metadata.query_lens) > 1:
+            decoded = paged_decode_attention(q[:num_decodes], kv_cache, metadata.block_tables[:num_decodes],
+                                             metadata.seq_lens_tensor[:num_decodes], scale, sliding_window,
+                                             softcap, sinks, num_splits=_decode_splits(metadata, kv_cache,
+                                                                                       sliding_window))
+            if num_decodes == len(metadata.query_lens):
+                return decoded
+            out[:num_decodes] = decoded
+            start = num_decodes
+        elif metadata.is_decode_only and num_decodes > 1:
             return _decode_attention(q, kv_cache, metadata, scale, sliding_window, softcap, sinks)
-    out = q.new_empty(*q.shape[:2], kv_cache.shape[-1])
-    start = 0
-    for i, q_len in enumerate(metadata.query_lens):
+    for i in range(start, len(metadata.query_lens)):
+        q_len = metadata.query_lens[i]
         k = gather_context(kv_cache[0], metadata, i).to(q.dtype)
         v = gather_context(kv_cache[1], metadata, i).to(q.dtype)
         out[start:start + q_len] = _attend(q[start:start + q_len], k, v, scale, sliding_window, softcap, sinks)
         start += q_len
     return out
+
+
+def _decode_splits(metadata: AttentionMetadata, kv_cache: torch.Tensor, sliding_window: int | None) -> int | None:
+    """The kernel's split count for ``metadata.decode_split_shape`` (None: the kernel's own default)."""
+    if metadata.decode_split_shape is None:
+        return None
+    from dockyard.ops.triton_attention import default_num_splits
+
+    batch, context = metadata.decode_split_shape
+    if sliding_window is not None:
+        context = min(context, sliding_window)
+    return default_num_splits(batch, kv_cache.shape[-2], context, kv_cache.device)
 
 
 def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,

@@ -68,12 +68,9 @@ def deinterleave(x: torch.Tensor) -> torch.Tensor:
 def write_latent_cache(latent: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Store the new tokens' latents [T, dim] at their slots of an MLA cache [1, blocks, block_size, 1, dim].
 
-    Slots < 0 are skipped.
+    Every slot must be valid (as for :func:`~dockyard.ops.attention.write_kv_cache`).
     """
     entries = kv_cache[0].view(-1, kv_cache.shape[-1])
-    valid = slot_mapping >= 0
-    if not bool(valid.all()):
-        latent, slot_mapping = latent[valid], slot_mapping[valid]
     entries.index_copy_(0, slot_mapping, latent.to(entries.dtype))
 
 

@@ -1,13 +1,16 @@
-"""RMSNorm, the reference version (statistics in float32, like the HF implementations).
+"""RMSNorm (statistics in float32, like the HF implementations); one fused Triton kernel on CUDA.
 
 Two weightings exist: Llama's ``x̂ · w`` (w starts at 1) and Gemma's ``x̂ · (1 + w)`` (w starts at 0,
-applied in float32); ``one_plus`` picks the second.
+applied in float32); ``one_plus`` picks the second. The PyTorch expression below is the reference
+and the CPU path; :func:`dockyard.ops.triton_fused.rms_norm` computes the same on the GPU.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from dockyard.ops.dispatch import fused_ops_enabled
 
 
 class RMSNorm(nn.Module):
@@ -23,6 +26,10 @@ class RMSNorm(nn.Module):
         torch.Tensor, torch.Tensor
     ]:
         """Normalize ``x``; with ``residual``, first add it and also return the sum (fused-op shape)."""
+        if fused_ops_enabled(x):
+            from dockyard.ops.triton_fused import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, self.one_plus, residual)
         if residual is not None:
             x = x + residual
             residual = x

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from dockyard.errors import ConfigError
+from dockyard.ops.dispatch import fused_ops_enabled
 from dockyard.spec import ROPE_TYPES, RopeSpec
 
 
@@ -205,6 +206,8 @@ class RotaryEmbedding(nn.Module):
             table_len = self.dynamic_threshold
         self.inv_freq = inv_freq
         self.cos_table, self.sin_table = self._tables(table_len)
+        # Set by reserve(): callers promise positions below it, so a plain table is indexed with no host sync.
+        self.reserved_positions = 0
 
     def extra_repr(self) -> str:
         return (f"rope_type={self.rope.rope_type!r}, theta={self.rope.theta}, head_dim={self.head_dim}, "
@@ -226,16 +229,40 @@ class RotaryEmbedding(nn.Module):
         assert orig_len is not None
         return rope.theta * ((rope.factor * seq_len / orig_len) - (rope.factor - 1)) ** (dim / (dim - 2))
 
+    @property
+    def position_independent(self) -> bool:
+        """True when a token's rotation depends on its position alone (not dynamic NTK, not longrope)."""
+        return self.dynamic_threshold is None and self.longrope_threshold is None
+
+    def reserve(self, num_positions: int) -> bool:
+        """Promise that positions stay below ``num_positions`` (the engine's max_model_len).
+
+        For a position-independent rope the table is grown to cover them once, and from then on
+        :meth:`cos_sin` makes no host synchronization, so a forward pass can be captured in a CUDA
+        graph. Returns whether that holds (dynamic NTK and longrope read the largest position).
+        """
+        if not self.position_independent:
+            return False
+        if num_positions > self.cos_table.shape[0]:
+            self.cos_table, self.sin_table = self._tables(num_positions)
+        self.reserved_positions = num_positions
+        return True
+
+    def _tables_to(self, device: torch.device) -> None:
+        if self.inv_freq.device != device:
+            self.inv_freq = self.inv_freq.to(device)
+            self.cos_table = self.cos_table.to(device)
+            self.sin_table = self.sin_table.to(device)
+            if self.long_inv_freq is not None and self.long_cos is not None and self.long_sin is not None:
+                self.long_inv_freq = self.long_inv_freq.to(device)
+                self.long_cos = self.long_cos.to(device)
+                self.long_sin = self.long_sin.to(device)
+
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [T, rotary_dim / 2], float32, for ``positions`` [T]."""
-        if self.inv_freq.device != positions.device:
-            self.inv_freq = self.inv_freq.to(positions.device)
-            self.cos_table = self.cos_table.to(positions.device)
-            self.sin_table = self.sin_table.to(positions.device)
-            if self.long_inv_freq is not None and self.long_cos is not None and self.long_sin is not None:
-                self.long_inv_freq = self.long_inv_freq.to(positions.device)
-                self.long_cos = self.long_cos.to(positions.device)
-                self.long_sin = self.long_sin.to(positions.device)
+        self._tables_to(positions.device)
+        if self.reserved_positions and self.position_independent:
+            return self.cos_table[positions], self.sin_table[positions]
         # One host sync: dynamic NTK and longrope depend on it, and the table may need to grow.
         seq_len = int(positions.max()) + 1 if positions.numel() else 0
         if self.longrope_threshold is not None and seq_len > self.longrope_threshold:
@@ -261,7 +288,15 @@ class RotaryEmbedding(nn.Module):
         positions: [T] int64, tokens of several sequences concatenated, in any order;
         q: [T, num_q_heads, head_dim]; k: [T, num_kv_heads, head_dim].
         """
-        cos, sin = self.cos_sin(positions.to(q.device))
+        positions = positions.to(q.device)
+        if self.reserved_positions and self.position_independent and fused_ops_enabled(q):
+            # One Triton kernel per tensor, rotating in place (q and k are fresh projections).
+            from dockyard.ops.triton_fused import rotary_in_place
+
+            self._tables_to(q.device)
+            return (rotary_in_place(q, positions, self.cos_table, self.sin_table, self.rotary_dim),
+                    rotary_in_place(k, positions, self.cos_table, self.sin_table, self.rotary_dim))
+        cos, sin = self.cos_sin(positions)
         return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
 
 

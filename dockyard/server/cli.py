@@ -34,6 +34,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together (default 64)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     p.add_argument("--seed", type=int, default=0, help="seed of dummy weights")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run every step eagerly (no CUDA graphs for decode steps)")
     return p
 
 

@@ -63,6 +63,7 @@ def build(seq_lens, query_lens, num_blocks=32, seed=0):
 @pytest.mark.parametrize(("seq_lens", "query_lens"), [
     ([9, 1, 14, 7], [1, 1, 1, 1]),  # decode-only batch (the batched path)
     ([9, 12, 6], [9, 3, 1]),  # prefill + chunked prefill + decode in one step
+    ([9, 1, 14, 12, 6], [1, 1, 1, 12, 3]),  # decodes first (the scheduler's order), a whole prompt, a chunk
 ])
 def test_paged_attention_matches_float64(seq_lens, query_lens, window):
     cache, meta, qs, ks, vs = build(seq_lens, query_lens)

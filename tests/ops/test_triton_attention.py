@@ -7,39 +7,18 @@ Skipped when Triton is not installed.
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 
 from dockyard.ops import attention
 from dockyard.ops.attention import AttentionMetadata, _decode_attention, paged_attention
+from tests.helpers import import_kernels
 
 triton = pytest.importorskip("triton")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRET = DEVICE.type == "cpu"
-
-
-def _import_kernels():
-    """Import the kernel module, in the interpreter's mode on the CPU (reloaded if imported otherwise)."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    if INTERPRET:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        module = importlib.import_module("dockyard.ops.triton_attention")
-        if module._INTERPRETED != INTERPRET:
-            module = importlib.reload(module)
-        return module
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-
-
-ta = _import_kernels()
+ta = import_kernels("dockyard.ops.triton_attention", INTERPRET)
 BS = 16  # block size (tokens per KV block)
 
 
@@ -219,3 +198,33 @@ def test_paged_attention_backend_switch(monkeypatch):
             paged_attention(q, cache, meta, 0.125)
     else:
         assert attention.decode_backend(q, cache) == "triton"
+
+
+def test_mixed_batch_runs_its_leading_decodes_in_the_kernel(monkeypatch):
+    """A step with decodes first (the scheduler's order), then a whole prompt and a prompt chunk after
+    a cached prefix: the decodes go to the kernel in one call, the rest to the reference path."""
+    gen = torch.Generator().manual_seed(23)
+    seq_lens, query_lens = [40, 17, 83, 30, 50], [1, 1, 1, 30, 8]
+    needed = [-(-n // BS) for n in seq_lens]
+    cache = torch.randn(2, sum(needed) + 3, BS, 2, 64, generator=gen)
+    pool = torch.randperm(cache.shape[1], generator=gen).tolist()
+    width = max(needed)
+    tables = [[pool.pop() for _ in range(nb)] for nb in needed]
+    slots = [t[p // BS] * BS + p % BS for t, n, ql in zip(tables, seq_lens, query_lens) for p in range(n - ql, n)]
+    meta = AttentionMetadata(torch.tensor(slots, device=DEVICE),
+                             torch.tensor([t + [0] * (width - len(t)) for t in tables], device=DEVICE),
+                             query_lens, seq_lens, BS, torch.tensor(seq_lens, device=DEVICE))
+    assert meta.num_leading_decodes == 3 and not meta.is_decode_only
+    q, cache = torch.randn(sum(query_lens), 8, 64, generator=gen).to(DEVICE), cache.to(DEVICE)
+    monkeypatch.setenv(attention.BACKEND_ENV, "reference")
+    ref = paged_attention(q.double(), cache.double(), meta, 0.125)
+    calls = []
+    monkeypatch.setattr(ta, "paged_decode_attention",
+                        lambda q, *args, **kwargs: calls.append(q.shape[0]) or KERNEL(q, *args, **kwargs))
+    monkeypatch.setenv(attention.BACKEND_ENV, "triton")
+    out = paged_attention(q, cache, meta, 0.125)
+    assert calls == [3]
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+KERNEL = ta.paged_decode_attention

@@ -1,0 +1,163 @@
+"""CUDA graphs for decode steps: the model's forward over a batch of one-token sequences, captured
+once per batch size at start-up and replayed, so a step costs one launch instead of hundreds.
+
+A decode step at small batch is bound by reading the weights; launching each layer's dozen
+kernels from Python costs more than the kernels themselves. The graph covers the forward, the
+logits and their argmax: a greedy batch needs nothing else from the GPU. Capturing needs a forward with no host
+synchronization and shapes that depend only on the batch size: the Triton decode kernel (grids from
+shapes), the KV-cache write (``index_copy_`` at device slots), rotary tables reserved up to
+``max_model_len`` (:meth:`RotaryEmbedding.reserve`). A batch of ``n`` sequences replays the graph
+of the smallest captured size ``>= n``; the padding rows decode token 0 at position 0 with a
+context of one token held in a *sink block*, an extra KV block that the block manager never hands
+out, so they write nowhere that matters and their outputs are dropped.
+
+Models whose forward cannot be captured (MoE routing reads expert counts on the host, MLA's
+reference attention, dynamic-NTK and longrope rotary) run eagerly; the reason is logged once.
+``enforce_eager`` turns graphs off entirely.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from dockyard.ops.attention import Attention, AttentionMetadata, decode_backend, forward_context
+from dockyard.ops.rotary import RotaryEmbedding
+
+logger = logging.getLogger(__name__)
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """Batch sizes to capture: 1, 2, 4, 8, then every 16 up to ``max_num_seqs`` (always included)."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
+    sizes += list(range(16, max_num_seqs, 16))
+    return sorted(set(sizes + [max_num_seqs]))
+
+
+def decode_split_shape(num_decodes: int, sizes: list[int], max_context: int) -> tuple[int, int]:
+    """(batch, context) the decode kernel splits by for ``num_decodes`` sequences: the captured size
+    that would run them and the widest context. Eager steps on CUDA use the same (with or without
+    graphs), so a sequence's attention sums in the same order either way and greedy tokens agree."""
+    return next((b for b in sizes if b >= num_decodes), num_decodes), max_context
+
+
+def why_not_capturable(model: nn.Module, kv_cache: torch.Tensor, max_model_len: int) -> str | None:
+    """None when the decode forward of ``model`` can be captured, else the reason in words.
+
+    Reserves the rotary tables up to ``max_model_len`` as a side effect (that is what makes them
+    capturable)."""
+    if kv_cache.device.type != "cuda":
+        return f"the model runs on {kv_cache.device.type}, not CUDA"
+    attention = [m for m in model.modules() if isinstance(m, Attention)]
+    if not attention or any(type(m) is not Attention for m in attention):
+        return "its attention is not the standard paged attention op (e.g. MLA)"
+    if any(hasattr(m, "experts") for m in model.modules()):
+        return "MoE routing reads per-expert token counts on the host"
+    if kv_cache.dim() != 6 or kv_cache.shape[1] != 2:
+        return f"its KV cache layout {tuple(kv_cache.shape)} is not per-head K and V"
+    probe_q = torch.empty(1, attention[0].num_heads, attention[0].head_dim, dtype=kv_cache.dtype,
+                          device=kv_cache.device)
+    if decode_backend(probe_q, kv_cache[0]) != "triton":
+        return "the Triton decode kernel is not available (the reference decode path gathers whole block tables)"
+    for rotary in (m for m in model.modules() if isinstance(m, RotaryEmbedding)):
+        if not rotary.reserve(max_model_len):
+            return f"its rotary embedding ({rotary.rope.rope_type}) depends on the largest position of a step"
+    return None
+
+
+class DecodeGraphs:
+    """Captured decode forwards, one per batch size of :func:`graph_batch_sizes`.
+
+    ``run(...)`` copies a step's inputs into the static buffers, replays the graph of the smallest
+    size that fits and returns the hidden states of the real rows.
+    """
+
+    def __init__(self, model: nn.Module, kv_cache: torch.Tensor, sink_block: int, block_size: int,
+                 max_num_seqs: int, max_model_len: int) -> None:
+        self.model = model
+        self.device = kv_cache.device
+        self.block_size = block_size
+        self.sink_block = sink_block
+        self.sizes = graph_batch_sizes(max_num_seqs)
+        self.max_batch = self.sizes[-1]
+        self.max_blocks = -(-max_model_len // block_size)
+        dev = self.device
+        # Rows: input ids, positions, slots, context lengths (one host→device copy per step).
+        self.inputs = torch.zeros(4, self.max_batch, dtype=torch.long, device=dev)
+        self.block_tables = torch.full((self.max_batch, self.max_blocks), sink_block, dtype=torch.long, device=dev)
+        # Pinned staging buffers, written through numpy views (fast from Python lists), copied asynchronously.
+        self._host = torch.zeros(4, self.max_batch, dtype=torch.long, pin_memory=True)
+        self._host_tables = torch.full((self.max_batch, self.max_blocks), sink_block, dtype=torch.long,
+                                       pin_memory=True)
+        self._host_np = self._host.numpy()
+        self._host_tables_np = self._host_tables.numpy()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # (logits, argmax) per size
+        self.pool = None
+
+    def _metadata(self, batch: int) -> AttentionMetadata:
+        splits = decode_split_shape(batch, self.sizes, self.max_blocks * self.block_size)
+        return AttentionMetadata(slot_mapping=self.inputs[2, :batch], block_tables=self.block_tables[:batch],
+                                 query_lens=[1] * batch, seq_lens=[1] * batch, block_size=self.block_size,
+                                 seq_lens_tensor=self.inputs[3, :batch], decode_split_shape=splits)
+
+    def _pad(self, start: int, end: int) -> None:
+        """Rows start..end-1 decode token 0 at position 0 into the sink block, with a context of one."""
+        self.inputs[0:2, start:end] = 0
+        self.inputs[2, start:end] = self.sink_block * self.block_size
+        self.inputs[3, start:end] = 1
+        self.block_tables[start:end, 0] = self.sink_block
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every batch size, largest first (the smaller graphs reuse its memory pool)."""
+        t0 = time.perf_counter()
+        self._pad(0, self.max_batch)
+        for batch in reversed(self.sizes):
+            ids, positions = self.inputs[0, :batch], self.inputs[1, :batch]
+            metadata = self._metadata(batch)
+            with forward_context(metadata):
+                self._step(ids, positions)  # warm-up: Triton compiles, allocator settles
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = self._step(ids, positions)
+            if self.pool is None:
+                self.pool = graph.pool()
+            self.graphs[batch] = graph
+            self.outputs[batch] = out
+        torch.cuda.synchronize(self.device)
+        logger.info("captured decode CUDA graphs for batch sizes %s in %.1fs", self.sizes, time.perf_counter() - t0)
+
+    def _step(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model.compute_logits(self.model(ids, positions))
+        return logits, logits.argmax(dim=-1)
+
+    def fits(self, batch: int) -> bool:
+        return 0 < batch <= self.max_batch
+
+    def run(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
+            tables: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 logits [n, vocab] and their argmax [n] for a decode batch of n = len(input_ids)
+        sequences (views of the graph's output buffers: valid until the next replay)."""
+        n = len(input_ids)
+        batch = next(b for b in self.sizes if b >= n)
+        host = self._host_np
+        host[0, :n] = input_ids
+        host[1, :n] = positions
+        host[2, :n] = slots
+        host[3, :n] = seq_lens
+        width = max(len(t) for t in tables)
+        rows = self._host_tables_np
+        for i, table in enumerate(tables):  # entries past a row's length are never read
+            rows[i, :len(table)] = table
+        self.inputs[:, :n].copy_(self._host[:, :n], non_blocking=True)
+        self.block_tables[:n, :width].copy_(self._host_tables[:n, :width], non_blocking=True)
+        if batch > n:
+            self._pad(n, batch)
+        self.graphs[batch].replay()
+        logits, tokens = self.outputs[batch]
+        return logits[:n], tokens[:n]

@@ -1,0 +1,86 @@
+"""CUDA graphs for decode steps: captured replays give what the same engine gives eagerly.
+
+On the CPU the engine never captures (checked here, with the rotary reservation that makes a
+forward capturable); the graph-versus-eager comparison runs where a GPU is.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from dockyard import LLM, SamplingParams
+from dockyard.engine.cuda_graphs import graph_batch_sizes
+from dockyard.ops.rotary import get_rope
+from dockyard.spec import RopeSpec
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+
+
+def test_graph_batch_sizes():
+    assert graph_batch_sizes(1) == [1]
+    assert graph_batch_sizes(8) == [1, 2, 4, 8]
+    assert graph_batch_sizes(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert graph_batch_sizes(100)[-3:] == [80, 96, 100]  # the cap itself is always a size
+
+
+def test_cpu_runs_eagerly(bundled_llm):
+    runner = bundled_llm.engine.runner
+    assert runner.graphs is None
+    assert runner.kv_cache.shape[2] == runner.num_blocks  # no sink block without graphs
+
+
+@pytest.mark.parametrize(("rope", "capturable"), [
+    (RopeSpec(rope_type="default", theta=10000.0), True),
+    (RopeSpec(rope_type="llama3", theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=64), True),
+    (RopeSpec(rope_type="dynamic", theta=10000.0, factor=2.0, original_max_position_embeddings=64), False),
+])
+def test_rotary_reserve(rope, capturable):
+    """Reserved tables give the same rotation as the general path, past the constructed length too."""
+    reserved, general = get_rope(rope, 32, 64), get_rope(rope, 32, 64)
+    assert reserved.reserve(200) == capturable
+    positions = torch.tensor([0, 5, 63, 64, 150, 199])
+    q, k = torch.randn(6, 4, 32), torch.randn(6, 2, 32)
+    for a, b in zip(reserved(positions, q, k), general(positions, q, k)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _tiny_llama(tmp_path) -> str:
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
+              "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+              "vocab_size": 1024, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+              "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 256},
+              "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+@needs_cuda
+def test_graphs_equal_eager(tmp_path):
+    """Greedy tokens and their logprobs of a padded batch (5 sequences replay the graph of 8) and of
+    a lone sequence, with graphs and eagerly, in float32 on the same dummy weights."""
+    model = _tiny_llama(tmp_path)
+    kwargs = dict(load_format="dummy", device="cuda", dtype="float32", max_num_seqs=8, seed=3,
+                  kv_cache_memory_bytes=None, num_kv_blocks=256)
+    graphs = LLM(model, **kwargs)
+    assert graphs.engine.runner.graphs is not None, graphs.engine.runner.eager_reason
+    assert graphs.engine.runner.graphs.sizes == [1, 2, 4, 8]
+    eager = LLM(model, enforce_eager=True, **kwargs)
+    assert eager.engine.runner.graphs is None and eager.engine.runner.eager_reason == "enforce_eager"
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1024) for _ in range(n)] for n in (5, 17, 40, 3, 90)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=0)
+    for batch in (prompts, prompts[2:3]):
+        a = graphs.generate(batch, params, use_tqdm=False)
+        b = eager.generate(batch, params, use_tqdm=False)
+        for x, y in zip(a, b):
+            assert x.outputs[0].token_ids == y.outputs[0].token_ids
+            lx = [next(iter(e.values())) for e in x.outputs[0].logprobs]
+            ly = [next(iter(e.values())) for e in y.outputs[0].logprobs]
+            torch.testing.assert_close(torch.tensor(lx), torch.tensor(ly), atol=1e-4, rtol=1e-4)
