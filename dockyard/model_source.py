@@ -1,8 +1,8 @@
 """Resolve what the user named as MODEL into a spec, a weights source and a tokenizer.
 
 MODEL may be: nothing (the bundled SmolLM2-135M-Instruct GGUF), a ``.gguf`` file, a directory
-with ``config.json`` (+ safetensors, else dummy weights), or a ``config.json`` file (dummy
-weights at true shapes).
+with ``config.json`` (+ safetensors, FP8 ones dequantized on load, else dummy weights), or a
+``config.json`` file (dummy weights at true shapes).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class ModelSource:
     kind: str  # "gguf" | "safetensors" | "dummy"
     path: Path
     gguf: Any = None  # dockyard.weights.gguf.GGUFFile for kind == "gguf"
+    fp8: Any = None  # dockyard.weights.fp8.FP8Config for an FP8 safetensors checkpoint (dequantized on load)
 
     @property
     def has_real_weights(self) -> bool:
@@ -63,6 +64,10 @@ class ModelSource:
         if self.kind == "safetensors":
             from dockyard.weights.safetensors_dir import iter_safetensors
 
+            if self.fp8 is not None:
+                from dockyard.weights.fp8 import dequantize_fp8
+
+                return dequantize_fp8(iter_safetensors(self.path), self.fp8, dtype)
             return iter_safetensors(self.path)
         from dockyard.weights.dummy import iter_dummy
 
@@ -115,7 +120,7 @@ def resolve_model(model: str | Path | None = None, load_format: str = "auto") ->
     config = read_config_json(config_file)
     name = model_dir.resolve().name if config_file.name == "config.json" else config_file.stem
     spec = ModelSpec.from_hf_config(config, name=name)
-    kind = "dummy"
+    kind, fp8 = "dummy", None
     if load_format == "auto" and path.is_dir():
         from dockyard.weights.safetensors_dir import safetensors_files
 
@@ -124,9 +129,13 @@ def resolve_model(model: str | Path | None = None, load_format: str = "auto") ->
             quant = config.get("quantization_config")
             if isinstance(quant, dict):
                 method = quant.get("quant_method") or quant.get("fmt") or "unknown"
-                raise WeightsError(
-                    f"{model_dir} holds a quantized checkpoint (quantization_config.quant_method={method!r}), which "
-                    "dockyard cannot load yet; use an unquantized (bf16/fp16/fp32) checkpoint, or "
-                    "--load-format dummy to run the architecture on dummy weights"
-                )
-    return ModelSource(name=name, spec=spec, kind=kind, path=model_dir)
+                if method != "fp8":
+                    raise WeightsError(
+                        f"{model_dir} holds a quantized checkpoint (quantization_config.quant_method={method!r}), "
+                        "which dockyard cannot load yet; use an unquantized (bf16/fp16/fp32) checkpoint, or "
+                        "--load-format dummy to run the architecture on dummy weights"
+                    )
+                from dockyard.weights.fp8 import FP8Config
+
+                fp8 = FP8Config.from_quantization_config(quant, model_dir)
+    return ModelSource(name=name, spec=spec, kind=kind, path=model_dir, fp8=fp8)
