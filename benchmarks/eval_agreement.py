@@ -50,7 +50,9 @@ def _free_port() -> int:
 
 
 def _server_route(manager: Any, task: str, limit: int, tokenizer_dir: str) -> dict[str, Any]:
-    import httpx
+    import urllib.error
+    import urllib.request
+
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
     port = _free_port()
@@ -60,9 +62,10 @@ def _server_route(manager: Any, task: str, limit: int, tokenizer_dir: str) -> di
     try:
         for _ in range(600):
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.5)
         else:
