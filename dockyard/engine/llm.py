@@ -13,6 +13,7 @@ import itertools
 import logging
 import sys
 import time
+import weakref
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from pathlib import Path
@@ -70,8 +71,49 @@ def _skip_parameter_init() -> Iterator[None]:
         nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved  # type: ignore[method-assign]
 
 
+def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, seed: int = 0,
+               tp_rank: int = 0, tp_size: int = 1, expert_parallel: bool = False) -> tuple[nn.Module, Any]:
+    """Build ``source``'s model on ``device`` in ``dtype`` and load its weights → (model, load report).
+
+    With ``tp_size`` > 1 the model is cut to rank ``tp_rank``'s shard first and only that rank's
+    slices are loaded (``dockyard.distributed.sharding``)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        # Every parameter is overwritten by the strict load below, so random init is skipped:
+        # on a CPU it costs as much as the load itself.
+        with torch.device(device), _skip_parameter_init():
+            model = build_model(source.spec)
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval()
+    if tp_size > 1:
+        from dockyard.distributed.sharding import shard_model, shard_weights
+
+        shard_model(model, tp_rank, tp_size, expert_parallel)
+        if source.kind == "safetensors" and source.fp8 is None:  # read only this rank's slices
+            from dockyard.distributed.sharding import lazy_cutter
+            from dockyard.weights.safetensors_dir import iter_safetensors
+
+            weights = iter_safetensors(source.path, cut=lazy_cutter(model))
+        else:  # dummy, GGUF (dequantized whole), FP8 (dequantized whole): sliced after reading
+            weights = shard_weights(model, source.iter_weights(model, dtype, seed))
+        report = load_weights(model, weights)
+    else:
+        report = load_weights(model, source.iter_weights(model, dtype, seed))
+    if device.type == "cuda" and hasattr(model, "fuse_projections"):
+        model.fuse_projections()
+    return model, report
+
+
 class LLM:
-    """Load a model once, then generate for many prompts with continuous batching."""
+    """Load a model once, then generate for many prompts with continuous batching.
+
+    ``tensor_parallel_size`` N > 1 splits the model over N processes (this one is rank 0 and runs
+    the scheduler and sampler; N - 1 spawned workers, or torchrun's other ranks, run the same
+    forward on their shards); ``enable_expert_parallel`` places MoE experts across those ranks
+    instead of splitting each expert. Call :meth:`shutdown` (or drop the LLM) to stop the workers.
+    """
 
     def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype = "auto",
                  device: str = "auto", load_format: str = "auto", seed: int = 0,
@@ -79,8 +121,10 @@ class LLM:
                  max_num_batched_tokens: int = 2048, block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_memory_bytes: int | None = None,
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
-                 enforce_eager: bool = False) -> None:
+                 enforce_eager: bool = False, tensor_parallel_size: int = 1,
+                 enable_expert_parallel: bool = False) -> None:
         t0 = time.perf_counter()
+        self._workers: Any = None
         self.source: ModelSource = resolve_model(model, load_format)
         spec = self.source.spec
         if max_model_len is not None and not 0 < max_model_len <= spec.max_model_len:
@@ -91,8 +135,15 @@ class LLM:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, spec.torch_dtype, self.device)
         self.spec = spec
-        self.model = self._load_model(seed)
-        self.tokenizer = self.source.load_tokenizer()
+        self.tensor_parallel_size = tensor_parallel_size
+        if tensor_parallel_size > 1 or enable_expert_parallel:
+            from dockyard.distributed.sharding import check_parallel_config
+
+            check_parallel_config(spec, tensor_parallel_size, enable_expert_parallel)
+        if tensor_parallel_size > 1:
+            self._start_parallel(model, load_format, dtype, seed, enable_expert_parallel)
+            # The other ranks replay eager forwards; captured graphs would need them to replay too.
+            enforce_eager = True
         config = EngineConfig(
             block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=max_model_len, num_kv_blocks=num_kv_blocks,
@@ -100,35 +151,84 @@ class LLM:
             gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
             enforce_eager=enforce_eager,
         )
-        num_blocks = num_kv_blocks or self._kv_blocks_from_memory(config)
+        try:
+            self._build(config, seed, enable_expert_parallel, t0)
+        except BaseException:
+            self.shutdown()  # no-op without workers
+            raise
+        self._request_ids = itertools.count()
+
+    def _build(self, config: EngineConfig, seed: int, expert_parallel: bool, t0: float) -> None:
+        """Load this rank's model, size the KV cache (telling the other ranks) and start the engine."""
+        spec = self.spec
+        self.model, self.load_report = load_model(self.source, self.device, self.dtype, seed, 0,
+                                                  self.tensor_parallel_size, expert_parallel)
+        self.tokenizer = self.source.load_tokenizer()
+        block_size = config.block_size
+        num_blocks = config.num_kv_blocks or self._kv_blocks_from_memory(config)
+        if self._workers is not None:
+            from dockyard.distributed.parallel_state import barrier, broadcast_object
+
+            self._workers.watched("model loading", lambda: (broadcast_object((num_blocks, block_size)), barrier()))
+            self._workers.ready = True
         self.engine = LLMEngine(self.model, spec, self.tokenizer, config, self.device, self.dtype, num_blocks)
+        if self._workers is not None:
+            self.engine.runner.step_sender = broadcast_object
         logger.info(
             "loaded %s (%s weights, %s, %s) in %.1fs; KV cache: %d blocks × %d tokens = %d tokens",
             self.source.name, self.source.kind, self.dtype, self.device, time.perf_counter() - t0,
             num_blocks, block_size, num_blocks * block_size,
         )
-        self._request_ids = itertools.count()
 
-    def _load_model(self, seed: int) -> torch.nn.Module:
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
+    def _start_parallel(self, model: str | Path | None, load_format: str, dtype: str | torch.dtype, seed: int,
+                        expert_parallel: bool) -> None:
+        """Join (or form) the tensor-parallel group as rank 0: under torchrun its env:// group,
+        otherwise a group on a loopback TCP store with N - 1 spawned workers."""
+        from dockyard.distributed.parallel_state import free_port, init_parallel, launched_by_torchrun
+        from dockyard.distributed.worker import WorkerConfig, WorkerGroup, rank_device
+
+        n = self.tensor_parallel_size
+        self.device = rank_device(self.device.type, 0)
+        if launched_by_torchrun():
+            import os
+
+            if int(os.environ["WORLD_SIZE"]) != n or int(os.environ["RANK"]) != 0:
+                raise DockyardError(f"under torchrun the LLM is made on rank 0 with tensor_parallel_size equal to "
+                                    f"WORLD_SIZE={os.environ['WORLD_SIZE']} (got {n} on rank {os.environ['RANK']})")
+            workers = WorkerGroup([])  # torchrun owns the processes; shutdown still ends their step loops
+            self._workers = workers
+            self._finalizer = weakref.finalize(self, workers.close)
+            init_parallel(0, n, self.device, "env://")
+            return
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        threads = max(1, torch.get_num_threads() // n) if self.device.type == "cpu" else 0
+        configs = [WorkerConfig(model=None if model is None else str(model), load_format=load_format, dtype=dtype,
+                                device_type=self.device.type, seed=seed, rank=r, world_size=n,
+                                init_method=init_method, expert_parallel=expert_parallel, num_threads=threads)
+                   for r in range(1, n)]
+        workers = WorkerGroup(configs)
+        self._workers = workers
+        # The finalizer must not hold the LLM itself: it closes the workers when the LLM is collected.
+        self._finalizer = weakref.finalize(self, workers.close)
         try:
-            # Every parameter is overwritten by the strict load below, so random init is skipped:
-            # on a CPU it costs as much as the load itself.
-            with torch.device(self.device), _skip_parameter_init():
-                model = build_model(self.spec)
-        finally:
-            torch.set_default_dtype(previous)
-        model.eval()
-        self.load_report = load_weights(model, self.source.iter_weights(model, self.dtype, seed))
-        if self.device.type == "cuda" and hasattr(model, "fuse_projections"):
-            model.fuse_projections()
-        return model
+            workers.watched("start-up", lambda: init_parallel(0, n, self.device, init_method))
+        except BaseException:
+            self._finalizer()
+            raise
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers and leave the group (no-op without tensor parallelism)."""
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()
 
     def _kv_blocks_from_memory(self, config: EngineConfig) -> int:
         plan = plan_memory(self.spec, self.dtype, max_num_batched_tokens=config.max_num_batched_tokens,
                            max_num_seqs=config.max_num_seqs, device_type=self.device.type)
         block_bytes = plan.kv_bytes_per_token * config.block_size
+        if self.tensor_parallel_size > 1 and self.spec.mla is None:  # each rank caches its own KV heads
+            local_heads = self.engine_kv_heads()
+            block_bytes = block_bytes * local_heads // self.spec.kv_cache_layout[1]
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             used = total - free
@@ -142,6 +242,13 @@ class LLM:
                 f"needs {block_bytes}); lower max_num_batched_tokens or raise the memory budget"
             )
         return int(blocks)
+
+    def engine_kv_heads(self) -> int:
+        """KV heads this rank's cache holds (all of them without tensor parallelism)."""
+        from dockyard.ops.attention import Attention
+
+        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        return layers[0].num_kv_heads if layers else self.spec.kv_cache_layout[1]
 
     # ---- tokenization ----
     def get_tokenizer(self) -> Any:

@@ -16,7 +16,9 @@ unless ``enforce_eager`` is set or the model cannot be captured; every other ste
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,6 +81,24 @@ class PromptLogprobsOutput:
         return out
 
 
+def step_message(inputs: StepInputs) -> dict[str, Any]:
+    """What the other tensor-parallel ranks need of a step: the flat inputs and which rows get logits
+    (prompt-logprob rows only when some sequence asked for them), as host values."""
+    md = inputs.metadata
+
+    def host(x: torch.Tensor) -> torch.Tensor:
+        return x.cpu()
+
+    return {
+        "input_ids": host(inputs.input_ids), "positions": host(inputs.positions),
+        "slot_mapping": host(md.slot_mapping), "block_tables": host(md.block_tables),
+        "query_lens": md.query_lens, "seq_lens": md.seq_lens, "block_size": md.block_size,
+        "seq_lens_tensor": host(md.seq_lens_tensor), "decode_split_shape": md.decode_split_shape,
+        "prompt_rows": host(inputs.prompt_rows) if inputs.prompt_spans else torch.zeros(0, dtype=torch.long),
+        "sample_rows": host(inputs.sample_rows) if inputs.sampling else torch.zeros(0, dtype=torch.long),
+    }
+
+
 class ModelRunner:
     """Runs the model over paged KV for the scheduler's batches."""
 
@@ -93,12 +113,17 @@ class ModelRunner:
         self.sampler = Sampler()
         self.attention_layers = [m for m in model.modules() if isinstance(m, AttentionLayer)]
         entries, heads, dim = spec.kv_cache_layout
+        if spec.mla is None and self.attention_layers:  # a tensor-parallel shard caches only its own KV heads
+            heads = self.attention_layers[0].num_kv_heads
         # On CUDA one more block than the block manager owns: the sink of captured batches' padding rows.
         use_graphs = device.type == "cuda" and not enforce_eager
         shape = (len(self.attention_layers), entries, num_blocks + int(use_graphs), block_size, heads, dim)
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
         self._bind_kv_cache()
         self.graphs: DecodeGraphs | None = None
+        # Tensor parallel, rank 0: called with each step's message before its forward (the other ranks
+        # run the same forward from it, see execute_message).
+        self.step_sender: Callable[[dict[str, Any]], None] | None = None
         self.eager_reason = "enforce_eager" if enforce_eager else None
         max_len = max_model_len or spec.max_model_len
         self._split_sizes = graph_batch_sizes(max_num_seqs)
@@ -182,6 +207,8 @@ class ModelRunner:
         if self.device.type == "cuda":
             inputs.metadata.decode_split_shape = decode_split_shape(inputs.metadata.num_leading_decodes,
                                                                     self._split_sizes, self._split_context)
+        if self.step_sender is not None:
+            self.step_sender(step_message(inputs))
         with forward_context(inputs.metadata):
             hidden = self.model(inputs.input_ids, inputs.positions)
         prompt_out = self._prompt_logprobs(hidden, inputs) if inputs.prompt_spans else None
@@ -240,7 +267,7 @@ class ModelRunner:
         """log_softmax (float32) of the logits of ``inputs.prompt_rows``, a chunk of rows at a time."""
         k = max(span.seq.params.prompt_logprobs or 0 for span in inputs.prompt_spans)
         rows, targets = inputs.prompt_rows, inputs.prompt_targets
-        chunk = max(1, PROMPT_LOGITS_CHUNK_ELEMENTS // self.spec.vocab_size)
+        chunk = self.prompt_logits_chunk
         token_lps, top_ids, top_lps = [], [], []
         for s in range(0, len(rows), chunk):
             logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows[s:s + chunk]]).float(), dim=-1)
@@ -257,6 +284,35 @@ class ModelRunner:
             top_token_ids=torch.cat(top_ids).tolist() if k > 0 else [[] for _ in range(n)],
             top_logprobs=torch.cat(top_lps).tolist() if k > 0 else [[] for _ in range(n)],
         )
+
+    @property
+    def prompt_logits_chunk(self) -> int:
+        """Prompt-logprob rows per ``compute_logits`` call."""
+        return max(1, PROMPT_LOGITS_CHUNK_ELEMENTS // self.spec.vocab_size)
+
+    @torch.inference_mode()
+    def execute_message(self, msg: dict[str, Any]) -> None:
+        """Tensor parallel, ranks 1..N-1: the forward of the step rank 0 described in ``msg`` (from
+        :func:`step_message`), with the same ``compute_logits`` calls in the same order as rank 0's
+        ``execute`` (each call is a collective); the logits themselves are rank 0's to sample from."""
+        self._bind_kv_cache()
+        dev = self.device
+
+        def t(key: str) -> torch.Tensor:
+            return torch.as_tensor(msg[key], dtype=torch.long).to(dev)
+
+        metadata = AttentionMetadata(slot_mapping=t("slot_mapping"), block_tables=t("block_tables"),
+                                     query_lens=msg["query_lens"], seq_lens=msg["seq_lens"],
+                                     block_size=msg["block_size"], seq_lens_tensor=t("seq_lens_tensor"))
+        metadata.decode_split_shape = msg["decode_split_shape"]
+        with forward_context(metadata):
+            hidden = self.model(t("input_ids"), t("positions"))
+        prompt_rows, sample_rows = t("prompt_rows"), t("sample_rows")
+        chunk = self.prompt_logits_chunk
+        for s in range(0, len(prompt_rows), chunk):
+            self.model.compute_logits(hidden[prompt_rows[s:s + chunk]])
+        if len(sample_rows):
+            self.model.compute_logits(hidden[sample_rows])
 
     def _mask_stops_before_min_tokens(self, logits: torch.Tensor, seqs: list) -> None:
         """Until a sequence has min_tokens outputs, EOS and its stop tokens cannot be sampled."""

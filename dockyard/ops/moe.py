@@ -145,6 +145,8 @@ def moe_reference(
             continue
         rows = slice(start, start + count)
         start += count
+        if expert >= experts.num_experts:  # ids past the bank: experts held by another rank
+            continue
         idx = token_of[rows]
         y = experts.expert_forward(expert, x[idx])
         out.index_add_(0, idx, y.to(torch.float32) * weight_of[rows, None])
@@ -194,6 +196,36 @@ class ExpertList(nn.ModuleList):
         gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self])
         down = torch.stack([e.down_proj.weight for e in self])
         return gate_up, down
+
+
+class LocalExperts(nn.ModuleDict):
+    """The contiguous range of routed experts one expert-parallel rank holds, under their global indices
+    (``experts.{e}.…``, so checkpoints load by the same names).
+
+    As an expert bank its experts are numbered locally (0 .. held - 1); :meth:`local_ids` turns routed
+    global ids into those, sending experts held elsewhere past the bank, which ``moe_reference`` skips.
+    """
+
+    def __init__(self, experts: dict[int, nn.Module], total: int) -> None:
+        super().__init__({str(e): m for e, m in experts.items()})
+        held = sorted(experts)
+        if held != list(range(held[0], held[0] + len(held))):
+            raise ValueError(f"an expert-parallel rank holds a contiguous range of experts, got {held}")
+        self.first = held[0]
+        self.total = total
+        self._held = [experts[e] for e in held]
+
+    @property
+    def num_experts(self) -> int:
+        return len(self._held)
+
+    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        return self._held[expert](x)
+
+    def local_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Global expert ids [T, k] → local ones; experts held elsewhere → ``num_experts``."""
+        local = ids - self.first
+        return local.masked_fill((local < 0) | (local >= self.num_experts), self.num_experts)
 
 
 class MoEGate(nn.Module):
@@ -258,16 +290,24 @@ class SparseMoeBlock(nn.Module):
         if moe.num_shared_experts > 0:
             self.shared_experts = ExpertMLP(hidden, moe.num_shared_experts * moe.intermediate_size,
                                             spec.hidden_act, bias=spec.mlp_bias)
+        # Set by dockyard.distributed.sharding: the output is this rank's partial sum, all-reduced here.
+        self.reduce_results = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, ids = select_experts(self.gate(x), self.moe, self.gate.e_score_correction_bias)
+        if isinstance(self.experts, LocalExperts):  # expert parallel: only the experts held here
+            ids = self.experts.local_ids(ids)
         out = fused_experts(x, self.experts, weights, ids)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
+        if self.reduce_results:  # tensor/expert parallel: each rank has a partial sum
+            from dockyard.distributed.parallel_state import all_reduce
+
+            out = all_reduce(out)
         return out.reshape(shape)
 
 

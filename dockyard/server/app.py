@@ -402,6 +402,17 @@ def serve(args: Any) -> int:
     """Load the model, warm up, and serve until SIGINT/SIGTERM. Returns the exit status."""
     import uvicorn
 
+    tp = getattr(args, "tensor_parallel_size", 1)
+    ep = getattr(args, "enable_expert_parallel", False)
+    from dockyard.distributed.parallel_state import launched_by_torchrun
+
+    if launched_by_torchrun() and int(os.environ["RANK"]) != 0:
+        # Past one host torchrun starts every rank with the same command; ranks ≥ 1 only run forwards.
+        from dockyard.distributed.worker import run_torchrun_worker
+
+        run_torchrun_worker(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
+                            seed=args.seed, expert_parallel=ep)
+        return 0
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     _check_port(args.host, args.port)
     _say(f"loading model {args.model or '(bundled SmolLM2-135M-Instruct)'} ...")
@@ -409,7 +420,7 @@ def serve(args: Any) -> int:
     llm = LLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager, tensor_parallel_size=tp, enable_expert_parallel=ep)
     load_s = time.perf_counter() - t0
     names = args.served_model_name or [llm.source.name]
     fatal: list[str] = []
@@ -438,7 +449,10 @@ def serve(args: Any) -> int:
     server = _make_server(config, app.state.begin_shutdown)
     where = f"http://{_url_host(args.host)}:{args.port}" if args.port else f"{args.host} (any free port)"
     _say(f"warming up at {where} (/health answers 503 until ready)")
-    server.run()
+    try:
+        server.run()
+    finally:
+        llm.shutdown()  # tensor parallel: stops the workers
     if fatal:
         _say(f"error: {fatal[0]}")
         return 1

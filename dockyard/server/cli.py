@@ -36,6 +36,11 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--seed", type=int, default=0, help="seed of dummy weights")
     p.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: run every step eagerly (no CUDA graphs for decode steps)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over N processes (one per GPU; gloo on CPU); past one host, start every "
+                        "rank with torchrun (docs/ARCHITECTURE.md, Parallelism)")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="MoE: place whole experts across the tensor-parallel ranks instead of splitting each")
     return p
 
 

@@ -35,6 +35,14 @@ def _dummy_tensor(name: str, shape: torch.Size, dtype: torch.dtype, seed: int) -
 
 
 def iter_dummy(model: nn.Module, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield a dummy tensor for every parameter of ``model`` under its own name."""
+    """Yield a dummy tensor for every parameter of ``model`` under its own name.
+
+    A tensor-parallel shard (``model.shard_plan``, see ``dockyard.distributed.sharding``) gets the
+    full-shape tensor of each name, for the sharding loader to slice: every tensor-parallel size
+    then runs the same model.
+    """
+    plan = getattr(model, "shard_plan", None)
+    full_shapes = plan.full_shapes if plan is not None else {}
     for name, param in model.named_parameters():
-        yield name, _dummy_tensor(name, param.shape, param.dtype, seed)
+        shape = torch.Size(full_shapes.get(name, param.shape))
+        yield name, _dummy_tensor(name, shape, param.dtype, seed)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -34,8 +35,13 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
     return sorted(model_dir.glob("*.safetensors"))
 
 
-def iter_safetensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield every (name, tensor) of the checkpoint, one shard open at a time."""
+def iter_safetensors(model_dir: str | Path, cut: Callable[[str, Any], torch.Tensor | None] | None = None
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every (name, tensor) of the checkpoint, one shard open at a time.
+
+    ``cut(name, lazy_slice)`` (tensor parallelism) reads only part of a tensor through safetensors'
+    ``get_slice`` and returns it, or None to skip the tensor; its name is yielded unchanged.
+    """
     files = safetensors_files(model_dir)
     if not files:
         raise ModelNotFoundError(f"no *.safetensors files in {model_dir}")
@@ -43,6 +49,11 @@ def iter_safetensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    if cut is None:
+                        yield name, f.get_tensor(name)
+                        continue
+                    tensor = cut(name, f.get_slice(name))
+                    if tensor is not None:
+                        yield name, tensor
         except (SafetensorError, OSError) as exc:
             raise InvalidModelFileError(f"{path} is not a readable safetensors file ({exc})") from exc

@@ -1,0 +1,154 @@
+"""Ranks 1..N-1 of a tensor-parallel ``LLM``, and rank 0's handle on them.
+
+Rank 0 (the process that made the ``LLM``) runs the scheduler and the sampler; every other rank
+builds the same model shard, allocates its own KV cache (its KV heads, rank 0's block count) and
+then, each step, receives rank 0's flat inputs (``ModelRunner.step_message``) and runs the same
+forward, so that their collectives meet. A ``None`` message ends the loop.
+
+On one host the engine starts the workers itself (``spawn``, daemonic); past one host every rank
+is started by torchrun and :func:`run_torchrun_rank` is the entry of ranks 1..N-1 (docs/ARCHITECTURE.md,
+"Parallelism").
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dockyard.distributed.parallel_state import barrier, broadcast_object, destroy_parallel, init_parallel
+from dockyard.errors import DockyardError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What a worker needs to build rank ``rank``'s shard of the model rank 0 built."""
+
+    model: str | None
+    load_format: str
+    dtype: str | torch.dtype  # as given to LLM ('auto' resolves per rank exactly as on rank 0)
+    device_type: str
+    seed: int
+    rank: int
+    world_size: int
+    init_method: str | None
+    expert_parallel: bool
+    num_threads: int = 0  # 0: leave torch's default
+
+
+def rank_device(device_type: str, rank: int) -> torch.device:
+    """The device of ``rank``: its own GPU on CUDA (local rank = rank on one host), else the CPU."""
+    if device_type == "cuda":
+        import os
+
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    return torch.device(device_type)
+
+
+def worker_main(cfg: WorkerConfig) -> None:
+    """Join the group, build and load this rank's shard, then run rank 0's steps until told to stop."""
+    from dockyard.engine.llm import load_model, resolve_dtype
+    from dockyard.engine.model_runner import ModelRunner
+    from dockyard.model_source import resolve_model
+
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    device = rank_device(cfg.device_type, cfg.rank)
+    init_parallel(cfg.rank, cfg.world_size, device, cfg.init_method)
+    try:
+        source = resolve_model(cfg.model, cfg.load_format)
+        dtype = resolve_dtype(cfg.dtype, source.spec.torch_dtype, device)
+        model, _ = load_model(source, device, dtype, cfg.seed, cfg.rank, cfg.world_size, cfg.expert_parallel)
+        num_blocks, block_size = broadcast_object()
+        runner = ModelRunner(model, source.spec, num_blocks, block_size, device, dtype, enforce_eager=True)
+        barrier()  # rank 0 waits here, watching for workers that died loading
+        while (msg := broadcast_object()) is not None:
+            runner.execute_message(msg)
+    finally:
+        destroy_parallel()
+
+
+def run_torchrun_worker(model: str | None, *, load_format: str = "auto", dtype: str = "auto",
+                        device: str = "auto", seed: int = 0, expert_parallel: bool = False) -> None:
+    """Under torchrun, ranks ≥ 1: :func:`worker_main` with the group from env:// (rank 0 builds its
+    ``LLM(model, tensor_parallel_size=WORLD_SIZE, ...)`` as usual, which joins the same group)."""
+    import os
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device).type
+    worker_main(WorkerConfig(model=model, load_format=load_format, dtype=dtype, device_type=device_type, seed=seed,
+                             rank=rank, world_size=world, init_method="env://", expert_parallel=expert_parallel))
+
+
+class WorkerGroup:
+    """Rank 0's spawned workers: started before the group forms, stopped by :meth:`close` (idempotent,
+    also run at garbage collection and interpreter exit through the LLM's finalizer)."""
+
+    def __init__(self, configs: list[WorkerConfig]) -> None:
+        ctx = mp.get_context("spawn")
+        self.procs = [ctx.Process(target=worker_main, args=(cfg,), daemon=True, name=f"dockyard-tp{cfg.rank}")
+                      for cfg in configs]
+        for p in self.procs:
+            p.start()
+        self.ready = False  # set once the group formed and the workers wait for steps
+        self.closed = False
+
+    def watched(self, what: str, fn: Callable[[], Any]) -> Any:
+        """``fn()`` (a blocking start-up step that needs every worker), failing at once, with the worker's
+        exit code, when a worker dies instead of waiting for the collective's timeout."""
+        result: list[Any] = []
+        error: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                result.append(fn())
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                error.append(exc)
+
+        def check_workers(cause: BaseException | None = None) -> None:
+            dead = [p for p in self.procs if not p.is_alive()]
+            if dead:
+                p = dead[0]
+                raise DockyardError(f"tensor-parallel worker {p.name} exited (code {p.exitcode}) during {what}; "
+                                    "its error is in the log above") from cause
+
+        thread = threading.Thread(target=run, daemon=True, name=f"dockyard-tp-{what}")
+        thread.start()
+        while thread.is_alive():
+            thread.join(timeout=0.2)
+            if thread.is_alive():
+                check_workers()
+        if error:
+            # A peer's death shows up as a collective error first: give the worker a moment to be seen
+            # exiting, and name it instead.
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline and all(p.is_alive() for p in self.procs):
+                time.sleep(0.1)
+            check_workers(error[0])
+            raise error[0]
+        return result[0] if result else None
+
+    def close(self) -> None:
+        """Tell the workers to stop (when they are in the step loop), wait briefly, then terminate."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self.ready and all(p.is_alive() for p in self.procs):
+                broadcast_object(None)
+        except Exception as exc:  # noqa: BLE001 - shutting down: a broken group only means they are gone
+            logger.debug("tensor-parallel shutdown broadcast failed: %s", exc)
+        for p in self.procs:
+            p.join(timeout=10 if self.ready else 0.5)  # before the step loop they have nothing to finish
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+        destroy_parallel()
