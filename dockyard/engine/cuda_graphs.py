@@ -72,7 +72,7 @@ class DecodeGraphs:
     """Captured decode forwards, one per batch size of :func:`graph_batch_sizes`.
 
     ``run(...)`` copies a step's inputs into the static buffers, replays the graph of the smallest
-    size that fits and returns the hidden states of the real rows.
+    size that fits and returns the logits and argmax of the real rows.
     """
 
     def __init__(self, model: nn.Module, kv_cache: torch.Tensor, sink_block: int, block_size: int,
