@@ -1,8 +1,8 @@
 """Resolve what the user named as MODEL into a spec, a weights source and a tokenizer.
 
 MODEL may be: nothing (the bundled SmolLM2-135M-Instruct GGUF), a ``.gguf`` file, a directory
-with ``config.json`` (+ safetensors, FP8 ones dequantized on load, else dummy weights), or a
-``config.json`` file (dummy weights at true shapes).
+with ``config.json`` (+ safetensors, FP8 ones dequantized on load or kept FP8 on capable GPUs, else
+dummy weights), or a ``config.json`` file (dummy weights at true shapes).
 """
 
 from __future__ import annotations
@@ -49,25 +49,29 @@ class ModelSource:
     kind: str  # "gguf" | "safetensors" | "dummy"
     path: Path
     gguf: Any = None  # dockyard.weights.gguf.GGUFFile for kind == "gguf"
-    fp8: Any = None  # dockyard.weights.fp8.FP8Config for an FP8 safetensors checkpoint (dequantized on load)
+    fp8: Any = None  # dockyard.weights.fp8.FP8Config for an FP8 safetensors checkpoint (see weights/fp8.py)
 
     @property
     def has_real_weights(self) -> bool:
         return self.kind != "dummy"
 
-    def iter_weights(self, model: nn.Module, dtype: torch.dtype, seed: int = 0) -> Iterator[
-        tuple[str, torch.Tensor]
-    ]:
-        """Checkpoint tensors for ``model`` (dummy ones at its shapes for kind == 'dummy')."""
+    def iter_weights(self, model: nn.Module, dtype: torch.dtype, seed: int = 0,
+                     native_fp8: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Checkpoint tensors for ``model`` (dummy ones at its shapes for kind == 'dummy').
+
+        FP8 checkpoints: the weights named in ``native_fp8`` (checkpoint names, see
+        ``weights.fp8.convert_to_fp8_linears``) come as stored with their scale grids; the rest dequantized."""
         if self.kind == "gguf":
             return self.gguf.iter_tensors(dtype)
         if self.kind == "safetensors":
             from dockyard.weights.safetensors_dir import iter_safetensors
 
             if self.fp8 is not None:
-                from dockyard.weights.fp8 import dequantize_fp8
+                from dockyard.weights import fp8
 
-                return dequantize_fp8(iter_safetensors(self.path), self.fp8, dtype)
+                if native_fp8:
+                    return fp8.native_fp8(iter_safetensors(self.path), self.fp8, native_fp8, dtype)
+                return fp8.dequantize_fp8(iter_safetensors(self.path), self.fp8, dtype)
             return iter_safetensors(self.path)
         from dockyard.weights.dummy import iter_dummy
 

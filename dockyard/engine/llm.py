@@ -91,6 +91,7 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, se
         from dockyard.distributed.sharding import shard_model, shard_weights
 
         shard_model(model, tp_rank, tp_size, expert_parallel)
+        _native_fp8(model, source, device, dtype, tp_size)  # logs that FP8 is dequantized under TP (for now)
         if source.kind == "safetensors" and source.fp8 is None:  # read only this rank's slices
             from dockyard.distributed.sharding import lazy_cutter
             from dockyard.weights.safetensors_dir import iter_safetensors
@@ -100,10 +101,33 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, se
             weights = shard_weights(model, source.iter_weights(model, dtype, seed))
         report = load_weights(model, weights)
     else:
-        report = load_weights(model, source.iter_weights(model, dtype, seed))
+        report = load_weights(model, source.iter_weights(model, dtype, seed, native_fp8=_native_fp8(
+            model, source, device, dtype, tp_size)))
     if device.type == "cuda" and hasattr(model, "fuse_projections"):
         model.fuse_projections()
     return model, report
+
+
+def _native_fp8(model: nn.Module, source: ModelSource, device: torch.device, dtype: torch.dtype,
+                tp_size: int) -> set[str]:
+    """For an FP8 checkpoint on a device with FP8 matmuls: turn the model's FP8 projections into Fp8Linear
+    modules and return their checkpoint weight names (loaded as stored); else nothing changes (dequantize
+    on load). ``DOCKYARD_FP8_NATIVE`` overrides the choice (``weights.fp8.choose_fp8_path``)."""
+    if source.fp8 is None or source.kind != "safetensors":
+        return set()
+    from dockyard.weights.fp8 import checkpoint_fp8_weights, choose_fp8_path, convert_to_fp8_linears
+
+    native, why = choose_fp8_path(source.fp8, device, tp_size)
+    if not native:
+        logger.info("FP8 checkpoint: weights dequantized on load to %s (%s)", dtype, why)
+        return set()
+    fp8_weights = checkpoint_fp8_weights(source.path)
+    converted = convert_to_fp8_linears(model, fp8_weights, source.fp8, dtype)
+    if device.type == "cuda":  # the replaced Linears' memory goes back to the device (the KV cache is sized from it)
+        torch.cuda.empty_cache()
+    logger.info("FP8 checkpoint: %d of %d FP8 weights kept FP8 for native matmuls (%s); the rest dequantized "
+                "on load to %s", len(converted), len(fp8_weights), why, dtype)
+    return converted
 
 
 class LLM:

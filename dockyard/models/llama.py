@@ -20,6 +20,7 @@ from torch import nn
 from dockyard.errors import ConfigError
 from dockyard.ops.activation import act_and_mul
 from dockyard.ops.attention import Attention
+from dockyard.ops.fp8_linear import Fp8Linear, concat_fp8_linears
 from dockyard.ops.norm import RMSNorm
 from dockyard.ops.rotary import RotaryEmbedding, get_rope
 from dockyard.spec import GEMMA_TYPES, ModelSpec, RopeSpec
@@ -32,6 +33,11 @@ _NON_TEXT_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_t
                       "model.multi_modal_projector.", "audio_tower.", "model.audio_tower.")
 
 
+# The projections of LlamaAttention / LlamaMLP (separate or fused), in checkpoint naming.
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
+                "down_proj")
+
+
 def make_norm(spec: ModelSpec, size: int) -> RMSNorm:
     """The family's RMSNorm over ``size`` features."""
     if spec.norm_type == "layernorm":
@@ -39,8 +45,13 @@ def make_norm(spec: ModelSpec, size: int) -> RMSNorm:
     return RMSNorm(size, spec.rms_norm_eps, one_plus=spec.norm_type == "rms_one_plus")
 
 
-def _concat_linears(linears: list[nn.Linear]) -> nn.Linear:
-    """One Linear whose output is the outputs of ``linears`` side by side."""
+def _concat_linears(linears: list[nn.Module]) -> nn.Module | None:
+    """One Linear whose output is the outputs of ``linears`` side by side; None where that is not exact
+    (FP8 parts whose scale blocks would straddle two of them, or a mix of FP8 and plain Linears)."""
+    if any(isinstance(lin, Fp8Linear) for lin in linears):
+        if not all(isinstance(lin, Fp8Linear) for lin in linears):
+            return None
+        return concat_fp8_linears(linears)  # type: ignore[arg-type]
     first = linears[0]
     has_bias = first.bias is not None
     fused = nn.Linear(first.in_features, sum(lin.out_features for lin in linears), bias=has_bias, device="meta")
@@ -252,14 +263,29 @@ class LlamaForCausalLM(nn.Module):
     def fuse_projections(self) -> None:
         """Concatenate each attention's q/k/v and each MLP's gate/up weights into one matmul (done after
         loading, on the GPU: one wide matmul reads its weights faster than three narrow ones and
-        launches once). The forward passes already handle the fused layout (Phi-3 ships it)."""
+        launches once). The forward passes already handle the fused layout (Phi-3 ships it).
+        FP8 projections (:class:`Fp8Linear`) are concatenated with their scale grids when that is exact
+        (each part but the last a whole number of scale block rows), else left unfused."""
         for module in self.modules():
             if isinstance(module, LlamaAttention) and not hasattr(module, "qkv_proj"):
-                module.qkv_proj = _concat_linears([module.q_proj, module.k_proj, module.v_proj])
-                del module.q_proj, module.k_proj, module.v_proj
+                fused = _concat_linears([module.q_proj, module.k_proj, module.v_proj])
+                if fused is not None:
+                    module.qkv_proj = fused
+                    del module.q_proj, module.k_proj, module.v_proj
             elif isinstance(module, LlamaMLP) and not hasattr(module, "gate_up_proj"):
-                module.gate_up_proj = _concat_linears([module.gate_proj, module.up_proj])
-                del module.gate_proj, module.up_proj
+                fused = _concat_linears([module.gate_proj, module.up_proj])
+                if fused is not None:
+                    module.gate_up_proj = fused
+                    del module.gate_proj, module.up_proj
+
+    def fp8_linear_names(self) -> list[str]:
+        """Names of the projections whose FP8 checkpoint weights may stay FP8 (become :class:`Fp8Linear`):
+        the q/k/v/o and gate/up/down (or fused) Linears of attention and dense MLPs, which are only
+        ever called. FP8 weights elsewhere (MoE expert banks stack their weights, MLA reads them) are
+        dequantized on load (``dockyard.weights.fp8``)."""
+        return [f"{name}.{attr}" for name, module in self.named_modules()
+                if isinstance(module, (LlamaAttention, LlamaMLP))
+                for attr in _PROJECTIONS if type(getattr(module, attr, None)) is nn.Linear]
 
     # ---- the model ----
     def rotary_for_layer(self, layer: int) -> RotaryEmbedding:

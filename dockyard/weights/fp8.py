@@ -1,5 +1,5 @@
-"""FP8 checkpoints (``quantization_config.quant_method == "fp8"``): pair each FP8 weight with its scale
-and dequantize it on load to the model dtype.
+"""FP8 checkpoints (``quantization_config.quant_method == "fp8"``): pair each FP8 weight with its scale,
+then dequantize it on load to the model dtype, or keep it FP8 for the native matmul.
 
 A quantized weight ``X.weight`` is stored as ``torch.float8_e4m3fn`` beside a float scale named
 ``X.weight_scale_inv`` (DeepSeek-V3, Qwen3-FP8) or ``X.weight_scale``; either way the real weight is
@@ -8,11 +8,18 @@ A quantized weight ``X.weight`` is stored as ``torch.float8_e4m3fn`` beside a fl
 blocks ragged when a dimension is not a multiple of the block); without it, one value for the whole
 tensor or one per output row. Pairing is strict: an FP8 weight without its scale, a scale without
 its FP8 weight, or a scale of the wrong shape is a :class:`WeightsError` naming the tensors.
+
+Two paths (:func:`choose_fp8_path`): :func:`dequantize_fp8` (everywhere; weights in memory at the model
+dtype) and :func:`native_fp8` (CUDA with FP8 tensor cores, one process): the projections of attention
+and dense MLPs become :class:`~dockyard.ops.fp8_linear.Fp8Linear` modules
+(:func:`convert_to_fp8_linears`) that receive the checkpoint's e4m3 bytes and scales unchanged, and
+multiply with the FP8 kernel; any other FP8 weight is still dequantized.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dockyard.errors import WeightsError
 
@@ -54,8 +62,9 @@ class FP8Config:
         if scheme != "dynamic":
             raise WeightsError(
                 f"{where}: quantization_config.activation_scheme={scheme!r} is not supported; dockyard "
-                "dequantizes FP8 weights on load and keeps activations in the model dtype, which honours "
-                "only 'dynamic' activation scaling (static input scales would be ignored); use a checkpoint "
+                "keeps activations in the model dtype (dequantize on load) or scales them per token (native "
+                "FP8), which honours only 'dynamic' activation scaling (static input scales would be "
+                "ignored); use a checkpoint "
                 "with activation_scheme 'dynamic', an unquantized one, or --load-format dummy"
             )
         block = quant.get("weight_block_size")
@@ -124,24 +133,21 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]
     return tiles.view(gr * bn, gc * bk)[:rows, :cols].to(dtype)
 
 
-def dequantize_fp8(weights: Iterable[tuple[str, torch.Tensor]], config: FP8Config,
-                   dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Wrap a checkpoint's ``(name, tensor)`` stream: each FP8 weight comes out dequantized to ``dtype``
-    under its own name, its scale is consumed, every other tensor passes through unchanged.
-
-    A weight and its scale may come in either order (or from different shards); a missing scale, an
-    orphan scale, a second scale for one weight, a scale beside a non-FP8 weight, an FP8 weight of
-    another format than the config's, or a misshapen scale raises WeightsError naming the tensors.
-    """
+def _paired(weights: Iterable[tuple[str, torch.Tensor]], config: FP8Config) -> Iterator[
+        tuple[str, torch.Tensor, str | None, torch.Tensor | None]]:
+    """The pairing behind :func:`dequantize_fp8` and :func:`native_fp8`: yields ``(name, tensor, None, None)``
+    for every plain tensor and ``(weight_name, fp8_weight, scale_name, scale)`` for every FP8 weight once
+    its scale has come (shape checked); raises WeightsError on any pairing problem."""
     weights_waiting: dict[str, torch.Tensor] = {}  # FP8 weights whose scale has not come yet
     scales_waiting: dict[str, tuple[str, torch.Tensor]] = {}  # weight name -> (scale name, scale)
     plain: dict[str, torch.dtype] = {}  # names (and dtypes) of tensors passed through, for error messages
-    paired: dict[str, str] = {}  # FP8 weight name -> the scale it was dequantized with
+    paired: dict[str, str] = {}  # FP8 weight name -> the scale it was paired with
 
-    def pair(weight_name: str, weight: torch.Tensor, scale_name: str, scale: torch.Tensor) -> torch.Tensor:
+    def pair(weight_name: str, weight: torch.Tensor, scale_name: str, scale: torch.Tensor
+             ) -> tuple[str, torch.Tensor, str, torch.Tensor]:
         check_scale_shape(weight_name, weight, scale_name, scale, config)
         paired[weight_name] = scale_name
-        return dequantize(weight, scale, config.block, dtype)
+        return weight_name, weight, scale_name, scale
 
     for name, tensor in weights:
         owner = scale_owner(name)
@@ -158,7 +164,7 @@ def dequantize_fp8(weights: Iterable[tuple[str, torch.Tensor]], config: FP8Confi
                     "checkpoint's weights and scales do not match: re-download or re-export it"
                 )
             if owner in weights_waiting:
-                yield owner, pair(owner, weights_waiting.pop(owner), name, tensor)
+                yield pair(owner, weights_waiting.pop(owner), name, tensor)
             else:
                 scales_waiting[owner] = (name, tensor)
         elif tensor.dtype in FP8_DTYPES:
@@ -169,7 +175,7 @@ def dequantize_fp8(weights: Iterable[tuple[str, torch.Tensor]], config: FP8Confi
                 )
             if name in scales_waiting:
                 scale_name, scale = scales_waiting.pop(name)
-                yield name, pair(name, tensor, scale_name, scale)
+                yield pair(name, tensor, scale_name, scale)
             else:
                 weights_waiting[name] = tensor
         else:
@@ -179,7 +185,7 @@ def dequantize_fp8(weights: Iterable[tuple[str, torch.Tensor]], config: FP8Confi
                     "not FP8; the checkpoint's weights and scales do not match: re-download or re-export it"
                 )
             plain[name] = tensor.dtype
-            yield name, tensor
+            yield name, tensor, None, None
     problems = []
     if weights_waiting:
         problems.append(
@@ -197,3 +203,128 @@ def dequantize_fp8(weights: Iterable[tuple[str, torch.Tensor]], config: FP8Confi
             + "; every FP8 weight needs its scale and every scale its weight: the checkpoint is incomplete or "
             "mixes files from different exports; re-download it"
         )
+
+
+def dequantize_fp8(weights: Iterable[tuple[str, torch.Tensor]], config: FP8Config,
+                   dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Wrap a checkpoint's ``(name, tensor)`` stream: each FP8 weight comes out dequantized to ``dtype``
+    under its own name, its scale is consumed, every other tensor passes through unchanged.
+
+    A weight and its scale may come in either order (or from different shards); a missing scale, an
+    orphan scale, a second scale for one weight, a scale beside a non-FP8 weight, an FP8 weight of
+    another format than the config's, or a misshapen scale raises WeightsError naming the tensors.
+    """
+    for name, tensor, _, scale in _paired(weights, config):
+        yield name, (tensor if scale is None else dequantize(tensor, scale, config.block, dtype))
+
+
+# ---- the native path: FP8 weights kept as they are, in dockyard.ops.fp8_linear.Fp8Linear modules ----
+
+FP8_NATIVE_ENV = "DOCKYARD_FP8_NATIVE"  # auto (default) | 0 (always dequantize) | 1 (native, or an error)
+NATIVE_SCALE_SUFFIX = "weight_scale_inv"  # the Fp8Linear parameter every checkpoint scale is loaded into
+
+
+def native_block(config: FP8Config, in_features: int) -> tuple[int, int]:
+    """The scale block an :class:`~dockyard.ops.fp8_linear.Fp8Linear` uses for ``config``: its
+    weight_block_size, else (1, in_features): one scale per output row (per-tensor scales repeated)."""
+    return config.block if config.block is not None else (1, in_features)
+
+
+def scale_grid(weight: torch.Tensor, scale: torch.Tensor, config: FP8Config) -> torch.Tensor:
+    """A checkpoint scale as the float32 grid of :func:`native_block`: a block grid as is, a per-output-row
+    scale as a column (rows, 1), a per-tensor scale repeated into that column. The values are unchanged."""
+    scale = scale.float()
+    if config.block is not None:
+        return scale.contiguous()
+    rows = weight.shape[0]
+    return (scale.reshape(1, 1).expand(rows, 1) if scale.numel() == 1 else scale.reshape(rows, 1)).contiguous()
+
+
+def choose_fp8_path(config: FP8Config, device: torch.device, tp_size: int = 1) -> tuple[bool, str]:
+    """(native, why): whether an FP8 checkpoint's projections stay FP8 on ``device``.
+
+    ``DOCKYARD_FP8_NATIVE``: ``auto`` (default) is native on a CUDA device with FP8 tensor cores
+    (compute capability >= 8.9) and Triton, without tensor parallelism, for scale blocks the kernel
+    takes; ``0`` always dequantizes on load; ``1`` asks for native and raises a WeightsError where it
+    cannot be had, except that on a CPU it is allowed (Fp8Linear then computes the same quantized
+    math with PyTorch, slowly: for tests)."""
+    from dockyard.ops.fp8_linear import GROUP, native_fp8_unavailable
+
+    setting = os.environ.get(FP8_NATIVE_ENV, "auto").strip().lower()
+    if setting in ("0", "off", "false", "no"):
+        return False, f"{FP8_NATIVE_ENV}={setting}"
+    if setting not in ("auto", "", "1", "on", "true", "yes"):
+        raise WeightsError(f"{FP8_NATIVE_ENV}={setting!r} is not one of auto, 0, 1")
+    forced = setting != "auto" and setting != ""
+    why_not = None
+    if tp_size > 1:
+        why_not = f"tensor parallelism (tensor_parallel_size={tp_size}) keeps dequantize-on-load for now"
+    elif config.block is not None and config.block[1] % GROUP:
+        why_not = (f"weight_block_size {list(config.block)}: the FP8 kernel needs scale blocks whose width is a "
+                   f"multiple of {GROUP}")
+    elif not (forced and device.type == "cpu"):
+        why_not = native_fp8_unavailable(device)
+    if why_not is None:
+        return True, ("forced by " + FP8_NATIVE_ENV + "=1 (PyTorch reference math on the CPU)"
+                      if device.type == "cpu" else f"FP8 kernel on {device}")
+    if forced:
+        raise WeightsError(f"{FP8_NATIVE_ENV}={setting} asks for native FP8 matmuls, but {why_not}; unset it "
+                           f"(or set {FP8_NATIVE_ENV}=0) to dequantize the checkpoint on load")
+    return False, why_not
+
+
+def checkpoint_fp8_weights(model_dir: str | Path) -> set[str]:
+    """Names of the weights in a safetensors checkpoint that carry a scale (read from the headers only)."""
+    from safetensors import safe_open
+
+    from dockyard.weights.safetensors_dir import safetensors_files
+
+    names: set[str] = set()
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            names.update(owner for owner in map(scale_owner, f.keys()) if owner is not None)
+    return names
+
+
+def convert_to_fp8_linears(model: nn.Module, fp8_weights: set[str], config: FP8Config,
+                           dtype: torch.dtype) -> set[str]:
+    """Replace each projection Linear of ``model`` whose checkpoint weight is in ``fp8_weights`` (checkpoint
+    names) by an empty :class:`~dockyard.ops.fp8_linear.Fp8Linear` on the same device; returns the checkpoint
+    names converted (their weights and scales are then loaded as they are, see :func:`native_fp8`).
+
+    Only the modules the model lists in ``fp8_linear_names()`` (projections that are only ever called)
+    are candidates; FP8 weights of other modules (MoE expert banks, MLA) stay dequantized on load."""
+    from dockyard.ops.fp8_linear import Fp8Linear
+
+    candidates = set(getattr(model, "fp8_linear_names", lambda: [])())
+    name_map = getattr(model, "map_checkpoint_name", lambda n: n)
+    converted: set[str] = set()
+    for ckpt_name in sorted(fp8_weights):
+        mapped = name_map(ckpt_name)
+        if mapped is None or not mapped.endswith(".weight") or mapped[: -len(".weight")] not in candidates:
+            continue
+        module_name = mapped[: -len(".weight")]
+        linear = model.get_submodule(module_name)
+        if type(linear) is not nn.Linear:
+            continue
+        parent_name, _, attr = module_name.rpartition(".")
+        fp8 = Fp8Linear(linear.in_features, linear.out_features, native_block(config, linear.in_features),
+                        bias=linear.bias is not None, bias_dtype=dtype, device=linear.weight.device)
+        setattr(model.get_submodule(parent_name), attr, fp8)
+        converted.add(ckpt_name)
+    return converted
+
+
+def native_fp8(weights: Iterable[tuple[str, torch.Tensor]], config: FP8Config, native: set[str],
+               dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Like :func:`dequantize_fp8` (same strict pairing), but the FP8 weights named in ``native`` come out as
+    stored, followed by their scale as ``<prefix>.weight_scale_inv`` in the grid layout of :func:`scale_grid`
+    (a checkpoint's ``weight_scale`` and ``weight_scale_inv`` both multiply); the rest are dequantized."""
+    for name, tensor, _, scale in _paired(weights, config):
+        if scale is None:
+            yield name, tensor
+        elif name in native:
+            yield name, tensor
+            yield name[: -len("weight")] + NATIVE_SCALE_SUFFIX, scale_grid(tensor, scale, config)
+        else:
+            yield name, dequantize(tensor, scale, config.block, dtype)

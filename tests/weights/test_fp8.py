@@ -1,7 +1,8 @@
 """FP8 checkpoints dequantized on load: block / per-tensor / per-channel scales, strict pairing, refusals.
 
 The FP8 checkpoints are made here from a bf16 HF Llama checkpoint (quantized block by block with a
-Python loop over blocks, independent of dockyard's tiled dequantization) and loaded through ``LLM``.
+Python loop over blocks, ``weights.fp8_quantize``, independent of dockyard's tiled dequantization)
+and loaded through ``LLM``.
 Dims: hidden 256, intermediate 320, so gate/up rows and down_proj columns end in a ragged 64-wide
 block; k/v have 128 rows (one block).
 """
@@ -9,7 +10,6 @@ block; k/v have 128 rows (one block).
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,39 +23,22 @@ from dockyard.engine.llm import LLM
 from dockyard.errors import WeightsError
 from dockyard.model_source import resolve_model
 from dockyard.weights.fp8 import FP8Config, dequantize, dequantize_fp8
+from dockyard.weights.fp8_quantize import (
+    E4M3_MAX,
+    FP8_LOGITS_BOUND,
+    fp8_quantization_config,
+    quantize_fp8_blocks,
+)
 from tests.helpers import rel_rmse, save_tiny_hf_model
 
-E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 BLOCK = 128
-FP8_QUANT = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
+FP8_QUANT = fp8_quantization_config((BLOCK, BLOCK))
 PROMPTS = [[1, 17, 300, 42, 7, 511, 256, 3], [5, 9, 2, 88, 101, 400, 33, 12, 64, 128, 200, 6], [9, 8, 7]]
-# e4m3 keeps 3 mantissa bits: round-to-nearest errs by at most 2^-4 of a weight (normal range) or
-# 2^-10 of its scale (subnormals), checked elementwise below. Over mantissas spread on [1, 2) that is
-# an rms relative error of 2^-3/sqrt(12) * sqrt(E[1/m^2]) ~ 0.027 per weight (measured: 0.026). The
-# logits inherit it from each quantized matmul on the path (attention, then MLP, in 2 layers) and the
-# independent errors add in quadrature: measured 0.045 (≈ 0.026·sqrt(3)); even 8 full independent
-# contributions give sqrt(8)·0.027 ≈ 0.076. 0.1 stays above that, while a wrong block order, a
-# transposed or a missing scale gives ratios near 1.
-LOGITS_BOUND = 0.1
+LOGITS_BOUND = FP8_LOGITS_BOUND  # why 0.1: dockyard/weights/fp8_quantize.py
 
 
 def _is_quantized(name: str, tensor: torch.Tensor) -> bool:
     return tensor.dim() == 2 and name.startswith("model.layers.") and name.endswith("_proj.weight")
-
-
-def _quantize_blocks(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per block: scale = amax / 448, q = (w / scale) in e4m3; returns (q, scale_inv) as DeepSeek-V3 stores them."""
-    rows, cols = w.shape
-    w = w.float()
-    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
-    scale = torch.empty(math.ceil(rows / block), math.ceil(cols / block))
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            tile = w[i * block:(i + 1) * block, j * block:(j + 1) * block]
-            s = tile.abs().max().clamp(min=1e-12) / E4M3_MAX
-            scale[i, j] = s
-            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (tile / s).to(torch.float8_e4m3fn)
-    return q, scale
 
 
 def _quantize_rows(w: torch.Tensor, per_tensor: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +90,7 @@ def checkpoints(tmp_path_factory):
     quantized = {}
     for name, w in state.items():
         if _is_quantized(name, w):
-            q, s = _quantize_blocks(w)
+            q, s = quantize_fp8_blocks(w)
             block[name], block[name + "_scale_inv"] = q, s
             quantized[name] = (q, s)
             # attention: one per-tensor `weight_scale_inv` scalar; MLP: per-channel `weight_scale` rows
@@ -218,7 +201,7 @@ def _stream(*pairs):
 
 
 def test_pairing_in_any_order_and_plain_tensors_pass_through():
-    q, s = _quantize_blocks(torch.randn(200, 130))
+    q, s = quantize_fp8_blocks(torch.randn(200, 130))
     norm = torch.ones(130)
     out = _stream(("a.weight_scale_inv", s), ("n.weight", norm), ("a.weight", q))  # scale first, as another shard
     assert [n for n, _ in out] == ["n.weight", "a.weight"]
@@ -238,7 +221,7 @@ def test_pairing_in_any_order_and_plain_tensors_pass_through():
     ([("a.weight", "q"), ("a.weight_scale_inv", "s3d")], r"scale a\.weight_scale_inv has shape \(2, 2, 1\)"),
 ])
 def test_pairing_errors_name_the_tensors(pairs, message):
-    q, s = _quantize_blocks(torch.randn(200, 130))
+    q, s = quantize_fp8_blocks(torch.randn(200, 130))
     tensors = {"q": q, "s": s, "s3d": s[..., None], "bf16": torch.zeros(200, 130, dtype=torch.bfloat16),
                "e5m2": q.float().to(torch.float8_e5m2)}
     with pytest.raises(WeightsError, match=message):
@@ -261,12 +244,3 @@ def test_config_dockyard_cannot_honour_is_refused(checkpoints, tmp_path, change,
     with pytest.raises(WeightsError, match=message):
         resolve_model(tmp_path)
 
-
-def test_features_gate_reports_fp8_dequantized_on_load(checkpoints):
-    from dockyard.onboard.gates.features import _fp8_row
-
-    ctx = SimpleNamespace(dtype=torch.bfloat16, source=resolve_model(checkpoints.block), real={"passed": True})
-    row = _fp8_row(ctx)
-    assert row["status"] == "supported" and row["why"].startswith("dequantized on load to bfloat16")
-    assert row["evidence"]["weight_block_size"] == [BLOCK, BLOCK]
-    assert _fp8_row(SimpleNamespace(dtype=torch.bfloat16, source=ctx.source, real={}))["status"] == "not-run"
