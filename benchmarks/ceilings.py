@@ -6,27 +6,37 @@ Results are compared with a roofline built from these numbers, never from a data
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
 
 
-def _timeit(fn, device: torch.device, repeat: int = 5) -> float:
+def _timeit(fn, device: torch.device, repeat: int = 7, inner: int = 10) -> float:
+    """Median seconds of one ``fn()``: on CUDA timed with events around ``inner`` back-to-back calls
+    (so launch and synchronization overheads do not count), after a warm-up."""
     fn()  # warm-up
-    best = float("inf")
+    times = []
     for _ in range(repeat):
         if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t)
-    return best
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop) / 1e3 / inner)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
+def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted), over 1 GiB on CUDA (far past
+    the L2 cache)."""
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 28)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     seconds = _timeit(lambda: dst.copy_(src), device)
@@ -38,7 +48,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None) 
     n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = _timeit(lambda: a @ b, device)
+    seconds = _timeit(lambda: a @ b, device, inner=1 if device.type != "cuda" else 10)
     return 2 * n**3 / seconds
 
 
@@ -53,6 +63,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="apply each step's tokens before the next step starts (default on CUDA: overlap them)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 

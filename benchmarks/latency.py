@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
     max_len = max(args.input_lens + [args.decode_input_len + args.output_len]) + 8
     llm = LLM(args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
               max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=args.max_num_batched_tokens,
-              seed=args.seed, enforce_eager=args.enforce_eager)
+              seed=args.seed, enforce_eager=args.enforce_eager,
+              async_scheduling=False if args.no_async_scheduling else None)
     load_s = time.perf_counter() - t0
     if max_len > llm.engine.max_model_len:
         p.error(f"an input of {max_len} tokens does not fit the model's {llm.engine.max_model_len}")

@@ -34,7 +34,8 @@ from hf_baseline import build_hf_model, hf_generate_rate  # noqa: E402
 class StepProfile:
     """Host-side timing of the engine's step phases (a device sync after each model call, so the
     GPU time lands in the phase that launched it): schedule, execute (graph replays separately),
-    and the rest of ``step`` (appending tokens, stop checks, block hashing)."""
+    and the rest of ``step`` (appending tokens, stop checks, block hashing). The syncs defeat async
+    scheduling's overlap: a profiled run is slower than a plain one."""
 
     def __init__(self, engine) -> None:
         self.seconds = {"schedule": 0.0, "execute_graph": 0.0, "execute_eager": 0.0, "step": 0.0}
@@ -54,9 +55,9 @@ class StepProfile:
 
         execute_graph = runner._execute_graph
 
-        def execute_graph_counted(batch):
+        def execute_graph_counted(*args):
             self.counts["graph_steps"] += 1
-            return execute_graph(batch)
+            return execute_graph(*args)
 
         runner._execute_graph = timed(execute_graph_counted, "execute_graph")
         runner.execute = timed(runner.execute, "execute_eager")  # includes graph steps; subtracted below
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     llm = LLM(args.model, load_format=args.load_format, device=args.device, dtype=args.dtype, seed=args.seed,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager,
+              async_scheduling=False if args.no_async_scheduling else None)
     rng = random.Random(args.seed)
     vocab = llm.spec.vocab_size
     prompts, params = [], []

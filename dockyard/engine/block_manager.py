@@ -73,7 +73,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
+        # Only blocks whose tokens are all known: a pending token's block is sealed once it arrives.
+        for i in range(len(seq.block_hashes), min(seq.num_computed_tokens, seq.num_known_tokens) // bs):
             chunk = tuple(seq.tokens(i * bs, (i + 1) * bs))
             parent = seq.block_hashes[-1] if seq.block_hashes else None
             h = block_hash(parent, chunk)

@@ -68,6 +68,17 @@ def why_not_capturable(model: nn.Module, kv_cache: torch.Tensor, max_model_len: 
     return None
 
 
+class _Staging:
+    """Pinned host buffers of one step's graph inputs, and the event of their last copy to the device."""
+
+    def __init__(self, max_batch: int, max_blocks: int, sink_block: int) -> None:
+        self.ids = torch.zeros(5, max_batch, dtype=torch.long, pin_memory=True)
+        self.tables = torch.full((max_batch, max_blocks), sink_block, dtype=torch.long, pin_memory=True)
+        self.ids_np = self.ids.numpy()
+        self.tables_np = self.tables.numpy()
+        self.copied = torch.cuda.Event()
+
+
 class DecodeGraphs:
     """Captured decode forwards, one per batch size of :func:`graph_batch_sizes`.
 
@@ -85,15 +96,15 @@ class DecodeGraphs:
         self.max_batch = self.sizes[-1]
         self.max_blocks = -(-max_model_len // block_size)
         dev = self.device
-        # Rows: input ids, positions, slots, context lengths (one host→device copy per step).
-        self.inputs = torch.zeros(4, self.max_batch, dtype=torch.long, device=dev)
+        # Rows: input ids, positions, slots, context lengths, and where a pending input id is in the
+        # in-flight step's tokens (one host→device copy per step).
+        self.inputs = torch.zeros(5, self.max_batch, dtype=torch.long, device=dev)
         self.block_tables = torch.full((self.max_batch, self.max_blocks), sink_block, dtype=torch.long, device=dev)
         # Pinned staging buffers, written through numpy views (fast from Python lists), copied asynchronously.
-        self._host = torch.zeros(4, self.max_batch, dtype=torch.long, pin_memory=True)
-        self._host_tables = torch.full((self.max_batch, self.max_blocks), sink_block, dtype=torch.long,
-                                       pin_memory=True)
-        self._host_np = self._host.numpy()
-        self._host_tables_np = self._host_tables.numpy()
+        # Two sets, used in turn, each reused only once its copy has run: with async scheduling the host
+        # stages a step while the previous step's copies may still wait behind the GPU's work.
+        self._staging = [_Staging(self.max_batch, self.max_blocks, sink_block) for _ in range(2)]
+        self._turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # (logits, argmax) per size
         self.pool = None
@@ -140,22 +151,33 @@ class DecodeGraphs:
         return 0 < batch <= self.max_batch
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-            tables: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+            tables: list[list[int]], pending: torch.Tensor | None = None, sources: list[int] | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
         """Float32 logits [n, vocab] and their argmax [n] for a decode batch of n = len(input_ids)
-        sequences (views of the graph's output buffers: valid until the next replay)."""
+        sequences (views of the graph's output buffers: valid until the next replay). A negative
+        input id is a pending token: row ``sources[i]`` of ``pending``, read on the device."""
         n = len(input_ids)
         batch = next(b for b in self.sizes if b >= n)
-        host = self._host_np
+        staging = self._staging[self._turn]
+        self._turn ^= 1
+        staging.copied.synchronize()
+        host = staging.ids_np
         host[0, :n] = input_ids
         host[1, :n] = positions
         host[2, :n] = slots
         host[3, :n] = seq_lens
+        if pending is not None:
+            host[4, :n] = sources
         width = max(len(t) for t in tables)
-        rows = self._host_tables_np
+        rows = staging.tables_np
         for i, table in enumerate(tables):  # entries past a row's length are never read
             rows[i, :len(table)] = table
-        self.inputs[:, :n].copy_(self._host[:, :n], non_blocking=True)
-        self.block_tables[:n, :width].copy_(self._host_tables[:n, :width], non_blocking=True)
+        self.inputs[:, :n].copy_(staging.ids[:, :n], non_blocking=True)
+        if pending is not None:
+            ids = self.inputs[0, :n]
+            ids.copy_(torch.where(ids < 0, pending[self.inputs[4, :n]], ids))
+        self.block_tables[:n, :width].copy_(staging.tables[:n, :width], non_blocking=True)
+        staging.copied.record()
         if batch > n:
             self._pad(n, batch)
         self.graphs[batch].replay()

@@ -137,6 +137,8 @@ class LLM:
     the scheduler and sampler; N - 1 spawned workers, or torchrun's other ranks, run the same
     forward on their shards); ``enable_expert_parallel`` places MoE experts across those ranks
     instead of splitting each expert. Call :meth:`shutdown` (or drop the LLM) to stop the workers.
+    ``async_scheduling`` (None: on for CUDA) launches each step before the previous one's tokens
+    are appended on the host (see :mod:`dockyard.engine.llm_engine`); outputs are the same.
     """
 
     def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype = "auto",
@@ -146,7 +148,7 @@ class LLM:
                  num_kv_blocks: int | None = None, kv_cache_memory_bytes: int | None = None,
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                  enforce_eager: bool = False, tensor_parallel_size: int = 1,
-                 enable_expert_parallel: bool = False) -> None:
+                 enable_expert_parallel: bool = False, async_scheduling: bool | None = None) -> None:
         t0 = time.perf_counter()
         self._workers: Any = None
         self.source: ModelSource = resolve_model(model, load_format)
@@ -173,7 +175,7 @@ class LLM:
             max_model_len=max_model_len, num_kv_blocks=num_kv_blocks,
             kv_cache_memory_bytes=kv_cache_memory_bytes or EngineConfig.kv_cache_memory_bytes,
             gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
-            enforce_eager=enforce_eager,
+            enforce_eager=enforce_eager, async_scheduling=async_scheduling,
         )
         try:
             self._build(config, seed, enable_expert_parallel, t0)

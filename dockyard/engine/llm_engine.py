@@ -2,6 +2,14 @@
 
 ``step()`` is the whole loop: schedule → run → postprocess → report. Requests are added and
 aborted between steps; every request's output is what it would have been alone.
+
+Async scheduling (on by default on CUDA): when every sequence sampling in a step needs nothing
+of its own output on the host to take its next step (no logprobs, penalties or pending
+min_tokens), the step is left in flight. Its sampled tokens stay on the device and count as
+*pending* tokens of their sequences; the next step is scheduled and launched at once, its inputs
+read from the device, and only then are the in-flight tokens copied back, appended and checked
+for stops, while the GPU runs. A sequence that stopped has one wasted row in the step launched
+meanwhile; its result is dropped. Outputs are identical to synchronous stepping.
 """
 
 from __future__ import annotations
@@ -19,9 +27,9 @@ from dockyard.engine.block_manager import BlockManager
 from dockyard.engine.metrics import EngineMetrics
 from dockyard.engine.model_runner import ModelRunner
 from dockyard.engine.outputs import CompletionOutput, RequestOutput
-from dockyard.engine.sampler import make_generator
+from dockyard.engine.sampler import SamplerOutput, make_generator
 from dockyard.engine.sampling_params import SamplingParams
-from dockyard.engine.scheduler import Scheduler
+from dockyard.engine.scheduler import ScheduledSeq, Scheduler
 from dockyard.engine.sequence import Sequence
 from dockyard.errors import InvalidRequestError
 from dockyard.spec import ModelSpec
@@ -42,6 +50,18 @@ class EngineConfig:
     kv_cache_memory_bytes: int = 1 << 30  # CPU budget for the KV pool
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False  # CUDA: never capture decode steps in CUDA graphs
+    async_scheduling: bool | None = None  # overlap a step's host work with the GPU; None: on for CUDA
+
+
+@dataclass
+class _InFlight:
+    """A launched step whose sampled tokens are not applied yet: ``tokens`` on the device (the next
+    step's inputs read them there) and their copy to ``host``, complete once ``done`` has passed."""
+
+    sampled: list[ScheduledSeq]
+    tokens: torch.Tensor
+    host: torch.Tensor
+    done: torch.cuda.Event | None
 
 
 @dataclass
@@ -70,6 +90,9 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self.metrics = EngineMetrics()
+        self.async_scheduling = (device.type == "cuda" if config.async_scheduling is None
+                                 else config.async_scheduling)
+        self._in_flight: _InFlight | None = None
 
     # ---- requests ----
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -153,13 +176,21 @@ class LLMEngine:
     # ---- the loop ----
     def step(self, report_unfinished: bool = True) -> list[RequestOutput]:
         """Schedule, run the model, append tokens, and report every request that changed (only the
-        ones that finished with ``report_unfinished=False``: building outputs costs host time)."""
+        ones that finished with ``report_unfinished=False``: building outputs costs host time).
+
+        With async scheduling the tokens a step appends may be those of the step before it."""
+        touched: dict[str, _Request] = {}
+        if self._in_flight is not None and not self._overlap_next_step():
+            self._apply(self._take_in_flight(), touched, report_unfinished)
         batch = self.scheduler.schedule()
         ended = self._finish_out_of_blocks()
         if not batch:
-            return ended
+            if self._in_flight is not None:
+                self._apply(self._take_in_flight(), touched, report_unfinished)
+            return ended + self._outputs(touched.values())
         self.metrics.steps += 1
-        sampled, out, prompt_out = self.runner.execute(batch)
+        previous = self._take_in_flight()
+        sampled, out, prompt_out = self.runner.execute(batch, previous.tokens if previous else None)
         if prompt_out is not None:
             for span in prompt_out.spans:
                 plp = span.seq.prompt_logprobs
@@ -171,16 +202,75 @@ class LLMEngine:
             self.metrics.prompt_tokens_computed += max(0, min(prompt_left, item.num_new_tokens))
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.on_computed(seq)
-        touched: dict[str, _Request] = {}
-        # One device-to-host copy for the step's tokens (and their logprobs when any request wants them).
-        tokens = out.token_ids.tolist() if sampled else []
-        want_logprobs = any(item.seq.params.logprobs is not None for item in sampled)
+        current = None
+        if sampled:
+            assert out is not None
+            current = self._launch_copy(sampled, out)
+        if previous is not None:  # the GPU runs this step meanwhile
+            self._apply(previous, touched, report_unfinished)
+        if current is not None:
+            if self._may_stay_in_flight(current):
+                for row, item in enumerate(sampled):
+                    item.seq.num_pending += 1
+                    item.seq.pending_row = row
+                self._in_flight = current
+            else:
+                self._apply(current, touched, report_unfinished, out)
+        return ended + self._outputs(touched.values())
+
+    def _take_in_flight(self) -> _InFlight | None:
+        in_flight, self._in_flight = self._in_flight, None
+        return in_flight
+
+    def _launch_copy(self, sampled: list[ScheduledSeq], out: SamplerOutput) -> _InFlight:
+        """Start copying a step's sampled tokens to the host (asynchronously on CUDA)."""
+        tokens = out.token_ids
+        if tokens.device.type != "cuda":
+            return _InFlight(sampled, tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return _InFlight(sampled, tokens, host, done)
+
+    def _may_stay_in_flight(self, step: _InFlight) -> bool:
+        """Whether the next step may run before ``step``'s tokens reach the host: async scheduling is
+        on, no tensor-parallel peers wait for exact inputs, and no sequence's next step needs its own
+        newest token on the host (logprobs, penalties, min_tokens still banning stops)."""
+        if not self.async_scheduling or self.runner.step_sender is not None:
+            return False
+        for item in step.sampled:
+            p = item.seq.params
+            if (p.logprobs is not None or p.repetition_penalty != 1 or p.presence_penalty != 0
+                    or p.frequency_penalty != 0 or len(item.seq.output_token_ids) < p.min_tokens):
+                return False
+        return True
+
+    def _overlap_next_step(self) -> bool:
+        """Whether to launch the next step before applying the one in flight: not when every running
+        sequence ends with its pending token anyway (its length limit), which would waste a step."""
+        return any(len(seq) < seq.max_total_len for seq in self.scheduler.running)
+
+    def _apply(self, step: _InFlight, touched: dict[str, _Request], report_unfinished: bool,
+               out: SamplerOutput | None = None) -> None:
+        """Append a step's sampled tokens (and logprobs, from ``out``, for a step applied at once) to
+        their sequences, check stops, and collect the requests to report in ``touched``."""
+        if step.done is not None:
+            step.done.synchronize()
+        tokens = step.host.tolist()  # one device-to-host read for the step's tokens
+        sampled = step.sampled
+        want_logprobs = out is not None and any(item.seq.params.logprobs is not None for item in sampled)
         token_logprobs = out.logprobs.tolist() if want_logprobs and out.logprobs is not None else None
         now = time.monotonic()
         for row, item in enumerate(sampled):
             seq = item.seq
+            if seq.num_pending:
+                seq.num_pending -= 1
+            if seq.is_finished:  # stopped or aborted while this step ran: its token is void
+                continue
             token = tokens[row]
             seq.output_token_ids.append(token)
+            self.block_manager.on_computed(seq)  # a block the token completed becomes shareable
             if seq.first_token_time is None:
                 seq.first_token_time = now
                 self.metrics.observe_ttft(now - seq.arrival_time)
@@ -188,6 +278,7 @@ class LLMEngine:
                 self.metrics.observe_itl(now - seq.last_token_time)
             seq.last_token_time = now
             if token_logprobs is not None and seq.params.logprobs is not None:
+                assert out is not None
                 entry = {token: token_logprobs[row]}
                 if out.top_token_ids is not None:
                     k = seq.params.logprobs
@@ -202,7 +293,6 @@ class LLMEngine:
             req = self.requests.get(seq.request_id)
             if req is not None and (report_unfinished or seq.finish_reason is not None):
                 touched[req.request_id] = req
-        return ended + self._outputs(touched.values())
 
     def _outputs(self, reqs: Iterable[_Request]) -> list[RequestOutput]:
         """The outputs of ``reqs``; finished requests are counted and forgotten."""
@@ -249,7 +339,7 @@ class LLMEngine:
                     seq.output_text = seq.output_text[:end]
                     seq.finish_reason, seq.stop_reason = "stop", stop
                     return
-        if len(seq) >= seq.max_total_len:
+        if seq.num_known_tokens >= seq.max_total_len:
             seq.finish_reason = "length"
 
     def _detokenize(self, seq: Sequence) -> None:

@@ -140,8 +140,9 @@ class ModelRunner:
         for i, layer in enumerate(self.attention_layers):
             layer.kv_cache = self.kv_cache[i]
 
-    def prepare(self, batch: list[ScheduledSeq]) -> StepInputs:
-        """Flat inputs for ``batch``."""
+    def prepare(self, batch: list[ScheduledSeq], pending: torch.Tensor | None = None) -> StepInputs:
+        """Flat inputs for ``batch``; a pending token's input comes from ``pending`` (the sampled
+        tokens of the step in flight), on the device."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -152,6 +153,8 @@ class ModelRunner:
         prompt_rows: list[int] = []
         prompt_targets: list[int] = []
         prompt_spans: list[PromptSpan] = []
+        fill_rows: list[int] = []  # rows whose input is a pending token, and its row in ``pending``
+        fill_sources: list[int] = []
         bs = self.block_size
         for item in batch:
             seq, start = item.seq, item.seq.num_computed_tokens
@@ -169,6 +172,9 @@ class ModelRunner:
                     prompt_rows.extend(range(base + first, base + last))
                     prompt_targets.extend(seq.prompt_token_ids[first + 1:last + 1])
             input_ids.extend(seq.tokens(start, end))
+            if end > seq.num_known_tokens:  # only the newest token can be pending
+                fill_rows.append(len(input_ids) - 1)
+                fill_sources.append(seq.pending_row)
             positions.extend(range(start, end))
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
             query_lens.append(item.num_new_tokens)
@@ -191,19 +197,25 @@ class ModelRunner:
             block_size=bs,
             seq_lens_tensor=as_tensor(seq_lens),
         )
-        return StepInputs(as_tensor(input_ids), as_tensor(positions), metadata, as_tensor(sample_rows), sampling,
+        ids = as_tensor(input_ids)
+        if fill_rows:
+            if pending is None:
+                raise RuntimeError("a sequence has a pending token but no in-flight step's tokens were given")
+            ids[as_tensor(fill_rows)] = pending[as_tensor(fill_sources)]
+        return StepInputs(ids, as_tensor(positions), metadata, as_tensor(sample_rows), sampling,
                           as_tensor(prompt_rows), as_tensor(prompt_targets), prompt_spans)
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq]
+    def execute(self, batch: list[ScheduledSeq], pending: torch.Tensor | None = None
                 ) -> tuple[list[ScheduledSeq], SamplerOutput | None, PromptLogprobsOutput | None]:
         """Run one step; return the sequences that sampled, their sampler output, and the prompt
-        logprobs computed in this step (None when no sequence needed any)."""
+        logprobs computed in this step (None when no sequence needed any). ``pending``: the sampled
+        tokens (on the device) of the step still in flight, which some inputs of this one are."""
         # Bound every step, so several engines may take turns on one model (tests, onboarding).
         self._bind_kv_cache()
         if self.graphs is not None and self._graph_step(batch):
-            return self._execute_graph(batch)
-        inputs = self.prepare(batch)
+            return self._execute_graph(batch, pending)
+        inputs = self.prepare(batch, pending)
         if self.device.type == "cuda":
             inputs.metadata.decode_split_shape = decode_split_shape(inputs.metadata.num_leading_decodes,
                                                                     self._split_sizes, self._split_context)
@@ -229,20 +241,21 @@ class ModelRunner:
                 return False
         return True
 
-    def _execute_graph(self, batch: list[ScheduledSeq]
+    def _execute_graph(self, batch: list[ScheduledSeq], pending: torch.Tensor | None
                        ) -> tuple[list[ScheduledSeq], SamplerOutput | None, PromptLogprobsOutput | None]:
         assert self.graphs is not None
         bs = self.block_size
-        ids, positions, slots, lens, tables = [], [], [], [], []
+        ids, positions, slots, lens, tables, sources = [], [], [], [], [], []
         for item in batch:
             seq = item.seq
             p = seq.num_computed_tokens
             ids.append(seq.tokens(p, p + 1)[0])
+            sources.append(seq.pending_row if seq.num_pending else 0)
             positions.append(p)
             slots.append(seq.block_table[p // bs] * bs + p % bs)
             lens.append(p + 1)
             tables.append(seq.block_table)
-        logits, argmax = self.graphs.run(ids, positions, slots, lens, tables)
+        logits, argmax = self.graphs.run(ids, positions, slots, lens, tables, pending, sources)
         if all(item.seq.params.plain_greedy and len(item.seq.output_token_ids) >= item.seq.params.min_tokens
                for item in batch):
             return batch, SamplerOutput(argmax, None), None

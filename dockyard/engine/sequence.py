@@ -10,6 +10,9 @@ import torch
 
 from dockyard.engine.sampling_params import SamplingParams
 
+# Stands for a sampled token still on the device (async scheduling): the runner reads its value there.
+PENDING_TOKEN = -1
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -45,13 +48,23 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     last_token_time: float | None = None
+    # Async scheduling: tokens sampled by steps still in flight (not yet in output_token_ids). They count
+    # in len(), so the scheduler runs the next step at once; the newest is row ``pending_row`` of the
+    # in-flight step's sampled tokens, which the runner copies into the next step's inputs on the device.
+    num_pending: int = 0
+    pending_row: int = -1
 
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
     def tokens(self, start: int, end: int) -> list[int]:
-        """``token_ids[start:end]`` without building the whole list (the engine's per-step reads)."""
+        """``token_ids[start:end]`` without building the whole list (the engine's per-step reads);
+        positions of pending tokens read as ``PENDING_TOKEN``."""
+        known = self.num_known_tokens
+        if end > known:
+            split = max(start, known)
+            return (self.tokens(start, split) if split > start else []) + [PENDING_TOKEN] * (end - split)
         p = len(self.prompt_token_ids)
         if end <= p:
             return self.prompt_token_ids[start:end]
@@ -60,6 +73,12 @@ class Sequence:
         return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
 
     def __len__(self) -> int:
+        """Tokens including the pending ones: what the scheduler computes."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt and output tokens whose values the host has (``len`` less the pending ones)."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property

@@ -109,8 +109,7 @@ class LlamaAttention(nn.Module):
         v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q, k, v, sinks=getattr(self, "sinks", None))
+        out = self.attn(q, k, v, sinks=getattr(self, "sinks", None), rotary=self.rotary_emb, positions=positions)
         return self.o_proj(out.reshape(tokens, -1))
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 
@@ -58,13 +59,23 @@ class AttentionMetadata:
 _CONTEXT: AttentionMetadata | None = None
 
 
+# SDPA backends for the prompts of a step on CUDA: not cuDNN's, which builds an execution plan for
+# every new sequence length (tens of ms each; a batch of random-length prompts pays it per prompt).
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 @contextlib.contextmanager
 def forward_context(metadata: AttentionMetadata | None) -> Iterator[None]:
-    """Make ``metadata`` visible to every Attention module during one forward pass."""
+    """Make ``metadata`` visible to every Attention module during one forward pass (and, on CUDA,
+    choose the SDPA backends its prompts use)."""
     global _CONTEXT
     previous, _CONTEXT = _CONTEXT, metadata
     try:
-        yield
+        if metadata is not None and metadata.slot_mapping.is_cuda:
+            with sdpa_kernel(_SDPA_BACKENDS):
+                yield
+        else:
+            yield
     finally:
         _CONTEXT = previous
 
@@ -277,13 +288,27 @@ class Attention(nn.Module):
         # Assigned by the model runner once the pool is allocated: [entries, blocks, block_size, heads, dim].
         self.kv_cache: torch.Tensor | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                sinks: torch.Tensor | None = None) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] → [T, Hq, D]."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None = None,
+                rotary: nn.Module | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] → [T, Hq, D]. With ``rotary`` (a RotaryEmbedding) q and k are
+        rotated at ``positions`` first; on the fused-ops path one kernel rotates them and writes the
+        KV cache."""
         metadata = _CONTEXT
         if metadata is None or self.kv_cache is None:
+            if rotary is not None:
+                q, k = rotary(positions, q, k)
             return _attend(q, k, v, self.scale, self.sliding_window, self.logit_softcap, sinks)
-        write_kv_cache(k, v, self.kv_cache, metadata.slot_mapping)
+        tables = rotary.fused_tables(q) if rotary is not None else None
+        if tables is not None and self.kv_cache.is_contiguous() and v.shape == k.shape:
+            from dockyard.ops.triton_fused import rotary_and_write_kv
+
+            assert rotary is not None and positions is not None
+            rotary_and_write_kv(q, k, v, positions, *tables, rotary.rotary_dim, self.kv_cache,
+                                metadata.slot_mapping)
+        else:
+            if rotary is not None:
+                q, k = rotary(positions, q, k)
+            write_kv_cache(k, v, self.kv_cache, metadata.slot_mapping)
         return paged_attention(q, self.kv_cache, metadata, self.scale, self.sliding_window, self.logit_softcap,
                                sinks)
 

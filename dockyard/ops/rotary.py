@@ -280,6 +280,15 @@ class RotaryEmbedding(nn.Module):
             self.cos_table, self.sin_table = self._tables(max(seq_len, 2 * self.cos_table.shape[0]))
         return self.cos_table[positions], self.sin_table[positions]
 
+    def fused_tables(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The float32 cos and sin tables [P, rotary_dim / 2] on q's device when the fused kernels
+        (:mod:`dockyard.ops.triton_fused`) may rotate ``q``: tables reserved, independent of the
+        step's positions, and the fused ops enabled for q. None otherwise."""
+        if not (self.reserved_positions and self.position_independent and fused_ops_enabled(q)):
+            return None
+        self._tables_to(q.device)
+        return self.cos_table, self.sin_table
+
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,13 +298,13 @@ class RotaryEmbedding(nn.Module):
         q: [T, num_q_heads, head_dim]; k: [T, num_kv_heads, head_dim].
         """
         positions = positions.to(q.device)
-        if self.reserved_positions and self.position_independent and fused_ops_enabled(q):
+        tables = self.fused_tables(q)
+        if tables is not None:
             # One Triton kernel per tensor, rotating in place (q and k are fresh projections).
             from dockyard.ops.triton_fused import rotary_in_place
 
-            self._tables_to(q.device)
-            return (rotary_in_place(q, positions, self.cos_table, self.sin_table, self.rotary_dim),
-                    rotary_in_place(k, positions, self.cos_table, self.sin_table, self.rotary_dim))
+            return (rotary_in_place(q, positions, *tables, self.rotary_dim),
+                    rotary_in_place(k, positions, *tables, self.rotary_dim))
         cos, sin = self.cos_sin(positions)
         return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
 

@@ -140,4 +140,79 @@ def rotary_in_place(x: torch.Tensor, positions: torch.Tensor, cos_table: torch.T
     return x
 
 
-__all__ = ["rms_norm", "rotary_in_place", "silu_and_mul"]
+@triton.jit
+def _rotate_heads(x_ptr, stride_tok, stride_head, tok, n_heads, cos, sin,
+                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Rotate the first 2 * HALF features of every head of one token in place; returns the rotated halves."""
+    heads = tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_HALF)
+    ok = (heads < n_heads)[:, None] & (dims < HALF)[None, :]
+    base = x_ptr + tok * stride_tok + heads[:, None] * stride_head + dims[None, :]
+    x1 = tl.load(base, mask=ok, other=0.0)
+    x2 = tl.load(base + HALF, mask=ok, other=0.0)
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    r1 = (x1f * cos - x2f * sin).to(x1.dtype)
+    r2 = (x2f * cos + x1f * sin).to(x1.dtype)
+    tl.store(base, r1, mask=ok)
+    tl.store(base + HALF, r2, mask=ok)
+    return r1, r2
+
+
+@triton.jit
+def _rotary_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr,
+                      stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+                      stride_c_slot, stride_c_head, stride_table, n_q_heads, n_kv_heads,
+                      HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                      BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + tok).to(tl.int64)
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
+    half = tl.arange(0, BLOCK_HALF)
+    h_ok = half < HALF
+    cos = tl.load(cos_ptr + pos * stride_table + half, mask=h_ok, other=0.0)[None, :]
+    sin = tl.load(sin_ptr + pos * stride_table + half, mask=h_ok, other=0.0)[None, :]
+    _rotate_heads(q_ptr, stride_q_tok, stride_q_head, tok, n_q_heads, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF)
+    r1, r2 = _rotate_heads(k_ptr, stride_k_tok, stride_k_head, tok, n_kv_heads, cos, sin, HALF, BLOCK_HK,
+                           BLOCK_HALF)
+    heads = tl.arange(0, BLOCK_HK)
+    head_ok = (heads < n_kv_heads)[:, None]
+    dst = heads[:, None] * stride_c_head + slot * stride_c_slot
+    ok = head_ok & h_ok[None, :]
+    tl.store(kc_ptr + dst + half[None, :], r1.to(kc_ptr.dtype.element_ty), mask=ok)
+    tl.store(kc_ptr + dst + HALF + half[None, :], r2.to(kc_ptr.dtype.element_ty), mask=ok)
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = head_ok & (dims < HEAD_DIM)[None, :]
+    if 2 * HALF < HEAD_DIM:  # partial rotary: the key's unrotated features, as they are
+        tail = head_ok & (dims >= 2 * HALF)[None, :] & (dims < HEAD_DIM)[None, :]
+        k = tl.load(k_ptr + tok * stride_k_tok + heads[:, None] * stride_k_head + dims[None, :], mask=tail)
+        tl.store(kc_ptr + dst + dims[None, :], k.to(kc_ptr.dtype.element_ty), mask=tail)
+    v = tl.load(v_ptr + tok * stride_v_tok + heads[:, None] * stride_v_head + dims[None, :], mask=d_ok)
+    tl.store(vc_ptr + dst + dims[None, :], v.to(vc_ptr.dtype.element_ty), mask=d_ok)
+
+
+def rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                        cos_table: torch.Tensor, sin_table: torch.Tensor, rotary_dim: int,
+                        kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """One kernel for a layer's new tokens: rotate q [T, Hq, D] and k [T, Hkv, D] in place (NeoX halves,
+    first ``rotary_dim`` features) and store the rotated k and v [T, Hkv, D] at their ``slot_mapping``
+    slots of ``kv_cache`` [2, blocks, block_size, Hkv, D] (cast to its dtype)."""
+    tokens, q_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    if (q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or cos_table.stride(-1) != 1
+            or sin_table.stride(-1) != 1 or not kv_cache.is_contiguous()):
+        raise ValueError("rotary_and_write_kv needs contiguous last dimensions and a contiguous KV cache")
+    if tuple(kv_cache.shape[-2:]) != (kv_heads, head_dim) or v.shape != k.shape:
+        raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)} do not fit the KV cache {tuple(kv_cache.shape)}")
+    half = rotary_dim // 2
+    if tokens:
+        _rotary_kv_kernel[(tokens,)](
+            q, k, v, positions, slot_mapping, cos_table, sin_table, kv_cache[0], kv_cache[1],
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            kv_heads * head_dim, head_dim, cos_table.stride(0), q_heads, kv_heads,
+            HALF=half, HEAD_DIM=head_dim, BLOCK_HQ=triton.next_power_of_2(q_heads),
+            BLOCK_HK=triton.next_power_of_2(kv_heads), BLOCK_HALF=triton.next_power_of_2(half),
+            BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4,
+        )
+
+
+__all__ = ["rms_norm", "rotary_and_write_kv", "rotary_in_place", "silu_and_mul"]

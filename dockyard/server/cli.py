@@ -36,6 +36,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--seed", type=int, default=0, help="seed of dummy weights")
     p.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: run every step eagerly (no CUDA graphs for decode steps)")
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="CUDA: finish each step on the host before the next starts (default: the next step "
+                        "runs while the host appends the previous one's tokens)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over N processes (one per GPU; gloo on CPU); past one host, start every "
                         "rank with torchrun (docs/ARCHITECTURE.md, Parallelism)")

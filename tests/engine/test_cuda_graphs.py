@@ -84,3 +84,30 @@ def test_graphs_equal_eager(tmp_path):
             lx = [next(iter(e.values())) for e in x.outputs[0].logprobs]
             ly = [next(iter(e.values())) for e in y.outputs[0].logprobs]
             torch.testing.assert_close(torch.tensor(lx), torch.tensor(ly), atol=1e-4, rtol=1e-4)
+
+
+@needs_cuda
+def test_async_scheduling_with_graphs_equals_synchronous_eager(tmp_path):
+    """Graph replays fed their input ids from the in-flight step's argmax on the device give the
+    tokens of synchronous eager stepping, also when sequences stop at different steps."""
+    model = _tiny_llama(tmp_path)
+    kwargs = dict(load_format="dummy", device="cuda", dtype="float32", max_num_seqs=8, seed=3,
+                  kv_cache_memory_bytes=None, num_kv_blocks=256)
+    fast = LLM(model, **kwargs)
+    assert fast.engine.async_scheduling and fast.engine.runner.graphs is not None
+    slow = LLM(model, enforce_eager=True, async_scheduling=False, **kwargs)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(1024) for _ in range(n)] for n in (5, 17, 40, 3, 90, 12)]
+    plain = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    reference = slow.generate(prompts, plain, use_tqdm=False)
+    # Stop three of them early at a token they are known to produce, one by length.
+    params = [plain] * len(prompts)
+    for i in (0, 2, 4):
+        params[i] = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True,
+                                   stop_token_ids=[reference[i].outputs[0].token_ids[5 + i]])
+    params[1] = SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True)
+    a = fast.generate(prompts, params, use_tqdm=False)
+    b = slow.generate(prompts, params, use_tqdm=False)
+    assert [x.outputs[0].token_ids for x in a] == [y.outputs[0].token_ids for y in b]
+    assert [x.outputs[0].finish_reason for x in a] == [y.outputs[0].finish_reason for y in b]
+    assert len(b[1].outputs[0].token_ids) == 7 and b[0].outputs[0].finish_reason == "stop"

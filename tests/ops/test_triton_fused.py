@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dockyard.ops import activation, norm, rotary
+from dockyard.ops import activation, attention, norm, rotary
 from dockyard.ops.dispatch import FUSED_ENV, fused_ops_enabled
 from dockyard.spec import RopeSpec
 from tests.helpers import import_kernels
@@ -97,6 +97,42 @@ def test_rotary_in_place(monkeypatch, fused, dtype, rotary_dim):
     for a, b in zip(got, want):
         close(a, b, dtype)
         assert torch.equal(a[..., rotary_dim:], b[..., rotary_dim:])  # the unrotated part untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rotary_dim", [64, 32])  # full and partial rotary
+def test_attention_rotates_and_writes_the_cache_in_one_kernel(monkeypatch, fused, dtype, rotary_dim):
+    """The attention op given the rotary: on the fused path one kernel rotates q and k and stores k and v
+    at their slots; the output and the whole KV cache equal the reference path's (reference rotary,
+    then index_copy into the cache)."""
+    rope = RopeSpec(rope_type="default", theta=10000.0)
+    emb = rotary.get_rope(rope, 64, 256, rotary_dim)
+    assert emb.reserve(256)
+    gen = torch.Generator().manual_seed(5)
+    blocks, block_size = 6, 4
+    qkv = torch.randn(6, (4 + 2 + 2) * 64, generator=gen).to(DEVICE, dtype)
+    # Two sequences: a prompt of 5 tokens and one decode at position 9 (its context already cached).
+    positions = torch.tensor([0, 1, 2, 3, 4, 9], device=DEVICE)
+    slots = torch.tensor([8, 9, 10, 11, 12, 21], device=DEVICE)
+    cache0 = torch.randn(1, 2, blocks, block_size, 2, 64, generator=gen).to(DEVICE, dtype)
+    metadata = attention.AttentionMetadata(
+        slot_mapping=slots, block_tables=torch.tensor([[2, 3, 0], [4, 5, 1]], device=DEVICE),
+        query_lens=[5, 1], seq_lens=[5, 10], block_size=block_size,
+        seq_lens_tensor=torch.tensor([5, 10], device=DEVICE))
+
+    def run():
+        layer = attention.Attention(4, 64, 2, 0.125)
+        layer.kv_cache = cache0[0].clone()
+        q, k, v = qkv.clone().split([4 * 64, 2 * 64, 2 * 64], dim=-1)
+        q, k, v = q.reshape(6, 4, 64), k.reshape(6, 2, 64), v.reshape(6, 2, 64)
+        with attention.forward_context(metadata):
+            out = layer(q, k, v, rotary=emb, positions=positions)
+        return out, layer.kv_cache
+
+    got, want = run(), reference(monkeypatch, run)
+    assert emb.fused_tables(qkv) is not None
+    for a, b in zip(got, want):  # the attention output and the whole cache
+        close(a, b, dtype)
 
 
 def test_cpu_keeps_the_reference_unless_asked(monkeypatch):

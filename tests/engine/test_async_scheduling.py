@@ -1,0 +1,127 @@
+"""Async scheduling gives exactly the outputs of synchronous stepping (bundled model, CPU).
+
+On the CPU nothing overlaps, but the engine takes the same path it takes on a GPU: a step's
+sampled tokens stay "pending", the next step is scheduled and launched with those tokens read
+from the device tensor, and only then are they appended and checked for stops. Every test runs
+the same requests synchronously and asynchronously and compares the whole outputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from dockyard import SamplingParams
+from dockyard.engine.sequence import PENDING_TOKEN
+
+from .test_engine import GREEDY, make_engine, prompts_of_varied_length, run
+
+
+@pytest.fixture(scope="module")
+def llm(bundled_llm):
+    return bundled_llm
+
+
+def run_both(llm, prompts, params, **config):
+    """(sync outputs, async outputs, async engine, step() calls that found a step in flight)."""
+    results = []
+    for async_scheduling in (False, True):
+        engine = make_engine(llm, async_scheduling=async_scheduling, **config)
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        for i, (p, sp) in enumerate(zip(prompts, params_list)):
+            engine.add_request(f"r{i}", p, sp)
+        done, overlapped = {}, 0
+        for _ in range(5000):
+            if not engine.has_unfinished_requests():
+                break
+            overlapped += engine._in_flight is not None
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = [(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in out.outputs]
+        assert not engine.has_unfinished_requests()
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+        results.append(([done[f"r{i}"] for i in range(len(prompts))], engine, overlapped))
+    (sync, _, sync_overlapped), (asyn, engine, overlapped) = results
+    assert sync_overlapped == 0
+    return sync, asyn, engine, overlapped
+
+
+def test_mixed_requests_identical_to_synchronous(llm):
+    prompts = prompts_of_varied_length(llm, 10)
+    params = [
+        GREEDY,
+        SamplingParams(max_tokens=30, temperature=0.0),  # may stop at EOS
+        SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, seed=7),
+        SamplingParams(max_tokens=25, temperature=0.0, stop=[".", "\n"]),
+        SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=12, temperature=0.7, top_k=20, seed=3, n=2),
+        SamplingParams(max_tokens=18, temperature=0.0, min_tokens=10),
+        SamplingParams(max_tokens=16, temperature=0.0, logprobs=2),  # needs the host: its steps run synchronously
+        SamplingParams(max_tokens=16, temperature=0.0, repetition_penalty=1.3),
+        SamplingParams(max_tokens=1, temperature=0.0),
+    ]
+    sync, asyn, engine, overlapped = run_both(llm, prompts, params, max_num_batched_tokens=64, max_num_seqs=6)
+    assert asyn == sync
+    assert overlapped > 10  # most decode steps really launched with the previous one in flight
+    assert engine.metrics.generation_tokens == sum(len(c[0]) for out in sync for c in out)
+
+
+def test_greedy_batch_overlaps_every_decode_step(llm):
+    prompts = prompts_of_varied_length(llm, 4)
+    sync, asyn, engine, overlapped = run_both(llm, prompts, GREEDY)
+    assert asyn == sync
+    # One prefill step, then every decode step launches with its predecessor in flight (23), and one
+    # more call finds the last step in flight: applied before scheduling (every sequence ends there
+    # by length), so no step is wasted.
+    assert overlapped == GREEDY.max_tokens
+    assert engine.metrics.steps == GREEDY.max_tokens
+
+
+def test_preemption_while_a_step_is_in_flight(llm):
+    prompts = prompts_of_varied_length(llm, 8)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    need = sum(len(p) + 40 for p in prompts)
+    sync, asyn, engine, overlapped = run_both(llm, prompts, params, num_blocks=need // 16 // 3,
+                                              enable_prefix_caching=False)
+    assert asyn == sync
+    assert engine.scheduler.num_preemptions > 0 and overlapped > 0
+
+
+def test_prefix_cache_never_seals_a_pending_token(llm):
+    tok = llm.get_tokenizer()
+    prefix = tok.encode("You are a careful assistant. Answer briefly and precisely. " * 8)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    first = prefix + tok.encode(" Question: what is two plus two?")
+    outputs = {}
+    for async_scheduling in (False, True):
+        engine = make_engine(llm, async_scheduling=async_scheduling)
+        # The second prompt is the first one and its whole output: it can reuse every full block,
+        # including those the generated tokens filled, which are sealed once the tokens arrive.
+        a = run(engine, [first], params)[0]
+        hits = engine.block_manager.prefix_hits
+        b = run(engine, [first + a], params)[0]
+        outputs[async_scheduling] = (a, b, engine.block_manager.prefix_hits - hits)
+        chunks = [chunk for _, chunk in engine.block_manager.cached.values()]
+        assert chunks and all(PENDING_TOKEN not in chunk for chunk in chunks)
+    assert outputs[True] == outputs[False]
+    assert outputs[True][2] == (len(first) + 40 - 1) // 16 * 16
+
+
+def test_abort_while_in_flight(llm):
+    prompts = prompts_of_varied_length(llm, 3)
+    engine = make_engine(llm, async_scheduling=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, GREEDY)
+    for _ in range(4):
+        engine.step()
+    assert engine._in_flight is not None
+    engine.abort_request("r1")
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert set(outs) == {"r0", "r2"}
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    alone = make_engine(llm, async_scheduling=False)
+    alone.add_request("x", prompts[2], GREEDY)
+    while alone.has_unfinished_requests():
+        outs.update({o.request_id: o for o in alone.step() if o.finished})
+    assert outs["r2"].outputs[0].token_ids == outs["x"].outputs[0].token_ids
