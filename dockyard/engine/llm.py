@@ -105,6 +105,10 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, se
             model, source, device, dtype, tp_size)))
     if device.type == "cuda" and hasattr(model, "fuse_projections"):
         model.fuse_projections()
+    if device.type == "cuda":
+        from dockyard.ops.linear import use_gemv_for_single_rows
+
+        use_gemv_for_single_rows(model)
     return model, report
 
 
