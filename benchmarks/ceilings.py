@@ -52,8 +52,11 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None) 
     return 2 * n**3 / seconds
 
 
-def measure(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    return {"copy_bytes_per_s": copy_bandwidth(device), "matmul_flops_per_s": matmul_rate(device, dtype)}
+def measure(device: torch.device, dtype: torch.dtype, devices: int = 1) -> dict[str, float]:
+    """Copy bandwidth and matmul rate of ``device``, times ``devices`` (tensor parallel: every rank's
+    GPU reads its shard and multiplies at the same rates)."""
+    return {"copy_bytes_per_s": devices * copy_bandwidth(device),
+            "matmul_flops_per_s": devices * matmul_rate(device, dtype)}
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -65,8 +68,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--no-async-scheduling", action="store_true",
                    help="apply each step's tokens before the next step starts (default on CUDA: overlap them)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over N GPUs (rooflines then count N devices' ceilings)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """The ``LLM`` keyword arguments of :func:`add_model_args`' options."""
+    return {"load_format": args.load_format, "device": args.device, "dtype": args.dtype, "seed": args.seed,
+            "enforce_eager": args.enforce_eager, "tensor_parallel_size": args.tensor_parallel_size,
+            "async_scheduling": False if args.no_async_scheduling else None}
 
 
 def sync(device: torch.device) -> None:

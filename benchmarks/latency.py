@@ -34,7 +34,7 @@ from dockyard import LLM, SamplingParams
 from dockyard.memory import plan_memory
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from ceilings import add_model_args, measure, sync  # noqa: E402
+from ceilings import add_model_args, engine_kwargs, measure, sync  # noqa: E402
 from hf_baseline import build_hf_model, hf_generate_rate  # noqa: E402
 
 
@@ -142,15 +142,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     max_len = max(args.input_lens + [args.decode_input_len + args.output_len]) + 8
-    llm = LLM(args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
-              max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=args.max_num_batched_tokens,
-              seed=args.seed, enforce_eager=args.enforce_eager,
-              async_scheduling=False if args.no_async_scheduling else None)
+    if args.check_eager and args.tensor_parallel_size > 1:
+        p.error("--check-eager builds single-process engines over the loaded model: not with --tensor-parallel-size")
+    llm = LLM(args.model, max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=args.max_num_batched_tokens,
+              **engine_kwargs(args))
     load_s = time.perf_counter() - t0
     if max_len > llm.engine.max_model_len:
         p.error(f"an input of {max_len} tokens does not fit the model's {llm.engine.max_model_len}")
     rng = random.Random(args.seed)
-    ceilings = measure(llm.device, llm.dtype)
+    ceilings = measure(llm.device, llm.dtype, args.tensor_parallel_size)
     bandwidth, rate = ceilings["copy_bytes_per_s"], ceilings["matmul_flops_per_s"]
     runner = llm.engine.runner
     result: dict = {

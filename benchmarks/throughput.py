@@ -27,7 +27,7 @@ from dockyard import LLM, SamplingParams
 from dockyard.memory import plan_memory
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from ceilings import add_model_args, measure  # noqa: E402
+from ceilings import add_model_args, engine_kwargs, measure  # noqa: E402
 from hf_baseline import build_hf_model, hf_generate_rate  # noqa: E402
 
 
@@ -89,10 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--profile", action="store_true", help="time the engine's step phases (syncs the device)")
     args = p.parse_args(argv)
 
-    llm = LLM(args.model, load_format=args.load_format, device=args.device, dtype=args.dtype, seed=args.seed,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              enforce_eager=args.enforce_eager,
-              async_scheduling=False if args.no_async_scheduling else None)
+    llm = LLM(args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              **engine_kwargs(args))
     rng = random.Random(args.seed)
     vocab = llm.spec.vocab_size
     prompts, params = [], []
@@ -124,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Roofline: every token's matmuls at the measured rate, and every step reading all weights once
     # at the measured bandwidth; the floor is the larger of the two.
     spec = llm.spec
-    ceilings = measure(llm.device, llm.dtype)
+    ceilings = measure(llm.device, llm.dtype, args.tensor_parallel_size)
     plan = plan_memory(spec, llm.dtype)
     lm_head = spec.vocab_size * spec.hidden_size
     matmul_params = plan.active_parameters - lm_head * (1 if spec.tie_word_embeddings else 2)
