@@ -21,6 +21,10 @@ import triton.language as tl
 
 from dockyard.ops.fp8_linear import AMAX_FLOOR, E4M3_MAX, FP8_DTYPE, GROUP, check_block, scale_grid_shape
 
+# Groups of 128 columns one quantizer program handles (one per program ran at a fifth of the copy
+# bandwidth on an H100: 173 us for an 8192 x 4096 activation, benchmarks/RESULTS.md).
+QUANTIZE_GROUPS_PER_PROGRAM = 8
+
 
 # Triton's own jit helpers (tl.max, tl.cdiv, tl.zeros) are decorated when triton.language is imported, so under
 # an interpreter switched on later they would not be interpreted; the kernels use none of them.
@@ -30,28 +34,25 @@ def _max(a, b):
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, q_ptr, s_ptr, n_cols, stride_x, stride_q, stride_s,
-                     GROUP_SIZE: tl.constexpr, FP8_MAX: tl.constexpr, FLOOR: tl.constexpr):
+def _quantize_kernel(x_ptr, q_ptr, s_ptr, n_cols, n_groups, stride_x, stride_q, stride_s,
+                     GROUP_SIZE: tl.constexpr, GROUPS: tl.constexpr, FP8_MAX: tl.constexpr, FLOOR: tl.constexpr):
+    # One program quantizes GROUPS consecutive groups of one row (a [GROUPS, GROUP_SIZE] tile).
     row = tl.program_id(0).to(tl.int64)
-    group = tl.program_id(1)
-    cols = group * GROUP_SIZE + tl.arange(0, GROUP_SIZE)
-    ok = cols < n_cols
+    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    g_ok = groups < n_groups
+    cols = groups[:, None] * GROUP_SIZE + tl.arange(0, GROUP_SIZE)[None, :]
+    ok = (cols < n_cols) & g_ok[:, None]
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.reduce(tl.abs(x), 0, _max), FLOOR)
+    amax = tl.maximum(tl.reduce(tl.abs(x), 1, _max), FLOOR)
     scale = tl.math.div_rn(amax, FP8_MAX)  # IEEE division (Triton's `/` on float32 is approximate)
-    y = tl.math.div_rn(x, scale)
+    y = tl.math.div_rn(x, scale[:, None])
     a = tl.minimum(tl.abs(y), FP8_MAX)
-    # Round |y| to the e4m3 grid, ties to even. The grid spacing in binade e (2^e <= |y| < 2^(e+1)) is
-    # 2^(e-3), for e >= -6 (subnormals share the smallest normal binade's spacing). 2^(e+20) has that
-    # spacing as its float32 ulp, so the float32 sum |y| + 2^(e+20) is rounded onto the grid (ties to
-    # even), and subtracting 2^(e+20) again is exact. A value that rounds up to 2^(e+1) is still on
-    # the grid, and |y| <= 448 (the largest e4m3 value) cannot round past it.
     e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
     magic = ((e + 147) << 23).to(tl.float32, bitcast=True)  # 2^(e+20): biased exponent e + 20 + 127
     r = (a + magic) - magic
     r = tl.where(y < 0, -r, r)
     tl.store(q_ptr + row * stride_q + cols, r.to(q_ptr.dtype.element_ty), mask=ok)
-    tl.store(s_ptr + row * stride_s + group, scale)
+    tl.store(s_ptr + row * stride_s + groups, scale, mask=g_ok)
 
 
 @triton.jit
@@ -111,8 +112,10 @@ def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
     s = torch.empty(m, groups, dtype=torch.float32, device=x.device)
     if m:
-        _quantize_kernel[(m, groups)](x, q, s, k, x.stride(0), q.stride(0), s.stride(0),
-                                      GROUP_SIZE=GROUP, FP8_MAX=E4M3_MAX, FLOOR=AMAX_FLOOR)
+        per_program = min(QUANTIZE_GROUPS_PER_PROGRAM, triton.next_power_of_2(groups))
+        _quantize_kernel[(m, triton.cdiv(groups, per_program))](
+            x, q, s, k, groups, x.stride(0), q.stride(0), s.stride(0),
+            GROUP_SIZE=GROUP, GROUPS=per_program, FP8_MAX=E4M3_MAX, FLOOR=AMAX_FLOOR)
     return q, s
 
 

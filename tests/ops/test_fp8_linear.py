@@ -146,7 +146,7 @@ def test_reference_quantizer_matches_float64(dtype):
 
 @kernel_device
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(6, 300), (1, 128), (3, 17)])
+@pytest.mark.parametrize("shape", [(6, 300), (1, 128), (3, 17), (2, 1300)])  # 1300: 11 groups, 2 programs a row
 def test_quantize_kernel_matches_float64(dtype, shape):
     x = activations(*shape, seed=1)
     if shape[0] >= 4:
