@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from dockyard.engine.block_manager import BlockManager
+from dockyard.engine.detokenizer import IncrementalDetokenizer, find_stop_string
 from dockyard.engine.metrics import EngineMetrics
 from dockyard.engine.model_runner import ModelRunner
 from dockyard.engine.outputs import CompletionOutput, RequestOutput
@@ -93,6 +94,8 @@ class LLMEngine:
         self.async_scheduling = (device.type == "cuda" if config.async_scheduling is None
                                  else config.async_scheduling)
         self._in_flight: _InFlight | None = None
+        # Built now: its start-up probe of the tokenizer takes tens of ms, not to be paid by a first token.
+        self._detokenizer = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
 
     # ---- requests ----
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -315,6 +318,7 @@ class LLMEngine:
                            "finished at %d tokens; give the engine more KV cache memory",
                            seq.request_id, self.block_manager.num_blocks, self.block_manager.block_size, len(seq))
             seq.finish_reason = "length"
+            self._flush_text(seq)
             self.scheduler.finish(seq)
             if seq.request_id in self.requests:
                 touched[seq.request_id] = self.requests[seq.request_id]
@@ -322,33 +326,60 @@ class LLMEngine:
 
     # ---- stopping and detokenization ----
     def _check_stop(self, seq: Sequence, token: int) -> None:
+        """Set ``seq``'s finish reason if ``token`` (just appended) ends it: EOS, a stop token, a stop
+        string (the text is cut before it, or after it with ``include_stop_str_in_output``) or the
+        length limit. Stop strings are searched only where they can newly end (see
+        ``detokenizer.find_stop_string``), and only from ``min_tokens`` on: one that ends in text
+        produced before then does not count (as in vLLM; the server may have streamed that text)."""
         params = seq.params
         n_out = len(seq.output_token_ids)
         self._detokenize(seq)
+        state = seq.detok
         if n_out >= params.min_tokens:
             if not params.ignore_eos and token in self.spec.eos_token_ids:
                 seq.finish_reason, seq.stop_reason = "stop", None
-                return
-            if token in (params.stop_token_ids or ()):
+            elif token in (params.stop_token_ids or ()):
                 seq.finish_reason, seq.stop_reason = "stop", token
-                return
-            for stop in params.stop or ():
-                idx = seq.output_text.find(stop)
-                if idx >= 0:
-                    end = idx + len(stop) if params.include_stop_str_in_output else idx
-                    seq.output_text = seq.output_text[:end]
+            elif params.stop:
+                text = seq.output_text + state.tail if state is not None else seq.output_text
+                found = find_stop_string(text, params.stop, state.searched if state is not None else 0)
+                if found is not None:
+                    stop, idx = found
+                    seq.output_text = text[:idx + len(stop) if params.include_stop_str_in_output else idx]
                     seq.finish_reason, seq.stop_reason = "stop", stop
                     return
-        if seq.num_known_tokens >= seq.max_total_len:
+                if state is not None:  # the tail may still change: it is searched again next time
+                    state.searched = max(state.searched, state.stable)
+        elif state is not None:  # a stop string must end in text produced from min_tokens on
+            state.searched = len(seq.output_text) + len(state.tail)
+        if seq.finish_reason is None and seq.num_known_tokens >= seq.max_total_len:
             seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            self._flush_text(seq)
 
     def _detokenize(self, seq: Sequence) -> None:
+        """Bring ``seq.output_text`` up to date, incrementally (engine/detokenizer.py): the stable part
+        of the decode of the output ids (less a final EOS unless ``ignore_eos``); the rest, which may
+        still change, waits in ``seq.detok.tail`` until more tokens settle it or the sequence ends."""
         if self.tokenizer is None:
             return
+        detok = self._detokenizer
+        if detok is None or detok.tokenizer is not self.tokenizer:
+            detok = self._detokenizer = IncrementalDetokenizer(self.tokenizer)
+        if seq.detok is None:
+            seq.detok = detok.new_state()
         ids = seq.output_token_ids
-        if not seq.params.ignore_eos and ids and ids[-1] in self.spec.eos_token_ids:
-            ids = ids[:-1]
-        seq.output_text = self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
+        n = len(ids)
+        if not seq.params.ignore_eos and n and ids[-1] in self.spec.eos_token_ids:
+            n -= 1
+        seq.output_text = detok.update(seq.detok, seq.output_text, ids, n, seq.params.skip_special_tokens)
+
+    @staticmethod
+    def _flush_text(seq: Sequence) -> None:
+        """A finished sequence's text: the stable text plus the unsettled tail, i.e. the full decode."""
+        if seq.detok is not None and seq.detok.tail:
+            seq.output_text += seq.detok.tail
+            seq.detok.tail = ""
 
     def _make_output(self, req: _Request) -> RequestOutput:
         outs = [

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dockyard.engine.detokenizer import DetokenizerState
 from dockyard.engine.sampling_params import SamplingParams
 
 # Stands for a sampled token still on the device (async scheduling): the runner reads its value there.
@@ -43,6 +44,9 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # hashes of the full blocks, in order
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     output_text: str = ""
+    # Incremental detokenization offsets (engine/detokenizer.py), set by the engine on the first decode
+    # (a fresh state from its detokenizer: full decoding for a tokenizer that needs it).
+    detok: DetokenizerState | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
