@@ -6,4 +6,4 @@ venv=.venv-test
 rm -rf "$venv"
 bash scripts/setup_env.sh "$venv"
 "$venv/bin/ruff" check .
-exec "$venv/bin/python" -m pytest -q "$@"
+exec "$venv/bin/python" -m pytest -q --durations=15 "$@"

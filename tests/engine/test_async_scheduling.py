@@ -77,9 +77,9 @@ def test_greedy_batch_overlaps_every_decode_step(llm):
 
 
 def test_preemption_while_a_step_is_in_flight(llm):
-    prompts = prompts_of_varied_length(llm, 8)
-    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
-    need = sum(len(p) + 40 for p in prompts)
+    prompts = prompts_of_varied_length(llm, 5)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    need = sum(len(p) + 24 for p in prompts)
     sync, asyn, engine, overlapped = run_both(llm, prompts, params, num_blocks=need // 16 // 3,
                                               enable_prefix_caching=False)
     assert asyn == sync
@@ -88,8 +88,8 @@ def test_preemption_while_a_step_is_in_flight(llm):
 
 def test_prefix_cache_never_seals_a_pending_token(llm):
     tok = llm.get_tokenizer()
-    prefix = tok.encode("You are a careful assistant. Answer briefly and precisely. " * 8)
-    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    prefix = tok.encode("You are a careful assistant. Answer briefly and precisely. " * 4)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     first = prefix + tok.encode(" Question: what is two plus two?")
     outputs = {}
     for async_scheduling in (False, True):
@@ -103,7 +103,7 @@ def test_prefix_cache_never_seals_a_pending_token(llm):
         chunks = [chunk for _, chunk in engine.block_manager.cached.values()]
         assert chunks and all(PENDING_TOKEN not in chunk for chunk in chunks)
     assert outputs[True] == outputs[False]
-    assert outputs[True][2] == (len(first) + 40 - 1) // 16 * 16
+    assert outputs[True][2] == (len(first) + params.max_tokens - 1) // 16 * 16
 
 
 def test_abort_while_in_flight(llm):
