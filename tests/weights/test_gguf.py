@@ -57,14 +57,6 @@ def our_tensors(ours: GGUFFile) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@pytest.fixture(scope="module")
-def hf_model(gguf_path: Path) -> torch.nn.Module:
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-    )
-
-
 # ---- the bundled SmolLM2 GGUF against transformers ----
 def test_tensors_equal_transformers(our_tensors: dict[str, torch.Tensor], hf_model: torch.nn.Module) -> None:
     ref = hf_model.state_dict()
