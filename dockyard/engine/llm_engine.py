@@ -187,6 +187,8 @@ class LLMEngine:
             self._apply(self._take_in_flight(), touched, report_unfinished)
         batch = self.scheduler.schedule()
         ended = self._finish_out_of_blocks()
+        for out in ended:  # reported (and forgotten) already
+            touched.pop(out.request_id, None)
         if not batch:
             if self._in_flight is not None:
                 self._apply(self._take_in_flight(), touched, report_unfinished)
@@ -251,8 +253,13 @@ class LLMEngine:
 
     def _overlap_next_step(self) -> bool:
         """Whether to launch the next step before applying the one in flight: not when every running
-        sequence ends with its pending token anyway (its length limit), which would waste a step."""
-        return any(len(seq) < seq.max_total_len for seq in self.scheduler.running)
+        sequence ends with its pending token anyway (its length limit), which would waste a step, and
+        not when KV blocks run short (the scheduler may then end a sequence for lack of blocks, which
+        must keep the token it sampled last)."""
+        bm, scheduler = self.block_manager, self.scheduler
+        if bm.num_free_blocks < len(scheduler.running) + -(-scheduler.max_num_batched_tokens // bm.block_size):
+            return False
+        return any(len(seq) < seq.max_total_len for seq in scheduler.running)
 
     def _apply(self, step: _InFlight, touched: dict[str, _Request], report_unfinished: bool,
                out: SamplerOutput | None = None) -> None:

@@ -76,7 +76,9 @@ def test_greedy_batch_overlaps_every_decode_step(llm):
     assert engine.metrics.steps == GREEDY.max_tokens
 
 
-def test_preemption_while_a_step_is_in_flight(llm):
+def test_preemption_with_async_scheduling(llm):
+    """A pool too small for the batch: steps are applied before scheduling once blocks run short, so
+    preemption and ending for lack of blocks never meet a pending token; outputs as synchronous."""
     prompts = prompts_of_varied_length(llm, 5)
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     need = sum(len(p) + 24 for p in prompts)
@@ -125,3 +127,10 @@ def test_abort_while_in_flight(llm):
     while alone.has_unfinished_requests():
         outs.update({o.request_id: o for o in alone.step() if o.finished})
     assert outs["r2"].outputs[0].token_ids == outs["x"].outputs[0].token_ids
+
+
+def test_sequence_outgrowing_the_pool_keeps_its_last_token(llm):
+    prompt = list(range(100, 220))  # 120 tokens; 24 more need 144 > the pool's 128 slots
+    sync, asyn, _, _ = run_both(llm, [prompt, prompt[:20]], GREEDY, num_blocks=8, enable_prefix_caching=False)
+    assert asyn == sync
+    assert sync[0][0][2] == "length" and 0 < len(sync[0][0][0]) < 24
