@@ -141,16 +141,10 @@ def _launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[ServerProcess, 
 
 
 @pytest.fixture(scope="session")
-def reference_llm():
-    """The same model in process (float32, CPU); ``server`` asks for it after launching the process, so
-    both load at the same time."""
-    try:
-        bundled_model_path()
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"bundled model not installed: {exc}")
-    from dockyard import LLM
-
-    return LLM(dtype="float32", device="cpu")
+def reference_llm(bundled_llm):
+    """The same model in process (float32, CPU): the session's ``bundled_llm``, not a second load. ``server``
+    asks for it after launching the process, so both load at the same time when it is not loaded yet."""
+    return bundled_llm
 
 
 @pytest.fixture(scope="session")
