@@ -1,16 +1,14 @@
-"""Fixtures shared across the suite (the bundled real model, loaded once per session) and how the suite
-runs under pytest-xdist.
+"""Fixtures shared across the suite (the bundled real model, loaded once per session) and the torch thread
+count under pytest-xdist.
 
-Under xdist (``scripts/test.sh`` runs ``-n 2 --dist loadgroup``) two things are decided here:
-
-- Threads: torch fixes its intra-op thread count when it is imported, from ``OMP_NUM_THREADS``, so that
-  variable is set before any test module imports torch: each of N workers gets
-  ``cpu_count // N`` threads (at least 1), and the subprocesses the tests start (CLI, server, onboarding,
-  parallel ranks) inherit it. An explicit ``OMP_NUM_THREADS`` is kept.
-- Grouping: a fixture is set up once per worker that asks for it. A module whose tests share a
-  module-scoped fixture is sent to one worker as a whole, and so is every module that asks for an
-  expensive session fixture (``GROUPED_SESSION_FIXTURES``: the HF reference model, the server process),
-  so each of those is built once per run, not once per worker. Other tests are spread one by one.
+``scripts/test.sh`` runs the suite on two xdist workers with ``--dist loadfile``: a module runs on one
+worker as a whole, so a module-scoped fixture is built once; a session fixture is built once per worker
+that asks for it. (``--dist loadgroup`` could also keep the modules that share the HF reference model or
+the server process together, but with pytest 9.2 xdist's group marks have no effect: pytest-xdist issue
+#1386.) torch fixes its intra-op thread count when it is imported, from ``OMP_NUM_THREADS``, so that
+variable is set here, before any test module imports torch: each of N workers gets ``cores // N``
+threads (at least 1), and the subprocesses the tests start (CLI, server, onboarding, parallel ranks)
+inherit it. An explicit ``OMP_NUM_THREADS`` is kept.
 """
 
 from __future__ import annotations
@@ -27,45 +25,6 @@ if _WORKERS and "OMP_NUM_THREADS" not in os.environ:
     os.environ["OMP_NUM_THREADS"] = str(max(1, _CPUS // _WORKERS))
     if "torch" in sys.modules:  # imported before this module (by a plugin): the variable came too late for it
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
-# Session fixtures too expensive to build on every worker: the modules asking for one run on one worker.
-GROUPED_SESSION_FIXTURES = ("hf_model", "_launched")
-
-
-def _xdist_groups(items: list[pytest.Item]) -> dict[str, str]:
-    """Module path → xdist group, for the modules that must stay on one worker (see the module docstring).
-    Modules that share an expensive session fixture are merged into one group (union-find)."""
-    parent: dict[str, str] = {}
-
-    def find(key: str) -> str:
-        while parent.setdefault(key, key) != key:
-            key = parent[key]
-        return key
-
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        if info is None:
-            continue
-        module = item.nodeid.split("::")[0]
-        module_scoped = any(defs[-1].scope in ("module", "package", "class")
-                            for defs in info.name2fixturedefs.values() if defs)
-        shared = [name for name in GROUPED_SESSION_FIXTURES if name in item.fixturenames]
-        if module_scoped or shared:
-            find(module)
-        for name in shared:
-            parent[find(module)] = find(name)
-    return {key: find(key) for key in parent if "::" not in key and key.endswith(".py")}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into the node ids
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("dist", "no") != "loadgroup":
-        return
-    groups = _xdist_groups(items)
-    for item in items:
-        group = groups.get(item.nodeid.split("::")[0])
-        if group is not None and item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
