@@ -1,7 +1,8 @@
 """``dockyard serve`` as clients see it: the official ``openai`` client against a real server process.
 
-One server (bundled SmolLM2-135M-Instruct, CPU) serves every test here; the last test shuts it
-down with SIGTERM, so keep it last. Requests are greedy or seeded and short, to stay fast.
+One server (bundled SmolLM2-135M-Instruct, CPU, shared with the other modules of tests/server) serves
+every test here but the SIGTERM one, which stops a server of its own: under pytest-xdist the modules
+run in no fixed order. Requests are greedy or seeded and short, to stay fast.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import json
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 
 from dockyard import SamplingParams
-from tests.server.conftest import API_KEY, MODEL_NAME, ServerProcess
+from tests.server.conftest import API_KEY, MODEL_NAME, ServerProcess, start_server, wait_for_health
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -357,8 +359,18 @@ def test_malformed_request_batch_leaves_server_healthy(server, client):
     assert m["dockyard:kv_cache_blocks_used"] == 0 and m["dockyard:num_requests_waiting"] == 0
 
 
-# ---------------------------------------------------------------- shutdown (keep last: it stops the server)
-def test_sigterm_aborts_in_flight_and_exits_0(server):
+# ---------------------------------------------------------------- shutdown
+@pytest.fixture
+def server_to_stop(tmp_path, bundled_gguf) -> Iterator[ServerProcess]:
+    """A server of this test's own (SIGTERM ends it; the shared one must outlive every module using it)."""
+    srv = start_server(tmp_path, "--api-key", API_KEY, "--served-model-name", MODEL_NAME)
+    wait_for_health(srv, 200)
+    yield srv
+    srv.stop()
+
+
+def test_sigterm_aborts_in_flight_and_exits_0(server_to_stop):
+    server = server_to_stop
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     body = {"model": MODEL_NAME, "messages": QUESTION, "max_tokens": 2000, "ignore_eos": True, "stream": True}
     conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
