@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing import connection as mp_connection
 from typing import Any
 
 import torch
@@ -26,6 +26,8 @@ from dockyard.distributed.parallel_state import barrier, broadcast_object, destr
 from dockyard.errors import DockyardError
 
 logger = logging.getLogger(__name__)
+
+_EXIT_WAIT_S = 120.0  # after a start-up collective failed: how long a worker may take to be seen exiting
 
 
 @dataclass(frozen=True)
@@ -127,11 +129,12 @@ class WorkerGroup:
             if thread.is_alive():
                 check_workers()
         if error:
-            # A peer's death shows up as a collective error first: give the worker a moment to be seen
-            # exiting, and name it instead.
-            deadline = time.monotonic() + 5.0
-            while time.monotonic() < deadline and all(p.is_alive() for p in self.procs):
-                time.sleep(0.1)
+            # A peer's death shows up here first, as a collective error, possibly before the process
+            # has finished exiting: wait for an exit (woken by the process sentinels, not polled), so
+            # the worker is named however loaded the machine is. The bound only ends the wait when
+            # the error had another cause and every worker is still alive.
+            if all(p.is_alive() for p in self.procs):
+                mp_connection.wait([p.sentinel for p in self.procs], timeout=_EXIT_WAIT_S)
             check_workers(error[0])
             raise error[0]
         return result[0] if result else None

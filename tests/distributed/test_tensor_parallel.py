@@ -191,3 +191,25 @@ def test_worker_failing_at_start_up_fails_the_llm_at_once(tmp_path, monkeypatch)
     monkeypatch.undo()
     # The group is gone: a new parallel LLM can form its own.
     assert [len(t) for t in _greedy(model, tp=2)] == [16, 16, 16]
+
+
+def _worker_failing_slowly(cfg) -> None:
+    """A rank that joins the group, leaves it (rank 0's next collective fails) and takes seconds to exit."""
+    import sys
+    import time
+
+    init_parallel(cfg.rank, cfg.world_size, torch.device("cpu"), cfg.init_method)
+    destroy_parallel()
+    time.sleep(8)
+    sys.exit(1)
+
+
+def test_worker_dying_slowly_is_still_named(tmp_path, monkeypatch):
+    """The collective fails on rank 0 well before the worker's process has exited: rank 0 still names it
+    (it waits for the exit, not a fixed time)."""
+    import dockyard.distributed.worker as worker
+
+    monkeypatch.setattr(worker, "worker_main", _worker_failing_slowly)
+    model = _write(tmp_path, LLAMA)
+    with pytest.raises(DockyardError, match=r"worker dockyard-tp1 exited \(code 1\)"):
+        LLM(model, load_format="dummy", device="cpu", num_kv_blocks=8, tensor_parallel_size=2)
