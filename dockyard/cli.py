@@ -94,13 +94,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from dockyard.model_source import resolve_model
+
+    source = resolve_model(args.model)  # metadata only; an absurd config is refused before the engine is imported
     import torch
 
     from dockyard.engine.llm import resolve_dtype
     from dockyard.memory import plan_memory
-    from dockyard.model_source import resolve_model
 
-    source = resolve_model(args.model)  # reads metadata only; no weights are loaded
     spec = source.spec
     dtype = resolve_dtype(args.dtype, spec.torch_dtype, torch.device("cuda"))
     plan = plan_memory(spec, dtype, max_num_batched_tokens=args.max_num_batched_tokens)

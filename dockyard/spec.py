@@ -404,6 +404,9 @@ def with_hf_defaults(config: dict[str, Any], fill_required: bool) -> dict[str, A
     model_type = config.get("model_type")
     if not isinstance(model_type, str):
         return config
+    layers = config.get("num_hidden_layers")
+    if isinstance(layers, int) and layers > MAX_SANE_LAYERS:
+        return config  # transformers would build per-layer lists that long; our validation refuses it
     try:
         from transformers import AutoConfig
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -411,9 +414,6 @@ def with_hf_defaults(config: dict[str, Any], fill_required: bool) -> dict[str, A
         return config
     if model_type not in CONFIG_MAPPING_NAMES:
         return config
-    layers = config.get("num_hidden_layers")
-    if isinstance(layers, int) and layers > MAX_SANE_LAYERS:
-        return config  # transformers would build per-layer lists that long; our validation refuses it
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
