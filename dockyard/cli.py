@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from dockyard.cli_args import add_num_threads_arg, add_skip_memory_check_arg
 from dockyard.errors import DockyardError
 from dockyard.eval.cli import add_eval_parser, cmd_eval
 from dockyard.onboard.cli import add_onboard_parser, cmd_onboard
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--load-format", choices=("auto", "dummy"), default="auto")
     gen.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     gen.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    add_num_threads_arg(gen)
+    add_skip_memory_check_arg(gen)
 
     models = sub.add_parser("models", help="list the supported architectures (docs/supported-models.md)")
     models.add_argument("--configs", action="append", default=[], metavar="DIR",
@@ -78,7 +81,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, seed=args.seed, stop=args.stop,
     )
-    llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
+              num_threads=args.num_threads, skip_memory_check=args.skip_memory_check)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": args.prompt})
@@ -90,13 +94,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from dockyard.model_source import resolve_model
+
+    source = resolve_model(args.model)  # metadata only; an absurd config is refused before the engine is imported
     import torch
 
     from dockyard.engine.llm import resolve_dtype
     from dockyard.memory import plan_memory
-    from dockyard.model_source import resolve_model
 
-    source = resolve_model(args.model)  # reads metadata only; no weights are loaded
     spec = source.spec
     dtype = resolve_dtype(args.dtype, spec.torch_dtype, torch.device("cuda"))
     plan = plan_memory(spec, dtype, max_num_batched_tokens=args.max_num_batched_tokens)

@@ -33,6 +33,10 @@ class WeightsError(DockyardError):
     """Checkpoint tensors do not match the model: missing, unexpected or misshapen."""
 
 
+class InsufficientMemoryError(DockyardError):
+    """The memory plan says the model cannot start on this device; the message gives what would fit."""
+
+
 class InvalidRequestError(DockyardError):
     """A request is invalid: bad sampling value, prompt too long, empty prompt, ..."""
 

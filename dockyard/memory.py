@@ -1,23 +1,30 @@
 """Memory plan: what a model needs, computed from its spec alone.
 
 Weight bytes come from instantiating the registered model class on the ``meta`` device (no
-memory is touched), so the plan counts exactly the parameters the engine will load. The KV
+memory is touched) with one layer of each kind, each counted as often as the spec has it, so the
+plan counts exactly the parameters the engine will load, at the cost of a few layers. The KV
 cache, activation peak and overhead follow from the spec and the engine's batch limits.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from dockyard.errors import ConfigError
 from dockyard.registry import build_model
-from dockyard.spec import ModelSpec
+from dockyard.spec import PER_LAYER_FIELDS, ModelSpec
 
 GiB = 1024**3
+TiB = 1024**4
+# More than any deployment holds (sixteen 1T-parameter models in float32): a plan beyond this comes
+# from a broken config, and is refused before anything is built or allocated.
+PLAUSIBLE_MAX_WEIGHT_BYTES = 64 * TiB
 # Runtime memory that is not weights, KV or activations: CUDA context and allocator slack on a
 # GPU; the interpreter, torch and tokenizer on a CPU.
 OVERHEAD_BYTES = {"cuda": int(1.0 * GiB), "cpu": int(0.5 * GiB)}
@@ -69,24 +76,69 @@ def active_parameters(spec: ModelSpec, dtype: torch.dtype = torch.bfloat16) -> i
     return _count(spec, dtype)[2]
 
 
-@functools.lru_cache(maxsize=64)  # a 671B MoE has ~50k modules: build its meta copy once per spec
+@functools.lru_cache(maxsize=64)
 def _count(spec: ModelSpec, dtype: torch.dtype) -> tuple[int, dict[str, int], int]:
+    kinds = layer_kinds(spec)
+    model = _build_on_meta(sample_spec(spec, kinds), dtype)
+    by_dtype: Counter[str] = Counter()
+    numel = routed = 0
+    seen = set()
+    for name, p in model.named_parameters():  # tied parameters are yielded once
+        match = _LAYER_PARAMETER.match(name)
+        times = 1 if match is None else kinds[int(match.group(1))][1]
+        if match is not None:
+            seen.add(int(match.group(1)))
+        numel += p.numel() * times
+        by_dtype[str(p.dtype).removeprefix("torch.")] += p.numel() * p.element_size() * times
+        if ".experts." in name:  # routed experts (shared experts live under shared_expert[s])
+            routed += p.numel() * times
+    if len(seen) != len(kinds):  # a model class whose layers are not model.layers.N would be miscounted
+        raise RuntimeError(f"{type(model).__name__}: decoder layers not found under model.layers")
+    idle = 0 if spec.moe is None else routed * (spec.moe.num_experts - spec.moe.top_k) // spec.moe.num_experts
+    return numel, dict(by_dtype), numel - idle
+
+
+# ---- counting from one layer of each kind ----
+# Two layers of a model differ only through the spec's per-layer fields, so the parameters of a
+# model are those of a copy with one layer of each kind, each layer counted as often as its kind
+# occurs: a 1,000-layer config costs what a 2-layer one does, and the count is the built model's.
+_LAYER_PARAMETER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def layer_kinds(spec: ModelSpec) -> list[tuple[int, int]]:
+    """(first layer, number of layers) of each distinct kind of layer in ``spec``, in layer order."""
+    columns = [getattr(spec, f) for f in PER_LAYER_FIELDS if getattr(spec, f)]
+    if not columns:
+        return [(0, spec.num_hidden_layers)]
+    first: dict[tuple[Any, ...], int] = {}
+    counts: Counter[tuple[Any, ...]] = Counter()
+    for i, kind in enumerate(zip(*columns)):
+        first.setdefault(kind, i)
+        counts[kind] += 1
+    return [(i, counts[kind]) for kind, i in first.items()]
+
+
+def sample_spec(spec: ModelSpec, kinds: list[tuple[int, int]]) -> ModelSpec:
+    """``spec`` with only the layers ``kinds`` names first, in that order."""
+    per_layer = {f: tuple(getattr(spec, f)[i] for i, _ in kinds) for f in PER_LAYER_FIELDS if getattr(spec, f)}
+    return spec.replace(num_hidden_layers=len(kinds), **per_layer)
+
+
+def _build_on_meta(spec: ModelSpec, dtype: torch.dtype) -> torch.nn.Module:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = build_model(spec)
+            return build_model(spec)
+    except RuntimeError as exc:  # torch refuses a tensor whose byte size overflows 64 bits
+        if "overflow" not in str(exc):
+            raise
+        raise ConfigError(
+            f"{spec.name}: a weight of this config has more elements than a tensor can hold (hidden_size="
+            f"{spec.hidden_size}, intermediate_size={spec.intermediate_size}, vocab_size={spec.vocab_size}); "
+            "fix config.json") from None
     finally:
         torch.set_default_dtype(previous)
-    by_dtype: Counter[str] = Counter()
-    numel = routed = 0
-    for name, p in model.named_parameters():  # tied parameters are yielded once
-        numel += p.numel()
-        by_dtype[str(p.dtype).removeprefix("torch.")] += p.numel() * p.element_size()
-        if ".experts." in name:  # routed experts (shared experts live under shared_expert[s])
-            routed += p.numel()
-    idle = 0 if spec.moe is None else routed * (spec.moe.num_experts - spec.moe.top_k) // spec.moe.num_experts
-    return numel, dict(by_dtype), numel - idle
 
 
 def plan_memory(
@@ -110,7 +162,7 @@ def plan_memory(
     # output, and the MLP's gate, up and their product; plus float32 logits of the rows sampled.
     per_token = (3 * spec.hidden_size + spec.q_size + 2 * spec.kv_size + 3 * spec.intermediate_size) * act_bytes
     logits = min(max_num_seqs, tokens) * spec.vocab_size * 4 * 2  # logits + probabilities
-    return MemoryPlan(
+    plan = MemoryPlan(
         dtype=str(dtype).removeprefix("torch."),
         num_parameters=numel,
         active_parameters=active,
@@ -123,3 +175,17 @@ def plan_memory(
         max_num_batched_tokens=tokens,
         max_model_len=max_model_len or spec.max_model_len,
     )
+    check_plausible_size(spec, plan)
+    return plan
+
+
+def check_plausible_size(spec: ModelSpec, plan: MemoryPlan) -> None:
+    """Refuse a plan whose weights no device or cluster could hold, naming the sizes behind it."""
+    if plan.weight_bytes <= PLAUSIBLE_MAX_WEIGHT_BYTES:
+        return
+    raise ConfigError(
+        f"{spec.name}: the weights would take {plan.weight_bytes / TiB:,.0f} TiB at {plan.dtype} "
+        f"({plan.num_parameters:,} parameters from num_hidden_layers={spec.num_hidden_layers}, "
+        f"hidden_size={spec.hidden_size}, intermediate_size={spec.intermediate_size}, "
+        f"vocab_size={spec.vocab_size}), more than any deployment holds (> {PLAUSIBLE_MAX_WEIGHT_BYTES // TiB} TiB); "
+        "fix config.json")

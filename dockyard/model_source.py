@@ -82,7 +82,7 @@ class ModelSource:
         from dockyard.tokenizer import TOKENIZER_FILES, load_tokenizer
 
         if self.gguf is not None:
-            return load_tokenizer(self.path.parent, gguf_file=self.path)
+            return load_tokenizer(self.path.parent, gguf_file=self.path.resolve())  # absolute: not joined again
         if not any((self.path / f).exists() for f in TOKENIZER_FILES):
             logger.warning("%s has no tokenizer files (%s): prompts must be token ids",
                            self.path, ", ".join(TOKENIZER_FILES))

@@ -33,6 +33,10 @@ LAYERNORM_TYPES = frozenset({"phimoe", "phi", "phi3small", "starcoder2", "stable
 ATTENTION_SINK_TYPES = frozenset({"gpt_oss"})
 LAYER_TYPES = ("full_attention", "sliding_attention")
 MAX_SANE_POSITIONS = 10_000_000
+# Published decoders have at most a few hundred layers; per-layer fields are tuples of this length.
+MAX_SANE_LAYERS = 65_536
+# The fields that hold one entry per layer: the only way two layers of one model can differ.
+PER_LAYER_FIELDS = ("layer_types", "moe_layers")
 
 _DTYPES = {
     "float32": "float32", "fp32": "float32", "float": "float32",
@@ -236,6 +240,7 @@ class ModelSpec:
         head_dim = _as_int("head_dim", head_dim)
         model_type = str(get("model_type", ""))
         num_layers = _req_int(config, "num_hidden_layers")
+        _check_layer_count(num_layers)  # before per-layer tuples are built from it
         mla = _mla_from_config(config)
         if mla is not None:  # queries and keys carry the no-rope and the rope part of each head
             head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
@@ -300,6 +305,7 @@ class ModelSpec:
             value = getattr(self, fname)
             if value <= 0:
                 raise ConfigError(f"{fname}={value} must be a positive integer")
+        _check_layer_count(self.num_hidden_layers)
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not divisible by "
@@ -398,6 +404,9 @@ def with_hf_defaults(config: dict[str, Any], fill_required: bool) -> dict[str, A
     model_type = config.get("model_type")
     if not isinstance(model_type, str):
         return config
+    layers = config.get("num_hidden_layers")
+    if isinstance(layers, int) and layers > MAX_SANE_LAYERS:
+        return config  # transformers would build per-layer lists that long; our validation refuses it
     try:
         from transformers import AutoConfig
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -427,6 +436,12 @@ def with_hf_defaults(config: dict[str, Any], fill_required: bool) -> dict[str, A
             continue  # a class default past this (possibly shrunken) vocabulary cannot be this model's token
         out[key] = value
     return out
+
+
+def _check_layer_count(num_layers: int) -> None:
+    if num_layers > MAX_SANE_LAYERS:
+        raise ConfigError(f"num_hidden_layers={num_layers:,} is absurd (> {MAX_SANE_LAYERS:,}; published models "
+                          "have a few hundred at most); fix config.json")
 
 
 def _as_int(name: str, value: Any) -> int:

@@ -58,6 +58,18 @@ def test_inspect_config_json_and_json_output():
     assert data["fit"]["fits"] is True
 
 
+def test_relative_gguf_path_with_a_directory(tmp_path):
+    gguf = _bundled_or_skip()
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.gguf").symlink_to(gguf)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "dockyard.cli", "generate", "--model", "m/model.gguf",
+                           "--max-tokens", "8", "The capital of France is"], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+
+
 def test_missing_model_path(tmp_path):
     assert_clean_error(run_cli("generate", "--model", str(tmp_path / "nope.gguf"), "hi"), "nope.gguf", "not found")
 

@@ -5,19 +5,24 @@ builds the same model shard, allocates its own KV cache (its KV heads, rank 0's 
 then, each step, receives rank 0's flat inputs (``ModelRunner.step_message``) and runs the same
 forward, so that their collectives meet. A ``None`` message ends the loop.
 
-On one host the engine starts the workers itself (``spawn``, daemonic); past one host every rank
+On one host the engine starts the workers itself (``spawn``, daemonic) without re-running the
+caller's main module in them (a script read on stdin, a notebook or a script without an
+``if __name__ == "__main__":`` guard all work: :func:`_bare_main_module`); past one host every rank
 is started by torchrun and :func:`run_torchrun_rank` is the entry of ranks 1..N-1 (docs/ARCHITECTURE.md,
 "Parallelism").
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
+import sys
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from multiprocessing import connection as mp_connection
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -26,6 +31,8 @@ from dockyard.distributed.parallel_state import barrier, broadcast_object, destr
 from dockyard.errors import DockyardError
 
 logger = logging.getLogger(__name__)
+
+_EXIT_WAIT_S = 120.0  # after a start-up collective failed: how long a worker may take to be seen exiting
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,23 @@ def run_torchrun_worker(model: str | None, *, load_format: str = "auto", dtype: 
                              rank=rank, world_size=world, init_method="env://", expert_parallel=expert_parallel))
 
 
+@contextlib.contextmanager
+def _bare_main_module() -> Iterator[None]:
+    """While spawned children start, let them see a main module with no file and no module name.
+
+    ``spawn`` re-runs the parent's ``__main__`` in each child (by path, or by module name) before
+    unpickling the target. The workers need nothing from it (their target and config are dockyard's),
+    and it may not be runnable again: ``<stdin>`` is no file, a notebook's main is the kernel, and a
+    script without a ``__main__`` guard would build another LLM in every worker. The preparation data
+    is read synchronously in ``Process.start``, so the swap lasts only that call."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 class WorkerGroup:
     """Rank 0's spawned workers: started before the group forms, stopped by :meth:`close` (idempotent,
     also run at garbage collection and interpreter exit through the LLM's finalizer)."""
@@ -96,8 +120,9 @@ class WorkerGroup:
         ctx = mp.get_context("spawn")
         self.procs = [ctx.Process(target=worker_main, args=(cfg,), daemon=True, name=f"dockyard-tp{cfg.rank}")
                       for cfg in configs]
-        for p in self.procs:
-            p.start()
+        with _bare_main_module():
+            for p in self.procs:
+                p.start()
         self.ready = False  # set once the group formed and the workers wait for steps
         self.closed = False
 
@@ -127,11 +152,12 @@ class WorkerGroup:
             if thread.is_alive():
                 check_workers()
         if error:
-            # A peer's death shows up as a collective error first: give the worker a moment to be seen
-            # exiting, and name it instead.
-            deadline = time.monotonic() + 5.0
-            while time.monotonic() < deadline and all(p.is_alive() for p in self.procs):
-                time.sleep(0.1)
+            # A peer's death shows up here first, as a collective error, possibly before the process
+            # has finished exiting: wait for an exit (woken by the process sentinels, not polled), so
+            # the worker is named however loaded the machine is. The bound only ends the wait when
+            # the error had another cause and every worker is still alive.
+            if all(p.is_alive() for p in self.procs):
+                mp_connection.wait([p.sentinel for p in self.procs], timeout=_EXIT_WAIT_S)
             check_workers(error[0])
             raise error[0]
         return result[0] if result else None

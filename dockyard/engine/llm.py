@@ -23,8 +23,10 @@ import torch
 from torch import nn
 
 from dockyard.engine.llm_engine import EngineConfig, LLMEngine
+from dockyard.engine.memory_check import check_memory_fits
 from dockyard.engine.outputs import RequestOutput
 from dockyard.engine.sampling_params import SamplingParams
+from dockyard.engine.threads import configure_threads
 from dockyard.errors import DockyardError, InvalidRequestError
 from dockyard.memory import plan_memory
 from dockyard.model_source import ModelSource, resolve_model
@@ -143,6 +145,9 @@ class LLM:
     instead of splitting each expert. Call :meth:`shutdown` (or drop the LLM) to stop the workers.
     ``async_scheduling`` (None: on for CUDA) launches each step before the previous one's tokens
     are appended on the host (see :mod:`dockyard.engine.llm_engine`); outputs are the same.
+    Before anything is loaded the memory plan is checked against the device's free memory
+    (:mod:`dockyard.engine.memory_check`); ``skip_memory_check`` loads anyway. ``num_threads``: torch's
+    CPU threads (default: the physical cores this process may use, :mod:`dockyard.engine.threads`).
     """
 
     def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype = "auto",
@@ -152,8 +157,10 @@ class LLM:
                  num_kv_blocks: int | None = None, kv_cache_memory_bytes: int | None = None,
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                  enforce_eager: bool = False, tensor_parallel_size: int = 1,
-                 enable_expert_parallel: bool = False, async_scheduling: bool | None = None) -> None:
+                 enable_expert_parallel: bool = False, async_scheduling: bool | None = None,
+                 skip_memory_check: bool = False, num_threads: int | None = None) -> None:
         t0 = time.perf_counter()
+        configure_threads(num_threads)
         self._workers: Any = None
         self.source: ModelSource = resolve_model(model, load_format)
         spec = self.source.spec
@@ -170,17 +177,18 @@ class LLM:
             from dockyard.distributed.sharding import check_parallel_config
 
             check_parallel_config(spec, tensor_parallel_size, enable_expert_parallel)
-        if tensor_parallel_size > 1:
-            self._start_parallel(model, load_format, dtype, seed, enable_expert_parallel)
-            # The other ranks replay eager forwards; captured graphs would need them to replay too.
-            enforce_eager = True
         config = EngineConfig(
             block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=max_model_len, num_kv_blocks=num_kv_blocks,
             kv_cache_memory_bytes=kv_cache_memory_bytes or EngineConfig.kv_cache_memory_bytes,
             gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
-            enforce_eager=enforce_eager, async_scheduling=async_scheduling,
+            # The other ranks replay eager forwards; captured graphs would need them to replay too.
+            enforce_eager=enforce_eager or tensor_parallel_size > 1, async_scheduling=async_scheduling,
         )
+        if not skip_memory_check:  # before any worker starts or any weight is allocated
+            check_memory_fits(spec, self.dtype, self.device, config, tensor_parallel_size)
+        if tensor_parallel_size > 1:
+            self._start_parallel(model, load_format, dtype, seed, enable_expert_parallel)
         try:
             self._build(config, seed, enable_expert_parallel, t0)
         except BaseException:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dockyard.cli_args import add_num_threads_arg
 from dockyard.eval.tasks import TASKS, EvalError
 
 
@@ -48,12 +49,16 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                    help="re-run FILE's tasks with its settings; exit 1 when a metric leaves the tolerance")
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance of --check (default 0.05)")
     p.add_argument("--verbose", action="store_true", help="let lm-eval and datasets log to the terminal")
+    add_num_threads_arg(p)
     return p
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run ``dockyard eval``; return the exit status (0 ok, 1 check failed; errors raise EvalError → 2)."""
+    from dockyard.engine.threads import configure_threads
     from dockyard.eval import runner
+
+    configure_threads(args.num_threads)
 
     if args.list_tasks:
         print(runner.tasks_table())

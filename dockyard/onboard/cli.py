@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from dockyard.cli_args import add_num_threads_arg
 from dockyard.onboard.context import GATE_NAMES
 
 
@@ -39,12 +40,16 @@ def add_onboard_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--compile-backend", default=None, help="torch.compile backend of the features gate "
                                                            "(default inductor)")
     p.add_argument("--json", action="store_true", help="print report.json on stdout (the table goes to stderr)")
+    add_num_threads_arg(p)
     return p
 
 
 def cmd_onboard(args: argparse.Namespace) -> int:
     """Run the gates; print progress on stderr and the summary table; return the exit status."""
+    from dockyard.engine.threads import configure_threads
     from dockyard.onboard import OnboardOptions, run_onboard, summary_table
+
+    configure_threads(args.num_threads)
 
     options = OnboardOptions(
         model=args.model, out=args.out, weights=args.weights, device=args.device,

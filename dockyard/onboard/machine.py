@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from dockyard.engine.memory_check import ram_bytes
 from dockyard.errors import DockyardError
 
 GiB = 1024**3
@@ -41,33 +42,6 @@ class Machine:
     def hardware_line(self) -> str:
         """One line naming the hardware, for the report and accuracy.yaml."""
         return f"{self.device_name} ({self.device_bytes / GiB:.1f} GiB)"
-
-
-def _meminfo() -> dict[str, int]:
-    """/proc/meminfo in bytes (empty where it does not exist)."""
-    out: dict[str, int] = {}
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                parts = rest.split()
-                if parts and parts[0].isdigit():
-                    out[key] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
-    except OSError:
-        pass
-    return out
-
-
-def ram_bytes() -> tuple[int, int]:
-    """(total, available) RAM in bytes."""
-    info = _meminfo()
-    total = info.get("MemTotal")
-    if total is None:
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            total = 8 * GiB
-    return total, info.get("MemAvailable", total // 2)
 
 
 def detect_machine(device: str = "auto", device_memory_gib: float | None = None) -> Machine:

@@ -421,7 +421,8 @@ def serve(args: Any) -> int:
               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
               enforce_eager=args.enforce_eager, tensor_parallel_size=tp, enable_expert_parallel=ep,
-              async_scheduling=False if args.no_async_scheduling else None)
+              async_scheduling=False if args.no_async_scheduling else None,
+              num_threads=args.num_threads, skip_memory_check=args.skip_memory_check)
     load_s = time.perf_counter() - t0
     names = args.served_model_name or [llm.source.name]
     fatal: list[str] = []

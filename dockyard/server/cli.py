@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from dockyard.cli_args import add_num_threads_arg, add_skip_memory_check_arg
+
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``serve`` on the CLI's subparsers."""
@@ -44,6 +46,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                         "rank with torchrun (docs/ARCHITECTURE.md, Parallelism)")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="MoE: place whole experts across the tensor-parallel ranks instead of splitting each")
+    add_num_threads_arg(p)
+    add_skip_memory_check_arg(p)
     return p
 
 

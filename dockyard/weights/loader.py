@@ -2,11 +2,15 @@
 
 Every checkpoint tensor must land in a parameter and every parameter must be filled; the
 error lists each missing and each unexpected name, so a wrong name map can never leave a
-parameter at its random initial value silently.
+parameter at its random initial value silently. A tensor of the wrong shape is named once (not
+again as missing); an integer tensor where the model holds floating weights, and a weight with
+NaN or infinite values (one ``isfinite().all()`` per tensor as it is copied; off with
+``check_finite=False`` or ``DOCKYARD_CHECK_FINITE=0``), are errors naming the tensor.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -35,19 +39,26 @@ def load_weights(
     weights: Iterable[tuple[str, torch.Tensor]],
     name_map: Callable[[str], str | None] | None = None,
     strict: bool = True,
+    check_finite: bool | None = None,
 ) -> LoadReport:
     """Load ``(name, tensor)`` pairs into ``model``; raise WeightsError on any mismatch if strict.
 
     Without ``name_map``, the model's own ``map_checkpoint_name(name) -> str | None`` is used when it
     has one: it turns a published checkpoint name into the model's parameter name (None: not a
     weight of this model, e.g. a vision tower), and leaves the model's own names unchanged.
+    ``check_finite`` (None: unless ``DOCKYARD_CHECK_FINITE=0``) refuses NaN and infinite weights.
     """
+    if check_finite is None:
+        check_finite = os.environ.get("DOCKYARD_CHECK_FINITE", "1") != "0"
     if name_map is None:
         name_map = getattr(model, "map_checkpoint_name", None)
     params = dict(model.named_parameters(remove_duplicate=False))
     filled: set[int] = set()
     report = LoadReport()
     mismatched: list[str] = []
+    mismatched_params: set[int] = set()
+    not_float: list[str] = []
+    not_finite: list[str] = []
     for ckpt_name, tensor in weights:
         name = name_map(ckpt_name) if name_map else ckpt_name
         if name is None or ckpt_name.endswith(IGNORED_SUFFIXES):
@@ -59,14 +70,31 @@ def load_weights(
             continue
         if tuple(tensor.shape) != tuple(param.shape):
             mismatched.append(f"{ckpt_name}: checkpoint {tuple(tensor.shape)} vs model {tuple(param.shape)}")
+            mismatched_params.add(id(param))
+            continue
+        if param.is_floating_point() and not tensor.is_floating_point():
+            not_float.append(f"{ckpt_name} ({str(tensor.dtype).removeprefix('torch.')})")
+            mismatched_params.add(id(param))
             continue
         with torch.no_grad():
             param.copy_(tensor)
+        # Native FP8 weights (1 byte) are skipped: isfinite has no float8 kernel on every device.
+        if check_finite and param.is_floating_point() and param.element_size() > 1 \
+                and not bool(torch.isfinite(param).all()):
+            not_finite.append(ckpt_name)
         if id(param) not in filled:
             filled.add(id(param))
             report.loaded += 1
             report.bytes_loaded += param.numel() * param.element_size()
-    report.missing = [n for n, p in params.items() if id(p) not in filled]
+    report.missing = [n for n, p in params.items() if id(p) not in filled and id(p) not in mismatched_params]
+    if not_float:
+        raise WeightsError("checkpoint tensors hold integers where the model has floating-point weights: "
+                           + ", ".join(not_float) + "; the checkpoint is quantized in a format dockyard does not "
+                           "read, or is not a weights file for this model")
+    if not_finite:
+        raise WeightsError(f"checkpoint tensors hold NaN or infinite values ({len(not_finite)}): "
+                           + ", ".join(not_finite) + "; the checkpoint is corrupt (re-download it), or load "
+                           "anyway with DOCKYARD_CHECK_FINITE=0")
     if strict and (mismatched or report.missing or report.unexpected):
         parts = []
         if mismatched:

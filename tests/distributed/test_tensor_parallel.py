@@ -191,3 +191,58 @@ def test_worker_failing_at_start_up_fails_the_llm_at_once(tmp_path, monkeypatch)
     monkeypatch.undo()
     # The group is gone: a new parallel LLM can form its own.
     assert [len(t) for t in _greedy(model, tp=2)] == [16, 16, 16]
+
+
+def _worker_failing_slowly(cfg) -> None:
+    """A rank that joins the group, leaves it (rank 0's next collective fails) and takes seconds to exit."""
+    import sys
+    import time
+
+    init_parallel(cfg.rank, cfg.world_size, torch.device("cpu"), cfg.init_method)
+    destroy_parallel()
+    time.sleep(6)  # longer than the fixed wait rank 0 used to allow
+    sys.exit(1)
+
+
+def test_worker_dying_slowly_is_still_named(tmp_path, monkeypatch):
+    """The collective fails on rank 0 well before the worker's process has exited: rank 0 still names it
+    (it waits for the exit, not a fixed time)."""
+    import dockyard.distributed.worker as worker
+
+    monkeypatch.setattr(worker, "worker_main", _worker_failing_slowly)
+    model = _write(tmp_path, LLAMA)
+    with pytest.raises(DockyardError, match=r"worker dockyard-tp1 exited \(code 1\)"):
+        LLM(model, load_format="dummy", device="cpu", num_kv_blocks=8, tensor_parallel_size=2)
+
+
+_STDIN_SCRIPT = """
+import json, random, sys, torch
+from dockyard import LLM, SamplingParams
+torch.set_num_threads(1)
+rng = random.Random(0)
+prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (5, 11, 3)]
+out = {}
+for tp in (1, 2):  # no __main__ guard: the workers must not run this script again
+    llm = LLM(MODEL, load_format="dummy", dtype="float32", device="cpu", seed=1, num_kv_blocks=32,
+              max_num_seqs=4, tensor_parallel_size=tp)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    out[tp] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    llm.shutdown()
+print(json.dumps(out))
+"""
+
+
+def test_tensor_parallel_from_a_script_read_on_stdin(tmp_path):
+    """``python - <<EOF``: the main module is no file, and spawned workers must not try to re-run it."""
+    import os
+    import subprocess
+    import sys
+
+    model = _write(tmp_path, LLAMA)
+    script = f"VOCAB = {VOCAB}\nMODEL = {model!r}\n" + _STDIN_SCRIPT
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=300,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["2"] == out["1"] and [len(t) for t in out["1"]] == [16, 16, 16]

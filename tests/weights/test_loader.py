@@ -57,11 +57,36 @@ def test_missing_and_unexpected_are_named():
     assert "model.layers.1.mlp.up_proj.weight" in msg and "model.layers.1.mlp.upp_proj.weight" in msg
 
 
-def test_shape_mismatch_is_named():
+def test_shape_mismatch_is_named_once():
     state = _reference_state()
     state["model.norm.weight"] = torch.ones(31)
-    with pytest.raises(WeightsError, match=r"model.norm.weight: checkpoint \(31,\) vs model \(32,\)"):
+    with pytest.raises(WeightsError, match=r"model.norm.weight: checkpoint \(31,\) vs model \(32,\)") as info:
         load_weights(_model(), state.items())
+    assert str(info.value).count("model.norm.weight") == 1 and "missing" not in str(info.value)
+
+
+def test_integer_tensor_where_weights_are_floating_is_named(tmp_path):
+    state = _reference_state()
+    state["model.layers.0.self_attn.k_proj.weight"] = torch.randint(-8, 8, (16, 32), dtype=torch.int8)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(WeightsError, match=r"integers .*model.layers.0.self_attn.k_proj.weight \(int8\)") as info:
+        load_weights(_model(), iter_safetensors(tmp_path))
+    assert "missing" not in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_named_unless_switched_off(tmp_path, bad, monkeypatch):
+    state = _reference_state()
+    state["model.layers.1.mlp.down_proj.weight"][3, 5] = bad
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(WeightsError, match=r"NaN or infinite values \(1\): model.layers.1.mlp.down_proj.weight;"):
+        load_weights(_model(), iter_safetensors(tmp_path))
+    model = _model()
+    load_weights(model, iter_safetensors(tmp_path), check_finite=False)
+    loaded = model.model.layers[1].mlp.down_proj.weight
+    assert torch.equal(loaded.nan_to_num(), state["model.layers.1.mlp.down_proj.weight"].nan_to_num())
+    monkeypatch.setenv("DOCKYARD_CHECK_FINITE", "0")
+    load_weights(_model(), iter_safetensors(tmp_path))
 
 
 def test_dummy_weights_deterministic_and_finite():

@@ -1,0 +1,133 @@
+"""Refuse what cannot fit before loading it.
+
+``LLM`` runs :func:`check_memory_fits` before it builds anything: the memory plan
+(``dockyard.memory``) against the memory the device has free now. What is counted is what the
+engine will allocate at start-up: on a CPU the weights, the activation peak and the KV pool,
+which is allocated whole from its byte budget (for N tensor-parallel processes on one host: N
+pools and N - 1 more interpreters); on a GPU, per rank, the weight shard, the activation peak and
+one KV block, the least the engine starts with (the KV pool takes what is left). The refusal
+gives the plan's numbers and what would fit; ``skip_memory_check`` (``--skip-memory-check``) loads
+anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from dockyard.errors import InsufficientMemoryError
+from dockyard.memory import MemoryPlan, plan_memory
+from dockyard.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from dockyard.engine.llm_engine import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+GiB = 1024**3
+
+
+def _meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes (empty where it does not exist)."""
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts and parts[0].isdigit():
+                    out[key] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    except OSError:
+        pass
+    return out
+
+
+def ram_bytes() -> tuple[int, int]:
+    """(total, available) RAM in bytes."""
+    info = _meminfo()
+    total = info.get("MemTotal")
+    if total is None:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            total = 8 * GiB
+    return total, info.get("MemAvailable", total // 2)
+
+
+@dataclass(frozen=True)
+class StartupNeed:
+    """Bytes the engine allocates at start-up, by part, against the bytes the device has free."""
+
+    weights: int
+    activations: int
+    kv_cache: int
+    other_processes: int  # interpreters of spawned tensor-parallel workers (CPU)
+    available: int
+    where: str  # the device and where ``available`` comes from
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.activations + self.kv_cache + self.other_processes
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.available
+
+
+def startup_need(plan: MemoryPlan, device: torch.device, config: EngineConfig, tensor_parallel_size: int = 1
+                 ) -> StartupNeed:
+    """What starting the engine with ``plan`` on ``device`` needs (the KV pool: ``config.num_kv_blocks``
+    when given; else on a CPU its byte budget, on a GPU one block)."""
+    tp = tensor_parallel_size
+    block_bytes = plan.kv_bytes_per_token * config.block_size
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = int(total * config.gpu_memory_utilization) - (total - free)
+        return StartupNeed(weights=-(-plan.weight_bytes // tp), activations=plan.activation_peak_bytes,
+                           kv_cache=(config.num_kv_blocks or 1) * block_bytes, other_processes=0, available=budget,
+                           where=f"{device} ({config.gpu_memory_utilization:g} of {total / GiB:.1f} GiB, less "
+                                 f"{(total - free) / GiB:.1f} GiB in use)")
+    _, available = ram_bytes()
+    kv = config.num_kv_blocks * block_bytes if config.num_kv_blocks else config.kv_cache_memory_bytes
+    # This process's interpreter and torch are already resident (outside MemAvailable); each spawned
+    # worker adds its own.
+    return StartupNeed(weights=plan.weight_bytes, activations=tp * plan.activation_peak_bytes,
+                       kv_cache=tp * kv, other_processes=(tp - 1) * plan.overhead_bytes, available=available,
+                       where="RAM (MemAvailable)")
+
+
+def check_memory_fits(spec: ModelSpec, dtype: torch.dtype, device: torch.device, config: EngineConfig,
+                      tensor_parallel_size: int = 1) -> MemoryPlan:
+    """The memory plan, or :class:`InsufficientMemoryError` with its numbers and what would fit."""
+    def need_at(d: torch.dtype, batched: int) -> tuple[MemoryPlan, StartupNeed]:
+        plan = plan_memory(spec, d, max_num_batched_tokens=batched, max_num_seqs=config.max_num_seqs,
+                           device_type=device.type)
+        return plan, startup_need(plan, device, config, tensor_parallel_size)
+
+    batched = config.max_num_batched_tokens
+    plan, need = need_at(dtype, batched)
+    logger.info("memory plan: %.2f GiB needed at start-up (weights %.2f, activations %.2f, KV cache %.2f, workers "
+                "%.2f) of %.2f GiB free in %s", need.total / GiB, need.weights / GiB, need.activations / GiB,
+                need.kv_cache / GiB, need.other_processes / GiB, need.available / GiB, need.where)
+    if need.fits:
+        return plan
+    ways = []
+    if dtype.itemsize > 2:
+        half = need_at(torch.bfloat16, batched)[1]
+        ways.append(f"--dtype bfloat16 needs {half.total / GiB:.2f} GiB" + (" (fits)" if half.fits else ""))
+    if batched > 256 and need_at(dtype, 256)[1].fits:
+        ways.append("--max-num-batched-tokens 256 fits (a smaller activation peak)")
+    if device.type == "cpu" and not config.num_kv_blocks:
+        ways.append("a smaller KV pool (LLM(kv_cache_memory_bytes=...))")
+    ways.append(f"a device with {need.total / GiB:.1f} GiB free")
+    ways.append("--skip-memory-check (skip_memory_check=True) to load anyway")
+    raise InsufficientMemoryError(
+        f"{spec.name} does not fit: {need.total / GiB:.2f} GiB needed at start-up at {plan.dtype} (weights "
+        f"{need.weights / GiB:.2f} GiB for {plan.num_parameters:,} parameters, activations "
+        f"{need.activations / GiB:.2f} GiB, KV cache {need.kv_cache / GiB:.2f} GiB"
+        + (f", worker processes {need.other_processes / GiB:.2f} GiB" if need.other_processes else "")
+        + f"), {need.available / GiB:.2f} GiB free in {need.where}; what would help: " + "; ".join(ways))
