@@ -22,9 +22,10 @@ class OpenAIModel(BaseModel):
 
 
 class RequestModel(OpenAIModel):
-    """Base of request models: JSON types are strict (``true`` is not 1, ``"2"`` is not 2)."""
+    """Base of request models: JSON types are strict (``true`` is not 1, ``"2"`` is not 2), and the
+    ``NaN`` / ``Infinity`` literals Python's JSON parsers accept are refused, naming the field."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- errors

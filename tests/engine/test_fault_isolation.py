@@ -9,6 +9,7 @@ import pytest
 
 from dockyard import SamplingParams
 from dockyard.errors import InvalidRequestError
+from tests.helpers import poison
 
 PROMPTS = ["The capital of France is", "One, two, three,", "def add(a, b):"]
 
@@ -32,17 +33,6 @@ def test_table_of_crashes_is_refused_when_added(bundled_llm, kwargs, param):
     # the engine still answers, as a fresh request alone would
     out = bundled_llm.generate(PROMPTS[0], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3
-
-
-def poison(p: SamplingParams, kind: str) -> None:
-    """Set a value the door refuses on a request the engine already holds (standing in for any bug
-    that lets a bad value through): each kind fails inside a step, in a different stage."""
-    if kind == "mask":  # the min_tokens stop mask indexes the logits with it (IndexError)
-        p.stop_token_ids = [10**9]
-    elif kind == "sampler":  # the sampler's tensors cannot hold it (overflow)
-        p.top_k, p.temperature = 2**63, 0.7
-    elif kind == "stop-check":  # the stop-string search after the token is appended (TypeError)
-        p.stop = 5  # type: ignore[assignment]
 
 
 def run_engine(engine, prompts: list[list[int]], params: list[SamplingParams], poisons: dict[int, str]) -> list:
