@@ -280,7 +280,8 @@ def build_app(llm: LLM, served_model_name: str | Sequence[str] | None = None, ap
         if state.shutting_down:
             return _json_response(503, {"status": "shutting_down", "message": "the server is shutting down"})
         if state.failure is not None:
-            return _json_response(503, {"status": "failed", "message": state.failure})
+            return _json_response(503, {"status": "failed",
+                                        "message": "warm-up failed (the server log says why); the server is stopping"})
         if not state.ready:
             return _json_response(503, {"status": "starting", "message": "warming up: not ready yet"})
         return _json_response(200, {"status": "ok"})

@@ -431,7 +431,7 @@ class OpenAIServing:
                 completion_tokens = sum(len(c.token_ids) for c in last.outputs)
                 yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
                                               usage=_usage(prompt_tokens, completion_tokens)))
-        except (APIError, DockyardError) as exc:
+        except Exception as exc:  # noqa: BLE001 - the stream ends with an error event, whatever failed
             yield sse(error_body(exc))
         finally:
             for s in streams:
@@ -608,7 +608,7 @@ class OpenAIServing:
                     len(c.token_ids) for f in last if f is not None for c in f.outputs)
                 yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[],
                                              usage=_usage(prompt_tokens, completion_tokens)))
-        except (APIError, DockyardError) as exc:
+        except Exception as exc:  # noqa: BLE001 - the stream ends with an error event, whatever failed
             yield sse(error_body(exc))
         finally:
             for s in streams:

@@ -6,17 +6,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import threading
+import time
 
 import httpx2
 import pytest
 
+from dockyard.engine.model_runner import ModelRunner
 from dockyard.engine.sampling_params import SamplingParams
+from dockyard.server import app as app_module
 from dockyard.server import serving as serving_module
 from dockyard.server.app import CORSSettings, asgi_request, build_app
 from dockyard.server.cli import add_serve_parser
 from dockyard.server.protocol import CompletionRequest
 from dockyard.server.serving import _hold_back, _TextCursor
-from tests.server.conftest import parse_metrics
+from tests.server.conftest import free_port, http_call, parse_metrics
 
 
 def _run_app(app, work):
@@ -194,3 +198,39 @@ def test_api_key_from_the_environment(monkeypatch):
     add_serve_parser(parser.add_subparsers())
     assert parser.parse_args(["serve"]).api_key == "from-env"
     assert parser.parse_args(["serve", "--api-key", "flag"]).api_key == "flag"
+
+
+def test_serve_exits_1_when_the_engine_dies(reference_llm, monkeypatch):
+    """``serve`` (uvicorn, warm-up and all) on the session's model: once ready, a step fails in a way no
+    single request explains, so the engine is dead; the request gets 503 and serve returns 1."""
+    monkeypatch.setattr(app_module, "LLM", lambda *args, **kwargs: reference_llm)
+    broken = threading.Event()
+    real_execute = ModelRunner.execute
+
+    def execute(self, *args, **kwargs):
+        if broken.is_set():
+            raise RuntimeError("simulated fault in a step")
+        return real_execute(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModelRunner, "execute", execute)
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers())
+    port = free_port()
+    args = parser.parse_args(["serve", "--port", str(port), "--api-key", "k"])
+    exit_status: list[int] = []
+    thread = threading.Thread(target=lambda: exit_status.append(app_module.serve(args)), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not exit_status:
+        try:
+            if http_call(port, "GET", "/health", timeout=5)[0] == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.1)
+    broken.set()
+    status, body = http_call(port, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2},
+                             {"Authorization": "Bearer k"})
+    thread.join(timeout=60)
+    assert status == 503 and body["error"]["code"] == "engine_unavailable", body
+    assert exit_status == [1]
