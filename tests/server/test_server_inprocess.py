@@ -171,14 +171,26 @@ def test_origins_cors_and_content_type(reference_llm):
 
 def test_openapi_and_docs_behind_the_key_with_request_schemas(reference_llm):
     app = build_app(reference_llm, "m", api_key="k", warm_up=False)
+    chat = [{"role": "user", "content": "Hi"}]
+    # bodies the server refuses for their shape (400 before the engine sees them)
+    refused = [("CompletionRequest", "/v1/completions", {"prompt": {"a": 1}}),
+               ("CompletionRequest", "/v1/completions", {"prompt": []}),
+               ("CompletionRequest", "/v1/completions", {"prompt": "x", "n": "2"}),
+               ("CompletionRequest", "/v1/completions", {"prompt": "x", "stop": [1]}),
+               ("ChatCompletionRequest", "/v1/chat/completions", {"messages": "Hi"}),
+               ("ChatCompletionRequest", "/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}),
+               ("ChatCompletionRequest", "/v1/chat/completions", {"messages": chat, "logprobs": 1})]
 
     async def work():
         async with _asgi_client(app) as client:
-            return (await client.get("/openapi.json"), await client.get("/docs"),
+            gets = (await client.get("/openapi.json"), await client.get("/docs"),
                     await client.get("/openapi.json", headers={"Authorization": "Bearer k"}),
                     await client.get("/docs", headers={"Authorization": "Bearer k"}))
+        posts = [(await asgi_request(app, "POST", path, body, {"authorization": "Bearer k"}))[0]
+                 for _, path, body in refused]
+        return gets, posts
 
-    schema_anon, docs_anon, schema, docs = _run_app(app, work)
+    (schema_anon, docs_anon, schema, docs), refused_statuses = _run_app(app, work)
     assert schema_anon.status_code == 401 and docs_anon.status_code == 401
     assert schema.status_code == 200 and docs.status_code == 200
     spec = schema.json()
@@ -190,6 +202,20 @@ def test_openapi_and_docs_behind_the_key_with_request_schemas(reference_llm):
     # the schema is the request model's own (derived, not copied): its fields and what they refer to
     assert set(components["CompletionRequest"]["properties"]) == set(CompletionRequest.model_fields)
     assert "ChatMessage" in components and "/v1/models/{model_id}" in spec["paths"]
+    # usable for contract testing: what it accepts and refuses agrees with the server on shapes
+    jsonschema = pytest.importorskip("jsonschema")
+
+    def conforms(model: str, body: dict) -> bool:
+        root = {"$ref": f"#/components/schemas/{model}", "components": spec["components"]}
+        return jsonschema.Draft202012Validator(root).is_valid(body)
+
+    for model, body in (("CompletionRequest", {"prompt": "Hi", "max_tokens": 2, "stop": ["."]}),
+                        ("CompletionRequest", {"prompt": [[1, 2], [3]], "n": 2}),
+                        ("ChatCompletionRequest", {"messages": chat, "stop": "x", "logprobs": True})):
+        assert conforms(model, body), body
+    assert refused_statuses == [400] * len(refused)
+    for model, _, body in refused:
+        assert not conforms(model, body), body
 
 
 def test_api_key_from_the_environment(monkeypatch):
