@@ -16,8 +16,6 @@ from dockyard.onboard.equivalence import paged_logits, rel_rmse
 
 __all__ = ["import_kernels", "paged_logits", "poison", "rel_rmse", "save_tiny_hf_model"]
 
-POISON_KINDS = ("mask", "sampler", "stop-check")
-
 
 def save_tiny_hf_model(hf_model: torch.nn.Module, directory: Path) -> Path:
     """Save an HF model (config + safetensors) so dockyard loads it through its own loader."""
@@ -48,5 +46,7 @@ def poison(p: SamplingParams, kind: str) -> None:
         p.stop_token_ids = [10**9]
     elif kind == "sampler":  # the sampler's tensors cannot hold it (overflow)
         p.top_k, p.temperature = 2**63, 0.7
+    elif kind == "after-draw":  # the top-logprobs stage, after the batch's random draw (TypeError)
+        p.logprobs = 2.5  # type: ignore[assignment]
     elif kind == "stop-check":  # the stop-string search after the token is appended (TypeError)
         p.stop = 5  # type: ignore[assignment]

@@ -323,12 +323,16 @@ class ModelRunner:
         """The sampler over the sampling rows' float32 logits [len(sampling), vocab]; rows whose sampling
         fails are left out (returned as failed), the others sampled as if those had not been there."""
         row_of = {id(item): row for row, item in enumerate(sampling)}
-        # A retry must draw what the first try would have: rewind the seeded generators before each try.
+        # A retry must draw what the first try would have: rewind the seeded generators before retries.
         states = [(g, g.get_state()) for g in (item.seq.generator for item in sampling) if g is not None]
+        tries = 0
 
         def run(items: list[ScheduledSeq]) -> SamplerOutput:
-            for gen, state in states:
-                gen.set_state(state)
+            nonlocal tries
+            if tries:
+                for gen, state in states:
+                    gen.set_state(state)
+            tries += 1
             rows = [row_of[id(item)] for item in items]
             subset = logits if len(items) == len(sampling) else logits[torch.tensor(rows, device=logits.device)]
             return self._sample_rows(subset, items)

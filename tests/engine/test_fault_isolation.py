@@ -58,9 +58,10 @@ def test_a_request_failing_inside_a_step_fails_alone(bundled_llm):
                SamplingParams(max_tokens=6, temperature=0.8, seed=1234),
                SamplingParams(max_tokens=6, temperature=0, n=2)]
     alone = [_alone(bundled_llm, PROMPTS[i], p) for i, p in enumerate(healthy)]
-    kinds = ["mask", "sampler", "stop-check"]
+    # "after-draw" fails once the seeded row has drawn: its retry must draw the same again.
+    kinds = ["mask", "sampler", "after-draw", "stop-check"]
     tok = bundled_llm.get_tokenizer()
-    prompts = [tok.encode(p) for p in PROMPTS + PROMPTS]
+    prompts = [tok.encode(p) for p in PROMPTS + PROMPTS + PROMPTS[:1]]
     params = healthy + [SamplingParams(max_tokens=6, temperature=0, min_tokens=2) for _ in kinds]
     outs = run_engine(engine, prompts, params, {3 + i: k for i, k in enumerate(kinds)})
     for i, out in enumerate(outs[:3]):
