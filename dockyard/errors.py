@@ -43,3 +43,16 @@ class InvalidRequestError(DockyardError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+
+class RequestFailedError(DockyardError):
+    """One request failed while it was being generated; the engine and the other requests go on.
+
+    ``cause`` is the exception its rows raised (an :class:`InvalidRequestError` when the request's own
+    values were at fault, anything else for a bug the server log has the traceback of)."""
+
+    def __init__(self, request_id: str, cause: Exception) -> None:
+        what = str(cause) if isinstance(cause, DockyardError) else "an internal error (the server log has the details)"
+        super().__init__(f"request {request_id} failed while generating: {what}; other requests are not affected")
+        self.request_id = request_id
+        self.cause = cause

@@ -1,5 +1,5 @@
 """Shared test helpers: error metric, paged single-sequence driver, tiny HF reference models,
-Triton kernel modules in the interpreter's mode."""
+Triton kernel modules in the interpreter's mode, requests poisoned past validation."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from types import ModuleType
 import torch
 
 # The metric and the paged driver are library code now (the onboarding equivalence gate uses them).
+from dockyard.engine.sampling_params import SamplingParams
 from dockyard.onboard.equivalence import paged_logits, rel_rmse
 
-__all__ = ["import_kernels", "paged_logits", "rel_rmse", "save_tiny_hf_model"]
+__all__ = ["import_kernels", "paged_logits", "poison", "rel_rmse", "save_tiny_hf_model"]
 
 
 def save_tiny_hf_model(hf_model: torch.nn.Module, directory: Path) -> Path:
@@ -36,3 +37,16 @@ def import_kernels(module_name: str, interpret: bool) -> ModuleType:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = previous
+
+
+def poison(p: SamplingParams, kind: str) -> None:
+    """Set a value the door refuses on a request the engine already holds (standing in for any bug
+    that lets a bad value through): each kind fails inside a step, in a different stage."""
+    if kind == "mask":  # the min_tokens stop mask indexes the logits with it (IndexError)
+        p.stop_token_ids = [10**9]
+    elif kind == "sampler":  # the sampler's tensors cannot hold it (overflow)
+        p.top_k, p.temperature = 2**63, 0.7
+    elif kind == "after-draw":  # the top-logprobs stage, after the batch's random draw (TypeError)
+        p.logprobs = 2.5  # type: ignore[assignment]
+    elif kind == "stop-check":  # the stop-string search after the token is appended (TypeError)
+        p.stop = 5  # type: ignore[assignment]

@@ -8,6 +8,11 @@ Closing a stream before its request finished (a client that went away) aborts th
 frees its KV blocks. The abort needs no ``await``, so it also happens from code that is being
 cancelled: if a step is running in its thread right then, the abort is applied as soon as that
 step returns, before the next one starts.
+
+A request that fails alone (``RequestOutput.error``, see ``llm_engine``) ends its stream with
+:class:`~dockyard.errors.RequestFailedError`. An exception escaping ``engine.step`` marks the engine
+dead: it is logged, every stream ends with :class:`EngineDeadError`, later requests are refused,
+and ``on_dead`` is called (the server then stops with a non-zero exit so a supervisor restarts it).
 """
 
 from __future__ import annotations
@@ -15,12 +20,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from dockyard.engine.llm_engine import LLMEngine
 from dockyard.engine.outputs import RequestOutput
 from dockyard.engine.sampling_params import SamplingParams
-from dockyard.errors import DockyardError
+from dockyard.errors import DockyardError, RequestFailedError
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +58,8 @@ class RequestStream:
         if item.finished:
             self._finished = True
             self.close()
+            if item.error is not None:
+                raise RequestFailedError(self.request_id, item.error)
         return item
 
     def close(self) -> None:
@@ -75,8 +82,9 @@ class RequestStream:
 class AsyncLLM:
     """Streams request outputs from an :class:`LLMEngine` stepping in the background."""
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, on_dead: Callable[[BaseException], None] | None = None) -> None:
         self.engine = engine
+        self.on_dead = on_dead
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         # The engine is touched by one coroutine at a time, or by the step thread while the loop holds this.
         self._lock = asyncio.Lock()
@@ -120,11 +128,13 @@ class AsyncLLM:
                     self._apply_pending_aborts()
                     outputs = await asyncio.to_thread(self.engine.step)
                     self._apply_pending_aborts()
-            except Exception as exc:  # a bug: fail every waiter loudly rather than hang them
-                logger.exception("engine step failed")
+            except Exception as exc:  # shared state is broken: fail every waiter loudly rather than hang them
+                logger.exception("engine step failed: the engine is dead, every request in flight fails")
                 self.dead = exc
                 for queue in self._queues.values():
-                    queue.put_nowait(EngineDeadError(f"the engine failed: {exc!r}"))
+                    queue.put_nowait(EngineDeadError("the engine failed; the server must be restarted"))
+                if self.on_dead is not None:
+                    self.on_dead(exc)
                 return
             for out in outputs:
                 queue = self._queues.get(out.request_id)
@@ -139,7 +149,7 @@ class AsyncLLM:
                           request_id: str | None = None, prompt: str | None = None) -> RequestStream:
         """Queue a request now (InvalidRequestError if it can never run) and return its output stream."""
         if self.dead is not None:
-            raise EngineDeadError(f"the engine failed earlier: {self.dead!r}")
+            raise EngineDeadError("the engine failed earlier; the server must be restarted")
         if self._closed:
             raise EngineDeadError("the server is shutting down")
         self.start()

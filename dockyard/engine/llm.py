@@ -317,7 +317,10 @@ class LLM:
     def generate(self, prompts: str | list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for every prompt (strings or token-id lists); results in prompt order."""
+        """Generate for every prompt (strings or token-id lists); results in prompt order.
+
+        A request that fails while generating comes back finished with ``error`` set (its samples'
+        ``finish_reason`` "error", a warning logged); the others are as they would have been alone."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         return self._run([self._encode(p) for p in prompts], sampling_params, use_tqdm)
@@ -360,6 +363,9 @@ class LLM:
         while self.engine.has_unfinished_requests():
             for output in self.engine.step(report_unfinished=False):
                 if output.finished:
+                    if output.error is not None:
+                        logger.warning("request %s failed (finish_reason 'error', RequestOutput.error: %r); "
+                                       "the other requests were not affected", output.request_id, output.error)
                     results[output.request_id] = output
                     if bar is not None:
                         bar.update(1)

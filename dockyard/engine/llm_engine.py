@@ -10,6 +10,13 @@ min_tokens), the step is left in flight. Its sampled tokens stay on the device a
 read from the device, and only then are the in-flight tokens copied back, appended and checked
 for stops, while the GPU runs. A sequence that stopped has one wasted row in the step launched
 meanwhile; its result is dropped. Outputs are identical to synchronous stepping.
+
+A request fails alone: an exception in its own rows of a step (preparing inputs, sampling — see
+``model_runner.isolate_failures`` — appending, detokenizing, stop checks, building its output)
+finishes that request with ``RequestOutput.error`` set (its samples with ``finish_reason="error"``,
+KV blocks freed) and the step goes on for the others. An exception that escapes ``step`` (the
+forward pass, the scheduler, a broken invariant) leaves the engine in an unknown state: callers
+must treat the engine as dead.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import torch
 from dockyard.engine.block_manager import BlockManager
 from dockyard.engine.detokenizer import IncrementalDetokenizer, find_stop_string
 from dockyard.engine.metrics import EngineMetrics
-from dockyard.engine.model_runner import ModelRunner
+from dockyard.engine.model_runner import FailedSeqs, ModelRunner, corrupts_engine
 from dockyard.engine.outputs import CompletionOutput, RequestOutput
 from dockyard.engine.sampler import SamplerOutput, make_generator
 from dockyard.engine.sampling_params import SamplingParams
@@ -72,6 +79,7 @@ class _Request:
     prompt_token_ids: list[int]
     seqs: list[Sequence]
     arrival_time: float = field(default_factory=time.monotonic)
+    error: Exception | None = None  # why it failed (its samples then finish with "error")
 
 
 class LLMEngine:
@@ -103,6 +111,7 @@ class LLMEngine:
         """Queue a request; reject it at once if it can never run."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use", param="request_id")
+        params.check_for_vocab(self.spec.vocab_size)
         n_prompt = len(prompt_token_ids)
         if n_prompt == 0:
             raise InvalidRequestError("the prompt is empty; give at least one token", param="prompt")
@@ -154,6 +163,23 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 self.metrics.requests_finished["abort"] += 1
 
+    def _fail_request(self, request_id: str, exc: Exception, touched: dict[str, _Request]) -> None:
+        """Finish every unfinished sample of a request with "error" (blocks freed) and report it."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        if req.error is None:
+            req.error = exc
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "error"
+                self.scheduler.finish(seq)
+        touched[request_id] = req
+
+    def _fail_seqs(self, failed: FailedSeqs, touched: dict[str, _Request]) -> None:
+        for seq, exc in failed:
+            self._fail_request(seq.request_id, exc, touched)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
@@ -195,7 +221,10 @@ class LLMEngine:
             return ended + self._outputs(touched.values())
         self.metrics.steps += 1
         previous = self._take_in_flight()
-        sampled, out, prompt_out = self.runner.execute(batch, previous.tokens if previous else None)
+        sampled, out, prompt_out, failed = self.runner.execute(batch, previous.tokens if previous else None)
+        if failed:
+            self._fail_seqs(failed, touched)
+            batch = [item for item in batch if not item.seq.is_finished]
         if prompt_out is not None:
             for span in prompt_out.spans:
                 plp = span.seq.prompt_logprobs
@@ -278,37 +307,57 @@ class LLMEngine:
                 seq.num_pending -= 1
             if seq.is_finished:  # stopped or aborted while this step ran: its token is void
                 continue
-            token = tokens[row]
-            seq.output_token_ids.append(token)
-            self.block_manager.on_computed(seq)  # a block the token completed becomes shareable
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-                self.metrics.observe_ttft(now - seq.arrival_time)
-            else:
-                self.metrics.observe_itl(now - seq.last_token_time)
-            seq.last_token_time = now
-            if token_logprobs is not None and seq.params.logprobs is not None:
-                assert out is not None
-                entry = {token: token_logprobs[row]}
-                if out.top_token_ids is not None:
-                    k = seq.params.logprobs
-                    for tid, lp in zip(out.top_token_ids[row, :k].tolist(), out.top_logprobs[row, :k].tolist()):
-                        entry.setdefault(tid, lp)
-                seq.output_logprobs.append(entry)
-                seq.cumulative_logprob += token_logprobs[row]
-            self.metrics.generation_tokens += 1
-            self._check_stop(seq, token)
-            if seq.finish_reason is not None:
-                self.scheduler.finish(seq)
+            try:
+                self._append_token(seq, tokens[row], row, now, token_logprobs, out)
+            except Exception as exc:
+                if corrupts_engine(exc):
+                    raise
+                logger.error("request %s failed after its step (appending a token) and is finished with an "
+                             "error; the others go on", seq.request_id, exc_info=exc)
+                self._fail_request(seq.request_id, exc, touched)
+                continue
             req = self.requests.get(seq.request_id)
             if req is not None and (report_unfinished or seq.finish_reason is not None):
                 touched[req.request_id] = req
+
+    def _append_token(self, seq: Sequence, token: int, row: int, now: float, token_logprobs: list[float] | None,
+                      out: SamplerOutput | None) -> None:
+        """Append one sampled token (row ``row`` of its step) to ``seq`` and check whether it stops."""
+        seq.output_token_ids.append(token)
+        self.block_manager.on_computed(seq)  # a block the token completed becomes shareable
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            self.metrics.observe_ttft(now - seq.arrival_time)
+        else:
+            self.metrics.observe_itl(now - seq.last_token_time)
+        seq.last_token_time = now
+        if token_logprobs is not None and seq.params.logprobs is not None:
+            assert out is not None
+            entry = {token: token_logprobs[row]}
+            if out.top_token_ids is not None:
+                k = seq.params.logprobs
+                for tid, lp in zip(out.top_token_ids[row, :k].tolist(), out.top_logprobs[row, :k].tolist()):
+                    entry.setdefault(tid, lp)
+            seq.output_logprobs.append(entry)
+            seq.cumulative_logprob += token_logprobs[row]
+        self.metrics.generation_tokens += 1
+        self._check_stop(seq, token)
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
 
     def _outputs(self, reqs: Iterable[_Request]) -> list[RequestOutput]:
         """The outputs of ``reqs``; finished requests are counted and forgotten."""
         outputs = []
         for req in reqs:
-            output = self._make_output(req)
+            try:
+                output = self._make_output(req)
+            except Exception as exc:
+                if corrupts_engine(exc):
+                    raise
+                logger.error("request %s failed building its output and is finished with an error; the others "
+                             "go on", req.request_id, exc_info=exc)
+                self._fail_request(req.request_id, exc, {})
+                output = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [], True, {}, error=exc)
             if output.finished:
                 del self.requests[req.request_id]
                 for s in req.seqs:
@@ -414,4 +463,4 @@ class LLMEngine:
         plp = req.seqs[0].prompt_logprobs
         prompt_logprobs = list(plp) if plp is not None and len(plp) == len(req.prompt_token_ids) else None
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, metrics,
-                             prompt_logprobs=prompt_logprobs)
+                             prompt_logprobs=prompt_logprobs, error=req.error)

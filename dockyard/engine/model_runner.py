@@ -11,6 +11,13 @@ are log-softmaxed in float32 as the model gives them (no penalties, no temperatu
 
 On CUDA, decode-only steps replay a captured CUDA graph of the forward (:mod:`.cuda_graphs`)
 unless ``enforce_eager`` is set or the model cannot be captured; every other step runs eagerly.
+
+Fault isolation: preparing a step's inputs and sampling are per-row work, so an exception there is
+narrowed down to the sequences that cause it (each tried alone, seeded generators rewound first),
+which ``execute`` returns as failed; the rest of the batch runs as it would have without them. An
+exception that no single sequence reproduces, one in the forward pass, and one that
+:func:`corrupts_engine` classes as fatal (a CUDA error, a broken invariant) propagate: the
+engine's shared state can no longer be trusted.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -34,6 +41,51 @@ from dockyard.spec import ModelSpec
 logger = logging.getLogger(__name__)
 
 PROMPT_LOGITS_CHUNK_ELEMENTS = 1 << 23  # float32 logits (32 MiB) per chunk of prompt-logprob rows
+
+_Result = TypeVar("_Result")
+FailedSeqs = list[tuple[Sequence, Exception]]
+
+
+def corrupts_engine(exc: BaseException) -> bool:
+    """Whether ``exc`` means the engine's shared state is broken (never blamed on one request): a CUDA
+    or other accelerator error (the context is unusable after one), an NCCL failure, a failed internal
+    assertion (an invariant of the KV cache or the scheduler), or running out of host memory."""
+    if isinstance(exc, AssertionError | MemoryError):
+        return True
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(k in text for k in ("CUDA error", "device-side assert", "NCCL"))
+
+
+def isolate_failures(items: list[ScheduledSeq], run: Callable[[list[ScheduledSeq]], _Result]
+                     ) -> tuple[list[ScheduledSeq], _Result | None, FailedSeqs]:
+    """``run(items)``; if it raises, find the items that make it raise alone and run the rest without
+    them. Returns (the items run, the result or None when none is left, [(failed seq, its error)]).
+    Re-raises when the error corrupts the engine or no single item reproduces it."""
+    try:
+        return items, run(items), []
+    except Exception as exc:
+        if corrupts_engine(exc):
+            raise
+        failed: FailedSeqs = []
+        good = []
+        for item in items:
+            try:
+                run([item])
+            except Exception as item_exc:
+                if corrupts_engine(item_exc):
+                    raise
+                failed.append((item.seq, item_exc))
+            else:
+                good.append(item)
+        if not failed:
+            raise
+        for seq, item_exc in failed:
+            logger.error("request %s failed in its step and is finished with an error; the others go on",
+                         seq.request_id, exc_info=item_exc)
+        return good, (run(good) if good else None), failed
 
 
 @dataclass
@@ -207,15 +259,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq], pending: torch.Tensor | None = None
-                ) -> tuple[list[ScheduledSeq], SamplerOutput | None, PromptLogprobsOutput | None]:
-        """Run one step; return the sequences that sampled, their sampler output, and the prompt
-        logprobs computed in this step (None when no sequence needed any). ``pending``: the sampled
-        tokens (on the device) of the step still in flight, which some inputs of this one are."""
+                ) -> tuple[list[ScheduledSeq], SamplerOutput | None, PromptLogprobsOutput | None, FailedSeqs]:
+        """Run one step; return the sequences that sampled, their sampler output, the prompt logprobs
+        computed in this step (None when no sequence needed any), and the sequences whose rows failed
+        (with the error; nothing of them was computed or sampled). ``pending``: the sampled tokens (on
+        the device) of the step still in flight, which some inputs of this one are."""
         # Bound every step, so several engines may take turns on one model (tests, onboarding).
         self._bind_kv_cache()
         if self.graphs is not None and self._graph_step(batch):
             return self._execute_graph(batch, pending)
-        inputs = self.prepare(batch, pending)
+        batch, inputs, failed = isolate_failures(batch, lambda items: self.prepare(items, pending))
+        if inputs is None:
+            return [], None, None, failed
         if self.device.type == "cuda":
             inputs.metadata.decode_split_shape = decode_split_shape(inputs.metadata.num_leading_decodes,
                                                                     self._split_sizes, self._split_context)
@@ -225,8 +280,10 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions)
         prompt_out = self._prompt_logprobs(hidden, inputs) if inputs.prompt_spans else None
         if not inputs.sampling:
-            return [], None, prompt_out
-        return self._sample(self.model.compute_logits(hidden[inputs.sample_rows]), inputs.sampling, prompt_out)
+            return [], None, prompt_out, failed
+        sampled, out, prompt_out, sample_failed = self._sample(
+            self.model.compute_logits(hidden[inputs.sample_rows]), inputs.sampling, prompt_out)
+        return sampled, out, prompt_out, failed + sample_failed
 
     def _graph_step(self, batch: list[ScheduledSeq]) -> bool:
         """Whether a captured graph runs this step: every sequence decodes one token and samples it."""
@@ -242,7 +299,7 @@ class ModelRunner:
         return True
 
     def _execute_graph(self, batch: list[ScheduledSeq], pending: torch.Tensor | None
-                       ) -> tuple[list[ScheduledSeq], SamplerOutput | None, PromptLogprobsOutput | None]:
+                       ) -> tuple[list[ScheduledSeq], SamplerOutput | None, PromptLogprobsOutput | None, FailedSeqs]:
         assert self.graphs is not None
         bs = self.block_size
         ids, positions, slots, lens, tables, sources = [], [], [], [], [], []
@@ -258,12 +315,32 @@ class ModelRunner:
         logits, argmax = self.graphs.run(ids, positions, slots, lens, tables, pending, sources)
         if all(item.seq.params.plain_greedy and len(item.seq.output_token_ids) >= item.seq.params.min_tokens
                for item in batch):
-            return batch, SamplerOutput(argmax, None), None
+            return batch, SamplerOutput(argmax, None), None, []
         return self._sample(logits, batch, None)
 
     def _sample(self, logits: torch.Tensor, sampling: list[ScheduledSeq], prompt_out: PromptLogprobsOutput | None
-                ) -> tuple[list[ScheduledSeq], SamplerOutput | None, PromptLogprobsOutput | None]:
-        """The sampler over the sampling rows' float32 logits [len(sampling), vocab]."""
+                ) -> tuple[list[ScheduledSeq], SamplerOutput | None, PromptLogprobsOutput | None, FailedSeqs]:
+        """The sampler over the sampling rows' float32 logits [len(sampling), vocab]; rows whose sampling
+        fails are left out (returned as failed), the others sampled as if those had not been there."""
+        row_of = {id(item): row for row, item in enumerate(sampling)}
+        # A retry must draw what the first try would have: rewind the seeded generators before retries.
+        states = [(g, g.get_state()) for g in (item.seq.generator for item in sampling) if g is not None]
+        tries = 0
+
+        def run(items: list[ScheduledSeq]) -> SamplerOutput:
+            nonlocal tries
+            if tries:
+                for gen, state in states:
+                    gen.set_state(state)
+            tries += 1
+            rows = [row_of[id(item)] for item in items]
+            subset = logits if len(items) == len(sampling) else logits[torch.tensor(rows, device=logits.device)]
+            return self._sample_rows(subset, items)
+
+        sampled, out, failed = isolate_failures(sampling, run)
+        return sampled, out, prompt_out, failed
+
+    def _sample_rows(self, logits: torch.Tensor, sampling: list[ScheduledSeq]) -> SamplerOutput:
         seqs = [item.seq for item in sampling]
         params = [s.params for s in seqs]
         sampling_batch = SamplingBatch.build(params, [s.generator for s in seqs], logits.device)
@@ -273,8 +350,7 @@ class ModelRunner:
         )
         num_logprobs = max((p.logprobs or 0) for p in params)
         want_logprobs = any(p.logprobs is not None for p in params)
-        out = self.sampler(logits, sampling_batch, num_logprobs=num_logprobs if want_logprobs else 0)
-        return sampling, out, prompt_out
+        return self.sampler(logits, sampling_batch, num_logprobs=num_logprobs if want_logprobs else 0)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> PromptLogprobsOutput:
         """log_softmax (float32) of the logits of ``inputs.prompt_rows``, a chunk of rows at a time."""

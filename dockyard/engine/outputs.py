@@ -15,7 +15,7 @@ class CompletionOutput:
     cumulative_logprob: float | None = None
     # Per generated token: {token_id: logprob} for the sampled token and the top-k alternatives.
     logprobs: list[dict[int, float]] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
 
     def finished(self) -> bool:
@@ -32,6 +32,10 @@ class RequestOutput:
     position by descending log-probability (the prompt token is not repeated among them). It is
     given complete or not at all (None): normally from the first output on; when the request's first
     sample was preempted mid-prompt, from a later output (always in the final one).
+
+    ``error`` is set when the request failed while it was being generated (an exception in its own
+    rows of a step): it is then finished, its unfinished samples with ``finish_reason="error"``; the
+    other requests were not affected.
     """
 
     request_id: str
@@ -41,3 +45,4 @@ class RequestOutput:
     finished: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    error: Exception | None = None

@@ -4,6 +4,14 @@ Field names and defaults follow vLLM's ``SamplingParams``, so code written for v
 changing the import. Every value is checked when the object is made: a bad value raises
 :class:`~dockyard.errors.InvalidRequestError` naming the parameter, the value and the allowed
 range, with ``.param`` set to the field name.
+
+Limits (so that every value fits what the sampler's tensors can hold): ``n`` <= 128;
+``logprobs`` / ``prompt_logprobs`` <= 20; ``max_tokens``, ``min_tokens``, ``top_k`` and every stop
+token id <= 2**31 - 1; ``temperature`` in [0, 1e4]; ``repetition_penalty`` in (0, 1e4];
+``presence_penalty`` / ``frequency_penalty`` in [-2, 2]; ``top_p`` in (0, 1]; ``min_p`` in [0, 1];
+``seed`` any 64-bit value, signed or unsigned (reduced modulo 2**64). Floats must be finite.
+What depends on the model is checked when the engine takes the request
+(:meth:`check_for_vocab`): ``top_k`` <= vocab size and stop token ids in [0, vocab size).
 """
 
 from __future__ import annotations
@@ -20,6 +28,9 @@ from dockyard.errors import InvalidRequestError
 GREEDY_TEMPERATURE_EPS = 1e-5
 MAX_N = 128
 MAX_LOGPROBS = 20
+MAX_INT = 2**31 - 1  # token counts, top_k and token ids: int32 on every device
+MAX_TEMPERATURE = 1e4
+MAX_REPETITION_PENALTY = 1e4
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 
 
@@ -87,11 +98,13 @@ class SamplingParams:
     def __post_init__(self) -> None:
         self.n = _check_int("n", self.n, 1, MAX_N, f">= 1 and <= {MAX_N}")
         if self.max_tokens is not None:
-            self.max_tokens = _check_int("max_tokens", self.max_tokens, 1, None, ">= 1 (or None)")
-        self.temperature = _check_float("temperature", self.temperature, lambda v: v >= 0,
-                                        ">= 0 and finite (0 means greedy)")
+            self.max_tokens = _check_int("max_tokens", self.max_tokens, 1, MAX_INT,
+                                         f">= 1 and <= {MAX_INT} (or None)")
+        self.temperature = _check_float("temperature", self.temperature, lambda v: 0 <= v <= MAX_TEMPERATURE,
+                                        f"in [0, {MAX_TEMPERATURE:g}] and finite (0 means greedy)")
         self.top_p = _check_float("top_p", self.top_p, lambda v: 0 < v <= 1, "in (0, 1]")
-        self.top_k = _check_int("top_k", self.top_k, -1, None, ">= 0, or -1 (0 and -1 disable top-k)")
+        self.top_k = _check_int("top_k", self.top_k, -1, MAX_INT,
+                                ">= 0 and <= the vocabulary size, or -1 (0 and -1 disable top-k)")
         self.min_p = _check_float("min_p", self.min_p, lambda v: 0 <= v <= 1, "in [0, 1]")
         if self.seed is not None:
             self.seed = _check_int("seed", self.seed, _SEED_MIN, _SEED_MAX,
@@ -105,9 +118,10 @@ class SamplingParams:
                                                f">= 0 and <= {MAX_LOGPROBS} (or None)"))
         for name in ("presence_penalty", "frequency_penalty"):
             setattr(self, name, _check_float(name, getattr(self, name), lambda v: -2 <= v <= 2, "in [-2, 2]"))
-        self.repetition_penalty = _check_float("repetition_penalty", self.repetition_penalty, lambda v: v > 0,
-                                               "> 0 and finite (1 disables it)")
-        self.min_tokens = _check_int("min_tokens", self.min_tokens, 0, None, ">= 0")
+        self.repetition_penalty = _check_float(
+            "repetition_penalty", self.repetition_penalty, lambda v: 0 < v <= MAX_REPETITION_PENALTY,
+            f"in (0, {MAX_REPETITION_PENALTY:g}] and finite (1 disables it)")
+        self.min_tokens = _check_int("min_tokens", self.min_tokens, 0, MAX_INT, f">= 0 and <= {MAX_INT}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise InvalidRequestError(
                 f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}",
@@ -142,10 +156,23 @@ class SamplingParams:
             raise _bad("stop_token_ids", ids, "a list of token ids >= 0 (or None)")
         out = []
         for t in ids:
-            if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
-                raise _bad("stop_token_ids", ids, "a list of token ids >= 0 (or None)")
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t <= MAX_INT:
+                raise _bad("stop_token_ids", ids, "a list of token ids in [0, vocabulary size) (or None)")
             out.append(int(t))
         return out
+
+    def check_for_vocab(self, vocab_size: int) -> None:
+        """Refuse what this model's vocabulary cannot honour: ``top_k`` above the vocabulary size and
+        stop token ids outside ``[0, vocab_size)`` (InvalidRequestError naming the parameter)."""
+        if self.top_k > vocab_size:
+            raise InvalidRequestError(
+                f"top_k must be <= the vocabulary size ({vocab_size}), or 0 / -1 to disable it, got {self.top_k}",
+                param="top_k")
+        bad = [t for t in self.stop_token_ids or () if t >= vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {vocab_size}); give ids the model has",
+                param="stop_token_ids")
 
     @property
     def greedy(self) -> bool:

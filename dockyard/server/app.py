@@ -7,7 +7,16 @@ Readiness is earned, not assumed: ``GET /health`` answers 503 until a warm-up re
 through the whole app (middleware, validation, chat template, engine, response) and come back
 200; a warm-up that fails stops the server with a non-zero exit. On SIGINT/SIGTERM the server
 aborts what is in flight (streams end with an error event, waiting requests get 503), stops
-accepting connections, and exits with status 0.
+accepting connections, and exits with status 0. An engine that dies (an exception escaping its
+step: see ``engine/llm_engine``) turns ``/health`` to 503 and stops the server with exit status 1,
+so that a supervisor restarts it; a request that fails alone gets its error and nothing else changes.
+
+What comes in is checked before it is parsed (:class:`GuardMiddleware`): a request carrying an
+``Origin`` header (a web page's) is refused unless that origin was allowed (``allowed_origins``; then
+CORS headers and preflight answers come from Starlette's ``CORSMiddleware``), the API key guards
+``/v1/*``, ``/openapi.json`` and ``/docs``, POST bodies must be ``application/json`` (so that a page
+cannot send a CORS "simple request" without a preflight), and bodies are bounded in size. 5xx bodies
+never carry internal exception text; the log has it.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -38,9 +48,23 @@ from dockyard import __version__
 from dockyard.engine.async_engine import AsyncLLM
 from dockyard.engine.llm import LLM
 from dockyard.errors import DockyardError
-from dockyard.server.errors import APIError, ClientDisconnected, RequestTooLarge, from_validation_error
+from dockyard.server.errors import (
+    INTERNAL_ERROR_MESSAGE,
+    APIError,
+    ClientDisconnected,
+    RequestTooLarge,
+    from_validation_error,
+)
 from dockyard.server.metrics import ServerStats, render_metrics
-from dockyard.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from dockyard.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
 from dockyard.server.serving import OpenAIServing, to_api_error
 
 logger = logging.getLogger(__name__)
@@ -54,6 +78,24 @@ API_KEY_ENV = "DOCKYARD_API_KEY"
 def _say(message: str) -> None:
     """Lifecycle lines for the operator, always on stderr whatever the log level."""
     print(f"dockyard serve: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class CORSSettings:
+    """Which web origins may call the server (vLLM's ``--allowed-origins`` etc.; none by default)."""
+
+    allowed_origins: tuple[str, ...] = ()  # "*" allows any
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+
+    def allows(self, origin: str) -> bool:
+        return "*" in self.allowed_origins or origin in self.allowed_origins
+
+
+# Paths behind the API key besides /v1/*: the schema and its UI describe the API.
+_KEYED_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect"})
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 @dataclass
@@ -71,25 +113,42 @@ def _json_response(status: int, body: dict[str, Any], headers: dict[str, str] | 
 
 
 class GuardMiddleware:
-    """API-key check for /v1/* and the request-body size limit, before anything is parsed."""
+    """Origin, API key, Content-Type and body size, checked before anything is parsed."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int, cors: CORSSettings) -> None:
         self.app = app
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
+        self.cors = cors
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key is not None and scope["path"].startswith("/v1"):
+        origin = headers.get("origin")
+        if origin is not None and not self.cors.allows(origin):
+            err = APIError(403, f"requests from web pages are refused (Origin: {origin[:200]}); to allow this "
+                                "origin start the server with --allowed-origins ORIGIN", code="origin_not_allowed",
+                           type="permission_error")
+            await _json_response(403, err.body())(scope, receive, send)
+            return
+        path = scope["path"]
+        if self.api_key is not None and (path.startswith("/v1") or path in _KEYED_PATHS):
             auth = headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
                 err = APIError(401, "missing or incorrect API key; send it as 'Authorization: Bearer <key>'",
                                code="invalid_api_key")
                 await _json_response(401, err.body(), {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return
+        if scope["method"] in _BODY_METHODS:
+            media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+            if media_type != "application/json":
+                got = f"'{media_type[:100]}'" if media_type else "none"
+                err = APIError(415, f"the request body must be JSON sent with 'Content-Type: application/json' "
+                                    f"(got {got})", code="unsupported_media_type")
+                await _json_response(415, err.body())(scope, receive, send)
                 return
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
@@ -129,7 +188,7 @@ class _SSEResponse(StreamingResponse):
 
 # ---------------------------------------------------------------- the app
 def build_app(llm: LLM, served_model_name: str | Sequence[str] | None = None, api_key: str | None = None, *,
-              max_body_bytes: int = MAX_BODY_BYTES, warm_up: bool = True,
+              max_body_bytes: int = MAX_BODY_BYTES, warm_up: bool = True, cors: CORSSettings = CORSSettings(),
               on_ready: Callable[[float], None] | None = None,
               on_fatal: Callable[[str], None] | None = None,
               listening: Callable[[], bool] | None = None) -> FastAPI:
@@ -137,13 +196,18 @@ def build_app(llm: LLM, served_model_name: str | Sequence[str] | None = None, ap
 
     ``warm_up``: run one chat (or completion) request through the app before /health says ready.
     ``on_ready(seconds)`` is called once ready; ``on_fatal(reason)`` if the warm-up fails;
-    ``listening()`` says whether the socket is bound (readiness waits for it when given).
+    ``listening()`` says whether the socket is bound (readiness waits for it when given). ``on_fatal``
+    is also called if the engine dies while serving.
     """
     if isinstance(served_model_name, str):
         names = [served_model_name]
     else:
         names = list(served_model_name or []) or [llm.source.name]
-    async_llm = AsyncLLM(llm.engine)
+    def engine_died(exc: BaseException) -> None:
+        if on_fatal is not None:
+            on_fatal(f"the engine failed: {exc!r}")
+
+    async_llm = AsyncLLM(llm.engine, on_dead=engine_died)
     stats = ServerStats()
     serving = OpenAIServing(llm, async_llm, names, stats)
     state = ServerState()
@@ -155,6 +219,7 @@ def build_app(llm: LLM, served_model_name: str | Sequence[str] | None = None, ap
         if warmup_task is not None:
             warmup_task.cancel()
         await async_llm.shutdown()
+        serving.close()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -170,11 +235,15 @@ def build_app(llm: LLM, served_model_name: str | Sequence[str] | None = None, ap
         finally:
             await begin_shutdown()
 
-    app = FastAPI(title="dockyard", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="dockyard", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.dockyard = state
     app.state.serving = serving
     app.state.begin_shutdown = begin_shutdown
-    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes, cors=cors)
+    if cors.allowed_origins:  # added last, so outermost: it answers allowed origins' preflights
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors.allowed_origins),
+                           allow_methods=list(cors.allowed_methods), allow_headers=list(cors.allowed_headers),
+                           allow_credentials=cors.allow_credentials)
 
     # ---- errors: always OpenAI's shape, never FastAPI's 422
     @app.exception_handler(APIError)
@@ -200,17 +269,19 @@ def build_app(llm: LLM, served_model_name: str | Sequence[str] | None = None, ap
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _json_response(500, APIError(500, f"internal server error: {exc!r}").body())
+        return _json_response(500, APIError(500, INTERNAL_ERROR_MESSAGE).body())
 
     # ---- endpoints
     @app.get("/health")
     async def health() -> JSONResponse:
         if async_llm.dead is not None:
-            return _json_response(503, {"status": "dead", "message": f"the engine failed: {async_llm.dead!r}"})
+            return _json_response(503, {"status": "dead",
+                                        "message": "the engine failed (the server log says why); restart the server"})
         if state.shutting_down:
             return _json_response(503, {"status": "shutting_down", "message": "the server is shutting down"})
         if state.failure is not None:
-            return _json_response(503, {"status": "failed", "message": state.failure})
+            return _json_response(503, {"status": "failed",
+                                        "message": "warm-up failed (the server log says why); the server is stopping"})
         if not state.ready:
             return _json_response(503, {"status": "starting", "message": "warming up: not ready yet"})
         return _json_response(200, {"status": "ok"})
@@ -224,23 +295,59 @@ def build_app(llm: LLM, served_model_name: str | Sequence[str] | None = None, ap
         text = render_metrics(llm.engine, stats, names[0])
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models")
-    async def models() -> JSONResponse:
-        cards = [ModelCard(id=name, root=str(llm.source.path), max_model_len=serving.max_model_len)
-                 for name in names]
-        return _json_response(200, ModelList(data=cards).model_dump())
+    def card(name: str) -> ModelCard:
+        # root is the model's name, never its file-system path (which would tell clients about the host).
+        return ModelCard(id=name, root=llm.source.name, max_model_len=serving.max_model_len)
 
-    @app.post("/v1/completions")
+    @app.get("/v1/models", response_model=ModelList)
+    async def models() -> JSONResponse:
+        return _json_response(200, ModelList(data=[card(name) for name in names]).model_dump())
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
+    async def model(model_id: str) -> JSONResponse:
+        serving.check_model(model_id)  # 404 in OpenAI's shape for a name this server does not serve
+        return _json_response(200, card(model_id).model_dump())
+
+    @app.post("/v1/completions", openapi_extra=_request_body_schema(CompletionRequest),
+              responses={200: {"model": CompletionResponse}, 400: {"model": ErrorResponse}})
     async def completions(request: Request) -> Response:
         req = await _parse(request, CompletionRequest)
         return await _respond(await _run(serving.completions(req, _disconnect_waiter(request))))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_request_body_schema(ChatCompletionRequest),
+              responses={200: {"model": ChatCompletionResponse}, 400: {"model": ErrorResponse}})
     async def chat_completions(request: Request) -> Response:
         req = await _parse(request, ChatCompletionRequest)
         return await _respond(await _run(serving.chat(req, _disconnect_waiter(request))))
 
+    _add_request_schemas(app, (CompletionRequest, ChatCompletionRequest))
     return app
+
+
+def _request_body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` of a route that parses its body itself (so that errors keep
+    OpenAI's shape): a reference to ``model``'s schema, which ``_add_request_schemas`` provides."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def _add_request_schemas(app: FastAPI, models: Sequence[type[BaseModel]]) -> None:
+    """Put the request models' JSON schemas (and the models they use) into ``/openapi.json``."""
+    base = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = base()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                found = model.model_json_schema(ref_template="#/components/schemas/{model}", mode="validation")
+                for name, sub in found.pop("$defs", {}).items():
+                    components.setdefault(name, sub)
+                components[model.__name__] = found
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def _parse(request: Request, model: type[BaseModel]) -> Any:
@@ -444,7 +551,9 @@ def serve(args: Any) -> int:
         fatal.append(reason)
         server.should_exit = True
 
-    app = build_app(llm, names, api_key, on_ready=on_ready, on_fatal=on_fatal,
+    cors = CORSSettings(tuple(args.allowed_origins), tuple(args.allowed_methods), tuple(args.allowed_headers),
+                        args.allow_credentials)
+    app = build_app(llm, names, api_key, cors=cors, on_ready=on_ready, on_fatal=on_fatal,
                     listening=lambda: bool(server is not None and server.started))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, lifespan="on",
                             timeout_keep_alive=5, access_log=logger.isEnabledFor(logging.INFO))

@@ -29,7 +29,17 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="name(s) clients use in 'model' (default: the model's name); the first is reported")
     p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + generated tokens")
     p.add_argument("--api-key", default=os.environ.get("DOCKYARD_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $DOCKYARD_API_KEY, else none)")
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /openapi.json and /docs (default: "
+                        "$DOCKYARD_API_KEY, else none; the variable keeps the key out of `ps`)")
+    p.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                   help="web origins (e.g. http://localhost:3000, or *) whose pages may call the server; requests "
+                        "with any other Origin header are refused (default: none)")
+    p.add_argument("--allowed-methods", nargs="+", default=["*"], metavar="METHOD",
+                   help="CORS: methods allowed to the allowed origins (default: *)")
+    p.add_argument("--allowed-headers", nargs="+", default=["*"], metavar="HEADER",
+                   help="CORS: request headers allowed to the allowed origins (default: *)")
+    p.add_argument("--allow-credentials", action="store_true",
+                   help="CORS: let the allowed origins' pages send credentials (cookies)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--load-format", choices=("auto", "dummy"), default="auto")

@@ -12,7 +12,9 @@ from pydantic import ValidationError
 
 from dockyard.server.protocol import ErrorInfo, ErrorResponse
 
-_TYPES = {401: "authentication_error", 404: "not_found_error"}
+_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
+# What a 5xx body says: never the exception's text, which may show internals (the log has it).
+INTERNAL_ERROR_MESSAGE = "internal server error; the server log has the details"
 
 
 class APIError(Exception):
@@ -50,6 +52,11 @@ def from_validation_error(exc: ValidationError) -> APIError:
     errors = exc.errors(include_url=False)
     if errors and errors[0]["type"] == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {errors[0]['msg']}", code="invalid_json")
+    for err in errors:  # JSON has no NaN or Infinity, though Python's parsers accept them
+        if err["type"] == "finite_number":
+            where = _loc(err["loc"])
+            return APIError(400, f"{where} must be a finite number; NaN and Infinity are not JSON numbers "
+                                 f"(got {err.get('input')!r})", param=where, code="invalid_value")
     parts = []
     for err in errors[:5]:
         where = _loc(err["loc"])

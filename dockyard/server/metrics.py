@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from dockyard.engine.llm_engine import LLMEngine
 from dockyard.engine.metrics import E2E_BUCKETS, Histogram
 
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort", "error")
 PREFIX = "dockyard:"
 
 

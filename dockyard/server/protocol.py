@@ -10,9 +10,9 @@ fields are ignored, as OpenAI-compatible servers do.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_serializer
 
 
 class OpenAIModel(BaseModel):
@@ -22,9 +22,10 @@ class OpenAIModel(BaseModel):
 
 
 class RequestModel(OpenAIModel):
-    """Base of request models: JSON types are strict (``true`` is not 1, ``"2"`` is not 2)."""
+    """Base of request models: JSON types are strict (``true`` is not 1, ``"2"`` is not 2), and the
+    ``NaN`` / ``Infinity`` literals Python's JSON parsers accept are refused, naming the field."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- errors
@@ -50,6 +51,15 @@ class StreamOptions(RequestModel):
     include_usage: bool | None = False
 
 
+# Fields checked by a validator (for OpenAI-style messages) whose accepted forms the schema states.
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+StopField = Annotated[Any, WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
+                                                     {"type": "null"}]})]
+PromptField = Annotated[Any, WithJsonSchema({"anyOf": [
+    {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1},
+    {**_TOKEN_IDS, "minItems": 1}, {"type": "array", "items": _TOKEN_IDS, "minItems": 1}]})]
+
+
 def _check_stop(value: Any) -> Any:
     if value is None or isinstance(value, str):
         return value
@@ -71,7 +81,7 @@ class SamplingFields(RequestModel):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
-    stop: Any = None
+    stop: StopField = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
     min_tokens: int | None = None
@@ -92,7 +102,7 @@ class SamplingFields(RequestModel):
 class CompletionRequest(SamplingFields):
     """``POST /v1/completions``. ``prompt``: a string, a list of strings, token ids or lists of them."""
 
-    prompt: Any
+    prompt: PromptField
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool | None = False

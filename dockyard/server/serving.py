@@ -26,6 +26,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +36,8 @@ from dockyard.engine.async_engine import AsyncLLM, RequestStream
 from dockyard.engine.llm import LLM
 from dockyard.engine.outputs import CompletionOutput, RequestOutput
 from dockyard.engine.sampling_params import SamplingParams
-from dockyard.errors import DockyardError, InvalidRequestError
-from dockyard.server.errors import APIError, ClientDisconnected
+from dockyard.errors import DockyardError, InvalidRequestError, RequestFailedError
+from dockyard.server.errors import INTERNAL_ERROR_MESSAGE, APIError, ClientDisconnected
 from dockyard.server.metrics import ServerStats
 from dockyard.server.protocol import (
     AssistantMessage,
@@ -174,6 +175,16 @@ class OpenAIServing:
         self.stats = stats
         self.max_model_len = llm.engine.max_model_len
         self._token_strs: dict[int, str] = {}
+        # Chat templating and tokenization run here, off the event loop; one thread, because a fast
+        # (Rust) tokenizer may refuse concurrent use ("Already borrowed"), as vLLM found.
+        self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="dockyard-tokenize")
+
+    def close(self) -> None:
+        """Stop the tokenizer thread (requests still queued there are dropped)."""
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _off_loop(self, fn: Callable[[Any], Any], arg: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn, arg)
 
     # ------------------------------------------------------------ shared
     def check_model(self, name: str | None) -> str:
@@ -193,7 +204,7 @@ class OpenAIServing:
 
     def _sampling_params(self, req: SamplingFields, max_tokens: int | None, logprobs: int | None,
                          max_tokens_param: str, prompt_logprobs: int | None = None,
-                         max_tokens_hint: str = "") -> SamplingParams:
+                         max_tokens_hint: str = "", logprobs_param: str = "logprobs") -> SamplingParams:
         if max_tokens is not None and (isinstance(max_tokens, bool) or max_tokens < 1):
             raise APIError(400, f"{max_tokens_param} must be >= 1{max_tokens_hint}, got {max_tokens}",
                            param=max_tokens_param, code="invalid_value")
@@ -202,7 +213,12 @@ class OpenAIServing:
             return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                                   **kwargs)
         except InvalidRequestError as exc:
-            raise APIError(400, str(exc), param=exc.param, code="invalid_value") from None
+            # Name the field as this request spelled it (chat: max_completion_tokens, top_logprobs).
+            wire = {"max_tokens": max_tokens_param, "logprobs": logprobs_param}.get(exc.param or "", exc.param)
+            message = str(exc)
+            if wire != exc.param and exc.param and message.startswith(exc.param):
+                message = wire + message[len(exc.param):]
+            raise APIError(400, message, param=wire, code="invalid_value") from None
 
     def _check_lengths(self, prompts: list[_Prompt], max_tokens: int | None, prompt_param: str,
                        max_tokens_param: str) -> None:
@@ -341,8 +357,10 @@ class OpenAIServing:
         else:
             max_tokens, max_param = req.max_tokens, "max_tokens"
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = self._sampling_params(req, max_tokens, logprobs, max_param)
-        prompt = self._chat_prompt(req)
+        params = self._sampling_params(req, max_tokens, logprobs, max_param, logprobs_param="top_logprobs")
+        # Templating and tokenizing take milliseconds each: off the event loop, so a burst of requests
+        # does not hold up /health or other connections.
+        prompt = await self._off_loop(self._chat_prompt, req)
         self._check_lengths([prompt], max_tokens, "messages", max_param)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self._start(request_id, [prompt], params, "chat")
@@ -413,7 +431,7 @@ class OpenAIServing:
                 completion_tokens = sum(len(c.token_ids) for c in last.outputs)
                 yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
                                               usage=_usage(prompt_tokens, completion_tokens)))
-        except (APIError, DockyardError) as exc:
+        except Exception as exc:  # noqa: BLE001 - the stream ends with an error event, whatever failed
             yield sse(error_body(exc))
         finally:
             for s in streams:
@@ -466,7 +484,7 @@ class OpenAIServing:
         prompt_logprobs = req.logprobs if req.echo else None
         params = self._sampling_params(req, 1 if prompt_only else req.max_tokens, req.logprobs, "max_tokens",
                                        prompt_logprobs=prompt_logprobs, max_tokens_hint=" (or 0 with echo=true)")
-        prompts = self._completion_prompts(req)
+        prompts = await self._off_loop(self._completion_prompts, req)  # off the event loop, as for chat
         self._check_lengths(prompts, req.max_tokens, "prompt", "max_tokens")
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = await self._start(request_id, prompts, params, "completions")
@@ -590,7 +608,7 @@ class OpenAIServing:
                     len(c.token_ids) for f in last if f is not None for c in f.outputs)
                 yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[],
                                              usage=_usage(prompt_tokens, completion_tokens)))
-        except (APIError, DockyardError) as exc:
+        except Exception as exc:  # noqa: BLE001 - the stream ends with an error event, whatever failed
             yield sse(error_body(exc))
         finally:
             for s in streams:
@@ -618,13 +636,20 @@ def to_api_error(exc: BaseException) -> APIError:
 
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, RequestFailedError):  # failed alone while generating
+        if isinstance(exc.cause, InvalidRequestError):
+            return APIError(400, str(exc), param=exc.cause.param, code="invalid_value")
+        if not isinstance(exc.cause, DockyardError):
+            return APIError(500, f"request {exc.request_id} failed while generating: {INTERNAL_ERROR_MESSAGE}; "
+                                 "other requests are not affected", code="request_failed")
     if isinstance(exc, InvalidRequestError):
         return APIError(400, str(exc), param=exc.param, code="invalid_value")
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc), code="engine_unavailable")
     if isinstance(exc, DockyardError):
         return APIError(400, str(exc))
-    return APIError(500, f"internal error: {exc!r}")
+    logger.error("internal error answered as 500", exc_info=exc)
+    return APIError(500, INTERNAL_ERROR_MESSAGE)
 
 
 def error_body(exc: BaseException) -> dict[str, Any]:

@@ -44,5 +44,5 @@ def test_serve_help_lists_the_options():
     proc = _serve("--help", timeout=60)
     assert proc.returncode == 0
     for opt in ("--model", "--host", "--port", "--served-model-name", "--max-model-len", "--api-key", "--dtype",
-                "--device", "--load-format"):
+                "--device", "--load-format", "--allowed-origins", "DOCKYARD_API_KEY"):
         assert opt in proc.stdout

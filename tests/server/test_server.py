@@ -72,6 +72,15 @@ def test_models_list(client):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL_NAME]
     assert models.data[0].max_model_len == 8192
+    assert "/" not in models.data[0].root  # the model's name, never its path on the server's disk
+
+
+def test_models_retrieve(client):
+    model = client.models.retrieve(MODEL_NAME)
+    assert model.id == MODEL_NAME and model.object == "model"
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gpt-4")
+    assert info.value.body["code"] == "model_not_found" and "gpt-4" in info.value.body["message"]
 
 
 def test_chat_plain(client):
@@ -277,11 +286,12 @@ def _completion(**kw) -> dict:
 
 @pytest.mark.parametrize("path, body, param, needles", [
     ("/v1/chat/completions", _chat(n=1000), "n", ["<= 128", "1000"]),
-    ("/v1/chat/completions", _chat(temperature=-1), "temperature", [">= 0"]),
+    ("/v1/chat/completions", _chat(temperature=-1), "temperature", ["[0, 10000]", "-1"]),
     ("/v1/chat/completions", _chat(top_p=0), "top_p", ["(0, 1]"]),
     ("/v1/chat/completions", _chat(max_tokens=0), "max_tokens", [">= 1"]),
     ("/v1/chat/completions", _chat(max_completion_tokens=-5), "max_completion_tokens", [">= 1"]),
-    ("/v1/chat/completions", _chat(top_logprobs=50, logprobs=True), "logprobs", ["<= 20"]),
+    ("/v1/chat/completions", _chat(top_logprobs=50, logprobs=True), "top_logprobs", ["<= 20"]),
+    ("/v1/chat/completions", _chat(max_completion_tokens=2**40), "max_completion_tokens", ["2147483647"]),
     ("/v1/chat/completions", _chat(top_logprobs=2), "top_logprobs", ["logprobs=true"]),
     ("/v1/chat/completions", _chat(messages=[]), "messages", ["at least one"]),
     ("/v1/chat/completions", _chat(messages=[{"role": "tool", "content": "x"}]), "messages.0.role", []),
@@ -324,7 +334,8 @@ def test_oversized_chunked_body_is_413(server):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     chunks = (b"x" * (1 << 20) for _ in range(10))  # 10 MiB with no Content-Length
     conn.request("POST", "/v1/completions", body=chunks, encode_chunked=True,
-                 headers={"Authorization": f"Bearer {API_KEY}", "Transfer-Encoding": "chunked"})
+                 headers={"Authorization": f"Bearer {API_KEY}", "Transfer-Encoding": "chunked",
+                          "Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 413 and json.loads(resp.read())["error"]["code"] == "request_too_large"
     conn.close()
