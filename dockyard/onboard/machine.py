@@ -1,8 +1,9 @@
 """What the machine running the onboarding offers: device, memory, software versions.
 
 The fit and capacity gates plan against ``device_bytes`` (an explicit ``--device-memory``, else the
-GPU's total memory, else the machine's RAM); the dummy and real gates size what they load by
-``available_bytes`` (free GPU memory, or RAM the kernel reports as available).
+GPU's total memory, else the machine's RAM); the dummy and real gates size what they load by the
+memory available when they start (:func:`available_now`: free GPU memory, or the RAM the kernel reports
+as available, which counts what every other process uses, capped by this container's cgroup limit).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,8 +60,20 @@ def _meminfo() -> dict[str, int]:
     return out
 
 
+def _cgroup_room() -> tuple[int, int] | None:
+    """(limit, room left) of this process's cgroup v2 memory limit; None where there is no limit."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        current = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if not limit.isdigit():  # "max": no limit
+        return None
+    return int(limit), max(0, int(limit) - current)
+
+
 def ram_bytes() -> tuple[int, int]:
-    """(total, available) RAM in bytes."""
+    """(total, available) RAM in bytes: MemTotal and MemAvailable, within the cgroup's limit if it has one."""
     info = _meminfo()
     total = info.get("MemTotal")
     if total is None:
@@ -67,7 +81,18 @@ def ram_bytes() -> tuple[int, int]:
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
             total = 8 * GiB
-    return total, info.get("MemAvailable", total // 2)
+    available = info.get("MemAvailable", total // 2)
+    room = _cgroup_room()
+    if room is not None:
+        total, available = min(total, room[0]), min(available, room[1])
+    return total, available
+
+
+def available_now(device: str) -> int:
+    """Memory available on ``device`` right now: free GPU memory, or available RAM (see :func:`ram_bytes`)."""
+    if device == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(0)[0])
+    return ram_bytes()[1]
 
 
 def detect_machine(device: str = "auto", device_memory_gib: float | None = None) -> Machine:
