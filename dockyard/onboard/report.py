@@ -61,7 +61,11 @@ def _proof(ctx: GateContext, gates: dict[str, GateResult]) -> dict[str, list[str
             f"sampler): {len(ev.get('first_request', {}).get('output_token_ids', []))} tokens, finite logits",
         ]
     else:
-        proved_dummy.append("nothing: the dummy gate did not pass" if dummy else "nothing: the dummy gate did not run")
+        if dummy is not None and dummy.status in ("pending", "running"):
+            proved_dummy.append("nothing yet: the dummy gate has not finished")
+        else:
+            proved_dummy.append("nothing: the dummy gate did not pass" if dummy else
+                                "nothing: the dummy gate did not run")
     proved_real: list[str] = []
     if real is not None and real.status == "pass":
         ev = real.evidence
@@ -337,7 +341,9 @@ def render_tutorial(report: dict[str, Any]) -> str:
                + (f"{spec['num_hidden_layers']} layers, context {spec['max_position_embeddings']:,} tokens"
                   if spec else "spec not validated") + "). "
                f"`dockyard onboard` checked it on {report['machine']['hardware']} on {report['created']}: "
-               + ", ".join(f"{g['name']} {g['status']}" for g in report["gates"]) + ".")
+               + ", ".join(f"{g['name']} {g['status']}" for g in report["gates"])
+               + f"; verdict {report['overall']['verdict']}.")
+    out += [f"- not proven: {item}" for item in report["overall"]["not_proven"]]
     out += ["", "## Supported Features", ""]
     if report["feature_matrix"]:
         out += ["| feature | status | why |", "|---|---|---|"]

@@ -163,3 +163,22 @@ def test_onboard_dtype_choices_are_the_engines():
     from dockyard.onboard.context import DTYPE_CHOICES
 
     assert set(DTYPE_CHOICES) == {"auto", *_DTYPES}  # context.py stays torch-free, so it names them itself
+
+
+def test_vision_tower_makes_a_clean_run_pass_partial(tmp_path):
+    from dockyard.onboard.context import GateContext, GateResult
+    from dockyard.onboard.machine import detect_machine
+    from dockyard.onboard.report import verdict
+
+    config = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+              "text_config": {"model_type": "gemma3_text", "hidden_size": 64},
+              "vision_config": {"model_type": "siglip"}}
+    ctx = GateContext(options=OnboardOptions(), machine=detect_machine("cpu", None), out_dir=tmp_path)
+    passed = [GateResult(name, "pass", "ok", {}, 0.0, None) for name in ("inspect", "fit", "real")]
+    assert verdict(ctx, passed)["verdict"] == "PASS"
+    ctx.features = detect_features(config)
+    out = verdict(ctx, passed)
+    assert (out["verdict"], out["exit_code"]) == ("PASS-PARTIAL", 3)
+    assert out["not_proven"] == ["model part: the vision/audio tower (dockyard runs the language model only)"]
+    failed = [*passed, GateResult("dummy", "fail", "boom", {}, 0.0, None)]
+    assert verdict(ctx, failed)["verdict"] == "FAIL" and verdict(ctx, failed)["exit_code"] == 1
