@@ -179,11 +179,11 @@ class WeightStorage:
     def describe(self, dtype: torch.dtype) -> str:
         run = str(dtype).removeprefix("torch.")
         if self.fp8 is None:
-            return f"{run} (every parameter at the run dtype)"
+            return run
         block = list(self.fp8.block) if self.fp8.block else "per-tensor"
         if self.native_fp8:
             return (f"FP8 {self.fp8.fmt} {block} attention/dense-MLP projections kept as stored (native FP8 "
-                    f"matmul), the rest {run}")
+                    f"matmul); other FP8 weights (MoE experts, MLA) dequantized and the rest held in {run}")
         return f"FP8 {self.fp8.fmt} {block} dequantized to {run} on load"
 
 

@@ -196,8 +196,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         out += [f"**The run has not finished: it was in gate `{overall['current_gate']}` when this report was "
                 "written.** If no `dockyard onboard` process is still running, it was stopped there (killed, or "
                 "out of memory); the gates before it are complete.", ""]
-    out += [f"**Verdict: {overall['verdict']}** (exit status {overall['exit_code']}) · {overall['counts']['pass']} "
-            "passed, "
+    exit_status = "" if overall["exit_code"] is None else f" (exit status {overall['exit_code']})"
+    out += [f"**Verdict: {overall['verdict']}**{exit_status} · {overall['counts']['pass']} passed, "
            f"{report['overall']['counts']['fail']} failed, {report['overall']['counts']['skip']} skipped · "
            f"dockyard {report['dockyard_version']} · {report['created']} · {report['machine']['hardware']} · "
            f"torch {report['machine']['torch_version']}, transformers {report['machine']['transformers_version']}",
