@@ -16,7 +16,6 @@ import functools
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +24,8 @@ from torch import nn
 from dockyard.ops.fp8_linear import scale_grid_shape
 from dockyard.registry import build_model
 from dockyard.spec import ModelSpec
-from dockyard.weights.fp8 import FP8Config, native_block
+from dockyard.weights.fp8 import FP8Config, checkpoint_fp8_weights, native_block
+from dockyard.weights.safetensors_dir import stored_bytes
 
 GiB = 1024**3
 # Runtime memory that is not weights, KV or activations: CUDA context and allocator slack on a
@@ -262,28 +262,6 @@ def held_weight_bytes(spec: ModelSpec, dtype: torch.dtype, storage: WeightStorag
     return dict(out)
 
 
-def safetensors_stored_bytes(model_dir: str | Path) -> dict[str, int]:
-    """Bytes by dtype of every tensor in a safetensors checkpoint, read from the file headers only."""
-    from safetensors import safe_open
-
-    from dockyard.weights.safetensors_dir import safetensors_files
-
-    out: Counter[str] = Counter()
-    for path in safetensors_files(model_dir):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                piece = f.get_slice(key)
-                dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype(), torch.float32)
-                out[_dtype_name(dtype)] += math.prod(piece.get_shape()) * dtype.itemsize
-    return dict(out)
-
-
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
-                       "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                       "BOOL": torch.bool}
-
-
 def storage_of(source: Any, native_fp8: bool = False) -> WeightStorage:
     """The :class:`WeightStorage` of a ``model_source.ModelSource``: GGUF blocks and safetensors headers as
     measured from the files, a config alone by its dtype and ``quantization_config``."""
@@ -292,13 +270,11 @@ def storage_of(source: Any, native_fp8: bool = False) -> WeightStorage:
     if source.kind == "safetensors":
         fp8_weights = None
         if source.fp8 is not None:
-            from dockyard.weights.fp8 import checkpoint_fp8_weights
-
             rename = getattr(_meta_model(source.spec, torch.float32), "map_checkpoint_name", lambda n: n)
             mapped = (rename(n) for n in checkpoint_fp8_weights(source.path))
             fp8_weights = frozenset(n for n in mapped if n is not None)
         return WeightStorage(source.fp8, native_fp8 and source.fp8 is not None, fp8_weights,
-                             safetensors_stored_bytes(source.path), "safetensors headers")
+                             stored_bytes(source.path), "safetensors headers")
     if source.fp8 is not None:
         where = f"config.json ({source.spec.torch_dtype}, quantization_config fp8)"
     elif source.quantization is not None:
