@@ -64,9 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="print the model's spec and memory plan")
     _add_model_arg(ins, positional=True)
     ins.add_argument("--json", action="store_true", help="machine-readable output")
-    ins.add_argument("--dtype", default="bfloat16", help="dtype the weights would be served in")
-    ins.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    ins.add_argument("--device-memory", type=float, default=None, help="device memory in GiB to plan against")
+    ins.add_argument("--dtype", default="auto",
+                     help="dtype of the run (auto: float32 on CPU, the checkpoint's dtype on a GPU)")
+    ins.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    ins.add_argument("--device-memory", type=float, default=None, metavar="GiB",
+                     help="plan for a GPU of this much memory (default: this machine's device)")
 
     add_serve_parser(sub)
     add_onboard_parser(sub)
@@ -97,14 +99,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from dockyard.model_source import resolve_model
 
     source = resolve_model(args.model)  # metadata only; an absurd config is refused before the engine is imported
-    import torch
-
-    from dockyard.engine.llm import resolve_dtype
-    from dockyard.memory import plan_memory
+    from dockyard.onboard.machine import detect_machine
+    from dockyard.run_plan import RunTarget, plan_for_run
 
     spec = source.spec
-    dtype = resolve_dtype(args.dtype, spec.torch_dtype, torch.device("cuda"))
-    plan = plan_memory(spec, dtype, max_num_batched_tokens=args.max_num_batched_tokens)
+    machine = detect_machine("auto", args.device_memory)
+    target = RunTarget.for_machine(machine.device, args.device_memory is not None)
+    plan, fp8_why = plan_for_run(source, target, args.dtype, max_num_batched_tokens=args.max_num_batched_tokens)
     fit = None
     if args.device_memory is not None:
         device_bytes = int(args.device_memory * GiB)
@@ -113,6 +114,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                "max_len_fits": kv_tokens >= spec.max_model_len}
     if args.json:
         json.dump({"source": {"kind": source.kind, "path": str(source.path)}, "spec": spec.to_dict(),
+                   "target": {"device": target.device_type, "present": target.present, "fp8_path": fp8_why},
                    "memory_plan": plan.to_dict(), "fit": fit}, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
@@ -126,13 +128,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     window = f"  sliding window {spec.sliding_window}" if spec.sliding_window else ""
     print(f"rope {rope.rope_type}  theta {rope.theta:g}  factor {rope.factor:g}  "
           f"max positions {spec.max_position_embeddings}{window}")
-    print(f"\nmemory plan ({plan.dtype})")
+    where = "this machine's " + target.device_type if target.present else "a GPU of the given size"
+    print(f"\nmemory plan ({plan.dtype} on {where})")
     active = (f"  ({plan.active_parameters:,} active per token)"
               if plan.active_parameters != plan.num_parameters else "")
     print(f"  parameters        {plan.num_parameters:,}{active}")
-    print(f"  weights           {plan.weight_bytes / GiB:.3f} GiB  ({plan.weight_bytes:,} bytes)")
+    print(f"  checkpoint        {plan.checkpoint_bytes / GiB:.3f} GiB  ({plan.checkpoint_bytes:,} bytes; "
+          f"from {plan.checkpoint_source})")
+    print(f"  weights in memory {plan.weight_bytes / GiB:.3f} GiB  ({plan.weight_bytes:,} bytes; {plan.weight_format})")
+    max_len = spec.max_model_len
     print(f"  KV cache / token  {plan.kv_bytes_per_token:,} bytes  "
-          f"({plan.kv_bytes_per_token * spec.max_model_len / GiB:.2f} GiB at max length {spec.max_model_len})")
+          f"({plan.kv_bytes_per_token * max_len / GiB:.2f} GiB at max length {max_len})")
+    if plan.sliding_layers:
+        print(f"  KV needed         {plan.kv_bytes_needed(max_len) / GiB:.2f} GiB at max length {max_len}: "
+              f"{plan.sliding_layers} of {plan.num_layers} layers keep a {plan.sliding_window}-token window "
+              "(the engine allocates the whole context for every layer today)")
     print(f"  activation peak   {plan.activation_peak_bytes / GiB:.3f} GiB  "
           f"(at {plan.max_num_batched_tokens} batched tokens)")
     print(f"  overhead          {plan.overhead_bytes / GiB:.3f} GiB")

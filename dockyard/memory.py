@@ -1,24 +1,34 @@
-"""Memory plan: what a model needs, computed from its spec alone.
+"""Memory plan: what a model needs, computed from its spec and what its checkpoint stores.
 
 Weight bytes come from instantiating the registered model class on the ``meta`` device (no
 memory is touched) with one layer of each kind, each counted as often as the spec has it, so the
-plan counts exactly the parameters the engine will load, at the cost of a few layers. The KV
-cache, activation peak and overhead follow from the spec and the engine's batch limits.
+plan counts exactly the parameters the engine will load, at the cost of a few layers. Two weight
+figures are kept apart: what the checkpoint *stores* (each tensor in its stored dtype: FP8 weights
+with their float32 scale grids, GGUF blocks, bf16) and what the run *holds* on the device (every
+parameter at the run dtype, except the projections that stay FP8 on the native FP8 path). The KV
+cache is planned per layer type: the engine allocates every layer for the whole context
+(``kv_bytes_per_token``), while a sliding-window layer only ever reads its last ``window`` tokens
+(``kv_bytes_needed``). Activation peak and overhead follow from the spec and the engine's limits.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from dockyard.errors import ConfigError
+from dockyard.ops.fp8_linear import scale_grid_shape
 from dockyard.registry import build_model
 from dockyard.spec import PER_LAYER_FIELDS, ModelSpec
+from dockyard.weights.fp8 import FP8Config, checkpoint_fp8_weights, native_block
+from dockyard.weights.safetensors_dir import stored_bytes
 
 GiB = 1024**3
 TiB = 1024**4
@@ -45,6 +55,14 @@ class MemoryPlan:
     overhead_bytes: int
     max_num_batched_tokens: int
     max_model_len: int
+    # What the checkpoint stores (None: unknown), by stored dtype, and where that figure came from.
+    checkpoint_bytes: int | None = None
+    checkpoint_bytes_by_dtype: dict[str, int] = field(default_factory=dict)
+    checkpoint_source: str = "not read"
+    weight_format: str = ""  # how the run holds the weights, in words
+    num_layers: int = 1
+    sliding_layers: int = 0  # layers that attend to the last sliding_window tokens only
+    sliding_window: int | None = None
 
     @property
     def fixed_bytes(self) -> int:
@@ -58,6 +76,14 @@ class MemoryPlan:
     def bytes_for(self, context_tokens: int) -> int:
         """Total bytes to hold ``context_tokens`` tokens of KV cache plus everything else."""
         return self.fixed_bytes + context_tokens * self.kv_bytes_per_token
+
+    def kv_bytes_needed(self, context_tokens: int) -> int:
+        """KV bytes one sequence of ``context_tokens`` needs when each sliding-window layer keeps only its
+        window (what the model reads; the engine today allocates ``context_tokens * kv_bytes_per_token``)."""
+        per_layer = self.kv_bytes_per_token // self.num_layers
+        window = min(context_tokens, self.sliding_window or context_tokens)
+        full = self.num_layers - self.sliding_layers
+        return per_layer * (full * context_tokens + self.sliding_layers * window)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -78,22 +104,13 @@ def active_parameters(spec: ModelSpec, dtype: torch.dtype = torch.bfloat16) -> i
 
 @functools.lru_cache(maxsize=64)
 def _count(spec: ModelSpec, dtype: torch.dtype) -> tuple[int, dict[str, int], int]:
-    kinds = layer_kinds(spec)
-    model = _build_on_meta(sample_spec(spec, kinds), dtype)
     by_dtype: Counter[str] = Counter()
     numel = routed = 0
-    seen = set()
-    for name, p in model.named_parameters():  # tied parameters are yielded once
-        match = _LAYER_PARAMETER.match(name)
-        times = 1 if match is None else kinds[int(match.group(1))][1]
-        if match is not None:
-            seen.add(int(match.group(1)))
+    for name, (p, times) in _layer_linears(spec, dtype)[0].items():  # tied parameters are yielded once
         numel += p.numel() * times
         by_dtype[str(p.dtype).removeprefix("torch.")] += p.numel() * p.element_size() * times
         if ".experts." in name:  # routed experts (shared experts live under shared_expert[s])
             routed += p.numel() * times
-    if len(seen) != len(kinds):  # a model class whose layers are not model.layers.N would be miscounted
-        raise RuntimeError(f"{type(model).__name__}: decoder layers not found under model.layers")
     idle = 0 if spec.moe is None else routed * (spec.moe.num_experts - spec.moe.top_k) // spec.moe.num_experts
     return numel, dict(by_dtype), numel - idle
 
@@ -149,10 +166,18 @@ def plan_memory(
     max_num_seqs: int = 256,
     max_model_len: int | None = None,
     device_type: str = "cuda",
+    storage: WeightStorage | None = None,
 ) -> MemoryPlan:
-    """The memory plan of ``spec`` at ``dtype`` for the given engine limits."""
+    """The memory plan of ``spec`` at ``dtype`` for the given engine limits; ``storage`` says what the
+    checkpoint stores (None: not looked at; every parameter planned at ``dtype``)."""
     kv_dtype = kv_cache_dtype or dtype
     numel, by_dtype, active = _count(spec, dtype)
+    stored: dict[str, int] | None = None
+    if storage is not None:
+        by_dtype = held_weight_bytes(spec, dtype, storage)
+        stored = storage.stored_bytes_by_dtype
+        if stored is None:
+            stored = stored_weight_bytes(spec, storage.fp8, built_at=dtype)
     act_bytes = torch.empty((), dtype=dtype).element_size()
     kv_elem = torch.empty((), dtype=kv_dtype).element_size()
     entries, heads, dim = spec.kv_cache_layout
@@ -174,6 +199,13 @@ def plan_memory(
         overhead_bytes=OVERHEAD_BYTES.get(device_type, OVERHEAD_BYTES["cpu"]),
         max_num_batched_tokens=tokens,
         max_model_len=max_model_len or spec.max_model_len,
+        checkpoint_bytes=None if stored is None else sum(stored.values()),
+        checkpoint_bytes_by_dtype=stored or {},
+        checkpoint_source="not read" if storage is None else storage.source,
+        weight_format=(storage or WeightStorage()).describe(dtype),
+        num_layers=spec.num_hidden_layers,
+        sliding_layers=sum(spec.layer_sliding_window(i) is not None for i in range(spec.num_hidden_layers)),
+        sliding_window=spec.sliding_window,
     )
     check_plausible_size(spec, plan)
     return plan
@@ -189,3 +221,139 @@ def check_plausible_size(spec: ModelSpec, plan: MemoryPlan) -> None:
         f"hidden_size={spec.hidden_size}, intermediate_size={spec.intermediate_size}, "
         f"vocab_size={spec.vocab_size}), more than any deployment holds (> {PLAUSIBLE_MAX_WEIGHT_BYTES // TiB} TiB); "
         "fix config.json")
+
+
+# ---------------------------------------------------------------- bytes as stored and as held
+@dataclass(frozen=True)
+class WeightStorage:
+    """What a checkpoint stores, as far as the plan needs it.
+
+    ``fp8``: the checkpoint's FP8 quantization (None: plain tensors); ``native_fp8``: the run keeps the
+    FP8 projections as stored (``weights.fp8.choose_fp8_path``); ``fp8_weights``: the model parameter names
+    the checkpoint stores as FP8 (from its headers; None: every Linear weight of the decoder layers, as
+    FP8 exports store them); ``stored_bytes_by_dtype``: measured from the files (None: derived from the
+    config); ``source``: where the stored figure comes from, in words."""
+
+    fp8: FP8Config | None = None
+    native_fp8: bool = False
+    fp8_weights: frozenset[str] | None = None
+    stored_bytes_by_dtype: dict[str, int] | None = None
+    source: str = "config"
+
+    def describe(self, dtype: torch.dtype) -> str:
+        run = str(dtype).removeprefix("torch.")
+        if self.fp8 is None:
+            return run
+        block = list(self.fp8.block) if self.fp8.block else "per-tensor"
+        if self.native_fp8:
+            return (f"FP8 {self.fp8.fmt} {block} attention/dense-MLP projections kept as stored (native FP8 "
+                    f"matmul); other FP8 weights (MoE experts, MLA) dequantized and the rest held in {run}")
+        return f"FP8 {self.fp8.fmt} {block} dequantized to {run} on load"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _meta_model(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The registered model class for ``spec`` with one layer of each kind, built on the meta device."""
+    return _build_on_meta(sample_spec(spec, layer_kinds(spec)), dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _layer_linears(spec: ModelSpec, dtype: torch.dtype) -> tuple[dict[str, tuple[torch.Tensor, int]], frozenset[str],
+                                                                 frozenset[str]]:
+    """(every parameter (meta) of the one-layer-per-kind model built at ``dtype``, with how many layers it
+    stands for; the weights of Linear modules inside decoder layers; the weights of the projections the
+    native FP8 path may keep FP8). Layer names are those of the real model's first layer of each kind."""
+    kinds = layer_kinds(spec)
+    model = _build_on_meta(sample_spec(spec, kinds), dtype)
+
+    def real(name: str) -> tuple[str, int]:
+        match = _LAYER_PARAMETER.match(name)
+        if match is None:
+            return name, 1
+        first, times = kinds[int(match.group(1))]
+        return f"model.layers.{first}." + name[match.end():], times
+
+    params: dict[str, tuple[torch.Tensor, int]] = {}
+    for name, p in model.named_parameters():
+        params[real(name)[0]] = (p, real(name)[1])
+    seen = {n for n in params if _LAYER_PARAMETER.match(n)}
+    if kinds and spec.num_hidden_layers and not seen:  # a model class whose layers are not model.layers.N
+        raise RuntimeError(f"{type(model).__name__}: decoder layers not found under model.layers")
+    linears = frozenset(f"{real(name)[0]}.weight" for name, m in model.named_modules()
+                        if isinstance(m, nn.Linear) and ".layers." in f".{name}.")
+    native = frozenset(f"{real(n)[0]}.weight" for n in getattr(model, "fp8_linear_names", lambda: [])())
+    return params, linears, native
+
+
+def _fp8_bytes(shape: tuple[int, ...], fp8: FP8Config, native: bool) -> int:
+    """Bytes of one FP8 weight and its float32 scale: a block grid, or (stored) one value per tensor,
+    (native) one per output row."""
+    rows, cols = shape[0], math.prod(shape[1:])
+    if native:
+        scales = math.prod(scale_grid_shape(rows, cols, native_block(fp8, cols)))
+    else:
+        scales = math.prod(scale_grid_shape(rows, cols, fp8.block)) if fp8.block else 1
+    return rows * cols * fp8.storage_dtype.itemsize + 4 * scales
+
+
+def stored_weight_bytes(spec: ModelSpec, fp8: FP8Config | None, built_at: torch.dtype = torch.float32
+                        ) -> dict[str, int]:
+    """Bytes by stored dtype of a checkpoint for ``spec`` known only from its config: plain tensors in the
+    config's dtype (a parameter the model keeps in a dtype of its own, in that one); with ``fp8``, every
+    Linear weight inside the decoder layers (attention, MLP, experts; not the router, norms, embeddings or
+    lm_head) as FP8 with its float32 scales. ``built_at``: the meta model to read the shapes from (the one
+    the held bytes were counted on, so no second model is built)."""
+    plain = getattr(torch, spec.torch_dtype, torch.float32)
+    params, linears, _ = _layer_linears(spec, built_at)
+    out: Counter[str] = Counter()
+    for name, (p, times) in params.items():
+        if fp8 is not None and name in linears:
+            out[_dtype_name(fp8.storage_dtype) + "+float32 scales"] += times * _fp8_bytes(tuple(p.shape), fp8,
+                                                                                          native=False)
+        else:
+            dtype = plain if p.dtype == built_at else p.dtype
+            out[_dtype_name(dtype)] += p.numel() * dtype.itemsize * times
+    return dict(out)
+
+
+def held_weight_bytes(spec: ModelSpec, dtype: torch.dtype, storage: WeightStorage) -> dict[str, int]:
+    """Bytes by dtype the run holds on the device: every parameter at ``dtype``, except on the native FP8
+    path the projections stored FP8, which stay FP8 with a float32 scale grid (``ops.fp8_linear.Fp8Linear``)."""
+    params, linears, native = _layer_linears(spec, dtype)
+    kept: set[str] = set()
+    if storage.fp8 is not None and storage.native_fp8:
+        kept = set(native & (linears if storage.fp8_weights is None else storage.fp8_weights))
+    out: Counter[str] = Counter()
+    for name, (p, times) in params.items():
+        if name in kept:
+            out[_dtype_name(storage.fp8.storage_dtype) + "+float32 scales"] += times * _fp8_bytes(
+                tuple(p.shape), storage.fp8, True)
+        else:
+            out[_dtype_name(p.dtype)] += p.numel() * p.element_size() * times
+    return dict(out)
+
+
+def storage_of(source: Any, native_fp8: bool = False) -> WeightStorage:
+    """The :class:`WeightStorage` of a ``model_source.ModelSource``: GGUF blocks and safetensors headers as
+    measured from the files, a config alone by its dtype and ``quantization_config``."""
+    if source.kind == "gguf":
+        return WeightStorage(stored_bytes_by_dtype=source.gguf.stored_bytes(), source=f"GGUF file {source.path.name}")
+    if source.kind == "safetensors":
+        fp8_weights = None
+        if source.fp8 is not None:
+            rename = getattr(_meta_model(source.spec, torch.float32), "map_checkpoint_name", lambda n: n)
+            mapped = (rename(n) for n in checkpoint_fp8_weights(source.path))
+            fp8_weights = frozenset(n for n in mapped if n is not None)
+        return WeightStorage(source.fp8, native_fp8 and source.fp8 is not None, fp8_weights,
+                             stored_bytes(source.path), "safetensors headers")
+    if source.fp8 is not None:
+        where = f"config.json ({source.spec.torch_dtype}, quantization_config fp8)"
+    elif source.quantization is not None:
+        where = (f"config.json ({source.spec.torch_dtype}; quantization {source.quantization!r} is not modelled: "
+                 "counted as unquantized)")
+    else:
+        where = f"config.json ({source.spec.torch_dtype})"
+    return WeightStorage(source.fp8, native_fp8 and source.fp8 is not None, source=where)

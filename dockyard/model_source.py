@@ -49,7 +49,8 @@ class ModelSource:
     kind: str  # "gguf" | "safetensors" | "dummy"
     path: Path
     gguf: Any = None  # dockyard.weights.gguf.GGUFFile for kind == "gguf"
-    fp8: Any = None  # dockyard.weights.fp8.FP8Config for an FP8 safetensors checkpoint (see weights/fp8.py)
+    fp8: Any = None  # dockyard.weights.fp8.FP8Config when quantization_config is fp8 (see weights/fp8.py)
+    quantization: str | None = None  # quantization_config.quant_method, as the config names it
 
     @property
     def has_real_weights(self) -> bool:
@@ -125,21 +126,29 @@ def resolve_model(model: str | Path | None = None, load_format: str = "auto") ->
     name = model_dir.resolve().name if config_file.name == "config.json" else config_file.stem
     spec = ModelSpec.from_hf_config(config, name=name)
     kind, fp8 = "dummy", None
+    quant = config.get("quantization_config")
+    method = None
+    if isinstance(quant, dict):
+        method = str(quant.get("quant_method") or quant.get("fmt") or "unknown")
     if load_format == "auto" and path.is_dir():
         from dockyard.weights.safetensors_dir import safetensors_files
 
         if safetensors_files(model_dir):
             kind = "safetensors"
-            quant = config.get("quantization_config")
-            if isinstance(quant, dict):
-                method = quant.get("quant_method") or quant.get("fmt") or "unknown"
-                if method != "fp8":
-                    raise WeightsError(
-                        f"{model_dir} holds a quantized checkpoint (quantization_config.quant_method={method!r}), "
-                        "which dockyard cannot load yet; use an unquantized (bf16/fp16/fp32) checkpoint, or "
-                        "--load-format dummy to run the architecture on dummy weights"
-                    )
-                from dockyard.weights.fp8 import FP8Config
+            if method is not None and method != "fp8":
+                raise WeightsError(
+                    f"{model_dir} holds a quantized checkpoint (quantization_config.quant_method={method!r}), "
+                    "which dockyard cannot load yet; use an unquantized (bf16/fp16/fp32) checkpoint, or "
+                    "--load-format dummy to run the architecture on dummy weights"
+                )
+    if method == "fp8":
+        from dockyard.weights.fp8 import FP8Config
 
-                fp8 = FP8Config.from_quantization_config(quant, model_dir)
-    return ModelSource(name=name, spec=spec, kind=kind, path=model_dir, fp8=fp8)
+        try:
+            fp8 = FP8Config.from_quantization_config(quant, model_dir)
+        except WeightsError:
+            if kind == "safetensors":
+                raise
+            # Dummy weights do not read the checkpoint's scales: the FP8 settings only matter to the plan.
+            logger.info("quantization_config is fp8 with settings the loader refuses; dummy weights ignore it")
+    return ModelSource(name=name, spec=spec, kind=kind, path=model_dir, fp8=fp8, quantization=method)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -46,8 +47,20 @@ def _meminfo() -> dict[str, int]:
     return out
 
 
+def _cgroup_room() -> tuple[int, int] | None:
+    """(limit, room left) of this process's cgroup v2 memory limit; None where there is no limit."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        current = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if not limit.isdigit():  # "max": no limit
+        return None
+    return int(limit), max(0, int(limit) - current)
+
+
 def ram_bytes() -> tuple[int, int]:
-    """(total, available) RAM in bytes."""
+    """(total, available) RAM in bytes: MemTotal and MemAvailable, within the cgroup's limit if it has one."""
     info = _meminfo()
     total = info.get("MemTotal")
     if total is None:
@@ -55,7 +68,11 @@ def ram_bytes() -> tuple[int, int]:
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
             total = 8 * GiB
-    return total, info.get("MemAvailable", total // 2)
+    available = info.get("MemAvailable", total // 2)
+    room = _cgroup_room()
+    if room is not None:
+        total, available = min(total, room[0]), min(available, room[1])
+    return total, available
 
 
 @dataclass(frozen=True)

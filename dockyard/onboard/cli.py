@@ -11,7 +11,7 @@ import json
 import sys
 
 from dockyard.cli_args import add_num_threads_arg
-from dockyard.onboard.context import GATE_NAMES
+from dockyard.onboard.context import DTYPE_CHOICES, EXIT_CODES, GATE_NAMES, check_model_path
 
 
 def add_onboard_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -20,7 +20,10 @@ def add_onboard_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         "onboard", help="prove the engine runs a model correctly: gates → report",
         description="Run the onboarding gates (inspect, fit, equivalence, dummy, real, features, capacity, "
                     "serve-smoke) for MODEL and write report.md/report.json, accuracy.yaml, tutorial.md and one "
-                    "log per gate. Exit status 0 when every applicable gate passed.",
+                    "log per gate; report.json and report.md are rewritten after every gate. Exit status: "
+                    + ", ".join(f"{code} {verdict}" for verdict, code in EXIT_CODES.items())
+                    + " (passed, but named gates or model parts were not proven), 2 bad arguments or a model path "
+                    "that does not exist (no report is written).",
     )
     p.add_argument("model", nargs="?", default=None,
                    help="a directory with config.json (+ safetensors), a config.json (dummy weights) or a .gguf "
@@ -30,7 +33,10 @@ def add_onboard_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                    help="auto: real weights when the model has them; dummy: skip the real gate; real: require them")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--device-memory", type=float, default=None, metavar="GiB",
-                   help="device memory to plan against (default: the GPU's, else the machine's RAM)")
+                   help="plan for a GPU of this much memory (default: this machine's GPU, else its RAM)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="dtype of the runs and of the plan (auto: float32 on CPU, the checkpoint's dtype on a GPU; "
+                        "the real gate still compares in float32 when that fits)")
     p.add_argument("--num-layers", type=int, default=None, metavar="N",
                    help="layer count of the dummy gate (default: all that fit in memory)")
     p.add_argument("--dummy-memory", type=float, default=None, metavar="GiB",
@@ -46,6 +52,7 @@ def add_onboard_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 
 def cmd_onboard(args: argparse.Namespace) -> int:
     """Run the gates; print progress on stderr and the summary table; return the exit status."""
+    check_model_path(args.model)  # before torch is imported: a mistyped path fails at once, no report folder
     from dockyard.engine.threads import configure_threads
     from dockyard.onboard import OnboardOptions, run_onboard, summary_table
 
@@ -53,7 +60,8 @@ def cmd_onboard(args: argparse.Namespace) -> int:
 
     options = OnboardOptions(
         model=args.model, out=args.out, weights=args.weights, device=args.device,
-        device_memory_gib=args.device_memory, num_layers=args.num_layers, dummy_memory_gib=args.dummy_memory,
+        device_memory_gib=args.device_memory, dtype=args.dtype, num_layers=args.num_layers,
+        dummy_memory_gib=args.dummy_memory,
         skip=tuple(args.skip), compile_backend=args.compile_backend,
     )
     run = run_onboard(options, progress=sys.stderr)

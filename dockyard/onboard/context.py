@@ -20,7 +20,10 @@ if TYPE_CHECKING:
 
 GATE_NAMES = ("inspect", "fit", "equivalence", "dummy", "real", "features", "capacity", "serve-smoke")
 STATUSES = ("pass", "fail", "skip")
+# Verdict of a finished run → exit status of `dockyard onboard` (2 is a usage error: no run, no report).
+EXIT_CODES = {"PASS": 0, "FAIL": 1, "PASS-PARTIAL": 3}
 WEIGHTS_CHOICES = ("auto", "dummy", "real")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -31,7 +34,8 @@ class OnboardOptions:
     out: str | Path | None = None  # default reports/<model-name>/
     weights: str = "auto"  # auto | dummy | real
     device: str = "auto"  # auto | cpu | cuda
-    device_memory_gib: float | None = None  # plan against this much device memory
+    device_memory_gib: float | None = None  # plan against a GPU of this much memory
+    dtype: str = "auto"  # dtype of the runs (auto: float32 on CPU, the checkpoint's on a GPU)
     num_layers: int | None = None  # layer count of the dummy gate (default: all that fit)
     dummy_memory_gib: float | None = None  # memory the dummy gate may use (default: most of what is free)
     skip: tuple[str, ...] = ()  # gates not to run
@@ -44,6 +48,8 @@ class OnboardOptions:
             raise DockyardError(f"--weights {self.weights!r} is not one of {', '.join(WEIGHTS_CHOICES)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise DockyardError(f"--device {self.device!r} is not one of auto, cpu, cuda")
+        if self.dtype not in DTYPE_CHOICES:
+            raise DockyardError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
         unknown = [g for g in self.skip if g not in GATE_NAMES]
         if unknown:
             raise DockyardError(f"--skip {', '.join(unknown)}: no such gate; gates: {', '.join(GATE_NAMES)}")
@@ -98,15 +104,21 @@ class RawModel:
     config: dict[str, Any]
 
 
+def check_model_path(model: str | Path | None) -> None:
+    """Raise ModelNotFoundError when MODEL names a path that does not exist (checked before anything heavy
+    is imported or any report folder is made; None is the bundled model)."""
+    if model is not None and not Path(model).expanduser().exists():
+        raise ModelNotFoundError(f"model path not found: {Path(model).expanduser()}; give a directory with "
+                                 "config.json, a config.json file or a .gguf file")
+
+
 def read_raw_model(model: str | Path | None) -> RawModel:
     """Locate MODEL the way ``resolve_model`` does, but stop at the raw config dict."""
     from dockyard.model_source import bundled_model_path
     from dockyard.spec import read_config_json
 
+    check_model_path(model)
     path = bundled_model_path() if model is None else Path(model).expanduser()
-    if not path.exists():
-        raise ModelNotFoundError(f"model path not found: {path}; give a directory with config.json, a config.json "
-                                 "file or a .gguf file")
     if path.is_dir() and not (path / "config.json").exists():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) != 1:
@@ -133,7 +145,8 @@ class GateContext:
     source: Any = None  # dockyard.model_source.ModelSource once inspect validated the config
     features: list[Any] = field(default_factory=list)  # config_features.Feature
     plan: Any = None  # dockyard.memory.MemoryPlan (fit gate)
-    dtype: Any = None  # torch dtype the engine would serve in on this device
+    dtype: Any = None  # torch dtype the engine runs in on this machine (dummy, features, serve-smoke)
+    plan_fp8_path: str = ""  # why the plan's FP8 checkpoint is kept FP8 or dequantized (fit)
     fits_device: bool | None = None
     dummy: dict[str, Any] = field(default_factory=dict)  # what the dummy gate ran (layers, reductions)
     real: dict[str, Any] = field(default_factory=dict)  # what the real gate measured

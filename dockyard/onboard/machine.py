@@ -1,8 +1,9 @@
 """What the machine running the onboarding offers: device, memory, software versions.
 
 The fit and capacity gates plan against ``device_bytes`` (an explicit ``--device-memory``, else the
-GPU's total memory, else the machine's RAM); the dummy and real gates size what they load by
-``available_bytes`` (free GPU memory, or RAM the kernel reports as available).
+GPU's total memory, else the machine's RAM); the dummy and real gates size what they load by the
+memory available when they start (:func:`available_now`: free GPU memory, or the RAM the kernel reports
+as available, which counts what every other process uses, capped by this container's cgroup limit).
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ class Machine:
     def hardware_line(self) -> str:
         """One line naming the hardware, for the report and accuracy.yaml."""
         return f"{self.device_name} ({self.device_bytes / GiB:.1f} GiB)"
+
+
+def available_now(device: str) -> int:
+    """Memory available on ``device`` right now: free GPU memory, or available RAM (see :func:`ram_bytes`)."""
+    if device == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(0)[0])
+    return ram_bytes()[1]
 
 
 def detect_machine(device: str = "auto", device_memory_gib: float | None = None) -> Machine:

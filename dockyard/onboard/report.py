@@ -3,21 +3,28 @@ accuracy.yaml and tutorial.md.
 
 Everything written here comes from what the gates measured on this run; where a gate did not run,
 the artifacts say so instead of filling in numbers.
+
+The verdict has three levels for a finished run (``context.EXIT_CODES`` gives each its exit status):
+PASS (every gate ran and passed), PASS-PARTIAL (nothing failed, but named gates were skipped or named
+parts of the model, such as a vision tower, are not run by dockyard), FAIL (a gate failed). A report
+written while the run was still going says INCOMPLETE and names the gate it was in.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import time
 from pathlib import Path
 from typing import Any
 
 from dockyard import __version__
-from dockyard.onboard.context import GateContext, GateResult, jsonable
+from dockyard.onboard.context import EXIT_CODES, GateContext, GateResult, jsonable
+from dockyard.server.cli import DEFAULT_PORT
 
 SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 GiB = 1024**3
 
 
@@ -54,7 +61,11 @@ def _proof(ctx: GateContext, gates: dict[str, GateResult]) -> dict[str, list[str
             f"sampler): {len(ev.get('first_request', {}).get('output_token_ids', []))} tokens, finite logits",
         ]
     else:
-        proved_dummy.append("nothing: the dummy gate did not pass" if dummy else "nothing: the dummy gate did not run")
+        if dummy is not None and dummy.status in ("pending", "running"):
+            proved_dummy.append("nothing yet: the dummy gate has not finished")
+        else:
+            proved_dummy.append("nothing: the dummy gate did not pass" if dummy else
+                                "nothing: the dummy gate did not run")
     proved_real: list[str] = []
     if real is not None and real.status == "pass":
         ev = real.evidence
@@ -91,8 +102,26 @@ def _accuracy(ctx: GateContext, gates: dict[str, GateResult]) -> dict[str, Any]:
     return not_evaluated(why)
 
 
-def build_report(ctx: GateContext, results: list[GateResult], exit_code: int, started: float) -> dict[str, Any]:
-    """report.json's content."""
+def verdict(ctx: GateContext, results: list[GateResult]) -> dict[str, Any]:
+    """The overall verdict of ``results``: its level, the exit status and what was not proven."""
+    running = [r.name for r in results if r.status in ("running", "pending")]
+    not_proven = [f"gate {r.name}: {r.summary}" for r in results if r.status == "skip"]
+    if any(f.key == "multimodal" for f in ctx.features):
+        not_proven.append("model part: the vision/audio tower (dockyard runs the language model only)")
+    if running:
+        current = next((r.name for r in results if r.status == "running"), None)
+        return {"state": "running", "verdict": "INCOMPLETE", "exit_code": None, "current_gate": current,
+                "not_proven": not_proven}
+    if any(r.status == "fail" for r in results):
+        level = "FAIL"
+    else:
+        level = "PASS-PARTIAL" if not_proven else "PASS"
+    return {"state": "finished", "verdict": level, "exit_code": EXIT_CODES[level], "current_gate": None,
+            "not_proven": not_proven}
+
+
+def build_report(ctx: GateContext, results: list[GateResult], started: float) -> dict[str, Any]:
+    """report.json's content (also while the run is going: gates not reached are "pending")."""
     gates = {r.name: r for r in results}
     inspect = gates.get("inspect")
     spec = ctx.spec
@@ -125,8 +154,7 @@ def build_report(ctx: GateContext, results: list[GateResult], exit_code: int, st
         },
         "gates": [r.to_dict() for r in results],
         "overall": {
-            "status": "pass" if exit_code == 0 else "fail",
-            "exit_code": exit_code,
+            **verdict(ctx, results),
             "counts": counts,
             "failed": [r.name for r in results if r.status == "fail"],
             "skipped": [r.name for r in results if r.status == "skip"],
@@ -162,13 +190,20 @@ def _evidence_lines(evidence: dict[str, Any], limit: int = 1500) -> list[str]:
 def render_markdown(report: dict[str, Any]) -> str:
     """report.md from report.json's content."""
     arch, spec = report["architecture"], report["architecture"]["spec"]
-    verdict = "PASS" if report["overall"]["exit_code"] == 0 else "FAIL"
-    out = [f"# Onboarding report: {report['model']['name']}", "",
-           f"**Verdict: {verdict}** · {report['overall']['counts']['pass']} passed, "
+    overall = report["overall"]
+    out = [f"# Onboarding report: {report['model']['name']}", ""]
+    if overall["state"] == "running":
+        out += [f"**The run has not finished: it was in gate `{overall['current_gate']}` when this report was "
+                "written.** If no `dockyard onboard` process is still running, it was stopped there (killed, or "
+                "out of memory); the gates before it are complete.", ""]
+    exit_status = "" if overall["exit_code"] is None else f" (exit status {overall['exit_code']})"
+    out += [f"**Verdict: {overall['verdict']}**{exit_status} · {overall['counts']['pass']} passed, "
            f"{report['overall']['counts']['fail']} failed, {report['overall']['counts']['skip']} skipped · "
            f"dockyard {report['dockyard_version']} · {report['created']} · {report['machine']['hardware']} · "
            f"torch {report['machine']['torch_version']}, transformers {report['machine']['transformers_version']}",
-           "", "## Architecture", ""]
+           ""]
+    out += [f"- not proven: {item}" for item in overall["not_proven"]]
+    out += ["", "## Architecture", ""]
     out.append(f"- architecture `{arch['architecture']}` (model_type `{arch['model_type']}`), "
                + (f"dockyard family `{arch['family']}`" if arch["registered"] else "**not registered in dockyard**"))
     if spec:
@@ -280,6 +315,9 @@ def _accuracy_lines(acc: dict[str, Any]) -> list[str]:
 
 # ---------------------------------------------------------------- tutorial.md
 def _serve_command(report: dict[str, Any]) -> str:
+    """The deploy command: the one serve-smoke ran (at the deploy port), else built from the run's options."""
+    if report.get("serve_example"):
+        return report["serve_example"]["command"]
     args = ["dockyard", "serve"]
     model = report["model"]["argument"]
     if model:
@@ -288,7 +326,9 @@ def _serve_command(report: dict[str, Any]) -> str:
         args += ["--load-format", "dummy"]
     if report["machine"]["device"] != "cpu":
         args += ["--device", report["machine"]["device"]]
-    return " ".join(shlex.quote(a) for a in args) + " --port 8000"
+    if report["options"].get("dtype", "auto") != "auto":
+        args += ["--dtype", report["options"]["dtype"]]
+    return " ".join(shlex.quote(a) for a in args + ["--port", str(DEFAULT_PORT)])
 
 
 def render_tutorial(report: dict[str, Any]) -> str:
@@ -301,7 +341,9 @@ def render_tutorial(report: dict[str, Any]) -> str:
                + (f"{spec['num_hidden_layers']} layers, context {spec['max_position_embeddings']:,} tokens"
                   if spec else "spec not validated") + "). "
                f"`dockyard onboard` checked it on {report['machine']['hardware']} on {report['created']}: "
-               + ", ".join(f"{g['name']} {g['status']}" for g in report["gates"]) + ".")
+               + ", ".join(f"{g['name']} {g['status']}" for g in report["gates"])
+               + f"; verdict {report['overall']['verdict']}.")
+    out += [f"- not proven: {item}" for item in report["overall"]["not_proven"]]
     out += ["", "## Supported Features", ""]
     if report["feature_matrix"]:
         out += ["| feature | status | why |", "|---|---|---|"]
@@ -319,7 +361,8 @@ def render_tutorial(report: dict[str, Any]) -> str:
     example = report.get("serve_example")
     if example:
         chat = example["chat"]
-        out += [f"The serve-smoke gate started `{example['command']}`, sent this request and got the response "
+        ran = (f" ({example['port_note']})" if example.get("port_note") else "")
+        out += [f"The serve-smoke gate ran the command above and this request{ran}, and got the response "
                 "below.", "", "```bash", chat["curl"], "```", "",
                 "```json", json.dumps(chat["response"], indent=2, ensure_ascii=False), "```"]
     else:
@@ -327,7 +370,7 @@ def render_tutorial(report: dict[str, Any]) -> str:
         why = smoke["summary"] if smoke else "the gate did not run"
         out += [f"serve-smoke did not answer a request on this run ({why}), so no verified example is shown. "
                 "Once the server runs, try:", "", "```bash",
-                "curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
+                f"curl -s http://127.0.0.1:{DEFAULT_PORT}/v1/chat/completions -H 'Content-Type: application/json' \\",
                 "  -d '{\"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}], "
                 "\"max_tokens\": 24}'", "```"]
     out += ["", "## Accuracy Evaluation", ""] + _accuracy_lines(report["accuracy"]) + ["", "## Performance", ""]
@@ -361,10 +404,21 @@ def render_tutorial(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _write(path: Path, text: str) -> None:
+    """Replace ``path`` atomically: a reader (or a killed run) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_progress(ctx: GateContext, report: dict[str, Any]) -> None:
+    """report.json and report.md as the run stands (rewritten as each gate starts and ends)."""
+    _write(ctx.out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    _write(ctx.out_dir / "report.md", render_markdown(report))
+
+
 def write_artifacts(ctx: GateContext, report: dict[str, Any]) -> None:
     """report.json, report.md, accuracy.yaml and tutorial.md into the out directory."""
-    out = ctx.out_dir
-    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    (out / "report.md").write_text(render_markdown(report))
-    (out / "accuracy.yaml").write_text(render_accuracy_yaml(report))
-    (out / "tutorial.md").write_text(render_tutorial(report))
+    write_progress(ctx, report)
+    _write(ctx.out_dir / "accuracy.yaml", render_accuracy_yaml(report))
+    _write(ctx.out_dir / "tutorial.md", render_tutorial(report))

@@ -4,6 +4,10 @@ The runner stops at the first hard failure (the gates after it are recorded as s
 reason), keeps the terminal to one progress line per gate (everything libraries print goes to the
 gate's log), and turns any exception a gate raises into that gate's failure: a user never sees a
 traceback from ``dockyard onboard``, the log file keeps it.
+
+report.json and report.md are rewritten (atomically) as each gate starts and ends, so a run that is
+killed, even by SIGKILL, leaves the gates finished so far and names the gate it was in ("running"),
+with the verdict INCOMPLETE. The other artifacts are written once the run has finished.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dockyard.errors import DockyardError
-from dockyard.onboard.context import GateContext, GateResult, OnboardOptions, Outcome, jsonable, read_raw_model
+from dockyard.onboard.context import (
+    GateContext,
+    GateResult,
+    OnboardOptions,
+    Outcome,
+    check_model_path,
+    jsonable,
+    read_raw_model,
+)
 from dockyard.onboard.machine import detect_machine
 
 logger = logging.getLogger(__name__)
@@ -119,16 +131,19 @@ def _run_gate(index: int, name: str, gate: Any, ctx: GateContext) -> GateResult:
 
 
 def run_onboard(options: OnboardOptions, progress: TextIO | None = None) -> OnboardRun:
-    """Run every gate for ``options.model``, write the artifacts, return the results and exit code."""
+    """Run every gate for ``options.model``, write the artifacts, return the results and exit code.
+
+    A MODEL path that does not exist raises ModelNotFoundError before any report folder is made."""
     from dockyard.onboard.gates import GATES
-    from dockyard.onboard.report import build_report, write_artifacts
+    from dockyard.onboard.report import build_report, write_artifacts, write_progress
 
     options.validate()
+    check_model_path(options.model)
     machine = detect_machine(options.device, options.device_memory_gib)
     out_dir = Path(options.out) if options.out is not None else default_out_dir(options.model)
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     ctx = GateContext(options=options, machine=machine, out_dir=out_dir)
-    results: list[GateResult] = []
+    results = [GateResult(name, "pending", "not reached yet", {}, 0.0, None, False) for name, _, _ in GATES]
     stopped_by: GateResult | None = None
     started = time.time()
     for index, (name, gate, _what) in enumerate(GATES, start=1):
@@ -136,20 +151,23 @@ def run_onboard(options: OnboardOptions, progress: TextIO | None = None) -> Onbo
         if stopped_by is not None or name in options.skip:
             why = (f"not run: gate '{stopped_by.name}' failed" if stopped_by is not None
                    else "skipped on request (--skip)")
-            results.append(GateResult(name, "skip", why, {}, 0.0, None, False))
+            results[index - 1] = GateResult(name, "skip", why, {}, 0.0, None, False)
             _say(progress, f"{prefix} skip  ({why})")
             continue
+        results[index - 1] = GateResult(name, "running", "the run was in this gate when the report was written",
+                                        {}, 0.0, str(out_dir / "logs" / f"{index:02d}-{name}.log"), False)
+        write_progress(ctx, build_report(ctx, results, started))
         _say(progress, f"{prefix} running…", end="")
         result = _run_gate(index, name, gate, ctx)
-        results.append(result)
+        results[index - 1] = result
+        write_progress(ctx, build_report(ctx, results, started))
         back = "\r" if progress is not None and progress.isatty() else ""
         _say(progress, f"{back}{prefix} {result.status:<5} {result.duration_s:6.1f}s  {_clip(result.summary, 80)}")
         if result.status == "fail" and result.hard:
             stopped_by = result
-    exit_code = 0 if all(r.status != "fail" for r in results) else 1
-    report = build_report(ctx, results, exit_code, started)
+    report = build_report(ctx, results, started)
     write_artifacts(ctx, report)
-    return OnboardRun(results, report, out_dir, exit_code)
+    return OnboardRun(results, report, out_dir, report["overall"]["exit_code"])
 
 
 def _clip(text: str, width: int) -> str:
@@ -179,8 +197,9 @@ def summary_table(run: OnboardRun) -> str:
     if matrix:
         lines.append("features: " + _clip(", ".join(f"{m['feature']} {m['status']}" for m in matrix), 90))
     overall = report["overall"]
-    verdict = "PASS" if run.exit_code == 0 else "FAIL"
-    lines.append(f"verdict: {verdict}: {overall['counts']['pass']} passed, {overall['counts']['fail']} failed, "
-                 f"{overall['counts']['skip']} skipped")
+    lines.append(f"verdict: {overall['verdict']}: {overall['counts']['pass']} passed, {overall['counts']['fail']} "
+                 f"failed, {overall['counts']['skip']} skipped (exit status {overall['exit_code']})")
+    for item in overall["not_proven"]:
+        lines.append(f"  not proven: {_clip(item, 90)}")
     lines.append(f"report: {run.out_dir / 'report.md'}  (json: report.json, accuracy.yaml, tutorial.md, logs/)")
     return "\n".join(lines)

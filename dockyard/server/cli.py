@@ -11,6 +11,8 @@ import os
 
 from dockyard.cli_args import add_num_threads_arg, add_skip_memory_check_arg
 
+DEFAULT_PORT = 8000
+
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``serve`` on the CLI's subparsers."""
@@ -24,7 +26,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="a directory with config.json (+ safetensors), a config.json (dummy weights) or a .gguf "
                         "file; default: the bundled SmolLM2-135M-Instruct")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 = any free port)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"port to listen on (default {DEFAULT_PORT}; 0 = any free port)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) clients use in 'model' (default: the model's name); the first is reported")
     p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + generated tokens")

@@ -240,14 +240,16 @@ def scale_grid(weight: torch.Tensor, scale: torch.Tensor, config: FP8Config) -> 
     return (scale.reshape(1, 1).expand(rows, 1) if scale.numel() == 1 else scale.reshape(rows, 1)).contiguous()
 
 
-def choose_fp8_path(config: FP8Config, device: torch.device, tp_size: int = 1) -> tuple[bool, str]:
+def choose_fp8_path(config: FP8Config, device: torch.device, tp_size: int = 1,
+                    assume_fp8_gpu: bool = False) -> tuple[bool, str]:
     """(native, why): whether an FP8 checkpoint's projections stay FP8 on ``device``.
 
     ``DOCKYARD_FP8_NATIVE``: ``auto`` (default) is native on a CUDA device with FP8 tensor cores
     (compute capability >= 8.9) and Triton, without tensor parallelism, for scale blocks the kernel
     takes; ``0`` always dequantizes on load; ``1`` asks for native and raises a WeightsError where it
     cannot be had, except that on a CPU it is allowed (Fp8Linear then computes the same quantized
-    math with PyTorch, slowly: for tests)."""
+    math with PyTorch, slowly: for tests). ``assume_fp8_gpu``: plan for a CUDA GPU that is not on this
+    machine, taken to have FP8 tensor cores and Triton (the device is not probed)."""
     from dockyard.ops.fp8_linear import GROUP, native_fp8_unavailable
 
     setting = os.environ.get(FP8_NATIVE_ENV, "auto").strip().lower()
@@ -262,9 +264,12 @@ def choose_fp8_path(config: FP8Config, device: torch.device, tp_size: int = 1) -
     elif config.block is not None and config.block[1] % GROUP:
         why_not = (f"weight_block_size {list(config.block)}: the FP8 kernel needs scale blocks whose width is a "
                    f"multiple of {GROUP}")
-    elif not (forced and device.type == "cpu"):
+    elif not (forced and device.type == "cpu") and not assume_fp8_gpu:
         why_not = native_fp8_unavailable(device)
     if why_not is None:
+        if assume_fp8_gpu:
+            return True, ("FP8 kernel, assuming a GPU with FP8 tensor cores (compute capability >= 8.9); on an "
+                          "older GPU the checkpoint is dequantized on load")
         return True, ("forced by " + FP8_NATIVE_ENV + "=1 (PyTorch reference math on the CPU)"
                       if device.type == "cpu" else f"FP8 kernel on {device}")
     if forced:

@@ -234,6 +234,13 @@ class GGUFFile:
             return f"{_TOP_TENSORS[m.group(1)]}.{m.group(2)}"
         return gguf_name
 
+    def stored_bytes(self) -> dict[str, int]:
+        """Bytes of tensor data by GGML type (``Q4_1``, ``F32``, ...): each tensor's blocks as stored."""
+        out: dict[str, int] = {}
+        for t in self._reader.tensors:
+            out[t.tensor_type.name] = out.get(t.tensor_type.name, 0) + int(t.n_bytes)
+        return out
+
     def iter_tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(hf_name, tensor)`` for every tensor, dequantized to ``dtype`` in HF layout.
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import struct
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,25 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
             )
         return files
     return sorted(model_dir.glob("*.safetensors"))
+
+
+def stored_bytes(model_dir: str | Path) -> dict[str, int]:
+    """Bytes of tensor data by stored dtype ("BF16", "F8_E4M3", ...) of the checkpoint, from the file
+    headers alone (the format: an 8-byte little-endian header length, then a JSON header giving each
+    tensor's dtype and its byte range)."""
+    out: Counter[str] = Counter()
+    for path in safetensors_files(model_dir):
+        try:
+            with open(path, "rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(length))
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    start, end = entry["data_offsets"]
+                    out[entry["dtype"]] += end - start
+        except (OSError, struct.error, ValueError, KeyError, TypeError) as exc:
+            raise InvalidModelFileError(f"{path} is not a readable safetensors file ({exc})") from exc
+    return dict(out)
 
 
 def iter_safetensors(model_dir: str | Path, cut: Callable[[str, Any], torch.Tensor | None] | None = None

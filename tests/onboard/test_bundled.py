@@ -32,7 +32,8 @@ def test_every_applicable_gate_passes(onboarded):
     smoke = gates["serve-smoke"]
     assert smoke["status"] == "pass" or smoke["summary"].startswith("server not available"), smoke["summary"]
     # The summary table is on stdout, progress on stderr.
-    assert "verdict: PASS" in proc.stdout and "equivalence" in proc.stdout
+    assert "verdict: PASS: 8 passed" in proc.stdout and "equivalence" in proc.stdout
+    assert report["overall"]["verdict"] == "PASS" and report["overall"]["not_proven"] == []
     assert "[3/8] equivalence" in proc.stderr
 
 
@@ -43,6 +44,12 @@ def test_real_gate_matches_hf_token_for_token(onboarded):
     assert real["method"].startswith("token-for-token")
     assert len(real["prompts"]) == 3 and all(p["equal"] for p in real["prompts"])
     assert real["prefill_logits_rel_err"] < 1e-4
+    # Stored texts end where the server's answer ends: at EOS, no special tokens.
+    assert not any("<|im_end|>" in p["text"] or "<|endoftext|>" in p["text"] for p in real["prompts"])
+    smoke = next(g for g in report["gates"] if g["name"] == "serve-smoke")
+    chat = next(p for p in real["prompts"] if p["prompt"].startswith("[chat]"))
+    if smoke["status"] == "pass":  # the same greedy answer, through the HTTP server
+        assert chat["text"].strip() == smoke["evidence"]["chat"]["answer"]
 
 
 def test_equivalence_levels_and_dummy_true_shapes(onboarded):
@@ -99,7 +106,15 @@ def test_artifacts(onboarded):
         assert heading in tutorial
     assert "dockyard serve" in tutorial
     if report["serve_example"]:
-        assert "curl -s http://127.0.0.1:" in tutorial and report["serve_example"]["chat"]["answer"] in tutorial
+        # The tutorial's commands are the deploy port's, and serve-smoke ran exactly those (the port aside,
+        # only when 8000 was taken on this machine).
+        example = report["serve_example"]
+        assert example["command"] == "dockyard serve --port 8000"
+        assert "```bash\ndockyard serve --port 8000\n```" in tutorial
+        assert "curl -s http://127.0.0.1:8000/v1/chat/completions" in tutorial and example["chat"]["answer"] in tutorial
+        ran = example["chat"]["curl_run"]
+        assert ran == example["chat"]["curl"] if example["port_note"] is None else \
+            ran == example["chat"]["curl"].replace(":8000/", f":{example['ran_on_port']}/")
     for gate in report["gates"]:
         if gate["status"] != "skip":
             assert (out / "logs").is_dir() and os.path.exists(gate["log_path"]), gate["name"]

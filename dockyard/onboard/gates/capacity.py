@@ -1,8 +1,9 @@
 """Gate 7, capacity: the config's max length vs what the device holds, and concurrency at a baseline.
 
-From the memory plan of the fit gate: KV tokens that fit once weights, activations and overhead
-are placed; the longest single sequence that fits; how many sequences fit at each context length;
-and the baseline question, 16 sequences of 128k tokens (or of the model's own maximum if shorter).
+From the memory plan of the fit gate (the target device: a GPU of ``--device-memory``, else this
+machine's): KV tokens that fit once weights, activations and overhead are placed; the longest single
+sequence that fits; how many sequences fit at each context length; and the baseline question, 16
+sequences of 128k tokens (or of the model's own maximum if shorter).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def run(ctx: GateContext) -> Outcome:
     rows = []
     for context in sorted({*(c for c in CONTEXT_ROWS if c < config_max), config_max}):
         rows.append({"context_len": context, "sequences_fit": kv_tokens // context,
-                     "kv_bytes_per_sequence": context * plan.kv_bytes_per_token})
+                     "kv_bytes_per_sequence": context * plan.kv_bytes_per_token,
+                     "kv_bytes_needed_per_sequence": plan.kv_bytes_needed(context)})
     baseline_ctx = min(BASELINE_CONTEXT, config_max)
     baseline_fit = kv_tokens // baseline_ctx
     baseline = {"context_len": baseline_ctx, "sequences_wanted": BASELINE_SEQUENCES, "sequences_fit": baseline_fit,
@@ -51,7 +53,13 @@ def run(ctx: GateContext) -> Outcome:
         "rows": rows,
         "baseline": baseline,
     }
-    if ctx.machine.device == "cpu":
+    if plan.sliding_layers:
+        evidence["sliding_window_note"] = (
+            f"{plan.sliding_layers} of {plan.num_layers} layers attend to a {plan.sliding_window}-token window: a "
+            f"sequence of {config_max:,} tokens needs {plan.kv_bytes_needed(config_max) / GiB:.2f} GiB of KV, but "
+            f"the engine allocates every layer for the whole context ({config_max * plan.kv_bytes_per_token / GiB:.2f}"
+            " GiB); the figures above are what the engine allocates")
+    if ctx.machine.device == "cpu" and ctx.options.device_memory_gib is None:
         cpu_budget = EngineConfig.kv_cache_memory_bytes
         evidence["engine_cpu_kv_budget"] = {
             "bytes": cpu_budget, "tokens": cpu_budget // plan.kv_bytes_per_token,

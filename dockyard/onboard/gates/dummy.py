@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from dockyard.onboard.context import GateContext, Outcome
+from dockyard.onboard.machine import available_now
 from dockyard.spec import language_model_config
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ ENGINE = {"max_num_seqs": 4, "max_num_batched_tokens": 256, "block_size": 16, "n
 MAX_NEW_TOKENS = 4
 VOCAB_STEPS = (32768, 8192, 2048, 512)
 WIDTH_DIVISORS = (2, 4, 8, 16, 32, 64)
+MARGIN = 1 * GiB  # left unplanned below what is available: allocator slack, transient copies while loading
 
 
 def _text(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -142,11 +144,15 @@ def choose_config(cfg: dict[str, Any], layers: int, budget: int, dtype: torch.dt
 
 
 def memory_budget(ctx: GateContext) -> tuple[int, str]:
-    """Bytes the dummy gate (and the compile trial) may load, and where that number came from."""
+    """Bytes the dummy gate (and the compile trial) may load, and where that number came from: a share of
+    the memory available now (what other processes use already subtracted), at least MARGIN below it."""
     if ctx.options.dummy_memory_gib is not None:
         return int(ctx.options.dummy_memory_gib * GiB), "--dummy-memory"
     share = 0.85 if ctx.machine.device == "cuda" else 0.6
-    return int(ctx.machine.available_bytes * share), f"{share:.0%} of free memory"
+    available = available_now(ctx.machine.device)
+    budget = max(0, min(int(available * share), available - MARGIN))
+    return budget, (f"{share:.0%} of the {available / GiB:.1f} GiB available when the gate started, at least "
+                    f"{MARGIN / GiB:.0f} GiB below it")
 
 
 def _prompt_ids(llm: Any) -> list[int]:

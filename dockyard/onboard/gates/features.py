@@ -576,7 +576,7 @@ def _fp8_checkpoint(ctx: GateContext) -> tuple[str, dict[str, Any]] | None:
     fp8 = getattr(ctx.source, "fp8", None)
     evidence: dict[str, Any] = {"weight_block_size": list(fp8.block) if fp8 is not None and fp8.block else None,
                                 "loaded_and_checked": False}
-    if fp8 is None:
+    if fp8 is None or not ctx.source.has_real_weights:
         return ("this FP8 checkpoint's own weights were not loaded on this run (dummy weights)", evidence)
     if ctx.real.get("passed"):
         evidence["loaded_and_checked"] = True

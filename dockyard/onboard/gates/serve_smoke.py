@@ -1,9 +1,11 @@
 """Gate 8, serve-smoke: ``dockyard serve`` answers a chat and a completion request over HTTP.
 
-The server is started as its own process on a free loopback port, exactly as a user would start
-it. ``/health`` 200 alone proves nothing: the gate passes only when both requests came back with
-non-empty answers, and a server that says ready but fails a request is recorded as "false ready".
-The chat request is kept (as a curl command line and its real response) for the tutorial.
+The gate runs the tutorial's own commands: ``dockyard serve ... --port 8000`` (the deploy port, the
+serve command's default) and the two curl command lines, executed as written with ``curl``. Only when the
+deploy port is taken on this machine does it run on a free loopback port instead, with the port the only
+difference (the evidence says so). ``/health`` 200 alone proves nothing: the gate passes only when both
+requests came back with non-empty answers, and a server that says ready but fails a request is recorded
+as "false ready". The commands and the chat's real response go into the tutorial.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import importlib.util
 import json
 import logging
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dockyard.onboard.context import GateContext, Outcome
+from dockyard.server.cli import DEFAULT_PORT
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +40,16 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a server could listen on 127.0.0.1:``port`` now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _request(url: str, body: dict[str, Any] | None = None, timeout: float = 120.0) -> tuple[int, Any]:
@@ -63,13 +77,28 @@ def serve_command(ctx: GateContext, port: int | None = None) -> list[str]:
         args += ["--load-format", "dummy"]
     if ctx.machine.device != "cpu":
         args += ["--device", ctx.machine.device]
+    if ctx.options.dtype != "auto":
+        args += ["--dtype", ctx.options.dtype]
     if port is not None:
         args += ["--port", str(port)]
     return args
 
 
-def _curl(url: str, body: dict[str, Any]) -> str:
-    return (f"curl -s {url} -H 'Content-Type: application/json' \\\n  -d {shlex.quote(json.dumps(body))}")
+def curl_command(url: str, body: dict[str, Any]) -> str:
+    """The curl command line the tutorial shows (a shell line continued with a backslash)."""
+    return f"curl -s {url} -H 'Content-Type: application/json' \\\n  -d {shlex.quote(json.dumps(body))}"
+
+
+def run_curl(command: str, timeout: float = 120.0) -> tuple[int, Any]:
+    """Run a :func:`curl_command` line as a shell would (without a shell); (HTTP status, parsed body)."""
+    argv = shlex.split(command.replace("\\\n", " "))
+    argv[1:1] = ["-w", "\\n%{http_code}"]  # the status on a last line of its own
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    body, _, status = proc.stdout.rpartition("\n")
+    try:
+        return int(status), json.loads(body)
+    except ValueError:
+        return (int(status) if status.isdigit() else 0), body or proc.stderr
 
 
 def _stop(proc: subprocess.Popen) -> int | None:
@@ -81,6 +110,24 @@ def _stop(proc: subprocess.Popen) -> int | None:
             proc.kill()
             proc.wait(timeout=10)
     return proc.returncode
+
+
+def _start(ctx: GateContext, port: int, server_log: Any) -> tuple[subprocess.Popen, bool, Any]:
+    """Start ``dockyard serve`` on ``port``; (process, whether /health said 200 in time, the last /health body)."""
+    cmd = [sys.executable, "-m", "dockyard.cli", *serve_command(ctx, port)]
+    logger.info("starting: %s (server output: %s)", " ".join(cmd), server_log.name)
+    proc = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT, cwd=Path.cwd())
+    health = None
+    deadline = time.monotonic() + ctx.options.serve_timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            status, health = _request(f"http://127.0.0.1:{port}/health", timeout=5)
+            if status == 200:
+                return proc, True, health
+        except (urllib.error.URLError, OSError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    return proc, False, health
 
 
 def run(ctx: GateContext) -> Outcome:
@@ -97,28 +144,24 @@ def run(ctx: GateContext) -> Outcome:
                                "and completion endpoints need one", hard=False)
     if ctx.fits_device is False or (ctx.dummy and ctx.dummy.get("layers", 0) < ctx.spec.num_hidden_layers):
         return Outcome("skip", "the whole model does not fit this machine, so it cannot be served here", hard=False)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "dockyard.cli", *serve_command(ctx, port)]
     log_path = ctx.out_dir / "logs" / "serve-smoke.server.log"
-    logger.info("starting: %s (server output: %s)", " ".join(cmd), log_path)
-    evidence: dict[str, Any] = {"command": "dockyard " + " ".join(shlex.quote(a) for a in cmd[3:]),
-                                "server_log": str(log_path)}
+    evidence: dict[str, Any] = {"deploy_command": "dockyard " + " ".join(shlex.quote(a) for a in
+                                                                         serve_command(ctx, DEFAULT_PORT)),
+                                "deploy_port": DEFAULT_PORT, "server_log": str(log_path)}
+    has_curl = shutil.which("curl") is not None
     t0 = time.perf_counter()
     with open(log_path, "w") as server_log:
-        proc = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT, cwd=Path.cwd())
+        port = DEFAULT_PORT if port_is_free(DEFAULT_PORT) else free_port()
+        proc, ready, health = _start(ctx, port, server_log)
+        if not ready and proc.poll() is not None and port == DEFAULT_PORT and not port_is_free(DEFAULT_PORT):
+            port = free_port()  # another process took the deploy port between the check and the bind
+            proc, ready, health = _start(ctx, port, server_log)
+        base = f"http://127.0.0.1:{port}"
+        evidence.update(command="dockyard " + " ".join(shlex.quote(a) for a in serve_command(ctx, port)), port=port,
+                        port_note=None if port == DEFAULT_PORT else
+                        f"port {DEFAULT_PORT} was taken on this machine: the commands ran on port {port}, otherwise "
+                        "exactly as shown")
         try:
-            ready, health = False, None
-            deadline = time.monotonic() + ctx.options.serve_timeout_s
-            while time.monotonic() < deadline and proc.poll() is None:
-                try:
-                    status, health = _request(f"{base}/health", timeout=5)
-                    if status == 200:
-                        ready = True
-                        break
-                except (urllib.error.URLError, OSError, TimeoutError):
-                    pass
-                time.sleep(0.5)
             evidence["startup_seconds"] = time.perf_counter() - t0
             evidence["health"] = health
             if not ready:
@@ -131,19 +174,28 @@ def run(ctx: GateContext) -> Outcome:
             chat_body = {"model": model_id, "messages": [{"role": "user", "content": CHAT_QUESTION}],
                          "max_tokens": MAX_TOKENS, "temperature": 0}
             comp_body = {"model": model_id, "prompt": COMPLETION_PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
-            chat_status, chat = _request(f"{base}/v1/chat/completions", chat_body)
-            comp_status, comp = _request(f"{base}/v1/completions", comp_body)
+            chat_curl = curl_command(f"{base}/v1/chat/completions", chat_body)
+            comp_curl = curl_command(f"{base}/v1/completions", comp_body)
+            if has_curl:  # the tutorial's command lines, run as written
+                chat_status, chat = run_curl(chat_curl)
+                comp_status, comp = run_curl(comp_curl)
+            else:
+                evidence["curl_note"] = "curl is not installed here: the same requests were sent with urllib"
+                chat_status, chat = _request(f"{base}/v1/chat/completions", chat_body)
+                comp_status, comp = _request(f"{base}/v1/completions", comp_body)
         finally:
             evidence["server_exit_code"] = _stop(proc)
     chat_text = _answer(chat, "chat")
     comp_text = _answer(comp, "completion")
+    deploy = f"http://127.0.0.1:{DEFAULT_PORT}"
     evidence["chat"] = {"status": chat_status, "answer": chat_text, "response": chat,
-                        "curl": _curl(f"{base}/v1/chat/completions", chat_body)}
+                        "curl": curl_command(f"{deploy}/v1/chat/completions", chat_body), "curl_run": chat_curl}
     evidence["completion"] = {"status": comp_status, "answer": comp_text, "response": comp,
-                              "curl": _curl(f"{base}/v1/completions", comp_body)}
+                              "curl": curl_command(f"{deploy}/v1/completions", comp_body), "curl_run": comp_curl}
     ok = chat_status == 200 and comp_status == 200 and bool(chat_text) and bool(comp_text)
     if chat_status == 200 and chat_text:
-        ctx.serve_example = {"command": evidence["command"], "port": port, "chat": evidence["chat"],
+        ctx.serve_example = {"command": evidence["deploy_command"], "port": DEFAULT_PORT, "ran_on_port": port,
+                             "port_note": evidence["port_note"], "chat": evidence["chat"],
                              "completion": evidence["completion"]}
     if ok:
         return Outcome("pass", f"ready after {evidence['startup_seconds']:.1f}s; chat answered {chat_text[:40]!r}; "

@@ -1,0 +1,160 @@
+"""Memory plans from what the checkpoint stores, against independent counts of what is stored and held.
+
+- FP8 (Qwen3-8B-FP8, DeepSeek-V3): the planned checkpoint bytes against transformers' own FP8 model (its
+  ``replace_with_fp8_linear`` on the meta device: the layout transformers loads these checkpoints into),
+  and, for a scaled-down Qwen3-8B-FP8, against a checkpoint of dummy FP8 weights written to disk in that
+  layout and loaded by the engine (bytes on disk; bytes of the parameters the engine holds, dequantized and
+  on the native FP8 path).
+- GGUF: planned bytes against the file's size, and the held bytes against the loaded bundled model.
+- Gemma 3 sliding-window KV: the planned KV need against the bytes in transformers' cache after a prompt
+  longer than the window, and the engine's allocation against its cache tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dockyard import LLM
+from dockyard.memory import plan_memory, storage_of
+from dockyard.model_source import resolve_model
+from tests.shared_configs import CONFIGS_DIR
+
+GiB = 1024**3
+
+
+def _config(name: str, **overrides) -> dict:
+    path = CONFIGS_DIR / name / "config.json"
+    if not path.exists():
+        pytest.skip(f"{path} is not present")
+    return {**json.loads(path.read_text()), **overrides}
+
+
+def _hf_fp8_state(cfg: dict) -> dict[str, torch.Tensor]:
+    """transformers' FP8 model for ``cfg`` on meta: its state dict is the checkpoint's tensors and dtypes."""
+    from transformers import AutoConfig, AutoModelForCausalLM, FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import replace_with_fp8_linear
+
+    quant = cfg["quantization_config"]
+    config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k not in ("architectures",
+                                                                               "quantization_config")})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    replace_with_fp8_linear(model, modules_to_not_convert=["lm_head"],
+                            quantization_config=FineGrainedFP8Config(weight_block_size=quant["weight_block_size"]))
+    return model.state_dict()
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _plan_of(cfg: dict, tmp_path: Path, dtype=torch.bfloat16, native=False):
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    source = resolve_model(tmp_path / "config.json")
+    return plan_memory(source.spec, dtype, storage=storage_of(source, native))
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("Qwen--Qwen3-8B-FP8", {}),  # the whole model (meta: no memory)
+    # DeepSeek-V3 at true widths, 3 dense + 2 MoE layers of its 61 (each MoE layer the same 256 experts).
+    ("deepseek-ai--DeepSeek-V3", {"num_hidden_layers": 5}),
+])
+def test_fp8_checkpoint_bytes_match_transformers_fp8_layout(tmp_path, name, overrides):
+    cfg = _config(name, **overrides)
+    plan = _plan_of(cfg, tmp_path)
+    stored = _nbytes(_hf_fp8_state(cfg).values())
+    assert abs(plan.checkpoint_bytes - stored) / stored < 0.02, (plan.checkpoint_bytes, stored)
+    # Dequantized on load (CPU, or a GPU without FP8 tensor cores): every parameter at the run dtype, about
+    # twice what is stored.
+    assert plan.weight_bytes == plan.num_parameters * 2 and plan.checkpoint_bytes < 0.6 * plan.weight_bytes
+
+
+def test_fp8_plan_matches_a_dummy_fp8_checkpoint_loaded_by_the_engine(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    # Qwen3-8B-FP8 scaled down (2 layers, vocab 4096, widths ÷4) so the engine loads it on a CPU in seconds.
+    cfg = _config("Qwen--Qwen3-8B-FP8", num_hidden_layers=2, vocab_size=4096, hidden_size=1024,
+                  intermediate_size=3072, num_attention_heads=8, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    state = _hf_fp8_state(cfg)
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for key, t in state.items():
+        if key.endswith("weight_scale_inv"):
+            tensors[key] = torch.rand(t.shape, generator=gen) * 1e-3 + 1e-4
+        else:
+            value = torch.randn(t.shape, generator=gen) * (1.0 if t.dtype == torch.float8_e4m3fn else 0.02)
+            tensors[key] = value.to(t.dtype)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    on_disk = _nbytes(tensors.values())
+    config_plan = _plan_of(cfg, tmp_path)
+    assert abs(config_plan.checkpoint_bytes - on_disk) / on_disk < 0.02, (config_plan.checkpoint_bytes, on_disk)
+    header_plan = plan_memory(resolve_model(ckpt).spec, torch.bfloat16, storage=storage_of(resolve_model(ckpt)))
+    assert header_plan.checkpoint_bytes == on_disk  # read from the safetensors headers
+    assert os.path.getsize(ckpt / "model.safetensors") > on_disk  # the file adds its header
+
+    def held(llm) -> int:
+        return _nbytes(llm.model.parameters())
+
+    for native in (False, True):
+        monkeypatch.setenv("DOCKYARD_FP8_NATIVE", "1" if native else "0")
+        llm = LLM(str(ckpt), dtype=torch.bfloat16, device="cpu", num_kv_blocks=4)
+        planned = plan_memory(llm.spec, torch.bfloat16, storage=storage_of(resolve_model(ckpt), native)).weight_bytes
+        assert abs(planned - held(llm)) / held(llm) < 0.02, (native, planned, held(llm))
+        assert any(p.dtype == torch.float8_e4m3fn for p in llm.model.parameters()) == native
+        del llm
+
+
+def test_gguf_plan_matches_the_file_and_the_loaded_model(bundled_gguf, bundled_llm):
+    source = resolve_model(bundled_gguf)
+    plan = plan_memory(source.spec, torch.float32, storage=storage_of(source))
+    size = os.path.getsize(bundled_gguf)
+    # The file is the tensor data plus metadata (vocabulary, chat template): the plan counts the tensors.
+    assert 0.98 * size < plan.checkpoint_bytes <= size, (plan.checkpoint_bytes, size)
+    assert set(plan.checkpoint_bytes_by_dtype) >= {"Q4_1", "F32"}
+    assert plan.weight_bytes == _nbytes(bundled_llm.model.parameters())  # dequantized to float32 on load
+
+
+def test_gemma3_kv_plan_per_layer_type_matches_transformers_cache(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    # transformers keeps window - 1 tokens of a sliding layer between steps (the next token brings its own);
+    # the plan counts the window, the slots a step writes into: one token per sliding layer apart.
+    window, prompt = 64, 256
+    cfg = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": 256,
+           "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 6, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": 16, "sliding_window": window, "max_position_embeddings": 4096,
+           "torch_dtype": "float32"}
+    plan = _plan_of(cfg, tmp_path, dtype=torch.float32)
+    assert (plan.num_layers, plan.sliding_layers, plan.sliding_window) == (6, 5, window)
+    config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        cache = hf(torch.randint(0, 256, (1, prompt)), use_cache=True).past_key_values
+    held = sum(_nbytes([layer.keys, layer.values]) for layer in cache.layers)
+    assert abs(plan.kv_bytes_needed(prompt) - held) / held < 0.02, (plan.kv_bytes_needed(prompt), held)
+    # The engine keeps every layer for the whole context: its cache is kv_bytes_per_token per slot.
+    llm = LLM(str(tmp_path / "config.json"), dtype=torch.float32, device="cpu", num_kv_blocks=8, block_size=16,
+              max_model_len=128)
+    assert _nbytes([llm.engine.runner.kv_cache]) == 8 * 16 * plan.kv_bytes_per_token
+
+
+def test_gemma3_27b_kv_at_128k_by_hand():
+    cfg = _config("google--gemma-3-27b-it")
+    source = resolve_model(CONFIGS_DIR / "google--gemma-3-27b-it")
+    plan = plan_memory(source.spec, torch.bfloat16, storage=storage_of(source))
+    text = cfg["text_config"]
+    per_layer_token = 2 * text["num_key_value_heads"] * text["head_dim"] * 2
+    full = text["num_hidden_layers"] // text.get("sliding_window_pattern", 6)
+    sliding = text["num_hidden_layers"] - full
+    context = 131072
+    assert plan.kv_bytes_needed(context) == per_layer_token * (full * context + sliding * text["sliding_window"])
+    assert plan.kv_bytes_per_token * context / plan.kv_bytes_needed(context) > 5  # what the engine allocates today
