@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dockyard.onboard.ablations import ABLATIONS
+from dockyard.onboard.ablations import ABLATIONS, ablations_for, claimed_features
 from dockyard.onboard.config_features import detect_features, nearest_family
 from dockyard.onboard.equivalence import EquivalenceResult, MutationResult, check_equivalence
 from dockyard.registry import MODEL_REGISTRY
@@ -69,12 +69,6 @@ def equivalence_cell(result: EquivalenceResult) -> str:
     return f"pass, {len(result.levels)} levels ≤ {max(result.tolerances.values()):.0e}"
 
 
-def _claimed_keys(arch: str, config: dict[str, Any]) -> list[str]:
-    """The features of ``config`` that ``arch``'s registry entry claims, in detection order."""
-    claimed = MODEL_REGISTRY[arch].features
-    return [f.key for f in detect_features(config) if f.kind == "arch" and f.key in claimed]
-
-
 def mutation_runs(arch: str, configs_dirs: list[Path]) -> tuple[EquivalenceResult | None, str,
                                                                  dict[str, tuple[MutationResult, str]]]:
     """The equivalence gate with its mutation check for ``arch``: the example config first, then each further
@@ -89,10 +83,10 @@ def mutation_runs(arch: str, configs_dirs: list[Path]) -> tuple[EquivalenceResul
     first: EquivalenceResult | None = None
     checked: dict[str, tuple[MutationResult, str]] = {}
     for name, config in candidates:
-        todo = [k for k in _claimed_keys(arch, config) if k not in checked]
+        todo = [k for k in claimed_features(config) if k not in checked]
         if first is not None and not todo:
             continue
-        result = check_equivalence(config, ablations=[ABLATIONS[k] for k in todo if k in ABLATIONS])
+        result = check_equivalence(config, ablations=ablations_for(todo))
         first = first or result
         for m in result.mutations:
             checked[m.feature] = (m, name)

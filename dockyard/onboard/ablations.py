@@ -15,13 +15,16 @@ import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 import dockyard.ops.moe as moe_ops
 from dockyard.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
+from dockyard.onboard.config_features import detect_features
 from dockyard.ops.mla import MLAAttention
+from dockyard.registry import MODEL_REGISTRY
 from dockyard.spec import ModelSpec, MoESpec, RopeSpec
 
 
@@ -199,3 +202,18 @@ ABLATIONS: dict[str, Ablation] = {a.feature: a for a in (
              patch=(moe_ops, "_mask_groups", _keep_worst_groups)),
     Ablation("moe_sigmoid_scoring", "softmax router scores instead of sigmoid", spec=_moe(scoring_func="softmax")),
 )}
+
+
+def claimed_features(config: dict[str, Any]) -> list[str]:
+    """The features ``config`` asks for that its registered architecture claims (detection order; none when the
+    architecture is not registered): the ones the equivalence gate must show it would notice broken."""
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    entry = MODEL_REGISTRY.get(str(archs[0])) if isinstance(archs, list) and archs else None
+    if entry is None:
+        return []
+    return [f.key for f in detect_features(config) if f.kind == "arch" and f.key in entry.features]
+
+
+def ablations_for(keys: list[str]) -> list[Ablation]:
+    """The ablation of each feature key (a claimed key without one is a registry error the tests catch)."""
+    return [ABLATIONS[k] for k in keys if k in ABLATIONS]

@@ -91,3 +91,38 @@ def test_one_unknown_key_blocks_the_native_verdict(tmp_path):
     assert inspect.status == "fail" and "residual_gate_scale" in inspect.summary
     assert inspect.evidence["unrecognised_keys"] == ["residual_gate_scale"]
     assert not inspect.evidence["missing_features"]  # every known feature is covered; the unknown key decides
+
+
+class _Recording(dict):
+    """A config dict that remembers every key looked up in it."""
+
+    def __init__(self, data, seen):
+        super().__init__(data)
+        self.seen = seen
+
+    def get(self, key, default=None):
+        self.seen.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.seen.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.seen.add(key)
+        return super().__contains__(key)
+
+
+@pytest.mark.skipif(not SHARED_CONFIGS, reason="../shared/configs is not present")
+def test_spec_config_keys_lists_every_key_the_spec_reads(monkeypatch):
+    import dockyard.spec as spec_module
+
+    seen: set[str] = set()
+    original = spec_module.language_model_config
+    monkeypatch.setattr(spec_module, "language_model_config", lambda config: _Recording(original(config), seen))
+    for name in SHARED_CONFIGS:
+        config = shared_config(name)
+        if config["architectures"][0] in MODEL_REGISTRY:
+            spec_module.ModelSpec.from_hf_config(config)
+    assert {"hidden_size", "rope_scaling", "n_group", "query_pre_attn_scalar"} <= seen  # the recording works
+    assert seen - spec_module.SPEC_CONFIG_KEYS == set()

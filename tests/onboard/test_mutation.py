@@ -7,10 +7,13 @@ and the check's own ability to report an ablation it does not notice.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 
+import dockyard.onboard.gates.equivalence as equivalence_gate
+from dockyard.onboard import OnboardOptions, run_onboard
 from dockyard.onboard.ablations import ABLATIONS, Ablation
 from dockyard.onboard.equivalence import TOLERANCES, check_equivalence, shrink_config
 from tests.shared_configs import shared_config
@@ -46,3 +49,36 @@ def test_an_ablation_that_changes_nothing_is_reported_as_not_caught():
     unchanged = Ablation("gqa", "nothing changed", spec=lambda spec: spec)
     m = _mutations("Qwen--Qwen3-0.6B", [unchanged])["gqa"]
     assert not m.caught and m.margin() is None
+
+
+TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "hidden_act": "silu", "attention_bias": True,
+              "tie_word_embeddings": True}
+_LATER_GATES = ("dummy", "real", "features", "capacity", "serve-smoke")
+
+
+def _onboard_equivalence(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(TINY_LLAMA))
+    run = run_onboard(OnboardOptions(model=str(tmp_path / "m"), out=tmp_path / "out", weights="dummy",
+                                     device="cpu", skip=_LATER_GATES))
+    return run.gate("equivalence")
+
+
+def test_onboarding_gate_runs_the_mutation_check_for_the_models_features(tmp_path):
+    gate = _onboard_equivalence(tmp_path)
+    assert gate.status == "pass", gate.summary
+    found = {m["feature"]: m for m in gate.evidence["mutations"]}
+    assert set(found) == {"gqa", "attention_bias", "rope:default", "activation:silu", "tied_embeddings"}
+    assert all(m["caught"] for m in found.values()), found
+    assert found["attention_bias"]["caught_by"].startswith("block 'attention'")
+    assert "covered features, ablated, fails it" in gate.summary
+
+
+def test_an_ablation_the_gate_misses_fails_it_softly(tmp_path, monkeypatch):
+    monkeypatch.setattr(equivalence_gate, "ablations_for",
+                        lambda keys: [Ablation("gqa", "nothing changed", spec=lambda spec: spec)])
+    gate = _onboard_equivalence(tmp_path)
+    assert gate.status == "fail" and not gate.hard
+    assert "with gqa ablated it still passes" in gate.summary
