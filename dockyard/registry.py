@@ -62,9 +62,10 @@ MODEL_REGISTRY: dict[str, ModelEntry] = {
                                  _LLAMA_SHAPE | {"granite_multipliers", "tied_embeddings"},
                                  example="ibm-granite/granite-3.0-2b-instruct"),
     "Qwen2ForCausalLM": _entry("llama", "LlamaForCausalLM", "qwen2", {"qwen2"},
-                               _LLAMA_SHAPE | {"qkv_bias", "tied_embeddings"}, example="Qwen/Qwen2.5-7B-Instruct"),
+                               _LLAMA_SHAPE | {"qkv_bias", "tied_embeddings", "rope:yarn"},
+                               example="Qwen/Qwen2.5-7B-Instruct"),
     "Qwen3ForCausalLM": _entry("llama", "LlamaForCausalLM", "qwen3", {"qwen3"},
-                               _LLAMA_SHAPE | {"qk_norm", "tied_embeddings"}, example="Qwen/Qwen3-8B"),
+                               _LLAMA_SHAPE | {"qk_norm", "tied_embeddings", "rope:yarn"}, example="Qwen/Qwen3-8B"),
     "Gemma2ForCausalLM": _entry("llama", "LlamaForCausalLM", "gemma2", {"gemma2"},
                                 _GEMMA | {"rope:default", "attn_softcap", "final_softcap"},
                                 example="google/gemma-2-2b-it"),
@@ -73,7 +74,7 @@ MODEL_REGISTRY: dict[str, ModelEntry] = {
     "Gemma3ForConditionalGeneration": _entry("llama", "LlamaForCausalLM", "gemma3", {"gemma3", "gemma3_text"},
                                              _GEMMA3, example="google/gemma-3-27b-it"),
     "Olmo2ForCausalLM": _entry("llama", "LlamaForCausalLM", "olmo2", {"olmo2"},
-                               frozenset({"mha", "rope:default", "activation:silu", "qk_norm", "post_norms"}),
+                               frozenset({"mha", "gqa", "rope:default", "activation:silu", "qk_norm", "post_norms"}),
                                example="allenai/OLMo-2-0425-1B"),
     "Phi3ForCausalLM": _entry("llama", "Phi3ForCausalLM", "phi3", {"phi3"}, _LLAMA_SHAPE | {
         "mha", "fused_qkv", "partial_rotary", "rope:longrope", "sliding_window", "tied_embeddings"},
@@ -81,10 +82,10 @@ MODEL_REGISTRY: dict[str, ModelEntry] = {
     "MixtralForCausalLM": _entry("moe", "MixtralForCausalLM", "mixtral", {"mixtral"}, _LLAMA_SHAPE | _MOE,
                                  example="mistralai/Mixtral-8x7B-v0.1"),
     "Qwen2MoeForCausalLM": _entry("moe", "MoEForCausalLM", "qwen2_moe", {"qwen2_moe"}, _MOE | {
-        "mha", "rope:default", "activation:silu", "qkv_bias", "moe_shared_experts"},
+        "mha", "gqa", "rope:default", "activation:silu", "qkv_bias", "moe_shared_experts"},
         example="Qwen/Qwen1.5-MoE-A2.7B-Chat"),
     "Qwen3MoeForCausalLM": _entry("moe", "MoEForCausalLM", "qwen3_moe", {"qwen3_moe"}, _LLAMA_SHAPE | _MOE |
-                                  {"qk_norm"}, example="Qwen/Qwen3-30B-A3B"),
+                                  {"qk_norm", "rope:yarn"}, example="Qwen/Qwen3-30B-A3B"),
     "GptOssForCausalLM": _entry("moe", "GptOssForCausalLM", "gpt_oss", {"gpt_oss"}, _MOE | {
         "gqa", "interleaved_sliding_window", "attention_bias", "attention_sinks", "rope:yarn", "clamped_swiglu"},
         example="openai/gpt-oss-20b"),

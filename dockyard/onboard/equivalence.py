@@ -58,6 +58,9 @@ SHRUNK_SWIGLU_LIMIT = 1.0  # gpt-oss's clamp, at the size of the shrunken gate/u
 # Rope scalings that depend on the original context (llama3, yarn, longrope) get one shorter than the first
 # prefill chunk, so every forward runs past it.
 SHRUNK_ROPE_ORIGINAL = 16
+# The context the shrunken model declares where its rope does not depend on it (every type but longrope, yarn and
+# dynamic): the rotary tables are built for it, once per model the mutation check loads.
+SHRUNK_MAX_POSITIONS = 1024
 # rmse(ours − ref) / rmse(ref) allowed per level. fp32 must agree to rounding; the bf16 bars are
 # the usual ones for comparing a bf16 engine with an fp32 reference.
 TOLERANCES: dict[str, dict[str, float]] = {
@@ -236,6 +239,13 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _rope_dicts(rope: Any) -> list[dict[str, Any]]:
+    """A rope_scaling / rope_parameters value and its per-layer-type parts (transformers v5), as dicts."""
+    if not isinstance(rope, dict):
+        return []
+    return [rope] + [v for v in rope.values() if isinstance(v, dict)]
+
+
 def _make_features_bind(cfg: dict[str, Any], notes: list[str]) -> None:
     """Move the features whose effect depends on magnitudes into the regime where they change the output on
     the test inputs: soft-caps and clamps at the size of the toy model's values, rope scaling past its
@@ -252,9 +262,7 @@ def _make_features_bind(cfg: dict[str, Any], notes: list[str]) -> None:
         if _number(cfg.get(key)) == 1.0:
             cfg[key] = 0.5
     for key in ("rope_scaling", "rope_parameters"):
-        rope = cfg.get(key)
-        scalings = [rope] + [v for v in rope.values() if isinstance(v, dict)] if isinstance(rope, dict) else []
-        for scaling in scalings:
+        for scaling in _rope_dicts(cfg.get(key)):
             kind = scaling.get("rope_type") or scaling.get("type")
             if kind in ("llama3", "yarn", "longrope", "su"):
                 old = scaling.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
@@ -264,6 +272,12 @@ def _make_features_bind(cfg: dict[str, Any], notes: list[str]) -> None:
                 notes.append(f"{kind} rope: original context {old} → {SHRUNK_ROPE_ORIGINAL} (the test runs past it)")
     if _int(cfg.get("original_max_position_embeddings")):
         cfg["original_max_position_embeddings"] = SHRUNK_ROPE_ORIGINAL
+    kinds = {str(r.get("rope_type") or r.get("type")) for key in ("rope_scaling", "rope_parameters")
+             for r in _rope_dicts(cfg.get(key))}
+    max_pos = _int(cfg.get("max_position_embeddings"))
+    if max_pos and max_pos > SHRUNK_MAX_POSITIONS and not kinds & {"longrope", "su", "dynamic", "yarn"}:
+        cfg["max_position_embeddings"] = SHRUNK_MAX_POSITIONS
+        notes.append(f"max_position_embeddings {max_pos} → {SHRUNK_MAX_POSITIONS} (its rope does not depend on it)")
 
 
 def _shrink_rope_lists(cfg: dict[str, Any], old_head_dim: int, new_head_dim: int) -> None:
