@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dockyard.onboard.ablations import ABLATIONS, ablations_for, claimed_features
-from dockyard.onboard.config_features import detect_features, nearest_family
+from dockyard.onboard.config_features import detect_features, nearest_family, unrecognised_keys
 from dockyard.onboard.equivalence import EquivalenceResult, MutationResult, check_equivalence
 from dockyard.registry import MODEL_REGISTRY
 
@@ -139,14 +139,13 @@ def render(configs_dirs: list[Path] | None = None) -> str:
         lines.append(f"- {family}: " + (", ".join(f"`{k}`" for k in extra) if extra else "(no more)"))
     unsupported = _unsupported(configs_dirs)
     if unsupported:
-        lines += ["", "## Not supported (configs seen)", "", "| config | architecture | nearest family | missing |",
-                  "|---|---|---|---|"]
+        lines += ["", "## Not supported (configs seen)", "",
+                  "| config | architecture | nearest family | missing | unrecognised keys |", "|---|---|---|---|---|"]
         lines += unsupported
     return "\n".join(lines) + "\n"
 
 
 def _unsupported(configs_dirs: list[Path]) -> list[str]:
-
     rows = []
     for path in _config_paths(configs_dirs):
         config = json.loads(path.read_text())
@@ -156,5 +155,6 @@ def _unsupported(configs_dirs: list[Path]) -> list[str]:
         cov = nearest_family(detect_features(config), str(config.get("model_type") or ""))
         missing = ", ".join(f.label for f in cov.missing) if cov else ""
         missing = missing or "no feature: its checkpoint layout (remote code) is not mapped onto a family"
-        rows.append(f"| `{path.parent.name}` | `{arch}` | {cov.family if cov else '—'} | {missing} |")
+        unknown = ", ".join(f"`{k}`" for k in unrecognised_keys(config)) or "none"
+        rows.append(f"| `{path.parent.name}` | `{arch}` | {cov.family if cov else '—'} | {missing} | {unknown} |")
     return rows

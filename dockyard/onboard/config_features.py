@@ -62,7 +62,8 @@ NEUTRAL_VALUES: dict[str, object] = {"rope_interleaved": False, "interpolate_fac
 DETECTED_KEYS = frozenset({
     "n_head", "num_heads", "multi_query_group_num", "num_kv_heads", "multi_query_attention", "bias",
     "add_bias_linear", "add_qkv_bias", "use_bias", "rotary_pct", "use_mrope", "original_rope", "rope_embedding_base",
-    "rmsnorm", "norm_type", "mlp_type", "lm_head_bias", "scale_emb", "dim_model_base", "scale_depth",
+    "rmsnorm", "norm_type", "mlp_type", "lm_head_bias", "scale_emb", "dim_model_base", "scale_depth", "logit_scale",
+    "use_qk_norm",
     "mup_use_scaling", *MUP_KEYS, "moe_num_experts", "moe_top_k", "num_shared_experts", "vision_config",
     "audio_config", "quantization_config", "num_nextn_predict_layers", "auto_map",
 })
@@ -176,7 +177,7 @@ def detect_features(config: dict[str, Any]) -> list[Feature]:
         add("attention_bias", "bias on q/k/v/o projections")
     elif model_type in QKV_BIAS_TYPES or cfg.get("add_qkv_bias") is True:
         add("qkv_bias", "bias on q/k/v projections only")
-    if model_type in QK_NORM_TYPES:
+    if model_type in QK_NORM_TYPES or cfg.get("use_qk_norm") is True:
         add("qk_norm", "qk-norm (RMSNorm on queries and keys)", f"model_type {model_type}")
     if _num(cfg, "attn_logit_softcapping"):
         add("attn_softcap", "attention logit soft-capping", f"cap {_num(cfg, 'attn_logit_softcapping')}")
@@ -213,7 +214,8 @@ def detect_features(config: dict[str, Any]) -> list[Feature]:
     if model_type in POST_NORM_TYPES:
         add("post_norms", "norms after attention/MLP outputs (sandwich / post-norm)", f"model_type {model_type}")
     if model_type in LAYERNORM_TYPES or cfg.get("rmsnorm") is False or cfg.get("norm_type") == "layer_norm":
-        add("layernorm", "LayerNorm (not RMSNorm)", f"model_type {model_type}")
+        with_bias = cfg.get("use_bias") is True or cfg.get("bias") is True
+        add("layernorm", "LayerNorm (not RMSNorm)", f"model_type {model_type}" + (", with bias" if with_bias else ""))
     if model_type in PLAIN_MLP_TYPES or cfg.get("mlp_type") == "default":
         add("plain_mlp", "plain MLP, down(act(up(x))), not gated", f"model_type {model_type}")
     act = _activation(cfg)
@@ -232,6 +234,8 @@ def detect_features(config: dict[str, Any]) -> list[Feature]:
         add("embedding_scale", "embeddings scaled by √hidden", f"model_type {model_type}")
     if _num(cfg, "scale_emb") not in (None, 1.0):
         add("scale_emb", "embeddings scaled by scale_emb", f"{_num(cfg, 'scale_emb')}")
+    if _num(cfg, "logit_scale") not in (None, 1.0):
+        add("logit_scale", "logits multiplied by logit_scale", f"{_num(cfg, 'logit_scale')}")
     if _num(cfg, "dim_model_base"):
         add("logit_scale_dim_model_base", "hidden states scaled by dim_model_base / hidden before the LM head",
             f"dim_model_base {_num(cfg, 'dim_model_base')}")

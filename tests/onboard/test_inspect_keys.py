@@ -126,3 +126,17 @@ def test_spec_config_keys_lists_every_key_the_spec_reads(monkeypatch):
             spec_module.ModelSpec.from_hf_config(config)
     assert {"hidden_size", "rope_scaling", "n_group", "query_pre_attn_scalar"} <= seen  # the recording works
     assert seen - spec_module.SPEC_CONFIG_KEYS == set()
+
+
+def test_cohere_logit_scale_and_layernorm_are_missing():
+    command_r = {  # CohereForAI/c4ai-command-r-v01's shape
+        "architectures": ["CohereForCausalLM"], "model_type": "cohere", "hidden_size": 8192, "num_attention_heads": 64,
+        "num_key_value_heads": 64, "logit_scale": 0.0625, "use_qk_norm": False, "layer_norm_eps": 1e-05,
+        "hidden_act": "silu", "vocab_size": 256000, "intermediate_size": 22528, "num_hidden_layers": 40,
+        "rope_theta": 8000000.0, "max_position_embeddings": 8192, "use_cache": True, "bos_token_id": 5,
+        "eos_token_id": 255001, "pad_token_id": 0, "tie_word_embeddings": True, "torch_dtype": "float16",
+        "attention_bias": False,
+    }
+    near = nearest_family(detect_features(command_r), "cohere")
+    assert {"logit_scale", "layernorm"} <= {f.key for f in near.missing}
+    assert unrecognised_keys(command_r) == ["layer_norm_eps"]  # Cohere's spelling of the epsilon: not read
