@@ -85,7 +85,7 @@ MODEL_REGISTRY: dict[str, ModelEntry] = {
         "mha", "gqa", "rope:default", "activation:silu", "qkv_bias", "moe_shared_experts"},
         example="Qwen/Qwen1.5-MoE-A2.7B-Chat"),
     "Qwen3MoeForCausalLM": _entry("moe", "MoEForCausalLM", "qwen3_moe", {"qwen3_moe"}, _LLAMA_SHAPE | _MOE |
-                                  {"qk_norm", "rope:yarn"}, example="Qwen/Qwen3-30B-A3B"),
+                                  {"mqa", "qk_norm", "rope:yarn"}, example="Qwen/Qwen3-30B-A3B"),
     "GptOssForCausalLM": _entry("moe", "GptOssForCausalLM", "gpt_oss", {"gpt_oss"}, _MOE | {
         "gqa", "interleaved_sliding_window", "attention_bias", "attention_sinks", "rope:yarn", "clamped_swiglu"},
         example="openai/gpt-oss-20b"),
