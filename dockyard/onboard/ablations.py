@@ -72,6 +72,15 @@ def _rope_without_scaling(spec: ModelSpec) -> ModelSpec:
     return spec.replace(rope=RopeSpec(rope_type="default", theta=spec.rope.theta))
 
 
+def _whole_head_rotated(spec: ModelSpec) -> ModelSpec:
+    """Partial rotary off; longrope's per-frequency factors padded with their last value to the new size (so
+    the ablated model is built and fails numerically, not at validation)."""
+    half = spec.head_dim // 2
+    factors = {name: tuple(v) + (v[-1],) * (half - len(v)) for name in ("short_factor", "long_factor")
+               if (v := getattr(spec.rope, name))}
+    return spec.replace(partial_rotary_factor=1.0, rope=dataclasses.replace(spec.rope, **factors))
+
+
 def _other_activation(spec: ModelSpec) -> ModelSpec:
     return spec.replace(hidden_act="gelu" if spec.hidden_act == "silu" else "silu")
 
@@ -105,7 +114,7 @@ def _rotate_query_heads(model: nn.Module) -> None:
 
 
 def _swap_fused_k_and_v(model: nn.Module) -> None:
-    """The fused q|k|v projection read as q|v|k (a wrong split of the checkpoint's fused tensor)."""
+    """The fused [q, k, v] projection read as [q, v, k] (a wrong split of the checkpoint's fused tensor)."""
     for module in model.modules():
         if isinstance(module, LlamaAttention) and hasattr(module, "qkv_proj"):
             q, kv = module.q_size, module.kv_size
@@ -178,7 +187,7 @@ ABLATIONS: dict[str, Ablation] = {a.feature: a for a in (
     Ablation("query_pre_attn_scalar", "attention scale 1/sqrt(head_dim) instead of query_pre_attn_scalar",
              spec=_set(attention_scale=None)),
     Ablation("attention_sinks", "attention sinks dropped", model=_drop_sinks),
-    Ablation("partial_rotary", "whole head rotated", spec=_set(partial_rotary_factor=1.0)),
+    Ablation("partial_rotary", "whole head rotated", spec=_whole_head_rotated),
     Ablation("local_rope_base", "local layers use the global rope base", spec=_set(rope_local_theta=None)),
     Ablation("rope:default", "rope base doubled",
              spec=lambda s: s.replace(rope=dataclasses.replace(s.rope, theta=2 * s.rope.theta))),
@@ -191,7 +200,7 @@ ABLATIONS: dict[str, Ablation] = {a.feature: a for a in (
     Ablation("embedding_scale", "embeddings not scaled", spec=_set(embedding_multiplier=1.0)),
     Ablation("granite_multipliers", "embedding / residual / attention / logit multipliers ignored",
              spec=_set(embedding_multiplier=1.0, residual_multiplier=1.0, attention_scale=None, logits_scale=1.0)),
-    Ablation("fused_qkv", "fused projection split as q|v|k", model=_swap_fused_k_and_v),
+    Ablation("fused_qkv", "fused projection split as q, v, k", model=_swap_fused_k_and_v),
     Ablation("clamped_swiglu", "SwiGLU clamp removed", spec=_set(swiglu_limit=None)),
     Ablation("mla", "MLA's kv-latent norm skipped", model=_skip_latent_norm),
     Ablation("moe", "only the best expert used (top-1)", spec=_moe(top_k=1)),
