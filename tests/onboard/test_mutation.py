@@ -11,11 +11,12 @@ import json
 import logging
 
 import pytest
+import torch
 
 import dockyard.onboard.gates.equivalence as equivalence_gate
 from dockyard.onboard import OnboardOptions, run_onboard
 from dockyard.onboard.ablations import ABLATIONS, Ablation
-from dockyard.onboard.equivalence import TOLERANCES, check_equivalence, shrink_config
+from dockyard.onboard.equivalence import SEQ_LEN, TOLERANCES, build_reference, check_equivalence, shrink_config
 from tests.shared_configs import shared_config
 
 pytest.importorskip("transformers")
@@ -82,3 +83,16 @@ def test_an_ablation_the_gate_misses_fails_it_softly(tmp_path, monkeypatch):
     gate = _onboard_equivalence(tmp_path)
     assert gate.status == "fail" and not gate.hard
     assert "with gqa ablated it still passes" in gate.summary
+
+
+@pytest.mark.parametrize("name", ["Qwen--Qwen3-30B-A3B", "deepseek-ai--DeepSeek-V3"])
+def test_shrunken_moe_routes_to_many_experts_with_unequal_loads(name):
+    # The routers of the HF reference (its own weights), on the comparison's kind of input: unit-scale hidden states.
+    cfg, _ = shrink_config(shared_config(name))
+    model = build_reference(cfg)
+    gate = next(p for n, p in model.named_parameters() if n.endswith("mlp.gate.weight"))
+    top_k = cfg["num_experts_per_tok"]
+    assert gate.shape[0] > top_k
+    hidden = torch.randn(SEQ_LEN, gate.shape[1], generator=torch.Generator().manual_seed(1))
+    loads = torch.bincount((hidden @ gate.T).topk(top_k, dim=-1).indices.flatten(), minlength=gate.shape[0])
+    assert (loads > 0).sum() > top_k and loads.max() > loads.min(), loads
