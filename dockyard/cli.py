@@ -97,15 +97,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from dockyard.model_source import resolve_model
+    from dockyard.onboard.config_features import detect_features, nearest_family, unrecognised_keys
+    from dockyard.onboard.context import read_raw_model
 
-    source = resolve_model(args.model)  # metadata only; an absurd config is refused before the engine is imported
-    from dockyard.onboard.machine import detect_machine
-    from dockyard.run_plan import RunTarget, plan_for_run
+    config = read_raw_model(args.model).config
+    features = detect_features(config)
+    near = nearest_family(features, str(config.get("model_type") or ""))
+    unknown = unrecognised_keys(config)
+    try:
+        source = resolve_model(args.model)  # metadata only; an absurd config is refused before the engine is imported
+        from dockyard.onboard.machine import detect_machine
+        from dockyard.run_plan import RunTarget, plan_for_run
 
-    spec = source.spec
-    machine = detect_machine("auto", args.device_memory)
-    target = RunTarget.for_machine(machine.device, args.device_memory is not None)
-    plan, fp8_why = plan_for_run(source, target, args.dtype, max_num_batched_tokens=args.max_num_batched_tokens)
+        spec = source.spec
+        machine = detect_machine("auto", args.device_memory)
+        target = RunTarget.for_machine(machine.device, args.device_memory is not None)
+        plan, fp8_why = plan_for_run(source, target, args.dtype, max_num_batched_tokens=args.max_num_batched_tokens)
+    except DockyardError:
+        if not args.json:  # what the config asks for, before the one-line error
+            _print_features(features, near, unknown)
+        raise
     fit = None
     if args.device_memory is not None:
         device_bytes = int(args.device_memory * GiB)
@@ -115,7 +126,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         json.dump({"source": {"kind": source.kind, "path": str(source.path)}, "spec": spec.to_dict(),
                    "target": {"device": target.device_type, "present": target.present, "fp8_path": fp8_why},
-                   "memory_plan": plan.to_dict(), "fit": fit}, sys.stdout, indent=2)
+                   "memory_plan": plan.to_dict(), "fit": fit, "features": [f.to_dict() for f in features],
+                   "nearest_family": near.to_dict() if near else None, "unrecognised_keys": unknown},
+                  sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
     print(f"model        {source.name}  ({source.kind}: {source.path})")
@@ -149,7 +162,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if fit is not None:
         verdict = "fits" if fit["fits"] else "does NOT fit"
         print(f"\non {args.device_memory:g} GiB: {verdict}; room for {fit['kv_tokens']:,} KV tokens")
+    print()
+    _print_features(features, near, unknown)
     return 0
+
+
+def _print_features(features: list, near: object, unknown: list[str]) -> None:
+    """The architectural features the config asks for, the closest registered family and the keys nobody reads."""
+    print("features     " + ", ".join(f.key for f in features if f.kind == "arch"))
+    if near is not None:
+        missing = ", ".join(f.label for f in near.missing) or "none"
+        print(f"family       {near.family} ({', '.join(near.architectures)}): {len(near.covered)} features covered; "
+              f"missing: {missing}")
+    note = "  (no native family verdict: dockyard cannot tell what they do)" if unknown else ""
+    print("unrecognised " + (", ".join(unknown) if unknown else "none") + note)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

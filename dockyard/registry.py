@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from dockyard.errors import UnsupportedArchitectureError
-from dockyard.ops.activation import ACTIVATION_NAMES
-from dockyard.spec import ROPE_TYPES, ModelSpec
+from dockyard.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -35,49 +34,67 @@ class ModelEntry:
         return getattr(importlib.import_module(self.module), self.class_name)
 
 
-# What the shared decoder (dockyard/models/llama.py) computes for every family built on it.
-_DECODER = frozenset({
-    "mha", "gqa", "mqa", "sliding_window", "interleaved_sliding_window", "attention_bias", "qkv_bias", "mlp_bias",
-    "qk_norm", "attn_softcap", "query_pre_attn_scalar", "attention_sinks", "partial_rotary", "local_rope_base",
-    "post_norms", "tied_embeddings", "embedding_scale", "final_softcap", "granite_multipliers",
-    *(f"rope:{t}" for t in ROPE_TYPES), *(f"activation:{a}" for a in ACTIVATION_NAMES),
-})
-_MOE = frozenset({"moe", "moe_shared_experts", "moe_dense_layers", "moe_grouped_routing", "moe_sigmoid_scoring"})
+# The features each architecture is proven to compute: every key listed here is present in a config of that
+# architecture that `dockyard models` runs through the equivalence gate (docs/supported-models.md), and an
+# ablation of it (dockyard/onboard/ablations.py) fails the gate there; tests/test_supported_models.py checks
+# both. A feature the code may well handle but no such run exercises is not claimed.
+_LLAMA_SHAPE = frozenset({"gqa", "rope:default", "activation:silu"})
+_MOE = frozenset({"moe"})
+_GEMMA = frozenset({"gqa", "interleaved_sliding_window", "query_pre_attn_scalar", "post_norms",
+                    "activation:gelu_pytorch_tanh", "tied_embeddings", "embedding_scale"})
+_GEMMA3 = _GEMMA | {"qk_norm", "local_rope_base", "rope:linear"}
+_DEEPSEEK_V2 = frozenset({"mla", "rope:yarn", "activation:silu", "moe", "moe_shared_experts",
+                          "moe_dense_layers", "moe_grouped_routing"})
 
 
-def _entry(module: str, class_name: str, family: str, model_types: set[str], extra: frozenset[str] = frozenset(),
+def _entry(module: str, class_name: str, family: str, model_types: set[str], features: frozenset[str],
            example: str = "") -> ModelEntry:
-    return ModelEntry(f"dockyard.models.{module}", class_name, family, _DECODER | extra, frozenset(model_types),
-                      example)
+    return ModelEntry(f"dockyard.models.{module}", class_name, family, features, frozenset(model_types), example)
 
-
-_GEMMA3 = ("llama", "LlamaForCausalLM", "gemma3", {"gemma3", "gemma3_text"})
-_DEEPSEEK = ("deepseek", "DeepseekForCausalLM", "deepseek", {"deepseek_v2", "deepseek_v3", "kimi_k2"}, _MOE | {"mla"})
 
 MODEL_REGISTRY: dict[str, ModelEntry] = {
-    "LlamaForCausalLM": _entry("llama", "LlamaForCausalLM", "llama", {"llama"}, example="meta-llama/Llama-3.1-8B"),
-    "MistralForCausalLM": _entry("llama", "LlamaForCausalLM", "llama", {"mistral"},
+    "LlamaForCausalLM": _entry("llama", "LlamaForCausalLM", "llama", {"llama"}, _LLAMA_SHAPE | {
+        "mha", "mqa", "rope:llama3", "rope:linear", "rope:yarn", "rope:longrope", "activation:gelu",
+        "attention_bias", "mlp_bias", "tied_embeddings"}, example="meta-llama/Llama-3.1-8B"),
+    "MistralForCausalLM": _entry("llama", "LlamaForCausalLM", "llama", {"mistral"}, _LLAMA_SHAPE | {"sliding_window"},
                                  example="mistralai/Mistral-7B-v0.1"),
     "GraniteForCausalLM": _entry("llama", "LlamaForCausalLM", "granite", {"granite"},
+                                 _LLAMA_SHAPE | {"granite_multipliers", "tied_embeddings"},
                                  example="ibm-granite/granite-3.0-2b-instruct"),
-    "Qwen2ForCausalLM": _entry("llama", "LlamaForCausalLM", "qwen2", {"qwen2"}, example="Qwen/Qwen2.5-7B-Instruct"),
-    "Qwen3ForCausalLM": _entry("llama", "LlamaForCausalLM", "qwen3", {"qwen3"}, example="Qwen/Qwen3-8B"),
-    "Gemma2ForCausalLM": _entry("llama", "LlamaForCausalLM", "gemma2", {"gemma2"}, example="google/gemma-2-2b-it"),
-    "Gemma3ForCausalLM": _entry(*_GEMMA3, example="google/gemma-3-1b-it"),
-    "Gemma3ForConditionalGeneration": _entry(*_GEMMA3, example="google/gemma-3-27b-it"),
-    "Olmo2ForCausalLM": _entry("llama", "LlamaForCausalLM", "olmo2", {"olmo2"}, example="allenai/OLMo-2-0425-1B"),
-    "Phi3ForCausalLM": _entry("llama", "Phi3ForCausalLM", "phi3", {"phi3"}, frozenset({"fused_qkv"}),
-                              example="microsoft/Phi-4-mini-instruct"),
-    "MixtralForCausalLM": _entry("moe", "MixtralForCausalLM", "mixtral", {"mixtral"}, _MOE,
+    "Qwen2ForCausalLM": _entry("llama", "LlamaForCausalLM", "qwen2", {"qwen2"},
+                               _LLAMA_SHAPE | {"qkv_bias", "tied_embeddings", "rope:yarn"},
+                               example="Qwen/Qwen2.5-7B-Instruct"),
+    "Qwen3ForCausalLM": _entry("llama", "LlamaForCausalLM", "qwen3", {"qwen3"},
+                               _LLAMA_SHAPE | {"qk_norm", "tied_embeddings", "rope:yarn"}, example="Qwen/Qwen3-8B"),
+    "Gemma2ForCausalLM": _entry("llama", "LlamaForCausalLM", "gemma2", {"gemma2"},
+                                _GEMMA | {"rope:default", "attn_softcap", "final_softcap"},
+                                example="google/gemma-2-2b-it"),
+    "Gemma3ForCausalLM": _entry("llama", "LlamaForCausalLM", "gemma3", {"gemma3", "gemma3_text"},
+                                _GEMMA3 | {"mqa", "rope:default"}, example="google/gemma-3-1b-it"),
+    "Gemma3ForConditionalGeneration": _entry("llama", "LlamaForCausalLM", "gemma3", {"gemma3", "gemma3_text"},
+                                             _GEMMA3, example="google/gemma-3-27b-it"),
+    "Olmo2ForCausalLM": _entry("llama", "LlamaForCausalLM", "olmo2", {"olmo2"},
+                               frozenset({"mha", "gqa", "rope:default", "activation:silu", "qk_norm", "post_norms"}),
+                               example="allenai/OLMo-2-0425-1B"),
+    "Phi3ForCausalLM": _entry("llama", "Phi3ForCausalLM", "phi3", {"phi3"}, _LLAMA_SHAPE | {
+        "mha", "fused_qkv", "partial_rotary", "rope:longrope", "sliding_window", "tied_embeddings"},
+        example="microsoft/Phi-4-mini-instruct"),
+    "MixtralForCausalLM": _entry("moe", "MixtralForCausalLM", "mixtral", {"mixtral"}, _LLAMA_SHAPE | _MOE,
                                  example="mistralai/Mixtral-8x7B-v0.1"),
-    "Qwen2MoeForCausalLM": _entry("moe", "MoEForCausalLM", "qwen2_moe", {"qwen2_moe"}, _MOE,
-                                  example="Qwen/Qwen1.5-MoE-A2.7B-Chat"),
-    "Qwen3MoeForCausalLM": _entry("moe", "MoEForCausalLM", "qwen3_moe", {"qwen3_moe"}, _MOE,
-                                  example="Qwen/Qwen3-30B-A3B"),
-    "GptOssForCausalLM": _entry("moe", "GptOssForCausalLM", "gpt_oss", {"gpt_oss"}, _MOE | {"clamped_swiglu"},
-                                example="openai/gpt-oss-20b"),
-    "DeepseekV2ForCausalLM": _entry(*_DEEPSEEK, example="deepseek-ai/DeepSeek-V2-Lite"),
-    "DeepseekV3ForCausalLM": _entry(*_DEEPSEEK, example="deepseek-ai/DeepSeek-V3"),
+    "Qwen2MoeForCausalLM": _entry("moe", "MoEForCausalLM", "qwen2_moe", {"qwen2_moe"}, _MOE | {
+        "mha", "gqa", "rope:default", "activation:silu", "qkv_bias", "moe_shared_experts"},
+        example="Qwen/Qwen1.5-MoE-A2.7B-Chat"),
+    "Qwen3MoeForCausalLM": _entry("moe", "MoEForCausalLM", "qwen3_moe", {"qwen3_moe"}, _LLAMA_SHAPE | _MOE |
+                                  {"mqa", "qk_norm", "rope:yarn"}, example="Qwen/Qwen3-30B-A3B"),
+    "GptOssForCausalLM": _entry("moe", "GptOssForCausalLM", "gpt_oss", {"gpt_oss"}, _MOE | {
+        "gqa", "interleaved_sliding_window", "attention_bias", "attention_sinks", "rope:yarn", "clamped_swiglu"},
+        example="openai/gpt-oss-20b"),
+    "DeepseekV2ForCausalLM": _entry("deepseek", "DeepseekForCausalLM", "deepseek",
+                                    {"deepseek_v2", "deepseek_v3", "kimi_k2"}, _DEEPSEEK_V2,
+                                    example="deepseek-ai/DeepSeek-V2-Lite"),
+    "DeepseekV3ForCausalLM": _entry("deepseek", "DeepseekForCausalLM", "deepseek",
+                                    {"deepseek_v2", "deepseek_v3", "kimi_k2"},
+                                    _DEEPSEEK_V2 | {"moe_sigmoid_scoring"}, example="deepseek-ai/DeepSeek-V3"),
 }
 
 

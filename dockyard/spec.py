@@ -38,6 +38,27 @@ MAX_SANE_LAYERS = 65_536
 # The fields that hold one entry per layer: the only way two layers of one model can differ.
 PER_LAYER_FIELDS = ("layer_types", "moe_layers")
 
+# Every config.json key ModelSpec.from_hf_config reads (directly or through the helpers below). The inspect
+# gate treats a key outside this set, outside config_features' detection and outside its list of keys that
+# do not change the computation as unrecognised: dockyard cannot tell what it does.
+SPEC_CONFIG_KEYS = frozenset({
+    "architectures", "model_type", "text_config", "_name_or_path", "torch_dtype", "dtype",
+    "bos_token_id", "eos_token_id", "pad_token_id",
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "intermediate_size", "max_position_embeddings", "rms_norm_eps", "layer_norm_epsilon", "hidden_act",
+    "hidden_activation", "tie_word_embeddings", "attention_bias", "mlp_bias",
+    "rope_theta", "rope_scaling", "rope_parameters", "original_max_position_embeddings", "rope_local_base_freq",
+    "partial_rotary_factor", "rope_interleave",
+    "sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "sliding_window_pattern",
+    "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "swiglu_limit",
+    "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling",
+    "num_experts", "n_routed_experts", "num_local_experts", "num_experts_per_tok", "experts_per_token",
+    "moe_intermediate_size", "norm_topk_prob", "scoring_func", "topk_method", "n_group", "topk_group",
+    "routed_scaling_factor", "n_shared_experts", "shared_expert_intermediate_size", "first_k_dense_replace",
+    "moe_layer_freq", "mlp_only_layers", "decoder_sparse_step",
+    "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+})
+
 _DTYPES = {
     "float32": "float32", "fp32": "float32", "float": "float32",
     "bfloat16": "bfloat16", "bf16": "bfloat16",

@@ -17,6 +17,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from dockyard.onboard.ablations import ABLATIONS, ablations_for, claimed_features
+from dockyard.onboard.config_features import detect_features, nearest_family, unrecognised_keys
+from dockyard.onboard.equivalence import EquivalenceResult, MutationResult, check_equivalence
 from dockyard.registry import MODEL_REGISTRY
 
 HEADER = """# Supported models
@@ -36,13 +39,13 @@ def _config_paths(configs_dirs: list[Path]) -> list[Path]:
     return [p for d in configs_dirs if d.is_dir() for p in sorted(d.glob("*/config.json"))]
 
 
-def _configs(configs_dirs: list[Path]) -> dict[str, tuple[str, dict[str, Any]]]:
-    """architecture → (config name, config) of the first config per architecture, in name order."""
-    found: dict[str, tuple[str, dict[str, Any]]] = {}
+def _all_configs(configs_dirs: list[Path]) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """architecture → every (config name, config) of it, in name order."""
+    found: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for path in _config_paths(configs_dirs):
         config = json.loads(path.read_text())
         archs = config.get("architectures") or ["?"]
-        found.setdefault(str(archs[0]), (path.parent.name, config))
+        found.setdefault(str(archs[0]), []).append((path.parent.name, config))
     return found
 
 
@@ -55,38 +58,74 @@ def _example_first(arch: str, configs_dirs: list[Path]) -> tuple[str, dict[str, 
             config = json.loads(path.read_text())
             if (config.get("architectures") or [None])[0] == arch:
                 return path.parent.name, config
-    return _configs(configs_dirs).get(arch)
+    return next(iter(_all_configs(configs_dirs).get(arch, [])), None)
 
 
-def equivalence_cell(config: dict[str, Any]) -> str:
-    """The equivalence gate's verdict on ``config``, as one table cell."""
-    from dockyard.onboard.equivalence import check_equivalence
-
-    result = check_equivalence(config)
+def equivalence_cell(result: EquivalenceResult) -> str:
+    """The equivalence gate's verdict, as one table cell."""
     if result.status != "pass":
         return f"{result.status}: {result.reason}"
     # The bar, not the figure: the figure's last digits vary from machine to machine, and the page must not.
     return f"pass, {len(result.levels)} levels ≤ {max(result.tolerances.values()):.0e}"
 
 
+def mutation_runs(arch: str, configs_dirs: list[Path]) -> tuple[EquivalenceResult | None, str,
+                                                                 dict[str, tuple[MutationResult, str]]]:
+    """The equivalence gate with its mutation check for ``arch``: the example config first, then each further
+    config of the architecture that exercises a claimed feature not yet checked (name order).
+
+    Returns the example's result and name, and per claimed feature its ablation's outcome with the config
+    it ran on."""
+    found = _example_first(arch, configs_dirs)
+    if found is None:
+        return None, "", {}
+    candidates = [found] + [(name, cfg) for name, cfg in _all_configs(configs_dirs).get(arch, []) if name != found[0]]
+    first: EquivalenceResult | None = None
+    checked: dict[str, tuple[MutationResult, str]] = {}
+    for name, config in candidates:
+        todo = [k for k in claimed_features(config) if k not in checked]
+        if first is not None and not todo:
+            continue
+        result = check_equivalence(config, ablations=ablations_for(todo))
+        first = first or result
+        for m in result.mutations:
+            checked[m.feature] = (m, name)
+    return first, found[0], checked
+
+
 def render(configs_dirs: list[Path] | None = None) -> str:
     """The whole markdown page."""
     logging.getLogger("transformers").setLevel(logging.ERROR)
     configs_dirs = configs_dirs or []
-    from dockyard.onboard.config_features import detect_features
-
     lines = [HEADER, "## Architectures", "",
              "| architecture | family | model_type | example | equivalence vs HF (config) | features of that config |",
              "|---|---|---|---|---|---|"]
+    catches: list[str] = []
     for arch in sorted(MODEL_REGISTRY):
         entry = MODEL_REGISTRY[arch]
-        found = _example_first(arch, configs_dirs)
+        result, name, checked = mutation_runs(arch, configs_dirs)
         cell, features = "not run: no config of this architecture given", "—"
-        if found is not None:
-            cell = f"{equivalence_cell(found[1])} (`{found[0]}`)"
-            features = ", ".join(f.key for f in detect_features(found[1]) if f.kind == "arch")
+        if result is not None:
+            cell = f"{equivalence_cell(result)} (`{name}`)"
+            features = ", ".join(f.key for f in detect_features(_example_first(arch, configs_dirs)[1])
+                                 if f.kind == "arch")
         lines.append(f"| `{arch}` | {entry.family} | {', '.join(sorted(entry.model_types))} | {entry.example} | "
                      f"{cell} | {features} |")
+        for key in sorted(entry.features):
+            if key not in checked:
+                catches.append(f"| `{arch}` | `{key}` | {ABLATIONS[key].what if key in ABLATIONS else '—'} | "
+                               "NOT CHECKED: no config given exercises it | — |")
+                continue
+            mutation, config_name = checked[key]
+            level = mutation.caught_by.where if mutation.caught else "NOT CAUGHT: the gate passes the ablation"
+            catches.append(f"| `{arch}` | `{key}` | {mutation.what} | {level} | `{config_name}` |")
+    lines += ["", "## Mutation check: feature → level that catches it", "",
+              "Each feature an architecture claims is broken on purpose (`dockyard/onboard/ablations.py`: the "
+              "feature switched off or computed the wrong way) and the equivalence gate rerun on the same HF "
+              "reference; the level named is the first that fails. A feature the gate would not notice is not "
+              "claimed.", "",
+              "| architecture | feature | ablation | first failing level | config |", "|---|---|---|---|---|",
+              *catches]
     lines += ["", "## Features by family", "",
               "Feature keys are those `dockyard onboard`'s inspect gate reads from a config "
               "(`dockyard/onboard/config_features.py`).", ""]
@@ -100,15 +139,13 @@ def render(configs_dirs: list[Path] | None = None) -> str:
         lines.append(f"- {family}: " + (", ".join(f"`{k}`" for k in extra) if extra else "(no more)"))
     unsupported = _unsupported(configs_dirs)
     if unsupported:
-        lines += ["", "## Not supported (configs seen)", "", "| config | architecture | nearest family | missing |",
-                  "|---|---|---|---|"]
+        lines += ["", "## Not supported (configs seen)", "",
+                  "| config | architecture | nearest family | missing | unrecognised keys |", "|---|---|---|---|---|"]
         lines += unsupported
     return "\n".join(lines) + "\n"
 
 
 def _unsupported(configs_dirs: list[Path]) -> list[str]:
-    from dockyard.onboard.config_features import detect_features, nearest_family
-
     rows = []
     for path in _config_paths(configs_dirs):
         config = json.loads(path.read_text())
@@ -118,5 +155,6 @@ def _unsupported(configs_dirs: list[Path]) -> list[str]:
         cov = nearest_family(detect_features(config), str(config.get("model_type") or ""))
         missing = ", ".join(f.label for f in cov.missing) if cov else ""
         missing = missing or "no feature: its checkpoint layout (remote code) is not mapped onto a family"
-        rows.append(f"| `{path.parent.name}` | `{arch}` | {cov.family if cov else '—'} | {missing} |")
+        unknown = ", ".join(f"`{k}`" for k in unrecognised_keys(config)) or "none"
+        rows.append(f"| `{path.parent.name}` | `{arch}` | {cov.family if cov else '—'} | {missing} | {unknown} |")
     return rows

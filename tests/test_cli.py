@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from dockyard.cli import main
 from dockyard.model_source import bundled_model_path
+from tests.onboard.test_inspect_keys import STARCODER2
 
 CONFIGS = Path(__file__).resolve().parents[1].parent / "shared" / "configs"
 
@@ -51,8 +53,10 @@ def test_inspect_config_json_and_json_output():
     proc = run_cli("inspect", str(cfg))
     assert proc.returncode == 0, proc.stderr
     assert "LlamaForCausalLM" in proc.stdout and "KV cache / token" in proc.stdout
+    assert "family       llama (LlamaForCausalLM)" in proc.stdout and "unrecognised none" in proc.stdout
     proc = run_cli("inspect", str(cfg), "--json", "--device-memory", "80")
     data = json.loads(proc.stdout)
+    assert data["unrecognised_keys"] == [] and data["nearest_family"]["missing"] == []
     assert data["spec"]["num_hidden_layers"] == 32
     assert data["memory_plan"]["kv_bytes_per_token"] == 131072
     assert data["fit"]["fits"] is True
@@ -87,6 +91,16 @@ def test_unsupported_architecture(tmp_path):
         pytest.skip("../shared/configs is not present")
     proc = run_cli("generate", "--model", str(cfg), "hi")
     assert_clean_error(proc, "InternLM2ForCausalLM", "LlamaForCausalLM", "Qwen3MoeForCausalLM")
+
+
+def test_inspect_of_an_unsupported_architecture_names_features_family_and_unknown_keys(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(STARCODER2))
+    assert main(["inspect", str(tmp_path / "config.json")]) == 2  # in process: the same code path, no start-up
+    out, err = capsys.readouterr()
+    assert "Starcoder2ForCausalLM" in err and err.count("\n") == 1
+    assert "plain_mlp" in out and "layernorm" in out
+    assert "family       llama (LlamaForCausalLM)" in out and "missing: " in out
+    assert "unrecognised norm_epsilon" in out
 
 
 def test_prompt_longer_than_max_length():

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from dockyard.registry import MODEL_REGISTRY, ModelEntry
+from dockyard.registry import MODEL_REGISTRY
 from dockyard.spec import (
     ATTENTION_SINK_TYPES,
     GEMMA_TYPES,
@@ -25,6 +25,7 @@ from dockyard.spec import (
     QK_NORM_HEAD_TYPES,
     QKV_BIAS_TYPES,
     SANDWICH_NORM_TYPES,
+    SPEC_CONFIG_KEYS,
     language_model_config,
 )
 from dockyard.spec import POST_NORM_TYPES as POST_NORM_ONLY_TYPES
@@ -33,9 +34,59 @@ from dockyard.spec import POST_NORM_TYPES as POST_NORM_ONLY_TYPES
 # (the facts ModelSpec also uses live in dockyard.spec).
 QK_NORM_TYPES = QK_NORM_HEAD_TYPES | QK_NORM_FULL_TYPES
 POST_NORM_TYPES = SANDWICH_NORM_TYPES | POST_NORM_ONLY_TYPES
-FUSED_QKV_TYPES = {"phi3", "phi3small", "chatglm", "glm", "internlm2", "phi", "gpt_neox", "falcon", "dbrx"}
+FUSED_QKV_TYPES = {"phi3", "phi3small", "chatglm", "glm", "dbrx"}  # [q | k | v] side by side
+GROUPED_QKV_TYPES = {"internlm2", "gpt_neox", "falcon"}  # fused, but grouped per (KV) head
+PLAIN_MLP_TYPES = {"starcoder2", "gpt2", "gpt_bigcode", "gpt_neox", "falcon", "phi", "opt", "bloom", "mpt"}
+MUP_KEYS = ("mup_attn_multiplier", "mup_embedding_multiplier", "mup_width_multiplier")
 EMBED_SCALE_TYPES = GEMMA_TYPES
 BLOCKSPARSE_TYPES = {"phi3small"}
+
+
+# Keys that do not change what a forward pass computes (training-only settings, bookkeeping, token ids of
+# towers dockyard does not run). Together with spec.SPEC_CONFIG_KEYS and the keys detect_features reads,
+# they are every key inspect recognises; any other key is reported as unrecognised.
+NON_COMPUTE_KEYS = frozenset({
+    "transformers_version", "transformers.js_config", "use_cache", "initializer_range", "attn_implementation",
+    "cache_implementation", "pretraining_tp",  # v4 Llama's pretraining_tp splits the same matmuls in slices
+    "router_aux_loss_coef", "aux_loss_alpha", "seq_aux", "output_router_logits", "router_jitter_noise",
+    "input_jitter_noise", "ep_size", "is_llama_config", "attention_softmax_in_fp32",
+    "initial_context_length",  # gpt-oss: repeats rope_scaling's original_max_position_embeddings
+    "image_token_index", "boi_token_index", "eoi_token_index", "mm_tokens_per_image", "unk_token_id",
+    "sep_token_id", "decoder_start_token_id", "tokenizer_class",
+})
+_NON_COMPUTE_SUFFIXES = ("dropout", "_pdrop", "dropout_prob")  # inference runs without dropout
+# Keys whose value here is the computation dockyard does anyway (any other value is unrecognised).
+NEUTRAL_VALUES: dict[str, object] = {"rope_interleaved": False, "interpolate_factor": 1, "rope_position_scale": 1.0,
+                                     "full_attn_mod": 1}
+# Keys detect_features reads beyond the spec's (each either names a feature or is checked for its neutral value).
+DETECTED_KEYS = frozenset({
+    "n_head", "num_heads", "multi_query_group_num", "num_kv_heads", "multi_query_attention", "bias",
+    "add_bias_linear", "add_qkv_bias", "use_bias", "rotary_pct", "use_mrope", "original_rope", "rope_embedding_base",
+    "rmsnorm", "norm_type", "mlp_type", "lm_head_bias", "scale_emb", "dim_model_base", "scale_depth", "logit_scale",
+    "use_qk_norm",
+    "mup_use_scaling", *MUP_KEYS, "moe_num_experts", "moe_top_k", "num_shared_experts", "vision_config",
+    "audio_config", "quantization_config", "num_nextn_predict_layers", "auto_map",
+})
+
+
+def unrecognised_keys(config: dict[str, Any]) -> list[str]:
+    """Keys of ``config`` (and of its ``text_config``, as ``text_config.KEY``) that dockyard does not know: not
+    read by the spec, not read by feature detection, not known to leave the computation unchanged."""
+    if not isinstance(config, dict):
+        return []
+
+    def unknown(key: str, value: object) -> bool:
+        if key in SPEC_CONFIG_KEYS or key in DETECTED_KEYS or key in NON_COMPUTE_KEYS:
+            return False
+        if key.startswith("blocksparse") or key.endswith(_NON_COMPUTE_SUFFIXES):
+            return False
+        return not (key in NEUTRAL_VALUES and value == NEUTRAL_VALUES[key])
+
+    found = [k for k, v in config.items() if unknown(str(k), v)]
+    text = config.get("text_config")
+    if isinstance(text, dict):
+        found += [f"text_config.{k}" for k, v in text.items() if unknown(str(k), v)]
+    return found
 
 
 @dataclass(frozen=True)
@@ -70,6 +121,8 @@ def _num(config: dict[str, Any], *keys: str) -> float | None:
 
 def _rope_type(config: dict[str, Any]) -> str:
     params = config.get("rope_parameters")
+    if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):
+        params = params["full_attention"]  # per layer type (Gemma 3): the global layers' scaling
     scaling = params if isinstance(params, dict) else config.get("rope_scaling")
     if not isinstance(scaling, dict):
         return "default"
@@ -98,7 +151,7 @@ def detect_features(config: dict[str, Any]) -> list[Feature]:
     kv_heads = _num(cfg, "num_key_value_heads", "multi_query_group_num", "num_kv_heads")
     if kv_heads is None and cfg.get("multi_query_attention") is True:
         kv_heads = 1.0
-    if heads:
+    if heads and not _num(cfg, "kv_lora_rank"):  # MLA's keys and values come per head from one latent
         kv = kv_heads if kv_heads else heads
         if kv == heads:
             add("mha", "multi-head attention", f"{int(heads)} heads")
@@ -120,11 +173,11 @@ def detect_features(config: dict[str, Any]) -> list[Feature]:
                 f"window {int(window)}" + (f", layer types {sorted(kinds)}" if kinds else ""))
         else:
             add("sliding_window", "sliding-window attention", f"window {int(window)}")
-    if cfg.get("attention_bias") is True or cfg.get("bias") is True or cfg.get("add_bias_linear") is True:
+    if any(cfg.get(k) is True for k in ("attention_bias", "bias", "add_bias_linear", "use_bias")):
         add("attention_bias", "bias on q/k/v/o projections")
     elif model_type in QKV_BIAS_TYPES or cfg.get("add_qkv_bias") is True:
         add("qkv_bias", "bias on q/k/v projections only")
-    if model_type in QK_NORM_TYPES:
+    if model_type in QK_NORM_TYPES or cfg.get("use_qk_norm") is True:
         add("qk_norm", "qk-norm (RMSNorm on queries and keys)", f"model_type {model_type}")
     if _num(cfg, "attn_logit_softcapping"):
         add("attn_softcap", "attention logit soft-capping", f"cap {_num(cfg, 'attn_logit_softcapping')}")
@@ -136,7 +189,10 @@ def detect_features(config: dict[str, Any]) -> list[Feature]:
     if model_type in BLOCKSPARSE_TYPES or any(str(k).startswith("blocksparse") for k in cfg):
         add("blocksparse_attention", "block-sparse attention")
     if model_type in FUSED_QKV_TYPES:
-        add("fused_qkv", "fused qkv / gate_up projections in the checkpoint", f"model_type {model_type}")
+        add("fused_qkv", "fused q/k/v and gate/up projections in the checkpoint", f"model_type {model_type}")
+    elif model_type in GROUPED_QKV_TYPES:
+        add("fused_qkv_grouped", "fused qkv projection laid out per KV head group (q…q k v, repeated)",
+            f"model_type {model_type}")
 
     # ---- position ----
     rope = _rope_type(cfg)
@@ -148,28 +204,44 @@ def detect_features(config: dict[str, Any]) -> list[Feature]:
         add("partial_rotary", "partial rotary embedding", f"factor {partial}")
     if cfg.get("use_mrope") is True or rope == "mrope":
         add("mrope", "multimodal RoPE sections (mrope)")
-    if _num(cfg, "rope_local_base_freq"):
-        add("local_rope_base", "separate RoPE base for local layers", f"{_num(cfg, 'rope_local_base_freq')}")
+    params = cfg.get("rope_parameters")
+    local = params.get("sliding_attention") if isinstance(params, dict) else None
+    local_base = _num(cfg, "rope_local_base_freq") or (_num(local, "rope_theta") if isinstance(local, dict) else None)
+    if local_base:
+        add("local_rope_base", "separate RoPE base for local layers", f"{local_base}")
 
     # ---- norms, MLP, embeddings ----
     if model_type in POST_NORM_TYPES:
         add("post_norms", "norms after attention/MLP outputs (sandwich / post-norm)", f"model_type {model_type}")
-    if model_type in LAYERNORM_TYPES or cfg.get("rmsnorm") is False:
-        add("layernorm", "LayerNorm (not RMSNorm)", f"model_type {model_type}")
+    if model_type in LAYERNORM_TYPES or cfg.get("rmsnorm") is False or cfg.get("norm_type") == "layer_norm":
+        with_bias = cfg.get("use_bias") is True or cfg.get("bias") is True
+        add("layernorm", "LayerNorm (not RMSNorm)", f"model_type {model_type}" + (", with bias" if with_bias else ""))
+    if model_type in PLAIN_MLP_TYPES or cfg.get("mlp_type") == "default":
+        add("plain_mlp", "plain MLP, down(act(up(x))), not gated", f"model_type {model_type}")
     act = _activation(cfg)
-    if act:
-        add(f"activation:{act}", f"activation '{act}'")
-    if _num(cfg, "swiglu_limit"):
+    if _num(cfg, "swiglu_limit"):  # gpt-oss: its own SwiGLU (σ(1.702·x)), hidden_act is not read
         add("clamped_swiglu", "clamped SwiGLU", f"limit {_num(cfg, 'swiglu_limit')}")
-    if cfg.get("mlp_bias") is True:
+    elif act:
+        add(f"activation:{act}", f"activation '{act}'")
+    if cfg.get("mlp_bias") is True or cfg.get("use_bias") is True:
         add("mlp_bias", "bias on MLP projections")
     if cfg.get("lm_head_bias") is True:
         add("lm_head_bias", "bias on the LM head")
     if cfg.get("tie_word_embeddings") is True or (model_type in EMBED_SCALE_TYPES and
                                                    cfg.get("tie_word_embeddings") is not False):
         add("tied_embeddings", "tied input/output embeddings")
-    if model_type in EMBED_SCALE_TYPES or _num(cfg, "scale_emb") not in (None, 1.0) or cfg.get("mup_use_scaling"):
-        add("embedding_scale", "scaled embeddings (×√hidden, scale_emb or muP)", f"model_type {model_type}")
+    if model_type in EMBED_SCALE_TYPES:
+        add("embedding_scale", "embeddings scaled by √hidden", f"model_type {model_type}")
+    if _num(cfg, "scale_emb") not in (None, 1.0):
+        add("scale_emb", "embeddings scaled by scale_emb", f"{_num(cfg, 'scale_emb')}")
+    if _num(cfg, "logit_scale") not in (None, 1.0):
+        add("logit_scale", "logits multiplied by logit_scale", f"{_num(cfg, 'logit_scale')}")
+    if _num(cfg, "dim_model_base"):
+        add("logit_scale_dim_model_base", "hidden states scaled by dim_model_base / hidden before the LM head",
+            f"dim_model_base {_num(cfg, 'dim_model_base')}")
+    if cfg.get("mup_use_scaling") or any(_num(cfg, k) not in (None, 1.0) for k in MUP_KEYS):
+        add("mup_scaling", "muP attention / embedding / width multipliers", ", ".join(
+            k for k in MUP_KEYS if _num(cfg, k) is not None))
     granite = [k for k in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
                if _num(cfg, k) is not None]
     if granite:
@@ -236,30 +308,30 @@ class Coverage:
                 "covered": [f.key for f in self.covered], "missing": [f.label for f in self.missing]}
 
 
-def _families() -> dict[str, tuple[ModelEntry, list[str]]]:
-    out: dict[str, tuple[ModelEntry, list[str]]] = {}
-    for arch, entry in sorted(MODEL_REGISTRY.items()):
-        out.setdefault(entry.family, (entry, []))[1].append(arch)
-    return out
-
-
-def coverage(features: list[Feature], family: str) -> Coverage:
-    """Which of ``features`` (arch kind only) the registered ``family`` implements."""
-    entry, archs = _families()[family]
+def coverage(features: list[Feature], architecture: str) -> Coverage:
+    """Which of ``features`` (arch kind only) the registered ``architecture`` implements."""
+    entry = MODEL_REGISTRY[architecture]
     arch_features = [f for f in features if f.kind == "arch"]
     covered = [f for f in arch_features if f.key in entry.features]
     missing = [f for f in arch_features if f.key not in entry.features]
-    return Coverage(family, archs, covered, missing)
+    return Coverage(entry.family, [architecture], covered, missing)
 
 
 def nearest_family(features: list[Feature], model_type: str = "") -> Coverage | None:
-    """The registered family with the same model_type, else the one missing the fewest features."""
-    families = _families()
-    if not families:
+    """The registered architecture covering the most of ``features``, among those of the same model_type if any.
+
+    Ties go to the structurally closest: the largest share of the candidate's own features that the config
+    asks for (a family built around what the config does not use is further away), then the one claiming
+    fewer features, then registry order. Names never decide.
+    """
+    if not MODEL_REGISTRY:
         return None
-    for name, (entry, _) in families.items():
-        if model_type and model_type in entry.model_types:
-            return coverage(features, name)
-    ranked = sorted((coverage(features, name) for name in families),
-                    key=lambda c: (len(c.missing), -len(c.covered), c.family))
-    return ranked[0]
+    wanted = {f.key for f in features if f.kind == "arch"}
+    order = [a for a, e in MODEL_REGISTRY.items() if model_type and model_type in e.model_types] or list(MODEL_REGISTRY)
+
+    def closeness(arch: str) -> tuple[int, float, int, int]:
+        claimed = MODEL_REGISTRY[arch].features
+        shared = len(wanted & claimed)
+        return (-shared, -shared / max(len(wanted | claimed), 1), len(claimed), order.index(arch))
+
+    return coverage(features, min(order, key=closeness))

@@ -21,19 +21,23 @@ verdict's ``first_failure`` (e.g. "attention of layer 0"), which says where to l
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from dockyard.ops.attention import Attention, AttentionMetadata, forward_context
 from dockyard.spec import language_model_config
+
+if TYPE_CHECKING:
+    from dockyard.onboard.ablations import Ablation
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +48,19 @@ SHRUNK_VOCAB = 1000
 SHRUNK_HEAD_DIM = 16
 SHRUNK_INTERMEDIATE = 128
 MAX_EXPERTS = 4
+# Grouped routing (DeepSeek): 4 groups of 2 experts, the best 2 groups kept, 3 experts chosen among their 4, so
+# the group choice decides which experts can win.
+GROUPED_EXPERTS, GROUPED_N_GROUP, GROUPED_TOPK_GROUP, GROUPED_TOP_K = 8, 4, 2, 3
+# Soft-caps at the size of the shrunken model's attention scores and logits (a few units), so tanh bends them.
+SHRUNK_ATTN_SOFTCAP = 2.0
+SHRUNK_FINAL_SOFTCAP = 1.0
+SHRUNK_SWIGLU_LIMIT = 1.0  # gpt-oss's clamp, at the size of the shrunken gate/up activations
+# Rope scalings that depend on the original context (llama3, yarn, longrope) get one shorter than the first
+# prefill chunk, so every forward runs past it.
+SHRUNK_ROPE_ORIGINAL = 16
+# The context the shrunken model declares where its rope does not depend on it (every type but longrope, yarn and
+# dynamic): the rotary tables are built for it, once per model the mutation check loads.
+SHRUNK_MAX_POSITIONS = 1024
 # rmse(ours − ref) / rmse(ref) allowed per level. fp32 must agree to rounding; the bf16 bars are
 # the usual ones for comparing a bf16 engine with an fp32 reference.
 TOLERANCES: dict[str, dict[str, float]] = {
@@ -176,9 +193,17 @@ def shrink_config(config: dict[str, Any], seq_len: int = SEQ_LEN) -> tuple[dict[
     for key in ("num_experts_per_tok", "experts_per_token"):
         if _int(cfg.get(key)) and experts:
             cfg[key] = min(int(cfg[key]), 2, experts)
-    for key in ("n_group", "topk_group"):
-        if _int(cfg.get(key)):
-            cfg[key] = 1
+    if (_int(cfg.get("n_group")) or 1) > 1 and experts:
+        cfg.update(n_group=GROUPED_N_GROUP, topk_group=GROUPED_TOPK_GROUP, num_experts_per_tok=GROUPED_TOP_K)
+        for key in ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts"):
+            if _int(cfg.get(key)):
+                cfg[key] = GROUPED_EXPERTS
+        notes.append(f"grouped routing: {GROUPED_EXPERTS} experts in {GROUPED_N_GROUP} groups, best "
+                     f"{GROUPED_TOPK_GROUP} groups kept, top-{GROUPED_TOP_K}")
+    else:
+        for key in ("n_group", "topk_group"):
+            if _int(cfg.get(key)):
+                cfg[key] = 1
     if _int(cfg.get("kv_lora_rank")):
         cfg.update(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
         if "head_dim" in cfg:  # transformers' MLA configs define head_dim as the rope dims
@@ -203,10 +228,56 @@ def shrink_config(config: dict[str, Any], seq_len: int = SEQ_LEN) -> tuple[dict[
     if window and cfg.get("use_sliding_window") is not False and window >= seq_len:
         cfg["sliding_window"] = SHRUNK_WINDOW
         notes.append(f"sliding window {window} → {SHRUNK_WINDOW} (below the test length {seq_len}, so it matters)")
+    _make_features_bind(cfg, notes)
     max_pos = _int(cfg.get("max_position_embeddings"))
     if max_pos is not None and max_pos < seq_len:
         notes.append(f"max_position_embeddings {max_pos} < test length; sequences shortened to it")
     return cfg, notes
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _rope_dicts(rope: Any) -> list[dict[str, Any]]:
+    """A rope_scaling / rope_parameters value and its per-layer-type parts (transformers v5), as dicts."""
+    if not isinstance(rope, dict):
+        return []
+    return [rope] + [v for v in rope.values() if isinstance(v, dict)]
+
+
+def _make_features_bind(cfg: dict[str, Any], notes: list[str]) -> None:
+    """Move the features whose effect depends on magnitudes into the regime where they change the output on
+    the test inputs: soft-caps and clamps at the size of the toy model's values, rope scaling past its
+    original context, an attention scale unlike the default one, multipliers other than 1."""
+    for key, cap in (("attn_logit_softcapping", SHRUNK_ATTN_SOFTCAP), ("final_logit_softcapping", SHRUNK_FINAL_SOFTCAP),
+                     ("swiglu_limit", SHRUNK_SWIGLU_LIMIT)):
+        if _number(cfg.get(key)):
+            notes.append(f"{key} {cfg[key]} → {cap} (binds on the toy model's values)")
+            cfg[key] = cap
+    head_dim = _int(cfg.get("head_dim")) or cfg["hidden_size"] // cfg["num_attention_heads"]
+    if _number(cfg.get("query_pre_attn_scalar")) == head_dim:
+        cfg["query_pre_attn_scalar"] = 4 * head_dim
+    for key in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+        if _number(cfg.get(key)) == 1.0:
+            cfg[key] = 0.5
+    for key in ("rope_scaling", "rope_parameters"):
+        for scaling in _rope_dicts(cfg.get(key)):
+            kind = scaling.get("rope_type") or scaling.get("type")
+            if kind in ("llama3", "yarn", "longrope", "su"):
+                old = scaling.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+                scaling["original_max_position_embeddings"] = SHRUNK_ROPE_ORIGINAL
+                if kind == "yarn" and _number(scaling.get("factor")):  # keep factor = max / original, as yarn means
+                    cfg["max_position_embeddings"] = int(scaling["factor"] * SHRUNK_ROPE_ORIGINAL)
+                notes.append(f"{kind} rope: original context {old} → {SHRUNK_ROPE_ORIGINAL} (the test runs past it)")
+    if _int(cfg.get("original_max_position_embeddings")):
+        cfg["original_max_position_embeddings"] = SHRUNK_ROPE_ORIGINAL
+    kinds = {str(r.get("rope_type") or r.get("type")) for key in ("rope_scaling", "rope_parameters")
+             for r in _rope_dicts(cfg.get(key))}
+    max_pos = _int(cfg.get("max_position_embeddings"))
+    if max_pos and max_pos > SHRUNK_MAX_POSITIONS and not kinds & {"longrope", "su", "dynamic", "yarn"}:
+        cfg["max_position_embeddings"] = SHRUNK_MAX_POSITIONS
+        notes.append(f"max_position_embeddings {max_pos} → {SHRUNK_MAX_POSITIONS} (its rope does not depend on it)")
 
 
 def _shrink_rope_lists(cfg: dict[str, Any], old_head_dim: int, new_head_dim: int) -> None:
@@ -262,6 +333,8 @@ def build_reference(cfg: dict[str, Any], seed: int = 0) -> nn.Module:
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5)
+            elif name.endswith("sinks"):  # per-head logits: at the size of the scores, so they matter
+                p.copy_(torch.randn(p.shape, generator=gen))
             elif "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn(p.shape, generator=gen) * 0.1)
     return model.eval()
@@ -286,6 +359,26 @@ class LevelResult:
 
 
 @dataclass
+class MutationResult:
+    """One ablated feature: what was broken and the first level that noticed (None: the gate passed it)."""
+
+    feature: str
+    what: str
+    caught_by: LevelResult | None
+
+    @property
+    def caught(self) -> bool:
+        return self.caught_by is not None
+
+    def margin(self) -> float | None:
+        """The catching level's error over its tolerance (None when caught by a crash or a load failure)."""
+        lv = self.caught_by
+        if lv is None or lv.rel_err is None or not lv.tolerance:
+            return None
+        return lv.rel_err / lv.tolerance
+
+
+@dataclass
 class EquivalenceResult:
     """The equivalence verdict with every level compared."""
 
@@ -300,6 +393,7 @@ class EquivalenceResult:
     levels: list[LevelResult] = field(default_factory=list)
     tolerances: dict[str, float] = field(default_factory=dict)
     duration_s: float = 0.0
+    mutations: list[MutationResult] = field(default_factory=list)
 
     @property
     def first_failure(self) -> LevelResult | None:
@@ -309,6 +403,10 @@ class EquivalenceResult:
         out = asdict(self)
         first = self.first_failure
         out["first_failure"] = None if first is None else {**asdict(first), "where": first.where}
+        out["mutations"] = [{"feature": m.feature, "what": m.what, "caught": m.caught,
+                             "caught_by": None if m.caught_by is None else m.caught_by.where,
+                             "rel_err": None if m.caught_by is None else m.caught_by.rel_err}
+                            for m in self.mutations]
         return out
 
 
@@ -371,9 +469,24 @@ def _clean(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k not in drop}
 
 
+class _FirstFailure(Exception):
+    """Raised inside :func:`compare_models` to stop at the first level that fails, when asked to."""
+
+
 def compare_models(ours: nn.Module, hf_model: nn.Module, seq_len: int = SEQ_LEN, decode_steps: int = DECODE_STEPS,
-                   dtype: str = "float32", seed: int = 1) -> list[LevelResult]:
-    """Every level of the comparison between our loaded model and the HF reference, in order."""
+                   dtype: str = "float32", seed: int = 1, stop_at_first_failure: bool = False) -> list[LevelResult]:
+    """Every level of the comparison between our loaded model and the HF reference, in order (up to the first
+    failing one with ``stop_at_first_failure``)."""
+    results: list[LevelResult] = []
+    try:
+        _compare_levels(ours, hf_model, seq_len, decode_steps, dtype, seed, stop_at_first_failure, results)
+    except _FirstFailure:
+        pass
+    return results
+
+
+def _compare_levels(ours: nn.Module, hf_model: nn.Module, seq_len: int, decode_steps: int, dtype: str, seed: int,
+                    stop: bool, results: list[LevelResult]) -> None:
     tol = TOLERANCES[dtype]
     vocab = hf_model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
@@ -381,7 +494,6 @@ def compare_models(ours: nn.Module, hf_model: nn.Module, seq_len: int = SEQ_LEN,
     positions = torch.arange(seq_len)
     hidden_size = hf_model.config.hidden_size
     x = torch.randn(1, seq_len, hidden_size, generator=gen)
-    results: list[LevelResult] = []
     layer_types = _layer_type_indices(hf_model)
     paths = []
     for i, _ in layer_types:
@@ -400,6 +512,8 @@ def compare_models(ours: nn.Module, hf_model: nn.Module, seq_len: int = SEQ_LEN,
         except Exception as exc:  # noqa: BLE001 - a crash in one level is that level's failure
             logger.exception("equivalence level %s/%s crashed", level, block)
             results.append(LevelResult(level, block, module, None, bar, False, f"{type(exc).__name__}: {exc}"))
+        if stop and not all(r.passed for r in results):  # also the missing-module failures recorded directly
+            raise _FirstFailure
 
     x2d = x[0]
     for i, kind in layer_types:
@@ -449,12 +563,36 @@ def compare_models(ours: nn.Module, hf_model: nn.Module, seq_len: int = SEQ_LEN,
             lambda: ref_logits, tol["decode"])
     compare("decode", "decode steps only", f"last {decode_steps} positions",
             lambda: paged["logits"][-decode_steps:], lambda: ref_logits[-decode_steps:], tol["decode"])
-    return results
+
+
+def _run_ablation(ablation: Ablation, checkpoint: str, hf_model: nn.Module, seq_len: int, decode_steps: int,
+                  seed: int) -> MutationResult:
+    """Load ``checkpoint`` with one feature broken and compare up to the first level that fails."""
+    from dockyard.engine.llm import load_model  # the engine pulls in more than the rest of this module needs
+    from dockyard.model_source import resolve_model
+
+    source = resolve_model(checkpoint)
+    try:
+        source = dataclasses.replace(source, spec=ablation.ablated_spec(source.spec))
+        model, _ = load_model(source, torch.device("cpu"), torch.float32)
+    except Exception as exc:  # noqa: BLE001 - a model that cannot be built or loaded is caught at loading
+        return MutationResult(ablation.feature, ablation.what, LevelResult(
+            "load", "weights saved by HF", "checkpoint", None, 0.0, False, f"{type(exc).__name__}: {exc}"))
+    if ablation.model is not None:
+        ablation.model(model)
+    with ablation.patched():
+        levels = compare_models(model, hf_model, seq_len, decode_steps, seed=seed, stop_at_first_failure=True)
+    return MutationResult(ablation.feature, ablation.what, next((lv for lv in levels if not lv.passed), None))
 
 
 def check_equivalence(config: dict[str, Any], workdir: str | Path | None = None, seq_len: int = SEQ_LEN,
-                      decode_steps: int = DECODE_STEPS, seed: int = 0) -> EquivalenceResult:
-    """Shrink ``config``, build the HF reference, load it through dockyard, compare every level."""
+                      decode_steps: int = DECODE_STEPS, seed: int = 0,
+                      ablations: Sequence[Ablation] = ()) -> EquivalenceResult:
+    """Shrink ``config``, build the HF reference, load it through dockyard, compare every level.
+
+    Then, if every level passed, the mutation check: each of ``ablations`` (``dockyard.onboard.ablations``)
+    loaded from the same checkpoint and compared up to the first level that fails
+    (``EquivalenceResult.mutations``); an ablation no level catches is a feature the gate cannot vouch for."""
     t0 = time.perf_counter()
     model_type = str(_text_part(config).get("model_type") or "")
     result = EquivalenceResult(status="skip", model_type=model_type, tolerances=TOLERANCES["float32"],
@@ -493,6 +631,9 @@ def check_equivalence(config: dict[str, Any], workdir: str | Path | None = None,
             result.duration_s = time.perf_counter() - t0
             return result
         result.levels = compare_models(llm.model, hf_model, seq_len, decode_steps, seed=seed + 1)
+        del llm
+        if result.first_failure is None:  # a mutation check means something only where the intact model passes
+            result.mutations = [_run_ablation(a, tmp, hf_model, seq_len, decode_steps, seed + 1) for a in ablations]
     first = result.first_failure
     result.status = "pass" if first is None else "fail"
     if first is not None:

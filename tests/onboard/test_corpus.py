@@ -28,7 +28,9 @@ def test_config_onboards_or_names_what_is_missing(name, tmp_path):
     for r in run.results:
         assert "internal error" not in r.summary, (r.name, r.summary)
     inspect = gates["inspect"]
+    assert isinstance(inspect.evidence["unrecognised_keys"], list)  # every key accounted for, or named here
     if inspect.status == "pass":
+        assert inspect.evidence["unrecognised_keys"] == []
         assert gates["equivalence"].status in ("pass", "skip"), gates["equivalence"].summary
         if gates["equivalence"].status == "skip":
             assert "transformers" in gates["equivalence"].summary
@@ -37,8 +39,10 @@ def test_config_onboards_or_names_what_is_missing(name, tmp_path):
     else:
         assert inspect.status == "fail"
         missing = inspect.evidence["missing_features"]
-        assert missing or inspect.evidence["spec_error"] or "checkpoint layout" in inspect.summary, inspect.summary
-        assert any(s in inspect.summary for s in ("missing: ", "does not validate", "checkpoint layout"))
+        assert missing or inspect.evidence["spec_error"] or inspect.evidence["unrecognised_keys"] or (
+            "checkpoint layout" in inspect.summary), inspect.summary
+        assert any(s in inspect.summary for s in ("missing: ", "does not validate", "checkpoint layout",
+                                                  "unrecognised config keys"))
         assert inspect.evidence["nearest_family"]["family"] in {e.family for e in MODEL_REGISTRY.values()}
         assert all(r.status == "skip" and "inspect" in r.summary for r in run.results[1:] if r.name not in
                    ("real", "features", "serve-smoke"))

@@ -8,7 +8,7 @@ import pytest
 
 from dockyard.onboard import OnboardOptions, run_onboard
 from dockyard.onboard.config_features import detect_features, nearest_family
-from dockyard.onboard.equivalence import SHRUNK_WINDOW, shrink_config
+from dockyard.onboard.equivalence import SEQ_LEN, SHRUNK_WINDOW, shrink_config
 
 LLAMA = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
@@ -35,7 +35,8 @@ def test_feature_detection_names_what_each_family_needs():
     keys = _keys(deepseek)
     assert {"mla", "moe", "moe_shared_experts", "mtp", "quantized:fp8"} <= keys
     near = nearest_family(detect_features(deepseek), "deepseek_v3")
-    assert near.family == "deepseek" and not near.missing
+    # No DeepSeek config run by the mutation check uses plain rope (all are yarn): not claimed, so missing.
+    assert near.family == "deepseek" and [f.key for f in near.missing] == ["rope:default"]
     assert "mtp" not in {f.key for f in near.covered}  # a checkpoint feature, not an architecture gap
     # A config no family covers: the nearest one and the missing features by name.
     phimoe = {**LLAMA, "architectures": ["PhiMoEForCausalLM"], "model_type": "phimoe", "num_local_experts": 16,
@@ -58,12 +59,35 @@ def test_shrink_keeps_flags_and_ratio():
     assert small["num_attention_heads"] // small["num_key_value_heads"] == 4
     assert small["hidden_size"] == small["num_attention_heads"] * 16 and small.get("head_dim", 16) == 16
     assert small["sliding_window"] == SHRUNK_WINDOW and small["attention_bias"] is True
-    assert small["rope_scaling"] == cfg["rope_scaling"] and small["rope_theta"] == 500000.0
-    assert small["max_position_embeddings"] == 131072 and small["vocab_size"] == 1000
+    # The llama3 scaling kept, its original context moved below the test length so that it matters.
+    assert small["rope_scaling"] == {**cfg["rope_scaling"], "original_max_position_embeddings": 16}
+    assert small["rope_theta"] == 500000.0
+    assert small["max_position_embeddings"] == 1024 and small["vocab_size"] == 1000  # llama3 does not read it
     assert small["bos_token_id"] < 1000 and all(e < 1000 for e in small["eos_token_id"])
     assert small["num_hidden_layers"] in (2, 3, 4) and notes
     decoupled, _ = shrink_config({**LLAMA, "head_dim": 256, "hidden_size": 2048, "num_attention_heads": 16})
     assert decoupled["head_dim"] * decoupled["num_attention_heads"] != decoupled["hidden_size"]
+
+
+def test_shrink_keeps_every_feature_in_the_regime_where_it_matters():
+    deepseek = {**LLAMA, "model_type": "deepseek_v3", "n_routed_experts": 256, "num_experts_per_tok": 8,
+                "n_group": 8, "topk_group": 4, "topk_method": "noaux_tc", "first_k_dense_replace": 3,
+                "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096}}
+    small, _ = shrink_config(deepseek)
+    experts, groups = small["n_routed_experts"], small["n_group"]
+    assert groups >= 2 and small["topk_group"] < groups and experts % groups == 0
+    # The chosen groups hold more experts than top_k picks, and top_k is more than one group's worth.
+    assert experts // groups < small["num_experts_per_tok"] <= small["topk_group"] * experts // groups < experts
+    assert small["rope_scaling"]["original_max_position_embeddings"] < SEQ_LEN // 2  # the first chunk runs past it
+    assert small["max_position_embeddings"] == 40 * small["rope_scaling"]["original_max_position_embeddings"]
+    gemma = {**LLAMA, "model_type": "gemma2", "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+             "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+    small, _ = shrink_config(gemma)
+    assert small["attn_logit_softcapping"] <= 2 and small["final_logit_softcapping"] <= 2  # at the scores' size
+    assert small["sliding_window"] < SEQ_LEN and small["query_pre_attn_scalar"] != small["head_dim"]
+    granite = {**LLAMA, "model_type": "granite", "residual_multiplier": 1.0, "logits_scaling": 1.0}
+    small, _ = shrink_config(granite)
+    assert small["residual_multiplier"] != 1.0 and small["logits_scaling"] != 1.0
 
 
 def test_missing_model_fails_at_once_without_a_report(tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from dockyard.errors import DockyardError
-from dockyard.onboard.config_features import coverage, detect_features, nearest_family
+from dockyard.onboard.config_features import coverage, detect_features, nearest_family, unrecognised_keys
 from dockyard.onboard.context import GateContext, Outcome, read_raw_model
 from dockyard.registry import MODEL_REGISTRY, supported_architectures
 
@@ -31,7 +31,8 @@ def run(ctx: GateContext) -> Outcome:
         logger.info("feature %-28s %s %s", f.key, f.label, f.detail)
 
     registered = arch in MODEL_REGISTRY
-    cov = coverage(features, MODEL_REGISTRY[arch].family) if registered else nearest_family(features, model_type)
+    cov = coverage(features, arch) if registered else nearest_family(features, model_type)
+    unknown = unrecognised_keys(config)
     spec_error = None
     try:
         ctx.source = resolve_model(ctx.options.model, "dummy" if ctx.options.weights == "dummy" else "auto")
@@ -50,12 +51,13 @@ def run(ctx: GateContext) -> Outcome:
         "features": [{**f.to_dict(), "covered": f.key in covered_keys if f.kind == "arch" else None}
                      for f in features],
         "missing_features": missing,
+        "unrecognised_keys": unknown,
         "spec_error": spec_error,
         "spec": ctx.spec.to_dict() if ctx.spec is not None else None,
         "source": {"kind": ctx.source.kind if ctx.source is not None else raw.kind, "path": str(raw.path)},
     }
     n_arch = sum(1 for f in features if f.kind == "arch")
-    if registered and spec_error is None and not missing:
+    if registered and spec_error is None and not missing and not unknown:
         return Outcome("pass", f"{arch} → family '{evidence['family']}'; all {n_arch} architectural features "
                                f"covered", evidence)
     parts = []
@@ -68,6 +70,10 @@ def run(ctx: GateContext) -> Outcome:
                          "(module names, fused tensors) onto its modules; a registry entry with a name map is needed")
     if missing:
         parts.append("missing: " + ", ".join(missing))
+    if unknown:
+        parts.append(f"unrecognised config keys: {', '.join(unknown)} (dockyard cannot tell whether they change the "
+                     "computation, so no native family is claimed; add each to the spec reader or to "
+                     "config_features' keys that do not affect compute)")
     if spec_error and (registered or not missing):
         parts.append(f"config does not validate: {spec_error}")
     return Outcome("fail", "; ".join(parts), evidence)
