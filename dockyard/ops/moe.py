@@ -168,12 +168,47 @@ def fused_experts(
     (experts another rank holds) contribute zero. The fused kernels where they serve (module docstring),
     else the reference loop.
     """
+    counter = _routed_expert_counter
     stacked = getattr(experts, "stacked", None)
     if stacked is not None and x.dim() == 2 and fused_ops_enabled(x):
         from dockyard.ops.triton_moe import fused_moe  # Triton is an optional dependency
 
-        return fused_moe(x.contiguous(), stacked, topk_weights, topk_ids)
+        return fused_moe(x.contiguous(), stacked, topk_weights, topk_ids,
+                         stats=None if counter is None else counter.stats)
+    if counter is not None:
+        counter.add(topk_ids, experts.num_experts)
     return moe_reference(x, experts, topk_weights, topk_ids)
+
+
+class RoutedExpertCounter:
+    """Counts on the device the distinct experts (of the bank, so a rank's own) each ``fused_experts`` call
+    routes to, and the calls (``stats``: int64 [distinct, calls]): the expert weights a step reads, for
+    benchmarks. The fused path counts inside its alignment kernel (no extra launch), the reference path with
+    a few tensor ops; device work only, so CUDA-graph replays count too: install it (``count_routed_experts``)
+    before the engine captures."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stats = torch.zeros(2, dtype=torch.int64, device=device)
+
+    def add(self, topk_ids: torch.Tensor, num_experts: int) -> None:
+        hit = torch.zeros(num_experts + 1, dtype=torch.int64, device=topk_ids.device)
+        hit.index_fill_(0, topk_ids.reshape(-1).clamp(max=num_experts), 1)
+        self.stats[0] += hit[:num_experts].sum()
+        self.stats[1] += 1
+
+    def read(self) -> tuple[int, int]:
+        """(distinct experts summed over calls, calls) so far (a host sync)."""
+        distinct, calls = self.stats.tolist()
+        return distinct, calls
+
+
+_routed_expert_counter: RoutedExpertCounter | None = None
+
+
+def count_routed_experts(counter: RoutedExpertCounter | None) -> None:
+    """Make ``fused_experts`` count its routing into ``counter`` (None: stop counting)."""
+    global _routed_expert_counter
+    _routed_expert_counter = counter
 
 
 @dataclasses.dataclass(frozen=True)

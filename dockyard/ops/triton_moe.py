@@ -45,8 +45,9 @@ def _add(a, b):
 
 
 @triton.jit
-def _align_kernel(ids_ptr, sorted_pairs_ptr, block_expert_ptr, num_pairs, num_rows, num_blocks,
-                  E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+def _align_kernel(ids_ptr, sorted_pairs_ptr, block_expert_ptr, stats_ptr, num_pairs, num_rows, num_blocks,
+                  E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+                  COUNT: tl.constexpr):
     experts = tl.arange(0, E_POW2)
     lanes = tl.arange(0, CHUNK)
     in_bank = experts < E
@@ -61,6 +62,9 @@ def _align_kernel(ids_ptr, sorted_pairs_ptr, block_expert_ptr, num_pairs, num_ro
     ends = tl.associative_scan(padded, 0, _add)
     starts = ends - padded
     total = tl.reduce(padded, 0, _add)
+    if COUNT:  # stats += (distinct experts routed to, 1 call)
+        tl.store(stats_ptr, tl.load(stats_ptr) + tl.reduce((counts > 0).to(tl.int64), 0, _add))
+        tl.store(stats_ptr + 1, tl.load(stats_ptr + 1) + 1)
     for start in range(0, num_rows, CHUNK):
         row = start + lanes
         tl.store(sorted_pairs_ptr + row, num_pairs, mask=row < num_rows)
@@ -153,12 +157,14 @@ def pick_configs(tokens: int) -> tuple[MoEConfig, MoEConfig]:
     return next(cfg for bound, cfg in sorted(DEFAULT_CONFIGS.items()) if tokens <= bound)
 
 
-def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int,
+                stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort the (token, slot) pairs of ``topk_ids`` [T, k] by expert in ``block_m``-row blocks, on the device.
 
     Returns (sorted_pairs [blocks · block_m] int32: flat pair index t·k + j, ``T·k`` on padding rows;
     block_expert [blocks] int32: each block's expert, -1 for unused blocks), blocks = cdiv(T·k, block_m) +
-    min(E, T·k). Ids ≥ ``num_experts`` (held by another rank) are left out."""
+    min(E, T·k). Ids ≥ ``num_experts`` (held by another rank) are left out. ``stats`` (int64 [2], optional)
+    gets the number of distinct experts routed to and 1 call added (``ops.moe.RoutedExpertCounter``)."""
     ids = topk_ids.reshape(-1)
     if not ids.is_contiguous():
         ids = ids.contiguous()
@@ -168,8 +174,9 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple
     block_expert = torch.empty(blocks, dtype=torch.int32, device=ids.device)
     e_pow2 = triton.next_power_of_2(num_experts + 1)
     chunk = max(16, min(256, 8192 // e_pow2))
-    _align_kernel[(1,)](ids, sorted_pairs, block_expert, pairs, blocks * block_m, blocks,
-                        E=num_experts, E_POW2=e_pow2, BLOCK_M=block_m, CHUNK=chunk, num_warps=4)
+    _align_kernel[(1,)](ids, sorted_pairs, block_expert, stats if stats is not None else block_expert,
+                        pairs, blocks * block_m, blocks, E=num_experts, E_POW2=e_pow2, BLOCK_M=block_m,
+                        CHUNK=chunk, COUNT=stats is not None, num_warps=4)
     return sorted_pairs, block_expert
 
 
@@ -194,11 +201,12 @@ def _gemm(a: torch.Tensor, weight: torch.Tensor, strides: tuple[int, int, int], 
 
 
 def fused_moe(x: torch.Tensor, stacked: StackedExperts, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-              configs: tuple[MoEConfig, MoEConfig] | None = None) -> torch.Tensor:
+              configs: tuple[MoEConfig, MoEConfig] | None = None, stats: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_j topk_weights[t, j] · expert_{topk_ids[t, j]}(x[t]) for x [T, H] → [T, H] in x's dtype.
 
     ``stacked`` describes the expert weights (``ops.moe.StackedExperts``); ids ≥ its expert count contribute
-    zero (expert parallelism). ``configs`` overrides the tiles (the sweep uses it)."""
+    zero (expert parallelism). ``configs`` overrides the tiles (the sweep uses it); ``stats``: see
+    :func:`align_pairs`."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"fused_moe takes x [tokens, hidden] with contiguous rows, got {tuple(x.shape)}")
     tokens, hidden = x.shape
@@ -206,7 +214,9 @@ def fused_moe(x: torch.Tensor, stacked: StackedExperts, topk_weights: torch.Tens
     up_cfg, down_cfg = configs or pick_configs(tokens)
     if up_cfg[0] != down_cfg[0]:
         raise ValueError(f"both GEMMs run on the same aligned blocks: BLOCK_M {up_cfg[0]} != {down_cfg[0]}")
-    sorted_pairs, block_expert = align_pairs(topk_ids, stacked.num_experts, up_cfg[0])
+    if tokens == 0:
+        return torch.zeros_like(x)
+    sorted_pairs, block_expert = align_pairs(topk_ids, stacked.num_experts, up_cfg[0], stats)
     weights = topk_weights.reshape(-1)
     if weights.dtype != torch.float32 or not weights.is_contiguous():
         weights = weights.float().contiguous()

@@ -129,10 +129,17 @@ def test_fused_moe_expert_parallel_subset(fused) -> None:
     weights, global_ids = _routing(19, 12, 3, seed=7)
     ids = local.local_ids(global_ids)
     x = _x(tokens=19)[:, :HIDDEN].to(DEVICE)
-    got = moe.fused_experts(x, local, weights, ids)
+    counter = moe.RoutedExpertCounter(DEVICE)
+    moe.count_routed_experts(counter)
+    try:
+        got = moe.fused_experts(x, local, weights, ids)
+    finally:
+        moe.count_routed_experts(None)
     kept = ((global_ids >= 4) & (global_ids < 8)).double()
     want = moe_reference(x.double(), _double(full), weights.double() * kept, global_ids)
     assert rel_rmse(got.double(), want) < 1e-5
+    # The alignment kernel's routing count: this rank's distinct experts hit, one call.
+    assert counter.read() == (len(set(global_ids[kept.bool()].tolist())), 1)
 
 
 @pytest.mark.skipif(INTERPRET, reason="the interpreter's tl.dot does not take bfloat16 operands")
