@@ -172,8 +172,9 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     blocks = triton.cdiv(pairs, block_m) + min(num_experts, pairs)
     sorted_pairs = torch.empty(blocks * block_m, dtype=torch.int32, device=ids.device)
     block_expert = torch.empty(blocks, dtype=torch.int32, device=ids.device)
-    e_pow2 = triton.next_power_of_2(num_experts + 1)
-    chunk = max(16, min(256, 8192 // e_pow2))
+    e_pow2 = triton.next_power_of_2(num_experts)
+    # Pairs per step of the [CHUNK, E] one-hot work: bounded for registers, no wider than the pairs there are.
+    chunk = max(16, min(256, 8192 // e_pow2, triton.next_power_of_2(pairs)))
     _align_kernel[(1,)](ids, sorted_pairs, block_expert, stats if stats is not None else block_expert,
                         pairs, blocks * block_m, blocks, E=num_experts, E_POW2=e_pow2, BLOCK_M=block_m,
                         CHUNK=chunk, COUNT=stats is not None, num_warps=4)
