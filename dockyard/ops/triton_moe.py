@@ -97,6 +97,7 @@ def _grouped_gemm_kernel(
     limit, alpha,
     A_ROWS_PER_TOKEN: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr,
     MUL_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # c[pair, n] = act(Σ_k a[row(pair), k] · b[e, n, k] (+ bias)) (· topk_weight[pair]) for the block's pairs.
     pid_m = tl.program_id(0)
@@ -117,10 +118,10 @@ def _grouped_gemm_kernel(
         k_ok = offs_k < K - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if ACTIVATION != 0:
             b_up = tl.load(b_ptrs + up_offset, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc_up = tl.dot(a, b_up, acc_up)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
     if HAS_BIAS:
@@ -142,10 +143,12 @@ def _grouped_gemm_kernel(
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per GEMM by token count: the smallest bucket >= T.
+# Up to 64 tokens: the fastest of `benchmarks/moe_kernels.py --sweep` at Qwen3-30B-A3B's shape on an H200
+# (benchmarks/RESULTS.md); past that not swept yet.
 MoEConfig = tuple[int, int, int, int, int]
 DEFAULT_CONFIGS: dict[int, tuple[MoEConfig, MoEConfig]] = {
     # (gate/up, down)
-    8: ((16, 32, 128, 4, 4), (16, 64, 128, 4, 4)),
+    8: ((16, 128, 128, 4, 3), (16, 128, 128, 4, 3)),
     64: ((16, 64, 128, 4, 3), (16, 64, 128, 4, 3)),
     512: ((32, 64, 64, 4, 3), (32, 64, 64, 4, 3)),
     1 << 62: ((64, 128, 64, 8, 3), (64, 128, 64, 8, 3)),
@@ -198,6 +201,8 @@ def _gemm(a: torch.Tensor, weight: torch.Tensor, strides: tuple[int, int, int], 
         A_ROWS_PER_TOKEN=rows_per_token, ACTIVATION=activation, HAS_BIAS=bias is not None,
         CLAMP=limit is not None, MUL_WEIGHTS=topk_weights is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        # float32 models get float32 products (as the reference's matmuls), not TF32.
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
     )
 
 
