@@ -155,9 +155,28 @@ DEFAULT_CONFIGS: dict[int, tuple[MoEConfig, MoEConfig]] = {
 }
 
 
-def pick_configs(tokens: int) -> tuple[MoEConfig, MoEConfig]:
-    """The (gate/up, down) tile configurations for a batch of ``tokens`` tokens."""
-    return next(cfg for bound, cfg in sorted(DEFAULT_CONFIGS.items()) if tokens <= bound)
+# Shared memory the pipelined operand tiles of one program may take (Hopper has 227 KiB a block; the rest is
+# left for the epilogue's layout conversions).
+_SHARED_MEMORY_BUDGET = 212 * 1024
+
+
+def pick_configs(tokens: int, element_size: int = 2) -> tuple[MoEConfig, MoEConfig]:
+    """The (gate/up, down) tile configurations for a batch of ``tokens`` tokens of ``element_size``-byte
+    operands (the table is for 2-byte ones; wider operands get narrower K tiles, then fewer stages)."""
+    up, down = next(cfg for bound, cfg in sorted(DEFAULT_CONFIGS.items()) if tokens <= bound)
+    return _fit_shared_memory(up, element_size, 2), _fit_shared_memory(down, element_size, 1)
+
+
+def _fit_shared_memory(config: MoEConfig, element_size: int, b_tiles: int) -> MoEConfig:
+    block_m, block_n, block_k, warps, stages = config
+    while stages * (block_m + b_tiles * block_n) * block_k * element_size > _SHARED_MEMORY_BUDGET:
+        if block_k > 32:
+            block_k //= 2
+        elif stages > 2:
+            stages -= 1
+        else:
+            break
+    return block_m, block_n, block_k, warps, stages
 
 
 def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int,
@@ -217,7 +236,7 @@ def fused_moe(x: torch.Tensor, stacked: StackedExperts, topk_weights: torch.Tens
         raise ValueError(f"fused_moe takes x [tokens, hidden] with contiguous rows, got {tuple(x.shape)}")
     tokens, hidden = x.shape
     top_k = topk_ids.shape[-1]
-    up_cfg, down_cfg = configs or pick_configs(tokens)
+    up_cfg, down_cfg = configs or pick_configs(tokens, x.element_size())
     if up_cfg[0] != down_cfg[0]:
         raise ValueError(f"both GEMMs run on the same aligned blocks: BLOCK_M {up_cfg[0]} != {down_cfg[0]}")
     if tokens == 0:
