@@ -435,14 +435,20 @@ class GptOssExperts(nn.Module):
         self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, hidden_size))
         self.limit = limit
         self.alpha = alpha
+        # Off by default: on an H200 the fused path failed its check against HF's gpt-oss block (float32) for a
+        # cause not yet found, while passing in the interpreter; the tests switch it on.
+        self.use_fused = False
 
     @property
     def num_experts(self) -> int:
         return self.gate_up_proj.shape[0]
 
     @property
-    def stacked(self) -> StackedExperts:
-        """The checkpoint layout as it is: gate/up [E, H, 2I] with gate and up interleaved, down [E, I, H]."""
+    def stacked(self) -> StackedExperts | None:
+        """The checkpoint layout as it is: gate/up [E, H, 2I] with gate and up interleaved, down [E, I, H];
+        None (the reference loop) unless ``use_fused``."""
+        if not self.use_fused:
+            return None
         gate_up, down, bias, down_bias = self.gate_up_proj, self.down_proj, self.gate_up_proj_bias, self.down_proj_bias
         return StackedExperts(
             gate_up=gate_up, gate_up_strides=(gate_up.stride(0), 2 * gate_up.stride(2), gate_up.stride(1)),

@@ -183,6 +183,8 @@ def test_block_matches_hf_fused(fused, case: str) -> None:
     ours = copy.deepcopy(ours).to(DEVICE)
     if isinstance(ours, SparseMoeBlock):
         ours.experts.stack_()
+    else:
+        ours.experts.use_fused = True
     assert ours.experts.stacked is not None
     x = _x()
     assert rel_rmse(ours(x.to(DEVICE)).cpu(), _hf_out(hf_mlp, x)) < TOL
