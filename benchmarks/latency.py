@@ -9,7 +9,10 @@ In the same run it measures the device's ceilings (copy bandwidth, bf16 matmul r
 
 - decode at batch B: each step reads every weight once (all but the input embedding) plus the
   batch's K/V; the floor is those bytes over the copy bandwidth, so the roofline is
-  ``B / floor`` tokens/s. Measured over the decode steps only (every sequence prefilled first,
+  ``B / floor`` tokens/s. For MoE models a step reads the routed experts it selects, not all of
+  them: the weights are every non-routed-expert weight plus, per MoE layer, the distinct experts
+  the router chose in that step, counted on the device during the timed steps (graph replays
+  included: ``ops.moe.RoutedExpertCounter``); Measured over the decode steps only (every sequence prefilled first,
   128-token prompts, ``--output-len`` tokens each, ignore_eos);
 - time to first token of one prompt of L tokens (one request, max_tokens 1): model FLOPs are
   ``2 × matmul parameters × L`` (lm_head once) plus causal attention ``2 × layers × L² × heads ×
@@ -31,7 +34,9 @@ import time
 import torch
 
 from dockyard import LLM, SamplingParams
+from dockyard.engine.llm import resolve_device
 from dockyard.memory import plan_memory
+from dockyard.ops.moe import RoutedExpertCounter, count_routed_experts
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from ceilings import add_model_args, engine_kwargs, measure, sync  # noqa: E402
@@ -47,6 +52,21 @@ def weight_read_bytes(llm: LLM) -> int:
     return plan.weight_bytes - (0 if spec.tie_word_embeddings else embed)
 
 
+def routed_expert_bytes(llm: LLM) -> tuple[int, int]:
+    """(bytes of all routed experts, bytes of one routed expert) over the model's expert banks; (0, 0) if dense."""
+    total, one = 0, 0
+    for module in llm.model.modules():
+        bank = getattr(module, "experts", None)
+        if bank is None or not hasattr(bank, "num_experts"):
+            continue
+        params = sum(p.numel() * p.element_size() for p in bank.parameters())
+        if getattr(bank, "stacked", None) is not None and not hasattr(bank, "gate_up_proj"):
+            params = sum(t.numel() * t.element_size() for t in (bank.stacked.gate_up, bank.stacked.down))
+        total += params
+        one = params // bank.num_experts
+    return total, one
+
+
 def model_flops(llm: LLM, tokens: int) -> float:
     """Forward FLOPs of one prompt of ``tokens`` tokens with logits for the last one (causal attention)."""
     spec = llm.spec
@@ -57,8 +77,10 @@ def model_flops(llm: LLM, tokens: int) -> float:
     return 2 * matmul_params * tokens + 2 * lm_head + attention
 
 
-def decode_rate(llm: LLM, batch: int, input_len: int, output_len: int, rng: random.Random) -> dict:
-    """Decode tokens/s of ``batch`` sequences, timed from the step after the last prefill to the end."""
+def decode_rate(llm: LLM, batch: int, input_len: int, output_len: int, rng: random.Random,
+                counter: RoutedExpertCounter | None = None) -> dict:
+    """Decode tokens/s of ``batch`` sequences, timed from the step after the last prefill to the end;
+    ``counter``: the MoE routing counter installed in the model (bytes per step from the routing)."""
     engine = llm.engine
     vocab = llm.spec.vocab_size
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
@@ -71,6 +93,8 @@ def decode_rate(llm: LLM, batch: int, input_len: int, output_len: int, rng: rand
     sync(llm.device)
     generated_before = sum(len(s.output_token_ids) for s in seqs)
     steps_before = engine.metrics.steps
+    if counter is not None:
+        distinct_before, calls_before = counter.read()
     t = time.perf_counter()
     while engine.has_unfinished_requests():
         engine.step()
@@ -80,10 +104,21 @@ def decode_rate(llm: LLM, batch: int, input_len: int, output_len: int, rng: rand
     steps = engine.metrics.steps - steps_before
     kv_per_token = plan_memory(llm.spec, llm.dtype).kv_bytes_per_token
     mean_context = input_len + output_len / 2
-    step_bytes = weight_read_bytes(llm) + batch * mean_context * kv_per_token
-    return {"batch": batch, "input_len": input_len, "output_len": output_len, "decode_steps": steps,
-            "seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
-            "ms_per_step": round(1e3 * seconds / steps, 3), "bytes_per_step": int(step_bytes)}
+    weights = weight_read_bytes(llm)
+    result = {"batch": batch, "input_len": input_len, "output_len": output_len, "decode_steps": steps,
+              "seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
+              "ms_per_step": round(1e3 * seconds / steps, 3)}
+    if counter is not None:
+        distinct_after, calls_after = counter.read()
+        calls = calls_after - calls_before
+        all_experts, one_expert = routed_expert_bytes(llm)
+        distinct = (distinct_after - distinct_before) / max(calls, 1)
+        moe_layers = calls / max(steps, 1)
+        weights = weights - all_experts + round(distinct * one_expert * moe_layers)
+        result.update(distinct_experts_per_layer_step=round(distinct, 2), moe_layer_calls_per_step=round(moe_layers, 2),
+                      expert_bytes_per_step=round(distinct * one_expert * moe_layers))
+    result["bytes_per_step"] = int(weights + batch * mean_context * kv_per_token)
+    return result
 
 
 def ttft(llm: LLM, input_len: int, rng: random.Random, repeat: int = 3) -> dict:
@@ -141,6 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
+    # Installed before the engine captures its graphs, so replays count; MoE models only.
+    counter = RoutedExpertCounter(resolve_device(args.device))
+    count_routed_experts(counter)
     max_len = max(args.input_lens + [args.decode_input_len + args.output_len]) + 8
     if args.check_eager and args.tensor_parallel_size > 1:
         p.error("--check-eager builds single-process engines over the loaded model: not with --tensor-parallel-size")
@@ -165,7 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(result), file=sys.stderr, flush=True)
     result["decode"] = []
     for batch in args.batch_sizes:
-        r = decode_rate(llm, batch, args.decode_input_len, args.output_len, rng)
+        r = decode_rate(llm, batch, args.decode_input_len, args.output_len, rng,
+                        counter if llm.spec.moe is not None else None)
         roofline = batch / (r["bytes_per_step"] / bandwidth)
         r["roofline_tokens_per_s"] = round(roofline, 1)
         r["fraction_of_roofline"] = round(r["tokens_per_s"] / roofline, 3)

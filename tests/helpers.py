@@ -14,7 +14,8 @@ import torch
 from dockyard.engine.sampling_params import SamplingParams
 from dockyard.onboard.equivalence import paged_logits, rel_rmse
 
-__all__ = ["import_kernels", "paged_logits", "poison", "rel_rmse", "save_tiny_hf_model"]
+__all__ = ["import_kernels", "interpreter_loop_bounds_fix", "paged_logits", "poison", "rel_rmse",
+           "save_tiny_hf_model"]
 
 
 def save_tiny_hf_model(hf_model: torch.nn.Module, directory: Path) -> Path:
@@ -50,3 +51,19 @@ def poison(p: SamplingParams, kind: str) -> None:
         p.logprobs = 2.5  # type: ignore[assignment]
     elif kind == "stop-check":  # the stop-string search after the token is appended (TypeError)
         p.stop = 5  # type: ignore[assignment]
+
+
+def interpreter_loop_bounds_fix(monkeypatch) -> None:  # noqa: ANN001 - pytest's MonkeyPatch
+    """Triton 3.6's interpreter turns a scalar kernel argument (a 1-element array there) into a loop bound
+    with ``int(array)``, which numpy 2.4 refuses; this takes the element explicitly (upstream in later
+    Triton). For kernels with loops bounded by a runtime argument."""
+    import numpy as np  # numpy and Triton's interpreter: only the interpreted tests need them
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):  # noqa: ANN001, ANN202 - Triton's internal signature
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patch_lang_tensor)

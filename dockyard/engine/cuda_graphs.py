@@ -11,8 +11,10 @@ of the smallest captured size ``>= n``; the padding rows decode token 0 at posit
 context of one token held in a *sink block*, an extra KV block that the block manager never hands
 out, so they write nowhere that matters and their outputs are dropped.
 
-Models whose forward cannot be captured (MoE routing reads expert counts on the host, MLA's
-reference attention, dynamic-NTK and longrope rotary) run eagerly; the reason is logged once.
+MoE models capture like dense ones when their experts run the fused kernels (``ops/triton_moe.py``:
+routing, alignment and grouped GEMMs on the device, fixed grids); models whose forward cannot be
+captured (experts on the reference loop, which reads per-expert counts on the host; MLA's reference
+attention; dynamic-NTK and longrope rotary) run eagerly; the reason is logged once.
 ``enforce_eager`` turns graphs off entirely.
 """
 
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from dockyard.ops.attention import Attention, AttentionMetadata, decode_backend, forward_context
+from dockyard.ops.dispatch import fused_ops_enabled
 from dockyard.ops.rotary import RotaryEmbedding
 
 logger = logging.getLogger(__name__)
@@ -54,8 +57,9 @@ def why_not_capturable(model: nn.Module, kv_cache: torch.Tensor, max_model_len: 
     attention = [m for m in model.modules() if isinstance(m, Attention)]
     if not attention or any(type(m) is not Attention for m in attention):
         return "its attention is not the standard paged attention op (e.g. MLA)"
-    if any(hasattr(m, "experts") for m in model.modules()):
-        return "MoE routing reads per-expert token counts on the host"
+    banks = [m.experts for m in model.modules() if hasattr(m, "experts")]
+    if banks and (any(getattr(b, "stacked", None) is None for b in banks) or not fused_ops_enabled(kv_cache)):
+        return "its MoE experts run the reference loop, which reads per-expert token counts on the host"
     if kv_cache.dim() != 6 or kv_cache.shape[1] != 2:
         return f"its KV cache layout {tuple(kv_cache.shape)} is not per-head K and V"
     probe_q = torch.empty(1, attention[0].num_heads, attention[0].head_dim, dtype=kv_cache.dtype,

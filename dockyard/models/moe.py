@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from dockyard.models.llama import LlamaForCausalLM, LlamaMLP
-from dockyard.ops.moe import GptOssMoeBlock, SparseMoeBlock, mixtral_checkpoint_name
+from dockyard.ops.moe import ExpertList, GptOssMoeBlock, LocalExperts, SparseMoeBlock, mixtral_checkpoint_name
 from dockyard.spec import ModelSpec
 
 
@@ -20,6 +20,14 @@ class MoEForCausalLM(LlamaForCausalLM):
         if spec.is_moe_layer(layer):
             return SparseMoeBlock(spec)
         return LlamaMLP(spec)
+
+    def fuse_projections(self) -> None:
+        """The shared decoder's fusions, and each routed-expert bank's weights stacked for the fused MoE
+        kernels (``ExpertList.stack_``: each expert's Linears become views, so memory is not doubled)."""
+        super().fuse_projections()
+        for module in self.modules():
+            if isinstance(module, (ExpertList, LocalExperts)):
+                module.stack_()
 
 
 class MixtralForCausalLM(MoEForCausalLM):

@@ -5,10 +5,14 @@ Every MoE block makes the same two calls::
     weights, ids = select_experts(router_logits, spec.moe, correction_bias)  # [T, k] float32, [T, k] int64
     out = fused_experts(x, experts, weights, ids)  # out[t] = Σ_j weights[t, j] · expert_{ids[t, j]}(x[t])
 
-``fused_experts`` is the dispatch point for a fused GPU kernel; today it runs ``moe_reference``, a loop over
-the experts that are hit, with the tokens sorted by expert (the layout grouped-GEMM kernels use). An expert
-bank is anything with ``num_experts`` and ``expert_forward(e, x)``; the two banks here also expose their
-weights stacked per expert (``ExpertList.stacked_weights()``, ``GptOssExperts`` params) for such a kernel.
+``fused_experts`` runs the fused Triton kernels of ``ops/triton_moe.py`` (device-side alignment, grouped GEMM
+over stacked expert weights, no host synchronisation) when the bank offers its weights stacked
+(``stacked``: a :class:`StackedExperts`) and the fused ops serve the input (``ops.dispatch.fused_ops_enabled``:
+CUDA; on a CPU only under the tests' interpreter); otherwise ``moe_reference``, the loop over the experts that
+are hit, with the tokens sorted by expert, which stays the oracle and the CPU path. An expert bank is anything
+with ``num_experts`` and ``expert_forward(e, x)``. gpt-oss's checkpoints are stacked already; the
+per-expert ``ExpertMLP`` banks are stacked after loading on the GPU by ``stack_()``, each expert's Linears
+keeping views into the two stacked tensors (``MoEForCausalLM.fuse_projections``).
 
 Parameter names equal the published checkpoint names under a decoder layer's ``mlp.`` prefix:
 
@@ -32,6 +36,7 @@ from torch import nn
 
 from dockyard.errors import ConfigError
 from dockyard.ops.activation import act_and_mul
+from dockyard.ops.dispatch import fused_ops_enabled
 from dockyard.spec import ModelSpec, MoESpec
 
 # gpt-oss's SwiGLU: glu = gate · σ(α · gate), α fixed by the architecture (HF config ``swiglu_alpha``).
@@ -113,7 +118,8 @@ def _scale(weights: torch.Tensor, moe: MoESpec) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 @runtime_checkable
 class ExpertBank(Protocol):
-    """What ``fused_experts`` needs of a set of experts."""
+    """What ``fused_experts`` needs of a set of experts (and, optionally, ``stacked``: a :class:`StackedExperts`
+    or None, for the fused kernels)."""
 
     @property
     def num_experts(self) -> int: ...
@@ -158,10 +164,105 @@ def fused_experts(
 ) -> torch.Tensor:
     """The MoE expert computation every block calls: Σ_j topk_weights[t, j] · expert_{topk_ids[t, j]}(x[t]).
 
-    x [T, H], topk_weights [T, k], topk_ids [T, k] → [T, H] in x's dtype. A fused kernel (grouped GEMM over
-    the stacked expert weights) goes here behind the same arguments; the reference is the fallback.
+    x [T, H], topk_weights [T, k], topk_ids [T, k] → [T, H] in x's dtype. Ids ≥ the bank's expert count
+    (experts another rank holds) contribute zero. The fused kernels where they serve (module docstring),
+    else the reference loop.
     """
+    counter = _routed_expert_counter
+    stacked = getattr(experts, "stacked", None)
+    if stacked is not None and x.dim() == 2 and fused_ops_enabled(x):
+        from dockyard.ops.triton_moe import fused_moe  # Triton is an optional dependency
+
+        return fused_moe(x.contiguous(), stacked, topk_weights, topk_ids,
+                         stats=None if counter is None else counter.stats)
+    if counter is not None:
+        counter.add(topk_ids, experts.num_experts)
     return moe_reference(x, experts, topk_weights, topk_ids)
+
+
+class RoutedExpertCounter:
+    """Counts on the device the distinct experts (of the bank, so a rank's own) each ``fused_experts`` call
+    routes to, and the calls (``stats``: int64 [distinct, calls]): the expert weights a step reads, for
+    benchmarks. The fused path counts inside its alignment kernel (no extra launch), the reference path with
+    a few tensor ops; device work only, so CUDA-graph replays count too: install it (``count_routed_experts``)
+    before the engine captures."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stats = torch.zeros(2, dtype=torch.int64, device=device)
+
+    def add(self, topk_ids: torch.Tensor, num_experts: int) -> None:
+        hit = torch.zeros(num_experts + 1, dtype=torch.int64, device=topk_ids.device)
+        hit.index_fill_(0, topk_ids.reshape(-1).clamp(max=num_experts), 1)
+        self.stats[0] += hit[:num_experts].sum()
+        self.stats[1] += 1
+
+    def read(self) -> tuple[int, int]:
+        """(distinct experts summed over calls, calls) so far (a host sync)."""
+        distinct, calls = self.stats.tolist()
+        return distinct, calls
+
+
+_routed_expert_counter: RoutedExpertCounter | None = None
+
+
+def count_routed_experts(counter: RoutedExpertCounter | None) -> None:
+    """Make ``fused_experts`` count its routing into ``counter`` (None: stop counting)."""
+    global _routed_expert_counter
+    _routed_expert_counter = counter
+
+
+@dataclasses.dataclass(frozen=True)
+class StackedExperts:
+    """An expert bank's weights as the grouped GEMM reads them (``ops/triton_moe.py``).
+
+    Element (n, k) of expert e's gate (resp. down) weight, as ``y = x @ W.T``, sits at ``e·s_e + n·s_n + k·s_k``
+    of ``gate_up`` (``down``) for strides ``(s_e, s_n, s_k)`` in elements; the up weight's element is
+    ``up_offset`` further. Biases likewise: ``(s_e, s_n, up offset)``. ``activation`` is ``"silu"`` (SiLU(gate)
+    · up) or ``"gpt_oss"`` (its clamped SwiGLU with ``limit`` and ``alpha``).
+    """
+
+    gate_up: torch.Tensor
+    gate_up_strides: tuple[int, int, int]
+    up_offset: int
+    down: torch.Tensor
+    down_strides: tuple[int, int, int]
+    intermediate_size: int
+    activation: str
+    gate_up_bias: torch.Tensor | None = None
+    gate_up_bias_strides: tuple[int, int, int] = (0, 0, 0)
+    down_bias: torch.Tensor | None = None
+    down_bias_strides: tuple[int, int, int] = (0, 0, 0)
+    limit: float | None = None
+    alpha: float = GPT_OSS_SWIGLU_ALPHA
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up.shape[0]
+
+
+def stack_expert_mlps(experts: list[ExpertMLP]) -> StackedExperts | None:
+    """Copy the experts' gate/up weights into one [E, 2I, H] tensor (gate rows then up rows) and their down
+    weights into one [E, H, I], and make each expert's Linears views into them (so memory is not doubled and
+    the reference path still works). None, with nothing changed, for experts the fused kernel does not run
+    (biases, an activation other than SiLU)."""
+    first = experts[0]
+    if first.act != "silu" or any(m.gate_proj.bias is not None for m in experts):
+        return None
+    inter, hidden = first.gate_proj.weight.shape
+    weight = first.gate_proj.weight
+    gate_up = torch.empty(len(experts), 2 * inter, hidden, dtype=weight.dtype, device=weight.device)
+    down = torch.empty(len(experts), hidden, inter, dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        for e, mlp in enumerate(experts):  # one expert at a time: the old weights are freed as we go
+            gate_up[e, :inter].copy_(mlp.gate_proj.weight)
+            gate_up[e, inter:].copy_(mlp.up_proj.weight)
+            down[e].copy_(mlp.down_proj.weight)
+            mlp.gate_proj.weight = nn.Parameter(gate_up[e, :inter], requires_grad=False)
+            mlp.up_proj.weight = nn.Parameter(gate_up[e, inter:], requires_grad=False)
+            mlp.down_proj.weight = nn.Parameter(down[e], requires_grad=False)
+    return StackedExperts(gate_up=gate_up, gate_up_strides=(gate_up.stride(0), hidden, 1), up_offset=inter * hidden,
+                          down=down, down_strides=(down.stride(0), inter, 1), intermediate_size=inter,
+                          activation="silu")
 
 
 class ExpertMLP(nn.Module):
@@ -183,6 +284,7 @@ class ExpertList(nn.ModuleList):
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str = "silu") -> None:
         super().__init__(ExpertMLP(hidden_size, intermediate_size, hidden_act) for _ in range(num_experts))
+        self.stacked: StackedExperts | None = None
 
     @property
     def num_experts(self) -> int:
@@ -191,11 +293,10 @@ class ExpertList(nn.ModuleList):
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         return self[expert](x)
 
-    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w_gate_up [E, 2I, H] — gate rows then up rows, w_down [E, H, I]), copies for a fused kernel."""
-        gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self])
-        down = torch.stack([e.down_proj.weight for e in self])
-        return gate_up, down
+    def stack_(self) -> None:
+        """Stack the weights for the fused kernels (``stack_expert_mlps``), once loaded."""
+        if self.stacked is None:
+            self.stacked = stack_expert_mlps(list(self))
 
 
 class LocalExperts(nn.ModuleDict):
@@ -214,6 +315,12 @@ class LocalExperts(nn.ModuleDict):
         self.first = held[0]
         self.total = total
         self._held = [experts[e] for e in held]
+        self.stacked: StackedExperts | None = None
+
+    def stack_(self) -> None:
+        """Stack the held experts' weights for the fused kernels (``stack_expert_mlps``), once loaded."""
+        if self.stacked is None:
+            self.stacked = stack_expert_mlps(self._held)
 
     @property
     def num_experts(self) -> int:
@@ -328,10 +435,28 @@ class GptOssExperts(nn.Module):
         self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, hidden_size))
         self.limit = limit
         self.alpha = alpha
+        # Off by default: on an H200 the fused path failed its check against HF's gpt-oss block (float32) for a
+        # cause not yet found, while passing in the interpreter; the tests switch it on.
+        self.use_fused = False
 
     @property
     def num_experts(self) -> int:
         return self.gate_up_proj.shape[0]
+
+    @property
+    def stacked(self) -> StackedExperts | None:
+        """The checkpoint layout as it is: gate/up [E, H, 2I] with gate and up interleaved, down [E, I, H];
+        None (the reference loop) unless ``use_fused``."""
+        if not self.use_fused:
+            return None
+        gate_up, down, bias, down_bias = self.gate_up_proj, self.down_proj, self.gate_up_proj_bias, self.down_proj_bias
+        return StackedExperts(
+            gate_up=gate_up, gate_up_strides=(gate_up.stride(0), 2 * gate_up.stride(2), gate_up.stride(1)),
+            up_offset=gate_up.stride(2), down=down, down_strides=(down.stride(0), down.stride(2), down.stride(1)),
+            intermediate_size=down.shape[1], activation="gpt_oss",
+            gate_up_bias=bias, gate_up_bias_strides=(bias.stride(0), 2 * bias.stride(1), bias.stride(1)),
+            down_bias=down_bias, down_bias_strides=(down_bias.stride(0), down_bias.stride(1), 0),
+            limit=self.limit, alpha=self.alpha)
 
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         h = torch.addmm(self.gate_up_proj_bias[expert], x, self.gate_up_proj[expert])

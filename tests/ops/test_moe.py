@@ -149,8 +149,17 @@ def test_hf_fused_expert_layout(case: str) -> None:
         assert torch.equal(expert.gate_proj.weight, gate_up[e, :inter])
         assert torch.equal(expert.up_proj.weight, gate_up[e, inter:])
         assert torch.equal(expert.down_proj.weight, down[e])
-    stacked_gate_up, stacked_down = ours.experts.stacked_weights()
-    assert torch.equal(stacked_gate_up, gate_up) and torch.equal(stacked_down, down)
+    bank = copy.deepcopy(ours.experts)
+    bank.stack_()  # the fused kernels' layout is HF's; the experts keep working on views into it
+    assert torch.equal(bank.stacked.gate_up, gate_up) and torch.equal(bank.stacked.down, down)
+    assert all(e.gate_proj.weight.data_ptr() == bank.stacked.gate_up[i].data_ptr() for i, e in enumerate(bank))
+    x = _x()
+    assert torch.equal(moe_reference(x, bank, *_routing_for(x)), moe_reference(x, ours.experts, *_routing_for(x)))
+
+
+def _routing_for(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(2)
+    return torch.rand(x.shape[0], 2, generator=gen), torch.randint(0, 8, (x.shape[0], 2), generator=gen)
 
 
 @torch.no_grad()

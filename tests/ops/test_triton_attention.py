@@ -12,7 +12,7 @@ import torch
 
 from dockyard.ops import attention
 from dockyard.ops.attention import AttentionMetadata, _decode_attention, paged_attention
-from tests.helpers import import_kernels
+from tests.helpers import import_kernels, interpreter_loop_bounds_fix
 
 triton = pytest.importorskip("triton")
 
@@ -24,26 +24,13 @@ BS = 16  # block size (tokens per KV block)
 
 @pytest.fixture(autouse=True)
 def _interpreter(monkeypatch):
-    """Under the interpreter: TRITON_INTERPRET=1 for availability checks, and a numpy >= 2.4 fix.
-
-    Triton 3.6's interpreter turns a scalar (a 1-element array there) into a loop bound with
-    ``int(array)``, which numpy 2.4 refuses; the kernel's context loop has such bounds. The fix
-    (upstream in later Triton) takes the element explicitly.
-    """
+    """Under the interpreter: TRITON_INTERPRET=1 for availability checks, and a numpy >= 2.4 fix for the
+    kernel's context loop bounds (``helpers.interpreter_loop_bounds_fix``)."""
     if not INTERPRET:
         yield
         return
-    import numpy as np
-    from triton.runtime import interpreter
-
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    original = interpreter._patch_lang_tensor
-
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patch_lang_tensor)
+    interpreter_loop_bounds_fix(monkeypatch)
     yield
 
 
