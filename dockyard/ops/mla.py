@@ -92,9 +92,12 @@ def absorbed_decode_reference(q: torch.Tensor, latent_cache: torch.Tensor, metad
     space) over each sequence's cached latents → [B, H, rank], the weighted sum of their ``c_kv`` parts."""
     outputs = []
     for i in range(q.shape[0]):
-        context = gather_context(latent_cache[0], metadata, i).to(q.dtype)  # [L, 1, rank + rope]
-        outputs.append(_attend(q[i:i + 1], context, context[..., :kv_lora_rank], scale))
-    return torch.cat(outputs)
+        context = gather_context(latent_cache[0], metadata, i)[:, 0].to(q.dtype)  # [L, rank + rope]
+        # Every head attends to the one latent sequence with nothing masked: the heads are the rows of
+        # a single-head attention, so the context is never repeated per head.
+        outputs.append(F.scaled_dot_product_attention(q[i][None, None], context[None, None],
+                                                      context[None, None, :, :kv_lora_rank], scale=scale)[0, 0])
+    return torch.stack(outputs)
 
 
 class MLAPagedAttention(Attention):
