@@ -1,4 +1,5 @@
-"""Paged decode attention as a Triton kernel: the fast backend behind :func:`ops.attention.paged_attention`.
+"""Paged decode attention as Triton kernels: the fast backend behind :func:`ops.attention.paged_attention`
+and MLA's absorbed decode.
 
 One query token per sequence attends to its whole cached context, read through the block table
 from the paged KV cache ``[2, num_blocks, block_size, num_kv_heads, head_dim]``. The kernel:
@@ -14,6 +15,15 @@ from the paged KV cache ``[2, num_blocks, block_size, num_kv_heads, head_dim]``.
 - supports a sliding window, Gemma 2's logit soft-capping and gpt-oss's per-head sinks (a logit
   that joins the softmax denominator and attends to nothing), with the same semantics as
   :func:`ops.attention.softmax_attention`.
+
+:func:`paged_mla_decode_attention` is the same scheme for DeepSeek's multi-head latent attention in
+its absorbed form (see :mod:`dockyard.ops.mla`): the cache ``[1, num_blocks, block_size, 1,
+rank + rope]`` holds one latent per token that every head attends to (an MQA with one latent "KV
+head"), queries arrive already multiplied into latent space, scores are ``q_latent · c_kv + q_pe ·
+k_pe`` and the output accumulates ``p · c_kv``: the ``c_kv`` tile loaded for the scores is the value
+tile too, so each cached latent is read once per block of heads. One program owns a block of 16
+heads (the smallest tensor-core row count); the combine kernel sums the latent-wide output in
+128-dim chunks.
 
 Grid sizes come from tensor shapes only (batch, KV heads, width of the block table), never from
 the contents of a tensor, so a call makes no host synchronization and can be captured in a CUDA
