@@ -171,11 +171,11 @@ class MLAPagedAttention(Attention):
         """Each sequence's queries over its cached context (this step's latents included)."""
         assert self.kv_cache is not None
         num_decodes = metadata.num_leading_decodes if self.absorb_decode else 0
+        outputs = []
         if num_decodes:
-            decoded = self.absorbed_decode(q[:num_decodes], kv_b_weight, metadata)
+            outputs.append(self.absorbed_decode(q[:num_decodes], kv_b_weight, metadata))
             if num_decodes == len(metadata.query_lens):
-                return decoded
-        outputs = [decoded] if num_decodes else []
+                return outputs[0]
         start = num_decodes
         for i in range(num_decodes, len(metadata.query_lens)):
             q_len = metadata.query_lens[i]
