@@ -235,28 +235,31 @@ KERNEL = ta.paged_decode_attention
 RANK, ROPE = 32, 8
 
 
-def mla_formula(q, cache, meta, scale):
+def mla_formula(q, cache, meta, scale, rank=RANK):
     """float64: softmax(q · latent · scale) over each context, times the contexts' c_kv parts."""
     rows = []
     for b, n in enumerate(meta.seq_lens):
         blocks = meta.block_tables[b, : -(-n // BS)]
         latent = cache[0, blocks].reshape(-1, cache.shape[-1])[:n].double()  # [n, rank + rope]
         probs = torch.softmax(q[b].double() @ latent.T * scale, dim=-1)  # [H, n]
-        rows.append(probs @ latent[:, :RANK])
+        rows.append(probs @ latent[:, :rank])
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("num_heads", [4, 20])  # one head block padded; two blocks, the second ragged
+@pytest.mark.parametrize(("num_heads", "rank", "rope"), [
+    (4, RANK, ROPE),  # one head block, padded
+    (20, 48, 16),  # two head blocks, the second ragged; a rank that is not a power of two
+])
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_mla_kernel_matches_formula(num_heads, num_splits):
-    q, cache, meta = build(SEQ_LENS, num_heads, 1, RANK + ROPE, seed=29 + num_heads)
+def test_mla_kernel_matches_formula(num_heads, rank, rope, num_splits):
+    q, cache, meta = build(SEQ_LENS, num_heads, 1, rank + rope, seed=29 + num_heads)
     cache = cache[:1]  # one latent entry per token
     scale = 0.2
     out = ta.paged_mla_decode_attention(q.to(DEVICE), cache.to(DEVICE), meta.block_tables.to(DEVICE),
-                                        meta.seq_lens_tensor.to(DEVICE), scale, RANK, num_splits=num_splits,
+                                        meta.seq_lens_tensor.to(DEVICE), scale, rank, num_splits=num_splits,
                                         block_n=16).cpu()
-    assert out.shape == (len(SEQ_LENS), num_heads, RANK)
-    torch.testing.assert_close(out.double(), mla_formula(q, cache, meta, scale), atol=1e-4, rtol=1e-4)
+    assert out.shape == (len(SEQ_LENS), num_heads, rank)
+    torch.testing.assert_close(out.double(), mla_formula(q, cache, meta, scale, rank), atol=1e-4, rtol=1e-4)
 
 
 def test_mla_kernel_bfloat16_and_padded_row():
