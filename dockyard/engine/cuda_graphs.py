@@ -12,9 +12,11 @@ context of one token held in a *sink block*, an extra KV block that the block ma
 out, so they write nowhere that matters and their outputs are dropped.
 
 MoE models capture like dense ones when their experts run the fused kernels (``ops/triton_moe.py``:
-routing, alignment and grouped GEMMs on the device, fixed grids); models whose forward cannot be
-captured (experts on the reference loop, which reads per-expert counts on the host; MLA's reference
-attention; dynamic-NTK and longrope rotary) run eagerly; the reason is logged once.
+routing, alignment and grouped GEMMs on the device, fixed grids), and MLA models decode in the
+absorbed form through their own Triton kernel over the latent cache, so their attention captures
+like the dense one. Models whose forward cannot be captured (experts on the reference loop, which
+reads per-expert counts on the host; attention the kernels do not handle; dynamic-NTK and longrope
+rotary) run eagerly; the reason is logged once.
 ``enforce_eager`` turns graphs off entirely.
 """
 
@@ -55,17 +57,20 @@ def why_not_capturable(model: nn.Module, kv_cache: torch.Tensor, max_model_len: 
     if kv_cache.device.type != "cuda":
         return f"the model runs on {kv_cache.device.type}, not CUDA"
     attention = [m for m in model.modules() if isinstance(m, Attention)]
-    if not attention or any(type(m) is not Attention for m in attention):
-        return "its attention is not the standard paged attention op (e.g. MLA)"
+    if not attention:
+        return "it has no paged attention layers"
     banks = [m.experts for m in model.modules() if hasattr(m, "experts")]
     if banks and (any(getattr(b, "stacked", None) is None for b in banks) or not fused_ops_enabled(kv_cache)):
         return "its MoE experts run the reference loop, which reads per-expert token counts on the host"
-    if kv_cache.dim() != 6 or kv_cache.shape[1] != 2:
-        return f"its KV cache layout {tuple(kv_cache.shape)} is not per-head K and V"
-    probe_q = torch.empty(1, attention[0].num_heads, attention[0].head_dim, dtype=kv_cache.dtype,
-                          device=kv_cache.device)
-    if decode_backend(probe_q, kv_cache[0]) != "triton":
-        return "the Triton decode kernel is not available (the reference decode path gathers whole block tables)"
+    if kv_cache.dim() != 6:
+        return f"its KV cache {tuple(kv_cache.shape)} is not one [entries, blocks, block size, heads, dim] per layer"
+    # A decode query as the layer's kernel takes it: [1, heads, cache dim] (MLA's absorbed query has the
+    # latent's width, which is the cache's).
+    for shape in {(m.num_heads, m.head_dim) for m in attention}:
+        probe_q = torch.empty(1, *shape, dtype=kv_cache.dtype, device=kv_cache.device)
+        if decode_backend(probe_q, kv_cache[0]) != "triton":
+            return ("the Triton decode kernel is not available for its attention (the reference decode path "
+                    "gathers whole block tables)")
     for rotary in (m for m in model.modules() if isinstance(m, RotaryEmbedding)):
         if not rotary.reserve(max_model_len):
             return f"its rotary embedding ({rotary.rope.rope_type}) depends on the largest position of a step"

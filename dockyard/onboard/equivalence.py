@@ -106,7 +106,7 @@ def paged_logits(model: nn.Module, token_ids: list[int], chunks: list[int], bloc
                 slot_mapping=torch.tensor([table[p // block_size] * block_size + p % block_size
                                            for p in range(start, end)], device=device),
                 block_tables=torch.tensor([table], device=device), query_lens=[n], seq_lens=[end],
-                block_size=block_size,
+                block_size=block_size, seq_lens_tensor=torch.tensor([end], device=device),
             )
             with torch.no_grad(), forward_context(meta):
                 hidden = model(torch.tensor(token_ids[start:end], device=device),

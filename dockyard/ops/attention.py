@@ -188,13 +188,19 @@ def _triton_installed() -> bool:
 
 
 def _triton_usable(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-    if not _triton_installed() or q.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+    """Whether a kernel handles q over this layer's cache: K and V per head (entries 2), or MLA's one
+    latent per token (entries 1, q already absorbed into latent space)."""
+    if not _triton_installed() or q.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] not in (1, 2):
         return False
     if kv_cache.shape[-1] != q.shape[-1] or kv_cache.device != q.device:
         return False
-    from dockyard.ops.triton_attention import supports, triton_available
+    from dockyard.ops.triton_attention import mla_supports, supports, triton_available
 
-    return triton_available(q.device) and supports(q.shape[-1], q.shape[1], kv_cache.shape[-2], q.dtype)
+    if not triton_available(q.device):
+        return False
+    if kv_cache.shape[0] == 1:
+        return kv_cache.shape[-2] == 1 and mla_supports(q.shape[-1], q.shape[1], q.dtype)
+    return supports(q.shape[-1], q.shape[1], kv_cache.shape[-2], q.dtype)
 
 
 def paged_attention(

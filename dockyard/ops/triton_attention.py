@@ -1,4 +1,5 @@
-"""Paged decode attention as a Triton kernel: the fast backend behind :func:`ops.attention.paged_attention`.
+"""Paged decode attention as Triton kernels: the fast backend behind :func:`ops.attention.paged_attention`
+and MLA's absorbed decode.
 
 One query token per sequence attends to its whole cached context, read through the block table
 from the paged KV cache ``[2, num_blocks, block_size, num_kv_heads, head_dim]``. The kernel:
@@ -14,6 +15,15 @@ from the paged KV cache ``[2, num_blocks, block_size, num_kv_heads, head_dim]``.
 - supports a sliding window, Gemma 2's logit soft-capping and gpt-oss's per-head sinks (a logit
   that joins the softmax denominator and attends to nothing), with the same semantics as
   :func:`ops.attention.softmax_attention`.
+
+:func:`paged_mla_decode_attention` is the same scheme for DeepSeek's multi-head latent attention in
+its absorbed form (see :mod:`dockyard.ops.mla`): the cache ``[1, num_blocks, block_size, 1,
+rank + rope]`` holds one latent per token that every head attends to (an MQA with one latent "KV
+head"), queries arrive already multiplied into latent space, scores are ``q_latent · c_kv + q_pe ·
+k_pe`` and the output accumulates ``p · c_kv``: the ``c_kv`` tile loaded for the scores is the value
+tile too, so each cached latent is read once per block of heads. One program owns a block of 16
+heads (the smallest tensor-core row count); the combine kernel sums the latent-wide output in
+128-dim chunks.
 
 Grid sizes come from tensor shapes only (batch, KV heads, width of the block table), never from
 the contents of a tensor, so a call makes no host synchronization and can be captured in a CUDA
@@ -51,6 +61,46 @@ def _add_combine(a, b):
 
 
 @triton.jit
+def _split_range(lo, seq_len, split, num_splits, BLOCK_N: tl.constexpr):
+    """Token range [start, end) of one split: equal shares of [lo, seq_len), each a whole number of
+    BLOCK_N tiles; trailing splits may be empty."""
+    per_split = (seq_len - lo + num_splits - 1) // num_splits
+    chunk = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    start = lo + split * chunk
+    return start, tl.minimum(start + chunk, seq_len)
+
+
+@triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold one tile of base-2 scores s [rows, BLOCK_N] and values v [BLOCK_N, D] into the running
+    max, sum and unnormalized output."""
+    m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.reduce(p, 1, _add_combine)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _store_result(acc, m_i, l_i, rows, row_ok, dims, dim_ok, b, split, num_splits,
+                  out_ptr, stride_ob, stride_oh, part_acc_ptr, part_m_ptr, part_l_ptr,
+                  NUM_ROWS: tl.constexpr, DIM: tl.constexpr, SPLIT: tl.constexpr):
+    """Write a program's result: with splits the float32 partials [B, H, S] (max, sum) and
+    [B, H, S, DIM] (unnormalized output) that the combine kernel reads, else the normalized output."""
+    io_mask = row_ok[:, None] & dim_ok[None, :]
+    if SPLIT:
+        part = (b * NUM_ROWS + rows) * num_splits + split
+        tl.store(part_m_ptr + part, m_i, mask=row_ok)
+        tl.store(part_l_ptr + part, l_i, mask=row_ok)
+        tl.store(part_acc_ptr + part[:, None].to(tl.int64) * DIM + dims[None, :], acc, mask=io_mask)
+    else:
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + b.to(tl.int64) * stride_ob + rows[:, None] * stride_oh + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, sinks_ptr,
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
@@ -77,11 +127,7 @@ def _paged_decode_kernel(
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(seq_len - window, 0)
-    # Equal token ranges, each a whole number of BLOCK_N tiles; trailing splits may be empty.
-    per_split = (seq_len - lo + num_splits - 1) // num_splits
-    chunk = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    start = lo + split * chunk
-    end = tl.minimum(start + chunk, seq_len)
+    start, end = _split_range(lo, seq_len, split, num_splits, BLOCK_N)
 
     rows = tl.arange(0, GROUP_PAD)
     row_ok = rows < GROUP
@@ -120,24 +166,11 @@ def _paged_decode_kernel(
             s = s * (scale * LOG2E)
         s = tl.where(valid[None, :], s, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.reduce(p, 1, _add_combine)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_DTYPE, DOT_PRECISION)
 
-    io_mask = row_ok[:, None] & dim_ok[None, :]
-    if SPLIT:
-        # Partials [B, Hq, S] (max, sum) and [B, Hq, S, D] (unnormalized output), in float32.
-        part = (b * NUM_Q_HEADS + heads) * num_splits + split
-        tl.store(part_m_ptr + part, m_i, mask=row_ok)
-        tl.store(part_l_ptr + part, l_i, mask=row_ok)
-        tl.store(part_acc_ptr + part[:, None].to(tl.int64) * HEAD_DIM + dims[None, :], acc, mask=io_mask)
-    else:
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=io_mask)
+    _store_result(acc, m_i, l_i, heads, row_ok, dims, dim_ok, b, split, num_splits,
+                  out_ptr, stride_ob, stride_oh, part_acc_ptr, part_m_ptr, part_l_ptr,
+                  NUM_Q_HEADS, HEAD_DIM, SPLIT)
 
 
 @triton.jit
@@ -147,13 +180,16 @@ def _combine_splits_kernel(
     NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     USE_SINKS: tl.constexpr,
 ):
-    """Program (b, q_head): softmax-weighted sum of the split partials (plus the sink's share)."""
+    """Program (b, q_head, dim chunk): softmax-weighted sum of the split partials (plus the sink's share).
+
+    Each program combines ``BLOCK_D`` of the ``HEAD_DIM`` output dims, so a wide output (MLA's
+    latent) is not held in registers whole for every split at once."""
     LOG2E: tl.constexpr = 1.4426950408889634
     b = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
     split_ok = splits < num_splits
-    dims = tl.arange(0, BLOCK_D)
+    dims = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
     base = (b * NUM_Q_HEADS + head) * num_splits
     m = tl.load(part_m_ptr + base + splits, mask=split_ok, other=float("-inf"))
@@ -172,6 +208,71 @@ def _combine_splits_kernel(
     out = tl.reduce(acc * w[:, None], 0, _add_combine) / tl.where(denom > 0.0, denom, 1.0)
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty),
              mask=dim_ok)
+
+
+@triton.jit
+def _mla_decode_kernel(
+    q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr,
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    stride_qb, stride_qh,
+    stride_cache_block, stride_cache_tok,
+    stride_bt,
+    stride_ob, stride_oh,
+    scale,
+    NUM_HEADS: tl.constexpr, HEAD_BLOCK: tl.constexpr,
+    RANK: tl.constexpr, BLOCK_R: tl.constexpr, ROPE: tl.constexpr, BLOCK_P: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Program (b, head block, split): HEAD_BLOCK absorbed queries over one token range of sequence b.
+
+    Scores are q_latent · c_kv + q_pe · k_pe; the output accumulates p · c_kv, in latent space: the
+    latent tile loaded for the scores is the value tile too, so each cached row is read once."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    b = tl.program_id(0)
+    head_block = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    start, end = _split_range(0, seq_len, split, num_splits, BLOCK_N)
+
+    heads = head_block * HEAD_BLOCK + tl.arange(0, HEAD_BLOCK)
+    head_ok = heads < NUM_HEADS
+    rank_dims = tl.arange(0, BLOCK_R)
+    rank_ok = rank_dims < RANK
+    rope_dims = tl.arange(0, BLOCK_P)
+    rope_ok = rope_dims < ROPE
+    q_rows = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
+    q_latent = tl.load(q_rows + rank_dims[None, :], mask=head_ok[:, None] & rank_ok[None, :], other=0.0)
+    q_pe = tl.load(q_rows + RANK + rope_dims[None, :], mask=head_ok[:, None] & rope_ok[None, :], other=0.0)
+    q_latent = q_latent.to(DOT_DTYPE)
+    q_pe = q_pe.to(DOT_DTYPE)
+
+    m_i = tl.full([HEAD_BLOCK], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([HEAD_BLOCK], 0.0, dtype=tl.float32)
+    acc = tl.full([HEAD_BLOCK, BLOCK_R], 0.0, dtype=tl.float32)
+
+    table = block_tables_ptr + b.to(tl.int64) * stride_bt
+    for tile in range(start, end, BLOCK_N):
+        pos = tile + tl.arange(0, BLOCK_N)
+        valid = pos < end
+        block = tl.load(table + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+        rows = cache_ptr + block * stride_cache_block + (pos % PAGE_SIZE) * stride_cache_tok
+        c_kv = tl.load(rows[:, None] + rank_dims[None, :], mask=valid[:, None] & rank_ok[None, :], other=0.0)
+        k_pe = tl.load(rows[:, None] + RANK + rope_dims[None, :], mask=valid[:, None] & rope_ok[None, :], other=0.0)
+        c_kv = c_kv.to(DOT_DTYPE)
+
+        s = tl.dot(q_latent, tl.trans(c_kv), input_precision=DOT_PRECISION)  # [HEAD_BLOCK, BLOCK_N] fp32
+        s = tl.dot(q_pe, tl.trans(k_pe.to(DOT_DTYPE)), acc=s, input_precision=DOT_PRECISION)
+        s = s * (scale * LOG2E)
+        s = tl.where(valid[None, :], s, float("-inf"))
+
+        m_i, l_i, acc = _online_softmax_step(s, c_kv, m_i, l_i, acc, DOT_DTYPE, DOT_PRECISION)
+
+    _store_result(acc, m_i, l_i, heads, head_ok, rank_dims, rank_ok, b, split, num_splits,
+                  out_ptr, stride_ob, stride_oh, part_acc_ptr, part_m_ptr, part_l_ptr,
+                  NUM_HEADS, RANK, SPLIT)
 
 
 _INTERPRETED = bool(triton.knobs.runtime.interpret)  # the kernels above were made for the interpreter
@@ -225,8 +326,54 @@ def _fp32_dot_precision(device: torch.device) -> str:
     return "ieee"
 
 
+def _dot_mode(q: torch.Tensor, dot_precision: str | None) -> tuple[torch.dtype, str | None]:
+    """(operand dtype, float32 product mode) of the kernels' matrix products: q's dtype, except that
+    Triton's interpreter multiplies bfloat16 operands as their raw bits, so there they are float32."""
+    dot_dtype = torch.float32 if _INTERPRETED and q.dtype == torch.bfloat16 else q.dtype
+    if dot_dtype == torch.float32:
+        return dot_dtype, dot_precision or _fp32_dot_precision(q.device)
+    return dot_dtype, None
+
+
 def _default_block_n(head_dim: int) -> int:
     return 64 if head_dim <= 128 else 32
+
+
+def _split_partials(out: torch.Tensor, splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 workspace of a split-K launch writing ``out`` [B, H, D]: the unnormalized outputs
+    [B, H, S, D], then the running maxes and sums [B, H, S], in one allocation. Without splits the
+    kernel writes ``out`` directly and the three are placeholders."""
+    if splits == 1:
+        return out, out, out
+    batch, heads, dim = out.shape
+    partials = batch * heads * splits
+    work = torch.empty(partials * (dim + 2), dtype=torch.float32, device=out.device)
+    return work[: partials * dim], work[partials * dim:][:partials], work[-partials:]
+
+
+def _launch_options(num_warps: int | None, num_stages: int | None) -> dict[str, int]:
+    options = {}
+    if num_warps is not None:
+        options["num_warps"] = num_warps
+    if num_stages is not None:
+        options["num_stages"] = num_stages
+    return options
+
+
+# Output dims one combine program sums: a whole dense head, a quarter of DeepSeek's 512-dim latent.
+_COMBINE_BLOCK_D = 128
+
+
+def _combine_splits(part_acc: torch.Tensor, part_m: torch.Tensor, part_l: torch.Tensor, out: torch.Tensor,
+                    splits: int, sinks: torch.Tensor | None = None) -> None:
+    batch, heads, dim = out.shape
+    block_d = min(_COMBINE_BLOCK_D, max(16, triton.next_power_of_2(dim)))
+    _combine_splits_kernel[(batch, heads, triton.cdiv(dim, block_d))](
+        part_acc, part_m, part_l, sinks if sinks is not None else out, out,
+        splits, out.stride(0), out.stride(1),
+        NUM_Q_HEADS=heads, HEAD_DIM=dim, BLOCK_D=block_d,
+        BLOCK_S=max(2, triton.next_power_of_2(splits)), USE_SINKS=sinks is not None,
+    )
 
 
 def paged_decode_attention(
@@ -264,24 +411,9 @@ def paged_decode_attention(
     block_n = block_n or _default_block_n(head_dim)
     splits = num_splits or default_num_splits(batch, num_kv_heads, max_context, q.device)
     split = splits > 1
-    # Matrix products in q's dtype. Triton's interpreter multiplies bfloat16 operands as their raw
-    # bits, so there they are products in float32.
-    dot_dtype = torch.float32 if _INTERPRETED and q.dtype == torch.bfloat16 else q.dtype
-    if dot_dtype == torch.float32:
-        dot_precision = dot_precision or _fp32_dot_precision(q.device)
-    else:
-        dot_precision = None
-    if split:  # one allocation for the partials: [B, Hq, S, D] sums, then [B, Hq, S] maxes and sums
-        partials = batch * num_q_heads * splits
-        work = torch.empty(partials * (head_dim + 2), dtype=torch.float32, device=q.device)
-        part_acc, part_m, part_l = work[: partials * head_dim], work[partials * head_dim:][:partials], work[-partials:]
-    else:
-        part_m = part_l = part_acc = out  # unused
-    options = {}
-    if num_warps is not None:
-        options["num_warps"] = num_warps
-    if num_stages is not None:
-        options["num_stages"] = num_stages
+    dot_dtype, dot_precision = _dot_mode(q, dot_precision)
+    part_acc, part_m, part_l = _split_partials(out, splits)
+    options = _launch_options(num_warps, num_stages)
     _paged_decode_kernel[(batch, num_kv_heads, splits)](
         q, kv_cache[0], kv_cache[1], block_tables, seq_lens, sinks if sinks is not None else q,
         out, part_acc, part_m, part_l,
@@ -300,12 +432,77 @@ def paged_decode_attention(
         **options,
     )
     if split:
-        _combine_splits_kernel[(batch, num_q_heads)](
-            part_acc, part_m, part_l, sinks if sinks is not None else q, out,
-            splits, out.stride(0), out.stride(1),
-            NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-            BLOCK_S=max(2, triton.next_power_of_2(splits)), USE_SINKS=sinks is not None,
-        )
+        _combine_splits(part_acc, part_m, part_l, out, splits, sinks)
+    return out
+
+
+# Query heads one MLA program holds: the smallest row count of a tensor-core product.
+_MLA_HEAD_BLOCK = 16
+_MLA_BLOCK_N = 32
+
+
+def mla_supports(latent_dim: int, num_heads: int, dtype: torch.dtype) -> bool:
+    """Whether :func:`paged_mla_decode_attention` handles a latent of ``latent_dim`` (rank + rope) values."""
+    return 32 <= latent_dim <= 1024 and num_heads > 0 and dtype in _TL_DTYPES
+
+
+def mla_num_splits(batch: int, num_heads: int, max_context: int, device: torch.device,
+                   head_block: int = _MLA_HEAD_BLOCK) -> int:
+    """Splits per sequence of the MLA kernel, from shapes alone (as :func:`default_num_splits`,
+    counting one program per block of ``head_block`` heads)."""
+    return default_num_splits(batch, -(-num_heads // head_block), max_context, device)
+
+
+def paged_mla_decode_attention(
+    q: torch.Tensor, latent_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+    scale: float, kv_lora_rank: int, *, num_splits: int | None = None, block_n: int | None = None,
+    head_block: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+    dot_precision: str | None = None,
+) -> torch.Tensor:
+    """Absorbed MLA decode: one query per sequence over its paged latents → [B, H, kv_lora_rank] in q's dtype.
+
+    ``q`` [B, H, kv_lora_rank + rope_dim]: each head's query already multiplied into latent space
+    (``q_nope · W_UK``), then its rotated ``q_pe``. ``latent_cache`` [1, num_blocks, block_size, 1,
+    kv_lora_rank + rope_dim] holds ``[c_kv, k_pe]`` per token. Scores are ``q · latent · scale``;
+    the output is the softmax-weighted sum of the ``c_kv`` parts (the caller up-projects it with
+    ``W_UV``). ``block_tables`` and ``seq_lens`` as in :func:`paged_decode_attention`; the
+    keyword-only arguments override the tuning defaults.
+    """
+    batch, num_heads, latent_dim = q.shape
+    entries, _, page_size, cache_heads, cache_dim = latent_cache.shape
+    if entries != 1 or cache_heads != 1 or cache_dim != latent_dim:
+        raise ValueError(f"latent_cache {tuple(latent_cache.shape)} does not hold one {latent_dim}-value latent "
+                         "per token")
+    rope_dim = latent_dim - kv_lora_rank
+    if not mla_supports(latent_dim, num_heads, q.dtype) or kv_lora_rank < 16 or rope_dim < 1:
+        raise ValueError(f"unsupported: kv_lora_rank {kv_lora_rank}, rope dims {rope_dim}, {num_heads} heads, "
+                         f"{q.dtype}")
+    if q.stride(-1) != 1 or latent_cache.stride(-1) != 1:
+        raise ValueError("q and latent_cache need a contiguous last dimension")
+    out = torch.empty(batch, num_heads, kv_lora_rank, dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    head_block = head_block or _MLA_HEAD_BLOCK
+    splits = num_splits or mla_num_splits(batch, num_heads, block_tables.shape[1] * page_size, q.device, head_block)
+    dot_dtype, dot_precision = _dot_mode(q, dot_precision)
+    part_acc, part_m, part_l = _split_partials(out, splits)
+    _mla_decode_kernel[(batch, triton.cdiv(num_heads, head_block), splits)](
+        q, latent_cache[0], block_tables, seq_lens,
+        out, part_acc, part_m, part_l,
+        q.stride(0), q.stride(1),
+        latent_cache.stride(1), latent_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        float(scale),
+        NUM_HEADS=num_heads, HEAD_BLOCK=head_block,
+        RANK=kv_lora_rank, BLOCK_R=max(16, triton.next_power_of_2(kv_lora_rank)),
+        ROPE=rope_dim, BLOCK_P=max(16, triton.next_power_of_2(rope_dim)),
+        PAGE_SIZE=page_size, BLOCK_N=block_n or _MLA_BLOCK_N,
+        SPLIT=splits > 1, DOT_DTYPE=_TL_DTYPES[dot_dtype], DOT_PRECISION=dot_precision,
+        **_launch_options(num_warps, num_stages),
+    )
+    if splits > 1:
+        _combine_splits(part_acc, part_m, part_l, out, splits)
     return out
 
 
@@ -316,4 +513,5 @@ def decode_kv_bytes(seq_lens: list[int], num_kv_heads: int, head_dim: int, eleme
     return 2 * tokens * num_kv_heads * head_dim * element_size
 
 
-__all__ = ["default_num_splits", "decode_kv_bytes", "paged_decode_attention", "supports", "triton_available"]
+__all__ = ["default_num_splits", "decode_kv_bytes", "mla_num_splits", "mla_supports", "paged_decode_attention",
+           "paged_mla_decode_attention", "supports", "triton_available"]

@@ -86,6 +86,39 @@ def test_graphs_equal_eager(tmp_path):
             torch.testing.assert_close(torch.tensor(lx), torch.tensor(ly), atol=1e-4, rtol=1e-4)
 
 
+def _tiny_dense_mla(tmp_path) -> str:
+    """DeepSeek-V2 attention (MLA, YaRN rope) with dense MLPs only: MoE layers would run eagerly."""
+    config = {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "hidden_size": 128,
+              "intermediate_size": 256, "moe_intermediate_size": 64, "num_hidden_layers": 2,
+              "first_k_dense_replace": 2, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1,
+              "num_attention_heads": 4, "num_key_value_heads": 4, "kv_lora_rank": 64, "q_lora_rank": None,
+              "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32, "vocab_size": 1024,
+              "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+              "rope_scaling": {"type": "yarn", "factor": 4.0, "mscale": 0.707, "mscale_all_dim": 0.707,
+                               "beta_fast": 32, "beta_slow": 1, "original_max_position_embeddings": 512},
+              "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+@needs_cuda
+def test_mla_graphs_equal_eager(tmp_path):
+    """An MLA model captures (its decode is the absorbed Triton kernel) and replays the tokens of eager mode."""
+    model = _tiny_dense_mla(tmp_path)
+    kwargs = dict(load_format="dummy", device="cuda", dtype="float32", max_num_seqs=4, seed=3,
+                  kv_cache_memory_bytes=None, num_kv_blocks=256)
+    graphs = LLM(model, **kwargs)
+    assert graphs.engine.runner.graphs is not None, graphs.engine.runner.eager_reason
+    eager = LLM(model, enforce_eager=True, **kwargs)
+    rng = random.Random(2)
+    prompts = [[rng.randrange(1024) for _ in range(n)] for n in (5, 40, 90)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    a = graphs.generate(prompts, params, use_tqdm=False)
+    b = eager.generate(prompts, params, use_tqdm=False)
+    assert [x.outputs[0].token_ids for x in a] == [y.outputs[0].token_ids for y in b]
+
+
 @needs_cuda
 def test_async_scheduling_with_graphs_equals_synchronous_eager(tmp_path):
     """Graph replays fed their input ids from the in-flight step's argmax on the device give the

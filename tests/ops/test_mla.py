@@ -238,3 +238,49 @@ def test_paged_mixed_batch_matches_no_cache():
         ours.attn.kv_cache = None
     for k in lengths:
         assert rel_rmse(torch.cat(outs[k]), refs[k]) <= TOL
+
+
+def run_paged_steps(block: MLAAttention, spec: ModelSpec, steps: list[dict[str, int]], hidden: dict[str, torch.Tensor],
+                    *, absorb: bool, block_size: int = 4, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The block's outputs over ``steps`` (new tokens per named sequence) through a fresh paged cache
+    on ``device``, decode rows absorbed or expanded; ``hidden[name]`` holds each sequence's inputs."""
+    paged = PagedCache(spec, block_size=block_size, seed=2)
+    block.attn.kv_cache, block.attn.absorb_decode = paged.cache.to(device), absorb
+    outs = []
+    try:
+        with torch.no_grad():
+            for step in steps:
+                starts = {k: paged.lens.get(k, 0) for k in step}
+                meta = paged.step(step)
+                meta = AttentionMetadata(meta.slot_mapping.to(device), meta.block_tables.to(device), meta.query_lens,
+                                         meta.seq_lens, meta.block_size, meta.seq_lens_tensor.to(device))
+                pos = torch.cat([torch.arange(starts[k], starts[k] + n) for k, n in step.items()])
+                x = torch.cat([hidden[k][starts[k]:starts[k] + n] for k, n in step.items()])
+                with forward_context(meta):
+                    outs.append(block(pos.to(device), x.to(device)).cpu())
+    finally:
+        block.attn.kv_cache, block.attn.absorb_decode = None, True
+    return torch.cat(outs)
+
+
+def test_absorbed_decode_matches_expanded_form(monkeypatch):
+    """Decode rows (the leading one-token sequences of a step) take the absorbed form (on the CPU its
+    PyTorch version); the same steps with every row expanded give the same outputs."""
+    from dockyard.ops import mla
+
+    _, _, ours, spec = build("deepseek_v2", None, YARN_V2_LITE)
+    steps = [{"a": 12, "b": 7}, {"a": 1, "b": 1}, {"a": 1, "b": 4}, {"a": 1, "b": 1}]
+    gen = torch.Generator().manual_seed(5)
+    hidden = {k: torch.randn(20, HIDDEN, generator=gen) for k in ("a", "b")}
+    calls = []
+    original = mla.absorbed_decode_reference
+    monkeypatch.setattr(mla, "absorbed_decode_reference", lambda q, *a: calls.append(q.shape[0]) or original(q, *a))
+
+    def run(absorb: bool) -> torch.Tensor:
+        return run_paged_steps(ours, spec, steps, hidden, absorb=absorb)
+
+    expanded = run(absorb=False)
+    assert calls == []
+    absorbed = run(absorb=True)
+    assert calls == [2, 1, 2]
+    assert rel_rmse(absorbed, expanded) <= TOL

@@ -12,7 +12,7 @@ import torch
 
 from dockyard.ops import attention
 from dockyard.ops.attention import AttentionMetadata, _decode_attention, paged_attention
-from tests.helpers import import_kernels, interpreter_loop_bounds_fix
+from tests.helpers import import_kernels, interpreter_loop_bounds_fix, rel_rmse
 
 triton = pytest.importorskip("triton")
 
@@ -215,3 +215,91 @@ def test_mixed_batch_runs_its_leading_decodes_in_the_kernel(monkeypatch):
 
 
 KERNEL = ta.paged_decode_attention
+
+
+# Absorbed MLA decode (DeepSeek-V2/V3): the latent kernel against a float64 computation of the formula,
+# and the MLA block's absorbed decode through the kernel against its expanded form.
+RANK, ROPE = 32, 8
+
+
+def mla_formula(q, cache, meta, scale, rank=RANK):
+    """float64: softmax(q · latent · scale) over each context, times the contexts' c_kv parts."""
+    rows = []
+    for b, n in enumerate(meta.seq_lens):
+        blocks = meta.block_tables[b, : -(-n // BS)]
+        latent = cache[0, blocks].reshape(-1, cache.shape[-1])[:n].double()  # [n, rank + rope]
+        probs = torch.softmax(q[b].double() @ latent.T * scale, dim=-1)  # [H, n]
+        rows.append(probs @ latent[:, :rank])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize(("num_heads", "rank", "rope"), [
+    (4, RANK, ROPE),  # one head block, padded
+    (20, 48, 16),  # two head blocks, the second ragged; a rank that is not a power of two
+])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_mla_kernel_matches_formula(num_heads, rank, rope, num_splits):
+    q, cache, meta = build(SEQ_LENS, num_heads, 1, rank + rope, seed=29 + num_heads)
+    cache = cache[:1]  # one latent entry per token
+    scale = 0.2
+    out = ta.paged_mla_decode_attention(q.to(DEVICE), cache.to(DEVICE), meta.block_tables.to(DEVICE),
+                                        meta.seq_lens_tensor.to(DEVICE), scale, rank, num_splits=num_splits,
+                                        block_n=16).cpu()
+    assert out.shape == (len(SEQ_LENS), num_heads, rank)
+    torch.testing.assert_close(out.double(), mla_formula(q, cache, meta, scale, rank), atol=1e-4, rtol=1e-4)
+
+
+def test_mla_kernel_bfloat16_and_padded_row():
+    q, cache, meta = build([5, 70, 0, 18], 16, 1, RANK + ROPE, dtype=torch.bfloat16, seed=31)
+    cache = cache[:1]
+    meta.block_tables[2] = 0
+    for splits in (1, 8):
+        out = ta.paged_mla_decode_attention(q.to(DEVICE), cache.to(DEVICE), meta.block_tables.int().to(DEVICE),
+                                            meta.seq_lens_tensor.int().to(DEVICE), 0.2, RANK,
+                                            num_splits=splits).cpu()
+        assert out.dtype == torch.bfloat16 and torch.equal(out[2], torch.zeros_like(out[2]))
+        keep = [0, 1, 3]
+        sub = AttentionMetadata(meta.slot_mapping[keep], meta.block_tables[keep], [1] * 3,
+                                [meta.seq_lens[i] for i in keep], BS, meta.seq_lens_tensor[keep])
+        ref = mla_formula(q[keep], cache, sub, 0.2)
+        assert ((out[keep].double() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_mla_kernel_rejects_bad_shapes():
+    q, cache, meta = build([5], 4, 1, RANK + ROPE)
+    args = (meta.block_tables.to(DEVICE), meta.seq_lens_tensor.to(DEVICE), 0.2)
+    with pytest.raises(ValueError, match="does not hold one 40-value latent"):
+        ta.paged_mla_decode_attention(q.to(DEVICE), cache.to(DEVICE), *args, RANK)  # K and V entries
+    with pytest.raises(ValueError, match="kv_lora_rank 40, rope dims 0"):
+        ta.paged_mla_decode_attention(q.to(DEVICE), cache[:1].to(DEVICE), *args, RANK + ROPE)
+
+
+@pytest.mark.parametrize("case", ["v2-lite-yarn", "v3-qlora-yarn"])
+def test_mla_block_absorbed_decode_in_kernel_matches_expanded(case, monkeypatch):
+    """The MLA block over the paged cache: two prompts, then decode steps (one with a prompt chunk
+    behind the decodes) in the absorbed form through the kernel vs every row in the expanded form."""
+    from tests.ops.test_mla import CASES, HIDDEN, run_paged_steps
+    from tests.ops.test_mla import build as build_mla
+
+    model_type, q_rank, rope, extra = CASES[case]
+    _, _, block, spec = build_mla(model_type, q_rank, rope, **extra)
+    block = block.to(DEVICE)
+    steps = [{"a": 21, "b": 6}, {"a": 1, "b": 1}, {"a": 1, "b": 5}, {"a": 1, "b": 1}]
+    gen = torch.Generator().manual_seed(37)
+    hidden = {k: torch.randn(sum(s.get(k, 0) for s in steps), HIDDEN, generator=gen) for k in ("a", "b")}
+    calls = []
+    monkeypatch.setattr(ta, "paged_mla_decode_attention",
+                        lambda q, *args, **kwargs: calls.append(q.shape[0]) or MLA_KERNEL(q, *args, **kwargs))
+    monkeypatch.setenv(attention.BACKEND_ENV, "triton")
+
+    def run(absorb: bool) -> torch.Tensor:
+        return run_paged_steps(block, spec, steps, hidden, absorb=absorb, device=DEVICE)
+
+    expanded = run(absorb=False)
+    assert calls == []
+    absorbed = run(absorb=True)
+    assert calls == [2, 1, 2]  # every decode row went to the kernel; the prompt chunk did not
+    assert rel_rmse(absorbed, expanded) <= 1e-5
+
+
+MLA_KERNEL = ta.paged_mla_decode_attention
