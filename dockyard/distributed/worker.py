@@ -19,6 +19,7 @@ import logging
 import multiprocessing as mp
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing import connection as mp_connection
@@ -156,8 +157,9 @@ class WorkerGroup:
             # has finished exiting: wait for an exit (woken by the process sentinels, not polled), so
             # the worker is named however loaded the machine is. The bound only ends the wait when
             # the error had another cause and every worker is still alive.
-            if all(p.is_alive() for p in self.procs):
-                mp_connection.wait([p.sentinel for p in self.procs], timeout=_EXIT_WAIT_S)
+            deadline = time.monotonic() + _EXIT_WAIT_S
+            while all(p.is_alive() for p in self.procs) and time.monotonic() < deadline:
+                mp_connection.wait([p.sentinel for p in self.procs], timeout=deadline - time.monotonic())
             check_workers(error[0])
             raise error[0]
         return result[0] if result else None
