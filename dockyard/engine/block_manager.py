@@ -68,8 +68,9 @@ class BlockManager:
             parent = h
         return blocks
 
-    def _seal_full_blocks(self, seq: Sequence) -> None:
-        """Register the blocks of ``seq`` that became full (their KV is computed) in the cache."""
+    def seal_full_blocks(self, seq: Sequence) -> None:
+        """Register the blocks of ``seq`` that became full (their KV is computed, their tokens known) in
+        the cache; call after its computed length or its known tokens grew."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
@@ -123,10 +124,6 @@ class BlockManager:
         seq.num_computed_tokens = computed
         self.allocate(seq, computed + n)
         return n
-
-    def on_computed(self, seq: Sequence) -> None:
-        """Call after ``seq.num_computed_tokens`` advanced: its newly full blocks become shareable."""
-        self._seal_full_blocks(seq)
 
     def free(self, seq: Sequence) -> None:
         """Release every block of ``seq``; cached content stays reusable until evicted."""

@@ -1,22 +1,28 @@
 """LLMEngine: continuous batching over the scheduler, model runner and sampler.
 
-``step()`` is the whole loop: schedule → run → postprocess → report. Requests are added and
-aborted between steps; every request's output is what it would have been alone.
+``step()`` is the whole loop: schedule → run → update → report. The scheduler picks the work and
+finishes what it scheduled (``Scheduler.update_from_output``: computed tokens, prefix-cache
+blocks, appended tokens, EOS / stop ids / length, freeing finished sequences); the runner turns
+the work into sampled tokens (the sampler owns every logits rule); the engine keeps what needs
+text or the user: detokenization, stop strings, logprobs and latencies, and building outputs.
+Requests are added and aborted between steps; every request's output is what it would have been
+alone.
 
-Async scheduling (on by default on CUDA): when every sequence sampling in a step needs nothing
-of its own output on the host to take its next step (no logprobs, penalties or pending
-min_tokens), the step is left in flight. Its sampled tokens stay on the device and count as
-*pending* tokens of their sequences; the next step is scheduled and launched at once, its inputs
-read from the device, and only then are the in-flight tokens copied back, appended and checked
-for stops, while the GPU runs. A sequence that stopped has one wasted row in the step launched
-meanwhile; its result is dropped. Outputs are identical to synchronous stepping.
+Async scheduling (on by default on CUDA; :class:`~dockyard.engine.scheduler.AsyncScheduler`): when
+every sequence sampling in a step needs nothing of its own output on the host to take its next
+step (``SamplingParams.needs_host_tokens``), the step is left in flight. Its sampled tokens stay
+on the device and count as *pending* tokens of their sequences; the next step is scheduled and
+launched at once, its inputs read from the device, and only then are the in-flight tokens copied
+back and handed to the scheduler, while the GPU runs. A sequence that stopped has one wasted row
+in the step launched meanwhile; its result is dropped. Outputs are identical to synchronous
+stepping.
 
 A request fails alone: an exception in its own rows of a step (preparing inputs, sampling — see
-``model_runner.isolate_failures`` — appending, detokenizing, stop checks, building its output)
-finishes that request with ``RequestOutput.error`` set (its samples with ``finish_reason="error"``,
-KV blocks freed) and the step goes on for the others. An exception that escapes ``step`` (the
-forward pass, the scheduler, a broken invariant) leaves the engine in an unknown state: callers
-must treat the engine as dead.
+``model_runner.isolate_failures`` — detokenizing, stop strings, building its output) finishes that
+request with ``RequestOutput.error`` set (its samples with ``finish_reason="error"``, KV blocks
+freed) and the step goes on for the others. An exception that escapes ``step`` (the forward pass,
+the scheduler, a broken invariant) leaves the engine in an unknown state: callers must treat the
+engine as dead.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from dockyard.engine.model_runner import FailedSeqs, ModelRunner, corrupts_engin
 from dockyard.engine.outputs import CompletionOutput, RequestOutput
 from dockyard.engine.sampler import SamplerOutput, make_generator
 from dockyard.engine.sampling_params import SamplingParams
-from dockyard.engine.scheduler import ScheduledSeq, Scheduler
+from dockyard.engine.scheduler import AsyncScheduler, SampledTokens, ScheduledSeq, Scheduler
 from dockyard.engine.sequence import Sequence
 from dockyard.errors import InvalidRequestError
 from dockyard.spec import ModelSpec
@@ -66,7 +72,7 @@ class _InFlight:
     """A launched step whose sampled tokens are not applied yet: ``tokens`` on the device (the next
     step's inputs read them there) and their copy to ``host``, complete once ``done`` has passed."""
 
-    sampled: list[ScheduledSeq]
+    seqs: list[Sequence]
     tokens: torch.Tensor
     host: torch.Tensor
     done: torch.cuda.Event | None
@@ -92,15 +98,17 @@ class LLMEngine:
         self.config = config
         self.max_model_len = config.max_model_len or spec.max_model_len
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.async_scheduling = (device.type == "cuda" if config.async_scheduling is None
+                                 else config.async_scheduling)
+        scheduler_class = AsyncScheduler if self.async_scheduling else Scheduler
+        self.scheduler = scheduler_class(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                         spec.eos_token_ids)
         self.runner = ModelRunner(model, spec, num_blocks, config.block_size, device, dtype,
                                   max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
                                   enforce_eager=config.enforce_eager)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self.metrics = EngineMetrics()
-        self.async_scheduling = (device.type == "cuda" if config.async_scheduling is None
-                                 else config.async_scheduling)
         self._in_flight: _InFlight | None = None
         # Built now: its start-up probe of the tokenizer takes tens of ms, not to be paid by a first token.
         self._detokenizer = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
@@ -204,20 +212,21 @@ class LLMEngine:
 
     # ---- the loop ----
     def step(self, report_unfinished: bool = True) -> list[RequestOutput]:
-        """Schedule, run the model, append tokens, and report every request that changed (only the
-        ones that finished with ``report_unfinished=False``: building outputs costs host time).
+        """Schedule, run the model, update the sequences, and report every request that changed (only
+        the ones that finished with ``report_unfinished=False``: building outputs costs host time).
 
         With async scheduling the tokens a step appends may be those of the step before it."""
         touched: dict[str, _Request] = {}
-        if self._in_flight is not None and not self._overlap_next_step():
-            self._apply(self._take_in_flight(), touched, report_unfinished)
-        batch = self.scheduler.schedule()
-        ended = self._finish_out_of_blocks()
+        if self._in_flight is not None and self._async_scheduler().needs_pending_tokens():
+            self._update_from_output([], self._take_in_flight(), touched, report_unfinished)
+        scheduled = self.scheduler.schedule()
+        ended = self._report_ended(scheduled.ended)
         for out in ended:  # reported (and forgotten) already
             touched.pop(out.request_id, None)
+        batch = scheduled.scheduled
         if not batch:
             if self._in_flight is not None:
-                self._apply(self._take_in_flight(), touched, report_unfinished)
+                self._update_from_output([], self._take_in_flight(), touched, report_unfinished)
             return ended + self._outputs(touched.values())
         self.metrics.steps += 1
         previous = self._take_in_flight()
@@ -227,92 +236,78 @@ class LLMEngine:
             batch = [item for item in batch if not item.seq.is_finished]
         if prompt_out is not None:
             for span in prompt_out.spans:
-                plp = span.seq.prompt_logprobs
-                assert plp is not None and len(plp) == span.first, (span.first, plp and len(plp))
-                plp.extend(prompt_out.entries(span, span.seq.params.prompt_logprobs or 0))
-        for item in batch:
-            seq = item.seq
-            prompt_left = len(seq.prompt_token_ids) - seq.num_computed_tokens
-            self.metrics.prompt_tokens_computed += max(0, min(prompt_left, item.num_new_tokens))
-            seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.on_computed(seq)
+                entries = span.seq.prompt_logprobs
+                assert entries is not None and len(entries) == span.first, (span.first, entries and len(entries))
+                entries.extend(prompt_out.entries(span, span.seq.params.prompt_logprobs or 0))
+        self.metrics.prompt_tokens_computed += sum(item.num_prompt_tokens for item in batch)
         current = None
         if sampled:
             assert out is not None
-            current = self._launch_copy(sampled, out)
-        if previous is not None:  # the GPU runs this step meanwhile
-            self._apply(previous, touched, report_unfinished)
-        if current is not None:
-            if self._may_stay_in_flight(current):
-                for row, item in enumerate(sampled):
-                    item.seq.num_pending += 1
-                    item.seq.pending_row = row
-                self._in_flight = current
-            else:
-                self._apply(current, touched, report_unfinished, out)
+            current = self._launch_copy([item.seq for item in sampled], out)
+        if current is not None and self._may_defer(current.seqs):  # the GPU runs this step meanwhile
+            self._update_from_output(batch, previous, touched, report_unfinished)
+            self._async_scheduler().defer(current.seqs)
+            self._in_flight = current
+        elif previous is not None:  # the GPU runs this step meanwhile
+            self._update_from_output(batch, previous, touched, report_unfinished)
+            if current is not None:
+                self._update_from_output([], current, touched, report_unfinished, out)
+        else:
+            self._update_from_output(batch, current, touched, report_unfinished, out)
         return ended + self._outputs(touched.values())
+
+    def _async_scheduler(self) -> AsyncScheduler:
+        """The scheduler, which has a step in flight only when it is the async one."""
+        assert isinstance(self.scheduler, AsyncScheduler)
+        return self.scheduler
+
+    def _may_defer(self, seqs: list[Sequence]) -> bool:
+        """Whether the step that sampled for ``seqs`` may stay in flight: async scheduling, no
+        tensor-parallel peers waiting for exact inputs, and the scheduler agrees (no sequence needs its
+        newest token on the host)."""
+        return (isinstance(self.scheduler, AsyncScheduler) and self.runner.step_sender is None
+                and self.scheduler.may_defer(seqs))
 
     def _take_in_flight(self) -> _InFlight | None:
         in_flight, self._in_flight = self._in_flight, None
         return in_flight
 
-    def _launch_copy(self, sampled: list[ScheduledSeq], out: SamplerOutput) -> _InFlight:
+    def _launch_copy(self, seqs: list[Sequence], out: SamplerOutput) -> _InFlight:
         """Start copying a step's sampled tokens to the host (asynchronously on CUDA)."""
         tokens = out.token_ids
         if tokens.device.type != "cuda":
-            return _InFlight(sampled, tokens, tokens, None)
+            return _InFlight(seqs, tokens, tokens, None)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return _InFlight(sampled, tokens, host, done)
+        return _InFlight(seqs, tokens, host, done)
 
-    def _may_stay_in_flight(self, step: _InFlight) -> bool:
-        """Whether the next step may run before ``step``'s tokens reach the host: async scheduling is
-        on, no tensor-parallel peers wait for exact inputs, and no sequence's next step needs its own
-        newest token on the host (logprobs, penalties, min_tokens still banning stops)."""
-        if not self.async_scheduling or self.runner.step_sender is not None:
-            return False
-        for item in step.sampled:
-            p = item.seq.params
-            if (p.logprobs is not None or p.repetition_penalty != 1 or p.presence_penalty != 0
-                    or p.frequency_penalty != 0 or len(item.seq.output_token_ids) < p.min_tokens):
-                return False
-        return True
-
-    def _overlap_next_step(self) -> bool:
-        """Whether to launch the next step before applying the one in flight: not when every running
-        sequence ends with its pending token anyway (its length limit), which would waste a step, and
-        not when KV blocks run short (the scheduler may then end a sequence for lack of blocks, which
-        must keep the token it sampled last)."""
-        bm, scheduler = self.block_manager, self.scheduler
-        if bm.num_free_blocks < len(scheduler.running) + -(-scheduler.max_num_batched_tokens // bm.block_size):
-            return False
-        return any(len(seq) < seq.max_total_len for seq in scheduler.running)
-
-    def _apply(self, step: _InFlight, touched: dict[str, _Request], report_unfinished: bool,
-               out: SamplerOutput | None = None) -> None:
-        """Append a step's sampled tokens (and logprobs, from ``out``, for a step applied at once) to
-        their sequences, check stops, and collect the requests to report in ``touched``."""
-        if step.done is not None:
-            step.done.synchronize()
-        tokens = step.host.tolist()  # one device-to-host read for the step's tokens
-        sampled = step.sampled
-        want_logprobs = out is not None and any(item.seq.params.logprobs is not None for item in sampled)
+    def _update_from_output(self, batch: list[ScheduledSeq], step: _InFlight | None, touched: dict[str, _Request],
+                            report_unfinished: bool, out: SamplerOutput | None = None) -> None:
+        """The scheduler's bookkeeping of ``batch`` and of ``step``'s tokens, once on the host (see
+        ``Scheduler.update_from_output``); then, per appended token, what needs the engine: timing,
+        logprobs (from ``out``, for a step applied at once), text and stop strings. Collects the
+        requests to report in ``touched``."""
+        sampled = None
+        if step is not None:
+            if step.done is not None:
+                step.done.synchronize()
+            sampled = SampledTokens(step.seqs, step.host.tolist())  # one device-to-host read per step
+        rows = self.scheduler.update_from_output(batch, sampled)
+        if sampled is None:
+            return
+        want_logprobs = out is not None and any(seq.params.logprobs is not None for seq in sampled.seqs)
         token_logprobs = out.logprobs.tolist() if want_logprobs and out.logprobs is not None else None
         now = time.monotonic()
-        for row, item in enumerate(sampled):
-            seq = item.seq
-            if seq.num_pending:
-                seq.num_pending -= 1
-            if seq.is_finished:  # stopped or aborted while this step ran: its token is void
-                continue
+        for row in rows:
+            seq = sampled.seqs[row]
             try:
-                self._append_token(seq, tokens[row], row, now, token_logprobs, out)
+                self._process_token(seq, row, now, token_logprobs, out)
             except Exception as exc:
                 if corrupts_engine(exc):
                     raise
-                logger.error("request %s failed after its step (appending a token) and is finished with an "
+                logger.error("request %s failed after its step (processing a token) and is finished with an "
                              "error; the others go on", seq.request_id, exc_info=exc)
                 self._fail_request(seq.request_id, exc, touched)
                 continue
@@ -320,11 +315,11 @@ class LLMEngine:
             if req is not None and (report_unfinished or seq.finish_reason is not None):
                 touched[req.request_id] = req
 
-    def _append_token(self, seq: Sequence, token: int, row: int, now: float, token_logprobs: list[float] | None,
-                      out: SamplerOutput | None) -> None:
-        """Append one sampled token (row ``row`` of its step) to ``seq`` and check whether it stops."""
-        seq.output_token_ids.append(token)
-        self.block_manager.on_computed(seq)  # a block the token completed becomes shareable
+    def _process_token(self, seq: Sequence, row: int, now: float, token_logprobs: list[float] | None,
+                       out: SamplerOutput | None) -> None:
+        """The engine's part of a token the scheduler appended to ``seq`` (row ``row`` of its step):
+        latency metrics, logprobs, detokenization and stop strings (a sequence one ends is finished)."""
+        token = seq.output_token_ids[-1]
         if seq.first_token_time is None:
             seq.first_token_time = now
             self.metrics.observe_ttft(now - seq.arrival_time)
@@ -341,8 +336,8 @@ class LLMEngine:
             seq.output_logprobs.append(entry)
             seq.cumulative_logprob += token_logprobs[row]
         self.metrics.generation_tokens += 1
-        self._check_stop(seq, token)
-        if seq.finish_reason is not None:
+        self._check_stop_strings(seq)
+        if seq.finish_reason is not None and not seq.is_finished:
             self.scheduler.finish(seq)
 
     def _outputs(self, reqs: Iterable[_Request]) -> list[RequestOutput]:
@@ -365,51 +360,39 @@ class LLMEngine:
             outputs.append(output)
         return outputs
 
-    def _finish_out_of_blocks(self) -> list[RequestOutput]:
-        """Finish ("length") the sequences the scheduler found too long for the whole KV pool."""
+    def _report_ended(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        """The outputs of the requests of ``seqs``, which the scheduler ended while scheduling."""
         touched: dict[str, _Request] = {}
-        while self.scheduler.out_of_blocks:
-            seq = self.scheduler.out_of_blocks.pop()
-            logger.warning("request %s needs more KV cache than the whole pool (%d blocks of %d tokens) holds: "
-                           "finished at %d tokens; give the engine more KV cache memory",
-                           seq.request_id, self.block_manager.num_blocks, self.block_manager.block_size, len(seq))
-            seq.finish_reason = "length"
+        for seq in seqs:
             self._flush_text(seq)
-            self.scheduler.finish(seq)
             if seq.request_id in self.requests:
                 touched[seq.request_id] = self.requests[seq.request_id]
         return self._outputs(touched.values())
 
     # ---- stopping and detokenization ----
-    def _check_stop(self, seq: Sequence, token: int) -> None:
-        """Set ``seq``'s finish reason if ``token`` (just appended) ends it: EOS, a stop token, a stop
-        string (the text is cut before it, or after it with ``include_stop_str_in_output``) or the
-        length limit. Stop strings are searched only where they can newly end (see
+    def _check_stop_strings(self, seq: Sequence) -> None:
+        """Detokenize ``seq``'s newest token and end it at a stop string (its text is cut before it, or
+        after it with ``include_stop_str_in_output``), unless the scheduler's ``check_stop`` ended it
+        at a stop token (a stop string overrides "length"); flush the text of a finished sequence.
+        Stop strings are searched only where they can newly end (see
         ``detokenizer.find_stop_string``), and only from ``min_tokens`` on: one that ends in text
         produced before then does not count (as in vLLM; the server may have streamed that text)."""
         params = seq.params
-        n_out = len(seq.output_token_ids)
         self._detokenize(seq)
         state = seq.detok
-        if n_out >= params.min_tokens:
-            if not params.ignore_eos and token in self.spec.eos_token_ids:
-                seq.finish_reason, seq.stop_reason = "stop", None
-            elif token in (params.stop_token_ids or ()):
-                seq.finish_reason, seq.stop_reason = "stop", token
-            elif params.stop:
-                text = seq.output_text + state.tail if state is not None else seq.output_text
-                found = find_stop_string(text, params.stop, state.searched if state is not None else 0)
-                if found is not None:
-                    stop, idx = found
-                    seq.output_text = text[:idx + len(stop) if params.include_stop_str_in_output else idx]
-                    seq.finish_reason, seq.stop_reason = "stop", stop
-                    return
-                if state is not None:  # the tail may still change: it is searched again next time
-                    state.searched = max(state.searched, state.stable)
-        elif state is not None:  # a stop string must end in text produced from min_tokens on
-            state.searched = len(seq.output_text) + len(state.tail)
-        if seq.finish_reason is None and seq.num_known_tokens >= seq.max_total_len:
-            seq.finish_reason = "length"
+        if not params.min_tokens_reached(len(seq.output_token_ids)):
+            if state is not None:  # a stop string must end in text produced from min_tokens on
+                state.searched = len(seq.output_text) + len(state.tail)
+        elif params.stop and seq.finish_reason in (None, "length"):
+            text = seq.output_text + state.tail if state is not None else seq.output_text
+            found = find_stop_string(text, params.stop, state.searched if state is not None else 0)
+            if found is not None:
+                stop, idx = found
+                seq.output_text = text[:idx + len(stop) if params.include_stop_str_in_output else idx]
+                seq.finish_reason, seq.stop_reason = "stop", stop
+                return
+            if state is not None:  # the tail may still change: it is searched again next time
+                state.searched = max(state.searched, state.stable)
         if seq.finish_reason is not None:
             self._flush_text(seq)
 

@@ -2,7 +2,9 @@
 
 Per step it builds the flat inputs once (``input_ids``, ``positions``, slot mapping, block
 tables, lengths), runs the model under the attention forward context, computes logits only
-for the sequences that sample this step, and runs the sampler.
+for the sequences that sample this step, and hands them to the sampler with the rows'
+:class:`~dockyard.engine.sampler.SamplingBatch` (built once per step): every logits rule is the
+sampler's.
 
 Prompt logprobs: for a sequence that computes them, every prompt row of the step whose entry is
 not known yet (row ``p`` scores prompt token ``p + 1``) also goes through ``compute_logits``, in
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 
 from dockyard.engine.cuda_graphs import DecodeGraphs, decode_split_shape, graph_batch_sizes, why_not_capturable
-from dockyard.engine.sampler import Sampler, SamplerOutput, SamplingBatch, apply_penalties
+from dockyard.engine.sampler import Sampler, SamplerOutput, SamplingBatch, argmax_suffices
 from dockyard.engine.scheduler import ScheduledSeq
 from dockyard.engine.sequence import Sequence
 from dockyard.ops.attention import Attention as AttentionLayer
@@ -313,8 +315,7 @@ class ModelRunner:
             lens.append(p + 1)
             tables.append(seq.block_table)
         logits, argmax = self.graphs.run(ids, positions, slots, lens, tables, pending, sources)
-        if all(item.seq.params.plain_greedy and len(item.seq.output_token_ids) >= item.seq.params.min_tokens
-               for item in batch):
+        if argmax_suffices([item.seq for item in batch]):
             return batch, SamplerOutput(argmax, None), None, []
         return self._sample(logits, batch, None)
 
@@ -341,16 +342,9 @@ class ModelRunner:
         return sampled, out, prompt_out, failed
 
     def _sample_rows(self, logits: torch.Tensor, sampling: list[ScheduledSeq]) -> SamplerOutput:
-        seqs = [item.seq for item in sampling]
-        params = [s.params for s in seqs]
-        sampling_batch = SamplingBatch.build(params, [s.generator for s in seqs], logits.device)
-        self._mask_stops_before_min_tokens(logits, seqs)
-        logits = apply_penalties(
-            logits, [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs], sampling_batch
-        )
-        num_logprobs = max((p.logprobs or 0) for p in params)
-        want_logprobs = any(p.logprobs is not None for p in params)
-        return self.sampler(logits, sampling_batch, num_logprobs=num_logprobs if want_logprobs else 0)
+        batch = SamplingBatch.for_sequences([item.seq for item in sampling], self.spec.eos_token_ids,
+                                            logits.device)
+        return self.sampler(logits, batch)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> PromptLogprobsOutput:
         """log_softmax (float32) of the logits of ``inputs.prompt_rows``, a chunk of rows at a time."""
@@ -402,14 +396,3 @@ class ModelRunner:
             self.model.compute_logits(hidden[prompt_rows[s:s + chunk]])
         if len(sample_rows):
             self.model.compute_logits(hidden[sample_rows])
-
-    def _mask_stops_before_min_tokens(self, logits: torch.Tensor, seqs: list) -> None:
-        """Until a sequence has min_tokens outputs, EOS and its stop tokens cannot be sampled."""
-        for row, seq in enumerate(seqs):
-            params = seq.params
-            if len(seq.output_token_ids) < params.min_tokens:
-                banned = list(params.stop_token_ids or ())
-                if not params.ignore_eos:
-                    banned += list(self.spec.eos_token_ids)
-                if banned:
-                    logits[row, banned] = float("-inf")

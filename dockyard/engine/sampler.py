@@ -1,14 +1,23 @@
-"""Batched sampling: penalties, temperature, top-k, top-p, min-p, seeded draws and logprobs.
+"""Batched sampling: every logits rule of a step, then a seeded draw and logprobs.
 
-Pure PyTorch on whatever device the logits live on. Per step the engine builds one
-:class:`SamplingBatch` from the requests' :class:`SamplingParams`, applies
-:func:`apply_penalties`, and calls :class:`Sampler`.
+Pure PyTorch on whatever device the logits live on. Per step the model runner builds one
+:class:`SamplingBatch` from the sampling sequences (:meth:`SamplingBatch.for_sequences`: their
+:class:`SamplingParams`, generators, token histories and what ``min_tokens`` bans) and calls
+:class:`Sampler` with the logits of those rows; the sampler applies every rule, in this order:
 
-Semantics (see also the docstrings below):
+1. Token constraints, in the logits' dtype: stop tokens banned until ``min_tokens`` outputs exist
+   (EOS unless ``ignore_eos``, and the stop token ids), then the hooks a later feature fills (a
+   per-row allowed-token mask, a per-row logit bias; None today).
+2. Penalties (:func:`apply_penalties`): repetition, presence, frequency.
+3. Logprobs of the result (in float32): reported after penalties, before temperature and the
+   filters, as vLLM reports by default.
+4. Temperature scaling, then top-k, then top-p, then min-p (:func:`filter_logits`), then a draw.
 
-* Order: temperature scaling, then top-k, then top-p, then min-p, then a draw. Greedy rows
-  (temperature < 1e-5) take the argmax of the logits as given (penalties applied), lowest token id
-  on ties.
+Semantics of the draw (see also the docstrings below):
+
+* Greedy rows (temperature < 1e-5) take the argmax of the constrained, penalized logits, lowest
+  token id on ties. When no row has any rule (:func:`argmax_suffices`) the argmax of the raw
+  logits is the answer, and the runner may take it from a captured graph without the sampler.
 * Filters keep tokens by *value*: a token tied with the last one a filter keeps is kept too, so the
   result never depends on how a sort orders equal values (HF and vLLM keep top-k ties the same way).
   top-p keeps the smallest set of most-likely tokens whose probability sums to >= top_p (at least
@@ -20,8 +29,6 @@ Semantics (see also the docstrings below):
   renormalized distribution. Each row with a generator draws its own ``q`` from it, so a seeded
   request's tokens do not depend on its neighbours or its row; rows without one share the
   default RNG in one draw.
-* Reported logprobs are those of the logits the sampler was given (after penalties, before
-  temperature and the filters), as vLLM reports by default.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import numpy as np
 import torch
 
 from dockyard.engine.sampling_params import SamplingParams
+from dockyard.engine.sequence import Sequence as EngineSequence
 
 _NEG_INF = float("-inf")
 
@@ -48,10 +56,12 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
 
 @dataclass
 class SamplingBatch:
-    """Per-row sampling parameters of one step, as tensors on the logits' device.
+    """What the sampler needs of one step's rows: per-row parameters as tensors on the logits' device,
+    and the inputs of the rules that are not per-row scalars (token histories, banned tokens, hooks).
 
-    Build it with :meth:`build`: besides the tensors it records, from the host-side params,
-    which stages any row needs, so the sampler skips the rest without reading tensors back.
+    Build it once per step with :meth:`for_sequences` (or :meth:`build` from bare params, which has no
+    histories or bans): besides the tensors it records, from the host-side params, which stages any
+    row needs, so the sampler skips the rest without reading tensors back.
     """
 
     temperature: torch.Tensor  # [B] float32
@@ -70,6 +80,15 @@ class SamplingBatch:
     any_min_p: bool | None = None
     penalty_rows: list[int] | None = None  # rows with any penalty
     repetition_rows: list[int] | None = None  # rows with repetition_penalty != 1
+    # Rules beyond the per-row scalars (for_sequences fills the first three).
+    prompt_token_ids: list[Sequence[int]] | None = None  # per row, for the repetition penalty; None: empty
+    output_token_ids: list[Sequence[int]] | None = None  # per row, for every penalty; None: empty
+    banned_token_ids: list[list[int]] | None = None  # per row: stop tokens min_tokens bans this step
+    num_logprobs: int = 0  # top alternatives reported per row (0: the sampled token's logprob only)
+    # Hooks for structured output (nothing sets them yet): [B, V] bool, True where a token may be
+    # sampled; [B, V] added to the logits.
+    allowed_token_mask: torch.Tensor | None = None
+    logit_bias: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.greedy_rows is None:
@@ -125,10 +144,34 @@ class SamplingBatch:
             max_top_k=max((k for k, g in zip(top_k, greedy, strict=True) if not g), default=0),
             any_top_p=any(p.top_p < 1 for p in sampled),
             any_min_p=any(p.min_p > 0 for p in sampled),
-            penalty_rows=[i for i, p in enumerate(params) if p.repetition_penalty != 1
-                          or p.presence_penalty != 0 or p.frequency_penalty != 0],
+            penalty_rows=[i for i, p in enumerate(params) if p.uses_penalties],
             repetition_rows=[i for i, p in enumerate(params) if p.repetition_penalty != 1],
         )
+
+    @classmethod
+    def for_sequences(cls, seqs: Sequence[EngineSequence], eos_token_ids: Sequence[int],
+                      device: torch.device | str) -> SamplingBatch:
+        """The batch of one step that samples a next token for each of ``seqs`` (one row each): their
+        params and generators, token histories for the penalties, and the stop tokens ``min_tokens``
+        bans (EOS unless ``ignore_eos``, and the stop token ids) for rows that have not reached it."""
+        params = [s.params for s in seqs]
+        batch = cls.build(params, [s.generator for s in seqs], device)
+        batch.prompt_token_ids = [s.prompt_token_ids for s in seqs]
+        batch.output_token_ids = [s.output_token_ids for s in seqs]
+        batch.banned_token_ids = [
+            [] if p.min_tokens_reached(len(s.output_token_ids))
+            else list(p.stop_token_ids or ()) + ([] if p.ignore_eos else list(eos_token_ids))
+            for s, p in zip(seqs, params, strict=True)
+        ]
+        if any(p.logprobs is not None for p in params):
+            batch.num_logprobs = max(p.logprobs or 0 for p in params)
+        return batch
+
+
+def argmax_suffices(seqs: Sequence[EngineSequence]) -> bool:
+    """Whether every one of ``seqs`` samples the argmax of its raw logits: greedy, with no logits rule
+    and nothing to report (``SamplingParams.needs_host_tokens`` false)."""
+    return all(s.params.greedy and not s.params.needs_host_tokens(len(s.output_token_ids)) for s in seqs)
 
 
 def _token_counts(rows: list[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -251,19 +294,41 @@ class SamplerOutput:
 class Sampler:
     """Turns a step's logits into one token per row; see the module docstring for the semantics."""
 
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch, num_logprobs: int = 0) -> SamplerOutput:
-        """Sample ``logits`` [B, V]; with ``num_logprobs`` > 0 also return the top alternatives."""
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch, num_logprobs: int | None = None
+                 ) -> SamplerOutput:
+        """Sample ``logits`` [B, V] under every rule of ``batch``; the top ``num_logprobs`` alternatives
+        (default: ``batch.num_logprobs``) come back too when > 0."""
         if logits.dim() != 2 or logits.shape[0] != len(batch):
             raise ValueError(f"logits must be [B={len(batch)}, V], got {tuple(logits.shape)}")
-        logits = logits.float()
+        logits = self.apply_logits_rules(logits, batch).float()
         token_ids = self.sample(logits, batch)
         lse = torch.logsumexp(logits, dim=-1)
         logprobs = logits.gather(1, token_ids[:, None]).squeeze(1) - lse
         top_logprobs = top_token_ids = None
-        if num_logprobs > 0:
-            values, top_token_ids = logits.topk(min(num_logprobs, logits.shape[1]), dim=-1)
+        k = batch.num_logprobs if num_logprobs is None else num_logprobs
+        if k > 0:
+            values, top_token_ids = logits.topk(min(k, logits.shape[1]), dim=-1)
             top_logprobs = values - lse[:, None]
         return SamplerOutput(token_ids, logprobs, top_logprobs, top_token_ids)
+
+    @staticmethod
+    def apply_logits_rules(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """``logits`` with the token constraints and penalties of ``batch`` applied (itself when none
+        applies; never modified in place)."""
+        if batch.banned_token_ids is not None and any(batch.banned_token_ids):
+            logits = logits.clone()
+            for row, banned in enumerate(batch.banned_token_ids):
+                if banned:
+                    logits[row, banned] = _NEG_INF
+        if batch.allowed_token_mask is not None:
+            logits = logits.masked_fill(~batch.allowed_token_mask, _NEG_INF)
+        if batch.logit_bias is not None:
+            logits = logits + batch.logit_bias.to(logits.dtype)
+        if batch.penalty_rows:
+            empty: list[Sequence[int]] = [()] * len(batch)
+            logits = apply_penalties(logits, batch.prompt_token_ids or empty, batch.output_token_ids or empty,
+                                     batch)
+        return logits
 
     @staticmethod
     def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -180,8 +180,20 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE_EPS
 
     @property
-    def plain_greedy(self) -> bool:
-        """Greedy with nothing that changes the argmax or asks more of the sampler: no penalties, no
-        logprobs (then the token is the argmax of the raw logits, taken on the device in the step)."""
-        return (self.greedy and self.logprobs is None and self.repetition_penalty == 1
-                and self.presence_penalty == 0 and self.frequency_penalty == 0)
+    def uses_penalties(self) -> bool:
+        """True when a repetition, presence or frequency penalty changes the logits."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    def min_tokens_reached(self, num_output_tokens: int) -> bool:
+        """The ``min_tokens`` rule: whether a stop (EOS, a stop token id, a stop string) may end the
+        request once it has ``num_output_tokens`` output tokens. The sampler bans stop tokens while it
+        does not hold for the tokens generated before the draw; stops are checked against it after."""
+        return num_output_tokens >= self.min_tokens
+
+    def needs_host_tokens(self, num_output_tokens: int) -> bool:
+        """Whether sampling this request's next token, ``num_output_tokens`` generated so far, needs them
+        on the host: logprobs (reported per token), penalties (they count the output) or stop tokens
+        still banned by ``min_tokens``. A greedy request that needs none takes the plain argmax of the
+        logits, and async scheduling may launch its next step before its newest token is read back."""
+        return (self.logprobs is not None or self.uses_penalties
+                or not self.min_tokens_reached(num_output_tokens))

@@ -4,7 +4,8 @@ The reference is always ``tokenizer.decode(ids[:n], skip_special_tokens=...)`` o
 for three tokenizers: the bundled SmolLM2 (GPT-2 style byte-level BPE) and two SentencePiece-style
 BPE tokenizers built here with byte fallback (Llama's Replace/ByteFallback/Fuse/Strip decoder, and a
 Metaspace decoder), whose small alphabets send emoji, CJK and most accented letters to byte pieces.
-Stop-string and EOS handling go through ``LLMEngine._check_stop`` and are compared with the engine's
+Stop-string and EOS handling go through the scheduler's ``check_stop`` (stop tokens, length) and
+``LLMEngine._check_stop_strings`` as a step runs them, and are compared with the engine's
 previous rule (full decode, every stop string searched in the whole text), replayed here, with one
 change: a stop string must end in text produced from ``min_tokens`` on; and every step's text goes
 through the server's streaming cursor, whose deltas must add up to the final text.
@@ -22,6 +23,7 @@ import pytest
 from dockyard import SamplingParams
 from dockyard.engine.detokenizer import DetokenizerState, IncrementalDetokenizer, find_stop_string
 from dockyard.engine.llm_engine import LLMEngine
+from dockyard.engine.scheduler import check_stop
 from dockyard.engine.sequence import Sequence
 
 TEXTS = [
@@ -260,14 +262,14 @@ def test_find_stop_string_searches_only_the_new_end():
 # ---- the engine's stop checks ----
 
 def _engine(tok: Any, eos: list[int]) -> LLMEngine:
-    """An LLMEngine shell with only what ``_check_stop`` uses."""
+    """An LLMEngine shell with only what ``_check_stop_strings`` uses."""
     engine = object.__new__(LLMEngine)
     engine.tokenizer, engine.spec, engine._detokenizer = tok, SimpleNamespace(eos_token_ids=eos), None
     return engine
 
 
 def _run_engine(engine: LLMEngine, ids: list[int], params: SamplingParams, check: bool = True) -> Sequence:
-    """Feed ``ids`` one by one through ``_check_stop`` until the sequence finishes; with ``check``,
+    """Feed ``ids`` one by one through the stop checks until the sequence finishes; with ``check``,
     each step's text is also put through the server's streaming cursor, whose deltas must add up."""
     from dockyard.server.serving import _hold_back, _TextCursor
 
@@ -275,7 +277,8 @@ def _run_engine(engine: LLMEngine, ids: list[int], params: SamplingParams, check
     cursor, streamed = _TextCursor(_hold_back(params)), ""
     for token in ids:
         seq.output_token_ids.append(token)
-        engine._check_stop(seq, token)
+        check_stop(seq, engine.spec.eos_token_ids)
+        engine._check_stop_strings(seq)
         if check:
             streamed += cursor.text_delta(seq.output_text, seq.finish_reason is not None)
         if seq.finish_reason is not None:
