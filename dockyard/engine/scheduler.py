@@ -86,7 +86,7 @@ class Scheduler:
     """FCFS scheduling with a token budget, a sequence cap, chunked prefill and preemption."""
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 eos_token_ids: Seq[int] = ()) -> None:
+                 eos_token_ids: Seq[int]) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens

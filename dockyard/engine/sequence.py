@@ -23,7 +23,7 @@ class SequenceStatus(enum.Enum):
 
 @dataclass(eq=False)
 class Sequence:
-    """Token state of one generated sample; the engine owns and mutates it."""
+    """Token state of one generated sample; the scheduler updates its tokens, the engine its text."""
 
     seq_id: int
     request_id: str
@@ -52,9 +52,10 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     last_token_time: float | None = None
-    # Async scheduling: tokens sampled by steps still in flight (not yet in output_token_ids). They count
-    # in len(), so the scheduler runs the next step at once; the newest is row ``pending_row`` of the
-    # in-flight step's sampled tokens, which the runner copies into the next step's inputs on the device.
+    # Async scheduling (counted by scheduler.AsyncScheduler): tokens sampled by steps still in flight (not
+    # yet in output_token_ids). They count in len(), so the scheduler runs the next step at once; the newest
+    # is row ``pending_row`` of the in-flight step's sampled tokens, which the runner copies into the next
+    # step's inputs on the device.
     num_pending: int = 0
     pending_row: int = -1
 

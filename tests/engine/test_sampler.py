@@ -11,10 +11,12 @@ from dockyard.engine.sampler import (
     SamplerOutput,
     SamplingBatch,
     apply_penalties,
+    argmax_suffices,
     filter_logits,
     make_generator,
 )
 from dockyard.engine.sampling_params import SamplingParams
+from dockyard.engine.sequence import Sequence
 
 CPU = torch.device("cpu")
 DEVICES = [CPU] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
@@ -293,3 +295,62 @@ def test_build_records_what_stages_run() -> None:
     assert manual.penalty_rows == [1] and manual.greedy_rows == [False, False]
     with pytest.raises(ValueError):
         SamplingBatch.build([SamplingParams()], [], CPU)
+
+
+# ---------------------------------------------------------------- the step's batch: bans, histories, hooks
+def _seq(params: SamplingParams, prompt: list[int], output: list[int]) -> Sequence:
+    return Sequence(0, "r", 0, list(prompt), params, max_total_len=100, output_token_ids=list(output))
+
+
+def test_step_batch_applies_min_tokens_bans_and_penalties() -> None:
+    """Rows from sequences: stop tokens banned until min_tokens outputs exist, penalties from their
+    histories; the logprobs are log_softmax of the reference logits (float64, by hand)."""
+    vocab, eos = 12, [0, 11]
+    logits = random_logits(4, vocab, seed=21, scale=3.0)
+    seqs = [_seq(SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[5], logprobs=3), [1, 2], [7, 8]),
+            _seq(SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[5]), [1], [4, 4]),  # reached
+            _seq(SamplingParams(temperature=0, min_tokens=4, ignore_eos=True, stop_token_ids=[6]), [3], []),
+            _seq(SamplingParams(temperature=0, repetition_penalty=2.0, frequency_penalty=0.5), [9], [3, 3])]
+    batch = SamplingBatch.for_sequences(seqs, eos, CPU)
+    assert batch.banned_token_ids == [[5, 0, 11], [], [6], []] and batch.num_logprobs == 3
+    ref = logits.double().numpy().copy()
+    ref[0, [5, 0, 11]] = -np.inf
+    ref[2, 6] = -np.inf
+    for tok in (9, 3):  # row 3: repetition penalty over prompt and output, frequency over the output
+        ref[3, tok] = ref[3, tok] / 2.0 if ref[3, tok] > 0 else ref[3, tok] * 2.0
+    ref[3, 3] -= 0.5 * 2
+    out = Sampler()(logits, batch)
+    ref_lp = ref - np.log(np.exp(ref - ref.max(-1, keepdims=True)).sum(-1, keepdims=True)) - ref.max(-1, keepdims=True)
+    assert out.token_ids.tolist() == ref.argmax(-1).tolist()
+    np.testing.assert_allclose(out.logprobs.double().numpy(), ref_lp[np.arange(4), ref.argmax(-1)], atol=1e-5)
+    np.testing.assert_allclose(out.top_logprobs.double().numpy(), -np.sort(-ref_lp, axis=-1)[:, :3], atol=1e-5)
+    assert logits[0, 5] != float("-inf")  # the input is not modified
+
+
+def test_step_batch_hooks_mask_and_bias() -> None:
+    """The structured-output hooks: only allowed tokens are sampled, the bias shifts the logits."""
+    vocab = 16
+    logits = random_logits(3, vocab, seed=22)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=3), SamplingParams(temperature=0)]
+    batch = batch_of(params, [None, make_generator(3, CPU), None])
+    allowed = torch.zeros(3, vocab, dtype=torch.bool)
+    allowed[0, [2, 7]] = True
+    allowed[1, [1, 4, 9]] = True
+    allowed[2] = True
+    bias = torch.zeros(3, vocab)
+    bias[2, 13] = 100.0
+    batch.allowed_token_mask, batch.logit_bias = allowed, bias
+    for _ in range(5):
+        tokens = Sampler()(logits, batch).token_ids.tolist()
+        ref = np.where(allowed.numpy(), logits.double().numpy() + bias.double().numpy(), -np.inf)
+        assert tokens[0] == ref[0].argmax() and tokens[1] in (1, 4, 9) and tokens[2] == 13
+
+
+def test_argmax_suffices_follows_needs_host_tokens() -> None:
+    plain = SamplingParams(temperature=0)
+    assert argmax_suffices([_seq(plain, [1], [])])
+    assert not argmax_suffices([_seq(plain, [1], []), _seq(SamplingParams(temperature=0.5), [1], [])])
+    assert not argmax_suffices([_seq(SamplingParams(temperature=0, logprobs=0), [1], [])])
+    assert not argmax_suffices([_seq(SamplingParams(temperature=0, presence_penalty=0.1), [1], [])])
+    with_min = SamplingParams(temperature=0, min_tokens=2)
+    assert not argmax_suffices([_seq(with_min, [1], [4])]) and argmax_suffices([_seq(with_min, [1], [4, 5])])
