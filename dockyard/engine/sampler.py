@@ -80,7 +80,7 @@ class SamplingBatch:
     any_min_p: bool | None = None
     penalty_rows: list[int] | None = None  # rows with any penalty
     repetition_rows: list[int] | None = None  # rows with repetition_penalty != 1
-    # Rules beyond the per-row scalars (for_sequences fills the first three).
+    # Rules beyond the per-row scalars (for_sequences fills these four).
     prompt_token_ids: list[Sequence[int]] | None = None  # per row, for the repetition penalty; None: empty
     output_token_ids: list[Sequence[int]] | None = None  # per row, for every penalty; None: empty
     banned_token_ids: list[list[int]] | None = None  # per row: stop tokens min_tokens bans this step
