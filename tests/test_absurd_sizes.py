@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import resource
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -95,6 +97,16 @@ def test_inspect_refuses_a_billion_layers_at_once(tmp_path, capsys):
         assert time.perf_counter() - t0 < 10  # it answers instead of building layers
         err = capsys.readouterr().err
         assert "num_hidden_layers=1,000,000,000 is absurd" in err and "Traceback" not in err
+
+
+def test_inspect_refuses_a_billion_layers_without_importing_torch(tmp_path):
+    # The refusal comes from reading the config: the ~2 s torch import must not stand before it.
+    path = _write(tmp_path, {**shared_config("google--gemma-3-1b-it"), "num_hidden_layers": 10**9})
+    probe = ("import sys; from dockyard.cli import main; rc = main(['inspect', sys.argv[1]]); "
+             "sys.exit(10 if 'torch' in sys.modules else rc)")
+    proc = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr  # 10: torch was imported on the way
+    assert "num_hidden_layers=1,000,000,000 is absurd" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_weights_no_deployment_holds_are_refused_with_the_plan(tmp_path, capsys):
