@@ -131,6 +131,9 @@ def test_one_unknown_key_blocks_the_native_verdict(tmp_path):
     assert inspect.evidence["unrecognised_keys"] == ["residual_gate_scale"]
     assert not inspect.evidence["missing_features"]  # every known feature is covered; the unknown key decides
     assert run.report["overall"]["verdict"] == "FAIL" and run.exit_code == 1
+    assert run.report["architecture"]["unrecognised_keys"] == ["residual_gate_scale"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "`residual_gate_scale`" in md.split("**Unrecognised config keys**", 1)[1].split("\n", 1)[0]
 
 
 class _Recording(dict):
