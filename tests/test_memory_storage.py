@@ -26,6 +26,7 @@ from dockyard.errors import WeightsError
 from dockyard.memory import plan_memory, storage_of
 from dockyard.model_source import resolve_model
 from dockyard.weights.fp8 import FP8Config
+from tests.helpers import llama_parameters
 from tests.shared_configs import CONFIGS_DIR
 
 GiB = 1024**3
@@ -111,6 +112,24 @@ def test_modules_kept_unquantized_are_planned_at_their_stored_dtype(tmp_path, ke
     everything = _plan_of(base, tmp_path).checkpoint_bytes
     assert everything == _qwen3_fp8_bytes_by_hand(base, lambda layer, name: False)
     assert plan.checkpoint_bytes > everything  # bf16 is more bytes than FP8 plus scales
+
+
+def test_native_fp8_holds_modules_kept_unquantized_at_the_run_dtype(tmp_path):
+    # With every decoder module kept unquantized there is nothing FP8 to keep: the native path holds what the
+    # dequantizing path holds; with only layer 0's attention kept, it holds more than with none kept.
+    base = _config("Qwen--Qwen3-8B-FP8")
+
+    def held(patterns: list[str], native: bool) -> int:
+        quant = {**base["quantization_config"], "modules_to_not_convert": patterns}
+        return _plan_of({**base, "quantization_config": quant}, tmp_path, native=native).weight_bytes
+
+    assert held(["model.layers"], native=True) == held([], native=False) == _qwen3_bf16_bytes(base)
+    assert held([], native=True) < held(["model.layers.0.self_attn"], native=True) < held([], native=False)
+
+
+def _qwen3_bf16_bytes(cfg: dict) -> int:
+    """Qwen3's parameters at bf16, counted by hand (q_norm and k_norm besides Llama's layout)."""
+    return 2 * (llama_parameters(cfg) + cfg["num_hidden_layers"] * 2 * cfg["head_dim"])
 
 
 def test_unquantized_module_patterns_match_as_transformers_matches_them():
