@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a directory of <name>/config.json (repeatable): run the equivalence gate on one "
                              "config per architecture and list the unsupported ones")
     models.add_argument("--write", default=None, metavar="PATH", help="write the page to PATH instead of stdout")
+    models.add_argument("--catches", action="store_true",
+                        help="print only the mutation check by family: feature, the level that catches its "
+                             "ablation, error over tolerance (needs --configs)")
 
     ins = sub.add_parser("inspect", help="print the model's spec and memory plan")
     _add_model_arg(ins, positional=True)
@@ -181,13 +184,15 @@ def _print_features(features: list, near: object, unknown: list[str]) -> None:
 def cmd_models(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dockyard.supported_models import render
+    from dockyard.supported_models import catch_table, render
 
     configs = [Path(c) for c in args.configs]
     for c in configs:
         if not c.is_dir():
             raise DockyardError(f"--configs {c} is not a directory of <name>/config.json")
-    page = render(configs)
+    if args.catches and not configs:
+        raise DockyardError("--catches runs the mutation check on real configs: give --configs DIR")
+    page = catch_table(configs) if args.catches else render(configs)
     if args.write:
         Path(args.write).write_text(page)
         print(f"wrote {args.write}", file=sys.stderr)

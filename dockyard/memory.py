@@ -122,17 +122,20 @@ def _count(spec: ModelSpec, dtype: torch.dtype) -> tuple[int, dict[str, int], in
 _LAYER_PARAMETER = re.compile(r"model\.layers\.(\d+)\.")
 
 
-def layer_kinds(spec: ModelSpec) -> list[tuple[int, int]]:
-    """(first layer, number of layers) of each distinct kind of layer in ``spec``, in layer order."""
+def layers_by_kind(spec: ModelSpec) -> list[list[int]]:
+    """The layer indices of each distinct kind of layer in ``spec``, kinds in order of first appearance."""
     columns = [getattr(spec, f) for f in PER_LAYER_FIELDS if getattr(spec, f)]
     if not columns:
-        return [(0, spec.num_hidden_layers)]
-    first: dict[tuple[Any, ...], int] = {}
-    counts: Counter[tuple[Any, ...]] = Counter()
+        return [list(range(spec.num_hidden_layers))]
+    groups: dict[tuple[Any, ...], list[int]] = {}
     for i, kind in enumerate(zip(*columns)):
-        first.setdefault(kind, i)
-        counts[kind] += 1
-    return [(i, counts[kind]) for kind, i in first.items()]
+        groups.setdefault(kind, []).append(i)
+    return list(groups.values())
+
+
+def layer_kinds(spec: ModelSpec) -> list[tuple[int, int]]:
+    """(first layer, number of layers) of each distinct kind of layer in ``spec``, in layer order."""
+    return [(layers[0] if layers else 0, len(layers)) for layers in layers_by_kind(spec)]
 
 
 def sample_spec(spec: ModelSpec, kinds: list[tuple[int, int]]) -> ModelSpec:
@@ -304,19 +307,35 @@ def stored_weight_bytes(spec: ModelSpec, fp8: FP8Config | None, built_at: torch.
     """Bytes by stored dtype of a checkpoint for ``spec`` known only from its config: plain tensors in the
     config's dtype (a parameter the model keeps in a dtype of its own, in that one); with ``fp8``, every
     Linear weight inside the decoder layers (attention, MLP, experts; not the router, norms, embeddings or
-    lm_head) as FP8 with its float32 scales. ``built_at``: the meta model to read the shapes from (the one
+    lm_head) as FP8 with its float32 scales, less the modules the quantization config keeps unquantized
+    (``FP8Config.unquantized``), which are stored plain. ``built_at``: the meta model to read the shapes from (the one
     the held bytes were counted on, so no second model is built)."""
     plain = getattr(torch, spec.torch_dtype, torch.float32)
     params, linears, _ = _layer_linears(spec, built_at)
     out: Counter[str] = Counter()
     for name, (p, times) in params.items():
-        if fp8 is not None and name in linears:
-            out[_dtype_name(fp8.storage_dtype) + "+float32 scales"] += times * _fp8_bytes(tuple(p.shape), fp8,
-                                                                                          native=False)
-        else:
+        quantized = _fp8_layer_count(spec, name, times, fp8) if fp8 is not None and name in linears else 0
+        if quantized:
+            out[_dtype_name(fp8.storage_dtype) + "+float32 scales"] += quantized * _fp8_bytes(tuple(p.shape), fp8,
+                                                                                              native=False)
+        if quantized < times:
             dtype = plain if p.dtype == built_at else p.dtype
-            out[_dtype_name(dtype)] += p.numel() * dtype.itemsize * times
+            out[_dtype_name(dtype)] += p.numel() * dtype.itemsize * (times - quantized)
     return dict(out)
+
+
+def _fp8_layer_count(spec: ModelSpec, name: str, times: int, fp8: FP8Config) -> int:
+    """How many of the ``times`` layers the weight ``name`` (named in the first layer of its kind) stands for
+    store it as FP8: all but those whose module the quantization config keeps unquantized."""
+    if not fp8.unquantized:
+        return times
+    module = name.removesuffix(".weight")
+    match = _LAYER_PARAMETER.match(module + ".")
+    if match is None:
+        return 0 if fp8.keeps_unquantized(module) else times
+    rest = module[match.end():]
+    layers = next(k for k in layers_by_kind(spec) if k and k[0] == int(match.group(1)))
+    return sum(not fp8.keeps_unquantized(f"model.layers.{i}.{rest}".rstrip(".")) for i in layers)
 
 
 def held_weight_bytes(spec: ModelSpec, dtype: torch.dtype, storage: WeightStorage) -> dict[str, int]:
@@ -328,11 +347,16 @@ def held_weight_bytes(spec: ModelSpec, dtype: torch.dtype, storage: WeightStorag
         kept = set(native & (linears if storage.fp8_weights is None else storage.fp8_weights))
     out: Counter[str] = Counter()
     for name, (p, times) in params.items():
+        fp8_layers = 0
         if name in kept:
-            out[_dtype_name(storage.fp8.storage_dtype) + "+float32 scales"] += times * _fp8_bytes(
+            # From the headers, fp8_weights names each layer's stored FP8 weights; from a config alone, the
+            # quantization config's unquantized modules are what stays out.
+            fp8_layers = times if storage.fp8_weights is not None else _fp8_layer_count(spec, name, times,
+                                                                                        storage.fp8)
+            out[_dtype_name(storage.fp8.storage_dtype) + "+float32 scales"] += fp8_layers * _fp8_bytes(
                 tuple(p.shape), storage.fp8, True)
-        else:
-            out[_dtype_name(p.dtype)] += p.numel() * p.element_size() * times
+        if fp8_layers < times:
+            out[_dtype_name(p.dtype)] += p.numel() * p.element_size() * (times - fp8_layers)
     return dict(out)
 
 

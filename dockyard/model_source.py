@@ -12,13 +12,14 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from dockyard.errors import DockyardError, ModelNotFoundError, WeightsError
 from dockyard.spec import ModelSpec, read_config_json
+
+if TYPE_CHECKING:  # resolving a model reads metadata only; torch comes with the weights
+    import torch
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 

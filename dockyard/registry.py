@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from dockyard.errors import UnsupportedArchitectureError
 from dockyard.spec import ModelSpec
+
+if TYPE_CHECKING:  # torch is imported with the model modules, not by reading the registry
+    from torch import nn
 
 
 @dataclass(frozen=True)

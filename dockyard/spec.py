@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from dockyard.errors import ConfigError, InvalidModelFileError, ModelNotFoundError
-from dockyard.ops.activation import ACTIVATION_NAMES
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+# The hidden_act values dockyard.ops.activation implements. Listed here, not imported from there, so that
+# reading and validating a config never imports torch (`dockyard inspect` refuses absurd configs at once).
+ACTIVATION_NAMES = ("silu", "relu", "gelu", "gelu_pytorch_tanh", "gelu_new")
 
 # Architecture facts that configs do not spell out as fields: fixed by the model_type.
 # (dockyard.onboard.config_features reads these too, so each fact lives here only.)

@@ -8,12 +8,15 @@ registered are listed with the nearest family and what it lacks, as ``dockyard o
 
 ``dockyard models --write docs/supported-models.md --configs ../shared/configs --configs tests/data/configs``
 regenerates the page; a test fails when the checked-in page differs from what this module renders.
+``dockyard models --catches --configs ../shared/configs --configs tests/data/configs`` prints the mutation
+check alone, by family, with each catching level's error over its tolerance (:func:`catch_table`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +96,57 @@ def mutation_runs(arch: str, configs_dirs: list[Path]) -> tuple[EquivalenceResul
     return first, found[0], checked
 
 
+@dataclass(frozen=True)
+class Catch:
+    """One claimed feature of one architecture under the mutation check: where its ablation was caught."""
+
+    family: str
+    architecture: str
+    feature: str
+    ablation: str
+    level: str | None  # the first failing level; None: not caught, or not checked (``config`` None)
+    margin: float | None  # that level's error over its tolerance (None: caught at load, or not caught)
+    config: str | None  # the config it ran on; None: no config given exercises the feature
+
+    def level_cell(self) -> str:
+        if self.config is None:
+            return "NOT CHECKED: no config given exercises it"
+        return self.level or "NOT CAUGHT: the gate passes the ablation"
+
+
+def _catches(arch: str, checked: dict[str, tuple[MutationResult, str]]) -> list[Catch]:
+    """The mutation check's outcome for every feature ``arch`` claims (``checked``: from :func:`mutation_runs`)."""
+    entry = MODEL_REGISTRY[arch]
+    out = []
+    for key in sorted(entry.features):
+        if key not in checked:
+            what = ABLATIONS[key].what if key in ABLATIONS else "—"
+            out.append(Catch(entry.family, arch, key, what, None, None, None))
+            continue
+        mutation, config_name = checked[key]
+        level = mutation.caught_by.where if mutation.caught else None
+        out.append(Catch(entry.family, arch, key, mutation.what, level, mutation.margin(), config_name))
+    return out
+
+
+def catch_table(configs_dirs: list[Path]) -> str:
+    """The mutation check for every registered architecture, as a markdown table by family: each feature, the
+    level that catches its ablation and by how much (error over tolerance; the figures vary a little with the
+    machine, so the generated page shows the levels only)."""
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    rows = [c for arch in sorted(MODEL_REGISTRY) for c in _catches(arch, mutation_runs(arch, configs_dirs)[2])]
+    lines = ["| family | feature | first failing level | error / tolerance | architecture | config |",
+             "|---|---|---|---|---|---|"]
+    for c in sorted(rows, key=lambda c: (c.family, c.feature, c.architecture)):
+        factor = f"×{c.margin:,.0f}" if c.margin is not None else "—"
+        lines.append(f"| {c.family} | `{c.feature}` | {c.level_cell()} | {factor} | `{c.architecture}` | "
+                     f"{f'`{c.config}`' if c.config else '—'} |")
+    families = {e.family for e in MODEL_REGISTRY.values()}
+    caught = sum(c.level is not None for c in rows)
+    lines.append(f"\n{len(rows)} features of {len(families)} families; {caught} caught.")
+    return "\n".join(lines) + "\n"
+
+
 def render(configs_dirs: list[Path] | None = None) -> str:
     """The whole markdown page."""
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -111,14 +165,9 @@ def render(configs_dirs: list[Path] | None = None) -> str:
                                  if f.kind == "arch")
         lines.append(f"| `{arch}` | {entry.family} | {', '.join(sorted(entry.model_types))} | {entry.example} | "
                      f"{cell} | {features} |")
-        for key in sorted(entry.features):
-            if key not in checked:
-                catches.append(f"| `{arch}` | `{key}` | {ABLATIONS[key].what if key in ABLATIONS else '—'} | "
-                               "NOT CHECKED: no config given exercises it | — |")
-                continue
-            mutation, config_name = checked[key]
-            level = mutation.caught_by.where if mutation.caught else "NOT CAUGHT: the gate passes the ablation"
-            catches.append(f"| `{arch}` | `{key}` | {mutation.what} | {level} | `{config_name}` |")
+        for c in _catches(arch, checked):
+            catches.append(f"| `{arch}` | `{c.feature}` | {c.ablation} | {c.level_cell()} | "
+                           f"{f'`{c.config}`' if c.config else '—'} |")
     lines += ["", "## Mutation check: feature → level that catches it", "",
               "Each feature an architecture claims is broken on purpose (`dockyard/onboard/ablations.py`: the "
               "feature switched off or computed the wrong way) and the equivalence gate rerun on the same HF "

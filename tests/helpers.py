@@ -67,3 +67,12 @@ def interpreter_loop_bounds_fix(monkeypatch) -> None:  # noqa: ANN001 - pytest's
         scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
 
     monkeypatch.setattr(interpreter, "_patch_lang_tensor", patch_lang_tensor)
+
+
+def llama_parameters(c: dict) -> int:
+    """Llama's parameter count from its config's numbers (no bias), counted by hand from the HF layout."""
+    h, i, v, n = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
+    head = h // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * head, c["num_key_value_heads"] * head
+    embeddings = (1 if c.get("tie_word_embeddings") else 2) * v * h
+    return embeddings + h + n * (h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import resource
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,6 +25,7 @@ from dockyard.errors import InsufficientMemoryError
 from dockyard.memory import plan_memory
 from dockyard.registry import build_model
 from dockyard.spec import ModelSpec
+from tests.helpers import llama_parameters
 from tests.shared_configs import shared_config
 
 GiB = 1024**3
@@ -79,14 +82,6 @@ def test_count_from_one_layer_per_kind_equals_the_whole_model(case):
     assert plan.weight_bytes_by_dtype == by_dtype
 
 
-def _llama_parameters(c: dict) -> int:
-    """Llama's parameter count from its config's numbers (no bias, untied)."""
-    h, i, v, n = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
-    head = h // c["num_attention_heads"]
-    q, kv = c["num_attention_heads"] * head, c["num_key_value_heads"] * head
-    return 2 * v * h + h + n * (h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h)
-
-
 def test_inspect_refuses_a_billion_layers_at_once(tmp_path, capsys):
     for name in ("meta-llama--Llama-3.1-8B", "google--gemma-3-1b-it"):  # gemma: per-layer kinds too
         path = _write(tmp_path, {**shared_config(name), "num_hidden_layers": 10**9}, name)
@@ -97,12 +92,22 @@ def test_inspect_refuses_a_billion_layers_at_once(tmp_path, capsys):
         assert "num_hidden_layers=1,000,000,000 is absurd" in err and "Traceback" not in err
 
 
+def test_inspect_refuses_a_billion_layers_without_importing_torch(tmp_path):
+    # The refusal comes from reading the config: the ~2 s torch import must not stand before it.
+    path = _write(tmp_path, {**shared_config("google--gemma-3-1b-it"), "num_hidden_layers": 10**9})
+    probe = ("import sys; from dockyard.cli import main; rc = main(['inspect', sys.argv[1]]); "
+             "sys.exit(10 if 'torch' in sys.modules else rc)")
+    proc = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr  # 10: torch was imported on the way
+    assert "num_hidden_layers=1,000,000,000 is absurd" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_weights_no_deployment_holds_are_refused_with_the_plan(tmp_path, capsys):
     config = {**shared_config("meta-llama--Llama-3.1-405B"), "num_hidden_layers": 65_536}
     path = _write(tmp_path, config)
     assert main(["inspect", str(path), "--dtype", "bfloat16"]) == 2
     err = capsys.readouterr().err
-    expected = _llama_parameters(config)
+    expected = llama_parameters(config)
     assert f"{expected:,} parameters" in err, err
     assert f"{expected * 2 / 1024**4:,.0f} TiB at bfloat16" in err and "num_hidden_layers=65536" in err
 
@@ -123,7 +128,7 @@ def test_a_model_larger_than_ram_is_refused_with_what_would_fit(tmp_path, capsys
     assert main(["generate", "--model", str(path), "--device", "cpu", "hi"]) == 2
     assert time.perf_counter() - t0 < 30
     err = capsys.readouterr().err
-    weights = _llama_parameters(config) * 4 / GiB
+    weights = llama_parameters(config) * 4 / GiB
     assert f"weights {weights:.2f} GiB" in err and "at float32" in err, err
     assert "--dtype bfloat16 needs" in err and "--skip-memory-check" in err and "MemAvailable" in err
     assert main(["serve", "--model", str(path), "--device", "cpu", "--port", "0"]) == 2

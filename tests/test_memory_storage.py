@@ -13,15 +13,20 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from dockyard import LLM
+from dockyard.errors import WeightsError
 from dockyard.memory import plan_memory, storage_of
 from dockyard.model_source import resolve_model
+from dockyard.weights.fp8 import FP8Config
+from tests.helpers import llama_parameters
 from tests.shared_configs import CONFIGS_DIR
 
 GiB = 1024**3
@@ -44,7 +49,8 @@ def _hf_fp8_state(cfg: dict) -> dict[str, torch.Tensor]:
                                                                                "quantization_config")})
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    replace_with_fp8_linear(model, modules_to_not_convert=["lm_head"],
+    keep = ["lm_head", *quant.get("modules_to_not_convert", []), *quant.get("ignored_layers", [])]
+    replace_with_fp8_linear(model, modules_to_not_convert=keep,
                             quantization_config=FineGrainedFP8Config(weight_block_size=quant["weight_block_size"]))
     return model.state_dict()
 
@@ -72,6 +78,71 @@ def test_fp8_checkpoint_bytes_match_transformers_fp8_layout(tmp_path, name, over
     # Dequantized on load (CPU, or a GPU without FP8 tensor cores): every parameter at the run dtype, about
     # twice what is stored.
     assert plan.weight_bytes == plan.num_parameters * 2 and plan.checkpoint_bytes < 0.6 * plan.weight_bytes
+
+
+def _qwen3_fp8_bytes_by_hand(cfg: dict, unquantized: Callable[[int, str], bool]) -> int:
+    """Qwen3's checkpoint bytes from its config's numbers: bf16 embeddings, lm_head and norms; each decoder
+    projection FP8 with a float32 scale per 128 × 128 block, or bf16 where ``unquantized(layer, name)``."""
+    h, i, v, head = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * head, cfg["num_key_value_heads"] * head
+    shapes = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+              "self_attn.o_proj": (h, q), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+    total = 2 * (2 * v * h + h)  # embeddings, lm_head, final norm
+    for layer in range(cfg["num_hidden_layers"]):
+        total += 2 * (2 * h + 2 * head)  # two norms, q_norm and k_norm
+        for name, (rows, cols) in shapes.items():
+            if unquantized(layer, name):
+                total += 2 * rows * cols
+            else:
+                total += rows * cols + 4 * math.ceil(rows / 128) * math.ceil(cols / 128)
+    return total
+
+
+@pytest.mark.parametrize("key", ["modules_to_not_convert", "ignored_layers"])
+def test_modules_kept_unquantized_are_planned_at_their_stored_dtype(tmp_path, key):
+    # Layer 0's attention and every layer's down projection stay bf16, as the config says.
+    base = _config("Qwen--Qwen3-8B-FP8")
+    cfg = {**base, "quantization_config": {**base["quantization_config"],
+                                           key: ["model.layers.0.self_attn", "model.layers.*.mlp.down_proj"]}}
+    plan = _plan_of(cfg, tmp_path)
+    by_hand = _qwen3_fp8_bytes_by_hand(cfg, lambda layer, name: name == "mlp.down_proj"
+                                       or (layer == 0 and name.startswith("self_attn")))
+    assert plan.checkpoint_bytes == by_hand
+    assert plan.checkpoint_bytes == _nbytes(_hf_fp8_state(cfg).values())  # transformers' own FP8 layout
+    everything = _plan_of(base, tmp_path).checkpoint_bytes
+    assert everything == _qwen3_fp8_bytes_by_hand(base, lambda layer, name: False)
+    assert plan.checkpoint_bytes > everything  # bf16 is more bytes than FP8 plus scales
+
+
+def test_native_fp8_holds_modules_kept_unquantized_at_the_run_dtype(tmp_path):
+    # With every decoder module kept unquantized there is nothing FP8 to keep: the native path holds what the
+    # dequantizing path holds; with only layer 0's attention kept, it holds more than with none kept.
+    base = _config("Qwen--Qwen3-8B-FP8")
+
+    def held(patterns: list[str], native: bool) -> int:
+        quant = {**base["quantization_config"], "modules_to_not_convert": patterns}
+        return _plan_of({**base, "quantization_config": quant}, tmp_path, native=native).weight_bytes
+
+    assert held(["model.layers"], native=True) == held([], native=False) == _qwen3_bf16_bytes(base)
+    assert held([], native=True) < held(["model.layers.0.self_attn"], native=True) < held([], native=False)
+
+
+def _qwen3_bf16_bytes(cfg: dict) -> int:
+    """Qwen3's parameters at bf16, counted by hand (q_norm and k_norm besides Llama's layout)."""
+    return 2 * (llama_parameters(cfg) + cfg["num_hidden_layers"] * 2 * cfg["head_dim"])
+
+
+def test_unquantized_module_patterns_match_as_transformers_matches_them():
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    patterns = ["model.layers.*.self_attn", "model.layers.1.mlp", "lm_head", "mlp.gate", "down_proj"]
+    fp8 = FP8Config.from_quantization_config({"quant_method": "fp8", "modules_to_not_convert": patterns}, "cfg")
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.11.self_attn", "model.layers.1.mlp.up_proj",
+             "model.layers.11.mlp.up_proj", "model.layers.2.mlp.gate", "model.layers.2.mlp.gate_proj", "lm_head",
+             "model.embed_tokens", "model.layers.3.mlp.experts.7.down_proj", "model.layers.3.mlp.down_projx"]
+    assert [fp8.keeps_unquantized(n) for n in names] == [not should_convert_module(n, patterns) for n in names]
+    with pytest.raises(WeightsError, match="modules_to_not_convert"):
+        FP8Config.from_quantization_config({"quant_method": "fp8", "modules_to_not_convert": "lm_head"}, "cfg")
 
 
 def test_fp8_plan_matches_a_dummy_fp8_checkpoint_loaded_by_the_engine(tmp_path, monkeypatch):

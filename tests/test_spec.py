@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from dockyard.errors import ConfigError, InvalidModelFileError, ModelNotFoundError
-from dockyard.spec import ModelSpec
+from dockyard.ops.activation import get_activation
+from dockyard.spec import ACTIVATION_NAMES, ModelSpec
 
 CONFIGS = Path(__file__).resolve().parents[1].parent / "shared" / "configs"
 LLAMA_8B = CONFIGS / "meta-llama--Llama-3.1-8B" / "config.json"
@@ -95,3 +96,11 @@ def test_config_file_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(InvalidModelFileError, match="config.json"):
         ModelSpec.from_json_file(bad)
+
+
+def test_every_activation_name_the_spec_accepts_is_implemented():
+    # spec.py lists the names itself so that reading a config needs no torch; the ops must have each one.
+    for name in ACTIVATION_NAMES:
+        assert callable(get_activation(name))
+    with pytest.raises(ConfigError, match="hidden_act='swish'"):
+        get_activation("swish")

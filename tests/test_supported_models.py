@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from dockyard.cli import main
 from dockyard.supported_models import render
 from tests.shared_configs import CONFIGS_DIR
 
@@ -29,3 +30,8 @@ def test_supported_models_page_is_current():
     # a numerical level: an untied LM head has no checkpoint tensor, a dense layer turned MoE has no experts.
     caught_at_load = {row.split("|")[2].strip(" `") for row in fresh.splitlines() if "| load '" in row}
     assert caught_at_load <= {"tied_embeddings", "moe_dense_layers"}, caught_at_load
+
+
+def test_catches_needs_configs_to_run_the_mutation_check_on(capsys):
+    assert main(["models", "--catches"]) == 2
+    assert "--catches runs the mutation check on real configs: give --configs DIR" in capsys.readouterr().err

@@ -405,7 +405,8 @@ class EquivalenceResult:
         out["first_failure"] = None if first is None else {**asdict(first), "where": first.where}
         out["mutations"] = [{"feature": m.feature, "what": m.what, "caught": m.caught,
                              "caught_by": None if m.caught_by is None else m.caught_by.where,
-                             "rel_err": None if m.caught_by is None else m.caught_by.rel_err}
+                             "rel_err": None if m.caught_by is None else m.caught_by.rel_err,
+                             "tolerance": None if m.caught_by is None else m.caught_by.tolerance}
                             for m in self.mutations]
         return out
 

@@ -21,10 +21,11 @@ from typing import Any
 
 from dockyard import __version__
 from dockyard.onboard.context import EXIT_CODES, GateContext, GateResult, jsonable
+from dockyard.onboard.gate_prose import gate_body
 from dockyard.server.cli import DEFAULT_PORT
 
 SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 GiB = 1024**3
 
 
@@ -148,6 +149,7 @@ def build_report(ctx: GateContext, results: list[GateResult], started: float) ->
             "nearest_family": arch_ev.get("nearest_family"),
             "features": arch_ev.get("features", []),
             "missing_features": arch_ev.get("missing_features", []),
+            "unrecognised_keys": arch_ev.get("unrecognised_keys", []),
             "spec": spec.to_dict() if spec is not None else None,
             "num_parameters": ctx.plan.num_parameters if ctx.plan is not None else None,
             "active_parameters": ctx.plan.active_parameters if ctx.plan is not None else None,
@@ -175,16 +177,6 @@ def _gib(n: Any) -> str:
 
 def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _evidence_lines(evidence: dict[str, Any], limit: int = 1500) -> list[str]:
-    lines = []
-    for key, value in evidence.items():
-        text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
-        if len(text) > limit:
-            text = text[:limit] + f"… ({len(text)} chars; full value in report.json)"
-        lines.append(f"- `{key}`: {text}")
-    return lines
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -237,7 +229,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         if g["log_path"]:
             out.append(f"Log: `{g['log_path']}`")
             out.append("")
-        out += _evidence_lines(g["evidence"])
+        out += gate_body(g)
 
     out += ["", "## Feature matrix", ""]
     if report["feature_matrix"]:

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import sys
+import textwrap
 import time
 import traceback
 import warnings
@@ -175,6 +176,13 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _wrap(prefix: str, text: str, width: int = 100) -> str:
+    """``prefix`` then ``text`` folded at ``width`` columns, continuation lines under the text; none of it cut."""
+    return "\n".join(textwrap.wrap(" ".join(text.split()), width, initial_indent=prefix,
+                                   subsequent_indent=" " * len(prefix), break_long_words=False,
+                                   break_on_hyphens=False)) or prefix
+
+
 def _say(stream: TextIO | None, line: str, end: str = "\n") -> None:
     if stream is None:
         return
@@ -185,21 +193,21 @@ def _say(stream: TextIO | None, line: str, end: str = "\n") -> None:
 
 
 def summary_table(run: OnboardRun) -> str:
-    """The one-screen table printed at the end of a run."""
+    """The table printed at the end of a run: every gate's full summary, wrapped, never cut."""
     report = run.report
     lines = [f"dockyard onboard: {report['model']['name']}  ({report['machine']['hardware']})", ""]
     lines.append(f"{'gate':<12} {'status':<6} {'time':>7}  summary")
     lines.append("-" * 100)
     for r in run.results:
-        lines.append(f"{r.name:<12} {r.status:<6} {r.duration_s:6.1f}s  {_clip(r.summary, 72)}")
+        lines.append(_wrap(f"{r.name:<12} {r.status:<6} {r.duration_s:6.1f}s  ", r.summary))
     lines.append("-" * 100)
     matrix = report.get("feature_matrix") or []
     if matrix:
-        lines.append("features: " + _clip(", ".join(f"{m['feature']} {m['status']}" for m in matrix), 90))
+        lines.append(_wrap("features: ", ", ".join(f"{m['feature']} {m['status']}" for m in matrix)))
     overall = report["overall"]
     lines.append(f"verdict: {overall['verdict']}: {overall['counts']['pass']} passed, {overall['counts']['fail']} "
                  f"failed, {overall['counts']['skip']} skipped (exit status {overall['exit_code']})")
     for item in overall["not_proven"]:
-        lines.append(f"  not proven: {_clip(item, 90)}")
+        lines.append(_wrap("  not proven: ", item))
     lines.append(f"report: {run.out_dir / 'report.md'}  (json: report.json, accuracy.yaml, tutorial.md, logs/)")
     return "\n".join(lines)

@@ -15,7 +15,6 @@ _ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
 }
-ACTIVATION_NAMES = tuple(_ACTIVATIONS)
 
 
 def get_activation(name: str):  # noqa: ANN201 - returns a tensor function

@@ -18,8 +18,10 @@ multiply with the FP8 kernel; any other FP8 weight is still dequantized.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +45,19 @@ class FP8Config:
 
     block: tuple[int, int] | None = None  # weight_block_size; None: per-tensor or per-channel scales
     fmt: str = "e4m3"
+    # Module name patterns the checkpoint keeps unquantized: ``modules_to_not_convert`` (transformers) or
+    # ``ignored_layers`` (vLLM's FP8 configs), matched as transformers matches them (:meth:`keeps_unquantized`).
+    unquantized: tuple[str, ...] = ()
 
     @property
     def storage_dtype(self) -> torch.dtype:
         return FORMATS[self.fmt]
+
+    def keeps_unquantized(self, module: str) -> bool:
+        """Whether the module named ``module`` (checkpoint naming, e.g. ``model.layers.3.self_attn.q_proj``) is
+        stored unquantized: a pattern matches it from the start up to a module boundary (as a regular
+        expression, so ``model.layers.*.self_attn`` covers every layer's attention), or as a suffix."""
+        return any(p.match(module) or module.endswith(suffix) for p, suffix in _unquantized_patterns(self.unquantized))
 
     @classmethod
     def from_quantization_config(cls, quant: dict[str, Any], where: str | Path) -> FP8Config:
@@ -67,16 +78,43 @@ class FP8Config:
                 "ignored); use a checkpoint "
                 "with activation_scheme 'dynamic', an unquantized one, or --load-format dummy"
             )
+        unquantized = _module_patterns(quant, where)
         block = quant.get("weight_block_size")
         if block is None:
-            return cls(None, fmt)
+            return cls(None, fmt, unquantized)
         if (not isinstance(block, (list, tuple)) or len(block) != 2
                 or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
             raise WeightsError(
                 f"{where}: quantization_config.weight_block_size={block!r} must be two positive integers "
                 "[rows, cols] (or absent for per-tensor / per-channel scales); fix config.json"
             )
-        return cls((block[0], block[1]), fmt)
+        return cls((block[0], block[1]), fmt, unquantized)
+
+
+def _module_patterns(quant: dict[str, Any], where: str | Path) -> tuple[str, ...]:
+    """The ``modules_to_not_convert`` and ``ignored_layers`` of a quantization config, validated."""
+    patterns: list[str] = []
+    for key in ("modules_to_not_convert", "ignored_layers"):
+        value = quant.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+            raise WeightsError(f"{where}: quantization_config.{key}={value!r} must be a list of module names; "
+                               "fix config.json")
+        for v in value:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise WeightsError(f"{where}: quantization_config.{key} entry {v!r} is not a valid module "
+                                   f"pattern ({exc}); fix config.json") from None
+        patterns.extend(value)
+    return tuple(dict.fromkeys(patterns))
+
+
+@functools.lru_cache(maxsize=16)
+def _unquantized_patterns(patterns: tuple[str, ...]) -> tuple[tuple[re.Pattern[str], str], ...]:
+    # The boundary keeps "layers.1" from matching "layers.11" and "mlp.gate" from matching "mlp.gate_proj".
+    return tuple((re.compile(rf"(?:{p})(?:(?<=\.)|(?=\.|$))"), p) for p in patterns)
 
 
 def scale_owner(name: str) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -118,3 +119,29 @@ def test_artifacts(onboarded):
     for gate in report["gates"]:
         if gate["status"] != "skip":
             assert (out / "logs").is_dir() and os.path.exists(gate["log_path"]), gate["name"]
+
+
+def test_report_md_is_prose_and_tables_with_every_reason_in_full(onboarded):
+    proc, out, report = onboarded
+    md = (out / "report.md").read_text()
+    # No JSON: no braces, no quoted keys, no clipped values pointing at report.json.
+    assert not re.search(r'[{}]|": |…', md), re.search(r'.*([{}]|": |…).*', md).group(0)
+    table = " ".join(proc.stdout.split())  # the summary table printed at the end, its wrapping undone
+    for gate in report["gates"]:
+        summary = gate["summary"]
+        assert f"| {gate['name']} | **{gate['status']}** |" in md and summary.replace("|", "\\|") in md
+        assert " ".join(summary.split()) in table, gate["name"]
+    sections = dict(re.findall(r"\n### ([\w-]+): \w+\n\n(.*?)(?=\n### |\n## )", md, flags=re.S))
+    assert set(sections) == {g["name"] for g in report["gates"]}
+    assert "no unrecognised keys" in sections["inspect"]
+    assert "| quantity | value |" in sections["fit"] and "| parameters | 134,515,008 |" in sections["fit"]
+    levels = next(g for g in report["gates"] if g["name"] == "equivalence")["evidence"]["levels"]
+    assert sections["equivalence"].count("\n| block |") + sections["equivalence"].count("\n| layer |") + \
+        sections["equivalence"].count("\n| model |") + sections["equivalence"].count("\n| decode |") == len(levels)
+    mutations = next(g for g in report["gates"] if g["name"] == "equivalence")["evidence"]["mutations"]
+    assert mutations and f"{len(mutations)} of {len(mutations)} ablations fail it" in sections["equivalence"]
+    for m in mutations:  # each ablation, where it was caught and by how much over that level's tolerance
+        factor = f"×{m['rel_err'] / m['tolerance']:,.0f}" if m["rel_err"] is not None else "—"
+        assert f"| `{m['feature']}` | {m['what']} | {m['caught_by']} |" in sections["equivalence"]
+        assert factor in sections["equivalence"], m
+    assert "token for token" in sections["real"] and "The chat request answered HTTP 200" in sections["serve-smoke"]

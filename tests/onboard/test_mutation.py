@@ -75,6 +75,10 @@ def test_onboarding_gate_runs_the_mutation_check_for_the_models_features(tmp_pat
     assert all(m["caught"] for m in found.values()), found
     assert found["attention_bias"]["caught_by"].startswith("block 'attention'")
     assert "covered features, ablated, fails it" in gate.summary
+    md = (tmp_path / "out" / "report.md").read_text()  # the reviewer's page: each ablation, its level and margin
+    for m in found.values():
+        factor = f"×{m['rel_err'] / m['tolerance']:,.0f}" if m["rel_err"] is not None else "—"
+        assert f"| `{m['feature']}` | {m['what']} | {m['caught_by']} | " in md and f" | {factor} |" in md, m
 
 
 def test_an_ablation_the_gate_misses_fails_it_softly(tmp_path, monkeypatch):
