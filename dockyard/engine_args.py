@@ -161,7 +161,8 @@ class EngineArgs:
         "MoE: place whole experts across the tensor-parallel ranks instead of splitting each", PARALLEL_GROUP,
         action="store_true"))
     disable_log_stats: bool = field(default=False, metadata=_flag(
-        "do not log engine statistics periodically", OBSERVABILITY_GROUP, action="store_true"))
+        "vLLM's switch for the periodic engine-statistics log line; accepted (dockyard logs no periodic statistics "
+        "line yet)", OBSERVABILITY_GROUP, action="store_true"))
     device: str = field(default="auto", metadata=_flag("auto (cuda when present, else cpu) | cpu | cuda",
                                                        RUNTIME_GROUP))
     num_threads: int | None = field(default=None, metadata=_flag(

@@ -511,6 +511,16 @@ def _make_server(config: Any, before_shutdown: Callable[[], Awaitable[None]]) ->
     return DockyardServer(config)
 
 
+def _engine_summary(llm: LLM) -> str:
+    """One start-up line with the settings the engine runs under (what the flags resolved to)."""
+    engine, blocks = llm.engine, llm.engine.block_manager
+    config = engine.config
+    return (f"engine: {str(llm.dtype).removeprefix('torch.')} on {llm.device}; KV cache {blocks.num_blocks} blocks "
+            f"x {blocks.block_size} = {blocks.num_blocks * blocks.block_size} tokens; max_model_len "
+            f"{engine.max_model_len}; max_num_seqs {config.max_num_seqs}; max_num_batched_tokens "
+            f"{config.max_num_batched_tokens}; prefix caching {'on' if config.enable_prefix_caching else 'off'}")
+
+
 def _url_host(host: str) -> str:
     if host in ("0.0.0.0", "::", ""):
         return "127.0.0.1"
@@ -552,6 +562,7 @@ def serve(args: Any) -> int:
     if chat_template is not None:
         llm.get_tokenizer().chat_template = chat_template
     load_s = time.perf_counter() - t0
+    _say(_engine_summary(llm))
     names = args.served_model_name or [llm.source.name]
     fatal: list[str] = []
     server: Any = None
