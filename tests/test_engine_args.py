@@ -80,11 +80,14 @@ def test_every_command_means_the_same_by_a_flag():
     full = ["--max-model-len", "2k", "--max-num-seqs", "3", "--max-num-batched-tokens", "256", "--seed", "9",
             "--gpu-memory-utilization", "0.5", "-tp", "2", "--no-enable-prefix-caching", "--swap-space", "4",
             "--kv-cache-memory-bytes", "1G", "--num-gpu-blocks-override", "40"]
+    expected = EngineArgs(max_model_len=2000, max_num_seqs=3, max_num_batched_tokens=256, seed=9,
+                          gpu_memory_utilization=0.5, tensor_parallel_size=2, enable_prefix_caching=False,
+                          swap_space=4.0, kv_cache_memory_bytes=GiB, num_kv_blocks=40)
     for cmd, extra in (("generate", ["hi"]), ("serve", [])):
-        args = EngineArgs.from_cli_args(build_parser().parse_args([cmd, *extra, *full]))
-        assert args == EngineArgs(max_model_len=2000, max_num_seqs=3, max_num_batched_tokens=256, seed=9,
-                                  gpu_memory_utilization=0.5, tensor_parallel_size=2, enable_prefix_caching=False,
-                                  swap_space=4.0, kv_cache_memory_bytes=GiB, num_kv_blocks=40)
+        assert EngineArgs.from_cli_args(build_parser().parse_args([cmd, *extra, *full])) == expected
+    # eval: lm-eval's --batch-size is the engine's max_num_seqs
+    eval_line = ["eval", "--batch-size", "3", *full[:2], *full[4:]]
+    assert EngineArgs.from_cli_args(build_parser().parse_args(eval_line), max_num_seqs=3) == expected
 
 
 def test_llm_keyword_names_are_the_engine_args_fields():

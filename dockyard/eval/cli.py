@@ -45,7 +45,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                    help="re-run FILE's tasks with its settings; exit 1 when a metric leaves the tolerance")
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance of --check (default 0.05)")
     p.add_argument("--verbose", action="store_true", help="let lm-eval and datasets log to the terminal")
-    EngineArgs.add_cli_args(p, only=("model", "dtype", "device", "num_threads"))
+    EngineArgs.add_cli_args(p, skip=("max_num_seqs",))  # lm-eval's --batch-size is the engine's max_num_seqs
     return p
 
 
@@ -55,6 +55,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dockyard.eval import runner
 
     configure_threads(args.num_threads)
+    # The engine flags beyond model, dtype and device (which the options and accuracy.yaml record by name).
+    engine = {k: v for k, v in EngineArgs.from_cli_args(args).to_kwargs().items()
+              if k not in ("dtype", "device", "max_num_seqs")}
 
     if args.list_tasks:
         print(runner.tasks_table())
@@ -68,7 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise EvalError(f"--check takes the tasks and settings from {args.check}; drop {', '.join(given)}")
         rtol = runner.DEFAULT_RTOL if args.rtol is None else args.rtol
         result = runner.run_check(args.check, rtol=rtol, model=args.model, dtype=args.dtype, device=args.device,
-                                  verbose=args.verbose)
+                                  verbose=args.verbose, engine=engine)
         print(runner.results_table(result.run))
         print()
         print(result.table())
@@ -84,7 +87,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                  num_fewshot=args.num_fewshot,
                                  apply_chat_template=args.apply_chat_template,
                                  fewshot_as_multiturn=args.fewshot_as_multiturn, batch_size=args.batch_size,
-                                 dtype=args.dtype, device=args.device)
+                                 dtype=args.dtype, device=args.device, engine=engine)
     run = runner.run_eval(options, verbose=args.verbose)
     print(runner.results_table(run))
     if args.out:
