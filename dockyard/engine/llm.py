@@ -165,6 +165,9 @@ class LLM:
     Before anything is loaded the memory plan is checked against the device's free memory
     (:mod:`dockyard.engine.memory_check`); ``skip_memory_check`` loads anyway. ``num_threads``: torch's
     CPU threads (default: the physical cores this process may use, :mod:`dockyard.engine.threads`).
+    Every keyword is a field of :class:`~dockyard.engine_args.EngineArgs` (the same settings as the
+    commands' flags); ``seed`` seeds torch's RNG once the engine is up, which requests without a seed of
+    their own draw from (as vLLM's ``seed``), and the dummy weights.
     """
 
     def __init__(self, model: str | Path | None = None, **kwargs: Any) -> None:
