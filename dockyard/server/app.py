@@ -587,10 +587,8 @@ def serve(args: Any) -> int:
                         args.allow_credentials)
     app = build_app(llm, names, api_key, cors=cors, on_ready=on_ready, on_fatal=on_fatal,
                     listening=lambda: bool(server is not None and server.started))
-    uvicorn_level = (logging.getLevelName(args.uvicorn_log_level.upper()) if args.uvicorn_log_level
+    uvicorn_level = (uvicorn.config.LOG_LEVELS[args.uvicorn_log_level] if args.uvicorn_log_level
                      else logger.getEffectiveLevel())
-    if args.uvicorn_log_level == "trace":
-        uvicorn_level = 5  # uvicorn's own TRACE level, below DEBUG
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, lifespan="on",
                             timeout_keep_alive=5, log_level=uvicorn_level, access_log=uvicorn_level <= logging.INFO)
     server = _make_server(config, app.state.begin_shutdown)
