@@ -16,7 +16,7 @@ from dockyard.engine.llm import gpu_kv_cache_budget
 from dockyard.engine_args import VLLM_FLAGS_NOT_HONOURED, EngineArgs, human_readable_int
 from dockyard.errors import ConfigError, DockyardError
 from dockyard.model_source import resolve_model
-from dockyard.server.app import engine_args_of
+from dockyard.server.app import engine_args_of, read_chat_template
 from tests.helpers import save_tiny_hf_model
 
 CONFIGS = "../shared/configs"
@@ -165,3 +165,14 @@ def test_seed_seeds_requests_without_their_own_seed(tiny_model):
     first = _unseeded_draws(tiny_model, seed=3, rng_before=1)
     assert _unseeded_draws(tiny_model, seed=3, rng_before=2) == first
     assert _unseeded_draws(tiny_model, seed=4, rng_before=1) != first
+
+
+def test_chat_template_from_a_file_or_inline(tmp_path):
+    """--chat-template as vLLM reads it: an existing file's text, else Jinja text itself, else a clear error."""
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    path = tmp_path / "t.jinja"
+    path.write_text(template)
+    assert read_chat_template(str(path)) == template
+    assert read_chat_template(template) == template
+    with pytest.raises(DockyardError, match="neither a file nor a Jinja template"):
+        read_chat_template(str(tmp_path / "missing.jinja"))
