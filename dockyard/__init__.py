@@ -12,6 +12,7 @@ from typing import Any
 __version__ = "0.1.0"
 _LAZY = {
     "LLM": "dockyard.engine.llm",
+    "EngineArgs": "dockyard.engine_args",
     "SamplingParams": "dockyard.engine.sampling_params",
     "RequestOutput": "dockyard.engine.outputs",
     "CompletionOutput": "dockyard.engine.outputs",

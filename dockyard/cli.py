@@ -13,22 +13,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from dockyard.cli_args import add_num_threads_arg, add_skip_memory_check_arg
+from dockyard.engine_args import EngineArgs, add_vllm_refusals, field_help
 from dockyard.errors import DockyardError
 from dockyard.eval.cli import add_eval_parser, cmd_eval
 from dockyard.onboard.cli import add_onboard_parser, cmd_onboard
 from dockyard.server.cli import add_serve_parser, cmd_serve
 
 GiB = 1024**3
-
-
-def _add_model_arg(p: argparse.ArgumentParser, positional: bool = False) -> None:
-    help_text = ("model: a directory with config.json (+ safetensors), a config.json (dummy weights) or a "
-                 ".gguf file; default: the bundled SmolLM2-135M-Instruct")
-    if positional:
-        p.add_argument("model", nargs="?", default=None, help=help_text)
-    else:
-        p.add_argument("--model", default=None, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,22 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text for one prompt; prints only the text")
-    _add_model_arg(gen)
     gen.add_argument("prompt", help="the prompt text")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
-    gen.add_argument("--system", default=None, help="system message (with --chat)")
-    gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--min-p", type=float, default=0.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    gen.add_argument("--load-format", choices=("auto", "dummy"), default="auto")
-    gen.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    gen.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    add_num_threads_arg(gen)
-    add_skip_memory_check_arg(gen)
+    sampling = gen.add_argument_group("Sampling", "this prompt's SamplingParams (random draws seeded by --seed)")
+    sampling.add_argument("--chat", action="store_true",
+                          help="wrap the prompt as a user message in the chat template")
+    sampling.add_argument("--system", default=None, help="system message (with --chat)")
+    sampling.add_argument("--max-tokens", type=int, default=128)
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    sampling.add_argument("--top-p", type=float, default=1.0)
+    sampling.add_argument("--top-k", type=int, default=0)
+    sampling.add_argument("--min-p", type=float, default=0.0)
+    sampling.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    EngineArgs.add_cli_args(gen)
+    add_vllm_refusals(gen)
 
     models = sub.add_parser("models", help="list the supported architectures (docs/supported-models.md)")
     models.add_argument("--configs", action="append", default=[], metavar="DIR",
@@ -65,11 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "ablation, error over tolerance (needs --configs)")
 
     ins = sub.add_parser("inspect", help="print the model's spec and memory plan")
-    _add_model_arg(ins, positional=True)
+    ins.add_argument("model", nargs="?", default=None, help=field_help("model"))
     ins.add_argument("--json", action="store_true", help="machine-readable output")
-    ins.add_argument("--dtype", default="auto",
-                     help="dtype of the run (auto: float32 on CPU, the checkpoint's dtype on a GPU)")
-    ins.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    EngineArgs.add_cli_args(ins, only=("dtype", "max_num_batched_tokens"))
     ins.add_argument("--device-memory", type=float, default=None, metavar="GiB",
                      help="plan for a GPU of this much memory (default: this machine's device)")
 
@@ -84,10 +70,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        min_p=args.min_p, seed=args.seed, stop=args.stop,
+        min_p=args.min_p, stop=args.stop,
     )
-    llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
-              num_threads=args.num_threads, skip_memory_check=args.skip_memory_check)
+    engine_args = EngineArgs.from_cli_args(args)
+    llm = LLM(engine_args.model, **engine_args.to_kwargs())
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": args.prompt})

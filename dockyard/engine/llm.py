@@ -27,7 +27,8 @@ from dockyard.engine.memory_check import check_memory_fits
 from dockyard.engine.outputs import RequestOutput
 from dockyard.engine.sampling_params import SamplingParams
 from dockyard.engine.threads import configure_threads
-from dockyard.errors import DockyardError, InvalidRequestError
+from dockyard.engine_args import EngineArgs
+from dockyard.errors import ConfigError, DockyardError, InvalidRequestError
 from dockyard.memory import plan_memory
 from dockyard.model_source import ModelSource, resolve_model
 from dockyard.registry import build_model
@@ -60,6 +61,22 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str, device: torch
         return _DTYPES[dtype]
     except KeyError:
         raise DockyardError(f"dtype={dtype!r} is not one of auto, {', '.join(_DTYPES)}") from None
+
+
+def gpu_kv_cache_budget(total: int, free: int, utilization: float, weights_bytes: int, activation_bytes: int) -> int:
+    """Bytes for the KV cache on a GPU, as vLLM sizes it: this engine may use ``utilization`` of the device's
+    ``total`` memory for its weights, activations and KV cache together (other processes' memory is not
+    counted against it), so the cache gets ``total × utilization − weights − activation peak``. That must
+    also be free now: a GPU shared with other processes may not have it."""
+    budget = int(total * utilization) - weights_bytes - activation_bytes
+    if budget > free:
+        gib = 1024**3
+        raise ConfigError(
+            f"gpu_memory_utilization={utilization} gives the KV cache {budget / gib:.2f} GiB of the GPU's "
+            f"{total / gib:.2f} GiB, but only {free / gib:.2f} GiB are free (other processes and the CUDA context hold "
+            f"{(total - free - weights_bytes) / gib:.2f} GiB); lower --gpu-memory-utilization or free the GPU"
+        )
+    return budget
 
 
 @contextlib.contextmanager
@@ -148,52 +165,61 @@ class LLM:
     Before anything is loaded the memory plan is checked against the device's free memory
     (:mod:`dockyard.engine.memory_check`); ``skip_memory_check`` loads anyway. ``num_threads``: torch's
     CPU threads (default: the physical cores this process may use, :mod:`dockyard.engine.threads`).
+    Every keyword is a field of :class:`~dockyard.engine_args.EngineArgs` (the same settings as the
+    commands' flags); ``seed`` seeds torch's RNG once the engine is up, which requests without a seed of
+    their own draw from (as vLLM's ``seed``), and the dummy weights.
     """
 
-    def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype = "auto",
-                 device: str = "auto", load_format: str = "auto", seed: int = 0,
-                 max_model_len: int | None = None, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, block_size: int = 16,
-                 num_kv_blocks: int | None = None, kv_cache_memory_bytes: int | None = None,
-                 gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
-                 enforce_eager: bool = False, tensor_parallel_size: int = 1,
-                 enable_expert_parallel: bool = False, async_scheduling: bool | None = None,
-                 skip_memory_check: bool = False, num_threads: int | None = None) -> None:
+    def __init__(self, model: str | Path | None = None, **kwargs: Any) -> None:
+        """``model`` and any :class:`~dockyard.engine_args.EngineArgs` field as a keyword (``dtype``,
+        ``max_model_len``, ``max_num_seqs``, ``gpu_memory_utilization``, ...: the same settings, under the
+        same names, as the command-line flags)."""
         t0 = time.perf_counter()
-        configure_threads(num_threads)
+        args = EngineArgs(model=model, **kwargs)
+        configure_threads(args.num_threads)
+        self.engine_args = args
         self._workers: Any = None
-        self.source: ModelSource = resolve_model(model, load_format)
+        tensor_parallel_size = args.tensor_parallel_size
+        self.source: ModelSource = resolve_model(model, args.load_format)
         spec = self.source.spec
+        args.check_quantization(self.source.quantization, self.source.name)
+        max_model_len = args.max_model_len
         if max_model_len is not None and not 0 < max_model_len <= spec.max_model_len:
             raise DockyardError(
                 f"max_model_len={max_model_len} must be in [1, {spec.max_model_len}] "
                 f"(the model's max_position_embeddings)"
             )
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, spec.torch_dtype, self.device)
+        if args.swap_space is not None:
+            logger.warning("swap_space=%g GiB has no effect: the KV cache lives on the device only and a "
+                           "preempted sequence is recomputed, never swapped to CPU memory", args.swap_space)
+        self.device = resolve_device(args.device)
+        self.dtype = resolve_dtype(args.dtype, spec.torch_dtype, self.device)
         self.spec = spec
         self.tensor_parallel_size = tensor_parallel_size
-        if tensor_parallel_size > 1 or enable_expert_parallel:
+        if tensor_parallel_size > 1 or args.enable_expert_parallel:
             from dockyard.distributed.sharding import check_parallel_config
 
-            check_parallel_config(spec, tensor_parallel_size, enable_expert_parallel)
+            check_parallel_config(spec, tensor_parallel_size, args.enable_expert_parallel)
         config = EngineConfig(
-            block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            max_model_len=max_model_len, num_kv_blocks=num_kv_blocks,
-            kv_cache_memory_bytes=kv_cache_memory_bytes or EngineConfig.kv_cache_memory_bytes,
-            gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
+            block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_model_len,
+            num_kv_blocks=args.num_kv_blocks,
+            kv_cache_memory_bytes=args.kv_cache_memory_bytes or EngineConfig.kv_cache_memory_bytes,
+            gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=args.enable_prefix_caching,
             # The other ranks replay eager forwards; captured graphs would need them to replay too.
-            enforce_eager=enforce_eager or tensor_parallel_size > 1, async_scheduling=async_scheduling,
+            enforce_eager=args.enforce_eager or tensor_parallel_size > 1, async_scheduling=args.async_scheduling,
         )
-        if not skip_memory_check:  # before any worker starts or any weight is allocated
+        if not args.skip_memory_check:  # before any worker starts or any weight is allocated
             check_memory_fits(spec, self.dtype, self.device, config, tensor_parallel_size)
         if tensor_parallel_size > 1:
-            self._start_parallel(model, load_format, dtype, seed, enable_expert_parallel)
+            self._start_parallel(model, args.load_format, args.dtype, args.seed, args.enable_expert_parallel)
         try:
-            self._build(config, seed, enable_expert_parallel, t0)
+            self._build(config, args.seed, args.enable_expert_parallel, t0)
         except BaseException:
             self.shutdown()  # no-op without workers
             raise
+        # As vLLM: requests without a seed of their own draw from the process's RNG, seeded once here.
+        torch.manual_seed(args.seed)
         self._request_ids = itertools.count()
 
     def _build(self, config: EngineConfig, seed: int, expert_parallel: bool, t0: float) -> None:
@@ -267,17 +293,18 @@ class LLM:
         if self.tensor_parallel_size > 1 and self.spec.mla is None:  # each rank caches its own KV heads
             local_heads = self.engine_kv_heads()
             block_bytes = block_bytes * local_heads // self.spec.kv_cache_layout[1]
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.engine_args.kv_cache_memory_bytes is None:
             free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            budget = int(total * config.gpu_memory_utilization) - used - plan.activation_peak_bytes
+            budget = gpu_kv_cache_budget(total, free, config.gpu_memory_utilization,
+                                         torch.cuda.memory_reserved(self.device), plan.activation_peak_bytes)
         else:
             budget = config.kv_cache_memory_bytes
         blocks = budget // block_bytes
         if blocks < 1:
             raise DockyardError(
                 f"no memory is left for the KV cache on {self.device} (budget {budget} bytes, one block "
-                f"needs {block_bytes}); lower max_num_batched_tokens or raise the memory budget"
+                f"needs {block_bytes}); lower max_num_batched_tokens, or raise --gpu-memory-utilization (GPU) or "
+                "--kv-cache-memory-bytes"
             )
         return int(blocks)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dockyard.cli_args import add_num_threads_arg
+from dockyard.engine_args import EngineArgs
 from dockyard.eval.tasks import TASKS, EvalError
 
 
@@ -30,8 +30,6 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                     "accuracy.yaml. With --check FILE: re-run FILE's tasks with its settings and exit 1 when a "
                     f"metric is outside the relative tolerance. Tasks: {', '.join(TASKS)}.",
     )
-    p.add_argument("--model", default=None, help="a directory with config.json (+ safetensors) or a .gguf file; "
-                                                 "default: the bundled SmolLM2-135M-Instruct")
     p.add_argument("--tasks", default=None, help=f"comma-separated: {','.join(TASKS)}")
     p.add_argument("--limit", type=_limit, default=None, metavar="N",
                    help="documents per task (per subject for mmlu; a number < 1 is a fraction): for quick runs")
@@ -42,14 +40,12 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                    help="few-shot examples as chat turns (with --apply-chat-template)")
     p.add_argument("--batch-size", type=int, default=64, metavar="B", help="sequences the engine runs at once")
     p.add_argument("--out", default=None, metavar="FILE", help="write the accuracy YAML here")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--list-tasks", action="store_true", help="list the tasks, their data and whether it is installed")
     p.add_argument("--check", default=None, metavar="FILE",
                    help="re-run FILE's tasks with its settings; exit 1 when a metric leaves the tolerance")
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance of --check (default 0.05)")
     p.add_argument("--verbose", action="store_true", help="let lm-eval and datasets log to the terminal")
-    add_num_threads_arg(p)
+    EngineArgs.add_cli_args(p, skip=("max_num_seqs",))  # lm-eval's --batch-size is the engine's max_num_seqs
     return p
 
 
@@ -59,6 +55,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dockyard.eval import runner
 
     configure_threads(args.num_threads)
+    # The engine flags beyond model, dtype and device (which the options and accuracy.yaml record by name).
+    engine = {k: v for k, v in EngineArgs.from_cli_args(args).to_kwargs().items()
+              if k not in ("dtype", "device", "max_num_seqs")}
 
     if args.list_tasks:
         print(runner.tasks_table())
@@ -72,7 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise EvalError(f"--check takes the tasks and settings from {args.check}; drop {', '.join(given)}")
         rtol = runner.DEFAULT_RTOL if args.rtol is None else args.rtol
         result = runner.run_check(args.check, rtol=rtol, model=args.model, dtype=args.dtype, device=args.device,
-                                  verbose=args.verbose)
+                                  verbose=args.verbose, engine=engine)
         print(runner.results_table(result.run))
         print()
         print(result.table())
@@ -88,7 +87,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                  num_fewshot=args.num_fewshot,
                                  apply_chat_template=args.apply_chat_template,
                                  fewshot_as_multiturn=args.fewshot_as_multiturn, batch_size=args.batch_size,
-                                 dtype=args.dtype, device=args.device)
+                                 dtype=args.dtype, device=args.device, engine=engine)
     run = runner.run_eval(options, verbose=args.verbose)
     print(runner.results_table(run))
     if args.out:

@@ -43,6 +43,8 @@ class EvalOptions:
     batch_size: int = 64  # sequences the engine runs at once
     dtype: str = "auto"
     device: str = "auto"
+    # Further engine settings of the model loaded here (EngineArgs fields as LLM keywords: the CLI's engine flags).
+    engine: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         self.tasks = parse_task_list(self.tasks)
@@ -214,7 +216,7 @@ def run_eval(options: EvalOptions, llm: Any = None, progress: TextIO | None = sy
 
         t0 = time.perf_counter()
         lm = DockyardLM(options.model, llm=llm, dtype=options.dtype, device=options.device,
-                        batch_size=options.batch_size)
+                        batch_size=options.batch_size, engine=options.engine)
         load_s = time.perf_counter() - t0
         # Record what the engine really runs with (a model handed in keeps its own limit).
         options.batch_size = lm.llm.engine.config.max_num_seqs
@@ -474,12 +476,13 @@ def compare(data: dict[str, Any], run: EvalRun, rtol: float) -> CheckResult:
 
 def run_check(path: str | Path, rtol: float = DEFAULT_RTOL, model: str | None = None, dtype: str = "auto",
               device: str = "auto", llm: Any = None, progress: TextIO | None = sys.stderr,
-              verbose: bool = False) -> CheckResult:
+              verbose: bool = False, engine: dict[str, Any] | None = None) -> CheckResult:
     """Re-run the YAML's tasks with its settings; compare each metric within ``rtol``."""
     if not (rtol >= 0 and math.isfinite(rtol)):
         raise EvalError(f"--rtol {rtol} must be a number >= 0")
     data = load_accuracy_yaml(path)
     options = options_from_yaml(data, model, dtype, device)
+    options.engine = dict(engine or {})
     run = run_eval(options, llm=llm, progress=progress, verbose=verbose)
     if data.get("model_name") and data["model_name"] != run.model_name:
         _say(progress, f"note: {path} was written for {data['model_name']!r}; this run measured {run.model_name!r}")

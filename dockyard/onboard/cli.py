@@ -10,8 +10,8 @@ import argparse
 import json
 import sys
 
-from dockyard.cli_args import add_num_threads_arg
-from dockyard.onboard.context import DTYPE_CHOICES, EXIT_CODES, GATE_NAMES, check_model_path
+from dockyard.engine_args import EngineArgs, field_help
+from dockyard.onboard.context import EXIT_CODES, GATE_NAMES, check_model_path
 
 
 def add_onboard_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -25,18 +25,12 @@ def add_onboard_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                     + " (passed, but named gates or model parts were not proven), 2 bad arguments or a model path "
                     "that does not exist (no report is written).",
     )
-    p.add_argument("model", nargs="?", default=None,
-                   help="a directory with config.json (+ safetensors), a config.json (dummy weights) or a .gguf "
-                        "file; default: the bundled SmolLM2-135M-Instruct")
+    p.add_argument("model", nargs="?", default=None, help=field_help("model"))
     p.add_argument("--out", default=None, help="output directory (default: reports/<model-name>/)")
     p.add_argument("--weights", choices=("auto", "dummy", "real"), default="auto",
                    help="auto: real weights when the model has them; dummy: skip the real gate; real: require them")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--device-memory", type=float, default=None, metavar="GiB",
                    help="plan for a GPU of this much memory (default: this machine's GPU, else its RAM)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="dtype of the runs and of the plan (auto: float32 on CPU, the checkpoint's dtype on a GPU; "
-                        "the real gate still compares in float32 when that fits)")
     p.add_argument("--num-layers", type=int, default=None, metavar="N",
                    help="layer count of the dummy gate (default: all that fit in memory)")
     p.add_argument("--dummy-memory", type=float, default=None, metavar="GiB",
@@ -46,7 +40,9 @@ def add_onboard_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--compile-backend", default=None, help="torch.compile backend of the features gate "
                                                            "(default inductor)")
     p.add_argument("--json", action="store_true", help="print report.json on stdout (the table goes to stderr)")
-    add_num_threads_arg(p)
+    # The engine flags onboarding takes (the plan and the runs use them; the real gate still compares in
+    # float32 when that fits).
+    EngineArgs.add_cli_args(p, only=("dtype", "device", "num_threads"))
     return p
 
 

@@ -47,6 +47,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from dockyard import __version__
 from dockyard.engine.async_engine import AsyncLLM
 from dockyard.engine.llm import LLM
+from dockyard.engine_args import EngineArgs
 from dockyard.errors import DockyardError
 from dockyard.server.errors import (
     INTERNAL_ERROR_MESSAGE,
@@ -460,6 +461,28 @@ async def _warm_up(app: FastAPI, llm: LLM, serving: OpenAIServing, state: Server
 
 
 # ---------------------------------------------------------------- serve
+def engine_args_of(args: Any) -> EngineArgs:
+    """The engine settings of a parsed ``serve`` command line (MODEL as a positional or as ``--model``)."""
+    if args.model_tag is not None and args.model is not None and args.model_tag != args.model:
+        raise DockyardError(f"two models were given: {args.model_tag!r} (positional) and --model {args.model!r}; "
+                            "give one")
+    return EngineArgs.from_cli_args(args, model=args.model_tag or args.model)
+
+
+def read_chat_template(value: str) -> str:
+    """``--chat-template``: the text of a file, or the value itself when it is Jinja (as vLLM decides)."""
+    path = Path(value)
+    try:
+        if path.is_file():
+            return path.read_text()
+    except OSError as exc:
+        raise DockyardError(f"--chat-template {value!r}: cannot read it ({exc.strerror or exc})") from None
+    if any(c in value for c in "{}\n"):
+        return value
+    raise DockyardError(f"--chat-template {value!r} is neither a file nor a Jinja template (no {{ }} in it); "
+                        "give an existing file or the template text")
+
+
 def _make_server(config: Any, before_shutdown: Callable[[], Awaitable[None]]) -> Any:
     import uvicorn  # here, so that importing this module does not start with uvicorn
 
@@ -488,6 +511,16 @@ def _make_server(config: Any, before_shutdown: Callable[[], Awaitable[None]]) ->
     return DockyardServer(config)
 
 
+def _engine_summary(llm: LLM) -> str:
+    """One start-up line with the settings the engine runs under (what the flags resolved to)."""
+    engine, blocks = llm.engine, llm.engine.block_manager
+    config = engine.config
+    return (f"engine: {str(llm.dtype).removeprefix('torch.')} on {llm.device}; KV cache {blocks.num_blocks} blocks "
+            f"x {blocks.block_size} = {blocks.num_blocks * blocks.block_size} tokens; max_model_len "
+            f"{engine.max_model_len}; max_num_seqs {config.max_num_seqs}; max_num_batched_tokens "
+            f"{config.max_num_batched_tokens}; prefix caching {'on' if config.enable_prefix_caching else 'off'}")
+
+
 def _url_host(host: str) -> str:
     if host in ("0.0.0.0", "::", ""):
         return "127.0.0.1"
@@ -509,28 +542,27 @@ def serve(args: Any) -> int:
     """Load the model, warm up, and serve until SIGINT/SIGTERM. Returns the exit status."""
     import uvicorn
 
-    tp = getattr(args, "tensor_parallel_size", 1)
-    ep = getattr(args, "enable_expert_parallel", False)
+    engine_args = engine_args_of(args)
+    chat_template = read_chat_template(args.chat_template) if args.chat_template is not None else None
     from dockyard.distributed.parallel_state import launched_by_torchrun
 
     if launched_by_torchrun() and int(os.environ["RANK"]) != 0:
         # Past one host torchrun starts every rank with the same command; ranks ≥ 1 only run forwards.
         from dockyard.distributed.worker import run_torchrun_worker
 
-        run_torchrun_worker(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
-                            seed=args.seed, expert_parallel=ep)
+        run_torchrun_worker(engine_args.model, load_format=engine_args.load_format, dtype=engine_args.dtype,
+                            device=engine_args.device, seed=engine_args.seed,
+                            expert_parallel=engine_args.enable_expert_parallel)
         return 0
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     _check_port(args.host, args.port)
-    _say(f"loading model {args.model or '(bundled SmolLM2-135M-Instruct)'} ...")
+    _say(f"loading model {engine_args.model or '(bundled SmolLM2-135M-Instruct)'} ...")
     t0 = time.perf_counter()
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
-              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
-              enforce_eager=args.enforce_eager, tensor_parallel_size=tp, enable_expert_parallel=ep,
-              async_scheduling=False if args.no_async_scheduling else None,
-              num_threads=args.num_threads, skip_memory_check=args.skip_memory_check)
+    llm = LLM(engine_args.model, **engine_args.to_kwargs())
+    if chat_template is not None:
+        llm.get_tokenizer().chat_template = chat_template
     load_s = time.perf_counter() - t0
+    _say(_engine_summary(llm))
     names = args.served_model_name or [llm.source.name]
     fatal: list[str] = []
     server: Any = None
@@ -555,8 +587,10 @@ def serve(args: Any) -> int:
                         args.allow_credentials)
     app = build_app(llm, names, api_key, cors=cors, on_ready=on_ready, on_fatal=on_fatal,
                     listening=lambda: bool(server is not None and server.started))
+    uvicorn_level = (uvicorn.config.LOG_LEVELS[args.uvicorn_log_level] if args.uvicorn_log_level
+                     else logger.getEffectiveLevel())
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, lifespan="on",
-                            timeout_keep_alive=5, access_log=logger.isEnabledFor(logging.INFO))
+                            timeout_keep_alive=5, log_level=uvicorn_level, access_log=uvicorn_level <= logging.INFO)
     server = _make_server(config, app.state.begin_shutdown)
     where = f"http://{_url_host(args.host)}:{args.port}" if args.port else f"{args.host} (any free port)"
     _say(f"warming up at {where} (/health answers 503 until ready)")
