@@ -89,6 +89,58 @@ def _align_kernel(ids_ptr, sorted_pairs_ptr, block_expert_ptr, stats_ptr, num_pa
 
 
 @triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _min(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, stride_t, scale,
+                         E: tl.constexpr, E_POW2: tl.constexpr, K: tl.constexpr, K_POW2: tl.constexpr,
+                         RENORMALIZE: tl.constexpr):
+    # One token per program: the k largest logits (lowest index first among equals), their softmax weights.
+    t = tl.program_id(0).to(tl.int64)
+    experts = tl.arange(0, E_POW2)
+    slots = tl.arange(0, K_POW2)
+    logits = tl.load(logits_ptr + t * stride_t + experts, mask=experts < E, other=float("-inf")).to(tl.float32)
+    row_max = tl.reduce(logits, 0, _max)
+    denominator = tl.reduce(tl.exp(logits - row_max), 0, _add)
+    top = tl.full([K_POW2], float("-inf"), tl.float32)
+    top_ids = tl.full([K_POW2], 0, tl.int64)
+    remaining = logits
+    for j in tl.static_range(K):
+        best = tl.reduce(remaining, 0, _max)
+        best_id = tl.reduce(tl.where(remaining == best, experts, E_POW2), 0, _min)
+        top = tl.where(slots == j, best, top)
+        top_ids = tl.where(slots == j, best_id.to(tl.int64), top_ids)
+        remaining = tl.where(experts == best_id, float("-inf"), remaining)
+    if RENORMALIZE:  # softmax over all experts, renormalised over the chosen k == softmax over the k logits
+        numerators = tl.exp(top - row_max)
+        weights = numerators / tl.reduce(numerators, 0, _add)
+    else:
+        weights = tl.exp(top - row_max) / denominator
+    tl.store(weights_ptr + t * K + slots, weights * scale, mask=slots < K)
+    tl.store(ids_ptr + t * K + slots, top_ids, mask=slots < K)
+
+
+@triton.jit
+def _combine_kernel(y_ptr, ids_ptr, out_ptr, H, num_experts, K: tl.constexpr, BLOCK_H: tl.constexpr):
+    # out[t] = Σ_j y[t·k + j] over the slots routed to this bank, in slot order (no atomics: deterministic).
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = offs < H
+    acc = tl.full([BLOCK_H], 0.0, tl.float32)
+    for j in tl.static_range(K):
+        routed = tl.load(ids_ptr + t * K + j) < num_experts
+        acc += tl.load(y_ptr + (t * K + j) * H + offs, mask=ok & routed, other=0.0)
+    tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, bias_ptr, c_ptr, topk_weights_ptr, sorted_pairs_ptr, block_expert_ptr,
     num_pairs, N, K,
@@ -250,11 +302,39 @@ def fused_moe(x: torch.Tensor, stacked: StackedExperts, topk_weights: torch.Tens
     _gemm(x, stacked.gate_up, stacked.gate_up_strides, stacked.up_offset, stacked.gate_up_bias,
           stacked.gate_up_bias_strides, intermediate, None, sorted_pairs, block_expert,
           inter_size, hidden, top_k, _ACTIVATION_CODES[stacked.activation], stacked.limit, stacked.alpha, up_cfg)
-    # Zeros: rows of pairs routed to another rank's experts are never written.
-    out = torch.zeros(tokens * top_k, hidden, dtype=torch.float32, device=x.device)
+    # Rows of pairs routed to another rank's experts are never written; the combine skips them.
+    rows = torch.empty(tokens * top_k, hidden, dtype=torch.float32, device=x.device)
     _gemm(intermediate, stacked.down, stacked.down_strides, 0, stacked.down_bias, stacked.down_bias_strides,
-          out, weights, sorted_pairs, block_expert, hidden, inter_size, 1, _NO_ACTIVATION, None, 1.0, down_cfg)
-    return out.view(tokens, top_k, hidden).sum(dim=1).to(x.dtype)
+          rows, weights, sorted_pairs, block_expert, hidden, inter_size, 1, _NO_ACTIVATION, None, 1.0, down_cfg)
+    out = torch.empty_like(x)
+    ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
+    _combine_kernel[(tokens, triton.cdiv(hidden, _COMBINE_BLOCK))](rows, ids, out, hidden, stacked.num_experts,
+                                                                   K=top_k, BLOCK_H=_COMBINE_BLOCK)
+    return out
 
 
-__all__ = ["DEFAULT_CONFIGS", "MoEConfig", "align_pairs", "fused_moe", "pick_configs"]
+# Hidden elements per program of the combine (a decode step's few tokens still spread over several SMs).
+_COMBINE_BLOCK = 512
+
+
+def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax routing in one launch: the ``top_k`` largest of router_logits [T, E] (any float dtype, computed in
+    float32) → (weights [T, k] float32, ids [T, k] int64), best first. Weights: the softmax over all experts of
+    the chosen ones, renormalised over them when ``renormalize`` (= the softmax over the k logits), times
+    ``scale``. What ``ops.moe.select_experts`` computes for plain greedy softmax routing."""
+    if router_logits.dim() != 2 or router_logits.stride(1) != 1:
+        raise ValueError(f"topk_softmax takes router logits [tokens, experts] with contiguous rows, "
+                         f"got {tuple(router_logits.shape)}")
+    tokens, experts = router_logits.shape
+    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int64, device=router_logits.device)
+    if tokens:
+        _topk_softmax_kernel[(tokens,)](router_logits, weights, ids, router_logits.stride(0), float(scale),
+                                        E=experts, E_POW2=triton.next_power_of_2(experts), K=top_k,
+                                        K_POW2=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
+                                        num_warps=1 if experts <= 256 else 4)
+    return weights, ids
+
+
+__all__ = ["DEFAULT_CONFIGS", "MoEConfig", "align_pairs", "fused_moe", "pick_configs", "topk_softmax"]
