@@ -47,7 +47,7 @@ def _add(a, b):
 @triton.jit
 def _align_kernel(ids_ptr, sorted_pairs_ptr, block_expert_ptr, stats_ptr, num_pairs, num_rows, num_blocks,
                   E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
-                  COUNT: tl.constexpr):
+                  FILL: tl.constexpr, COUNT: tl.constexpr):
     experts = tl.arange(0, E_POW2)
     lanes = tl.arange(0, CHUNK)
     in_bank = experts < E
@@ -65,8 +65,9 @@ def _align_kernel(ids_ptr, sorted_pairs_ptr, block_expert_ptr, stats_ptr, num_pa
     if COUNT:  # stats += (distinct experts routed to, 1 call)
         tl.store(stats_ptr, tl.load(stats_ptr) + tl.reduce((counts > 0).to(tl.int64), 0, _add))
         tl.store(stats_ptr + 1, tl.load(stats_ptr + 1) + 1)
-    for start in range(0, num_rows, CHUNK):
-        row = start + lanes
+    fill_lanes = tl.arange(0, FILL)
+    for start in range(0, num_rows, FILL):
+        row = start + fill_lanes
         tl.store(sorted_pairs_ptr + row, num_pairs, mask=row < num_rows)
     for start in range(0, num_blocks, CHUNK):
         block = start + lanes
@@ -249,9 +250,11 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     e_pow2 = triton.next_power_of_2(num_experts)
     # Pairs per step of the [CHUNK, E] one-hot work: bounded for registers, no wider than the pairs there are.
     chunk = max(16, min(256, 8192 // e_pow2, triton.next_power_of_2(pairs)))
+    # Padding rows written per step: a decode step's rows in one.
+    fill = min(1024, triton.next_power_of_2(blocks * block_m))
     _align_kernel[(1,)](ids, sorted_pairs, block_expert, stats if stats is not None else block_expert,
                         pairs, blocks * block_m, blocks, E=num_experts, E_POW2=e_pow2, BLOCK_M=block_m,
-                        CHUNK=chunk, COUNT=stats is not None, num_warps=4)
+                        CHUNK=chunk, FILL=fill, COUNT=stats is not None, num_warps=4)
     return sorted_pairs, block_expert
 
 
