@@ -37,6 +37,7 @@ from torch import nn
 from dockyard.errors import ConfigError
 from dockyard.ops.activation import act_and_mul
 from dockyard.ops.dispatch import fused_ops_enabled
+from dockyard.ops.linear import gemv_enabled
 from dockyard.spec import ModelSpec, MoESpec
 
 # gpt-oss's SwiGLU: glu = gate · σ(α · gate), α fixed by the architecture (HF config ``swiglu_alpha``).
@@ -365,6 +366,10 @@ class MoEGate(nn.Module):
         if self.fp32:
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight.float(), bias)
+        if gemv_enabled(x, self.weight):  # a decode row: the GEMV kernel, as the model's other projections
+            from dockyard.ops.triton_gemv import gemv  # Triton is an optional dependency
+
+            return gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

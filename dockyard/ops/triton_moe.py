@@ -196,11 +196,12 @@ def _grouped_gemm_kernel(
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per GEMM by token count: the smallest bucket >= T.
-# Up to 64 tokens: the fastest of `benchmarks/moe_kernels.py --sweep` at Qwen3-30B-A3B's shape on an H200
-# (benchmarks/RESULTS.md); past that not swept yet.
+# Up to 2 tokens: the fastest of `benchmarks/moe_kernels.py --graph-sweep 1`; up to 64 tokens: of `--sweep`;
+# both at Qwen3-30B-A3B's shape on an H200 (benchmarks/RESULTS.md); past that not swept yet.
 MoEConfig = tuple[int, int, int, int, int]
 DEFAULT_CONFIGS: dict[int, tuple[MoEConfig, MoEConfig]] = {
     # (gate/up, down)
+    2: ((16, 64, 128, 4, 4), (16, 64, 128, 4, 3)),
     8: ((16, 128, 128, 4, 3), (16, 128, 128, 4, 3)),
     64: ((16, 64, 128, 4, 3), (16, 64, 128, 4, 3)),
     512: ((32, 64, 64, 4, 3), (32, 64, 64, 4, 3)),
