@@ -2,7 +2,7 @@
 expert weights, with no host synchronisation (so an MoE decode step can be captured in a CUDA graph).
 
 ``fused_moe(x, stacked, topk_weights, topk_ids)`` computes what ``ops.moe.moe_reference`` computes, in
-three launches and one reduction:
+four launches:
 
 1. ``_align_kernel`` (one program) sorts the T·k (token, slot) *pairs* by expert and pads each expert's
    run to a multiple of ``BLOCK_M`` rows: ``sorted_pairs`` (pair index per row, ``T·k`` = padding) and
@@ -14,13 +14,18 @@ three launches and one reduction:
    weight tile of that block's expert only (a decode step reads only the selected experts' weights, each
    once per block), and for gate/up accumulates both halves and applies the activation in registers
    (SiLU-and-mul, or gpt-oss's clamped SwiGLU with biases), writing the intermediate [T·k, I] once.
-3. The same kernel for down, multiplied by the routing weight, into float32 rows [T·k, H]; the k rows of
-   a token are summed in a fixed order (no atomics: replays and eager runs agree bit for bit).
+3. The same kernel for down, multiplied by the routing weight, into float32 rows [T·k, H];
+4. ``_combine_kernel`` sums the k rows of a token in a fixed order (no atomics: replays and eager runs agree
+   bit for bit), skipping slots routed to another rank, into x's dtype.
+
+``topk_softmax`` is the routing that comes before, for plain softmax top-k (one launch: ``select_experts``
+takes it where the fused ops serve).
 
 Weights are addressed through strides, so the Mixtral/Qwen/DeepSeek layout (gate rows then up rows,
-[E, 2I, H], built after loading by ``ExpertList.stack_``) and gpt-oss's checkpoint layout ([E, H, 2I],
-gate/up interleaved) run the same kernel without copies. Tile sizes per token count come from
-``benchmarks/moe_kernels.py --sweep`` (benchmarks/RESULTS.md).
+[E, 2I, H], built after loading by ``ExpertList.stack_``) and gpt-oss's ([E, H, 2I] shapes, gate/up
+interleaved; after loading stored with the reduction dimension contiguous by ``GptOssExperts.stack_``) run
+the same kernel. Tile sizes per token count come from ``benchmarks/moe_kernels.py --sweep`` and
+``--graph-sweep`` (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
