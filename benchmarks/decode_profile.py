@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--mixed", type=int, nargs=3, metavar=("DECODES", "PROMPTS", "PROMPT_LEN"))
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--top", type=int, default=25, help="kernels listed per batch size, the most GPU time first")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("this profile needs a CUDA GPU")
@@ -79,9 +80,12 @@ def main(argv: list[str] | None = None) -> dict:
             "step_ms": round((time.perf_counter() - t) * 50, 3),
             "gpu_ms": round(sum(e.self_device_time_total for e in kernels) / 3e3, 3),
             "kernels_per_step": sum(e.count for e in kernels) / 3,
+            # (kernel, launches per step, GPU µs per step), the most time first
+            "top_kernels": [(e.key[:80], round(e.count / 3, 1), round(e.self_device_time_total / 3, 1))
+                            for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:args.top]],
             **{f"{key}_host_ms": round(v * 50, 3) for key, v in host.items()},
         }
-        print(json.dumps({"batch": batch, **results[f"batch{batch}"]}), flush=True)
+        print(json.dumps({"batch": batch, **results[f"batch{batch}"]}, indent=1), flush=True)
         while engine.has_unfinished_requests():
             engine.step()
     return results

@@ -16,7 +16,11 @@ from the config through ``ModelSpec``), in bfloat16: router logits drawn at rand
   its time, against the copy bandwidth measured in the same run, and its FLOPs against the bf16 matmul rate.
 
 ``--sweep`` times each tile configuration of ``SWEEP`` at each T and prints the fastest (``DEFAULT_CONFIGS``
-in ``triton_moe.py`` come from it).
+in ``triton_moe.py`` come from it). At decode sizes a launch costs more host time than the kernels take on
+the device, so ``--graph-sweep T ...`` times the way the engine runs them instead: ``GRAPH_CALLS`` fused
+calls on different inputs and routings (more weight bytes than the L2 holds) captured in one CUDA graph,
+the median replay over the calls; first the gate/up tiles of ``GRAPH_SWEEP_UP`` with the default down tiles,
+then the down tiles of ``GRAPH_SWEEP_DOWN`` with the best gate/up ones.
 """
 
 from __future__ import annotations
@@ -42,6 +46,12 @@ SWEEP = [cfg for cfg in itertools.product((16, 32, 64), (32, 64, 128), (64, 128)
          if not (cfg[3] == 8 and cfg[1] == 32)]
 
 
+# Decode-size sweeps in CUDA graphs: BLOCK_M 16 (one block per expert), N and K tiles, warps, stages.
+GRAPH_SWEEP_UP = [(16, n, kk, 4, st) for n in (16, 32, 64, 128) for kk in (128, 256) for st in (3, 4)]
+GRAPH_SWEEP_DOWN = [(16, n, kk, 4, st) for n in (32, 64, 128) for kk in (64, 128) for st in (3, 4)]
+GRAPH_CALLS = 8
+
+
 def bench(fn) -> float:  # noqa: ANN001 - any callable
     """Median milliseconds of ``fn`` with the L2 cache flushed between runs."""
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
@@ -64,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096])
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-tokens", type=int, nargs="+", default=None, help="token counts to sweep (default all)")
+    p.add_argument("--graph-sweep", type=int, nargs="*", default=[], metavar="T",
+                   help="token counts whose tiles are swept in CUDA graphs (module docstring)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -82,6 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
         sweep = args.sweep and (args.sweep_tokens is None or tokens in args.sweep_tokens)
         row = measure_row(tokens, spec, bank, gate, bandwidth, rate, sweep)
         result["rows"].append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    for tokens in args.graph_sweep:
+        row = graph_sweep(tokens, spec, bank, gate, bandwidth)
+        result.setdefault("graph_sweeps", []).append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
@@ -133,6 +149,65 @@ def measure_row(tokens: int, spec: ModelSpec, bank: ExpertList, gate: torch.Tens
             timings.append((ms, cfg))
         timings.sort()
         row["sweep_best"] = [{"ms": round(ms, 4), "config": cfg} for ms, cfg in timings[:5]]
+    return row
+
+
+def graph_sweep(tokens: int, spec: ModelSpec, bank: ExpertList, gate: torch.Tensor, bandwidth: float) -> dict:
+    """Tiles at ``tokens`` tokens timed in CUDA graphs (module docstring): ms per fused call, the fraction of the
+    copy bandwidth that the distinct experts' weights read per call make."""
+    moe, device, dtype = spec.moe, gate.device, gate.dtype
+    expert_bytes = (bank.stacked.gate_up[0].numel() + bank.stacked.down[0].numel()) * dtype.itemsize
+    gen = torch.Generator(device=device).manual_seed(1000 + tokens)
+    inputs = []
+    for _ in range(GRAPH_CALLS):
+        x = torch.randn(tokens, spec.hidden_size, device=device, dtype=dtype, generator=gen)
+        weights, ids = select_experts(x @ gate.T, moe)
+        inputs.append((x, weights, ids))
+    distinct = sum(int(torch.unique(ids).numel()) for _, _, ids in inputs) / GRAPH_CALLS
+    ref = [moe_reference(x, bank, w, i) for x, w, i in inputs]
+
+    def timed(configs) -> float:
+        outs = [triton_moe.fused_moe(x, bank.stacked, w, i, configs) for x, w, i in inputs]  # compile, check
+        worst = max(rel_rmse(o.float(), r.float()) for o, r in zip(outs, ref))
+        if not worst < 2e-2:
+            raise AssertionError(f"tiles {configs}: rel rmse {worst:.3g} against the reference loop")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for x, w, i in inputs:
+                triton_moe.fused_moe(x, bank.stacked, w, i, configs)
+        for _ in range(3):
+            graph.replay()
+        times = []
+        for _ in range(20):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / GRAPH_CALLS)
+        return sorted(times)[len(times) // 2]
+
+    default_up, default_down = triton_moe.pick_configs(tokens)
+    row: dict = {"tokens": tokens, "distinct_experts": distinct, "default": [default_up, default_down]}
+
+    def sweep(candidates, make) -> list[tuple[float, tuple]]:
+        out = []
+        for cfg in candidates:
+            try:
+                out.append((timed(make(cfg)), cfg))
+            except Exception as e:  # noqa: BLE001 - a configuration the device cannot run (shared memory)
+                print(f"graph sweep {tokens} {cfg}: {type(e).__name__}: {str(e)[:100]}", file=sys.stderr)
+        return sorted(out)
+
+    row["default_ms"] = round(timed((default_up, default_down)), 4)
+    ups = sweep(GRAPH_SWEEP_UP, lambda cfg: (cfg, default_down))
+    best_up = ups[0][1] if ups else default_up
+    downs = sweep(GRAPH_SWEEP_DOWN, lambda cfg: (best_up, cfg))
+    row["up_best"] = [{"ms": round(ms, 4), "config": cfg} for ms, cfg in ups[:5]]
+    row["down_best"] = [{"ms": round(ms, 4), "config": cfg} for ms, cfg in downs[:5]]
+    best_ms = downs[0][0] if downs else row["default_ms"]
+    for key, ms in (("default", row["default_ms"]), ("best", best_ms)):
+        row[f"fraction_of_copy_bandwidth_{key}"] = round(distinct * expert_bytes / (ms / 1e3) / bandwidth, 3)
     return row
 
 

@@ -9,7 +9,14 @@ from __future__ import annotations
 from torch import nn
 
 from dockyard.models.llama import LlamaForCausalLM, LlamaMLP
-from dockyard.ops.moe import ExpertList, GptOssMoeBlock, LocalExperts, SparseMoeBlock, mixtral_checkpoint_name
+from dockyard.ops.moe import (
+    ExpertList,
+    GptOssExperts,
+    GptOssMoeBlock,
+    LocalExperts,
+    SparseMoeBlock,
+    mixtral_checkpoint_name,
+)
 from dockyard.spec import ModelSpec
 
 
@@ -43,3 +50,11 @@ class GptOssForCausalLM(LlamaForCausalLM):
 
     def make_mlp(self, spec: ModelSpec, layer: int) -> nn.Module:
         return GptOssMoeBlock(spec)
+
+    def fuse_projections(self) -> None:
+        """The shared decoder's fusions, and each expert bank's weights re-laid out for the fused MoE kernels
+        (``GptOssExperts.stack_``)."""
+        super().fuse_projections()
+        for module in self.modules():
+            if isinstance(module, GptOssExperts):
+                module.stack_()

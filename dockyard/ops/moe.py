@@ -37,6 +37,7 @@ from torch import nn
 from dockyard.errors import ConfigError
 from dockyard.ops.activation import act_and_mul
 from dockyard.ops.dispatch import fused_ops_enabled
+from dockyard.ops.linear import gemv_enabled
 from dockyard.spec import ModelSpec, MoESpec
 
 # gpt-oss's SwiGLU: glu = gate · σ(α · gate), α fixed by the architecture (HF config ``swiglu_alpha``).
@@ -63,14 +64,20 @@ def select_experts(
     ``norm_topk_prob`` is false, as in every released V2 checkpoint).
 
     Returns (weights [T, k], ids [T, k] int64), best expert first. The math runs in float32 (float64 when the
-    logits are float64).
+    logits are float64). Plain greedy softmax routing runs as one fused kernel where the fused ops serve
+    (``ops.triton_moe.topk_softmax``).
     """
     if router_logits.dim() != 2 or router_logits.shape[-1] != moe.num_experts:
         raise ValueError(f"router_logits must be [tokens, {moe.num_experts}], got {tuple(router_logits.shape)}")
-    dtype = torch.promote_types(router_logits.dtype, torch.float32)
-    logits = router_logits.to(dtype)
     k = moe.top_k
     plain = moe.topk_method == "greedy" and correction_bias is None
+    if (plain and moe.scoring_func == "softmax" and router_logits.dtype != torch.float64
+            and router_logits.stride(-1) == 1 and fused_ops_enabled(router_logits)):
+        from dockyard.ops.triton_moe import topk_softmax  # Triton is an optional dependency
+
+        return topk_softmax(router_logits, k, moe.norm_topk_prob, moe.routed_scaling_factor)
+    dtype = torch.promote_types(router_logits.dtype, torch.float32)
+    logits = router_logits.to(dtype)
     if plain and moe.scoring_func == "softmax" and moe.norm_topk_prob:
         # softmax over all experts, top-k, renormalize == softmax over the k largest logits (gpt-oss's form);
         # choosing on logits also avoids ties that rounding can create among probabilities.
@@ -338,8 +345,8 @@ class LocalExperts(nn.ModuleDict):
 class MoEGate(nn.Module):
     """The router: logits = x @ weight.T (+ bias), plus DeepSeek-V3's ``e_score_correction_bias`` when asked.
 
-    ``fp32`` computes the logits in float32 whatever x's dtype (DeepSeek does); otherwise they are computed in
-    x's dtype and returned as float32.
+    ``fp32`` computes the logits in float32 whatever x's dtype (DeepSeek does); otherwise they are computed and
+    returned in x's dtype (``select_experts`` upcasts them: no separate cast per layer).
     """
 
     def __init__(self, hidden_size: int, num_experts: int, bias: bool = False, correction_bias: bool = False,
@@ -355,11 +362,15 @@ class MoEGate(nn.Module):
         nn.init.normal_(self.weight, std=hidden_size**-0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, H] → router logits [T, E] float32."""
+        """x [T, H] → router logits [T, E] (float32 with ``fp32``, else x's dtype)."""
         if self.fp32:
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight.float(), bias)
-        return F.linear(x, self.weight, self.bias).float()
+        if gemv_enabled(x, self.weight):  # a decode row: the GEMV kernel, as the model's other projections
+            from dockyard.ops.triton_gemv import gemv  # Triton is an optional dependency
+
+            return gemv(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -435,18 +446,28 @@ class GptOssExperts(nn.Module):
         self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, hidden_size))
         self.limit = limit
         self.alpha = alpha
-        # Off by default: on an H200 the fused path failed its check against HF's gpt-oss block (float32) for a
-        # cause not yet found, while passing in the interpreter; the tests switch it on.
-        self.use_fused = False
+        # False keeps the reference loop (to compare, or to bisect a numerical difference).
+        self.use_fused = True
 
     @property
     def num_experts(self) -> int:
         return self.gate_up_proj.shape[0]
 
+    def stack_(self) -> None:
+        """Once loaded: store each weight with its reduction dimension contiguous (gate/up as [E, 2I, H], down as
+        [E, H, I]), which the grouped GEMM streams in long coalesced rows, the parameters becoming transposed
+        views (same shapes and names as the checkpoint; the reference path multiplies through them)."""
+        with torch.no_grad():
+            for name in ("gate_up_proj", "down_proj"):
+                weight = getattr(self, name)
+                if weight.stride(1) != 1:
+                    relaid = weight.detach().transpose(1, 2).contiguous().transpose(1, 2)
+                    setattr(self, name, nn.Parameter(relaid, requires_grad=False))
+
     @property
     def stacked(self) -> StackedExperts | None:
-        """The checkpoint layout as it is: gate/up [E, H, 2I] with gate and up interleaved, down [E, I, H];
-        None (the reference loop) unless ``use_fused``."""
+        """The weights through their strides: gate/up [E, H, 2I] with gate and up interleaved, down [E, I, H] (as
+        the checkpoint, or re-laid out by ``stack_``); None (the reference loop) when ``use_fused`` is off."""
         if not self.use_fused:
             return None
         gate_up, down, bias, down_bias = self.gate_up_proj, self.down_proj, self.gate_up_proj_bias, self.down_proj_bias

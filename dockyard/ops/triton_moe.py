@@ -2,7 +2,7 @@
 expert weights, with no host synchronisation (so an MoE decode step can be captured in a CUDA graph).
 
 ``fused_moe(x, stacked, topk_weights, topk_ids)`` computes what ``ops.moe.moe_reference`` computes, in
-three launches and one reduction:
+four launches:
 
 1. ``_align_kernel`` (one program) sorts the T·k (token, slot) *pairs* by expert and pads each expert's
    run to a multiple of ``BLOCK_M`` rows: ``sorted_pairs`` (pair index per row, ``T·k`` = padding) and
@@ -14,13 +14,18 @@ three launches and one reduction:
    weight tile of that block's expert only (a decode step reads only the selected experts' weights, each
    once per block), and for gate/up accumulates both halves and applies the activation in registers
    (SiLU-and-mul, or gpt-oss's clamped SwiGLU with biases), writing the intermediate [T·k, I] once.
-3. The same kernel for down, multiplied by the routing weight, into float32 rows [T·k, H]; the k rows of
-   a token are summed in a fixed order (no atomics: replays and eager runs agree bit for bit).
+3. The same kernel for down, multiplied by the routing weight, into float32 rows [T·k, H];
+4. ``_combine_kernel`` sums the k rows of a token in a fixed order (no atomics: replays and eager runs agree
+   bit for bit), skipping slots routed to another rank, into x's dtype.
+
+``topk_softmax`` is the routing that comes before, for plain softmax top-k (one launch: ``select_experts``
+takes it where the fused ops serve).
 
 Weights are addressed through strides, so the Mixtral/Qwen/DeepSeek layout (gate rows then up rows,
-[E, 2I, H], built after loading by ``ExpertList.stack_``) and gpt-oss's checkpoint layout ([E, H, 2I],
-gate/up interleaved) run the same kernel without copies. Tile sizes per token count come from
-``benchmarks/moe_kernels.py --sweep`` (benchmarks/RESULTS.md).
+[E, 2I, H], built after loading by ``ExpertList.stack_``) and gpt-oss's ([E, H, 2I] shapes, gate/up
+interleaved; after loading stored with the reduction dimension contiguous by ``GptOssExperts.stack_``) run
+the same kernel. Tile sizes per token count come from ``benchmarks/moe_kernels.py --sweep`` and
+``--graph-sweep`` (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ def _add(a, b):
 @triton.jit
 def _align_kernel(ids_ptr, sorted_pairs_ptr, block_expert_ptr, stats_ptr, num_pairs, num_rows, num_blocks,
                   E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
-                  COUNT: tl.constexpr):
+                  FILL: tl.constexpr, COUNT: tl.constexpr):
     experts = tl.arange(0, E_POW2)
     lanes = tl.arange(0, CHUNK)
     in_bank = experts < E
@@ -65,8 +70,9 @@ def _align_kernel(ids_ptr, sorted_pairs_ptr, block_expert_ptr, stats_ptr, num_pa
     if COUNT:  # stats += (distinct experts routed to, 1 call)
         tl.store(stats_ptr, tl.load(stats_ptr) + tl.reduce((counts > 0).to(tl.int64), 0, _add))
         tl.store(stats_ptr + 1, tl.load(stats_ptr + 1) + 1)
-    for start in range(0, num_rows, CHUNK):
-        row = start + lanes
+    fill_lanes = tl.arange(0, FILL)
+    for start in range(0, num_rows, FILL):
+        row = start + fill_lanes
         tl.store(sorted_pairs_ptr + row, num_pairs, mask=row < num_rows)
     for start in range(0, num_blocks, CHUNK):
         block = start + lanes
@@ -86,6 +92,58 @@ def _align_kernel(ids_ptr, sorted_pairs_ptr, block_expert_ptr, stats_ptr, num_pa
         row = tl.reduce(hit * (before + starts[None, :] + seen[None, :]), 1, _add)
         tl.store(sorted_pairs_ptr + row, pair, mask=valid & (e < E))
         seen += tl.reduce(hit, 0, _add)
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _min(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, stride_t, scale,
+                         E: tl.constexpr, E_POW2: tl.constexpr, K: tl.constexpr, K_POW2: tl.constexpr,
+                         RENORMALIZE: tl.constexpr):
+    # One token per program: the k largest logits (lowest index first among equals), their softmax weights.
+    t = tl.program_id(0).to(tl.int64)
+    experts = tl.arange(0, E_POW2)
+    slots = tl.arange(0, K_POW2)
+    logits = tl.load(logits_ptr + t * stride_t + experts, mask=experts < E, other=float("-inf")).to(tl.float32)
+    row_max = tl.reduce(logits, 0, _max)
+    denominator = tl.reduce(tl.exp(logits - row_max), 0, _add)
+    top = tl.full([K_POW2], float("-inf"), tl.float32)
+    top_ids = tl.full([K_POW2], 0, tl.int64)
+    remaining = logits
+    for j in tl.static_range(K):
+        best = tl.reduce(remaining, 0, _max)
+        best_id = tl.reduce(tl.where(remaining == best, experts, E_POW2), 0, _min)
+        top = tl.where(slots == j, best, top)
+        top_ids = tl.where(slots == j, best_id.to(tl.int64), top_ids)
+        remaining = tl.where(experts == best_id, float("-inf"), remaining)
+    if RENORMALIZE:  # softmax over all experts, renormalised over the chosen k == softmax over the k logits
+        numerators = tl.exp(top - row_max)
+        weights = numerators / tl.reduce(numerators, 0, _add)
+    else:
+        weights = tl.exp(top - row_max) / denominator
+    tl.store(weights_ptr + t * K + slots, weights * scale, mask=slots < K)
+    tl.store(ids_ptr + t * K + slots, top_ids, mask=slots < K)
+
+
+@triton.jit
+def _combine_kernel(y_ptr, ids_ptr, out_ptr, H, num_experts, K: tl.constexpr, BLOCK_H: tl.constexpr):
+    # out[t] = Σ_j y[t·k + j] over the slots routed to this bank, in slot order (no atomics: deterministic).
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = offs < H
+    acc = tl.full([BLOCK_H], 0.0, tl.float32)
+    for j in tl.static_range(K):
+        routed = tl.load(ids_ptr + t * K + j) < num_experts
+        acc += tl.load(y_ptr + (t * K + j) * H + offs, mask=ok & routed, other=0.0)
+    tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -143,11 +201,12 @@ def _grouped_gemm_kernel(
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per GEMM by token count: the smallest bucket >= T.
-# Up to 64 tokens: the fastest of `benchmarks/moe_kernels.py --sweep` at Qwen3-30B-A3B's shape on an H200
-# (benchmarks/RESULTS.md); past that not swept yet.
+# Up to 2 tokens: the fastest of `benchmarks/moe_kernels.py --graph-sweep 1`; up to 64 tokens: of `--sweep`;
+# both at Qwen3-30B-A3B's shape on an H200 (benchmarks/RESULTS.md); past that not swept yet.
 MoEConfig = tuple[int, int, int, int, int]
 DEFAULT_CONFIGS: dict[int, tuple[MoEConfig, MoEConfig]] = {
     # (gate/up, down)
+    2: ((16, 64, 128, 4, 4), (16, 64, 128, 4, 3)),
     8: ((16, 128, 128, 4, 3), (16, 128, 128, 4, 3)),
     64: ((16, 64, 128, 4, 3), (16, 64, 128, 4, 3)),
     512: ((32, 64, 64, 4, 3), (32, 64, 64, 4, 3)),
@@ -197,9 +256,11 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     e_pow2 = triton.next_power_of_2(num_experts)
     # Pairs per step of the [CHUNK, E] one-hot work: bounded for registers, no wider than the pairs there are.
     chunk = max(16, min(256, 8192 // e_pow2, triton.next_power_of_2(pairs)))
+    # Padding rows written per step: a decode step's rows in one.
+    fill = min(1024, triton.next_power_of_2(blocks * block_m))
     _align_kernel[(1,)](ids, sorted_pairs, block_expert, stats if stats is not None else block_expert,
                         pairs, blocks * block_m, blocks, E=num_experts, E_POW2=e_pow2, BLOCK_M=block_m,
-                        CHUNK=chunk, COUNT=stats is not None, num_warps=4)
+                        CHUNK=chunk, FILL=fill, COUNT=stats is not None, num_warps=4)
     return sorted_pairs, block_expert
 
 
@@ -250,11 +311,39 @@ def fused_moe(x: torch.Tensor, stacked: StackedExperts, topk_weights: torch.Tens
     _gemm(x, stacked.gate_up, stacked.gate_up_strides, stacked.up_offset, stacked.gate_up_bias,
           stacked.gate_up_bias_strides, intermediate, None, sorted_pairs, block_expert,
           inter_size, hidden, top_k, _ACTIVATION_CODES[stacked.activation], stacked.limit, stacked.alpha, up_cfg)
-    # Zeros: rows of pairs routed to another rank's experts are never written.
-    out = torch.zeros(tokens * top_k, hidden, dtype=torch.float32, device=x.device)
+    # Rows of pairs routed to another rank's experts are never written; the combine skips them.
+    rows = torch.empty(tokens * top_k, hidden, dtype=torch.float32, device=x.device)
     _gemm(intermediate, stacked.down, stacked.down_strides, 0, stacked.down_bias, stacked.down_bias_strides,
-          out, weights, sorted_pairs, block_expert, hidden, inter_size, 1, _NO_ACTIVATION, None, 1.0, down_cfg)
-    return out.view(tokens, top_k, hidden).sum(dim=1).to(x.dtype)
+          rows, weights, sorted_pairs, block_expert, hidden, inter_size, 1, _NO_ACTIVATION, None, 1.0, down_cfg)
+    out = torch.empty_like(x)
+    ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
+    _combine_kernel[(tokens, triton.cdiv(hidden, _COMBINE_BLOCK))](rows, ids, out, hidden, stacked.num_experts,
+                                                                   K=top_k, BLOCK_H=_COMBINE_BLOCK)
+    return out
 
 
-__all__ = ["DEFAULT_CONFIGS", "MoEConfig", "align_pairs", "fused_moe", "pick_configs"]
+# Hidden elements per program of the combine (a decode step's few tokens still spread over several SMs).
+_COMBINE_BLOCK = 512
+
+
+def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax routing in one launch: the ``top_k`` largest of router_logits [T, E] (any float dtype, computed in
+    float32) → (weights [T, k] float32, ids [T, k] int64), best first. Weights: the softmax over all experts of
+    the chosen ones, renormalised over them when ``renormalize`` (= the softmax over the k logits), times
+    ``scale``. What ``ops.moe.select_experts`` computes for plain greedy softmax routing."""
+    if router_logits.dim() != 2 or router_logits.stride(1) != 1:
+        raise ValueError(f"topk_softmax takes router logits [tokens, experts] with contiguous rows, "
+                         f"got {tuple(router_logits.shape)}")
+    tokens, experts = router_logits.shape
+    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int64, device=router_logits.device)
+    if tokens:
+        _topk_softmax_kernel[(tokens,)](router_logits, weights, ids, router_logits.stride(0), float(scale),
+                                        E=experts, E_POW2=triton.next_power_of_2(experts), K=top_k,
+                                        K_POW2=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
+                                        num_warps=1 if experts <= 256 else 4)
+    return weights, ids
+
+
+__all__ = ["DEFAULT_CONFIGS", "MoEConfig", "align_pairs", "fused_moe", "pick_configs", "topk_softmax"]

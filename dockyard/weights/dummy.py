@@ -6,7 +6,10 @@ and biases 0, so a model with dummy weights produces finite logits at any depth.
 
 Large tensors are tiled from one seeded random pool of a prime number of values: filling a
 70B model with ``randn`` takes minutes on a CPU, tiling runs at memory speed. Because the pool
-length is prime and longer than any row, consecutive rows are distinct shifts of the pool.
+length is prime and longer than any row, consecutive rows are distinct shifts of the pool. For a
+model on a GPU the pool is drawn there (an MoE model has thousands of large expert tensors, and each
+pool drawn on the CPU costs more than the tiling), so large tensors' values depend on (seed, name,
+device type).
 """
 
 from __future__ import annotations
@@ -21,16 +24,20 @@ from torch import nn
 POOL_SIZE = 1_048_573
 
 
-def _dummy_tensor(name: str, shape: torch.Size, dtype: torch.dtype, seed: int) -> torch.Tensor:
+def _dummy_tensor(name: str, shape: torch.Size, dtype: torch.dtype, seed: int,
+                  device: torch.device | None = None) -> torch.Tensor:
     if name.endswith(".bias"):
         return torch.zeros(shape, dtype=dtype)
     if len(shape) == 1:  # norm weights
         return torch.ones(shape, dtype=dtype)
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    name_seed = (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
     numel = shape.numel()
     if numel <= POOL_SIZE:
+        gen = torch.Generator().manual_seed(name_seed)
         return (torch.randn(shape, generator=gen) * shape[-1] ** -0.5).to(dtype)
-    pool = (torch.randn(POOL_SIZE, generator=gen) * shape[-1] ** -0.5).to(dtype)
+    device = device if device is not None and device.type == "cuda" else torch.device("cpu")
+    gen = torch.Generator(device).manual_seed(name_seed)
+    pool = (torch.randn(POOL_SIZE, generator=gen, device=device) * shape[-1] ** -0.5).to(dtype)
     return pool.repeat(-(-numel // POOL_SIZE))[:numel].view(shape)
 
 
@@ -45,4 +52,4 @@ def iter_dummy(model: nn.Module, seed: int = 0) -> Iterator[tuple[str, torch.Ten
     full_shapes = plan.full_shapes if plan is not None else {}
     for name, param in model.named_parameters():
         shape = torch.Size(full_shapes.get(name, param.shape))
-        yield name, _dummy_tensor(name, shape, param.dtype, seed)
+        yield name, _dummy_tensor(name, shape, param.dtype, seed, param.device)

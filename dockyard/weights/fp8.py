@@ -19,6 +19,7 @@ multiply with the FP8 kernel; any other FP8 weight is still dequantized.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import re
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dockyard.errors import WeightsError
+
+logger = logging.getLogger(__name__)
 
 # Scale names, tried in this order: "X.weight_scale_inv" and "X.weight_scale" both belong to "X.weight".
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
@@ -355,6 +358,10 @@ def convert_to_fp8_linears(model: nn.Module, fp8_weights: set[str], config: FP8C
                         bias=linear.bias is not None, bias_dtype=dtype, device=linear.weight.device)
         setattr(model.get_submodule(parent_name), attr, fp8)
         converted.add(ckpt_name)
+    left = sorted(fp8_weights - converted)
+    if left:
+        logger.info("FP8 checkpoint: %d FP8 weights outside the FP8 projections (%s, ...) dequantized on load to %s: "
+                    "MoE expert banks and MLA take no FP8 weights yet", len(left), left[0], dtype)
     return converted
 
 

@@ -16,6 +16,7 @@ from dockyard import LLM, SamplingParams
 from dockyard.engine.cuda_graphs import graph_batch_sizes
 from dockyard.ops.rotary import get_rope
 from dockyard.spec import RopeSpec
+from tests.shared_configs import shared_config
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
@@ -146,23 +147,30 @@ def test_async_scheduling_with_graphs_equals_synchronous_eager(tmp_path):
     assert len(b[1].outputs[0].token_ids) == 7 and b[0].outputs[0].finish_reason == "stop"
 
 
-def _tiny_moe(tmp_path) -> str:
-    """A two-layer Qwen3-MoE at toy sizes."""
-    config = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 256,
-              "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32,
-              "vocab_size": 1024, "max_position_embeddings": 2048, "tie_word_embeddings": False,
-              "bos_token_id": 1, "eos_token_id": 2, "intermediate_size": 512, "moe_intermediate_size": 128,
-              "num_experts": 16, "num_experts_per_tok": 4, "norm_topk_prob": True, "rms_norm_eps": 1e-6,
-              "rope_theta": 1e6}
+def _tiny_moe(tmp_path, family: str) -> str:
+    """A two-layer MoE of the family at toy sizes (gpt-oss: its published config shrunk, sinks, sliding
+    window and clamped SwiGLU kept)."""
+    common = {"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+              "head_dim": 32, "vocab_size": 1024, "max_position_embeddings": 2048, "tie_word_embeddings": False,
+              "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    if family == "gpt_oss":
+        config = {k: v for k, v in shared_config("openai--gpt-oss-20b").items() if k != "quantization_config"}
+        config.update(common, intermediate_size=128, num_local_experts=8, num_experts_per_tok=2,
+                      experts_per_token=2, sliding_window=32, layer_types=["sliding_attention", "full_attention"])
+    else:
+        config = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", **common,
+                  "intermediate_size": 512, "moe_intermediate_size": 128, "num_experts": 16,
+                  "num_experts_per_tok": 4, "norm_topk_prob": True, "rms_norm_eps": 1e-6, "rope_theta": 1e6}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     return str(path)
 
 
 @needs_cuda
-def test_moe_graphs_equal_eager(tmp_path):
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_moe_graphs_equal_eager(tmp_path, family):
     """MoE models capture (the fused experts make no host sync) and replay the tokens of eager steps."""
-    model = _tiny_moe(tmp_path)
+    model = _tiny_moe(tmp_path, family)
     kwargs = dict(load_format="dummy", device="cuda", dtype="float32", max_num_seqs=8, seed=3,
                   kv_cache_memory_bytes=None, num_kv_blocks=256)
     graphs = LLM(model, **kwargs)

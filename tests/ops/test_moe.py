@@ -59,9 +59,10 @@ CASES = {
     "deepseek_v3": ("deepseek_v3", "DeepseekV3ForCausalLM",
                     dict(DEEPSEEK, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True),
                     dict(topk_method="noaux_tc", scoring_func="sigmoid")),
-    # swiglu_limit 1.0 (real: 7.0) so that the clamps actually cut values of unit scale.
+    # swiglu_limit 1.0 (real: 7.0) so that the clamps actually cut values of unit scale. 2I (48) != H (64): a
+    # transposed expert layout fails loading by shape instead of passing it.
     "gpt_oss": ("gpt_oss", "GptOssForCausalLM",
-                dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
+                dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
                      swiglu_limit=1.0), {}),
 }
 

@@ -13,7 +13,7 @@ from dockyard.ops import moe
 from dockyard.ops.dispatch import FUSED_ENV
 from dockyard.ops.moe import ExpertList, LocalExperts, SparseMoeBlock, moe_reference
 from tests.helpers import import_kernels, interpreter_loop_bounds_fix
-from tests.ops.test_moe import TOL, _hf_and_ours, _hf_out, _x
+from tests.ops.test_moe import TOL, _hf_and_ours, _hf_out, _moe, _x
 
 pytest.importorskip("triton")
 
@@ -96,6 +96,24 @@ def test_align_pairs_blocks(block_m: int) -> None:
     for e in range(num_experts):  # pair order within an expert
         mine = [p for p in pairs if p < len(flat) and flat[p] == e]
         assert mine == sorted(mine)
+
+
+# ---- routing ----
+@pytest.mark.parametrize(("renormalize", "scale", "experts", "k"), [(True, 1.0, 24, 5), (False, 2.5, 24, 5),
+                                                                     (True, 1.0, 128, 8), (False, 1.0, 10, 1)])
+def test_topk_softmax_matches_select_experts(fused, renormalize: bool, scale: float, experts: int, k: int) -> None:
+    """The one-launch softmax routing against select_experts' PyTorch path in float64: same experts in the same
+    order, same weights (renormalised or not, scaled)."""
+    logits = torch.randn(13, experts, generator=torch.Generator().manual_seed(experts + k))
+    moe_spec = _moe(num_experts=experts, top_k=k, norm_topk_prob=renormalize, routed_scaling_factor=scale)
+    want_weights, want_ids = moe.select_experts(logits.double(), moe_spec)  # float64: the PyTorch path
+    got_weights, got_ids = tm.topk_softmax(logits.to(DEVICE), k, renormalize, scale)
+    assert got_ids.dtype == torch.int64 and got_weights.dtype == torch.float32
+    assert torch.equal(got_ids.cpu(), want_ids)
+    torch.testing.assert_close(got_weights.cpu().double(), want_weights, rtol=1e-5, atol=1e-7)
+    # select_experts takes this path itself where the fused ops serve
+    weights, ids = moe.select_experts(logits.to(DEVICE), moe_spec)
+    assert torch.equal(ids, got_ids) and torch.equal(weights, got_weights)
 
 
 # ---- the expert computation against the reference loop (float64) ----
@@ -187,4 +205,11 @@ def test_block_matches_hf_fused(fused, case: str) -> None:
         ours.experts.use_fused = True
     assert ours.experts.stacked is not None
     x = _x()
-    assert rel_rmse(ours(x.to(DEVICE)).cpu(), _hf_out(hf_mlp, x)) < TOL
+    want = _hf_out(hf_mlp, x)
+    assert rel_rmse(ours(x.to(DEVICE)).cpu(), want) < TOL
+    if case == "gpt_oss":  # the weights re-laid out with the reduction dimension contiguous: the same block
+        ours.experts.stack_()
+        assert ours.experts.gate_up_proj.stride(1) == 1 and ours.experts.down_proj.stride(1) == 1
+        assert rel_rmse(ours(x.to(DEVICE)).cpu(), want) < TOL
+        ours.experts.use_fused = False
+        assert rel_rmse(ours(x.to(DEVICE)).cpu(), want) < TOL
