@@ -13,7 +13,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from dockyard.cli_args import add_num_threads_arg, add_skip_memory_check_arg
+from dockyard.cli_args import (
+    add_model_source_args,
+    add_num_threads_arg,
+    add_skip_memory_check_arg,
+    model_source_kwargs,
+)
 from dockyard.errors import DockyardError
 from dockyard.eval.cli import add_eval_parser, cmd_eval
 from dockyard.onboard.cli import add_onboard_parser, cmd_onboard
@@ -23,8 +28,8 @@ GiB = 1024**3
 
 
 def _add_model_arg(p: argparse.ArgumentParser, positional: bool = False) -> None:
-    help_text = ("model: a directory with config.json (+ safetensors), a config.json (dummy weights) or a "
-                 ".gguf file; default: the bundled SmolLM2-135M-Instruct")
+    help_text = ("model: a directory with config.json (+ safetensors), a config.json (dummy weights), a .gguf "
+                 "file or a Hugging Face repo id (from the HF cache); default: the bundled SmolLM2-135M-Instruct")
     if positional:
         p.add_argument("model", nargs="?", default=None, help=help_text)
     else:
@@ -54,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", help="auto | cpu | cuda")
     add_num_threads_arg(gen)
     add_skip_memory_check_arg(gen)
+    add_model_source_args(gen)
 
     models = sub.add_parser("models", help="list the supported architectures (docs/supported-models.md)")
     models.add_argument("--configs", action="append", default=[], metavar="DIR",
@@ -84,7 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         min_p=args.min_p, seed=args.seed, stop=args.stop,
     )
     llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
-              num_threads=args.num_threads, skip_memory_check=args.skip_memory_check)
+              num_threads=args.num_threads, skip_memory_check=args.skip_memory_check, **model_source_kwargs(args))
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": args.prompt})

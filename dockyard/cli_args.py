@@ -18,3 +18,25 @@ def add_skip_memory_check_arg(p: argparse.ArgumentParser) -> None:
     """``--skip-memory-check``: load even when the memory plan says the model does not fit."""
     p.add_argument("--skip-memory-check", action="store_true",
                    help="load even when the memory plan says the model does not fit the device's free memory")
+
+
+def add_model_source_args(p: argparse.ArgumentParser) -> None:
+    """vLLM's ``--revision``, ``--download-dir``, ``--tokenizer`` and ``--generation-config``
+    (``dockyard.hub``, ``dockyard.generation_config``)."""
+    p.add_argument("--revision", default=None,
+                   help="of a Hugging Face repo id: the branch, tag or commit to use (default: main)")
+    p.add_argument("--download-dir", default=None, metavar="DIR",
+                   help="the Hugging Face cache to find (or download) repo ids in (default: $HF_HUB_CACHE, else "
+                        "$HF_HOME/hub)")
+    p.add_argument("--tokenizer", default=None,
+                   help="take the tokenizer from this path or repo id instead of the model's")
+    p.add_argument("--generation-config", default="auto", metavar="auto|vllm|PATH",
+                   help="request defaults and end-of-sequence ids: auto = the model's generation_config.json; "
+                        "vllm = vLLM's defaults (the file's end-of-sequence ids still apply); PATH = a folder "
+                        "holding a generation_config.json")
+
+
+def model_source_kwargs(args: argparse.Namespace) -> dict[str, str | None]:
+    """The ``LLM`` keyword arguments of :func:`add_model_source_args`'s flags."""
+    return {"revision": args.revision, "download_dir": args.download_dir, "tokenizer": args.tokenizer,
+            "generation_config": args.generation_config}

@@ -158,11 +158,16 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                  enforce_eager: bool = False, tensor_parallel_size: int = 1,
                  enable_expert_parallel: bool = False, async_scheduling: bool | None = None,
-                 skip_memory_check: bool = False, num_threads: int | None = None) -> None:
+                 skip_memory_check: bool = False, num_threads: int | None = None, revision: str | None = None,
+                 download_dir: str | None = None, tokenizer: str | None = None,
+                 generation_config: str = "auto") -> None:
         t0 = time.perf_counter()
         configure_threads(num_threads)
         self._workers: Any = None
-        self.source: ModelSource = resolve_model(model, load_format)
+        self.source: ModelSource = resolve_model(model, load_format, revision=revision, download_dir=download_dir,
+                                                 tokenizer=tokenizer, generation_config=generation_config)
+        if self.source.generation.sampling:
+            logger.info("%s", self.source.generation.describe())
         spec = self.source.spec
         if max_model_len is not None and not 0 < max_model_len <= spec.max_model_len:
             raise DockyardError(
@@ -187,8 +192,9 @@ class LLM:
         )
         if not skip_memory_check:  # before any worker starts or any weight is allocated
             check_memory_fits(spec, self.dtype, self.device, config, tensor_parallel_size)
-        if tensor_parallel_size > 1:
-            self._start_parallel(model, load_format, dtype, seed, enable_expert_parallel)
+        if tensor_parallel_size > 1:  # the workers load the snapshot found here, whatever the revision
+            worker_model = self.source.path if self.source.repo_id else model
+            self._start_parallel(worker_model, load_format, dtype, seed, enable_expert_parallel)
         try:
             self._build(config, seed, enable_expert_parallel, t0)
         except BaseException:
@@ -288,6 +294,10 @@ class LLM:
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         return layers[0].num_kv_heads if layers else self.spec.kv_cache_layout[1]
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's name: ``SamplingParams()`` with the generation config's defaults (``generation_config``)."""
+        return SamplingParams(**self.source.generation.sampling)
+
     # ---- tokenization ----
     def get_tokenizer(self) -> Any:
         if self.tokenizer is None:
@@ -337,7 +347,7 @@ class LLM:
     def _run(self, encoded: list[tuple[str | None, list[int]]],
              sampling_params: SamplingParams | list[SamplingParams] | None, use_tqdm: bool) -> list[RequestOutput]:
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(encoded)
         if len(params) != len(encoded):
             raise InvalidRequestError(

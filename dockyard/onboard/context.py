@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dockyard.errors import DockyardError, ModelNotFoundError
+from dockyard.hub import locate_model
 
 if TYPE_CHECKING:
     from dockyard.onboard.machine import Machine
@@ -105,20 +106,23 @@ class RawModel:
 
 
 def check_model_path(model: str | Path | None) -> None:
-    """Raise ModelNotFoundError when MODEL names a path that does not exist (checked before anything heavy
-    is imported or any report folder is made; None is the bundled model)."""
-    if model is not None and not Path(model).expanduser().exists():
-        raise ModelNotFoundError(f"model path not found: {Path(model).expanduser()}; give a directory with "
-                                 "config.json, a config.json file or a .gguf file")
+    """Raise ModelNotFoundError when MODEL names neither an existing path nor a repo id in the HF cache
+    (checked before anything heavy is imported or any report folder is made; None is the bundled model)."""
+    if model is not None:
+        locate_model(model)
 
 
 def read_raw_model(model: str | Path | None) -> RawModel:
-    """Locate MODEL the way ``resolve_model`` does, but stop at the raw config dict."""
+    """Locate MODEL the way ``resolve_model`` does, but stop at the raw config dict (a repo id names it)."""
     from dockyard.model_source import bundled_model_path
     from dockyard.spec import read_config_json
 
-    check_model_path(model)
-    path = bundled_model_path() if model is None else Path(model).expanduser()
+    repo_id = None
+    if model is None:
+        path = bundled_model_path()
+    else:
+        location = locate_model(model)
+        path, repo_id = location.path, location.repo_id
     if path.is_dir() and not (path / "config.json").exists():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) != 1:
@@ -128,10 +132,10 @@ def read_raw_model(model: str | Path | None) -> RawModel:
     if path.is_file() and path.suffix == ".gguf":
         from dockyard.weights.gguf import GGUFFile
 
-        return RawModel(path.stem, path, "gguf", GGUFFile(path).hf_config())
+        return RawModel(repo_id or path.stem, path, "gguf", GGUFFile(path).hf_config())
     if path.is_file():
-        return RawModel(path.resolve().parent.name, path, "config", read_config_json(path))
-    return RawModel(path.resolve().name, path, "dir", read_config_json(path / "config.json"))
+        return RawModel(repo_id or path.resolve().parent.name, path, "config", read_config_json(path))
+    return RawModel(repo_id or path.resolve().name, path, "dir", read_config_json(path / "config.json"))
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from dockyard.cli_args import add_num_threads_arg, add_skip_memory_check_arg
+from dockyard.cli_args import add_model_source_args, add_num_threads_arg, add_skip_memory_check_arg
 
 DEFAULT_PORT = 8000
 
@@ -23,8 +23,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                     "request has gone through the whole server.",
     )
     p.add_argument("--model", default=None,
-                   help="a directory with config.json (+ safetensors), a config.json (dummy weights) or a .gguf "
-                        "file; default: the bundled SmolLM2-135M-Instruct")
+                   help="a directory with config.json (+ safetensors), a config.json (dummy weights), a .gguf "
+                        "file or a Hugging Face repo id (from the HF cache, which then names the model); default: "
+                        "the bundled SmolLM2-135M-Instruct")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT,
                    help=f"port to listen on (default {DEFAULT_PORT}; 0 = any free port)")
@@ -61,6 +62,18 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="MoE: place whole experts across the tensor-parallel ranks instead of splitting each")
     add_num_threads_arg(p)
     add_skip_memory_check_arg(p)
+    add_model_source_args(p)
+    p.add_argument("--metrics-prefix", default="dockyard",
+                   help="prefix of the /metrics names (default dockyard; vllm gives vLLM's names, vllm:..., for its "
+                        "dashboards)")
+    p.add_argument("--disable-log-stats", action="store_true",
+                   help="no periodic stats line (throughput, running/waiting requests, KV-cache use, prefix-cache "
+                        "hit rate) on stderr")
+    logs = p.add_mutually_exclusive_group()
+    logs.add_argument("--enable-log-requests", action="store_true",
+                      help="log each request's prompt and sampling parameters on stderr")
+    logs.add_argument("--disable-log-requests", action="store_true",
+                      help="do not log requests (the default; accepted for vLLM's command lines)")
     return p
 
 
