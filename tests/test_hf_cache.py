@@ -25,18 +25,26 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from dockyard.engine.sampling_params import SamplingParams
 from dockyard.errors import ModelNotFoundError
 from dockyard.model_source import resolve_model
+from dockyard.onboard.gates.real import PLAIN_PROMPTS
 from tests.server.conftest import free_port, http_call
 
 REPO = "org/tiny"
 COMMIT_MAIN = "a" * 40
 COMMIT_OLD = "b" * 40
 VOCAB = 96
-PROMPT_IDS = [5, 17, 33, 8]
+# The words of the onboarding real gate's prompts have ids of their own; the rest are fillers.
+_WORDS = ["<unk>", "<s>", "</s>", *dict.fromkeys(" ".join(PLAIN_PROMPTS).split())]
+TOKENS = _WORDS + [f"w{i}" for i in range(len(_WORDS), VOCAB)]
+PROMPT_IDS = [TOKENS.index(w) for w in PLAIN_PROMPTS[0].split()]  # the real gate's first prompt
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _words(ids: list[int]) -> list[str]:
+    return [TOKENS[t] for t in ids]
+
+
 def _tokenizer(directory: Path) -> None:
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    vocab = {w: i for i, w in enumerate(TOKENS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
@@ -125,29 +133,31 @@ def test_generation_config_defaults_and_eos(hub_env):
     assert resolve_model(REPO, generation_config=str(folder)).generation.sampling == {"top_k": 7, "max_tokens": 5}
 
 
-def test_generate_cli_resolves_the_repo_id_and_stops_at_generation_config_eos(hub_env):
+def test_generate_cli_resolves_the_repo_id_at_a_revision(hub_env):
     greedy, stop_at = hub_env["greedy"], hub_env["stop_at"]
-    prompt = " ".join(f"w{i}" for i in PROMPT_IDS)
-    out = _cli(hub_env, "generate", "--model", REPO, prompt, "--max-tokens", "8")
-    assert out.returncode == 0, out.stderr
-    # The text is transformers' greedy tokens up to (not including) the generation_config-only EOS.
-    assert out.stdout.split() == [f"w{t}" for t in greedy[:stop_at]]
+    prompt = PLAIN_PROMPTS[0]
     out = _cli(hub_env, "generate", "--model", REPO, prompt, "--max-tokens", "8", "--revision", COMMIT_OLD)
     assert out.returncode == 0, out.stderr
     with torch.no_grad():
         ref = _model(1).generate(torch.tensor([PROMPT_IDS]), max_new_tokens=8, do_sample=False,
                                  eos_token_id=[2, greedy[stop_at]], pad_token_id=0)[0, len(PROMPT_IDS):].tolist()
     ends = [i for i, t in enumerate(ref) if t in (2, greedy[stop_at])]
-    ref = ref[:ends[0]] if ends else ref  # HF pads after an EOS; dockyard stops there
-    assert out.stdout.split() == [f"w{t}" for t in ref]
+    ref = ref[:ends[0]] if ends else ref  # the text ends before an EOS (HF pads after it)
+    assert out.stdout.split() == _words(ref)
 
 
-def test_onboard_names_the_report_after_the_repo_id(hub_env, tmp_path):
-    out = _cli(hub_env, "onboard", REPO, "--skip", "equivalence", "--skip", "dummy", "--skip", "real",
-               "--skip", "features", "--skip", "capacity", "--skip", "serve-smoke", cwd=tmp_path)
+def test_onboard_names_the_report_after_the_repo_id_and_compares_with_eos(hub_env, tmp_path):
+    out = _cli(hub_env, "onboard", REPO, "--skip", "equivalence", "--skip", "dummy", "--skip", "features",
+               "--skip", "capacity", "--skip", "serve-smoke", cwd=tmp_path)
     report = json.loads((tmp_path / "reports" / "org" / "tiny" / "report.json").read_text())
     assert report["model"]["name"] == REPO, out.stderr
-    assert next(g for g in report["gates"] if g["name"] == "inspect")["status"] == "pass", out.stderr
+    gates = {g["name"]: g for g in report["gates"]}
+    assert gates["inspect"]["status"] == "pass" and gates["real"]["status"] == "pass", out.stderr
+    # The real gate's first prompt stops at the generation_config-only EOS, on both sides.
+    first = gates["real"]["evidence"]["prompts"][0]
+    greedy, stop_at = hub_env["greedy"], hub_env["stop_at"]
+    assert first["ours"] == first["reference"] == greedy[:stop_at + 1]
+    assert first["text"].split() == _words(greedy[:stop_at])
 
 
 def test_default_sampling_params_follow_the_generation_config(hub_env):
@@ -212,7 +222,7 @@ def test_served_under_the_repo_id_with_generation_config(server):
     out = client.completions.create(model=REPO, prompt=PROMPT_IDS, max_tokens=8, temperature=0)
     assert out.choices[0].finish_reason == "stop"
     assert out.usage.completion_tokens == stop_at + 1  # the EOS token counts, its text does not show
-    assert out.choices[0].text.split() == [f"w{t}" for t in greedy[:stop_at]]
+    assert out.choices[0].text.split() == _words(greedy[:stop_at])
     # A request that sets no temperature / top_p gets the file's (the request log shows them).
     two = client.completions.create(model=REPO, prompt=PROMPT_IDS, max_tokens=3, n=2, extra_body={"ignore_eos": True})
     log = server["log"].read_text()
