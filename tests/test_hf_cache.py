@@ -271,3 +271,16 @@ def test_start_up_and_stats_log_lines(server):
         log = server["log"].read_text()
     line = next(ln for ln in log.splitlines() if "Avg generation throughput" in ln)
     assert "Running:" in line and "KV cache usage:" in line and "Prefix cache hit rate:" in line
+
+
+def test_eval_model_resolves_the_repo_id(hub_env):
+    from lm_eval.api.instance import Instance
+
+    from dockyard.eval.lm import DockyardLM
+
+    lm = DockyardLM(REPO, device="cpu", batch_size=2)
+    assert lm.name == REPO and lm.llm.source.path.name == COMMIT_MAIN
+    # lm-eval's loglikelihood through the resolved model: greedy flags agree with transformers' argmax.
+    context, continuation = PLAIN_PROMPTS[0], " " + " ".join(_words(hub_env["greedy"][:2]))
+    (logprob, is_greedy), = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])
+    assert is_greedy and logprob < 0
