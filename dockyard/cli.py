@@ -89,6 +89,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, seed=args.seed, stop=args.stop,
     )
+    if sys.stderr.isatty():  # a person is waiting: say what the next seconds go to (the weights get a bar)
+        print(f"dockyard generate: loading {args.model or 'the bundled SmolLM2-135M-Instruct'} ...", file=sys.stderr)
     llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
               num_threads=args.num_threads, skip_memory_check=args.skip_memory_check, **model_source_kwargs(args))
     if args.chat:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from dockyard.errors import DockyardError, ModelNotFoundError
 from dockyard.hub import locate_model
@@ -159,6 +161,21 @@ class GateContext:
     feature_matrix: list[dict[str, Any]] = field(default_factory=list)
     capacity: dict[str, Any] | None = None
     accuracy: dict[str, Any] | None = None  # the accuracy run the real gate made (onboard/accuracy.py)
+    progress: TextIO | None = None  # the terminal's stream, for the running gate's sub-steps
+    gate_label: str = ""  # "[5/8] real" while a gate runs
+    gate_started: float = 0.0  # time.perf_counter() when it started
+
+    def step(self, what: str) -> None:
+        """Show the running gate's current sub-step and the time since the gate started on the terminal (a
+        line of its own where the terminal cannot overwrite one), and record it in the gate's log."""
+        elapsed = time.perf_counter() - self.gate_started
+        print(f"# step at {elapsed:.1f}s: {what}", file=sys.stderr, flush=True)  # stderr is the gate's log here
+        if self.progress is None:
+            return
+        line = f"{self.gate_label} … {what} ({elapsed:.0f}s)"
+        # A terminal overwrites the line in place (carriage return, clear to end of line).
+        self.progress.write(f"\r\033[K{line}" if self.progress.isatty() else line + "\n")
+        self.progress.flush()
 
     @property
     def spec(self) -> Any:

@@ -115,6 +115,7 @@ def run(ctx: GateContext) -> Outcome:
     if ours_bytes > available * 0.9:
         return Outcome("fail", f"real weights need {ours_bytes / GiB:.1f} GiB, {available / GiB:.1f} "
                                f"GiB available on this {machine.device}: run on a larger device", hard=False)
+    ctx.step(f"loading the real weights ({source.kind}, {str(dtype).removeprefix('torch.')})")
     t0 = time.perf_counter()
     try:
         llm = LLM(opts.model, dtype=dtype, device=machine.device, num_kv_blocks=256, max_num_seqs=8)
@@ -134,6 +135,7 @@ def run(ctx: GateContext) -> Outcome:
         "ignored": report.ignored,
     }
     prompts = _prompts(llm)
+    ctx.step(f"greedy decoding of {len(prompts)} prompts with dockyard")
     t0 = time.perf_counter()
     # Greedy with end-of-sequence handling, as served (the generation config's extra EOS ids included).
     outs = llm.generate([ids for _, ids in prompts], SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0),
@@ -154,6 +156,7 @@ def run(ctx: GateContext) -> Outcome:
     stops = set(ctx.spec.eos_token_ids)
     results = []
     if reason is None:
+        ctx.step("loading the transformers reference (float32)")
         t0 = time.perf_counter()
         hf_model = _load_reference(ctx)
         evidence["reference"] = {"library": "transformers", "dtype": "float32",
@@ -163,6 +166,7 @@ def run(ctx: GateContext) -> Outcome:
         evidence["reference"]["eos_token_id"] = hf_model.generation_config.eos_token_id
         evidence["eos_token_ids"] = sorted(stops)
         all_equal = True
+        ctx.step(f"greedy decoding of {len(prompts)} prompts with transformers")
         for (label, ids), out in zip(prompts, outs):
             ours = list(out.outputs[0].token_ids)
             ref = _hf_greedy(hf_model, ids, MAX_NEW_TOKENS)
@@ -208,6 +212,7 @@ def run(ctx: GateContext) -> Outcome:
     if ok and llm.tokenizer is not None:
         from dockyard.onboard.accuracy import run_accuracy
 
+        ctx.step("accuracy run (dockyard eval, a small ARC-Easy subset)")
         ctx.accuracy = run_accuracy(llm, opts.model)
         evidence["accuracy"] = {k: v for k, v in ctx.accuracy.items() if k != "results"}
         if ctx.accuracy["evaluated"]:
