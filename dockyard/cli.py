@@ -1,4 +1,4 @@
-"""The ``dockyard`` command: generate | inspect | models | serve | onboard | eval.
+"""The ``dockyard`` command: generate | inspect | models | serve | onboard | eval | bench.
 
 Generated text goes to stdout and nothing else does; logs go to stderr. Errors a user can
 cause print one clear line and exit with status 2, never a traceback.
@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from dockyard.bench import add_bench_parser, cmd_bench
 from dockyard.cli_args import (
     add_model_source_args,
     add_num_threads_arg,
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_onboard_parser(sub)
     add_eval_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
@@ -205,7 +207,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "inspect": cmd_inspect, "serve": cmd_serve, "onboard": cmd_onboard,
-            "models": cmd_models, "eval": cmd_eval}
+            "models": cmd_models, "eval": cmd_eval, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

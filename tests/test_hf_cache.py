@@ -288,3 +288,32 @@ def test_eval_model_resolves_the_repo_id(hub_env):
     context, continuation = PLAIN_PROMPTS[0], " " + " ".join(_words(hub_env["greedy"][:2]))
     (logprob, is_greedy), = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])
     assert is_greedy and logprob < 0
+
+
+def test_bench_serve_against_the_server(server, tmp_path):
+    port = server["port"]
+    before = _metrics(port)
+    sharegpt = tmp_path / "sharegpt.json"
+    sharegpt.write_text(json.dumps([{"conversations": [{"from": "human", "value": PLAIN_PROMPTS[1]},
+                                                       {"from": "gpt", "value": "w10 w11"}]}]))
+    result = tmp_path / "result.json"
+    out = _cli(server, "bench", "serve", "--base-url", f"http://127.0.0.1:{port}/v1", "--num-prompts", "4",
+               "--random-input-len", "6", "--random-output-len", "3", "--random-vocab-size", str(VOCAB),
+               "--max-concurrency", "2", "--save-result", str(result))
+    assert out.returncode == 0, out.stderr
+    assert "Serving Benchmark Result" in out.stdout and "P99 TTFT (ms):" in out.stdout, out.stdout
+    data = json.loads(result.read_text())
+    assert data["completed"] == 4 and data["failed"] == 0 and data["model_id"] == REPO
+    assert data["output_lens"] == [3] * 4 and data["total_output_tokens"] == 12 and data["total_input_tokens"] == 24
+    assert all(0 < t <= e for t, e in zip(data["ttfts"], [data["p99_e2el_ms"] / 1000] * 4))
+    assert data["median_ttft_ms"] <= data["p99_ttft_ms"] and len(data["itls"][0]) == 2
+    after = _metrics(port)
+    # The server's own counters agree with what the client measured.
+    gen, success = "vllm:generation_tokens", "vllm:request_success"
+    assert _sample(after, gen, gen + "_total") - _sample(before, gen, gen + "_total") == 12
+    assert (_sample(after, success, success + "_total", finished_reason="length")
+            - _sample(before, success, success + "_total", finished_reason="length")) == 4
+    out = _cli(server, "bench", "serve", "--base-url", f"http://127.0.0.1:{port}/v1", "--dataset-name", "sharegpt",
+               "--dataset-path", str(sharegpt), "--num-prompts", "1", "--sharegpt-output-len", "2",
+               "--request-rate", "50")
+    assert out.returncode == 0 and "Successful requests:" in out.stdout and " 1\n" in out.stdout, out.stdout
