@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     ins.add_argument("--device-memory", type=float, default=None, metavar="GiB",
                      help="plan for a GPU of this much memory (default: this machine's device)")
+    add_model_source_args(ins)
 
     add_serve_parser(sub)
     add_onboard_parser(sub)
@@ -110,12 +111,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from dockyard.onboard.config_features import detect_features, nearest_family, unrecognised_keys
     from dockyard.onboard.context import read_raw_model
 
-    config = read_raw_model(args.model).config
+    config = read_raw_model(args.model, args.revision, args.download_dir).config
     features = detect_features(config)
     near = nearest_family(features, str(config.get("model_type") or ""))
     unknown = unrecognised_keys(config)
     try:
-        source = resolve_model(args.model)  # metadata only; an absurd config is refused before the engine is imported
+        # metadata only; an absurd config is refused before the engine is imported
+        source = resolve_model(args.model, **model_source_kwargs(args))
         from dockyard.onboard.machine import detect_machine
         from dockyard.run_plan import RunTarget, plan_for_run
 

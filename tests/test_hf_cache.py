@@ -110,6 +110,13 @@ def test_repo_id_resolves_to_its_snapshot_and_is_its_name(hub_env):
     assert old.path.name == COMMIT_OLD and old.spec.num_hidden_layers == 1 and old.name == REPO
 
 
+def test_inspect_at_a_revision(hub_env):
+    out = _cli(hub_env, "inspect", REPO, "--json", "--revision", COMMIT_OLD)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["spec"]["num_hidden_layers"] == 1 and data["source"]["path"].endswith(COMMIT_OLD)
+
+
 def test_missing_repo_id_says_where_it_looked(hub_env):
     with pytest.raises(ModelNotFoundError) as err:
         resolve_model("org/absent")
