@@ -23,7 +23,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from dockyard.engine.sampling_params import SamplingParams
-from dockyard.errors import ModelNotFoundError
+from dockyard.errors import ConfigError, ModelNotFoundError
 from dockyard.model_source import resolve_model
 from dockyard.onboard.gates.real import PLAIN_PROMPTS
 from tests.server.conftest import free_port, http_call
@@ -108,6 +108,19 @@ def test_repo_id_resolves_to_its_snapshot_and_is_its_name(hub_env):
     assert source.spec.num_hidden_layers == 2 and source.kind == "safetensors"
     old = resolve_model(REPO, revision=COMMIT_OLD)
     assert old.path.name == COMMIT_OLD and old.spec.num_hidden_layers == 1 and old.name == REPO
+
+
+def test_tokenizer_from_another_source(hub_env, tmp_path):
+    other = tmp_path / "tok"
+    _tokenizer(other)
+    (other / "tokenizer_config.json").write_text(json.dumps(
+        {**json.loads((other / "tokenizer_config.json").read_text()), "model_max_length": 77}))
+    assert resolve_model(REPO, tokenizer=str(other)).load_tokenizer().model_max_length == 77
+    assert resolve_model(REPO).load_tokenizer().model_max_length != 77
+    with pytest.raises(ModelNotFoundError, match="nope"):
+        resolve_model(REPO, tokenizer=str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="--generation-config"):
+        resolve_model(REPO, generation_config=str(tmp_path))
 
 
 def test_inspect_at_a_revision(hub_env):
