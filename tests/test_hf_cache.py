@@ -123,10 +123,11 @@ def test_tokenizer_from_another_source(hub_env, tmp_path):
         resolve_model(REPO, generation_config=str(tmp_path))
 
 
-def test_inspect_at_a_revision(hub_env):
-    out = _cli(hub_env, "inspect", REPO, "--json", "--revision", COMMIT_OLD)
-    assert out.returncode == 0, out.stderr
-    data = json.loads(out.stdout)
+def test_inspect_at_a_revision(hub_env, capsys):
+    from dockyard.cli import main
+
+    assert main(["inspect", REPO, "--json", "--revision", COMMIT_OLD]) == 0
+    data = json.loads(capsys.readouterr().out)
     assert data["spec"]["num_hidden_layers"] == 1 and data["source"]["path"].endswith(COMMIT_OLD)
 
 
