@@ -338,3 +338,13 @@ def test_bench_serve_against_the_server(server, tmp_path):
                "--dataset-path", str(sharegpt), "--num-prompts", "1", "--sharegpt-output-len", "2",
                "--request-rate", "50")
     assert out.returncode == 0 and "Successful requests:" in out.stdout and " 1\n" in out.stdout, out.stdout
+
+
+def test_serve_refuses_bad_log_and_metrics_settings_before_loading(monkeypatch, capsys):
+    from dockyard.cli import main
+
+    assert main(["serve", "--metrics-prefix", "vllm:x", "--port", "0"]) == 2
+    assert "--metrics-prefix 'vllm:x' is not a Prometheus name" in capsys.readouterr().err
+    monkeypatch.setenv("DOCKYARD_LOG_STATS_INTERVAL", "soon")
+    assert main(["serve", "--port", "0"]) == 2
+    assert "DOCKYARD_LOG_STATS_INTERVAL='soon' must be a number of seconds > 0" in capsys.readouterr().err

@@ -558,6 +558,21 @@ def kv_capacity_line(llm: LLM) -> str:
             f"{max_len:,} tokens per request: {tokens / max_len:.2f}x")
 
 
+def _stats_interval() -> float:
+    """Seconds between stats lines: ``DOCKYARD_LOG_STATS_INTERVAL`` or the default."""
+    raw = os.environ.get(LOG_STATS_INTERVAL_ENV)
+    if not raw:
+        return DEFAULT_LOG_STATS_INTERVAL
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise DockyardError(f"{LOG_STATS_INTERVAL_ENV}={raw!r} must be a number of seconds > 0; unset it for the "
+                            f"default of {DEFAULT_LOG_STATS_INTERVAL:g}, or pass --disable-log-stats")
+    return value
+
+
 def _operator_log(name: str, on: bool) -> None:
     """Route logger ``name`` to stderr at INFO when ``on`` (whatever --log-level says), else silence it."""
     log = logging.getLogger(name)
@@ -589,6 +604,8 @@ def serve(args: Any) -> int:
     if not METRICS_PREFIX.match(args.metrics_prefix):
         raise DockyardError(f"--metrics-prefix {args.metrics_prefix!r} is not a Prometheus name; use letters, digits "
                             "and '_', not starting with a digit (e.g. dockyard or vllm)")
+    log_stats = not getattr(args, "disable_log_stats", False)
+    interval = _stats_interval() if log_stats else None  # a bad value is refused before the model loads
     _check_port(args.host, args.port)
     _say(f"loading model {args.model or '(bundled SmolLM2-135M-Instruct)'} ...")
     t0 = time.perf_counter()
@@ -625,14 +642,12 @@ def serve(args: Any) -> int:
     cors = CORSSettings(tuple(args.allowed_origins), tuple(args.allowed_methods), tuple(args.allowed_headers),
                         args.allow_credentials)
     log_requests = bool(getattr(args, "enable_log_requests", False))
-    log_stats = not getattr(args, "disable_log_stats", False)
     for name, on in (("dockyard.requests", log_requests), ("dockyard.stats", log_stats)):
         _operator_log(name, on)
-    interval = float(os.environ.get(LOG_STATS_INTERVAL_ENV) or DEFAULT_LOG_STATS_INTERVAL)
     app = build_app(llm, names, api_key, cors=cors, on_ready=on_ready, on_fatal=on_fatal,
                     listening=lambda: bool(server is not None and server.started),
                     metrics_prefix=args.metrics_prefix, log_requests=log_requests,
-                    log_stats_interval=interval if log_stats else None)
+                    log_stats_interval=interval)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, lifespan="on",
                             timeout_keep_alive=5, access_log=logger.isEnabledFor(logging.INFO))
     server = _make_server(config, app.state.begin_shutdown)
