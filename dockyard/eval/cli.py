@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dockyard.cli_args import add_num_threads_arg
+from dockyard.cli_args import add_hub_args, add_num_threads_arg
 from dockyard.eval.tasks import TASKS, EvalError
 
 
@@ -30,8 +30,10 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                     "accuracy.yaml. With --check FILE: re-run FILE's tasks with its settings and exit 1 when a "
                     f"metric is outside the relative tolerance. Tasks: {', '.join(TASKS)}.",
     )
-    p.add_argument("--model", default=None, help="a directory with config.json (+ safetensors) or a .gguf file; "
-                                                 "default: the bundled SmolLM2-135M-Instruct")
+    p.add_argument("--model", default=None, help="a directory with config.json (+ safetensors), a .gguf file or a "
+                                                 "Hugging Face repo id (from the HF cache); default: the bundled "
+                                                 "SmolLM2-135M-Instruct")
+    add_hub_args(p)
     p.add_argument("--tasks", default=None, help=f"comma-separated: {','.join(TASKS)}")
     p.add_argument("--limit", type=_limit, default=None, metavar="N",
                    help="documents per task (per subject for mmlu; a number < 1 is a fraction): for quick runs")
@@ -88,7 +90,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                  num_fewshot=args.num_fewshot,
                                  apply_chat_template=args.apply_chat_template,
                                  fewshot_as_multiturn=args.fewshot_as_multiturn, batch_size=args.batch_size,
-                                 dtype=args.dtype, device=args.device)
+                                 dtype=args.dtype, device=args.device, revision=args.revision,
+                                 download_dir=args.download_dir)
     run = runner.run_eval(options, verbose=args.verbose)
     print(runner.results_table(run))
     if args.out:

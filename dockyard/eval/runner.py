@@ -43,6 +43,8 @@ class EvalOptions:
     batch_size: int = 64  # sequences the engine runs at once
     dtype: str = "auto"
     device: str = "auto"
+    revision: str | None = None  # of a Hugging Face repo id (dockyard.hub)
+    download_dir: str | None = None  # the HF cache to find it in
 
     def validate(self) -> None:
         self.tasks = parse_task_list(self.tasks)
@@ -214,7 +216,7 @@ def run_eval(options: EvalOptions, llm: Any = None, progress: TextIO | None = sy
 
         t0 = time.perf_counter()
         lm = DockyardLM(options.model, llm=llm, dtype=options.dtype, device=options.device,
-                        batch_size=options.batch_size)
+                        batch_size=options.batch_size, revision=options.revision, download_dir=options.download_dir)
         load_s = time.perf_counter() - t0
         # Record what the engine really runs with (a model handed in keeps its own limit).
         options.batch_size = lm.llm.engine.config.max_num_seqs
@@ -254,6 +256,9 @@ def command_line(options: EvalOptions) -> str:
     args = ["dockyard", "eval"]
     if options.model:
         args += ["--model", str(options.model)]
+    for flag, value in (("--revision", options.revision), ("--download-dir", options.download_dir)):
+        if value:
+            args += [flag, value]
     args += ["--tasks", ",".join(options.tasks)]
     if options.limit is not None:
         args += ["--limit", f"{options.limit:g}"]

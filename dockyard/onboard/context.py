@@ -117,15 +117,11 @@ def check_model_path(model: str | Path | None) -> None:
 def read_raw_model(model: str | Path | None, revision: str | None = None,
                    download_dir: str | Path | None = None) -> RawModel:
     """Locate MODEL the way ``resolve_model`` does, but stop at the raw config dict (a repo id names it)."""
-    from dockyard.model_source import bundled_model_path
+    from dockyard.model_source import locate
     from dockyard.spec import read_config_json
 
-    repo_id = None
-    if model is None:
-        path = bundled_model_path()
-    else:
-        location = locate_model(model, revision, download_dir)
-        path, repo_id = location.path, location.repo_id
+    location = locate(model, revision, download_dir)
+    path, repo_id = location.path, location.repo_id
     if path.is_dir() and not (path / "config.json").exists():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) != 1:
