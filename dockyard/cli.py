@@ -1,4 +1,4 @@
-"""The ``dockyard`` command: generate | inspect | models | serve | onboard | eval.
+"""The ``dockyard`` command: generate | inspect | models | serve | onboard | eval | bench.
 
 Generated text goes to stdout and nothing else does; logs go to stderr. Errors a user can
 cause print one clear line and exit with status 2, never a traceback.
@@ -13,7 +13,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from dockyard.engine_args import EngineArgs, add_vllm_refusals, field_help
+from dockyard.bench import add_bench_parser, cmd_bench
+from dockyard.engine_args import MODEL_SOURCE_FIELDS, EngineArgs, add_vllm_refusals, field_help, model_source_kwargs
 from dockyard.errors import DockyardError
 from dockyard.eval.cli import add_eval_parser, cmd_eval
 from dockyard.onboard.cli import add_onboard_parser, cmd_onboard
@@ -55,13 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="print the model's spec and memory plan")
     ins.add_argument("model", nargs="?", default=None, help=field_help("model"))
     ins.add_argument("--json", action="store_true", help="machine-readable output")
-    EngineArgs.add_cli_args(ins, only=("dtype", "max_num_batched_tokens"))
+    EngineArgs.add_cli_args(ins, only=("dtype", "max_num_batched_tokens", *MODEL_SOURCE_FIELDS))
     ins.add_argument("--device-memory", type=float, default=None, metavar="GiB",
                      help="plan for a GPU of this much memory (default: this machine's device)")
 
     add_serve_parser(sub)
     add_onboard_parser(sub)
     add_eval_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
@@ -73,6 +75,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         min_p=args.min_p, stop=args.stop,
     )
     engine_args = EngineArgs.from_cli_args(args)
+    if sys.stderr.isatty():  # a person is waiting: say what the next seconds go to (the weights get a bar)
+        print(f"dockyard generate: loading {engine_args.model or 'the bundled SmolLM2-135M-Instruct'} ...",
+              file=sys.stderr)
     llm = LLM(engine_args.model, **engine_args.to_kwargs())
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
@@ -89,12 +94,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from dockyard.onboard.config_features import detect_features, nearest_family, unrecognised_keys
     from dockyard.onboard.context import read_raw_model
 
-    config = read_raw_model(args.model).config
+    config = read_raw_model(args.model, args.revision, args.download_dir).config
     features = detect_features(config)
     near = nearest_family(features, str(config.get("model_type") or ""))
     unknown = unrecognised_keys(config)
     try:
-        source = resolve_model(args.model)  # metadata only; an absurd config is refused before the engine is imported
+        # metadata only; an absurd config is refused before the engine is imported
+        source = resolve_model(args.model, **model_source_kwargs(args))
         from dockyard.onboard.machine import detect_machine
         from dockyard.run_plan import RunTarget, plan_for_run
 
@@ -188,7 +194,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "inspect": cmd_inspect, "serve": cmd_serve, "onboard": cmd_onboard,
-            "models": cmd_models, "eval": cmd_eval}
+            "models": cmd_models, "eval": cmd_eval, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -103,8 +103,9 @@ class EngineArgs:
     """Every engine setting; the keyword names of ``LLM`` and the flags of every command."""
 
     model: str | Path | None = field(default=None, metadata=_flag(
-        "a directory with config.json (+ safetensors), a config.json (dummy weights) or a .gguf file; default: "
-        "the bundled SmolLM2-135M-Instruct", MODEL_GROUP))
+        "a directory with config.json (+ safetensors), a config.json (dummy weights), a .gguf file or a Hugging "
+        "Face repo id (from the HF cache, which then names the model); default: the bundled SmolLM2-135M-Instruct",
+        MODEL_GROUP))
     dtype: Any = field(default="auto", metadata=_flag(
         "weights and activations: auto (float32 on CPU, the checkpoint's dtype on a GPU, bfloat16 for a float32 "
         "checkpoint), half / float16, bfloat16, float / float32", MODEL_GROUP, type=_dtype_arg,
@@ -118,6 +119,17 @@ class EngineArgs:
     quantization: str | None = field(default=None, metadata=_flag(
         "fp8: the checkpoint's FP8 weights (block-scaled e4m3, quantization_config quant_method fp8); "
         "the default reads the method from the checkpoint", MODEL_GROUP, flags=("--quantization", "-q")))
+    revision: str | None = field(default=None, metadata=_flag(
+        "of a Hugging Face repo id: the branch, tag or commit to use (default: main)", LOAD_GROUP))
+    download_dir: str | None = field(default=None, metadata=_flag(
+        "the Hugging Face cache to find (or download) repo ids in (default: $HF_HUB_CACHE, else $HF_HOME/hub)",
+        LOAD_GROUP, metavar="DIR"))
+    tokenizer: str | None = field(default=None, metadata=_flag(
+        "take the tokenizer from this path or repo id instead of the model's", MODEL_GROUP))
+    generation_config: str = field(default="auto", metadata=_flag(
+        "request defaults and end-of-sequence ids: auto = the model's generation_config.json; vllm = vLLM's "
+        "defaults (the file's end-of-sequence ids still apply); PATH = a folder holding a generation_config.json",
+        MODEL_GROUP, metavar="auto|vllm|PATH"))
     load_format: str = field(default="auto", metadata=_flag(
         "auto: the checkpoint's weights; dummy: random weights at the true shapes", LOAD_GROUP,
         choices=("auto", "dummy")))
@@ -161,8 +173,8 @@ class EngineArgs:
         "MoE: place whole experts across the tensor-parallel ranks instead of splitting each", PARALLEL_GROUP,
         action="store_true"))
     disable_log_stats: bool = field(default=False, metadata=_flag(
-        "vLLM's switch for the periodic engine-statistics log line; accepted (dockyard logs no periodic statistics "
-        "line yet)", OBSERVABILITY_GROUP, action="store_true"))
+        "no periodic engine-statistics log line (throughput, running/waiting, KV usage, prefix-cache hit rate)",
+        OBSERVABILITY_GROUP, action="store_true"))
     device: str = field(default="auto", metadata=_flag("auto (cuda when present, else cpu) | cpu | cuda",
                                                        RUNTIME_GROUP))
     num_threads: int | None = field(default=None, metadata=_flag(
@@ -237,6 +249,15 @@ class EngineArgs:
     def to_kwargs(self) -> dict[str, Any]:
         """The settings as ``LLM`` keywords (``model`` apart)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
+
+
+# The settings that say where the model, tokenizer and generation defaults come from (dockyard.hub).
+MODEL_SOURCE_FIELDS = ("revision", "download_dir", "tokenizer", "generation_config")
+
+
+def model_source_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``resolve_model``'s keywords from a command line with :data:`MODEL_SOURCE_FIELDS`' flags."""
+    return {name: getattr(args, name) for name in MODEL_SOURCE_FIELDS}
 
 
 def _check_positive(name: str, value: Any) -> None:

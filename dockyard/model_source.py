@@ -2,19 +2,28 @@
 
 MODEL may be: nothing (the bundled SmolLM2-135M-Instruct GGUF), a ``.gguf`` file, a directory
 with ``config.json`` (+ safetensors, FP8 ones dequantized on load or kept FP8 on capable GPUs, else
-dummy weights), or a ``config.json`` file (dummy weights at true shapes).
+dummy weights), a ``config.json`` file (dummy weights at true shapes), or a Hugging Face repo id
+found in (or downloaded into) the HF cache (:mod:`dockyard.hub`), which then names the model.
+The model's ``generation_config.json`` (:mod:`dockyard.generation_config`) adds its end-of-sequence
+ids to the spec's and gives request defaults; ``tokenizer`` names another tokenizer source.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dockyard.errors import DockyardError, ModelNotFoundError, WeightsError
+from tqdm import tqdm
+
+from dockyard.errors import ConfigError, DockyardError, ModelNotFoundError, WeightsError
+from dockyard.generation_config import GenerationDefaults, load_generation_config
+from dockyard.hub import ModelLocation, locate_model
 from dockyard.spec import ModelSpec, read_config_json
 
 if TYPE_CHECKING:  # resolving a model reads metadata only; torch comes with the weights
@@ -41,6 +50,12 @@ def bundled_model_path() -> Path:
     )
 
 
+def locate(model: str | Path | None, revision: str | None = None,
+           download_dir: str | Path | None = None) -> ModelLocation:
+    """MODEL's files: the bundled GGUF for None, else a path or a repo id's snapshot (:func:`hub.locate_model`)."""
+    return ModelLocation(bundled_model_path()) if model is None else locate_model(model, revision, download_dir)
+
+
 @dataclass
 class ModelSource:
     """A resolved model: its spec and where its weights and tokenizer come from."""
@@ -52,6 +67,9 @@ class ModelSource:
     gguf: Any = None  # dockyard.weights.gguf.GGUFFile for kind == "gguf"
     fp8: Any = None  # dockyard.weights.fp8.FP8Config when quantization_config is fp8 (see weights/fp8.py)
     quantization: str | None = None  # quantization_config.quant_method, as the config names it
+    generation: GenerationDefaults = dataclasses.field(default_factory=GenerationDefaults)
+    tokenizer_path: Path | None = None  # a separate tokenizer source (--tokenizer); None: the model's own
+    repo_id: str | None = None  # the Hugging Face repo id MODEL named (then path is its cache snapshot)
 
     @property
     def has_real_weights(self) -> bool:
@@ -59,10 +77,16 @@ class ModelSource:
 
     def iter_weights(self, model: nn.Module, dtype: torch.dtype, seed: int = 0,
                      native_fp8: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Checkpoint tensors for ``model`` (dummy ones at its shapes for kind == 'dummy').
+        """Checkpoint tensors for ``model`` (dummy ones at its shapes for kind == 'dummy'), counted on a
+        progress bar on stderr when it is a terminal.
 
         FP8 checkpoints: the weights named in ``native_fp8`` (checkpoint names, see
         ``weights.fp8.convert_to_fp8_linears``) come as stored with their scale grids; the rest dequantized."""
+        return tqdm(self._tensors(model, dtype, seed, native_fp8), desc=f"loading {self.kind} weights",
+                    unit=" tensors", file=sys.stderr, disable=None, leave=False)
+
+    def _tensors(self, model: nn.Module, dtype: torch.dtype, seed: int,
+                 native_fp8: set[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
         if self.kind == "gguf":
             return self.gguf.iter_tensors(dtype)
         if self.kind == "safetensors":
@@ -83,6 +107,8 @@ class ModelSource:
         """The HF tokenizer for this model (cached conversion for GGUF); None if it ships none."""
         from dockyard.tokenizer import TOKENIZER_FILES, load_tokenizer
 
+        if self.tokenizer_path is not None:
+            return load_tokenizer(self.tokenizer_path)
         if self.gguf is not None:
             return load_tokenizer(self.path.parent, gguf_file=self.path.resolve())  # absolute: not joined again
         if not any((self.path / f).exists() for f in TOKENIZER_FILES):
@@ -92,16 +118,36 @@ class ModelSource:
         return load_tokenizer(self.path)
 
 
-def resolve_model(model: str | Path | None = None, load_format: str = "auto") -> ModelSource:
-    """Turn a MODEL argument into a :class:`ModelSource`, or a DockyardError saying what is wrong."""
+def resolve_model(model: str | Path | None = None, load_format: str = "auto", *, revision: str | None = None,
+                  download_dir: str | Path | None = None, tokenizer: str | Path | None = None,
+                  generation_config: str = "auto") -> ModelSource:
+    """Turn a MODEL argument into a :class:`ModelSource`, or a DockyardError saying what is wrong.
+
+    ``revision`` / ``download_dir``: of a repo id (:func:`dockyard.hub.locate_model`); ``tokenizer``: a
+    path or repo id to take the tokenizer from; ``generation_config``: auto | vllm | a folder
+    (:mod:`dockyard.generation_config`)."""
+    source = _resolve(model, load_format, revision, download_dir)
+    if tokenizer is not None:
+        source.tokenizer_path = locate_model(tokenizer, download_dir=download_dir).path
+    has_config_dir = source.gguf is None and (source.path / "config.json").is_file()
+    generation = load_generation_config(generation_config, source.path if has_config_dir else None)
+    extra = [t for t in generation.eos_token_ids if t not in source.spec.eos_token_ids]
+    bad = [t for t in extra if t >= source.spec.vocab_size]
+    if bad:
+        raise ConfigError(f"{generation.source}: eos_token_id {bad} outside the vocabulary [0, "
+                          f"{source.spec.vocab_size}); fix the file or pass --generation-config vllm")
+    if extra:
+        source.spec = dataclasses.replace(source.spec, eos_token_ids=(*source.spec.eos_token_ids, *extra))
+    source.generation = generation
+    return source
+
+
+def _resolve(model: str | Path | None, load_format: str, revision: str | None,
+             download_dir: str | Path | None) -> ModelSource:
     if load_format not in LOAD_FORMATS:
         raise DockyardError(f"load_format={load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
-    path = bundled_model_path() if model is None else Path(model).expanduser()
-    if not path.exists():
-        raise ModelNotFoundError(
-            f"model path not found: {path}; give a directory with config.json, a config.json "
-            "file or a .gguf file"
-        )
+    location = locate(model, revision, download_dir)
+    path, repo_id = location.path, location.repo_id
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists():
@@ -116,15 +162,17 @@ def resolve_model(model: str | Path | None = None, load_format: str = "auto") ->
         from dockyard.weights.gguf import GGUFFile
 
         gguf = GGUFFile(path)
-        spec = ModelSpec.from_hf_config(gguf.hf_config(), name=path.stem)
+        name = repo_id or path.stem
+        spec = ModelSpec.from_hf_config(gguf.hf_config(), name=name)
         kind = "dummy" if load_format == "dummy" else "gguf"
-        return ModelSource(name=path.stem, spec=spec, kind=kind, path=path, gguf=gguf)
+        return ModelSource(name=name, spec=spec, kind=kind, path=path, gguf=gguf, repo_id=repo_id)
     if path.is_file():
         config_file, model_dir = path, path.parent
     else:
         config_file, model_dir = path / "config.json", path
     config = read_config_json(config_file)
-    name = model_dir.resolve().name if config_file.name == "config.json" else config_file.stem
+    # A cache snapshot is named by its repo id, never by the commit hash of its folder.
+    name = repo_id or (model_dir.resolve().name if config_file.name == "config.json" else config_file.stem)
     spec = ModelSpec.from_hf_config(config, name=name)
     kind, fp8 = "dummy", None
     quant = config.get("quantization_config")
@@ -152,4 +200,5 @@ def resolve_model(model: str | Path | None = None, load_format: str = "auto") ->
                 raise
             # Dummy weights do not read the checkpoint's scales: the FP8 settings only matter to the plan.
             logger.info("quantization_config is fp8 with settings the loader refuses; dummy weights ignore it")
-    return ModelSource(name=name, spec=spec, kind=kind, path=model_dir, fp8=fp8, quantization=method)
+    return ModelSource(name=name, spec=spec, kind=kind, path=model_dir, fp8=fp8, quantization=method,
+                       repo_id=repo_id)

@@ -180,7 +180,11 @@ class LLM:
         self.engine_args = args
         self._workers: Any = None
         tensor_parallel_size = args.tensor_parallel_size
-        self.source: ModelSource = resolve_model(model, args.load_format)
+        self.source: ModelSource = resolve_model(model, args.load_format, revision=args.revision,
+                                                 download_dir=args.download_dir, tokenizer=args.tokenizer,
+                                                 generation_config=args.generation_config)
+        if self.source.generation.sampling:
+            logger.info("%s", self.source.generation.describe())
         spec = self.source.spec
         args.check_quantization(self.source.quantization, self.source.name)
         max_model_len = args.max_model_len
@@ -211,8 +215,9 @@ class LLM:
         )
         if not args.skip_memory_check:  # before any worker starts or any weight is allocated
             check_memory_fits(spec, self.dtype, self.device, config, tensor_parallel_size)
-        if tensor_parallel_size > 1:
-            self._start_parallel(model, args.load_format, args.dtype, args.seed, args.enable_expert_parallel)
+        if tensor_parallel_size > 1:  # the workers load the snapshot found here, whatever the revision
+            worker_model = self.source.path if self.source.repo_id else model
+            self._start_parallel(worker_model, args.load_format, args.dtype, args.seed, args.enable_expert_parallel)
         try:
             self._build(config, args.seed, args.enable_expert_parallel, t0)
         except BaseException:
@@ -315,6 +320,10 @@ class LLM:
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         return layers[0].num_kv_heads if layers else self.spec.kv_cache_layout[1]
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's name: ``SamplingParams()`` with the generation config's defaults (``generation_config``)."""
+        return SamplingParams(**self.source.generation.sampling)
+
     # ---- tokenization ----
     def get_tokenizer(self) -> Any:
         if self.tokenizer is None:
@@ -364,7 +373,7 @@ class LLM:
     def _run(self, encoded: list[tuple[str | None, list[int]]],
              sampling_params: SamplingParams | list[SamplingParams] | None, use_tqdm: bool) -> list[RequestOutput]:
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(encoded)
         if len(params) != len(encoded):
             raise InvalidRequestError(

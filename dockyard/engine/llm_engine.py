@@ -38,7 +38,7 @@ import torch
 
 from dockyard.engine.block_manager import BlockManager
 from dockyard.engine.detokenizer import IncrementalDetokenizer, find_stop_string
-from dockyard.engine.metrics import EngineMetrics
+from dockyard.engine.metrics import EngineMetrics, RequestTiming
 from dockyard.engine.model_runner import FailedSeqs, ModelRunner, corrupts_engine
 from dockyard.engine.outputs import CompletionOutput, RequestOutput
 from dockyard.engine.sampler import SamplerOutput, make_generator
@@ -159,6 +159,7 @@ class LLMEngine:
             self.scheduler.add(seq)
         self.requests[request_id] = _Request(request_id, prompt, list(prompt_token_ids), seqs)
         self.metrics.requests_added += 1
+        self.metrics.prompt_tokens += n_prompt
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks."""
@@ -169,7 +170,7 @@ class LLMEngine:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
-                self.metrics.requests_finished["abort"] += 1
+        self._observe_finished(req, "abort")
 
     def _fail_request(self, request_id: str, exc: Exception, touched: dict[str, _Request]) -> None:
         """Finish every unfinished sample of a request with "error" (blocks freed) and report it."""
@@ -195,8 +196,8 @@ class LLMEngine:
         """A snapshot of queue lengths, KV-cache use and the cumulative counters."""
         bm, m = self.block_manager, self.metrics
         return {
-            "num_requests_running": len(self.scheduler.running),
-            "num_requests_waiting": len(self.scheduler.waiting),
+            "num_requests_running": len({seq.request_id for seq in list(self.scheduler.running)}),  # requests
+            "num_requests_waiting": len({seq.request_id for seq in list(self.scheduler.waiting)}),
             "kv_blocks_total": bm.num_blocks,
             "kv_blocks_used": bm.num_used_blocks,
             "kv_blocks_free": bm.num_free_blocks,
@@ -229,6 +230,11 @@ class LLMEngine:
                 self._update_from_output([], self._take_in_flight(), touched, report_unfinished)
             return ended + self._outputs(touched.values())
         self.metrics.steps += 1
+        self.metrics.iteration_tokens.observe(sum(item.num_new_tokens for item in batch))
+        now = time.monotonic()
+        for item in batch:
+            if item.seq.first_scheduled_time is None:
+                item.seq.first_scheduled_time = now
         previous = self._take_in_flight()
         sampled, out, prompt_out, failed = self.runner.execute(batch, previous.tokens if previous else None)
         if failed:
@@ -355,10 +361,18 @@ class LLMEngine:
                 output = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [], True, {}, error=exc)
             if output.finished:
                 del self.requests[req.request_id]
-                for s in req.seqs:
-                    self.metrics.requests_finished[s.finish_reason or "stop"] += 1
+                reasons = [s.finish_reason or "stop" for s in req.seqs]
+                # One reason per request: an error or a length cut of any sample wins over "stop".
+                self._observe_finished(req, next((r for r in ("error", "length") if r in reasons), reasons[0]))
             outputs.append(output)
         return outputs
+
+    def _observe_finished(self, req: _Request, reason: str) -> None:
+        params = req.seqs[0].params
+        timings = [RequestTiming(s.arrival_time, s.first_scheduled_time, s.first_token_time, s.last_token_time,
+                                 len(s.output_token_ids)) for s in req.seqs]
+        self.metrics.observe_request(reason, timings, len(req.prompt_token_ids), params.n, params.max_tokens,
+                                     time.monotonic())
 
     def _report_ended(self, seqs: list[Sequence]) -> list[RequestOutput]:
         """The outputs of the requests of ``seqs``, which the scheduler ended while scheduling."""

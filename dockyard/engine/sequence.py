@@ -50,6 +50,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
     # Async scheduling (counted by scheduler.AsyncScheduler): tokens sampled by steps still in flight (not

@@ -64,7 +64,8 @@ class DockyardLM(TemplateLM):
                  device: str = "auto", batch_size: int | str | None = 64, max_batch_size: int | None = None,
                  max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool | None = None,
                  prefix_token_id: int | None = None, show_progress: bool | None = None,
-                 progress_label: str = "", engine: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 progress_label: str = "", engine: dict[str, Any] | None = None, revision: str | None = None,
+                 download_dir: str | None = None, **kwargs: Any) -> None:
         super().__init__()
         if kwargs:
             logger.info("DockyardLM ignores model args %s", sorted(kwargs))
@@ -72,7 +73,9 @@ class DockyardLM(TemplateLM):
         if llm is None:
             from dockyard import LLM
 
-            llm = LLM(pretrained, **{**(engine or {}), "dtype": dtype, "device": device, "max_num_seqs": seqs})
+            source = {name: value for name, value in (("revision", revision), ("download_dir", download_dir)) if value}
+            llm = LLM(pretrained,
+                      **{**(engine or {}), **source, "dtype": dtype, "device": device, "max_num_seqs": seqs})
         self.llm = llm
         self.tokenizer = llm.get_tokenizer()
         self.batch_size_per_chunk = max(4 * seqs, 256)  # requests per LLM.generate call

@@ -256,6 +256,10 @@ def command_line(options: EvalOptions) -> str:
     args = ["dockyard", "eval"]
     if options.model:
         args += ["--model", str(options.model)]
+    for flag, value in (("--revision", options.engine.get("revision")),
+                        ("--download-dir", options.engine.get("download_dir"))):
+        if value:
+            args += [flag, value]
     args += ["--tasks", ",".join(options.tasks)]
     if options.limit is not None:
         args += ["--limit", f"{options.limit:g}"]

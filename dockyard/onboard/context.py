@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from dockyard.errors import DockyardError, ModelNotFoundError
+from dockyard.hub import locate_model
 
 if TYPE_CHECKING:
     from dockyard.onboard.machine import Machine
@@ -105,20 +108,20 @@ class RawModel:
 
 
 def check_model_path(model: str | Path | None) -> None:
-    """Raise ModelNotFoundError when MODEL names a path that does not exist (checked before anything heavy
-    is imported or any report folder is made; None is the bundled model)."""
-    if model is not None and not Path(model).expanduser().exists():
-        raise ModelNotFoundError(f"model path not found: {Path(model).expanduser()}; give a directory with "
-                                 "config.json, a config.json file or a .gguf file")
+    """Raise ModelNotFoundError when MODEL names neither an existing path nor a repo id in the HF cache
+    (checked before anything heavy is imported or any report folder is made; None is the bundled model)."""
+    if model is not None:
+        locate_model(model)
 
 
-def read_raw_model(model: str | Path | None) -> RawModel:
-    """Locate MODEL the way ``resolve_model`` does, but stop at the raw config dict."""
-    from dockyard.model_source import bundled_model_path
+def read_raw_model(model: str | Path | None, revision: str | None = None,
+                   download_dir: str | Path | None = None) -> RawModel:
+    """Locate MODEL the way ``resolve_model`` does, but stop at the raw config dict (a repo id names it)."""
+    from dockyard.model_source import locate
     from dockyard.spec import read_config_json
 
-    check_model_path(model)
-    path = bundled_model_path() if model is None else Path(model).expanduser()
+    location = locate(model, revision, download_dir)
+    path, repo_id = location.path, location.repo_id
     if path.is_dir() and not (path / "config.json").exists():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) != 1:
@@ -128,10 +131,10 @@ def read_raw_model(model: str | Path | None) -> RawModel:
     if path.is_file() and path.suffix == ".gguf":
         from dockyard.weights.gguf import GGUFFile
 
-        return RawModel(path.stem, path, "gguf", GGUFFile(path).hf_config())
+        return RawModel(repo_id or path.stem, path, "gguf", GGUFFile(path).hf_config())
     if path.is_file():
-        return RawModel(path.resolve().parent.name, path, "config", read_config_json(path))
-    return RawModel(path.resolve().name, path, "dir", read_config_json(path / "config.json"))
+        return RawModel(repo_id or path.resolve().parent.name, path, "config", read_config_json(path))
+    return RawModel(repo_id or path.resolve().name, path, "dir", read_config_json(path / "config.json"))
 
 
 @dataclass
@@ -155,6 +158,21 @@ class GateContext:
     feature_matrix: list[dict[str, Any]] = field(default_factory=list)
     capacity: dict[str, Any] | None = None
     accuracy: dict[str, Any] | None = None  # the accuracy run the real gate made (onboard/accuracy.py)
+    progress: TextIO | None = None  # the terminal's stream, for the running gate's sub-steps
+    gate_label: str = ""  # "[5/8] real" while a gate runs
+    gate_started: float = 0.0  # time.perf_counter() when it started
+
+    def step(self, what: str) -> None:
+        """Show the running gate's current sub-step and the time since the gate started on the terminal (a
+        line of its own where the terminal cannot overwrite one), and record it in the gate's log."""
+        elapsed = time.perf_counter() - self.gate_started
+        print(f"# step at {elapsed:.1f}s: {what}", file=sys.stderr, flush=True)  # stderr is the gate's log here
+        if self.progress is None:
+            return
+        line = f"{self.gate_label} … {what} ({elapsed:.0f}s)"
+        # A terminal overwrites the line in place (carriage return, clear to end of line).
+        self.progress.write(f"\r\033[K{line}" if self.progress.isatty() else line + "\n")
+        self.progress.flush()
 
     @property
     def spec(self) -> Any:

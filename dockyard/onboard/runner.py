@@ -143,7 +143,7 @@ def run_onboard(options: OnboardOptions, progress: TextIO | None = None) -> Onbo
     machine = detect_machine(options.device, options.device_memory_gib)
     out_dir = Path(options.out) if options.out is not None else default_out_dir(options.model)
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
-    ctx = GateContext(options=options, machine=machine, out_dir=out_dir)
+    ctx = GateContext(options=options, machine=machine, out_dir=out_dir, progress=progress)
     results = [GateResult(name, "pending", "not reached yet", {}, 0.0, None, False) for name, _, _ in GATES]
     stopped_by: GateResult | None = None
     started = time.time()
@@ -159,10 +159,11 @@ def run_onboard(options: OnboardOptions, progress: TextIO | None = None) -> Onbo
                                         {}, 0.0, str(out_dir / "logs" / f"{index:02d}-{name}.log"), False)
         write_progress(ctx, build_report(ctx, results, started))
         _say(progress, f"{prefix} running…", end="")
+        ctx.gate_label, ctx.gate_started = prefix.rstrip(), time.perf_counter()
         result = _run_gate(index, name, gate, ctx)
         results[index - 1] = result
         write_progress(ctx, build_report(ctx, results, started))
-        back = "\r" if progress is not None and progress.isatty() else ""
+        back = "\r\033[K" if progress is not None and progress.isatty() else ""
         _say(progress, f"{back}{prefix} {result.status:<5} {result.duration_s:6.1f}s  {_clip(result.summary, 80)}")
         if result.status == "fail" and result.hard:
             stopped_by = result

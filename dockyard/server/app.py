@@ -27,6 +27,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -56,7 +57,7 @@ from dockyard.server.errors import (
     RequestTooLarge,
     from_validation_error,
 )
-from dockyard.server.metrics import ServerStats, render_metrics
+from dockyard.server.metrics import DEFAULT_PREFIX, ServerStats, make_registry, render_metrics
 from dockyard.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -74,6 +75,7 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 # Testing hook: the warm-up waits until this file exists, so "503 before ready" can be observed for sure.
 WARMUP_GATE_ENV = "DOCKYARD_WARMUP_WAIT_FOR"
 API_KEY_ENV = "DOCKYARD_API_KEY"
+METRICS_PREFIX = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _say(message: str) -> None:
@@ -192,13 +194,16 @@ def build_app(llm: LLM, served_model_name: str | Sequence[str] | None = None, ap
               max_body_bytes: int = MAX_BODY_BYTES, warm_up: bool = True, cors: CORSSettings = CORSSettings(),
               on_ready: Callable[[float], None] | None = None,
               on_fatal: Callable[[str], None] | None = None,
-              listening: Callable[[], bool] | None = None) -> FastAPI:
+              listening: Callable[[], bool] | None = None, metrics_prefix: str = DEFAULT_PREFIX,
+              log_requests: bool = False, log_stats_interval: float | None = None) -> FastAPI:
     """The FastAPI app serving ``llm`` under ``served_model_name`` (default: the model's name).
 
     ``warm_up``: run one chat (or completion) request through the app before /health says ready.
     ``on_ready(seconds)`` is called once ready; ``on_fatal(reason)`` if the warm-up fails;
     ``listening()`` says whether the socket is bound (readiness waits for it when given). ``on_fatal``
-    is also called if the engine dies while serving.
+    is also called if the engine dies while serving. ``metrics_prefix`` names the ``/metrics`` families
+    (``vllm`` for vLLM's names); ``log_requests`` logs each request on ``dockyard.requests``;
+    ``log_stats_interval`` (seconds; None: off) logs a stats line on ``dockyard.stats`` that often.
     """
     if isinstance(served_model_name, str):
         names = [served_model_name]
@@ -210,7 +215,8 @@ def build_app(llm: LLM, served_model_name: str | Sequence[str] | None = None, ap
 
     async_llm = AsyncLLM(llm.engine, on_dead=engine_died)
     stats = ServerStats()
-    serving = OpenAIServing(llm, async_llm, names, stats)
+    registry = make_registry(llm.engine, stats, names[0], metrics_prefix)
+    serving = OpenAIServing(llm, async_llm, names, stats, log_requests=log_requests)
     state = ServerState()
     warmup_task: asyncio.Task | None = None
 
@@ -226,6 +232,8 @@ def build_app(llm: LLM, served_model_name: str | Sequence[str] | None = None, ap
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal warmup_task
         async_llm.start()
+        stats_task = (asyncio.create_task(_log_stats(llm, log_stats_interval))
+                      if log_stats_interval is not None else None)
         if warm_up:
             warmup_task = asyncio.create_task(_warm_up(app, llm, serving, state, api_key, on_ready, on_fatal,
                                                        listening))
@@ -234,6 +242,8 @@ def build_app(llm: LLM, served_model_name: str | Sequence[str] | None = None, ap
         try:
             yield
         finally:
+            if stats_task is not None:
+                stats_task.cancel()
             await begin_shutdown()
 
     app = FastAPI(title="dockyard", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
@@ -293,8 +303,7 @@ def build_app(llm: LLM, served_model_name: str | Sequence[str] | None = None, ap
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        text = render_metrics(llm.engine, stats, names[0])
-        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(render_metrics(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def card(name: str) -> ModelCard:
         # root is the model's name, never its file-system path (which would tell clients about the host).
@@ -384,6 +393,39 @@ def _disconnect_waiter(request: Request) -> Callable[[], Awaitable[None]]:
             await asyncio.sleep(0.1)  # a stray non-disconnect message: do not spin
 
     return wait
+
+
+# ---------------------------------------------------------------- periodic stats
+stats_logger = logging.getLogger("dockyard.stats")
+LOG_STATS_INTERVAL_ENV = "DOCKYARD_LOG_STATS_INTERVAL"  # seconds between stats lines (vLLM: VLLM_LOG_STATS_INTERVAL)
+DEFAULT_LOG_STATS_INTERVAL = 10.0
+
+
+def stats_line(previous: dict[str, float], current: dict[str, float], seconds: float) -> str:
+    """vLLM's periodic line: throughputs over the interval, queue lengths, KV-cache use, prefix-cache hit rate."""
+    def rate(key: str) -> float:
+        return (current[key] - previous[key]) / seconds if seconds > 0 else 0.0
+
+    queries = current["prefix_cache_queries"] - previous["prefix_cache_queries"]
+    hits = current["prefix_cache_hits"] - previous["prefix_cache_hits"]
+    hit_rate = 100 * hits / queries if queries else 0.0
+    return (f"Avg prompt throughput: {rate('prompt_tokens_computed'):.1f} tokens/s, Avg generation throughput: "
+            f"{rate('generation_tokens'):.1f} tokens/s, Running: {current['num_requests_running']:.0f} reqs, "
+            f"Waiting: {current['num_requests_waiting']:.0f} reqs, KV cache usage: "
+            f"{100 * current['kv_cache_usage']:.1f}%, Prefix cache hit rate: {hit_rate:.1f}%")
+
+
+async def _log_stats(llm: LLM, interval: float) -> None:
+    """Every ``interval`` seconds, the stats line; skipped while idle (nothing ran in this interval or the last)."""
+    previous, t_prev, was_busy = llm.engine.stats(), time.monotonic(), False
+    while True:
+        await asyncio.sleep(interval)
+        current, now = llm.engine.stats(), time.monotonic()
+        busy = (current["steps"] != previous["steps"] or current["num_requests_running"] > 0
+                or current["num_requests_waiting"] > 0)
+        if busy or was_busy:
+            stats_logger.info("%s", stats_line(previous, current, now - t_prev))
+        previous, t_prev, was_busy = current, now, busy
 
 
 # ---------------------------------------------------------------- warm-up
@@ -538,6 +580,43 @@ def _check_port(host: str, port: int) -> None:
                                 "pick another --port or --host") from None
 
 
+def kv_capacity_line(llm: LLM) -> str:
+    """The KV cache's size in tokens and how many requests of the maximum length it holds at once (vLLM's
+    "maximum concurrency")."""
+    bm = llm.engine.block_manager
+    tokens = bm.num_blocks * bm.block_size
+    max_len = llm.engine.max_model_len
+    return (f"KV cache: {tokens:,} tokens ({bm.num_blocks} blocks of {bm.block_size}); maximum concurrency for "
+            f"{max_len:,} tokens per request: {tokens / max_len:.2f}x")
+
+
+def _stats_interval() -> float:
+    """Seconds between stats lines: ``DOCKYARD_LOG_STATS_INTERVAL`` or the default."""
+    raw = os.environ.get(LOG_STATS_INTERVAL_ENV)
+    if not raw:
+        return DEFAULT_LOG_STATS_INTERVAL
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise DockyardError(f"{LOG_STATS_INTERVAL_ENV}={raw!r} must be a number of seconds > 0; unset it for the "
+                            f"default of {DEFAULT_LOG_STATS_INTERVAL:g}, or pass --disable-log-stats")
+    return value
+
+
+def _operator_log(name: str, on: bool) -> None:
+    """Route logger ``name`` to stderr at INFO when ``on`` (whatever --log-level says), else silence it."""
+    log = logging.getLogger(name)
+    log.propagate = False
+    log.handlers.clear()
+    if on:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO if on else logging.CRITICAL + 1)
+
+
 def serve(args: Any) -> int:
     """Load the model, warm up, and serve until SIGINT/SIGTERM. Returns the exit status."""
     import uvicorn
@@ -555,6 +634,11 @@ def serve(args: Any) -> int:
                             expert_parallel=engine_args.enable_expert_parallel)
         return 0
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if not METRICS_PREFIX.match(args.metrics_prefix):
+        raise DockyardError(f"--metrics-prefix {args.metrics_prefix!r} is not a Prometheus name; use letters, digits "
+                            "and '_', not starting with a digit (e.g. dockyard or vllm)")
+    log_stats = not engine_args.disable_log_stats
+    interval = _stats_interval() if log_stats else None  # a bad value is refused before the model loads
     _check_port(args.host, args.port)
     _say(f"loading model {engine_args.model or '(bundled SmolLM2-135M-Instruct)'} ...")
     t0 = time.perf_counter()
@@ -564,6 +648,9 @@ def serve(args: Any) -> int:
     load_s = time.perf_counter() - t0
     _say(_engine_summary(llm))
     names = args.served_model_name or [llm.source.name]
+    _say(kv_capacity_line(llm))
+    if llm.source.generation.source != "none":
+        _say(llm.source.generation.describe())
     fatal: list[str] = []
     server: Any = None
 
@@ -585,8 +672,13 @@ def serve(args: Any) -> int:
 
     cors = CORSSettings(tuple(args.allowed_origins), tuple(args.allowed_methods), tuple(args.allowed_headers),
                         args.allow_credentials)
+    log_requests = bool(getattr(args, "enable_log_requests", False))
+    for name, on in (("dockyard.requests", log_requests), ("dockyard.stats", log_stats)):
+        _operator_log(name, on)
     app = build_app(llm, names, api_key, cors=cors, on_ready=on_ready, on_fatal=on_fatal,
-                    listening=lambda: bool(server is not None and server.started))
+                    listening=lambda: bool(server is not None and server.started),
+                    metrics_prefix=args.metrics_prefix, log_requests=log_requests,
+                    log_stats_interval=interval)
     uvicorn_level = (uvicorn.config.LOG_LEVELS[args.uvicorn_log_level] if args.uvicorn_log_level
                      else logger.getEffectiveLevel())
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, lifespan="on",

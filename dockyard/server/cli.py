@@ -49,6 +49,14 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                        help="CORS: request headers allowed to the allowed origins (default: *)")
     front.add_argument("--allow-credentials", action="store_true",
                        help="CORS: let the allowed origins' pages send credentials (cookies)")
+    front.add_argument("--metrics-prefix", default="dockyard",
+                       help="prefix of the /metrics names (default dockyard; vllm gives vLLM's names, vllm:..., for "
+                            "its dashboards)")
+    logs = front.add_mutually_exclusive_group()
+    logs.add_argument("--enable-log-requests", action="store_true",
+                      help="log each request's prompt and sampling parameters on stderr")
+    logs.add_argument("--disable-log-requests", action="store_true",
+                      help="do not log requests (the default; accepted for vLLM's command lines)")
     EngineArgs.add_cli_args(p)
     add_vllm_refusals(p)
     return p

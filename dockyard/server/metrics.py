@@ -1,105 +1,145 @@
-"""``GET /metrics``: the engine's and the server's counters in Prometheus text format.
+"""``GET /metrics``: vLLM's Prometheus metric set, by ``prometheus_client``, under a chosen prefix.
 
-Names are prefixed ``dockyard:`` the way vLLM prefixes ``vllm:``, and mostly match vLLM's, so
-dashboards port by changing the prefix. Request counters count *samples*: a request with ``n=2``
-finishes two. Written by hand (the format is a few lines of text) to need no extra package.
+The names after the prefix are vLLM v1's (``num_requests_running``, ``kv_cache_usage_perc``,
+``prefix_cache_queries_total``, ``request_success_total{finished_reason}``, ``time_to_first_token_seconds``,
+``request_queue_time_seconds``, ``iteration_tokens_total``, ...), with its ``model_name`` and ``engine``
+labels, so ``--metrics-prefix vllm`` gives vLLM's own names (``vllm:...``) to its Grafana dashboards,
+autoscalers and routers; the default prefix is ``dockyard``. Requests are counted as requests: one
+with ``n=2`` is one running request and one success. A few names are dockyard's own (KV blocks
+used/free/total, engine steps, HTTP requests by endpoint, prompt tokens actually computed).
+
+Each server has its own :class:`CollectorRegistry`: a collector that reads the engine's counters
+(:class:`~dockyard.engine.metrics.EngineMetrics`, the one place they are kept) when scraped, plus
+``prometheus_client``'s process, platform and garbage-collector metrics.
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
 from dockyard.engine.llm_engine import LLMEngine
-from dockyard.engine.metrics import E2E_BUCKETS, Histogram
+from dockyard.engine.metrics import Histogram
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
-PREFIX = "dockyard:"
+DEFAULT_PREFIX = "dockyard"
+LABELS = ("model_name", "engine")
+# name after the prefix -> (what it measures, the EngineMetrics histogram it reads)
+_HISTOGRAMS = {
+    "time_to_first_token_seconds": ("Histogram of time to first token in seconds.", "ttft_histogram"),
+    "inter_token_latency_seconds": ("Histogram of inter-token latency in seconds.", "itl_histogram"),
+    "request_time_per_output_token_seconds": ("Histogram of time_per_output_token_seconds per request.",
+                                              "request_time_per_output_token"),
+    "iteration_tokens_total": ("Histogram of number of tokens per engine_step.", "iteration_tokens"),
+    "request_prompt_tokens": ("Number of prefill tokens processed.", "request_prompt_tokens"),
+    "request_generation_tokens": ("Number of generation tokens processed.", "request_generation_tokens"),
+    "request_params_n": ("Histogram of the n request parameter.", "request_n"),
+    "request_params_max_tokens": ("Histogram of the max_tokens request parameter.", "request_max_tokens"),
+}
+_PHASES = {
+    "e2e_request_latency_seconds": ("Histogram of e2e request latency in seconds.", "e2e"),
+    "request_queue_time_seconds": ("Histogram of time spent in WAITING phase for request.", "queue"),
+    "request_prefill_time_seconds": ("Histogram of time spent in PREFILL phase for request.", "prefill"),
+    "request_decode_time_seconds": ("Histogram of time spent in DECODE phase for request.", "decode"),
+    "request_inference_time_seconds": ("Histogram of time spent in RUNNING phase for request.", "inference"),
+}
 
 
 @dataclass
 class ServerStats:
     """What the HTTP layer counts beside the engine."""
 
-    prompt_tokens: int = 0  # prompt tokens of every accepted request (cache hits included)
     requests_received: Counter[str] = field(default_factory=Counter)  # by endpoint
-    e2e_latency: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS))
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(float(value))
 
 
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value)) if isinstance(value, float) else str(value)
+class EngineCollector(Collector):
+    """The engine's and the server's counters as Prometheus metric families, read at scrape time."""
+
+    def __init__(self, engine: LLMEngine, server: ServerStats, model_name: str, prefix: str) -> None:
+        self.engine = engine
+        self.server = server
+        self.values = [model_name, "0"]
+        self.prefix = prefix + ":"
+
+    def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
+        g = GaugeMetricFamily(self.prefix + name, doc, labels=LABELS)
+        g.add_metric(self.values, value)
+        return g
+
+    def _counter(self, name: str, doc: str, value: float) -> CounterMetricFamily:
+        c = CounterMetricFamily(self.prefix + name, doc, labels=LABELS)
+        c.add_metric(self.values, value)
+        return c
+
+    def _histogram(self, name: str, doc: str, hist: Histogram) -> HistogramMetricFamily:
+        h = HistogramMetricFamily(self.prefix + name, doc, labels=LABELS)
+        h.add_metric(self.values, [(_bound(b), n) for b, n in hist.cumulative()], sum_value=hist.sum)
+        return h
+
+    def collect(self) -> Iterator[Metric]:
+        stats, m = self.engine.stats(), self.engine.metrics
+        yield self._gauge("num_requests_running", "Number of requests in model execution batches.",
+                          stats["num_requests_running"])
+        yield self._gauge("num_requests_waiting", "Number of requests waiting to be processed.",
+                          stats["num_requests_waiting"])
+        yield self._gauge("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", stats["kv_cache_usage"])
+        yield self._counter("prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+                            stats["prefix_cache_queries"])
+        yield self._counter("prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+                            stats["prefix_cache_hits"])
+        yield self._counter("num_preemptions", "Cumulative number of preemption from the engine.",
+                            stats["num_preemptions"])
+        yield self._counter("prompt_tokens", "Number of prefill tokens processed.", m.prompt_tokens)
+        yield self._counter("generation_tokens", "Number of generation tokens processed.", stats["generation_tokens"])
+        success = CounterMetricFamily(self.prefix + "request_success", "Count of successfully processed requests.",
+                                      labels=(*LABELS, "finished_reason"))
+        for reason in FINISH_REASONS:
+            success.add_metric([*self.values, reason], m.requests_finished.get(reason, 0))
+        yield success
+        for name, (doc, attr) in _HISTOGRAMS.items():
+            yield self._histogram(name, doc, getattr(m, attr))
+        for name, (doc, phase) in _PHASES.items():
+            yield self._histogram(name, doc, m.request_phases[phase])
+        info = GaugeMetricFamily(self.prefix + "cache_config_info", "Information of the LLMEngine CacheConfig.",
+                                 labels=("block_size", "num_gpu_blocks", "enable_prefix_caching"))
+        cfg = self.engine.config
+        info.add_metric([str(cfg.block_size), str(stats["kv_blocks_total"]), str(cfg.enable_prefix_caching)], 1)
+        yield info
+        # dockyard's own
+        yield self._gauge("kv_cache_blocks_used", "KV-cache blocks held by requests.", stats["kv_blocks_used"])
+        yield self._gauge("kv_cache_blocks_free", "KV-cache blocks free (possibly holding reusable prefix-cache "
+                                                  "content).", stats["kv_blocks_free"])
+        yield self._gauge("kv_cache_blocks_total", "KV-cache blocks in the pool.", stats["kv_blocks_total"])
+        yield self._counter("prompt_tokens_computed", "Prompt tokens run through the model (prefix-cache hits "
+                                                      "excluded).", stats["prompt_tokens_computed"])
+        yield self._counter("engine_steps", "Engine steps run.", stats["steps"])
+        received = CounterMetricFamily(self.prefix + "http_requests_received", "Generation requests received, by "
+                                       "endpoint.", labels=(*LABELS, "endpoint"))
+        for endpoint, n in sorted(self.server.requests_received.items()):
+            received.add_metric([*self.values, endpoint], n)
+        yield received
 
 
-class _Writer:
-    def __init__(self, model_name: str) -> None:
-        self.base = {"model_name": model_name}
-        self.lines: list[str] = []
-
-    def _labels(self, extra: dict[str, str] | None = None) -> str:
-        labels = {**self.base, **(extra or {})}
-        return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
-
-    def metric(self, name: str, kind: str, help_text: str, samples: list[tuple[dict[str, str] | None, float]]) -> None:
-        full = PREFIX + name
-        self.lines.append(f"# HELP {full} {help_text}")
-        self.lines.append(f"# TYPE {full} {kind}")
-        for labels, value in samples:
-            self.lines.append(f"{full}{self._labels(labels)} {_number(value)}")
-
-    def gauge(self, name: str, help_text: str, value: float) -> None:
-        self.metric(name, "gauge", help_text, [(None, value)])
-
-    def counter(self, name: str, help_text: str, value: float) -> None:
-        self.metric(name, "counter", help_text, [(None, value)])
-
-    def histogram(self, name: str, help_text: str, hist: Histogram) -> None:
-        full = PREFIX + name
-        self.lines.append(f"# HELP {full} {help_text}")
-        self.lines.append(f"# TYPE {full} histogram")
-        for bound, count in hist.cumulative():
-            self.lines.append(f"{full}_bucket{self._labels({'le': _number(bound)})} {count}")
-        self.lines.append(f"{full}_sum{self._labels()} {_number(hist.sum)}")
-        self.lines.append(f"{full}_count{self._labels()} {hist.count}")
+def make_registry(engine: LLMEngine, server: ServerStats, model_name: str,
+                  prefix: str = DEFAULT_PREFIX) -> CollectorRegistry:
+    """A registry of its own for one server: the engine collector plus process metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(EngineCollector(engine, server, model_name, prefix))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
 
 
-def render_metrics(engine: LLMEngine, server: ServerStats, model_name: str) -> str:
-    """The whole ``/metrics`` page."""
-    stats, m = engine.stats(), engine.metrics
-    w = _Writer(model_name)
-    w.gauge("num_requests_running", "Sequences in the running batch.", stats["num_requests_running"])
-    w.gauge("num_requests_waiting", "Sequences waiting to be scheduled.", stats["num_requests_waiting"])
-    w.gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1).", stats["kv_cache_usage"])
-    w.gauge("kv_cache_blocks_used", "KV-cache blocks held by sequences.", stats["kv_blocks_used"])
-    w.gauge("kv_cache_blocks_free", "KV-cache blocks free (possibly holding reusable prefix-cache content).",
-            stats["kv_blocks_free"])
-    w.gauge("kv_cache_blocks_total", "KV-cache blocks in the pool.", stats["kv_blocks_total"])
-    w.counter("prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.",
-              stats["prefix_cache_queries"])
-    w.counter("prefix_cache_hits_total", "Prompt tokens found in the prefix cache.", stats["prefix_cache_hits"])
-    w.gauge("prefix_cache_hit_rate", "Prefix-cache hits / queries since start (0 to 1).",
-            stats["prefix_cache_hit_rate"])
-    w.counter("prompt_tokens_total", "Prompt tokens of accepted requests.", server.prompt_tokens)
-    w.counter("prompt_tokens_computed_total", "Prompt tokens run through the model (prefix-cache hits excluded).",
-              stats["prompt_tokens_computed"])
-    w.counter("generation_tokens_total", "Generated tokens.", stats["generation_tokens"])
-    w.counter("num_preemptions_total", "Sequences preempted for lack of KV blocks (recomputed later).",
-              stats["num_preemptions"])
-    w.counter("engine_steps_total", "Engine steps run.", stats["steps"])
-    w.metric("request_success_total", "counter", "Finished samples by finish reason (abort: client gone or shutdown).",
-             [({"finished_reason": r}, m.requests_finished.get(r, 0)) for r in FINISH_REASONS])
-    w.counter("num_requests_aborted_total", "Samples aborted before they finished.",
-              m.requests_finished.get("abort", 0))
-    w.metric("http_requests_received_total", "counter", "Generation requests received, by endpoint.",
-             [({"endpoint": ep}, n) for ep, n in sorted(server.requests_received.items())])
-    w.histogram("time_to_first_token_seconds", "Time from arrival to the first generated token.", m.ttft_histogram)
-    w.histogram("inter_token_latency_seconds", "Time between consecutive generated tokens of a sample.",
-                m.itl_histogram)
-    w.histogram("e2e_request_latency_seconds", "Time from the HTTP request to its last token.", server.e2e_latency)
-    return "\n".join(w.lines) + "\n"
+def render_metrics(registry: CollectorRegistry) -> bytes:
+    """The whole ``/metrics`` page in Prometheus' text format."""
+    return generate_latest(registry)

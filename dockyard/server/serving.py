@@ -59,6 +59,8 @@ from dockyard.server.protocol import (
 )
 
 logger = logging.getLogger(__name__)
+# The request log (--enable-log-requests): its own logger, so that it shows whatever --log-level says.
+request_logger = logging.getLogger("dockyard.requests")
 
 MAX_SEQUENCES_PER_REQUEST = 4096  # prompts x n of one HTTP request
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
@@ -168,12 +170,15 @@ def _hold_back(params: SamplingParams) -> int:
 class OpenAIServing:
     """Turns OpenAI requests into engine requests and engine outputs into OpenAI responses."""
 
-    def __init__(self, llm: LLM, engine: AsyncLLM, served_model_names: list[str], stats: ServerStats) -> None:
+    def __init__(self, llm: LLM, engine: AsyncLLM, served_model_names: list[str], stats: ServerStats,
+                 log_requests: bool = False) -> None:
         self.llm = llm
         self.engine = engine
         self.model_names = served_model_names
         self.stats = stats
         self.max_model_len = llm.engine.max_model_len
+        self.default_sampling = dict(llm.source.generation.sampling)
+        self.log_requests = log_requests
         self._token_strs: dict[int, str] = {}
         # Chat templating and tokenization run here, off the event loop; one thread, because a fast
         # (Rust) tokenizer may refuse concurrent use ("Already borrowed"), as vLLM found.
@@ -208,7 +213,12 @@ class OpenAIServing:
         if max_tokens is not None and (isinstance(max_tokens, bool) or max_tokens < 1):
             raise APIError(400, f"{max_tokens_param} must be >= 1{max_tokens_hint}, got {max_tokens}",
                            param=max_tokens_param, code="invalid_value")
-        kwargs = {name: getattr(req, name) for name in _PASSTHROUGH if getattr(req, name) is not None}
+        # What the request leaves unset comes from the generation config (vLLM's default_sampling_params).
+        kwargs = {**self.default_sampling,
+                  **{name: getattr(req, name) for name in _PASSTHROUGH if getattr(req, name) is not None}}
+        if max_tokens is None:
+            max_tokens = kwargs.pop("max_tokens", None)
+        kwargs.pop("max_tokens", None)
         try:
             return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                                   **kwargs)
@@ -244,6 +254,10 @@ class OpenAIServing:
             raise APIError(400, f"{len(prompts)} prompts x n={params.n} is {len(prompts) * params.n} sequences; "
                                 f"one request may ask for at most {MAX_SEQUENCES_PER_REQUEST}", param="n")
         streams: list[RequestStream] = []
+        if self.log_requests:
+            for i, p in enumerate(prompts):
+                request_logger.info("Received request %s-%d: prompt: %r, params: %s, prompt_token_ids: %s",
+                                    request_id, i, p.text, params, p.token_ids)
         try:
             for i, p in enumerate(prompts):
                 streams.append(await self.engine.add_request(p.token_ids, params, f"{request_id}-{i}", p.text))
@@ -252,7 +266,6 @@ class OpenAIServing:
                 s.close()
             raise
         self.stats.requests_received[endpoint] += 1
-        self.stats.prompt_tokens += sum(len(p.token_ids) for p in prompts)
         return streams
 
     async def _collect(self, streams: list[RequestStream], disconnected: Disconnected | None) -> list[RequestOutput]:
@@ -278,9 +291,6 @@ class OpenAIServing:
                     t.cancel()
             for s in streams:
                 s.close()  # aborts whatever has not finished
-
-    def _observe_e2e(self, start: float) -> None:
-        self.stats.e2e_latency.observe(time.monotonic() - start)
 
     def token_str(self, token_id: int) -> str:
         """A token's text as logprobs show it (special tokens included)."""
@@ -349,7 +359,6 @@ class OpenAIServing:
     async def chat(self, req: ChatCompletionRequest,
                    disconnected: Disconnected | None = None) -> ChatCompletionResponse | EventStream:
         """A chat completion, or (stream=true) its SSE lines."""
-        start = time.monotonic()
         model = self.check_model(req.model)
         self._check_chat(req)
         if req.max_completion_tokens is not None:
@@ -366,11 +375,9 @@ class OpenAIServing:
         streams = await self._start(request_id, [prompt], params, "chat")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            lines = self._chat_stream(request_id, model, streams, params, len(prompt.token_ids), include_usage,
-                                      start)
+            lines = self._chat_stream(request_id, model, streams, params, len(prompt.token_ids), include_usage)
             return EventStream(lines, streams)
         (final,) = await self._collect(streams, disconnected)
-        self._observe_e2e(start)
         choices = [
             ChatCompletionChoice(
                 index=c.index, message=AssistantMessage(content=c.text),
@@ -399,7 +406,7 @@ class OpenAIServing:
         return ChoiceLogprobs(content=content)
 
     async def _chat_stream(self, request_id: str, model: str, streams: list[RequestStream], params: SamplingParams,
-                           prompt_tokens: int, include_usage: bool, start: float) -> AsyncIterator[str]:
+                           prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
         created = int(time.time())
         cursors = [_TextCursor(_hold_back(params)) for _ in range(params.n)]
         last: RequestOutput | None = None
@@ -426,7 +433,6 @@ class OpenAIServing:
                         index=c.index, delta=DeltaMessage(content=delta), logprobs=logprobs,
                         finish_reason=c.finish_reason, stop_reason=c.stop_reason if finished else None,
                     ))
-            self._observe_e2e(start)
             if include_usage and last is not None:
                 completion_tokens = sum(len(c.token_ids) for c in last.outputs)
                 yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
@@ -476,7 +482,6 @@ class OpenAIServing:
     async def completions(self, req: CompletionRequest,
                           disconnected: Disconnected | None = None) -> CompletionResponse | EventStream:
         """A completion, or (stream=true) its SSE lines."""
-        start = time.monotonic()
         model = self.check_model(req.model)
         self._check_completion(req)
         # max_tokens=0 with echo: score the prompt only (one token is generated, then dropped).
@@ -493,10 +498,9 @@ class OpenAIServing:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             lines = self._completion_stream(request_id, model, streams, params, prompts, echo, prompt_only,
-                                            prompt_tokens, include_usage, start)
+                                            prompt_tokens, include_usage)
             return EventStream(lines, streams)
         finals = await self._collect(streams, disconnected)
-        self._observe_e2e(start)
         choices = []
         for i, final in enumerate(finals):
             echo_lp = self._echo_logprobs(prompts[i], final, params)
@@ -555,7 +559,7 @@ class OpenAIServing:
 
     async def _completion_stream(self, request_id: str, model: str, streams: list[RequestStream],
                                  params: SamplingParams, prompts: list[_Prompt], echo: list[str], prompt_only: bool,
-                                 prompt_tokens: int, include_usage: bool, start: float) -> AsyncIterator[str]:
+                                 prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
         created = int(time.time())
         n = params.n
         cursors = [_TextCursor(_hold_back(params)) for _ in range(len(streams) * n)]
@@ -602,7 +606,6 @@ class OpenAIServing:
                     yield chunk(CompletionChoice(index=index, text=delta, logprobs=logprobs,
                                                  finish_reason=c.finish_reason,
                                                  stop_reason=c.stop_reason if finished else None))
-            self._observe_e2e(start)
             if include_usage:
                 completion_tokens = 0 if prompt_only else sum(
                     len(c.token_ids) for f in last if f is not None for c in f.outputs)

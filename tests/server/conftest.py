@@ -51,14 +51,14 @@ def http_call(port: int, method: str, path: str, body: bytes | dict | None = Non
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text → {'name{labels}': value} with the model_name label dropped."""
+    """Prometheus text → {'name{labels}': value} with the model_name and engine labels dropped."""
     out = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
         key, value = line.rsplit(" ", 1)
         name, _, labels = key.partition("{")
-        kept = [lab for lab in labels.rstrip("}").split(",") if lab and not lab.startswith("model_name=")]
+        kept = [lab for lab in labels.rstrip("}").split(",") if lab and not lab.startswith(("model_name=", "engine="))]
         out[name + ("{" + ",".join(kept) + "}" if kept else "")] = float(value)
     return out
 

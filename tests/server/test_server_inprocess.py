@@ -84,13 +84,15 @@ def test_metrics_page_is_well_formed(reference_llm):
     text = raw.decode()
     assert status == 200
     metrics = parse_metrics(text)
-    for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds"):
+    for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
+                 "request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds"):
         buckets = [v for k, v in metrics.items() if k.startswith(f"dockyard:{name}_bucket")]
         assert buckets == sorted(buckets) and buckets[-1] == metrics[f"dockyard:{name}_count"] > 0
         assert f'dockyard:{name}_bucket{{le="+Inf"}}' in metrics
     for line in text.splitlines():
-        if not line.startswith("#"):
+        if line.startswith("dockyard:") and "cache_config_info" not in line:  # an info gauge, as in vLLM
             assert 'model_name="m"' in line
+    assert "process_cpu_seconds_total" in metrics  # prometheus_client's process metrics
 
 
 @pytest.mark.parametrize("stop, include, hold", [(None, False, 0), (["\n\n"], False, 1), (["a", "xyz"], False, 2),

@@ -17,6 +17,7 @@ def run(ctx: GateContext) -> Outcome:
     # The mutation check: each covered feature of this config broken in turn must fail the comparison, else
     # passing it says nothing about that feature.
     keys = claimed_features(ctx.raw.config)
+    ctx.step(f"comparing with transformers on a shrunken config, then {len(keys)} feature ablations")
     result = check_equivalence(ctx.raw.config, seed=ctx.options.seed, ablations=ablations_for(keys))
     for note in result.notes:
         logger.info("shrunken config: %s", note)

@@ -3,7 +3,10 @@
 Loading is strict (``weights.loader``): every checkpoint tensor lands in a parameter and every
 parameter is filled, or the load fails naming each missing and unexpected tensor. Then a few
 prompts are decoded greedily by dockyard and by HF transformers on the same checkpoint (for a
-GGUF file, transformers dequantizes it with its own reader), and the token ids must be equal.
+GGUF file, transformers dequantizes it with its own reader), each stopping at end-of-sequence as it
+would serve: dockyard at the ids of config.json plus generation_config.json, transformers' ``generate``
+at those of the generation config it reads from the same checkpoint. The token ids, up to and
+including the end-of-sequence token, must be equal.
 When the reference does not fit in memory (or transformers lacks the architecture), a coherence
 check runs instead and the evidence says so. When the gate passes, the loaded model also gets the
 onboarding's small accuracy run (``onboard/accuracy.py``: ARC-Easy, 20 questions, lm-eval-harness),
@@ -56,24 +59,21 @@ def _load_reference(ctx: GateContext) -> Any:
 
 
 def _hf_greedy(hf_model: Any, ids: list[int], max_new: int) -> list[int]:
+    """transformers' plain greedy decoding, stopping at the end-of-sequence ids of the generation config it
+    read from the checkpoint (its other settings, such as a repetition penalty, left out: ours is plain too)."""
+    from transformers import GenerationConfig
+
+    eos = hf_model.generation_config.eos_token_id
+    plain = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=eos,
+                             pad_token_id=eos if isinstance(eos, int) else (eos or [0])[0])
     with torch.no_grad():
         out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                max_new_tokens=max_new, do_sample=False,
-                                pad_token_id=hf_model.config.eos_token_id if isinstance(
-                                    hf_model.config.eos_token_id, int) else 0)
+                                generation_config=plain)
     return out[0, len(ids):].tolist()
 
 
-def _trim(ids: list[int], stops: set[int]) -> list[int]:
-    for i, t in enumerate(ids):
-        if t in stops:
-            return ids[: i + 1]
-    return ids
-
-
 def _served_text(llm: Any, ids: list[int], stops: set[int]) -> str:
-    """The text a server would return for greedy ``ids``: cut before the first stop token, special tokens
-    skipped (the comparison itself decodes past EOS, so both sides run the same number of steps)."""
+    """The text a server would return for greedy ``ids``: cut before the stop token, special tokens skipped."""
     end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
     if llm.tokenizer is None:
         return " ".join(map(str, ids[:end]))
@@ -115,6 +115,7 @@ def run(ctx: GateContext) -> Outcome:
     if ours_bytes > available * 0.9:
         return Outcome("fail", f"real weights need {ours_bytes / GiB:.1f} GiB, {available / GiB:.1f} "
                                f"GiB available on this {machine.device}: run on a larger device", hard=False)
+    ctx.step(f"loading the real weights ({source.kind}, {str(dtype).removeprefix('torch.')})")
     t0 = time.perf_counter()
     try:
         llm = LLM(opts.model, dtype=dtype, device=machine.device, num_kv_blocks=256, max_num_seqs=8)
@@ -134,9 +135,11 @@ def run(ctx: GateContext) -> Outcome:
         "ignored": report.ignored,
     }
     prompts = _prompts(llm)
+    ctx.step(f"greedy decoding of {len(prompts)} prompts with dockyard")
     t0 = time.perf_counter()
-    outs = llm.generate([ids for _, ids in prompts], SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0,
-                                                                      ignore_eos=True), use_tqdm=False)
+    # Greedy with end-of-sequence handling, as served (the generation config's extra EOS ids included).
+    outs = llm.generate([ids for _, ids in prompts], SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0),
+                        use_tqdm=False)
     gen_s = time.perf_counter() - t0
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     evidence["generation"] = {"prompts": len(prompts), "tokens": generated, "seconds": gen_s,
@@ -153,19 +156,20 @@ def run(ctx: GateContext) -> Outcome:
     stops = set(ctx.spec.eos_token_ids)
     results = []
     if reason is None:
+        ctx.step("loading the transformers reference (float32)")
         t0 = time.perf_counter()
         hf_model = _load_reference(ctx)
         evidence["reference"] = {"library": "transformers", "dtype": "float32",
                                  "load_seconds": time.perf_counter() - t0,
                                  "source": (f"gguf_file={source.path.name}" if source.kind == "gguf"
                                             else "from_pretrained")}
-        if isinstance(hf_model.generation_config.eos_token_id, (int, list)):
-            eos = hf_model.generation_config.eos_token_id
-            stops |= set([eos] if isinstance(eos, int) else eos)
+        evidence["reference"]["eos_token_id"] = hf_model.generation_config.eos_token_id
+        evidence["eos_token_ids"] = sorted(stops)
         all_equal = True
+        ctx.step(f"greedy decoding of {len(prompts)} prompts with transformers")
         for (label, ids), out in zip(prompts, outs):
-            ours = _trim(list(out.outputs[0].token_ids), stops)
-            ref = _trim(_hf_greedy(hf_model, ids, MAX_NEW_TOKENS), stops)
+            ours = list(out.outputs[0].token_ids)
+            ref = _hf_greedy(hf_model, ids, MAX_NEW_TOKENS)
             equal = ours == ref
             all_equal &= equal
             diverge = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None if equal else
@@ -208,6 +212,7 @@ def run(ctx: GateContext) -> Outcome:
     if ok and llm.tokenizer is not None:
         from dockyard.onboard.accuracy import run_accuracy
 
+        ctx.step("accuracy run (dockyard eval, a small ARC-Easy subset)")
         ctx.accuracy = run_accuracy(llm, opts.model)
         evidence["accuracy"] = {k: v for k, v in ctx.accuracy.items() if k != "results"}
         if ctx.accuracy["evaluated"]:

@@ -152,6 +152,7 @@ def run(ctx: GateContext) -> Outcome:
     t0 = time.perf_counter()
     with open(log_path, "w") as server_log:
         port = DEFAULT_PORT if port_is_free(DEFAULT_PORT) else free_port()
+        ctx.step(f"starting dockyard serve on port {port}, waiting for /health")
         proc, ready, health = _start(ctx, port, server_log)
         if not ready and proc.poll() is not None and port == DEFAULT_PORT and not port_is_free(DEFAULT_PORT):
             port = free_port()  # another process took the deploy port between the check and the bind
@@ -176,6 +177,7 @@ def run(ctx: GateContext) -> Outcome:
             comp_body = {"model": model_id, "prompt": COMPLETION_PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
             chat_curl = curl_command(f"{base}/v1/chat/completions", chat_body)
             comp_curl = curl_command(f"{base}/v1/completions", comp_body)
+            ctx.step("ready; sending the tutorial's chat and completion requests")
             if has_curl:  # the tutorial's command lines, run as written
                 chat_status, chat = run_curl(chat_curl)
                 comp_status, comp = run_curl(comp_curl)
