@@ -63,8 +63,8 @@ def rank_device(device_type: str, rank: int) -> torch.device:
 
 def worker_main(cfg: WorkerConfig) -> None:
     """Join the group, build and load this rank's shard, then run rank 0's steps until told to stop."""
-    from dockyard.engine.llm import load_model, resolve_dtype
     from dockyard.engine.model_runner import ModelRunner
+    from dockyard.model_loader import load_model, resolve_dtype
     from dockyard.model_source import resolve_model
 
     if cfg.num_threads > 0:
