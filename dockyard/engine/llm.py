@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from dockyard.distributed.executor import Executor
+from dockyard.distributed.sharding import check_parallel_config, parallel_config_of
 from dockyard.engine.llm_engine import EngineConfig, LLMEngine
 from dockyard.engine.memory_check import check_memory_fits
 from dockyard.engine.outputs import RequestOutput
@@ -57,7 +59,7 @@ class LLM:
                  skip_memory_check: bool = False, num_threads: int | None = None) -> None:
         t0 = time.perf_counter()
         configure_threads(num_threads)
-        self._workers: Any = None
+        self._executor: Executor | None = None
         self.source: ModelSource = resolve_model(model, load_format)
         spec = self.source.spec
         if max_model_len is not None and not 0 < max_model_len <= spec.max_model_len:
@@ -70,8 +72,6 @@ class LLM:
         self.spec = spec
         self.tensor_parallel_size = tensor_parallel_size
         if tensor_parallel_size > 1 or enable_expert_parallel:
-            from dockyard.distributed.sharding import check_parallel_config
-
             check_parallel_config(spec, tensor_parallel_size, enable_expert_parallel)
         config = EngineConfig(
             block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -84,7 +84,12 @@ class LLM:
         if not skip_memory_check:  # before any worker starts or any weight is allocated
             check_memory_fits(spec, self.dtype, self.device, config, tensor_parallel_size)
         if tensor_parallel_size > 1:
-            self._start_parallel(model, load_format, dtype, seed, enable_expert_parallel)
+            self._executor = Executor.start(model, load_format=load_format, dtype=dtype, device_type=self.device.type,
+                                            seed=seed, tensor_parallel_size=tensor_parallel_size,
+                                            expert_parallel=enable_expert_parallel)
+            self.device = self._executor.device
+            # The finalizer must not hold the LLM itself: it stops the workers when the LLM is collected.
+            self._finalizer = weakref.finalize(self, self._executor.shutdown)
         try:
             self._build(config, seed, enable_expert_parallel, t0)
         except BaseException:
@@ -100,55 +105,16 @@ class LLM:
         self.tokenizer = self.source.load_tokenizer()
         block_size = config.block_size
         num_blocks = config.num_kv_blocks or self._kv_blocks_from_memory(config)
-        if self._workers is not None:
-            from dockyard.distributed.parallel_state import barrier, broadcast_object
-
-            self._workers.watched("model loading", lambda: (broadcast_object((num_blocks, block_size)), barrier()))
-            self._workers.ready = True
+        if self._executor is not None:
+            self._executor.finish_start(num_blocks, block_size)
         self.engine = LLMEngine(self.model, spec, self.tokenizer, config, self.device, self.dtype, num_blocks)
-        if self._workers is not None:
-            self.engine.runner.step_sender = broadcast_object
+        if self._executor is not None:
+            self.engine.runner.broadcast_step = self._executor.broadcast_step
         logger.info(
             "loaded %s (%s weights, %s, %s) in %.1fs; KV cache: %d blocks × %d tokens = %d tokens",
             self.source.name, self.source.kind, self.dtype, self.device, time.perf_counter() - t0,
             num_blocks, block_size, num_blocks * block_size,
         )
-
-    def _start_parallel(self, model: str | Path | None, load_format: str, dtype: str | torch.dtype, seed: int,
-                        expert_parallel: bool) -> None:
-        """Join (or form) the tensor-parallel group as rank 0: under torchrun its env:// group,
-        otherwise a group on a loopback TCP store with N - 1 spawned workers."""
-        from dockyard.distributed.parallel_state import free_port, init_parallel, launched_by_torchrun
-        from dockyard.distributed.worker import WorkerConfig, WorkerGroup, rank_device
-
-        n = self.tensor_parallel_size
-        self.device = rank_device(self.device.type, 0)
-        if launched_by_torchrun():
-            import os
-
-            if int(os.environ["WORLD_SIZE"]) != n or int(os.environ["RANK"]) != 0:
-                raise DockyardError(f"under torchrun the LLM is made on rank 0 with tensor_parallel_size equal to "
-                                    f"WORLD_SIZE={os.environ['WORLD_SIZE']} (got {n} on rank {os.environ['RANK']})")
-            workers = WorkerGroup([])  # torchrun owns the processes; shutdown still ends their step loops
-            self._workers = workers
-            self._finalizer = weakref.finalize(self, workers.close)
-            init_parallel(0, n, self.device, "env://")
-            return
-        init_method = f"tcp://127.0.0.1:{free_port()}"
-        threads = max(1, torch.get_num_threads() // n) if self.device.type == "cpu" else 0
-        configs = [WorkerConfig(model=None if model is None else str(model), load_format=load_format, dtype=dtype,
-                                device_type=self.device.type, seed=seed, rank=r, world_size=n,
-                                init_method=init_method, expert_parallel=expert_parallel, num_threads=threads)
-                   for r in range(1, n)]
-        workers = WorkerGroup(configs)
-        self._workers = workers
-        # The finalizer must not hold the LLM itself: it closes the workers when the LLM is collected.
-        self._finalizer = weakref.finalize(self, workers.close)
-        try:
-            workers.watched("start-up", lambda: init_parallel(0, n, self.device, init_method))
-        except BaseException:
-            self._finalizer()
-            raise
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers and leave the group (no-op without tensor parallelism)."""
@@ -159,10 +125,9 @@ class LLM:
     def _kv_blocks_from_memory(self, config: EngineConfig) -> int:
         plan = plan_memory(self.spec, self.dtype, max_num_batched_tokens=config.max_num_batched_tokens,
                            max_num_seqs=config.max_num_seqs, device_type=self.device.type)
-        block_bytes = plan.kv_bytes_per_token * config.block_size
-        if self.tensor_parallel_size > 1 and self.spec.mla is None:  # each rank caches its own KV heads
-            local_heads = self.engine_kv_heads()
-            block_bytes = block_bytes * local_heads // self.spec.kv_cache_layout[1]
+        # Each rank caches its own KV heads: the plan's bytes scaled to this rank's share of the layout.
+        local, full = parallel_config_of(self.model, self.spec).kv_cache_layout(self.spec), self.spec.kv_cache_layout
+        block_bytes = plan.kv_bytes_per_token * config.block_size * local[1] // full[1]
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             used = total - free
@@ -176,13 +141,6 @@ class LLM:
                 f"needs {block_bytes}); lower max_num_batched_tokens or raise the memory budget"
             )
         return int(blocks)
-
-    def engine_kv_heads(self) -> int:
-        """KV heads this rank's cache holds (all of them without tensor parallelism)."""
-        from dockyard.ops.attention import Attention
-
-        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        return layers[0].num_kv_heads if layers else self.spec.kv_cache_layout[1]
 
     # ---- tokenization ----
     def get_tokenizer(self) -> Any:

@@ -221,7 +221,7 @@ class LLMEngine:
             return ended + self._outputs(touched.values())
         self.metrics.steps += 1
         previous = self._take_in_flight()
-        sampled, out, prompt_out, failed = self.runner.execute(batch, previous.tokens if previous else None)
+        sampled, out, prompt_out, failed = self.runner.step(batch, previous.tokens if previous else None)
         if failed:
             self._fail_seqs(failed, touched)
             batch = [item for item in batch if not item.seq.is_finished]
@@ -271,7 +271,7 @@ class LLMEngine:
         """Whether the next step may run before ``step``'s tokens reach the host: async scheduling is
         on, no tensor-parallel peers wait for exact inputs, and no sequence's next step needs its own
         newest token on the host (logprobs, penalties, min_tokens still banning stops)."""
-        if not self.async_scheduling or self.runner.step_sender is not None:
+        if not self.async_scheduling or self.runner.broadcast_step is not None:
             return False
         for item in step.sampled:
             p = item.seq.params

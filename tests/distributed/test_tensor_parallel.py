@@ -180,10 +180,10 @@ def test_serve_passes_parallel_flags(monkeypatch):
 def test_worker_failing_at_start_up_fails_the_llm_at_once(tmp_path, monkeypatch):
     """A worker that dies loading (here: its model path is wrong) is reported by name and exit code,
     instead of rank 0 waiting out the collective's timeout."""
-    import dockyard.distributed.worker as worker
+    import dockyard.distributed.executor as executor
 
-    start = worker.WorkerGroup.__init__
-    monkeypatch.setattr(worker.WorkerGroup, "__init__", lambda self, configs: start(
+    start = executor.WorkerGroup.__init__
+    monkeypatch.setattr(executor.WorkerGroup, "__init__", lambda self, configs: start(
         self, [dataclasses.replace(c, model=str(tmp_path / "missing")) for c in configs]))
     model = _write(tmp_path, LLAMA)
     with pytest.raises(DockyardError, match=r"worker dockyard-tp1 exited \(code 1\)"):
