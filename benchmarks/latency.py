@@ -34,8 +34,8 @@ import time
 import torch
 
 from dockyard import LLM, SamplingParams
-from dockyard.engine.llm import resolve_device
 from dockyard.memory import plan_memory
+from dockyard.model_loader import resolve_device
 from dockyard.ops.moe import RoutedExpertCounter, count_routed_experts
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])

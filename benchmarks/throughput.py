@@ -60,7 +60,7 @@ class StepProfile:
             return execute_graph(*args)
 
         runner._execute_graph = timed(execute_graph_counted, "execute_graph")
-        runner.execute = timed(runner.execute, "execute_eager")  # includes graph steps; subtracted below
+        runner.step = timed(runner.step, "execute_eager")  # includes graph steps; subtracted below
         scheduler.schedule = timed(scheduler.schedule, "schedule")
         engine.step = timed(engine.step, "step")
         self.engine = engine

@@ -41,7 +41,7 @@ GROUP_DESCRIPTIONS = {
     RUNTIME_GROUP: "the process dockyard runs in",
 }
 
-# vLLM's dtype names → the dtype dockyard runs ("auto": see dockyard.engine.llm.resolve_dtype).
+# vLLM's dtype names → the dtype dockyard runs ("auto": see dockyard.model_loader.resolve_dtype).
 DTYPE_ALIASES = {"auto": "auto", "half": "float16", "float16": "float16", "bfloat16": "bfloat16",
                  "float": "float32", "float32": "float32"}
 QUANTIZATION_METHODS = ("fp8",)  # what --quantization accepts: the checkpoint formats the loader reads

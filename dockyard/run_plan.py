@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from dockyard.engine.llm import resolve_dtype
 from dockyard.memory import MemoryPlan, plan_memory, storage_of
+from dockyard.model_loader import resolve_dtype
 from dockyard.weights.fp8 import choose_fp8_path
 
 # The engine's defaults (dockyard.engine.llm.LLM): the plan is for the engine as it would start.

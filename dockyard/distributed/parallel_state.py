@@ -6,6 +6,10 @@ collectives run on the group's backend (gloo on CPU, NCCL on CUDA); step inputs,
 Python objects, are broadcast over a gloo group in both cases, so they never touch the GPU.
 
 Without an initialized group (``tensor_parallel_size=1``) the collectives are identities.
+
+:class:`ParallelConfig` is what one rank holds of a model: its rank, the world size, whether MoE
+experts are placed whole (expert parallelism), and the attention heads it computes. The head split
+is decided here once; the modules shard themselves from it and the KV cache is sized from it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from dockyard.errors import DockyardError
+from dockyard.spec import ModelSpec
 
 
 @dataclass
@@ -33,6 +38,59 @@ class ParallelState:
 
 
 _STATE: ParallelState | None = None
+
+
+def even_split(total: int, size: int, rank: int) -> tuple[int, int]:
+    """Rank ``rank``'s ``[start, stop)`` of ``total`` items split evenly over ``size`` ranks."""
+    per = total // size
+    return rank * per, (rank + 1) * per
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """One rank's share of a model under tensor (and expert) parallelism.
+
+    ``heads`` / ``kv_heads``: the ``[start, stop)`` q and KV heads this rank computes. q heads are
+    split evenly; KV heads too when K ≥ N, else KV head ``r // (N/K)`` is replicated on N/K ranks,
+    exactly the KV head the rank's q heads attend with (q head h uses KV head ``h // (H/K)``)."""
+
+    rank: int
+    size: int
+    expert_parallel: bool
+    heads: tuple[int, int]
+    kv_heads: tuple[int, int]
+
+    @classmethod
+    def for_rank(cls, spec: ModelSpec, rank: int = 0, size: int = 1,
+                 expert_parallel: bool = False) -> ParallelConfig:
+        """Rank ``rank`` of ``size`` for ``spec`` (sizes must divide: ``sharding.check_parallel_config``)."""
+        kv = spec.num_key_value_heads
+        if kv >= size:
+            kv_heads = even_split(kv, size, rank)
+        else:
+            first = rank // (size // kv)
+            kv_heads = (first, first + 1)
+        return cls(rank, size, expert_parallel, even_split(spec.num_attention_heads, size, rank), kv_heads)
+
+    @property
+    def num_heads(self) -> int:
+        """q heads on this rank."""
+        return self.heads[1] - self.heads[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads on this rank (and in its KV cache)."""
+        return self.kv_heads[1] - self.kv_heads[0]
+
+    def split(self, total: int) -> tuple[int, int]:
+        """This rank's ``[start, stop)`` of ``total`` evenly split items (intermediate features, experts)."""
+        return even_split(total, self.size, self.rank)
+
+    def kv_cache_layout(self, spec: ModelSpec) -> tuple[int, int, int]:
+        """(entries, heads, dim) of this rank's KV cache per token and layer: its own KV heads (MLA's one
+        latent is not split)."""
+        entries, heads, dim = spec.kv_cache_layout
+        return (entries, heads if spec.mla is not None else self.num_kv_heads, dim)
 
 
 def backend_for(device: torch.device | str) -> str:

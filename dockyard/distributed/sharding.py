@@ -1,22 +1,26 @@
 """Cut a built dockyard model in place for tensor-parallel rank r of N, and slice its weights to match.
 
-What each rank keeps (vLLM's layout):
+Each shardable module knows how it is cut: it has a ``shard(sharder, prefix)`` method, written
+beside its class, that replaces its projections by their parallel versions through the
+:class:`Sharder` given (which records each sharded parameter's slice) and updates its own sizes.
+:func:`shard_model` calls every such method of a model once. What the modules keep (vLLM's layout):
 
-* attention: q heads ``[r·H/N, (r+1)·H/N)`` (q_proj rows, o_proj columns); KV heads ``[r·K/N, (r+1)·K/N)``
-  when K ≥ N, else KV head ``r // (N/K)`` replicated on N/K ranks — exactly the KV head its q heads
-  attend with (q head h uses KV head ``h // (H/K)``). q/k/v column-parallel, o_proj row-parallel.
-* dense MLP: gate/up column-parallel, down row-parallel (intermediate split).
-* MoE block, tensor-parallel: every expert's (and the shared expert's) intermediate split as the MLP;
-  the block sums its experts' partial outputs and all-reduces once.
+* attention (``models/llama.py``): the q and KV heads of :class:`~.parallel_state.ParallelConfig`
+  (q/k/v column-parallel, o_proj row-parallel);
+* dense MLP (``models/llama.py``): gate/up column-parallel, down row-parallel (intermediate split);
+* MoE block (``ops/moe.py``), tensor-parallel: every expert's (and the shared expert's) intermediate
+  split as the MLP; the block sums its experts' partial outputs and all-reduces once;
 * MoE block, expert-parallel: experts ``[r·E/N, (r+1)·E/N)`` whole on rank r; the router is replicated,
   so each rank computes the tokens routed to its own experts and one all-reduce combines them (shared
-  experts are split as in tensor parallelism).
-* embedding and LM head: a vocabulary slice each (:mod:`.layers`).
+  experts are split as in tensor parallelism);
+* embedding and LM head (the ``ForCausalLM`` class): a vocabulary slice each (:mod:`.layers`).
 
-Norms, routers and rotary tables are replicated. :func:`shard_model` records a :class:`ShardPlan`
-on the model (``model.shard_plan``): each sharded parameter's slice of the full checkpoint tensor,
-the full shapes (dummy weights are drawn at the full shape, then sliced, so any N gives the same
-model) and the experts this rank does not hold; :func:`shard_weights` applies it to a weight stream.
+Norms, routers and rotary tables are replicated. A module that cannot be split yet says so in its
+``shard`` (a ``ConfigError``). :func:`shard_model` records a :class:`ShardPlan` on the model
+(``model.shard_plan``): the rank's :class:`~.parallel_state.ParallelConfig`, each sharded parameter's
+slice of the full checkpoint tensor, the full shapes (dummy weights are drawn at the full shape, then
+sliced, so any N gives the same model) and the experts this rank does not hold; :func:`shard_weights`
+applies it to a weight stream.
 """
 
 from __future__ import annotations
@@ -34,9 +38,8 @@ from dockyard.distributed.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from dockyard.distributed.parallel_state import ParallelConfig
 from dockyard.errors import ConfigError
-from dockyard.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
-from dockyard.ops.moe import ExpertMLP, GptOssMoeBlock, LocalExperts, SparseMoeBlock
 from dockyard.spec import ModelSpec
 
 
@@ -63,9 +66,7 @@ class SliceSpec:
 class ShardPlan:
     """How one rank's parameters relate to the full checkpoint."""
 
-    rank: int
-    size: int
-    expert_parallel: bool
+    parallel: ParallelConfig
     slices: dict[str, SliceSpec] = field(default_factory=dict)
     full_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     dropped_experts: set[str] = field(default_factory=set)  # "model.layers.0.mlp.experts.5" not held here
@@ -78,11 +79,6 @@ class ShardPlan:
         if not sep:
             return True
         return f"{head}.experts.{rest.split('.', 1)[0]}" not in self.dropped_experts
-
-
-def _split(total: int, size: int, rank: int) -> tuple[int, int]:
-    per = total // size
-    return rank * per, (rank + 1) * per
 
 
 def check_parallel_config(spec: ModelSpec, tp_size: int, expert_parallel: bool = False) -> None:
@@ -128,13 +124,17 @@ def check_parallel_config(spec: ModelSpec, tp_size: int, expert_parallel: bool =
                               f"divisible by tensor_parallel_size={n}")
 
 
-class _Sharder:
-    def __init__(self, model: nn.Module, plan: ShardPlan) -> None:
-        self.model = model
+class Sharder:
+    """Replaces the modules of one model (of ``spec``) by their shards for one rank (``parallel``),
+    recording in ``plan`` which slice of each full checkpoint tensor every sharded parameter holds."""
+
+    def __init__(self, spec: ModelSpec, plan: ShardPlan) -> None:
+        self.spec = spec
         self.plan = plan
-        self.rank, self.size = plan.rank, plan.size
+        self.parallel = plan.parallel
 
     def column(self, parent: nn.Module, prefix: str, attr: str, start: int, stop: int) -> None:
+        """``parent.<attr>`` keeps output features ``[start, stop)`` (a :class:`ColumnParallelLinear`)."""
         old = getattr(parent, attr)
         setattr(parent, attr, ColumnParallelLinear.from_linear(old, stop - start))
         self.plan.slices[f"{prefix}.{attr}.weight"] = SliceSpec(0, start, stop, stop - start)
@@ -142,98 +142,71 @@ class _Sharder:
             self.plan.slices[f"{prefix}.{attr}.bias"] = SliceSpec(0, start, stop, stop - start)
 
     def row(self, parent: nn.Module, prefix: str, attr: str, start: int, stop: int, reduce: bool) -> None:
+        """``parent.<attr>`` keeps input features ``[start, stop)`` (a :class:`RowParallelLinear`)."""
         old = getattr(parent, attr)
         setattr(parent, attr, RowParallelLinear.from_linear(old, stop - start, reduce=reduce))
         self.plan.slices[f"{prefix}.{attr}.weight"] = SliceSpec(1, start, stop, stop - start)
 
-    def attention(self, prefix: str, attn: LlamaAttention) -> None:
-        if hasattr(attn, "qkv_proj"):
-            raise ConfigError("tensor parallelism does not support fused qkv_proj checkpoints (Phi-3) yet")
-        n, r, d = self.size, self.rank, attn.head_dim
-        heads, kv = attn.num_heads, attn.num_kv_heads
-        h0, h1 = _split(heads, n, r)
-        if kv >= n:
-            k0, k1 = _split(kv, n, r)
-        else:
-            k0 = r // (n // kv)
-            k1 = k0 + 1
-        self.column(attn, prefix, "q_proj", h0 * d, h1 * d)
-        self.column(attn, prefix, "k_proj", k0 * d, k1 * d)
-        self.column(attn, prefix, "v_proj", k0 * d, k1 * d)
-        self.row(attn, prefix, "o_proj", h0 * d, h1 * d, reduce=True)
-        attn.num_heads, attn.num_kv_heads = h1 - h0, k1 - k0
-        attn.q_size, attn.kv_size = (h1 - h0) * d, (k1 - k0) * d
-        attn.attn.num_heads, attn.attn.num_kv_heads = h1 - h0, k1 - k0
-
-    def mlp(self, prefix: str, mlp: nn.Module, size: int, reduce: bool) -> int:
+    def gated_mlp(self, mlp: nn.Module, prefix: str, size: int, reduce: bool) -> int:
+        """gate/up column-parallel, down row-parallel over the ``size`` intermediate features; returns the
+        rank's intermediate size. ``reduce=False`` leaves the sum over ranks to the caller (an MoE block)."""
         if hasattr(mlp, "gate_up_proj"):
             raise ConfigError("tensor parallelism does not support fused gate_up_proj checkpoints (Phi-3) yet")
-        i0, i1 = _split(size, self.size, self.rank)
+        i0, i1 = self.parallel.split(size)
         self.column(mlp, prefix, "gate_proj", i0, i1)
         self.column(mlp, prefix, "up_proj", i0, i1)
         self.row(mlp, prefix, "down_proj", i0, i1, reduce=reduce)
         return i1 - i0
 
-    def moe(self, prefix: str, block: SparseMoeBlock) -> None:
-        experts = block.experts
-        if self.plan.expert_parallel:
-            e0, e1 = _split(experts.num_experts, self.size, self.rank)
-            block.experts = LocalExperts({e: experts[e] for e in range(e0, e1)}, experts.num_experts)
-            self.plan.dropped_experts.update(f"{prefix}.experts.{e}" for e in range(experts.num_experts)
-                                             if not e0 <= e < e1)
-        else:
-            for e, expert in enumerate(experts):
-                self.mlp(f"{prefix}.experts.{e}", expert, expert.gate_proj.out_features, reduce=False)
-        for name in ("shared_expert", "shared_experts"):
-            shared = getattr(block, name)
-            if isinstance(shared, ExpertMLP):
-                self.mlp(f"{prefix}.{name}", shared, shared.gate_proj.out_features, reduce=False)
-        block.reduce_results = True
+    def drop_experts(self, prefix: str, total: int, held: range) -> None:
+        """Record that experts ``prefix.experts.{e}`` outside ``held`` live on other ranks."""
+        self.plan.dropped_experts.update(f"{prefix}.experts.{e}" for e in range(total) if e not in held)
 
-    def vocab(self) -> None:
-        model, n, r = self.model, self.size, self.rank
-        vocab = model.spec.vocab_size
+    def vocab(self, model: nn.Module, embed_attr: str = "model.embed_tokens", head_attr: str = "lm_head") -> None:
+        """The embedding and the LM head keep a vocabulary slice each of ``ceil(vocab / N)`` rows (a tied
+        head keeps sharing the embedding's)."""
+        vocab, n, r = self.spec.vocab_size, self.parallel.size, self.parallel.rank
         rows = -(-vocab // n)
         start, stop = min(r * rows, vocab), min((r + 1) * rows, vocab)
-        embed = model.model.embed_tokens
-        model.model.embed_tokens = VocabParallelEmbedding.from_embedding(embed, rows, start)
-        tied = model.lm_head.weight is embed.weight
-        model.lm_head = ParallelLMHead.from_linear(model.lm_head, rows, vocab)
+        owner_path, _, embed_name = embed_attr.rpartition(".")
+        owner = model.get_submodule(owner_path)
+        embed = getattr(owner, embed_name)
+        setattr(owner, embed_name, VocabParallelEmbedding.from_embedding(embed, rows, start))
+        head = getattr(model, head_attr)
+        tied = head.weight is embed.weight
+        setattr(model, head_attr, ParallelLMHead.from_linear(head, rows, vocab))
         if tied:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            getattr(model, head_attr).weight = getattr(owner, embed_name).weight
+        for name in (f"{embed_attr}.weight", f"{head_attr}.weight"):
             self.plan.slices[name] = SliceSpec(0, start, stop, rows)
 
 
 def shard_model(model: nn.Module, tp_rank: int, tp_size: int, expert_parallel: bool = False) -> ShardPlan:
-    """Replace ``model``'s layers by rank ``tp_rank``'s shards of ``tp_size`` (in place); the plan is
-    also stored as ``model.shard_plan``. Parameters are left uninitialized: load weights through
-    :func:`shard_weights` afterwards."""
-    if not isinstance(model, LlamaForCausalLM):
+    """Replace ``model``'s layers by rank ``tp_rank``'s shards of ``tp_size`` (in place), each module
+    through its own ``shard`` method; the plan is also stored as ``model.shard_plan``. Parameters are
+    left uninitialized: load weights through :func:`shard_weights` afterwards."""
+    if getattr(type(model), "shard", None) is None:
         raise ConfigError(f"tensor parallelism supports the decoder families of dockyard/models/llama.py; "
                           f"got {type(model).__name__}")
     spec = model.spec
     check_parallel_config(spec, tp_size, expert_parallel)
-    plan = ShardPlan(tp_rank, tp_size, expert_parallel)
+    plan = ShardPlan(ParallelConfig.for_rank(spec, tp_rank, tp_size, expert_parallel))
     plan.full_shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     model.shard_plan = plan
     if tp_size == 1:
         return plan
-    sharder = _Sharder(model, plan)
+    sharder = Sharder(spec, plan)
     for prefix, module in list(model.named_modules()):
-        if isinstance(module, GptOssMoeBlock):
-            raise ConfigError(f"{spec.architecture}: tensor parallelism does not support gpt-oss's stacked "
-                              "experts yet; use tensor_parallel_size=1")
-        if isinstance(module, LlamaAttention):
-            sharder.attention(prefix, module)
-        elif isinstance(module, LlamaMLP):
-            module.size = sharder.mlp(prefix, module, module.size, reduce=True)
-        elif isinstance(module, SparseMoeBlock):
-            sharder.moe(prefix, module)
-        elif type(module).__name__ == "MLAAttention":
-            raise ConfigError(f"{spec.architecture}: tensor parallelism does not support MLA yet")
-    sharder.vocab()
+        shard = getattr(type(module), "shard", None)
+        if shard is not None:
+            shard(module, sharder, prefix)
     return plan
+
+
+def parallel_config_of(model: nn.Module, spec: ModelSpec) -> ParallelConfig:
+    """The parallel config ``model`` (of ``spec``) was sharded with (all of it on one rank if it was not)."""
+    plan: ShardPlan | None = getattr(model, "shard_plan", None)
+    return plan.parallel if plan is not None else ParallelConfig.for_rank(spec)
 
 
 def lazy_cutter(model: nn.Module) -> Callable[[str, Any], torch.Tensor | None]:

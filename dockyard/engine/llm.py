@@ -8,20 +8,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import sys
 import time
 import weakref
-from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from dockyard.distributed.executor import Executor
+from dockyard.distributed.sharding import check_parallel_config, parallel_config_of
 from dockyard.engine.llm_engine import EngineConfig, LLMEngine
 from dockyard.engine.memory_check import check_memory_fits
 from dockyard.engine.outputs import RequestOutput
@@ -30,37 +29,10 @@ from dockyard.engine.threads import configure_threads
 from dockyard.engine_args import EngineArgs
 from dockyard.errors import ConfigError, DockyardError, InvalidRequestError
 from dockyard.memory import plan_memory
+from dockyard.model_loader import load_model, resolve_device, resolve_dtype
 from dockyard.model_source import ModelSource, resolve_model
-from dockyard.registry import build_model
-from dockyard.weights.loader import load_weights
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' → cuda when available, else cpu; an unavailable device is a clear error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DockyardError(f"device={device!r} was asked for but no CUDA GPU is available; use --device cpu")
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' → float32 on CPU; the checkpoint's dtype on GPU (bfloat16 for float32 checkpoints)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        if device.type == "cpu":
-            return torch.float32
-        return _DTYPES.get(checkpoint_dtype, torch.bfloat16) if checkpoint_dtype != "float32" else torch.bfloat16
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise DockyardError(f"dtype={dtype!r} is not one of auto, {', '.join(_DTYPES)}") from None
 
 
 def gpu_kv_cache_budget(total: int, free: int, utilization: float, weights_bytes: int, activation_bytes: int) -> int:
@@ -78,79 +50,6 @@ def gpu_kv_cache_budget(total: int, free: int, utilization: float, weights_bytes
         )
     return budget
 
-
-@contextlib.contextmanager
-def _skip_parameter_init() -> Iterator[None]:
-    """Build nn.Linear / nn.Embedding without their random initialization (memory left as allocated)."""
-    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
-    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved  # type: ignore[method-assign]
-
-
-def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, seed: int = 0,
-               tp_rank: int = 0, tp_size: int = 1, expert_parallel: bool = False) -> tuple[nn.Module, Any]:
-    """Build ``source``'s model on ``device`` in ``dtype`` and load its weights → (model, load report).
-
-    With ``tp_size`` > 1 the model is cut to rank ``tp_rank``'s shard first and only that rank's
-    slices are loaded (``dockyard.distributed.sharding``)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        # Every parameter is overwritten by the strict load below, so random init is skipped:
-        # on a CPU it costs as much as the load itself.
-        with torch.device(device), _skip_parameter_init():
-            model = build_model(source.spec)
-    finally:
-        torch.set_default_dtype(previous)
-    model.eval()
-    if tp_size > 1:
-        from dockyard.distributed.sharding import shard_model, shard_weights
-
-        shard_model(model, tp_rank, tp_size, expert_parallel)
-        _native_fp8(model, source, device, dtype, tp_size)  # logs that FP8 is dequantized under TP (for now)
-        if source.kind == "safetensors" and source.fp8 is None:  # read only this rank's slices
-            from dockyard.distributed.sharding import lazy_cutter
-            from dockyard.weights.safetensors_dir import iter_safetensors
-
-            weights = iter_safetensors(source.path, cut=lazy_cutter(model))
-        else:  # dummy, GGUF (dequantized whole), FP8 (dequantized whole): sliced after reading
-            weights = shard_weights(model, source.iter_weights(model, dtype, seed))
-        report = load_weights(model, weights)
-    else:
-        report = load_weights(model, source.iter_weights(model, dtype, seed, native_fp8=_native_fp8(
-            model, source, device, dtype, tp_size)))
-    if device.type == "cuda" and hasattr(model, "fuse_projections"):
-        model.fuse_projections()
-    if device.type == "cuda":
-        from dockyard.ops.linear import use_gemv_for_single_rows
-
-        use_gemv_for_single_rows(model)
-    return model, report
-
-
-def _native_fp8(model: nn.Module, source: ModelSource, device: torch.device, dtype: torch.dtype,
-                tp_size: int) -> set[str]:
-    """For an FP8 checkpoint on a device with FP8 matmuls: turn the model's FP8 projections into Fp8Linear
-    modules and return their checkpoint weight names (loaded as stored); else nothing changes (dequantize
-    on load). ``DOCKYARD_FP8_NATIVE`` overrides the choice (``weights.fp8.choose_fp8_path``)."""
-    if source.fp8 is None or source.kind != "safetensors":
-        return set()
-    from dockyard.weights.fp8 import checkpoint_fp8_weights, choose_fp8_path, convert_to_fp8_linears
-
-    native, why = choose_fp8_path(source.fp8, device, tp_size)
-    if not native:
-        logger.info("FP8 checkpoint: weights dequantized on load to %s (%s)", dtype, why)
-        return set()
-    fp8_weights = checkpoint_fp8_weights(source.path)
-    converted = convert_to_fp8_linears(model, fp8_weights, source.fp8, dtype)
-    if device.type == "cuda":  # the replaced Linears' memory goes back to the device (the KV cache is sized from it)
-        torch.cuda.empty_cache()
-    logger.info("FP8 checkpoint: %d of %d FP8 weights kept FP8 for native matmuls (%s); the rest dequantized "
-                "on load to %s", len(converted), len(fp8_weights), why, dtype)
-    return converted
 
 
 class LLM:
@@ -178,7 +77,7 @@ class LLM:
         args = EngineArgs(model=model, **kwargs)
         configure_threads(args.num_threads)
         self.engine_args = args
-        self._workers: Any = None
+        self._executor: Executor | None = None
         tensor_parallel_size = args.tensor_parallel_size
         self.source: ModelSource = resolve_model(model, args.load_format, revision=args.revision,
                                                  download_dir=args.download_dir, tokenizer=args.tokenizer,
@@ -201,8 +100,6 @@ class LLM:
         self.spec = spec
         self.tensor_parallel_size = tensor_parallel_size
         if tensor_parallel_size > 1 or args.enable_expert_parallel:
-            from dockyard.distributed.sharding import check_parallel_config
-
             check_parallel_config(spec, tensor_parallel_size, args.enable_expert_parallel)
         config = EngineConfig(
             block_size=args.block_size, max_num_seqs=args.max_num_seqs,
@@ -217,7 +114,13 @@ class LLM:
             check_memory_fits(spec, self.dtype, self.device, config, tensor_parallel_size)
         if tensor_parallel_size > 1:  # the workers load the snapshot found here, whatever the revision
             worker_model = self.source.path if self.source.repo_id else model
-            self._start_parallel(worker_model, args.load_format, args.dtype, args.seed, args.enable_expert_parallel)
+            self._executor = Executor.start(worker_model, load_format=args.load_format, dtype=args.dtype,
+                                            device_type=self.device.type, seed=args.seed,
+                                            tensor_parallel_size=tensor_parallel_size,
+                                            expert_parallel=args.enable_expert_parallel)
+            self.device = self._executor.device
+            # The finalizer must not hold the LLM itself: it stops the workers when the LLM is collected.
+            self._finalizer = weakref.finalize(self, self._executor.shutdown)
         try:
             self._build(config, args.seed, args.enable_expert_parallel, t0)
         except BaseException:
@@ -235,55 +138,16 @@ class LLM:
         self.tokenizer = self.source.load_tokenizer()
         block_size = config.block_size
         num_blocks = config.num_kv_blocks or self._kv_blocks_from_memory(config)
-        if self._workers is not None:
-            from dockyard.distributed.parallel_state import barrier, broadcast_object
-
-            self._workers.watched("model loading", lambda: (broadcast_object((num_blocks, block_size)), barrier()))
-            self._workers.ready = True
+        if self._executor is not None:
+            self._executor.finish_start(num_blocks, block_size)
         self.engine = LLMEngine(self.model, spec, self.tokenizer, config, self.device, self.dtype, num_blocks)
-        if self._workers is not None:
-            self.engine.runner.step_sender = broadcast_object
+        if self._executor is not None:
+            self.engine.runner.broadcast_step = self._executor.broadcast_step
         logger.info(
             "loaded %s (%s weights, %s, %s) in %.1fs; KV cache: %d blocks × %d tokens = %d tokens",
             self.source.name, self.source.kind, self.dtype, self.device, time.perf_counter() - t0,
             num_blocks, block_size, num_blocks * block_size,
         )
-
-    def _start_parallel(self, model: str | Path | None, load_format: str, dtype: str | torch.dtype, seed: int,
-                        expert_parallel: bool) -> None:
-        """Join (or form) the tensor-parallel group as rank 0: under torchrun its env:// group,
-        otherwise a group on a loopback TCP store with N - 1 spawned workers."""
-        from dockyard.distributed.parallel_state import free_port, init_parallel, launched_by_torchrun
-        from dockyard.distributed.worker import WorkerConfig, WorkerGroup, rank_device
-
-        n = self.tensor_parallel_size
-        self.device = rank_device(self.device.type, 0)
-        if launched_by_torchrun():
-            import os
-
-            if int(os.environ["WORLD_SIZE"]) != n or int(os.environ["RANK"]) != 0:
-                raise DockyardError(f"under torchrun the LLM is made on rank 0 with tensor_parallel_size equal to "
-                                    f"WORLD_SIZE={os.environ['WORLD_SIZE']} (got {n} on rank {os.environ['RANK']})")
-            workers = WorkerGroup([])  # torchrun owns the processes; shutdown still ends their step loops
-            self._workers = workers
-            self._finalizer = weakref.finalize(self, workers.close)
-            init_parallel(0, n, self.device, "env://")
-            return
-        init_method = f"tcp://127.0.0.1:{free_port()}"
-        threads = max(1, torch.get_num_threads() // n) if self.device.type == "cpu" else 0
-        configs = [WorkerConfig(model=None if model is None else str(model), load_format=load_format, dtype=dtype,
-                                device_type=self.device.type, seed=seed, rank=r, world_size=n,
-                                init_method=init_method, expert_parallel=expert_parallel, num_threads=threads)
-                   for r in range(1, n)]
-        workers = WorkerGroup(configs)
-        self._workers = workers
-        # The finalizer must not hold the LLM itself: it closes the workers when the LLM is collected.
-        self._finalizer = weakref.finalize(self, workers.close)
-        try:
-            workers.watched("start-up", lambda: init_parallel(0, n, self.device, init_method))
-        except BaseException:
-            self._finalizer()
-            raise
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers and leave the group (no-op without tensor parallelism)."""
@@ -294,10 +158,9 @@ class LLM:
     def _kv_blocks_from_memory(self, config: EngineConfig) -> int:
         plan = plan_memory(self.spec, self.dtype, max_num_batched_tokens=config.max_num_batched_tokens,
                            max_num_seqs=config.max_num_seqs, device_type=self.device.type)
-        block_bytes = plan.kv_bytes_per_token * config.block_size
-        if self.tensor_parallel_size > 1 and self.spec.mla is None:  # each rank caches its own KV heads
-            local_heads = self.engine_kv_heads()
-            block_bytes = block_bytes * local_heads // self.spec.kv_cache_layout[1]
+        # Each rank caches its own KV heads: the plan's bytes scaled to this rank's share of the layout.
+        local, full = parallel_config_of(self.model, self.spec).kv_cache_layout(self.spec), self.spec.kv_cache_layout
+        block_bytes = plan.kv_bytes_per_token * config.block_size * local[1] // full[1]
         if self.device.type == "cuda" and self.engine_args.kv_cache_memory_bytes is None:
             free, total = torch.cuda.mem_get_info(self.device)
             budget = gpu_kv_cache_budget(total, free, config.gpu_memory_utilization,
@@ -312,13 +175,6 @@ class LLM:
                 "--kv-cache-memory-bytes"
             )
         return int(blocks)
-
-    def engine_kv_heads(self) -> int:
-        """KV heads this rank's cache holds (all of them without tensor parallelism)."""
-        from dockyard.ops.attention import Attention
-
-        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        return layers[0].num_kv_heads if layers else self.spec.kv_cache_layout[1]
 
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's name: ``SamplingParams()`` with the generation config's defaults (``generation_config``)."""

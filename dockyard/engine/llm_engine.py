@@ -236,7 +236,7 @@ class LLMEngine:
             if item.seq.first_scheduled_time is None:
                 item.seq.first_scheduled_time = now
         previous = self._take_in_flight()
-        sampled, out, prompt_out, failed = self.runner.execute(batch, previous.tokens if previous else None)
+        sampled, out, prompt_out, failed = self.runner.step(batch, previous.tokens if previous else None)
         if failed:
             self._fail_seqs(failed, touched)
             batch = [item for item in batch if not item.seq.is_finished]
@@ -271,7 +271,7 @@ class LLMEngine:
         """Whether the step that sampled for ``seqs`` may stay in flight: async scheduling, no
         tensor-parallel peers waiting for exact inputs, and the scheduler agrees (no sequence needs its
         newest token on the host)."""
-        return (isinstance(self.scheduler, AsyncScheduler) and self.runner.step_sender is None
+        return (isinstance(self.scheduler, AsyncScheduler) and self.runner.broadcast_step is None
                 and self.scheduler.may_defer(seqs))
 
     def _take_in_flight(self) -> _InFlight | None:

@@ -1,10 +1,14 @@
 """Model runner: owns the model and the KV cache; turns a scheduled step into sampled tokens.
 
-Per step it builds the flat inputs once (``input_ids``, ``positions``, slot mapping, block
-tables, lengths), runs the model under the attention forward context, computes logits only
-for the sequences that sample this step, and hands them to the sampler with the rows'
-:class:`~dockyard.engine.sampler.SamplingBatch` (built once per step): every logits rule is the
-sampler's.
+Per step (:meth:`ModelRunner.step`, rank 0) it builds the flat inputs once (:class:`StepInputs`:
+``input_ids``, ``positions``, slot mapping, block tables, lengths, the rows that get logits), runs
+:meth:`ModelRunner.execute` on them — the model under the attention forward context, logits only for
+the rows that sample this step and the prompt-logprob rows — and hands the logits to the sampler with
+the rows' :class:`~dockyard.engine.sampler.SamplingBatch` (built once per step): every logits rule is
+the sampler's. Under tensor parallelism ``execute`` is what every rank runs: rank 0 broadcasts the
+``StepInputs`` first (``broadcast_step``, :mod:`dockyard.distributed.executor`) and the other ranks run
+the same call on them (:mod:`dockyard.distributed.worker`), so their collectives meet; only rank 0
+samples.
 
 Prompt logprobs: for a sequence that computes them, every prompt row of the step whose entry is
 not known yet (row ``p`` scores prompt token ``p + 1``) also goes through ``compute_logits``, in
@@ -24,14 +28,16 @@ engine's shared state can no longer be trusted.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import nn
 
+from dockyard.distributed.sharding import parallel_config_of
 from dockyard.engine.cuda_graphs import DecodeGraphs, decode_split_shape, graph_batch_sizes, why_not_capturable
 from dockyard.engine.sampler import Sampler, SamplerOutput, SamplingBatch, argmax_suffices
 from dockyard.engine.scheduler import ScheduledSeq
@@ -92,16 +98,53 @@ def isolate_failures(items: list[ScheduledSeq], run: Callable[[list[ScheduledSeq
 
 @dataclass
 class StepInputs:
-    """The flat tensors of one step."""
+    """What every rank needs to run one step: the flat inputs and the rows whose logits are computed.
+    Tensors only (no sequences), so rank 0 can broadcast it to the other tensor-parallel ranks."""
 
     input_ids: torch.Tensor
     positions: torch.Tensor
     metadata: AttentionMetadata
     sample_rows: torch.Tensor  # index into the flat batch of each sampling sequence's last token
-    sampling: list[ScheduledSeq]
     prompt_rows: torch.Tensor  # rows whose logits score the next prompt token (prompt logprobs)
     prompt_targets: torch.Tensor  # the prompt token each of those rows scores
+    prompt_top_k: int  # most likely tokens kept per prompt row (the largest number asked for)
+
+    def to(self, device: torch.device) -> StepInputs:
+        """The same inputs with every tensor on ``device``."""
+        md = self.metadata
+        metadata = dataclasses.replace(
+            md, slot_mapping=md.slot_mapping.to(device), block_tables=md.block_tables.to(device),
+            seq_lens_tensor=None if md.seq_lens_tensor is None else md.seq_lens_tensor.to(device))
+        return dataclasses.replace(
+            self, input_ids=self.input_ids.to(device), positions=self.positions.to(device), metadata=metadata,
+            sample_rows=self.sample_rows.to(device), prompt_rows=self.prompt_rows.to(device),
+            prompt_targets=self.prompt_targets.to(device))
+
+
+@dataclass
+class StepRows:
+    """Rank 0's side of a step: the sequences its sampled rows and its prompt-logprob rows belong to."""
+
+    sampling: list[ScheduledSeq]
     prompt_spans: list[PromptSpan]
+
+
+@dataclass
+class ModelOutput:
+    """What :meth:`ModelRunner.execute` computes, on the device: the logits of the sampled rows and the
+    prompt logprobs (None when the step has no such rows)."""
+
+    logits: torch.Tensor | None  # [len(sample_rows), vocab]
+    prompt_logprobs: PromptLogprobTensors | None
+
+
+@dataclass
+class PromptLogprobTensors:
+    """Per prompt row: the logprob of the prompt token it scores, and the top-k tokens and logprobs."""
+
+    token_logprobs: torch.Tensor  # [rows]
+    top_token_ids: torch.Tensor | None  # [rows, k]; None when k = 0
+    top_logprobs: torch.Tensor | None
 
 
 @dataclass
@@ -123,6 +166,15 @@ class PromptLogprobsOutput:
     top_token_ids: list[list[int]]  # per row, the k most likely tokens (k = the largest asked for)
     top_logprobs: list[list[float]]
 
+    @classmethod
+    def from_tensors(cls, spans: list[PromptSpan], tensors: PromptLogprobTensors) -> PromptLogprobsOutput:
+        """The host lists of ``tensors`` (rows in the order of ``spans``)."""
+        n = len(tensors.token_logprobs)
+        no_top: list[list] = [[] for _ in range(n)]
+        return cls(spans, tensors.token_logprobs.tolist(),
+                   no_top if tensors.top_token_ids is None else tensors.top_token_ids.tolist(),
+                   no_top if tensors.top_logprobs is None else tensors.top_logprobs.tolist())
+
     def entries(self, span: PromptSpan, k: int) -> list[dict[int, float]]:
         """``{prompt token: logprob}`` then the top ``k`` by descending logprob, per row of ``span``."""
         out = []
@@ -133,24 +185,6 @@ class PromptLogprobsOutput:
                 entry.setdefault(tid, lp)
             out.append(entry)
         return out
-
-
-def step_message(inputs: StepInputs) -> dict[str, Any]:
-    """What the other tensor-parallel ranks need of a step: the flat inputs and which rows get logits
-    (prompt-logprob rows only when some sequence asked for them), as host values."""
-    md = inputs.metadata
-
-    def host(x: torch.Tensor) -> torch.Tensor:
-        return x.cpu()
-
-    return {
-        "input_ids": host(inputs.input_ids), "positions": host(inputs.positions),
-        "slot_mapping": host(md.slot_mapping), "block_tables": host(md.block_tables),
-        "query_lens": md.query_lens, "seq_lens": md.seq_lens, "block_size": md.block_size,
-        "seq_lens_tensor": host(md.seq_lens_tensor), "decode_split_shape": md.decode_split_shape,
-        "prompt_rows": host(inputs.prompt_rows) if inputs.prompt_spans else torch.zeros(0, dtype=torch.long),
-        "sample_rows": host(inputs.sample_rows) if inputs.sampling else torch.zeros(0, dtype=torch.long),
-    }
 
 
 class ModelRunner:
@@ -166,18 +200,17 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.sampler = Sampler()
         self.attention_layers = [m for m in model.modules() if isinstance(m, AttentionLayer)]
-        entries, heads, dim = spec.kv_cache_layout
-        if spec.mla is None and self.attention_layers:  # a tensor-parallel shard caches only its own KV heads
-            heads = self.attention_layers[0].num_kv_heads
+        # A tensor-parallel shard caches only its own KV heads.
+        entries, heads, dim = parallel_config_of(model, spec).kv_cache_layout(spec)
         # On CUDA one more block than the block manager owns: the sink of captured batches' padding rows.
         use_graphs = device.type == "cuda" and not enforce_eager
         shape = (len(self.attention_layers), entries, num_blocks + int(use_graphs), block_size, heads, dim)
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
         self._bind_kv_cache()
         self.graphs: DecodeGraphs | None = None
-        # Tensor parallel, rank 0: called with each step's message before its forward (the other ranks
-        # run the same forward from it, see execute_message).
-        self.step_sender: Callable[[dict[str, Any]], None] | None = None
+        # Tensor parallel, rank 0: sends each step's inputs to the other ranks before its forward
+        # (``Executor.broadcast_step``; they run the same ``execute`` on them).
+        self.broadcast_step: Callable[[StepInputs], None] | None = None
         self.eager_reason = "enforce_eager" if enforce_eager else None
         max_len = max_model_len or spec.max_model_len
         self._split_sizes = graph_batch_sizes(max_num_seqs)
@@ -194,9 +227,10 @@ class ModelRunner:
         for i, layer in enumerate(self.attention_layers):
             layer.kv_cache = self.kv_cache[i]
 
-    def prepare(self, batch: list[ScheduledSeq], pending: torch.Tensor | None = None) -> StepInputs:
-        """Flat inputs for ``batch``; a pending token's input comes from ``pending`` (the sampled
-        tokens of the step in flight), on the device."""
+    def prepare(self, batch: list[ScheduledSeq], pending: torch.Tensor | None = None
+                ) -> tuple[StepInputs, StepRows]:
+        """Flat inputs for ``batch`` and the sequences their rows belong to; a pending token's input
+        comes from ``pending`` (the sampled tokens of the step in flight), on the device."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -251,17 +285,22 @@ class ModelRunner:
             block_size=bs,
             seq_lens_tensor=as_tensor(seq_lens),
         )
+        if dev.type == "cuda":
+            metadata.decode_split_shape = decode_split_shape(metadata.num_leading_decodes, self._split_sizes,
+                                                             self._split_context)
         ids = as_tensor(input_ids)
         if fill_rows:
             if pending is None:
                 raise RuntimeError("a sequence has a pending token but no in-flight step's tokens were given")
             ids[as_tensor(fill_rows)] = pending[as_tensor(fill_sources)]
-        return StepInputs(ids, as_tensor(positions), metadata, as_tensor(sample_rows), sampling,
-                          as_tensor(prompt_rows), as_tensor(prompt_targets), prompt_spans)
+        top_k = max((span.seq.params.prompt_logprobs or 0 for span in prompt_spans), default=0)
+        inputs = StepInputs(ids, as_tensor(positions), metadata, as_tensor(sample_rows), as_tensor(prompt_rows),
+                            as_tensor(prompt_targets), top_k)
+        return inputs, StepRows(sampling, prompt_spans)
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq], pending: torch.Tensor | None = None
-                ) -> tuple[list[ScheduledSeq], SamplerOutput | None, PromptLogprobsOutput | None, FailedSeqs]:
+    def step(self, batch: list[ScheduledSeq], pending: torch.Tensor | None = None
+             ) -> tuple[list[ScheduledSeq], SamplerOutput | None, PromptLogprobsOutput | None, FailedSeqs]:
         """Run one step; return the sequences that sampled, their sampler output, the prompt logprobs
         computed in this step (None when no sequence needed any), and the sequences whose rows failed
         (with the error; nothing of them was computed or sampled). ``pending``: the sampled tokens (on
@@ -270,22 +309,32 @@ class ModelRunner:
         self._bind_kv_cache()
         if self.graphs is not None and self._graph_step(batch):
             return self._execute_graph(batch, pending)
-        batch, inputs, failed = isolate_failures(batch, lambda items: self.prepare(items, pending))
-        if inputs is None:
+        batch, prepared, failed = isolate_failures(batch, lambda items: self.prepare(items, pending))
+        if prepared is None:
             return [], None, None, failed
-        if self.device.type == "cuda":
-            inputs.metadata.decode_split_shape = decode_split_shape(inputs.metadata.num_leading_decodes,
-                                                                    self._split_sizes, self._split_context)
-        if self.step_sender is not None:
-            self.step_sender(step_message(inputs))
+        inputs, rows = prepared
+        if self.broadcast_step is not None:
+            self.broadcast_step(inputs)
+        output = self.execute(inputs)
+        prompt_out = None
+        if output.prompt_logprobs is not None:
+            prompt_out = PromptLogprobsOutput.from_tensors(rows.prompt_spans, output.prompt_logprobs)
+        if not rows.sampling:
+            return [], None, prompt_out, failed
+        sampled, out, prompt_out, sample_failed = self._sample(output.logits, rows.sampling, prompt_out)
+        return sampled, out, prompt_out, failed + sample_failed
+
+    @torch.inference_mode()
+    def execute(self, inputs: StepInputs) -> ModelOutput:
+        """The step's forward on this rank and the logits of its sampled and prompt-logprob rows. Every
+        tensor-parallel rank runs it on the same inputs (the forward and ``compute_logits`` are
+        collectives); rank 0 samples from the result, the others drop it."""
+        self._bind_kv_cache()
         with forward_context(inputs.metadata):
             hidden = self.model(inputs.input_ids, inputs.positions)
-        prompt_out = self._prompt_logprobs(hidden, inputs) if inputs.prompt_spans else None
-        if not inputs.sampling:
-            return [], None, prompt_out, failed
-        sampled, out, prompt_out, sample_failed = self._sample(
-            self.model.compute_logits(hidden[inputs.sample_rows]), inputs.sampling, prompt_out)
-        return sampled, out, prompt_out, failed + sample_failed
+        prompt = self._prompt_logprobs(hidden, inputs) if inputs.prompt_rows.numel() else None
+        logits = self.model.compute_logits(hidden[inputs.sample_rows]) if inputs.sample_rows.numel() else None
+        return ModelOutput(logits, prompt)
 
     def _graph_step(self, batch: list[ScheduledSeq]) -> bool:
         """Whether a captured graph runs this step: every sequence decodes one token and samples it."""
@@ -346,9 +395,9 @@ class ModelRunner:
                                             logits.device)
         return self.sampler(logits, batch)
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> PromptLogprobsOutput:
+    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> PromptLogprobTensors:
         """log_softmax (float32) of the logits of ``inputs.prompt_rows``, a chunk of rows at a time."""
-        k = max(span.seq.params.prompt_logprobs or 0 for span in inputs.prompt_spans)
+        k = inputs.prompt_top_k
         rows, targets = inputs.prompt_rows, inputs.prompt_targets
         chunk = self.prompt_logits_chunk
         token_lps, top_ids, top_lps = [], [], []
@@ -360,39 +409,11 @@ class ModelRunner:
                 top_ids.append(ids)
                 top_lps.append(values)
             del logprobs
-        n = len(rows)
-        return PromptLogprobsOutput(
-            spans=inputs.prompt_spans,
-            token_logprobs=torch.cat(token_lps).tolist(),
-            top_token_ids=torch.cat(top_ids).tolist() if k > 0 else [[] for _ in range(n)],
-            top_logprobs=torch.cat(top_lps).tolist() if k > 0 else [[] for _ in range(n)],
-        )
+        return PromptLogprobTensors(torch.cat(token_lps), torch.cat(top_ids) if k > 0 else None,
+                                    torch.cat(top_lps) if k > 0 else None)
 
     @property
     def prompt_logits_chunk(self) -> int:
         """Prompt-logprob rows per ``compute_logits`` call."""
         return max(1, PROMPT_LOGITS_CHUNK_ELEMENTS // self.spec.vocab_size)
 
-    @torch.inference_mode()
-    def execute_message(self, msg: dict[str, Any]) -> None:
-        """Tensor parallel, ranks 1..N-1: the forward of the step rank 0 described in ``msg`` (from
-        :func:`step_message`), with the same ``compute_logits`` calls in the same order as rank 0's
-        ``execute`` (each call is a collective); the logits themselves are rank 0's to sample from."""
-        self._bind_kv_cache()
-        dev = self.device
-
-        def t(key: str) -> torch.Tensor:
-            return torch.as_tensor(msg[key], dtype=torch.long).to(dev)
-
-        metadata = AttentionMetadata(slot_mapping=t("slot_mapping"), block_tables=t("block_tables"),
-                                     query_lens=msg["query_lens"], seq_lens=msg["seq_lens"],
-                                     block_size=msg["block_size"], seq_lens_tensor=t("seq_lens_tensor"))
-        metadata.decode_split_shape = msg["decode_split_shape"]
-        with forward_context(metadata):
-            hidden = self.model(t("input_ids"), t("positions"))
-        prompt_rows, sample_rows = t("prompt_rows"), t("sample_rows")
-        chunk = self.prompt_logits_chunk
-        for s in range(0, len(prompt_rows), chunk):
-            self.model.compute_logits(hidden[prompt_rows[s:s + chunk]])
-        if len(sample_rows):
-            self.model.compute_logits(hidden[sample_rows])

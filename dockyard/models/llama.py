@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dockyard.distributed.sharding import Sharder
 from dockyard.errors import ConfigError
 from dockyard.ops.activation import act_and_mul
 from dockyard.ops.attention import Attention
@@ -112,6 +113,20 @@ class LlamaAttention(nn.Module):
         out = self.attn(q, k, v, sinks=getattr(self, "sinks", None), rotary=self.rotary_emb, positions=positions)
         return self.o_proj(out.reshape(tokens, -1))
 
+    def shard(self, sharder: Sharder, prefix: str) -> None:
+        """Keep the q and KV heads of ``sharder.parallel``: q/k/v column-parallel, o_proj row-parallel."""
+        if hasattr(self, "qkv_proj"):
+            raise ConfigError("tensor parallelism does not support fused qkv_proj checkpoints (Phi-3) yet")
+        parallel, d = sharder.parallel, self.head_dim
+        (h0, h1), (k0, k1) = parallel.heads, parallel.kv_heads
+        sharder.column(self, prefix, "q_proj", h0 * d, h1 * d)
+        sharder.column(self, prefix, "k_proj", k0 * d, k1 * d)
+        sharder.column(self, prefix, "v_proj", k0 * d, k1 * d)
+        sharder.row(self, prefix, "o_proj", h0 * d, h1 * d, reduce=True)
+        self.num_heads, self.num_kv_heads = parallel.num_heads, parallel.num_kv_heads
+        self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
+        self.attn.num_heads, self.attn.num_kv_heads = self.num_heads, self.num_kv_heads
+
 
 class LlamaMLP(nn.Module):
     """down(act(gate(x)) * up(x)); ``fused`` keeps Phi-3's one [gate | up] projection."""
@@ -135,6 +150,10 @@ class LlamaMLP(nn.Module):
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(act_and_mul(gate, up, self.act))
+
+    def shard(self, sharder: Sharder, prefix: str) -> None:
+        """Split the intermediate features: gate/up column-parallel, down row-parallel (all-reduced)."""
+        self.size = sharder.gated_mlp(self, prefix, self.size, reduce=True)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -249,6 +268,10 @@ class LlamaForCausalLM(nn.Module):
 
     def make_mlp(self, spec: ModelSpec, layer: int) -> nn.Module:
         return LlamaMLP(spec, fused=self.fused_projections)
+
+    def shard(self, sharder: Sharder, prefix: str) -> None:
+        """A vocabulary slice of the embedding and the LM head (the layers shard themselves)."""
+        sharder.vocab(self)
 
     def map_checkpoint_name(self, name: str) -> str | None:
         """A published checkpoint name → our parameter name (None: not part of the text model)."""

@@ -569,7 +569,7 @@ def _compare_levels(ours: nn.Module, hf_model: nn.Module, seq_len: int, decode_s
 def _run_ablation(ablation: Ablation, checkpoint: str, hf_model: nn.Module, seq_len: int, decode_steps: int,
                   seed: int) -> MutationResult:
     """Load ``checkpoint`` with one feature broken and compare up to the first level that fails."""
-    from dockyard.engine.llm import load_model  # the engine pulls in more than the rest of this module needs
+    from dockyard.model_loader import load_model  # pulls in the model families, more than the rest of this module needs
     from dockyard.model_source import resolve_model
 
     source = resolve_model(checkpoint)

@@ -26,7 +26,8 @@ computes the same quantized math in float32 with PyTorch (:func:`fp8_linear_refe
 also the tests' oracle. The loader decides which layers become :class:`Fp8Linear`
 (:mod:`dockyard.weights.fp8`); everything else keeps dequantize-on-load.
 
-The kernels live in :mod:`dockyard.ops.triton_fp8` (imported only when a CUDA forward needs them).
+The kernels live in :mod:`dockyard.ops.triton_fp8` (imported only when a CUDA forward needs them);
+the format's constants and shape rules, which both sides follow, in :mod:`dockyard.ops.fp8_format`.
 """
 
 from __future__ import annotations
@@ -39,10 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GROUP = 128  # activation quantization group (columns) = the GEMM's K tile
-E4M3_MAX = 448.0  # largest finite float8_e4m3fn
-AMAX_FLOOR = 1e-12  # a group of zeros gets this amax (scale ~2e-15) instead of a zero scale
-FP8_DTYPE = torch.float8_e4m3fn
+from dockyard.ops.fp8_format import AMAX_FLOOR, E4M3_MAX, FP8_DTYPE, GROUP, check_block, scale_grid_shape
+
 MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9), Hopper (9.0) and later
 
 
@@ -70,25 +69,6 @@ def native_fp8_unavailable(device: torch.device | str) -> str | None:
     if not triton_importable():
         return "Triton is not installed"
     return None
-
-
-def check_block(block: tuple[int, int], in_features: int, where: str = "Fp8Linear") -> None:
-    """Raise ValueError unless every 128-column activation group lies inside one weight scale block."""
-    bn, bk = block
-    if bn < 1 or bk < 1:
-        raise ValueError(f"{where}: scale block {block} must be positive")
-    if bk % GROUP and bk < in_features:
-        raise ValueError(
-            f"{where}: weight scale block {list(block)} has {bk} columns, but the FP8 kernel quantizes "
-            f"activations in groups of {GROUP} columns, which must each fall in one scale block (block "
-            f"columns a multiple of {GROUP}, or at least in_features={in_features}); dequantize this "
-            "checkpoint on load instead (DOCKYARD_FP8_NATIVE=0)"
-        )
-
-
-def scale_grid_shape(out_features: int, in_features: int, block: tuple[int, int]) -> tuple[int, int]:
-    """Shape of the scale grid for a weight [out_features, in_features] under ``block`` (ragged last tiles)."""
-    return math.ceil(out_features / block[0]), math.ceil(in_features / block[1])
 
 
 # ---------------------------------------------------------------------------------------------

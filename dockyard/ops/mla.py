@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dockyard.distributed.sharding import Sharder
 from dockyard.errors import ConfigError
 from dockyard.ops.attention import Attention, AttentionMetadata, _attend, decode_backend, gather_context
 from dockyard.ops.norm import RMSNorm
@@ -254,3 +255,7 @@ class MLAAttention(nn.Module):
         latent = torch.cat([c_kv, k_pe[:, 0, :]], dim=-1)  # what the cache stores per token
         out = self.attn(q, latent, self.kv_b_proj.weight)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.v_head_dim))
+
+    def shard(self, sharder: Sharder, prefix: str) -> None:
+        """Not split yet: a clear refusal instead of a silently replicated block."""
+        raise ConfigError(f"{sharder.spec.architecture}: tensor parallelism does not support MLA yet")

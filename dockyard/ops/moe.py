@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dockyard.distributed.parallel_state import all_reduce
+from dockyard.distributed.sharding import Sharder
 from dockyard.errors import ConfigError
 from dockyard.ops.activation import act_and_mul
 from dockyard.ops.dispatch import fused_ops_enabled
@@ -408,7 +410,7 @@ class SparseMoeBlock(nn.Module):
         if moe.num_shared_experts > 0:
             self.shared_experts = ExpertMLP(hidden, moe.num_shared_experts * moe.intermediate_size,
                                             spec.hidden_act, bias=spec.mlp_bias)
-        # Set by dockyard.distributed.sharding: the output is this rank's partial sum, all-reduced here.
+        # Set by ``shard``: the output is this rank's partial sum, all-reduced here.
         self.reduce_results = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -423,10 +425,25 @@ class SparseMoeBlock(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         if self.reduce_results:  # tensor/expert parallel: each rank has a partial sum
-            from dockyard.distributed.parallel_state import all_reduce
-
             out = all_reduce(out)
         return out.reshape(shape)
+
+    def shard(self, sharder: Sharder, prefix: str) -> None:
+        """Expert-parallel: keep this rank's range of whole experts; tensor-parallel: split every expert's
+        intermediate features. Shared experts are split in both modes; one all-reduce sums the block."""
+        experts = self.experts
+        if sharder.parallel.expert_parallel:
+            e0, e1 = sharder.parallel.split(experts.num_experts)
+            self.experts = LocalExperts({e: experts[e] for e in range(e0, e1)}, experts.num_experts)
+            sharder.drop_experts(prefix, experts.num_experts, range(e0, e1))
+        else:
+            for e, expert in enumerate(experts):
+                sharder.gated_mlp(expert, f"{prefix}.experts.{e}", expert.gate_proj.out_features, reduce=False)
+        for name in ("shared_expert", "shared_experts"):
+            shared = getattr(self, name)
+            if shared is not None:
+                sharder.gated_mlp(shared, f"{prefix}.{name}", shared.gate_proj.out_features, reduce=False)
+        self.reduce_results = True
 
 
 class GptOssExperts(nn.Module):
@@ -514,6 +531,11 @@ class GptOssMoeBlock(nn.Module):
         x = x.reshape(-1, shape[-1])
         weights, ids = select_experts(self.router(x), self.moe)
         return fused_experts(x, self.experts, weights, ids).reshape(shape)
+
+    def shard(self, sharder: Sharder, prefix: str) -> None:
+        """Not split yet: a clear refusal instead of a silently replicated block."""
+        raise ConfigError(f"{sharder.spec.architecture}: tensor parallelism does not support gpt-oss's stacked "
+                          "experts yet; use tensor_parallel_size=1")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dockyard.ops.fp8_linear import AMAX_FLOOR, E4M3_MAX, FP8_DTYPE, GROUP, check_block, scale_grid_shape
+from dockyard.ops.fp8_format import AMAX_FLOOR, E4M3_MAX, FP8_DTYPE, GROUP, check_block, scale_grid_shape
 
 # Groups of 128 columns one quantizer program handles (one per program ran at a fifth of the copy
 # bandwidth on an H100: 173 us for an 8192 x 4096 activation, benchmarks/RESULTS.md).

@@ -88,6 +88,35 @@ def test_llama_fewer_kv_heads_than_ranks_from_safetensors(tmp_path):
     assert _greedy(str(checkpoint), tp=2) == reference
 
 
+def _prompt_logprobs(model: str, tp: int) -> list[tuple[list[int], list, list]]:
+    """Sampled tokens, sample logprobs and prompt logprobs of 2 prompts (the longer one computed in two
+    chunked-prefill steps)."""
+    rng = random.Random(1)
+    prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (9, 40)]
+    llm = LLM(model, load_format="dummy", dtype="float32", device="cpu", seed=1, num_kv_blocks=32, max_num_seqs=4,
+              max_num_batched_tokens=32, tensor_parallel_size=tp)
+    try:
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=2, prompt_logprobs=3)
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs, o.prompt_logprobs)
+                for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        llm.shutdown()
+
+
+def test_prompt_logprobs_tp2_equal_tp1(tmp_path):
+    """Prompt-logprob rows go through the same broadcast step as the sampled rows: every rank computes
+    their logits (an all-gather of the vocabulary slices); rank 0's log-softmax and top-k match one process."""
+    model = _write(tmp_path, LLAMA)
+    reference, got = _prompt_logprobs(model, 1), _prompt_logprobs(model, 2)
+    for (ref_ids, ref_lps, ref_prompt), (ids, lps, prompt) in zip(reference, got, strict=True):
+        assert ids == ref_ids
+        assert len(prompt) == len(ref_prompt) and prompt[0] is None and ref_prompt[0] is None
+        for entry, ref_entry in zip(prompt[1:] + lps, ref_prompt[1:] + ref_lps, strict=True):
+            assert len(ref_entry) >= 2 and entry.keys() == ref_entry.keys()
+            torch.testing.assert_close(torch.tensor([entry[t] for t in ref_entry]),
+                                       torch.tensor(list(ref_entry.values())), rtol=1e-4, atol=1e-5)
+
+
 def test_moe_tp2_and_ep2_equal_tp1(tmp_path):
     model = _write(tmp_path, QWEN3_MOE)
     reference = _greedy(model)
@@ -180,10 +209,10 @@ def test_serve_passes_parallel_flags(monkeypatch):
 def test_worker_failing_at_start_up_fails_the_llm_at_once(tmp_path, monkeypatch):
     """A worker that dies loading (here: its model path is wrong) is reported by name and exit code,
     instead of rank 0 waiting out the collective's timeout."""
-    import dockyard.distributed.worker as worker
+    import dockyard.distributed.executor as executor
 
-    start = worker.WorkerGroup.__init__
-    monkeypatch.setattr(worker.WorkerGroup, "__init__", lambda self, configs: start(
+    start = executor.WorkerGroup.__init__
+    monkeypatch.setattr(executor.WorkerGroup, "__init__", lambda self, configs: start(
         self, [dataclasses.replace(c, model=str(tmp_path / "missing")) for c in configs]))
     model = _write(tmp_path, LLAMA)
     with pytest.raises(DockyardError, match=r"worker dockyard-tp1 exited \(code 1\)"):

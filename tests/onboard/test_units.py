@@ -183,7 +183,7 @@ def test_cli_cuda_without_gpu_is_a_clean_error(capsys, tmp_path):
 
 
 def test_onboard_dtype_choices_are_the_engines():
-    from dockyard.engine.llm import _DTYPES
+    from dockyard.model_loader import _DTYPES
     from dockyard.onboard.context import DTYPE_CHOICES
 
     assert set(DTYPE_CHOICES) == {"auto", *_DTYPES}  # context.py stays torch-free, so it names them itself

@@ -1,0 +1,125 @@
+"""Model loading: resolve the device and dtype, build the model, cut it to this rank, load its weights.
+
+``load_model`` is the one way a dockyard model comes to life, used by ``LLM`` (rank 0), the
+tensor-parallel workers (ranks 1..N-1) and onboarding:
+
+1. build the model from its spec on the target device in the target dtype, without random
+   initialization (every parameter is overwritten by the strict load);
+2. with tensor parallelism, cut it in place to this rank's shard (:mod:`dockyard.distributed.sharding`)
+   and read only this rank's slices of the checkpoint;
+3. for an FP8 checkpoint, choose between native FP8 matmuls and dequantizing on load
+   (:func:`dockyard.weights.fp8.choose_fp8_path`), then load the weights;
+4. on CUDA, fuse projections and route single-row matmuls to the GEMV kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from dockyard.distributed.sharding import lazy_cutter, shard_model, shard_weights
+from dockyard.errors import DockyardError
+from dockyard.model_source import ModelSource
+from dockyard.ops.linear import use_gemv_for_single_rows
+from dockyard.registry import build_model
+from dockyard.weights.fp8 import checkpoint_fp8_weights, choose_fp8_path, convert_to_fp8_linears
+from dockyard.weights.loader import load_weights
+from dockyard.weights.safetensors_dir import iter_safetensors
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' → cuda when available, else cpu; an unavailable device is a clear error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DockyardError(f"device={device!r} was asked for but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' → float32 on CPU; the checkpoint's dtype on GPU (bfloat16 for float32 checkpoints)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return _DTYPES.get(checkpoint_dtype, torch.bfloat16) if checkpoint_dtype != "float32" else torch.bfloat16
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise DockyardError(f"dtype={dtype!r} is not one of auto, {', '.join(_DTYPES)}") from None
+
+
+@contextlib.contextmanager
+def _skip_parameter_init() -> Iterator[None]:
+    """Build nn.Linear / nn.Embedding without their random initialization (memory left as allocated)."""
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved  # type: ignore[method-assign]
+
+
+def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, seed: int = 0,
+               tp_rank: int = 0, tp_size: int = 1, expert_parallel: bool = False) -> tuple[nn.Module, Any]:
+    """Build ``source``'s model on ``device`` in ``dtype`` and load its weights → (model, load report).
+
+    With ``tp_size`` > 1 the model is cut to rank ``tp_rank``'s shard first and only that rank's
+    slices are loaded (``dockyard.distributed.sharding``)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        # Every parameter is overwritten by the strict load below, so random init is skipped:
+        # on a CPU it costs as much as the load itself.
+        with torch.device(device), _skip_parameter_init():
+            model = build_model(source.spec)
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval()
+    if tp_size > 1:
+        shard_model(model, tp_rank, tp_size, expert_parallel)
+        _native_fp8(model, source, device, dtype, tp_size)  # logs that FP8 is dequantized under TP (for now)
+        if source.kind == "safetensors" and source.fp8 is None:  # read only this rank's slices
+            weights = iter_safetensors(source.path, cut=lazy_cutter(model))
+        else:  # dummy, GGUF (dequantized whole), FP8 (dequantized whole): sliced after reading
+            weights = shard_weights(model, source.iter_weights(model, dtype, seed))
+        report = load_weights(model, weights)
+    else:
+        report = load_weights(model, source.iter_weights(model, dtype, seed, native_fp8=_native_fp8(
+            model, source, device, dtype, tp_size)))
+    if device.type == "cuda" and hasattr(model, "fuse_projections"):
+        model.fuse_projections()
+    if device.type == "cuda":
+        use_gemv_for_single_rows(model)
+    return model, report
+
+
+def _native_fp8(model: nn.Module, source: ModelSource, device: torch.device, dtype: torch.dtype,
+                tp_size: int) -> set[str]:
+    """For an FP8 checkpoint on a device with FP8 matmuls: turn the model's FP8 projections into Fp8Linear
+    modules and return their checkpoint weight names (loaded as stored); else nothing changes (dequantize
+    on load). ``DOCKYARD_FP8_NATIVE`` overrides the choice (``weights.fp8.choose_fp8_path``)."""
+    if source.fp8 is None or source.kind != "safetensors":
+        return set()
+    native, why = choose_fp8_path(source.fp8, device, tp_size)
+    if not native:
+        logger.info("FP8 checkpoint: weights dequantized on load to %s (%s)", dtype, why)
+        return set()
+    fp8_weights = checkpoint_fp8_weights(source.path)
+    converted = convert_to_fp8_linears(model, fp8_weights, source.fp8, dtype)
+    if device.type == "cuda":  # the replaced Linears' memory goes back to the device (the KV cache is sized from it)
+        torch.cuda.empty_cache()
+    logger.info("FP8 checkpoint: %d of %d FP8 weights kept FP8 for native matmuls (%s); the rest dequantized "
+                "on load to %s", len(converted), len(fp8_weights), why, dtype)
+    return converted
