@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dockyard.errors import DockyardError, ModelNotFoundError, WeightsError
+from dockyard.model_impl import MODEL_IMPLS, choose_model_impl
 from dockyard.spec import ModelSpec, read_config_json
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class ModelSource:
     gguf: Any = None  # dockyard.weights.gguf.GGUFFile for kind == "gguf"
     fp8: Any = None  # dockyard.weights.fp8.FP8Config when quantization_config is fp8 (see weights/fp8.py)
     quantization: str | None = None  # quantization_config.quant_method, as the config names it
+    impl_reason: str = "a native dockyard family"  # why spec.model_impl runs it (dockyard.model_impl)
 
     @property
     def has_real_weights(self) -> bool:
@@ -91,8 +93,14 @@ class ModelSource:
         return load_tokenizer(self.path)
 
 
-def resolve_model(model: str | Path | None = None, load_format: str = "auto") -> ModelSource:
-    """Turn a MODEL argument into a :class:`ModelSource`, or a DockyardError saying what is wrong."""
+def resolve_model(model: str | Path | None = None, load_format: str = "auto", model_impl: str = "auto",
+                  trust_remote_code: bool = False) -> ModelSource:
+    """Turn a MODEL argument into a :class:`ModelSource`, or a DockyardError saying what is wrong.
+
+    ``model_impl`` / ``trust_remote_code``: which implementation runs it (:mod:`dockyard.model_impl`); a GGUF
+    file always runs on its native family."""
+    if model_impl not in MODEL_IMPLS:
+        raise DockyardError(f"model_impl={model_impl!r} is not one of {', '.join(MODEL_IMPLS)}")
     if load_format not in LOAD_FORMATS:
         raise DockyardError(f"load_format={load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
     path = bundled_model_path() if model is None else Path(model).expanduser()
@@ -114,6 +122,10 @@ def resolve_model(model: str | Path | None = None, load_format: str = "auto") ->
     if path.is_file() and path.suffix == ".gguf":
         from dockyard.weights.gguf import GGUFFile
 
+        if model_impl == "transformers":
+            raise DockyardError(f"{path.name} is a GGUF file, which runs on its native dockyard family only; "
+                                "use --model-impl auto or dockyard, or a safetensors directory for the generic path")
+
         gguf = GGUFFile(path)
         spec = ModelSpec.from_hf_config(gguf.hf_config(), name=path.stem)
         kind = "dummy" if load_format == "dummy" else "gguf"
@@ -124,7 +136,14 @@ def resolve_model(model: str | Path | None = None, load_format: str = "auto") ->
         config_file, model_dir = path / "config.json", path
     config = read_config_json(config_file)
     name = model_dir.resolve().name if config_file.name == "config.json" else config_file.stem
-    spec = ModelSpec.from_hf_config(config, name=name)
+    choice = choose_model_impl(config, model_impl, model_dir if path.is_dir() else None, trust_remote_code)
+    if choice.impl == "transformers":
+        # Model modules load lazily (the registry's rule): this one imports transformers' modeling code.
+        from dockyard.models.generic import generic_spec
+
+        spec = generic_spec(config, name, choice.remote_code_dir)
+    else:
+        spec = ModelSpec.from_hf_config(config, name=name)
     kind, fp8 = "dummy", None
     quant = config.get("quantization_config")
     method = None
@@ -151,4 +170,5 @@ def resolve_model(model: str | Path | None = None, load_format: str = "auto") ->
                 raise
             # Dummy weights do not read the checkpoint's scales: the FP8 settings only matter to the plan.
             logger.info("quantization_config is fp8 with settings the loader refuses; dummy weights ignore it")
-    return ModelSource(name=name, spec=spec, kind=kind, path=model_dir, fp8=fp8, quantization=method)
+    return ModelSource(name=name, spec=spec, kind=kind, path=model_dir, fp8=fp8, quantization=method,
+                       impl_reason=choice.reason)

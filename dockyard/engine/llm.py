@@ -148,6 +148,8 @@ class LLM:
     Before anything is loaded the memory plan is checked against the device's free memory
     (:mod:`dockyard.engine.memory_check`); ``skip_memory_check`` loads anyway. ``num_threads``: torch's
     CPU threads (default: the physical cores this process may use, :mod:`dockyard.engine.threads`).
+    ``model_impl`` (auto | dockyard | transformers) and ``trust_remote_code`` choose between a native family
+    and transformers' own classes (:mod:`dockyard.model_impl`, :mod:`dockyard.models.generic`).
     """
 
     def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype = "auto",
@@ -158,12 +160,18 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                  enforce_eager: bool = False, tensor_parallel_size: int = 1,
                  enable_expert_parallel: bool = False, async_scheduling: bool | None = None,
-                 skip_memory_check: bool = False, num_threads: int | None = None) -> None:
+                 skip_memory_check: bool = False, num_threads: int | None = None, model_impl: str = "auto",
+                 trust_remote_code: bool = False) -> None:
         t0 = time.perf_counter()
         configure_threads(num_threads)
         self._workers: Any = None
-        self.source: ModelSource = resolve_model(model, load_format)
+        self.source: ModelSource = resolve_model(model, load_format, model_impl, trust_remote_code)
         spec = self.source.spec
+        if spec.model_impl == "transformers" and (tensor_parallel_size > 1 or enable_expert_parallel):
+            raise DockyardError(
+                f"{self.source.name} runs on the generic (transformers) path ({self.source.impl_reason}), which "
+                "has no tensor or expert parallelism; run it on one device (tensor_parallel_size=1), or use a model "
+                "with a native dockyard family")
         if max_model_len is not None and not 0 < max_model_len <= spec.max_model_len:
             raise DockyardError(
                 f"max_model_len={max_model_len} must be in [1, {spec.max_model_len}] "

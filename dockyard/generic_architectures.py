@@ -1,0 +1,54 @@
+"""The decoders the generic path is shown on: architectures the installed transformers implements and no
+dockyard family runs, each as a tiny config built from its own transformers config class.
+
+One list serves the parametrized equivalence test (``tests/models/test_generic.py``) and the onboarding runs
+behind the generic-path table of ``docs/supported-models.md`` (``scripts/onboard_generic.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Sizes every tiny config gets, under transformers' standard attribute names (the config classes map them
+# onto their own: n_embd, n_layer, ffn_dim, ...).
+TINY_SIZES: dict[str, Any] = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                              "intermediate_size": 128, "vocab_size": 1000, "max_position_embeddings": 256}
+
+# model_type → what its tiny config needs beyond TINY_SIZES (keys of that config class).
+GENERIC_EXAMPLES: dict[str, dict[str, Any]] = {
+    "gpt_neox": {"rotary_pct": 0.25},
+    "gpt2": {},
+    "gpt_bigcode": {"multi_query": True},
+    "gptj": {"rotary_dim": 8, "n_inner": 128},
+    "codegen": {"rotary_dim": 8, "n_inner": 128},
+    "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
+    "phi": {"partial_rotary_factor": 0.5},
+    "persimmon": {"partial_rotary_factor": 0.5},
+    "starcoder2": {"num_key_value_heads": 2, "sliding_window": 8},
+    "cohere": {"num_key_value_heads": 2},
+    "cohere2": {"num_key_value_heads": 2, "sliding_window": 8},
+    "olmo": {"num_key_value_heads": 2},
+    "olmo3": {"num_key_value_heads": 2, "sliding_window": 8},
+    "nemotron": {"num_key_value_heads": 2, "head_dim": 16},
+    "exaone4": {"num_key_value_heads": 2, "sliding_window": 8},
+    "glm": {"num_key_value_heads": 2, "head_dim": 16},
+    "glm4": {"num_key_value_heads": 2, "head_dim": 16},
+    "helium": {"num_key_value_heads": 2, "head_dim": 16},
+    "arcee": {"num_key_value_heads": 2},
+    "apertus": {"num_key_value_heads": 2},
+    "seed_oss": {"num_key_value_heads": 2, "head_dim": 16},
+    "smollm3": {"num_key_value_heads": 2},
+    "ernie4_5": {"num_key_value_heads": 2, "head_dim": 16},
+    "hunyuan_v1_dense": {"num_key_value_heads": 2, "head_dim": 16},
+    "gemma": {"num_key_value_heads": 2, "head_dim": 16},
+    "granitemoe": {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2},
+}
+
+
+def tiny_config(model_type: str) -> dict[str, Any]:
+    """A config.json dict of ``model_type`` at tiny sizes, from its transformers config class."""
+    from transformers import AutoConfig  # kept out of import time: the list above is read without torch
+
+    config = AutoConfig.for_model(model_type, **TINY_SIZES, **GENERIC_EXAMPLES[model_type]).to_dict()
+    config["architectures"] = config.get("architectures") or None
+    return config
