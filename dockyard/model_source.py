@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dockyard.errors import DockyardError, ModelNotFoundError, WeightsError
-from dockyard.model_impl import MODEL_IMPLS, choose_model_impl
+from dockyard.model_impl import MODEL_IMPLS, ImplChoice, choose_model_impl
 from dockyard.spec import ModelSpec, read_config_json
 
 logger = logging.getLogger(__name__)
@@ -93,12 +93,22 @@ class ModelSource:
         return load_tokenizer(self.path)
 
 
+def _spec_for(choice: ImplChoice, config: dict[str, Any], name: str) -> ModelSpec:
+    """The spec of ``config`` for the implementation ``choice`` names."""
+    if choice.impl == "transformers":
+        # Model modules load lazily (the registry's rule): this one imports transformers' modeling code.
+        from dockyard.models.generic import generic_spec
+
+        return generic_spec(config, name, choice.remote_code_dir)
+    return ModelSpec.from_hf_config(config, name=name)
+
+
 def resolve_model(model: str | Path | None = None, load_format: str = "auto", model_impl: str = "auto",
                   trust_remote_code: bool = False) -> ModelSource:
     """Turn a MODEL argument into a :class:`ModelSource`, or a DockyardError saying what is wrong.
 
     ``model_impl`` / ``trust_remote_code``: which implementation runs it (:mod:`dockyard.model_impl`); a GGUF
-    file always runs on its native family."""
+    file's tensors come dequantized under HF names on either path."""
     if model_impl not in MODEL_IMPLS:
         raise DockyardError(f"model_impl={model_impl!r} is not one of {', '.join(MODEL_IMPLS)}")
     if load_format not in LOAD_FORMATS:
@@ -122,14 +132,11 @@ def resolve_model(model: str | Path | None = None, load_format: str = "auto", mo
     if path.is_file() and path.suffix == ".gguf":
         from dockyard.weights.gguf import GGUFFile
 
-        if model_impl == "transformers":
-            raise DockyardError(f"{path.name} is a GGUF file, which runs on its native dockyard family only; "
-                                "use --model-impl auto or dockyard, or a safetensors directory for the generic path")
-
         gguf = GGUFFile(path)
-        spec = ModelSpec.from_hf_config(gguf.hf_config(), name=path.stem)
+        choice = choose_model_impl(gguf.hf_config(), model_impl)
+        spec = _spec_for(choice, gguf.hf_config(), path.stem)
         kind = "dummy" if load_format == "dummy" else "gguf"
-        return ModelSource(name=path.stem, spec=spec, kind=kind, path=path, gguf=gguf)
+        return ModelSource(name=path.stem, spec=spec, kind=kind, path=path, gguf=gguf, impl_reason=choice.reason)
     if path.is_file():
         config_file, model_dir = path, path.parent
     else:
@@ -137,13 +144,7 @@ def resolve_model(model: str | Path | None = None, load_format: str = "auto", mo
     config = read_config_json(config_file)
     name = model_dir.resolve().name if config_file.name == "config.json" else config_file.stem
     choice = choose_model_impl(config, model_impl, model_dir if path.is_dir() else None, trust_remote_code)
-    if choice.impl == "transformers":
-        # Model modules load lazily (the registry's rule): this one imports transformers' modeling code.
-        from dockyard.models.generic import generic_spec
-
-        spec = generic_spec(config, name, choice.remote_code_dir)
-    else:
-        spec = ModelSpec.from_hf_config(config, name=name)
+    spec = _spec_for(choice, config, name)
     kind, fp8 = "dummy", None
     quant = config.get("quantization_config")
     method = None

@@ -30,6 +30,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+from transformers.initialization import no_init_weights
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from dockyard.errors import ConfigError, UnsupportedArchitectureError, WeightsError
@@ -184,7 +185,9 @@ class TransformersForCausalLM(nn.Module):
         self.spec = spec
         config = build_transformers_config(spec)
         cls = causal_lm_class(config)
-        hf = cls._from_config(config, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.get_default_dtype())
+        with no_init_weights():  # every weight is overwritten by the strict load (or dummy weights)
+            hf = cls._from_config(config, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.get_default_dtype())
+        hf.tie_weights()
         _buffers_to_parameters(hf)
         for child_name, child in hf.named_children():
             self.add_module(child_name, child)
