@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from dockyard.cli_args import add_num_threads_arg, add_skip_memory_check_arg
+from dockyard.cli_args import add_model_impl_args, add_num_threads_arg, add_skip_memory_check_arg
 from dockyard.errors import DockyardError
 from dockyard.eval.cli import add_eval_parser, cmd_eval
 from dockyard.onboard.cli import add_onboard_parser, cmd_onboard
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", help="auto | cpu | cuda")
     add_num_threads_arg(gen)
     add_skip_memory_check_arg(gen)
+    add_model_impl_args(gen)
 
     models = sub.add_parser("models", help="list the supported architectures (docs/supported-models.md)")
     models.add_argument("--configs", action="append", default=[], metavar="DIR",
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     ins.add_argument("--device-memory", type=float, default=None, metavar="GiB",
                      help="plan for a GPU of this much memory (default: this machine's device)")
+    add_model_impl_args(ins)
 
     add_serve_parser(sub)
     add_onboard_parser(sub)
@@ -84,7 +86,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         min_p=args.min_p, seed=args.seed, stop=args.stop,
     )
     llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
-              num_threads=args.num_threads, skip_memory_check=args.skip_memory_check)
+              num_threads=args.num_threads, skip_memory_check=args.skip_memory_check, model_impl=args.model_impl,
+              trust_remote_code=args.trust_remote_code)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": args.prompt})
@@ -105,7 +108,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     near = nearest_family(features, str(config.get("model_type") or ""))
     unknown = unrecognised_keys(config)
     try:
-        source = resolve_model(args.model)  # metadata only; an absurd config is refused before the engine is imported
+        # metadata only; an absurd config is refused before the engine is imported
+        source = resolve_model(args.model, model_impl=args.model_impl, trust_remote_code=args.trust_remote_code)
         from dockyard.onboard.machine import detect_machine
         from dockyard.run_plan import RunTarget, plan_for_run
 
@@ -127,12 +131,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         json.dump({"source": {"kind": source.kind, "path": str(source.path)}, "spec": spec.to_dict(),
                    "target": {"device": target.device_type, "present": target.present, "fp8_path": fp8_why},
                    "memory_plan": plan.to_dict(), "fit": fit, "features": [f.to_dict() for f in features],
-                   "nearest_family": near.to_dict() if near else None, "unrecognised_keys": unknown},
+                   "nearest_family": near.to_dict() if near else None, "unrecognised_keys": unknown,
+                   "path": {"impl": spec.model_impl, "reason": source.impl_reason}},
                   sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
     print(f"model        {source.name}  ({source.kind}: {source.path})")
     print(f"architecture {spec.architecture}  (model_type {spec.model_type})")
+    print(f"path         {spec.model_impl}: {source.impl_reason}")
     print(f"layers {spec.num_hidden_layers}  hidden {spec.hidden_size}  intermediate {spec.intermediate_size}  "
           f"vocab {spec.vocab_size}")
     print(f"heads q {spec.num_attention_heads} / kv {spec.num_key_value_heads}  head_dim {spec.head_dim}  "

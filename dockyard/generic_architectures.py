@@ -14,34 +14,23 @@ from typing import Any
 TINY_SIZES: dict[str, Any] = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                               "intermediate_size": 128, "vocab_size": 1000, "max_position_embeddings": 256}
 
+# Grouped-query attention at the tiny sizes (4 query heads share 2 KV heads), with an explicit head size, and
+# a sliding window shorter than the equivalence check's sequence.
+_GQA = {"num_key_value_heads": 2}
+_GQA_HEAD = {**_GQA, "head_dim": 16}
+_GQA_WINDOW = {**_GQA, "sliding_window": 8}
+
 # model_type → what its tiny config needs beyond TINY_SIZES (keys of that config class).
 GENERIC_EXAMPLES: dict[str, dict[str, Any]] = {
-    "gpt_neox": {"rotary_pct": 0.25},
-    "gpt2": {},
-    "gpt_bigcode": {"multi_query": True},
-    "gptj": {"rotary_dim": 8, "n_inner": 128},
-    "codegen": {"rotary_dim": 8, "n_inner": 128},
+    "gpt_neox": {"rotary_pct": 0.25}, "gpt2": {}, "gpt_bigcode": {"multi_query": True},
+    "gptj": {"rotary_dim": 8, "n_inner": 128}, "codegen": {"rotary_dim": 8, "n_inner": 128},
     "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
-    "phi": {"partial_rotary_factor": 0.5},
-    "persimmon": {"partial_rotary_factor": 0.5},
-    "starcoder2": {"num_key_value_heads": 2, "sliding_window": 8},
-    "cohere": {"num_key_value_heads": 2},
-    "cohere2": {"num_key_value_heads": 2, "sliding_window": 8},
-    "olmo": {"num_key_value_heads": 2},
-    "olmo3": {"num_key_value_heads": 2, "sliding_window": 8},
-    "nemotron": {"num_key_value_heads": 2, "head_dim": 16},
-    "exaone4": {"num_key_value_heads": 2, "sliding_window": 8},
-    "glm": {"num_key_value_heads": 2, "head_dim": 16},
-    "glm4": {"num_key_value_heads": 2, "head_dim": 16},
-    "helium": {"num_key_value_heads": 2, "head_dim": 16},
-    "arcee": {"num_key_value_heads": 2},
-    "apertus": {"num_key_value_heads": 2},
-    "seed_oss": {"num_key_value_heads": 2, "head_dim": 16},
-    "smollm3": {"num_key_value_heads": 2},
-    "ernie4_5": {"num_key_value_heads": 2, "head_dim": 16},
-    "hunyuan_v1_dense": {"num_key_value_heads": 2, "head_dim": 16},
-    "gemma": {"num_key_value_heads": 2, "head_dim": 16},
-    "granitemoe": {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "phi": {"partial_rotary_factor": 0.5}, "persimmon": {"partial_rotary_factor": 0.5},
+    "starcoder2": _GQA_WINDOW, "cohere2": _GQA_WINDOW, "olmo3": _GQA_WINDOW, "exaone4": _GQA_WINDOW,
+    "cohere": _GQA, "olmo": _GQA, "arcee": _GQA, "apertus": _GQA, "smollm3": _GQA,
+    "nemotron": _GQA_HEAD, "glm": _GQA_HEAD, "glm4": _GQA_HEAD, "helium": _GQA_HEAD, "seed_oss": _GQA_HEAD,
+    "ernie4_5": _GQA_HEAD, "hunyuan_v1_dense": _GQA_HEAD, "gemma": _GQA_HEAD,
+    "granitemoe": {**_GQA, "num_local_experts": 4, "num_experts_per_tok": 2},
 }
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from dockyard.errors import ConfigError, DockyardError, UnsupportedArchitectureError
 from dockyard.onboard.config_features import coverage, detect_features, unrecognised_keys
-from dockyard.registry import MODEL_REGISTRY
+from dockyard.registry import MODEL_REGISTRY, supported_architectures
 from dockyard.spec import ModelSpec
 
 MODEL_IMPLS = ("auto", "dockyard", "transformers")
@@ -112,7 +112,8 @@ def choose_model_impl(config: dict[str, Any], requested: str = "auto", model_dir
         remote = _generic_source(config, model_dir, trust_remote_code)
     except UnsupportedArchitectureError as exc:
         if requested == "auto" and gaps:
-            raise type(exc)(f"{exc} (native path: {'; '.join(gaps)})") from None
+            raise type(exc)(f"{exc} (native path: {'; '.join(gaps)}; dockyard families run "
+                            f"{', '.join(supported_architectures())})") from None
         raise
     why = "asked for (--model-impl transformers)" if requested == "transformers" else "; ".join(gaps)
     where = f"remote code from {remote}" if remote else "the installed transformers' own classes"

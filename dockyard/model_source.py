@@ -103,6 +103,12 @@ def _spec_for(choice: ImplChoice, config: dict[str, Any], name: str) -> ModelSpe
     return ModelSpec.from_hf_config(config, name=name)
 
 
+def spec_for_config(config: dict[str, Any], name: str | None = None) -> ModelSpec:
+    """The spec of a config dict alone on the path ``auto`` chooses for it (no model directory, so no remote
+    code): what sizing a reduced copy of a model needs."""
+    return _spec_for(choose_model_impl(config), config, name or str(config.get("_name_or_path") or "model"))
+
+
 def resolve_model(model: str | Path | None = None, load_format: str = "auto", model_impl: str = "auto",
                   trust_remote_code: bool = False) -> ModelSource:
     """Turn a MODEL argument into a :class:`ModelSource`, or a DockyardError saying what is wrong.

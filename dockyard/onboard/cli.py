@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from dockyard.cli_args import add_num_threads_arg
+from dockyard.cli_args import add_model_impl_args, add_num_threads_arg
 from dockyard.onboard.context import DTYPE_CHOICES, EXIT_CODES, GATE_NAMES, check_model_path
 
 
@@ -47,6 +47,7 @@ def add_onboard_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                                                            "(default inductor)")
     p.add_argument("--json", action="store_true", help="print report.json on stdout (the table goes to stderr)")
     add_num_threads_arg(p)
+    add_model_impl_args(p)
     return p
 
 
@@ -62,7 +63,8 @@ def cmd_onboard(args: argparse.Namespace) -> int:
         model=args.model, out=args.out, weights=args.weights, device=args.device,
         device_memory_gib=args.device_memory, dtype=args.dtype, num_layers=args.num_layers,
         dummy_memory_gib=args.dummy_memory,
-        skip=tuple(args.skip), compile_backend=args.compile_backend,
+        skip=tuple(args.skip), compile_backend=args.compile_backend, model_impl=args.model_impl,
+        trust_remote_code=args.trust_remote_code,
     )
     run = run_onboard(options, progress=sys.stderr)
     table = summary_table(run)

@@ -529,7 +529,8 @@ def serve(args: Any) -> int:
               max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
               enforce_eager=args.enforce_eager, tensor_parallel_size=tp, enable_expert_parallel=ep,
               async_scheduling=False if args.no_async_scheduling else None,
-              num_threads=args.num_threads, skip_memory_check=args.skip_memory_check)
+              num_threads=args.num_threads, skip_memory_check=args.skip_memory_check, model_impl=args.model_impl,
+              trust_remote_code=args.trust_remote_code)
     load_s = time.perf_counter() - t0
     names = args.served_model_name or [llm.source.name]
     fatal: list[str] = []

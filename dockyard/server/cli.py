@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from dockyard.cli_args import add_num_threads_arg, add_skip_memory_check_arg
+from dockyard.cli_args import add_model_impl_args, add_num_threads_arg, add_skip_memory_check_arg
 
 DEFAULT_PORT = 8000
 
@@ -61,6 +61,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="MoE: place whole experts across the tensor-parallel ranks instead of splitting each")
     add_num_threads_arg(p)
     add_skip_memory_check_arg(p)
+    add_model_impl_args(p)
     return p
 
 

@@ -88,9 +88,9 @@ def _with_width(cfg: dict[str, Any], divisor: int) -> dict[str, Any]:
 def _plan(cfg: dict[str, Any], dtype: torch.dtype, device_type: str) -> tuple[int, Any]:
     """(bytes the engine adds for ``cfg`` as this gate starts it, its spec)."""
     from dockyard.memory import plan_memory
-    from dockyard.spec import ModelSpec
+    from dockyard.model_source import spec_for_config
 
-    spec = ModelSpec.from_hf_config(cfg)
+    spec = spec_for_config(cfg)
     plan = plan_memory(spec, dtype, max_num_batched_tokens=ENGINE["max_num_batched_tokens"],
                        max_num_seqs=ENGINE["max_num_seqs"], device_type=device_type)
     kv = ENGINE["num_kv_blocks"] * ENGINE["block_size"] * plan.kv_bytes_per_token
@@ -227,7 +227,7 @@ def run(ctx: GateContext) -> Outcome:
                      reductions=reductions, config=cfg)
     t0 = time.perf_counter()
     engine_kwargs = {"dtype": dtype, "device": machine.device, "load_format": "dummy", "seed": ctx.options.seed,
-                     **ENGINE}
+                     **ENGINE, **ctx.options.impl_kwargs}
     with tempfile.TemporaryDirectory(prefix="dockyard-dummy-") as tmp:
         if reductions:
             config_path = Path(tmp) / "config.json"
