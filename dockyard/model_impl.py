@@ -64,6 +64,22 @@ def transformers_ships(model_type: str) -> bool:
     return model_type in CONFIG_MAPPING_NAMES
 
 
+def with_standard_names(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the sizes its transformers config class keeps under its own names (GPT-2's ``n_layer``,
+    ``n_embd``, ...) renamed to the standard ones (``num_hidden_layers``, ``hidden_size``, ...), which that
+    class also accepts: what code that resizes a config dict reads and edits."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = str(config.get("model_type") or "")
+    if model_type not in CONFIG_MAPPING:
+        return config
+    out = dict(config)
+    for standard, own in CONFIG_MAPPING[model_type].attribute_map.items():
+        if standard not in out and own in out:
+            out[standard] = out.pop(own)
+    return out
+
+
 def remote_code_file(config: dict[str, Any]) -> str | None:
     """The modeling file a config's ``auto_map`` names for ``AutoModelForCausalLM`` (None: no remote code)."""
     auto_map = config.get("auto_map")

@@ -159,3 +159,19 @@ def test_every_published_config_gets_a_path_or_a_refusal_that_says_what_to_do():
     assert len(decisions) == 51
     assert {k: decisions[k] for k in EXPECTED_PATHS} == EXPECTED_PATHS
     assert decisions["openbmb--MiniCPM-2B-sft-bf16"] == "refused"  # this copy of its config has no auto_map
+
+
+def test_onboarding_runs_its_gates_on_the_generic_path(tiny_generic, tmp_path):
+    from dockyard.onboard import OnboardOptions, run_onboard
+
+    llm, _ = tiny_generic
+    run = run_onboard(OnboardOptions(model=str(llm.source.path), out=tmp_path / "out", weights="dummy",
+                                     device="cpu", skip=("features",)))
+    assert run.report["path"]["impl"] == "transformers"
+    assert "GPTNeoXForCausalLM" in run.report["path"]["reason"]
+    inspect, equivalence = run.gate("inspect"), run.gate("equivalence")
+    assert inspect.status == "pass" and "generic path" in inspect.summary
+    assert inspect.evidence["missing_features"]  # what a native family would still need is listed
+    assert equivalence.status == "pass" and equivalence.evidence["path"] == "transformers"
+    assert run.gate("dummy").status == "pass" and run.gate("capacity").status == "pass"
+    assert run.report["overall"]["verdict"] == "PASS-PARTIAL"  # real and features not run: named, not claimed

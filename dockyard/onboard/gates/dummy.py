@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from dockyard.model_impl import with_standard_names
 from dockyard.onboard.context import GateContext, Outcome
 from dockyard.onboard.machine import available_now
 from dockyard.spec import language_model_config
@@ -102,6 +103,7 @@ def choose_config(cfg: dict[str, Any], layers: int, budget: int, dtype: torch.dt
                   device_type: str) -> tuple[dict[str, Any] | None, list[str], int]:
     """The config to run within ``budget`` bytes, the reductions made, and the bytes it needs."""
     reductions: list[str] = []
+    cfg = with_standard_names(cfg)  # a generic-path config may keep its sizes under its own names (n_layer)
     total_layers = int(_text(cfg)["num_hidden_layers"])
     if layers < total_layers:
         reductions.append(f"layers {total_layers} → {layers} (asked for)")
