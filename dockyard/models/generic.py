@@ -142,6 +142,9 @@ def build_transformers_config(spec: ModelSpec) -> PretrainedConfig:
         setattr(text, key, value)
     if changed and "layer_types" in text.to_dict() and isinstance(text.layer_types, list):
         text.layer_types = text.layer_types[:spec.num_hidden_layers]
+    pad = getattr(text, "pad_token_id", None)
+    if isinstance(pad, int) and not 0 <= pad < text.vocab_size:  # past a reduced vocabulary: no padding row
+        text.pad_token_id = None
     got = config_sizes(config)
     wrong = [k for k in changed if got[k] != wanted[k]]
     if wrong:
