@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from dockyard.errors import DockyardError
+from dockyard.model_impl import choose_model_impl
 from dockyard.ops.attention import Attention, AttentionMetadata, forward_context
 from dockyard.spec import language_model_config
 
@@ -569,12 +571,12 @@ def _compare_levels(ours: nn.Module, hf_model: nn.Module, seq_len: int, decode_s
 
 
 def _run_ablation(ablation: Ablation, checkpoint: str, hf_model: nn.Module, seq_len: int, decode_steps: int,
-                  seed: int) -> MutationResult:
+                  seed: int, model_impl: str = "auto") -> MutationResult:
     """Load ``checkpoint`` with one feature broken and compare up to the first level that fails."""
     from dockyard.engine.llm import load_model  # the engine pulls in more than the rest of this module needs
     from dockyard.model_source import resolve_model
 
-    source = resolve_model(checkpoint)
+    source = resolve_model(checkpoint, model_impl=model_impl)
     try:
         source = dataclasses.replace(source, spec=ablation.ablated_spec(source.spec))
         model, _ = load_model(source, torch.device("cpu"), torch.float32)
@@ -606,6 +608,11 @@ def check_equivalence(config: dict[str, Any], workdir: str | Path | None = None,
     if why_not is not None:
         result.reason = why_not
         return result
+    if model_impl == "auto":  # decided on the real config: the saved checkpoint's config.json has more keys
+        try:
+            model_impl = choose_model_impl(config).impl
+        except DockyardError:
+            pass  # the load below fails with the same refusal, recorded as the verdict
     cfg, notes = shrink_config(config, seq_len)
     max_pos = _int(cfg.get("max_position_embeddings"))
     if max_pos is not None and max_pos < seq_len:
@@ -639,7 +646,8 @@ def check_equivalence(config: dict[str, Any], workdir: str | Path | None = None,
         result.levels = compare_models(llm.model, hf_model, seq_len, decode_steps, seed=seed + 1)
         del llm
         if result.first_failure is None:  # a mutation check means something only where the intact model passes
-            result.mutations = [_run_ablation(a, tmp, hf_model, seq_len, decode_steps, seed + 1) for a in ablations]
+            result.mutations = [_run_ablation(a, tmp, hf_model, seq_len, decode_steps, seed + 1, model_impl)
+                                for a in ablations]
     first = result.first_failure
     result.status = "pass" if first is None else "fail"
     if first is not None:

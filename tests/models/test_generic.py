@@ -175,3 +175,16 @@ def test_onboarding_runs_its_gates_on_the_generic_path(tiny_generic, tmp_path):
     assert equivalence.status == "pass" and equivalence.evidence["path"] == "transformers"
     assert run.gate("dummy").status == "pass" and run.gate("capacity").status == "pass"
     assert run.report["overall"]["verdict"] == "PASS-PARTIAL"  # real and features not run: named, not claimed
+
+
+@pytest.mark.skipif(not CONFIGS_DIR.is_dir(), reason="../shared/configs is not present")
+def test_onboarding_remote_code_without_its_file_ends_in_a_report_naming_file_and_flag(tmp_path):
+    from dockyard.onboard import OnboardOptions, run_onboard
+
+    model = str(CONFIGS_DIR / "internlm--internlm2-7b")
+    for trust, needle in ((False, "pass --trust-remote-code"), (True, "modeling_internlm2.py is not in")):
+        run = run_onboard(OnboardOptions(model=model, out=tmp_path / str(trust), weights="dummy", device="cpu",
+                                         trust_remote_code=trust))
+        inspect = run.gate("inspect")
+        assert inspect.status == "fail" and "modeling_internlm2.py" in inspect.summary and needle in inspect.summary
+        assert run.report["path"]["impl"] is None and run.report["overall"]["verdict"] == "FAIL"
