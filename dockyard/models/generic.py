@@ -14,7 +14,7 @@ class's own: :meth:`TransformersForCausalLM.compute_logits` runs the HF ``ForCau
 hidden states, so logit scaling and soft-capping stay HF's code.
 
 Refused, by name: classes whose attention does not go through transformers' attention interface
-(``_supports_attention_backend`` false: ALiBi models such as BLOOM and MPT, Falcon), models whose number of
+(``_supports_attention_backend`` false: BLOOM and MPT with ALiBi, Falcon, StableLM), models whose number of
 attention modules is not their number of layers (hybrids with state-space or recurrent layers),
 tensor and expert parallelism. Decode runs eagerly (``cuda_graph_blocker``).
 """
@@ -22,7 +22,6 @@ tensor and expert parallelism. Decode runs eagerly (``cuda_graph_blocker``).
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 import torch
@@ -36,8 +35,6 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from dockyard.errors import ConfigError, UnsupportedArchitectureError, WeightsError
 from dockyard.models.transformers_attention import ATTN_IMPLEMENTATION, PagedAttentionSlot
 from dockyard.spec import ModelSpec, RopeSpec
-
-logger = logging.getLogger(__name__)
 
 # The spec fields a run may change from the config (the dummy gate's reductions, the memory plan's one
 # layer of each kind), each set on the transformers config under the same standard name.
@@ -221,8 +218,9 @@ class TransformersForCausalLM(nn.Module):
                                                self._own_names)
         if converter is not None:
             raise WeightsError(f"checkpoint tensor {name} needs transformers' conversion {converter!r} (tensors "
-                               "merged or split on load), which the generic path does not apply; use a checkpoint "
-                               "saved by the installed transformers (save_pretrained), or --load-format dummy")
+                               "merged or split on load, e.g. per-expert MoE weights fused), which the generic path "
+                               "does not apply yet; run the architecture with --load-format dummy, or use a model "
+                               "with a native dockyard family")
         return renamed
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

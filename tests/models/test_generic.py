@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from dockyard import LLM, SamplingParams
-from dockyard.errors import DockyardError, UnsupportedArchitectureError
+from dockyard.errors import DockyardError, UnsupportedArchitectureError, WeightsError
 from dockyard.generic_architectures import GENERIC_EXAMPLES, TINY_SIZES, tiny_config
 from dockyard.model_impl import RemoteCodeError, choose_model_impl
 from dockyard.onboard.equivalence import check_equivalence
@@ -126,6 +126,10 @@ def test_refusals_name_what_the_generic_path_cannot_do(tmp_path):
     AutoModelForCausalLM.from_config(stablelm).save_pretrained(tmp_path / "stablelm")
     with pytest.raises(UnsupportedArchitectureError, match="StableLmForCausalLM.*attention interface"):
         LLM(tmp_path / "stablelm", device="cpu", model_impl="transformers")
+    olmoe = AutoConfig.for_model("olmoe", **TINY_SIZES, num_experts=4, num_experts_per_tok=2)
+    AutoModelForCausalLM.from_config(olmoe).save_pretrained(tmp_path / "olmoe")  # per-expert tensors on disk
+    with pytest.raises(WeightsError, match="experts.0.down_proj.weight needs transformers' conversion"):
+        LLM(tmp_path / "olmoe", device="cpu")
     _save_tiny_llama(tmp_path / "llama")
     with pytest.raises(DockyardError, match="generic .*no tensor or expert parallelism"):
         LLM(tmp_path / "llama", device="cpu", model_impl="transformers", tensor_parallel_size=2)
