@@ -179,6 +179,10 @@ def test_onboarding_runs_its_gates_on_the_generic_path(tiny_generic, tmp_path):
     assert equivalence.status == "pass" and equivalence.evidence["path"] == "transformers"
     assert run.gate("dummy").status == "pass" and run.gate("capacity").status == "pass"
     assert run.report["overall"]["verdict"] == "PASS-PARTIAL"  # real and features not run: named, not claimed
+    jsonschema = pytest.importorskip("jsonschema")
+    from dockyard.onboard.report import load_schema
+
+    jsonschema.validate(run.report, load_schema())
 
 
 @pytest.mark.skipif(not CONFIGS_DIR.is_dir(), reason="../shared/configs is not present")
