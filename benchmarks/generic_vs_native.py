@@ -54,6 +54,7 @@ def main() -> int:
     p.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct GGUF")
     p.add_argument("--load-format", default="auto")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", help="float32 makes greedy ties rare enough to compare tokens on a GPU")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=16)
@@ -61,11 +62,11 @@ def main() -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     gen = torch.Generator().manual_seed(0)
-    out: dict = {"model": args.model or "bundled SmolLM2-135M-Instruct", "device": args.device,
+    out: dict = {"model": args.model or "bundled SmolLM2-135M-Instruct", "device": args.device, "dtype": args.dtype,
                  "torch_threads": torch.get_num_threads(), "input_len": args.input_len, "output_len": args.output_len}
     tokens: dict[str, dict[int, list[list[int]]]] = {}
     for impl in ("dockyard", "transformers"):
-        llm = LLM(args.model, load_format=args.load_format, device=args.device, model_impl=impl,
+        llm = LLM(args.model, load_format=args.load_format, device=args.device, dtype=args.dtype, model_impl=impl,
                   max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=max(args.batch_sizes) * args.input_len,
                   enable_prefix_caching=False)
         vocab = llm.spec.vocab_size
@@ -80,6 +81,8 @@ def main() -> int:
         figures["prefill_s"] = round(prefill_seconds(llm, prompt, args.repeats), 4)
         out[impl] = figures
         del llm
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     out["identical_greedy_tokens"] = tokens["dockyard"] == tokens["transformers"]
     out["generic_over_native"] = {k: round(out["transformers"][k] / out["dockyard"][k], 3)
                                   for k in out["dockyard"] if k != "model_class"}
