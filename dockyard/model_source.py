@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dockyard.errors import DockyardError, ModelNotFoundError, WeightsError
+from dockyard.errors import DockyardError, ModelNotFoundError, UnsupportedArchitectureError, WeightsError
 from dockyard.model_impl import MODEL_IMPLS, ImplChoice, choose_model_impl
 from dockyard.spec import ModelSpec, read_config_json
 
@@ -96,9 +96,14 @@ class ModelSource:
 def _spec_for(choice: ImplChoice, config: dict[str, Any], name: str) -> ModelSpec:
     """The spec of ``config`` for the implementation ``choice`` names."""
     if choice.impl == "transformers":
-        # Model modules load lazily (the registry's rule): this one imports transformers' modeling code.
-        from dockyard.models.generic import generic_spec
+        try:  # model modules load lazily (the registry's rule): this one imports transformers' modeling code
+            from dockyard.models.generic import generic_spec
+        except ImportError as exc:  # its loading helpers are transformers 5's
+            import transformers
 
+            raise UnsupportedArchitectureError(
+                f"{choice.reason}; but the generic path needs transformers 5 (tested with 5.24), and "
+                f"transformers {transformers.__version__} lacks what it uses ({exc}); upgrade transformers") from exc
         return generic_spec(config, name, choice.remote_code_dir)
     return ModelSpec.from_hf_config(config, name=name)
 
