@@ -22,7 +22,7 @@ _GQA_WINDOW = {**_GQA, "sliding_window": 8}
 
 # model_type → what its tiny config needs beyond TINY_SIZES (keys of that config class).
 GENERIC_EXAMPLES: dict[str, dict[str, Any]] = {
-    "gpt_neox": {"rotary_pct": 0.25}, "gpt2": {}, "gpt_bigcode": {"multi_query": True},
+    "gpt_neox": {"rotary_pct": 0.25}, "gpt2": {"n_inner": 128}, "gpt_bigcode": {"multi_query": True, "n_inner": 128},
     "gptj": {"rotary_dim": 8, "n_inner": 128}, "codegen": {"rotary_dim": 8, "n_inner": 128},
     "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
     "phi": {"partial_rotary_factor": 0.5}, "persimmon": {"partial_rotary_factor": 0.5},

@@ -21,6 +21,7 @@ tensor and expert parallelism. Decode runs eagerly (``cuda_graph_blocker``).
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any
 
@@ -64,7 +65,8 @@ def config_sizes(config: PretrainedConfig) -> dict[str, int]:
     text = config.get_text_config()
     hidden, heads = int(text.hidden_size), int(text.num_attention_heads)
     kv_heads = 1 if getattr(text, "multi_query", False) else getattr(text, "num_key_value_heads", None) or heads
-    width = next((getattr(text, n) for n in _MLP_WIDTH_NAMES if isinstance(getattr(text, n, None), int)), 4 * hidden)
+    width = next((getattr(text, n) for n in _mlp_width_names(text) if isinstance(getattr(text, n, None), int)),
+                 4 * hidden)
     positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None) or 2048
     return {
         "num_hidden_layers": int(text.num_hidden_layers), "vocab_size": int(text.vocab_size),
@@ -72,6 +74,13 @@ def config_sizes(config: PretrainedConfig) -> dict[str, int]:
         "head_dim": int(getattr(text, "head_dim", None) or hidden // heads),
         "intermediate_size": int(width), "max_position_embeddings": int(positions),
     }
+
+
+def _mlp_width_names(text: PretrainedConfig) -> list[str]:
+    """The MLP-width names the config class itself takes (a stray ``intermediate_size`` on a GPT-2 config is
+    not its width: ``n_inner`` is, and None there means 4 × hidden)."""
+    own = inspect.signature(type(text).__init__).parameters
+    return [n for n in _MLP_WIDTH_NAMES if n in own] or list(_MLP_WIDTH_NAMES)
 
 
 def causal_lm_class(config: PretrainedConfig) -> type[nn.Module]:
@@ -135,7 +144,7 @@ def build_transformers_config(spec: ModelSpec) -> PretrainedConfig:
     changed = {k: v for k, v in wanted.items() if original[k] != v}
     for key, value in changed.items():
         if key == "intermediate_size":
-            key = next((n for n in _MLP_WIDTH_NAMES if isinstance(getattr(text, n, None), int)), key)
+            key = next(iter(_mlp_width_names(text)), key)
         setattr(text, key, value)
     if changed and "layer_types" in text.to_dict() and isinstance(text.layer_types, list):
         text.layer_types = text.layer_types[:spec.num_hidden_layers]

@@ -196,3 +196,19 @@ def test_onboarding_remote_code_without_its_file_ends_in_a_report_naming_file_an
         inspect = run.gate("inspect")
         assert inspect.status == "fail" and "modeling_internlm2.py" in inspect.summary and needle in inspect.summary
         assert run.report["path"]["impl"] is None and run.report["overall"]["verdict"] == "FAIL"
+
+
+def test_sizes_under_a_config_class_own_names_are_read_and_resized_through_transformers():
+    from dockyard.model_impl import with_standard_names
+    from dockyard.models.generic import build_transformers_config, generic_spec
+
+    config = tiny_config("gpt2")  # GPT-2 keeps n_layer, n_embd, n_head, n_positions, n_inner
+    config.pop("n_inner")  # None: 4 × hidden, whatever a stray intermediate_size says
+    assert {"n_layer", "n_embd"} <= set(config) and "num_hidden_layers" not in config
+    standard = with_standard_names(config)
+    assert standard["num_hidden_layers"] == config["n_layer"] and "n_layer" not in standard
+    assert AutoConfig.for_model("gpt2", **{k: v for k, v in standard.items() if k != "model_type"}).n_layer == 2
+    spec = generic_spec(config, "gpt2-tiny")
+    assert (spec.num_hidden_layers, spec.hidden_size, spec.head_dim, spec.intermediate_size) == (2, 64, 16, 256)
+    reduced = build_transformers_config(spec.replace(num_hidden_layers=1, vocab_size=500, intermediate_size=96))
+    assert (reduced.n_layer, reduced.vocab_size, reduced.n_inner) == (1, 500, 96)
