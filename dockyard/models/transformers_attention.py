@@ -75,7 +75,7 @@ def paged_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     if sliding_window is not None and sliding_window <= 0:
         sliding_window = None
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    q = query[0].transpose(0, 1)  # [T, Hq, D]
+    q = query[0].transpose(0, 1).contiguous()  # [T, Hq, D], laid out as the decode kernels expect
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
     sinks = s_aux
