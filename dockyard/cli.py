@@ -122,20 +122,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         json.dump({"source": {"kind": source.kind, "path": str(source.path)}, "spec": spec.to_dict(),
                    "target": {"device": target.device_type, "present": target.present, "fp8_path": fp8_why},
                    "memory_plan": plan.to_dict(), "fit": fit, "features": [f.to_dict() for f in features],
-                   "nearest_family": near.to_dict() if near else None, "unrecognised_keys": unknown},
+                   "nearest_family": near.to_dict() if near else None, "unrecognised_keys": unknown,
+                   "path": {"impl": spec.model_impl, "reason": source.impl_reason}},
                   sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
     print(f"model        {source.name}  ({source.kind}: {source.path})")
     print(f"architecture {spec.architecture}  (model_type {spec.model_type})")
+    print(f"path         {spec.model_impl}: {source.impl_reason}")
     print(f"layers {spec.num_hidden_layers}  hidden {spec.hidden_size}  intermediate {spec.intermediate_size}  "
           f"vocab {spec.vocab_size}")
-    print(f"heads q {spec.num_attention_heads} / kv {spec.num_key_value_heads}  head_dim {spec.head_dim}  "
-          f"act {spec.hidden_act}  tied embeddings {spec.tie_word_embeddings}")
-    rope = spec.rope
-    window = f"  sliding window {spec.sliding_window}" if spec.sliding_window else ""
-    print(f"rope {rope.rope_type}  theta {rope.theta:g}  factor {rope.factor:g}  "
-          f"max positions {spec.max_position_embeddings}{window}")
+    if spec.model_impl == "transformers":  # the spec holds sizes only: activation, rope, ... are HF's business
+        print(f"heads q {spec.num_attention_heads} / kv {spec.num_key_value_heads}  head_dim {spec.head_dim}  "
+              f"max positions {spec.max_position_embeddings}  (activation, rope, norms: transformers' class)")
+    else:
+        print(f"heads q {spec.num_attention_heads} / kv {spec.num_key_value_heads}  head_dim {spec.head_dim}  "
+              f"act {spec.hidden_act}  tied embeddings {spec.tie_word_embeddings}")
+        rope = spec.rope
+        window = f"  sliding window {spec.sliding_window}" if spec.sliding_window else ""
+        print(f"rope {rope.rope_type}  theta {rope.theta:g}  factor {rope.factor:g}  "
+              f"max positions {spec.max_position_embeddings}{window}")
     where = "this machine's " + target.device_type if target.present else "a GPU of the given size"
     print(f"\nmemory plan ({plan.dtype} on {where})")
     active = (f"  ({plan.active_parameters:,} active per token)"

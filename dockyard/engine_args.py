@@ -130,6 +130,12 @@ class EngineArgs:
         "request defaults and end-of-sequence ids: auto = the model's generation_config.json; vllm = vLLM's "
         "defaults (the file's end-of-sequence ids still apply); PATH = a folder holding a generation_config.json",
         MODEL_GROUP, metavar="auto|vllm|PATH"))
+    model_impl: str = field(default="auto", metadata=_flag(
+        "auto: the native dockyard family when one covers the config, else transformers' own classes (the generic "
+        "path); dockyard / transformers: insist on one", MODEL_GROUP, choices=("auto", "dockyard", "transformers")))
+    trust_remote_code: bool = field(default=False, metadata=_flag(
+        "run the modeling code a config's auto_map names from the model directory (never downloaded)", MODEL_GROUP,
+        action="store_true"))
     load_format: str = field(default="auto", metadata=_flag(
         "auto: the checkpoint's weights; dummy: random weights at the true shapes", LOAD_GROUP,
         choices=("auto", "dummy")))
@@ -251,8 +257,9 @@ class EngineArgs:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
 
 
-# The settings that say where the model, tokenizer and generation defaults come from (dockyard.hub).
-MODEL_SOURCE_FIELDS = ("revision", "download_dir", "tokenizer", "generation_config")
+# The settings that say where the model, tokenizer and generation defaults come from (dockyard.hub) and which
+# implementation runs it (dockyard.model_impl): resolve_model's keywords.
+MODEL_SOURCE_FIELDS = ("revision", "download_dir", "tokenizer", "generation_config", "model_impl", "trust_remote_code")
 
 
 def model_source_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -124,6 +124,8 @@ _LAYER_PARAMETER = re.compile(r"model\.layers\.(\d+)\.")
 
 def layers_by_kind(spec: ModelSpec) -> list[list[int]]:
     """The layer indices of each distinct kind of layer in ``spec``, kinds in order of first appearance."""
+    if spec.model_impl == "transformers":  # HF's layers may differ in ways the spec does not describe
+        return [[i] for i in range(spec.num_hidden_layers)]
     columns = [getattr(spec, f) for f in PER_LAYER_FIELDS if getattr(spec, f)]
     if not columns:
         return [list(range(spec.num_hidden_layers))]
@@ -283,7 +285,8 @@ def _layer_linears(spec: ModelSpec, dtype: torch.dtype) -> tuple[dict[str, tuple
     for name, p in model.named_parameters():
         params[real(name)[0]] = (p, real(name)[1])
     seen = {n for n in params if _LAYER_PARAMETER.match(n)}
-    if kinds and spec.num_hidden_layers and not seen:  # a model class whose layers are not model.layers.N
+    # A native class whose layers are not model.layers.N (the generic path's HF names are whatever HF's are).
+    if kinds and spec.num_hidden_layers and not seen and spec.model_impl == "dockyard":
         raise RuntimeError(f"{type(model).__name__}: decoder layers not found under model.layers")
     linears = frozenset(f"{real(name)[0]}.weight" for name, m in model.named_modules()
                         if isinstance(m, nn.Linear) and ".layers." in f".{name}.")

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from dockyard.errors import ConfigError, DockyardError, ModelNotFoundError, WeightsError
+from dockyard.errors import ConfigError, DockyardError, ModelNotFoundError, UnsupportedArchitectureError, WeightsError
 from dockyard.generation_config import GenerationDefaults, load_generation_config
 from dockyard.hub import ModelLocation, locate_model
+from dockyard.model_impl import MODEL_IMPLS, ImplChoice, choose_model_impl
 from dockyard.spec import ModelSpec, read_config_json
 
 if TYPE_CHECKING:  # resolving a model reads metadata only; torch comes with the weights
@@ -70,6 +71,7 @@ class ModelSource:
     generation: GenerationDefaults = dataclasses.field(default_factory=GenerationDefaults)
     tokenizer_path: Path | None = None  # a separate tokenizer source (--tokenizer); None: the model's own
     repo_id: str | None = None  # the Hugging Face repo id MODEL named (then path is its cache snapshot)
+    impl_reason: str = "a native dockyard family"  # why spec.model_impl runs it (dockyard.model_impl)
 
     @property
     def has_real_weights(self) -> bool:
@@ -118,15 +120,40 @@ class ModelSource:
         return load_tokenizer(self.path)
 
 
+def _spec_for(choice: ImplChoice, config: dict[str, Any], name: str) -> ModelSpec:
+    """The spec of ``config`` for the implementation ``choice`` names."""
+    if choice.impl == "transformers":
+        try:  # model modules load lazily (the registry's rule): this one imports transformers' modeling code
+            from dockyard.models.generic import generic_spec
+        except ImportError as exc:  # its loading helpers are transformers 5's
+            import transformers
+
+            raise UnsupportedArchitectureError(
+                f"{choice.reason}; but the generic path needs transformers 5 (tested with 5.24), and "
+                f"transformers {transformers.__version__} lacks what it uses ({exc}); upgrade transformers") from exc
+        return generic_spec(config, name, choice.remote_code_dir)
+    return ModelSpec.from_hf_config(config, name=name)
+
+
+def spec_for_config(config: dict[str, Any], name: str | None = None) -> ModelSpec:
+    """The spec of a config dict alone on the path ``auto`` chooses for it (no model directory, so no remote
+    code): what sizing a reduced copy of a model needs."""
+    return _spec_for(choose_model_impl(config), config, name or str(config.get("_name_or_path") or "model"))
+
+
 def resolve_model(model: str | Path | None = None, load_format: str = "auto", *, revision: str | None = None,
                   download_dir: str | Path | None = None, tokenizer: str | Path | None = None,
-                  generation_config: str = "auto") -> ModelSource:
+                  generation_config: str = "auto", model_impl: str = "auto",
+                  trust_remote_code: bool = False) -> ModelSource:
     """Turn a MODEL argument into a :class:`ModelSource`, or a DockyardError saying what is wrong.
 
     ``revision`` / ``download_dir``: of a repo id (:func:`dockyard.hub.locate_model`); ``tokenizer``: a
     path or repo id to take the tokenizer from; ``generation_config``: auto | vllm | a folder
-    (:mod:`dockyard.generation_config`)."""
-    source = _resolve(model, load_format, revision, download_dir)
+    (:mod:`dockyard.generation_config`); ``model_impl`` / ``trust_remote_code``: which implementation runs
+    it (:mod:`dockyard.model_impl`; a GGUF file's tensors come dequantized under HF names on either path)."""
+    if model_impl not in MODEL_IMPLS:
+        raise DockyardError(f"model_impl={model_impl!r} is not one of {', '.join(MODEL_IMPLS)}")
+    source = _resolve(model, load_format, revision, download_dir, model_impl, trust_remote_code)
     if tokenizer is not None:
         source.tokenizer_path = locate_model(tokenizer, download_dir=download_dir).path
     has_config_dir = source.gguf is None and (source.path / "config.json").is_file()
@@ -143,7 +170,7 @@ def resolve_model(model: str | Path | None = None, load_format: str = "auto", *,
 
 
 def _resolve(model: str | Path | None, load_format: str, revision: str | None,
-             download_dir: str | Path | None) -> ModelSource:
+             download_dir: str | Path | None, model_impl: str, trust_remote_code: bool) -> ModelSource:
     if load_format not in LOAD_FORMATS:
         raise DockyardError(f"load_format={load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
     location = locate(model, revision, download_dir)
@@ -163,9 +190,11 @@ def _resolve(model: str | Path | None, load_format: str, revision: str | None,
 
         gguf = GGUFFile(path)
         name = repo_id or path.stem
-        spec = ModelSpec.from_hf_config(gguf.hf_config(), name=name)
+        choice = choose_model_impl(gguf.hf_config(), model_impl)
+        spec = _spec_for(choice, gguf.hf_config(), name)
         kind = "dummy" if load_format == "dummy" else "gguf"
-        return ModelSource(name=name, spec=spec, kind=kind, path=path, gguf=gguf, repo_id=repo_id)
+        return ModelSource(name=name, spec=spec, kind=kind, path=path, gguf=gguf, repo_id=repo_id,
+                           impl_reason=choice.reason)
     if path.is_file():
         config_file, model_dir = path, path.parent
     else:
@@ -173,7 +202,8 @@ def _resolve(model: str | Path | None, load_format: str, revision: str | None,
     config = read_config_json(config_file)
     # A cache snapshot is named by its repo id, never by the commit hash of its folder.
     name = repo_id or (model_dir.resolve().name if config_file.name == "config.json" else config_file.stem)
-    spec = ModelSpec.from_hf_config(config, name=name)
+    choice = choose_model_impl(config, model_impl, model_dir if path.is_dir() else None, trust_remote_code)
+    spec = _spec_for(choice, config, name)
     kind, fp8 = "dummy", None
     quant = config.get("quantization_config")
     method = None
@@ -201,4 +231,4 @@ def _resolve(model: str | Path | None, load_format: str, revision: str | None,
             # Dummy weights do not read the checkpoint's scales: the FP8 settings only matter to the plan.
             logger.info("quantization_config is fp8 with settings the loader refuses; dummy weights ignore it")
     return ModelSource(name=name, spec=spec, kind=kind, path=model_dir, fp8=fp8, quantization=method,
-                       repo_id=repo_id)
+                       repo_id=repo_id, impl_reason=choice.reason)

@@ -100,6 +100,11 @@ MODEL_REGISTRY: dict[str, ModelEntry] = {
 }
 
 
+# Every architecture that the installed transformers implements with its attention interface, when no entry
+# above runs it (dockyard.model_impl chooses).
+GENERIC_ENTRY = ModelEntry("dockyard.models.generic", "TransformersForCausalLM", "transformers")
+
+
 def supported_architectures() -> list[str]:
     """Every architecture name dockyard can run, sorted."""
     return sorted(MODEL_REGISTRY)
@@ -117,5 +122,8 @@ def get_model_entry(architecture: str) -> ModelEntry:
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
-    """Instantiate the model class for ``spec`` (on the current default device and dtype)."""
+    """Instantiate the model class for ``spec`` (on the current default device and dtype): its native family,
+    or transformers' own class on the generic path (``spec.model_impl``)."""
+    if spec.model_impl == "transformers":
+        return GENERIC_ENTRY.load()(spec)
     return get_model_entry(spec.architecture).load()(spec)

@@ -175,6 +175,11 @@ class ModelSpec:
     pad_token_id: int | None = None
     torch_dtype: str = "float32"
     name: str = "model"
+    # The generic path (dockyard.models.generic): the config.json handed whole to transformers (JSON text, so
+    # the spec stays hashable), and the directory of its remote modeling code when --trust-remote-code let it
+    # run. Set, only the sizes and token ids above are meaningful: transformers' classes do the rest.
+    transformers_config: str | None = None
+    remote_code_dir: str | None = None
 
     # ---- derived sizes (one source of truth for every shape) ----
     @property
@@ -184,6 +189,11 @@ class ModelSpec:
     @property
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
+
+    @property
+    def model_impl(self) -> str:
+        """Which implementation runs this spec: ``"dockyard"`` (a native family) or ``"transformers"``."""
+        return "dockyard" if self.transformers_config is None else "transformers"
 
     @property
     def max_model_len(self) -> int:
@@ -340,6 +350,8 @@ class ModelSpec:
                 f"max_position_embeddings={self.max_position_embeddings} is absurd "
                 f"(> {MAX_SANE_POSITIONS:,}); fix config.json"
             )
+        if self.transformers_config is not None:  # the family fields below are transformers' business here
+            return
         if self.head_dim % 2 != 0:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if not (0.0 < self.rms_norm_eps < 1.0):

@@ -4,7 +4,10 @@ For each registered architecture: its family, the HF ``model_type`` values it ru
 model, the architectural features it implements, and the verdict of the onboarding equivalence
 gate (fp32, every level, against HF transformers) on a shrunken copy of a real published config of
 that architecture, when a directory of such configs is given. Configs of architectures that are not
-registered are listed with the nearest family and what it lacks, as ``dockyard onboard`` reports them.
+registered are listed with the nearest family and what it lacks, as ``dockyard onboard`` reports them,
+and with the path ``auto`` takes for them (the generic path, or the refusal). The generic path's own table is
+rendered from ``docs/generic-path-runs.json``, the record ``scripts/onboard_generic.py`` writes from real
+onboarding runs.
 
 ``dockyard models --write docs/supported-models.md --configs ../shared/configs --configs tests/data/configs``
 regenerates the page; a test fails when the checked-in page differs from what this module renders.
@@ -20,10 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dockyard.errors import DockyardError
+from dockyard.model_impl import choose_model_impl
 from dockyard.onboard.ablations import ABLATIONS, ablations_for, claimed_features
 from dockyard.onboard.config_features import detect_features, nearest_family, unrecognised_keys
 from dockyard.onboard.equivalence import EquivalenceResult, MutationResult, check_equivalence
 from dockyard.registry import MODEL_REGISTRY
+
+# The record of the generic path's onboarding runs (scripts/onboard_generic.py writes it).
+GENERIC_RUNS = Path(__file__).resolve().parents[1] / "docs" / "generic-path-runs.json"
 
 HEADER = """# Supported models
 
@@ -186,12 +194,40 @@ def render(configs_dirs: list[Path] | None = None) -> str:
     for family in sorted(families):
         extra = sorted(families[family] - shared)
         lines.append(f"- {family}: " + (", ".join(f"`{k}`" for k in extra) if extra else "(no more)"))
+    lines += _generic_section()
     unsupported = _unsupported(configs_dirs)
     if unsupported:
-        lines += ["", "## Not supported (configs seen)", "",
-                  "| config | architecture | nearest family | missing | unrecognised keys |", "|---|---|---|---|---|"]
+        lines += ["", "## No native family (configs seen)", "",
+                  "`auto` runs these on the generic path when transformers implements them; a refusal says why not.",
+                  "", "| config | architecture | runs on | nearest family | missing | unrecognised keys |",
+                  "|---|---|---|---|---|---|"]
         lines += unsupported
     return "\n".join(lines) + "\n"
+
+
+def _generic_section() -> list[str]:
+    """The generic path's table, from the recorded onboarding runs (none recorded: no section)."""
+    if not GENERIC_RUNS.exists():
+        return []
+    record = json.loads(GENERIC_RUNS.read_text())
+    lines = ["", "## Generic path (transformers' own classes)", "",
+             f"Architectures dockyard has no family for, run by the installed transformers' classes with attention on "
+             f"dockyard's paged KV cache (`--model-impl auto` picks this path; `dockyard/models/generic.py`). Each "
+             f"row is a real run of `{record['command']}` on a tiny config built from the architecture's "
+             f"transformers config class (`dockyard/generic_architectures.py`), recorded by "
+             f"`scripts/onboard_generic.py` on {record['date']} with transformers {record['transformers']}. "
+             "Equivalence on this path compares prefill logits and chunked prefill + decode through the paged KV "
+             "cache with HF's eager model in fp32 (the blocks are HF's own).", "",
+             "| architecture | model_type | path | equivalence vs HF | dummy | verdict |", "|---|---|---|---|---|---|"]
+    for run in record["runs"]:
+        gates = run["gates"]
+        err = run["worst_rel_err"]
+        equivalence = gates.get("equivalence", "not run")
+        if equivalence == "pass" and err is not None:
+            equivalence = f"pass, {run['equivalence_levels']} levels, worst rel err {err:.1e}"
+        lines.append(f"| `{run['architecture']}` | {run['model_type']} | {run['path']} | {equivalence} | "
+                     f"{gates.get('dummy', 'not run')} | {run['verdict']} |")
+    return lines
 
 
 def _unsupported(configs_dirs: list[Path]) -> list[str]:
@@ -205,5 +241,11 @@ def _unsupported(configs_dirs: list[Path]) -> list[str]:
         missing = ", ".join(f.label for f in cov.missing) if cov else ""
         missing = missing or "no feature: its checkpoint layout (remote code) is not mapped onto a family"
         unknown = ", ".join(f"`{k}`" for k in unrecognised_keys(config)) or "none"
-        rows.append(f"| `{path.parent.name}` | `{arch}` | {cov.family if cov else '—'} | {missing} | {unknown} |")
+        try:
+            runs_on = choose_model_impl(config, "auto", path.parent).impl
+            runs_on = "generic path" if runs_on == "transformers" else runs_on
+        except DockyardError as exc:
+            runs_on = "refused: " + str(exc).split(" (native path")[0]
+        rows.append(f"| `{path.parent.name}` | `{arch}` | {runs_on} | {cov.family if cov else '—'} | {missing} | "
+                    f"{unknown} |")
     return rows

@@ -95,7 +95,11 @@ def test_unsupported_architecture(tmp_path):
 
 def test_inspect_of_an_unsupported_architecture_names_features_family_and_unknown_keys(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(STARCODER2))
-    assert main(["inspect", str(tmp_path / "config.json")]) == 2  # in process: the same code path, no start-up
+    # in process: the same code path, no start-up; no native family, so the generic path runs it and says why
+    assert main(["inspect", str(tmp_path / "config.json")]) == 0
+    out, err = capsys.readouterr()
+    assert "path         transformers: generic path" in out and "Starcoder2ForCausalLM" in out
+    assert main(["inspect", str(tmp_path / "config.json"), "--model-impl", "dockyard"]) == 2
     out, err = capsys.readouterr()
     assert "Starcoder2ForCausalLM" in err and err.count("\n") == 1
     assert "plain_mlp" in out and "layernorm" in out

@@ -66,7 +66,9 @@ class LLM:
     CPU threads (default: the physical cores this process may use, :mod:`dockyard.engine.threads`).
     Every keyword is a field of :class:`~dockyard.engine_args.EngineArgs` (the same settings as the
     commands' flags); ``seed`` seeds torch's RNG once the engine is up, which requests without a seed of
-    their own draw from (as vLLM's ``seed``), and the dummy weights.
+    their own draw from (as vLLM's ``seed``), and the dummy weights. ``model_impl`` (auto | dockyard |
+    transformers) and ``trust_remote_code`` choose between a native family and transformers' own classes
+    (:mod:`dockyard.model_impl`, :mod:`dockyard.models.generic`).
     """
 
     def __init__(self, model: str | Path | None = None, **kwargs: Any) -> None:
@@ -81,10 +83,16 @@ class LLM:
         tensor_parallel_size = args.tensor_parallel_size
         self.source: ModelSource = resolve_model(model, args.load_format, revision=args.revision,
                                                  download_dir=args.download_dir, tokenizer=args.tokenizer,
-                                                 generation_config=args.generation_config)
+                                                 generation_config=args.generation_config,
+                                                 model_impl=args.model_impl, trust_remote_code=args.trust_remote_code)
         if self.source.generation.sampling:
             logger.info("%s", self.source.generation.describe())
         spec = self.source.spec
+        if spec.model_impl == "transformers" and (tensor_parallel_size > 1 or args.enable_expert_parallel):
+            raise DockyardError(
+                f"{self.source.name} runs on the generic (transformers) path ({self.source.impl_reason}), which "
+                "has no tensor or expert parallelism; run it on one device (tensor_parallel_size=1), or use a model "
+                "with a native dockyard family")
         args.check_quantization(self.source.quantization, self.source.name)
         max_model_len = args.max_model_len
         if max_model_len is not None and not 0 < max_model_len <= spec.max_model_len:

@@ -42,7 +42,7 @@ def add_onboard_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--json", action="store_true", help="print report.json on stdout (the table goes to stderr)")
     # The engine flags onboarding takes (the plan and the runs use them; the real gate still compares in
     # float32 when that fits).
-    EngineArgs.add_cli_args(p, only=("dtype", "device", "num_threads"))
+    EngineArgs.add_cli_args(p, only=("dtype", "device", "num_threads", "model_impl", "trust_remote_code"))
     return p
 
 
@@ -58,7 +58,8 @@ def cmd_onboard(args: argparse.Namespace) -> int:
         model=args.model, out=args.out, weights=args.weights, device=args.device,
         device_memory_gib=args.device_memory, dtype=args.dtype, num_layers=args.num_layers,
         dummy_memory_gib=args.dummy_memory,
-        skip=tuple(args.skip), compile_backend=args.compile_backend,
+        skip=tuple(args.skip), compile_backend=args.compile_backend, model_impl=args.model_impl,
+        trust_remote_code=args.trust_remote_code,
     )
     run = run_onboard(options, progress=sys.stderr)
     table = summary_table(run)

@@ -45,12 +45,21 @@ class OnboardOptions:
     compile_backend: str | None = None  # torch.compile backend of the features gate (default inductor)
     serve_timeout_s: float = 300.0
     seed: int = 0
+    model_impl: str = "auto"  # auto | dockyard | transformers (dockyard.model_impl)
+    trust_remote_code: bool = False  # run the modeling code the config's auto_map names
+
+    @property
+    def impl_kwargs(self) -> dict[str, Any]:
+        """The ``LLM`` / ``resolve_model`` arguments that choose the implementation."""
+        return {"model_impl": self.model_impl, "trust_remote_code": self.trust_remote_code}
 
     def validate(self) -> None:
         if self.weights not in WEIGHTS_CHOICES:
             raise DockyardError(f"--weights {self.weights!r} is not one of {', '.join(WEIGHTS_CHOICES)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise DockyardError(f"--device {self.device!r} is not one of auto, cpu, cuda")
+        if self.model_impl not in ("auto", "dockyard", "transformers"):
+            raise DockyardError(f"--model-impl {self.model_impl!r} is not one of auto, dockyard, transformers")
         if self.dtype not in DTYPE_CHOICES:
             raise DockyardError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
         unknown = [g for g in self.skip if g not in GATE_NAMES]

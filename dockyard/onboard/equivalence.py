@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from dockyard.errors import DockyardError
+from dockyard.model_impl import choose_model_impl
 from dockyard.ops.attention import Attention, AttentionMetadata, forward_context
 from dockyard.spec import language_model_config
 
@@ -394,6 +396,7 @@ class EquivalenceResult:
     tolerances: dict[str, float] = field(default_factory=dict)
     duration_s: float = 0.0
     mutations: list[MutationResult] = field(default_factory=list)
+    path: str = ""  # the implementation compared: "dockyard" (native family) or "transformers" (generic path)
 
     @property
     def first_failure(self) -> LevelResult | None:
@@ -495,7 +498,9 @@ def _compare_levels(ours: nn.Module, hf_model: nn.Module, seq_len: int, decode_s
     positions = torch.arange(seq_len)
     hidden_size = hf_model.config.hidden_size
     x = torch.randn(1, seq_len, hidden_size, generator=gen)
-    layer_types = _layer_type_indices(hf_model)
+    # The generic path runs HF's own blocks: only what dockyard adds (paged attention, decode) is compared.
+    generic = getattr(getattr(ours, "spec", None), "model_impl", "dockyard") == "transformers"
+    layer_types = [] if generic else _layer_type_indices(hf_model)
     paths = []
     for i, _ in layer_types:
         paths += [f"model.layers.{i}", f"model.layers.{i}.self_attn"]
@@ -567,12 +572,12 @@ def _compare_levels(ours: nn.Module, hf_model: nn.Module, seq_len: int, decode_s
 
 
 def _run_ablation(ablation: Ablation, checkpoint: str, hf_model: nn.Module, seq_len: int, decode_steps: int,
-                  seed: int) -> MutationResult:
+                  seed: int, model_impl: str = "auto") -> MutationResult:
     """Load ``checkpoint`` with one feature broken and compare up to the first level that fails."""
     from dockyard.model_loader import load_model  # pulls in the model families, more than the rest of this module needs
     from dockyard.model_source import resolve_model
 
-    source = resolve_model(checkpoint)
+    source = resolve_model(checkpoint, model_impl=model_impl)
     try:
         source = dataclasses.replace(source, spec=ablation.ablated_spec(source.spec))
         model, _ = load_model(source, torch.device("cpu"), torch.float32)
@@ -588,12 +593,14 @@ def _run_ablation(ablation: Ablation, checkpoint: str, hf_model: nn.Module, seq_
 
 def check_equivalence(config: dict[str, Any], workdir: str | Path | None = None, seq_len: int = SEQ_LEN,
                       decode_steps: int = DECODE_STEPS, seed: int = 0,
-                      ablations: Sequence[Ablation] = ()) -> EquivalenceResult:
+                      ablations: Sequence[Ablation] = (), model_impl: str = "auto") -> EquivalenceResult:
     """Shrink ``config``, build the HF reference, load it through dockyard, compare every level.
 
     Then, if every level passed, the mutation check: each of ``ablations`` (``dockyard.onboard.ablations``)
     loaded from the same checkpoint and compared up to the first level that fails
-    (``EquivalenceResult.mutations``); an ablation no level catches is a feature the gate cannot vouch for."""
+    (``EquivalenceResult.mutations``); an ablation no level catches is a feature the gate cannot vouch for.
+    ``model_impl`` picks the implementation loaded (``dockyard.model_impl``); on the generic path the blocks
+    and layers are HF's own, so prefill logits and the paged decode are the levels compared."""
     t0 = time.perf_counter()
     model_type = str(_text_part(config).get("model_type") or "")
     result = EquivalenceResult(status="skip", model_type=model_type, tolerances=TOLERANCES["float32"],
@@ -602,6 +609,11 @@ def check_equivalence(config: dict[str, Any], workdir: str | Path | None = None,
     if why_not is not None:
         result.reason = why_not
         return result
+    if model_impl == "auto":  # decided on the real config: the saved checkpoint's config.json has more keys
+        try:
+            model_impl = choose_model_impl(config).impl
+        except DockyardError:
+            pass  # the load below fails with the same refusal, recorded as the verdict
     cfg, notes = shrink_config(config, seq_len)
     max_pos = _int(cfg.get("max_position_embeddings"))
     if max_pos is not None and max_pos < seq_len:
@@ -623,7 +635,7 @@ def check_equivalence(config: dict[str, Any], workdir: str | Path | None = None,
         from dockyard import LLM  # the engine pulls in more than the rest of this module needs
 
         try:
-            llm = LLM(tmp, dtype="float32", device="cpu", num_kv_blocks=64)
+            llm = LLM(tmp, dtype="float32", device="cpu", num_kv_blocks=64, model_impl=model_impl)
         except Exception as exc:  # noqa: BLE001 - a load failure is the verdict, named
             result.status = "fail"
             result.levels.append(LevelResult("load", "weights saved by HF", tmp, None, 0.0, False,
@@ -631,10 +643,12 @@ def check_equivalence(config: dict[str, Any], workdir: str | Path | None = None,
             result.reason = f"dockyard could not load the reference checkpoint: {exc}"
             result.duration_s = time.perf_counter() - t0
             return result
+        result.path = llm.spec.model_impl
         result.levels = compare_models(llm.model, hf_model, seq_len, decode_steps, seed=seed + 1)
         del llm
         if result.first_failure is None:  # a mutation check means something only where the intact model passes
-            result.mutations = [_run_ablation(a, tmp, hf_model, seq_len, decode_steps, seed + 1) for a in ablations]
+            result.mutations = [_run_ablation(a, tmp, hf_model, seq_len, decode_steps, seed + 1, model_impl)
+                                for a in ablations]
     first = result.first_failure
     result.status = "pass" if first is None else "fail"
     if first is not None:

@@ -140,6 +140,8 @@ def build_report(ctx: GateContext, results: list[GateResult], started: float) ->
             "path": str(ctx.raw.path) if ctx.raw is not None else None,
             "source_kind": ctx.source.kind if ctx.source is not None else (ctx.raw.kind if ctx.raw else None),
         },
+        # The implementation that ran: "dockyard" (a native family) or "transformers" (the generic path), and why.
+        "path": arch_ev.get("path") or {"impl": None, "reason": None},
         "machine": {**ctx.machine.to_dict(), "hardware": ctx.machine.hardware_line},
         "architecture": {
             "architecture": arch_ev.get("architecture"),

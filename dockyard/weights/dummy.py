@@ -28,7 +28,7 @@ def _dummy_tensor(name: str, shape: torch.Size, dtype: torch.dtype, seed: int,
                   device: torch.device | None = None) -> torch.Tensor:
     if name.endswith(".bias"):
         return torch.zeros(shape, dtype=dtype)
-    if len(shape) == 1:  # norm weights
+    if len(shape) <= 1:  # norm weights (and scalar constants of the generic path's HF modules)
         return torch.ones(shape, dtype=dtype)
     name_seed = (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
     numel = shape.numel()

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from dockyard.model_impl import with_standard_names
 from dockyard.onboard.context import GateContext, Outcome
 from dockyard.onboard.machine import available_now
 from dockyard.spec import language_model_config
@@ -88,9 +89,9 @@ def _with_width(cfg: dict[str, Any], divisor: int) -> dict[str, Any]:
 def _plan(cfg: dict[str, Any], dtype: torch.dtype, device_type: str) -> tuple[int, Any]:
     """(bytes the engine adds for ``cfg`` as this gate starts it, its spec)."""
     from dockyard.memory import plan_memory
-    from dockyard.spec import ModelSpec
+    from dockyard.model_source import spec_for_config
 
-    spec = ModelSpec.from_hf_config(cfg)
+    spec = spec_for_config(cfg)
     plan = plan_memory(spec, dtype, max_num_batched_tokens=ENGINE["max_num_batched_tokens"],
                        max_num_seqs=ENGINE["max_num_seqs"], device_type=device_type)
     kv = ENGINE["num_kv_blocks"] * ENGINE["block_size"] * plan.kv_bytes_per_token
@@ -102,6 +103,7 @@ def choose_config(cfg: dict[str, Any], layers: int, budget: int, dtype: torch.dt
                   device_type: str) -> tuple[dict[str, Any] | None, list[str], int]:
     """The config to run within ``budget`` bytes, the reductions made, and the bytes it needs."""
     reductions: list[str] = []
+    cfg = with_standard_names(cfg)  # a generic-path config may keep its sizes under its own names (n_layer)
     total_layers = int(_text(cfg)["num_hidden_layers"])
     if layers < total_layers:
         reductions.append(f"layers {total_layers} → {layers} (asked for)")
@@ -227,7 +229,7 @@ def run(ctx: GateContext) -> Outcome:
                      reductions=reductions, config=cfg)
     t0 = time.perf_counter()
     engine_kwargs = {"dtype": dtype, "device": machine.device, "load_format": "dummy", "seed": ctx.options.seed,
-                     **ENGINE}
+                     **ENGINE, **ctx.options.impl_kwargs}
     with tempfile.TemporaryDirectory(prefix="dockyard-dummy-") as tmp:
         if reductions:
             config_path = Path(tmp) / "config.json"

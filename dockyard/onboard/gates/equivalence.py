@@ -16,9 +16,11 @@ def run(ctx: GateContext) -> Outcome:
         return Outcome("skip", "no config (inspect did not run)")
     # The mutation check: each covered feature of this config broken in turn must fail the comparison, else
     # passing it says nothing about that feature.
-    keys = claimed_features(ctx.raw.config)
+    # The generic path runs HF's own modules: the ablations break dockyard's, so none applies there.
+    impl = ctx.spec.model_impl if ctx.spec is not None else ctx.options.model_impl
+    keys = claimed_features(ctx.raw.config) if impl != "transformers" else []
     ctx.step(f"comparing with transformers on a shrunken config, then {len(keys)} feature ablations")
-    result = check_equivalence(ctx.raw.config, seed=ctx.options.seed, ablations=ablations_for(keys))
+    result = check_equivalence(ctx.raw.config, seed=ctx.options.seed, ablations=ablations_for(keys), model_impl=impl)
     for note in result.notes:
         logger.info("shrunken config: %s", note)
     for lv in result.levels:
@@ -33,7 +35,9 @@ def run(ctx: GateContext) -> Outcome:
         return Outcome("skip", result.reason, evidence)
     if result.status == "pass":
         worst = max(lv.rel_err or 0.0 for lv in result.levels)
-        summary = (f"{len(result.levels)} levels (blocks, layer, prefill, paged decode) within "
+        compared = "prefill, paged decode of HF's own modules" if result.path == "transformers" else \
+            "blocks, layer, prefill, paged decode"
+        summary = (f"{len(result.levels)} levels ({compared}) within "
                    f"{result.tolerances['model']:.0e}; worst rel err {worst:.1e}")
         unseen = [m.feature for m in result.mutations if not m.caught]
         if unseen:  # soft: the model agrees, but the comparison cannot vouch for these features

@@ -106,8 +106,8 @@ def _dynamo_disabled() -> Iterator[None]:
 
 def _trial_model(ctx: GateContext) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A COMPILE_LAYERS-layer copy of the model with dummy weights (true widths when the dummy gate had them)."""
+    from dockyard.model_source import spec_for_config
     from dockyard.onboard.gates.dummy import _text, choose_config, memory_budget
-    from dockyard.spec import ModelSpec
 
     budget, _ = memory_budget(ctx)
     layers = min(COMPILE_LAYERS, ctx.spec.num_hidden_layers)
@@ -115,7 +115,7 @@ def _trial_model(ctx: GateContext) -> tuple[torch.nn.Module, dict[str, Any]]:
     if cfg is None:
         raise MemoryError(f"even a reduced copy needs {need} bytes, over the {budget}-byte budget")
     layers = int(_text(cfg)["num_hidden_layers"])
-    model = _dummy_model(ModelSpec.from_hf_config(cfg), torch.device(ctx.machine.device), ctx.options.seed)
+    model = _dummy_model(spec_for_config(cfg), torch.device(ctx.machine.device), ctx.options.seed)
     true_widths = not any(r.startswith(("vocab", "width")) for r in reductions)
     return model, {"layers": layers, "true_widths": true_widths, "reductions": reductions, "dtype": "float32",
                    "tokens": COMPILE_TOKENS, "path": "uncached prefill (the engine's paged path is not compiled)"}
@@ -281,10 +281,10 @@ class _Trials:
     compared with (decoded once per device)."""
 
     def __init__(self, ctx: GateContext, workdir: Path) -> None:
-        from dockyard.spec import ModelSpec
+        from dockyard.model_source import spec_for_config
 
         self.config, self.notes = trial_config(ctx.raw.config)
-        self.spec = ModelSpec.from_hf_config(self.config)
+        self.spec = spec_for_config(self.config)
         self.workdir = workdir
         (workdir / "model").mkdir()
         self.path = workdir / "model" / "config.json"

@@ -1,4 +1,5 @@
-"""Gate 1, inspect: the config parses and validates, and a registered family implements all it asks.
+"""Gate 1, inspect: the config parses and validates, and says which implementation runs it: a registered
+family that implements all it asks, or else transformers' own classes (the generic path, ``dockyard.model_impl``).
 
 When it does not, the evidence names the nearest supported family and every feature of the config
 that no implementation covers, read from the raw config (``config_features``), because a config
@@ -35,7 +36,8 @@ def run(ctx: GateContext) -> Outcome:
     unknown = unrecognised_keys(config)
     spec_error = None
     try:
-        ctx.source = resolve_model(ctx.options.model, "dummy" if ctx.options.weights == "dummy" else "auto")
+        ctx.source = resolve_model(ctx.options.model, "dummy" if ctx.options.weights == "dummy" else "auto",
+                                   **ctx.options.impl_kwargs)
     except DockyardError as exc:
         spec_error = str(exc)
         logger.info("spec does not validate: %s", exc)
@@ -55,8 +57,14 @@ def run(ctx: GateContext) -> Outcome:
         "spec_error": spec_error,
         "spec": ctx.spec.to_dict() if ctx.spec is not None else None,
         "source": {"kind": ctx.source.kind if ctx.source is not None else raw.kind, "path": str(raw.path)},
+        # Which implementation runs it and why (dockyard.model_impl): "dockyard" or "transformers" (generic).
+        "path": {"impl": ctx.spec.model_impl if ctx.spec is not None else None,
+                 "reason": ctx.source.impl_reason if ctx.source is not None else spec_error},
     }
     n_arch = sum(1 for f in features if f.kind == "arch")
+    if ctx.spec is not None and ctx.spec.model_impl == "transformers":
+        native = f"; a native family would need: {', '.join(missing)}" if missing else ""
+        return Outcome("pass", f"{arch} → {ctx.source.impl_reason}{native}", evidence)
     if registered and spec_error is None and not missing and not unknown:
         return Outcome("pass", f"{arch} → family '{evidence['family']}'; all {n_arch} architectural features "
                                f"covered", evidence)
@@ -76,4 +84,6 @@ def run(ctx: GateContext) -> Outcome:
                      "config_features' keys that do not affect compute)")
     if spec_error and (registered or not missing):
         parts.append(f"config does not validate: {spec_error}")
+    elif spec_error:
+        parts.append(f"the generic path cannot run it either: {spec_error}")
     return Outcome("fail", "; ".join(parts), evidence)

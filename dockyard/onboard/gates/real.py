@@ -118,7 +118,8 @@ def run(ctx: GateContext) -> Outcome:
     ctx.step(f"loading the real weights ({source.kind}, {str(dtype).removeprefix('torch.')})")
     t0 = time.perf_counter()
     try:
-        llm = LLM(opts.model, dtype=dtype, device=machine.device, num_kv_blocks=256, max_num_seqs=8)
+        llm = LLM(opts.model, dtype=dtype, device=machine.device, num_kv_blocks=256, max_num_seqs=8,
+                  **opts.impl_kwargs)
     except DockyardError as exc:
         return Outcome("fail", f"real weights do not load: {exc}", {"error": str(exc)})
     load_s = time.perf_counter() - t0

@@ -77,6 +77,10 @@ def serve_command(ctx: GateContext, port: int | None = None) -> list[str]:
         args += ["--load-format", "dummy"]
     if ctx.machine.device != "cpu":
         args += ["--device", ctx.machine.device]
+    if ctx.options.model_impl != "auto":
+        args += ["--model-impl", ctx.options.model_impl]
+    if ctx.options.trust_remote_code:
+        args += ["--trust-remote-code"]
     if ctx.options.dtype != "auto":
         args += ["--dtype", ctx.options.dtype]
     if port is not None:
