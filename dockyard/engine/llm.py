@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dockyard.dtypes import RUN_DTYPES
 from dockyard.engine.llm_engine import EngineConfig, LLMEngine
 from dockyard.engine.memory_check import check_memory_fits
 from dockyard.engine.outputs import RequestOutput
@@ -35,7 +36,7 @@ from dockyard.weights.loader import load_weights
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {name: getattr(torch, name) for name in RUN_DTYPES}
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

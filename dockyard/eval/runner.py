@@ -17,7 +17,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -485,7 +485,3 @@ def run_check(path: str | Path, rtol: float = DEFAULT_RTOL, model: str | None = 
         _say(progress, f"note: {path} was written for {data['model_name']!r}; this run measured {run.model_name!r}")
     return compare(data, run, rtol)
 
-
-def run_to_dict(run: EvalRun) -> dict[str, Any]:
-    """The whole run as plain data (for report.json)."""
-    return asdict(run)

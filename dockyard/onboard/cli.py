@@ -11,7 +11,9 @@ import json
 import sys
 
 from dockyard.cli_args import add_num_threads_arg
-from dockyard.onboard.context import DTYPE_CHOICES, EXIT_CODES, GATE_NAMES, check_model_path
+from dockyard.dtypes import DTYPE_CHOICES
+from dockyard.model_path import check_model_path
+from dockyard.onboard.context import EXIT_CODES, GATE_NAMES
 
 
 def add_onboard_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

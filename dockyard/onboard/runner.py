@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dockyard.errors import DockyardError
+from dockyard.model_path import check_model_path
 from dockyard.onboard.context import (
     GateContext,
     GateResult,
     OnboardOptions,
     Outcome,
-    check_model_path,
     jsonable,
     read_raw_model,
 )

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
+
+from dockyard.ops.dispatch import triton_installed
 
 
 @dataclass
@@ -177,20 +178,16 @@ def decode_backend(q: torch.Tensor, kv_cache: torch.Tensor) -> str:
     usable = _triton_usable(q, kv_cache)
     if choice == "triton" and not usable:
         raise RuntimeError(f"{BACKEND_ENV}=triton, but the Triton decode kernel cannot run here (Triton "
-                           f"installed: {_triton_installed()}, device {q.device}, q {tuple(q.shape)} {q.dtype}, "
+                           f"installed: {triton_installed()}, device {q.device}, q {tuple(q.shape)} {q.dtype}, "
                            f"kv_cache {tuple(kv_cache.shape)})")
     return "triton" if usable else "reference"
 
 
 @functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def _triton_usable(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     """Whether a kernel handles q over this layer's cache: K and V per head (entries 2), or MLA's one
     latent per token (entries 1, q already absorbed into latent space)."""
-    if not _triton_installed() or q.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] not in (1, 2):
+    if not triton_installed() or q.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] not in (1, 2):
         return False
     if kv_cache.shape[-1] != q.shape[-1] or kv_cache.device != q.device:
         return False

@@ -31,30 +31,21 @@ The kernels live in :mod:`dockyard.ops.triton_fp8` (imported only when a CUDA fo
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-GROUP = 128  # activation quantization group (columns) = the GEMM's K tile
-E4M3_MAX = 448.0  # largest finite float8_e4m3fn
-AMAX_FLOOR = 1e-12  # a group of zeros gets this amax (scale ~2e-15) instead of a zero scale
-FP8_DTYPE = torch.float8_e4m3fn
+from dockyard.ops.dispatch import triton_installed
+from dockyard.ops.fp8_format import AMAX_FLOOR, E4M3_MAX, FP8_DTYPE, GROUP, check_block, scale_grid_shape
+
 MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9), Hopper (9.0) and later
 
 
 # ---------------------------------------------------------------------------------------------
 # Where the native path can run
 # ---------------------------------------------------------------------------------------------
-@functools.cache
-def triton_importable() -> bool:
-    """Whether Triton is installed (found without importing it)."""
-    return importlib.util.find_spec("triton") is not None
-
-
 def native_fp8_unavailable(device: torch.device | str) -> str | None:
     """Why the FP8 kernel cannot run on ``device`` (None: it can): not CUDA, compute capability below
     8.9, or no Triton."""
@@ -67,28 +58,9 @@ def native_fp8_unavailable(device: torch.device | str) -> str | None:
     if capability < MIN_CAPABILITY:
         return (f"{torch.cuda.get_device_name(device)} has compute capability {capability[0]}.{capability[1]}; "
                 f"FP8 tensor cores need {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or later")
-    if not triton_importable():
+    if not triton_installed():
         return "Triton is not installed"
     return None
-
-
-def check_block(block: tuple[int, int], in_features: int, where: str = "Fp8Linear") -> None:
-    """Raise ValueError unless every 128-column activation group lies inside one weight scale block."""
-    bn, bk = block
-    if bn < 1 or bk < 1:
-        raise ValueError(f"{where}: scale block {block} must be positive")
-    if bk % GROUP and bk < in_features:
-        raise ValueError(
-            f"{where}: weight scale block {list(block)} has {bk} columns, but the FP8 kernel quantizes "
-            f"activations in groups of {GROUP} columns, which must each fall in one scale block (block "
-            f"columns a multiple of {GROUP}, or at least in_features={in_features}); dequantize this "
-            "checkpoint on load instead (DOCKYARD_FP8_NATIVE=0)"
-        )
-
-
-def scale_grid_shape(out_features: int, in_features: int, block: tuple[int, int]) -> tuple[int, int]:
-    """Shape of the scale grid for a weight [out_features, in_features] under ``block`` (ragged last tiles)."""
-    return math.ceil(out_features / block[0]), math.ceil(in_features / block[1])
 
 
 # ---------------------------------------------------------------------------------------------

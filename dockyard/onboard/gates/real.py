@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from dockyard.onboard.context import GateContext, Outcome
+from dockyard.dtypes import dtype_name
+from dockyard.onboard.context import GateContext, Outcome, RealRun
 from dockyard.onboard.machine import available_now, ram_bytes
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def run(ctx: GateContext) -> Outcome:
     report = llm.load_report
     evidence: dict[str, Any] = {
         "checkpoint": {"kind": source.kind, "path": str(source.path)},
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": dtype_name(dtype),
         "load_seconds": load_s,
         "tensors_loaded": report.loaded,
         "bytes_loaded": report.bytes_loaded,
@@ -143,7 +144,7 @@ def run(ctx: GateContext) -> Outcome:
                               "tokens_per_second": generated / gen_s if gen_s else None,
                               "note": f"greedy, {len(prompts)} prompts batched, {evidence['dtype']}, "
                                       f"{machine.device}"}
-    ctx.real.update(load_seconds=load_s, generation=evidence["generation"], tensors_loaded=report.loaded)
+    ctx.real = RealRun(load_seconds=load_s, generation=evidence["generation"], tensors_loaded=report.loaded)
 
     reason = transformers_support(str(ctx.raw.config.get("model_type") or ""))
     hf_bytes = ctx.plan.num_parameters * 4
@@ -203,8 +204,7 @@ def run(ctx: GateContext) -> Outcome:
         ok = all_ok
         summary = (f"{report.loaded} tensors loaded, none missing or unexpected; coherence check only "
                    f"({reason}): {'coherent' if ok else 'INCOHERENT'}")
-    ctx.real["prompts"] = results
-    ctx.real["passed"] = ok
+    ctx.real.prompts, ctx.real.passed = results, ok
     if ok and llm.tokenizer is not None:
         from dockyard.onboard.accuracy import run_accuracy
 

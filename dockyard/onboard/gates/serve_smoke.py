@@ -142,7 +142,7 @@ def run(ctx: GateContext) -> Outcome:
     if source.gguf is None and not any((source.path / f).exists() for f in TOKENIZER_FILES):
         return Outcome("skip", f"{source.path} has no tokenizer ({', '.join(TOKENIZER_FILES)}): the server's chat "
                                "and completion endpoints need one", hard=False)
-    if ctx.fits_device is False or (ctx.dummy and ctx.dummy.get("layers", 0) < ctx.spec.num_hidden_layers):
+    if ctx.fits_device is False or (ctx.dummy is not None and ctx.dummy.layers < ctx.spec.num_hidden_layers):
         return Outcome("skip", "the whole model does not fit this machine, so it cannot be served here", hard=False)
     log_path = ctx.out_dir / "logs" / "serve-smoke.server.log"
     evidence: dict[str, Any] = {"deploy_command": "dockyard " + " ".join(shlex.quote(a) for a in
