@@ -38,6 +38,7 @@ from lm_eval.models.utils import (
 )
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from dockyard.dtypes import dtype_name
 from dockyard.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class DockyardLM(TemplateLM):
 
     def get_model_info(self) -> dict[str, Any]:
         return {"model_name": self.name, "model_source": str(self.llm.source.path),
-                "model_dtype": str(self.llm.dtype).removeprefix("torch."), "engine": "dockyard"}
+                "model_dtype": dtype_name(self.llm.dtype), "engine": "dockyard"}
 
     # ---- running requests on the engine ----
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from dockyard.dtypes import dtype_name
 from dockyard.eval.tasks import TASKS, EvalError, parse_task_list, require_data, task_manager
+from dockyard.spec import is_number
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +220,7 @@ def run_eval(options: EvalOptions, llm: Any = None, progress: TextIO | None = sy
         load_s = time.perf_counter() - t0
         # Record what the engine really runs with (a model handed in keeps its own limit).
         options.batch_size = lm.llm.engine.config.max_num_seqs
-        dtype = str(lm.llm.dtype).removeprefix("torch.")
+        dtype = dtype_name(lm.llm.dtype)
         _say(progress, f"model {lm.name} ({dtype}, {lm.llm.device}) ready in {load_s:.1f}s")
         results = []
         for i, name in enumerate(options.tasks, 1):
@@ -430,7 +432,7 @@ def load_accuracy_yaml(path: str | Path) -> dict[str, Any]:
             _need(isinstance(m, dict) and isinstance(m.get("name"), str), path,
                   f"task {t['name']} metrics[{j}] needs a 'name'")
             value = m.get("value")
-            _need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), path,
+            _need(is_number(value) and math.isfinite(value), path,
                   f"task {t['name']} metric {m['name']}: 'value' must be a number, got {value!r}")
     for key, kind in (("limit", (int, float)), ("num_fewshot", int), ("batch_size", int)):
         value = data.get(key)
