@@ -19,6 +19,12 @@ from torch import nn
 from dockyard.errors import DockyardError, WeightsError
 from dockyard.model_path import locate_model
 from dockyard.spec import ModelSpec, read_config_json
+from dockyard.tokenizer import TOKENIZER_FILES, load_tokenizer
+from dockyard.weights import fp8
+from dockyard.weights.dummy import iter_dummy
+from dockyard.weights.fp8 import FP8Config
+from dockyard.weights.gguf import GGUFFile
+from dockyard.weights.safetensors_dir import iter_safetensors, safetensors_files
 
 logger = logging.getLogger(__name__)
 
@@ -50,23 +56,16 @@ class ModelSource:
         if self.kind == "gguf":
             return self.gguf.iter_tensors(dtype)
         if self.kind == "safetensors":
-            from dockyard.weights.safetensors_dir import iter_safetensors
-
             if self.fp8 is not None:
-                from dockyard.weights import fp8
-
                 if native_fp8:
                     return fp8.native_fp8(iter_safetensors(self.path), self.fp8, native_fp8, dtype)
                 return fp8.dequantize_fp8(iter_safetensors(self.path), self.fp8, dtype)
             return iter_safetensors(self.path)
-        from dockyard.weights.dummy import iter_dummy
 
         return iter_dummy(model, seed)
 
     def load_tokenizer(self) -> Any:
         """The HF tokenizer for this model (cached conversion for GGUF); None if it ships none."""
-        from dockyard.tokenizer import TOKENIZER_FILES, load_tokenizer
-
         if self.gguf is not None:
             return load_tokenizer(self.path.parent, gguf_file=self.path.resolve())  # absolute: not joined again
         if not any((self.path / f).exists() for f in TOKENIZER_FILES):
@@ -82,8 +81,6 @@ def resolve_model(model: str | Path | None = None, load_format: str = "auto") ->
         raise DockyardError(f"load_format={load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
     path = locate_model(model)
     if path.is_file() and path.suffix == ".gguf":
-        from dockyard.weights.gguf import GGUFFile
-
         gguf = GGUFFile(path)
         spec = ModelSpec.from_hf_config(gguf.hf_config(), name=path.stem)
         kind = "dummy" if load_format == "dummy" else "gguf"
@@ -101,8 +98,6 @@ def resolve_model(model: str | Path | None = None, load_format: str = "auto") ->
     if isinstance(quant, dict):
         method = str(quant.get("quant_method") or quant.get("fmt") or "unknown")
     if load_format == "auto" and path.is_dir():
-        from dockyard.weights.safetensors_dir import safetensors_files
-
         if safetensors_files(model_dir):
             kind = "safetensors"
             if method is not None and method != "fp8":
@@ -112,8 +107,6 @@ def resolve_model(model: str | Path | None = None, load_format: str = "auto") ->
                     "--load-format dummy to run the architecture on dummy weights"
                 )
     if method == "fp8":
-        from dockyard.weights.fp8 import FP8Config
-
         try:
             fp8 = FP8Config.from_quantization_config(quant, model_dir)
         except WeightsError:

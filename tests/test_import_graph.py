@@ -97,10 +97,20 @@ def _graph() -> tuple[dict[str, set[str]], list[str]]:
         lines = path.read_text().splitlines()
         for target, line, in_function in _imports(name, path, tree, modules, lazy):
             graph[name].add(target)
-            nearby = lines[line - 1] + (lines[line - 2] if line > 1 else "")
-            if in_function and "#" not in nearby:
+            if in_function and not _commented(lines, line):
                 uncommented.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {target}")
-    return graph, uncommented
+    return graph, sorted(set(uncommented))
+
+
+def _commented(lines: list[str], line: int) -> bool:
+    """A comment on the import's line, or above the run of import lines it belongs to."""
+    i = line - 1
+    while True:
+        if "#" in lines[i]:
+            return True
+        if i == 0 or not lines[i - 1].strip().startswith(("from ", "import ", "#")):
+            return False
+        i -= 1
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -167,6 +177,12 @@ def test_no_import_cycle():
     assert not cycles, "import cycles in dockyard/:\n" + "\n".join(cycles)
 
 
+def test_function_local_imports_say_why():
+    _, uncommented = _graph()
+    assert not uncommented, ("function-local imports of dockyard modules without a comment naming the optional "
+                             "dependency they keep optional (hoist them, or say why):\n" + "\n".join(uncommented))
+
+
 def test_the_graph_sees_cycles_and_local_imports(tmp_path):
     """The checks above can fail: a two-module cycle made of one top-level and one function-local import."""
     graph = {"dockyard.a": {"dockyard.b"}, "dockyard.b": {"dockyard.a"}, "dockyard.c": {"dockyard.a"}}
@@ -178,3 +194,6 @@ def test_the_graph_sees_cycles_and_local_imports(tmp_path):
     modules = {"dockyard.spec", "dockyard.engine", "dockyard.engine.llm", "dockyard.engine.llm_engine", "dockyard"}
     found = _imports("dockyard.engine.llm", path, tree, modules, {"dockyard": {"LLM": "dockyard.engine.llm"}})
     assert found == [("dockyard.spec", 1, False), ("dockyard.engine.llm_engine", 3, True)]
+    lines = ["def f():", "    # Triton is an optional dependency", "    from dockyard.ops import triton_a",
+             "    from dockyard.ops import triton_b", "", "    from dockyard.ops import triton_c"]
+    assert [_commented(lines, n) for n in (3, 4, 6)] == [True, True, False]

@@ -29,7 +29,9 @@ from typing import Any
 import torch
 
 from dockyard.distributed.parallel_state import barrier, broadcast_object, destroy_parallel, init_parallel
+from dockyard.engine.model_runner import ModelRunner
 from dockyard.errors import DockyardError
+from dockyard.model_source import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +65,8 @@ def rank_device(device_type: str, rank: int) -> torch.device:
 
 def worker_main(cfg: WorkerConfig) -> None:
     """Join the group, build and load this rank's shard, then run rank 0's steps until told to stop."""
+    # engine/llm.py imports this module: the cycle the executor refactor removes
     from dockyard.engine.llm import load_model, resolve_dtype
-    from dockyard.engine.model_runner import ModelRunner
-    from dockyard.model_source import resolve_model
 
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)

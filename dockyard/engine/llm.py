@@ -22,6 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from dockyard.distributed.parallel_state import (
+    barrier,
+    broadcast_object,
+    free_port,
+    init_parallel,
+    launched_by_torchrun,
+)
+from dockyard.distributed.sharding import check_parallel_config, lazy_cutter, shard_model, shard_weights
 from dockyard.dtypes import RUN_DTYPES
 from dockyard.engine.llm_engine import EngineConfig, LLMEngine
 from dockyard.engine.memory_check import check_memory_fits
@@ -31,8 +39,12 @@ from dockyard.engine.threads import configure_threads
 from dockyard.errors import DockyardError, InvalidRequestError
 from dockyard.memory import plan_memory
 from dockyard.model_source import ModelSource, resolve_model
+from dockyard.ops.attention import Attention
+from dockyard.ops.linear import use_gemv_for_single_rows
 from dockyard.registry import build_model
+from dockyard.weights.fp8 import checkpoint_fp8_weights, choose_fp8_path, convert_to_fp8_linears
 from dockyard.weights.loader import load_weights
+from dockyard.weights.safetensors_dir import iter_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -91,14 +103,9 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, se
         torch.set_default_dtype(previous)
     model.eval()
     if tp_size > 1:
-        from dockyard.distributed.sharding import shard_model, shard_weights
-
         shard_model(model, tp_rank, tp_size, expert_parallel)
         _native_fp8(model, source, device, dtype, tp_size)  # logs that FP8 is dequantized under TP (for now)
         if source.kind == "safetensors" and source.fp8 is None:  # read only this rank's slices
-            from dockyard.distributed.sharding import lazy_cutter
-            from dockyard.weights.safetensors_dir import iter_safetensors
-
             weights = iter_safetensors(source.path, cut=lazy_cutter(model))
         else:  # dummy, GGUF (dequantized whole), FP8 (dequantized whole): sliced after reading
             weights = shard_weights(model, source.iter_weights(model, dtype, seed))
@@ -109,8 +116,6 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, se
     if device.type == "cuda" and hasattr(model, "fuse_projections"):
         model.fuse_projections()
     if device.type == "cuda":
-        from dockyard.ops.linear import use_gemv_for_single_rows
-
         use_gemv_for_single_rows(model)
     return model, report
 
@@ -122,7 +127,6 @@ def _native_fp8(model: nn.Module, source: ModelSource, device: torch.device, dty
     on load). ``DOCKYARD_FP8_NATIVE`` overrides the choice (``weights.fp8.choose_fp8_path``)."""
     if source.fp8 is None or source.kind != "safetensors":
         return set()
-    from dockyard.weights.fp8 import checkpoint_fp8_weights, choose_fp8_path, convert_to_fp8_linears
 
     native, why = choose_fp8_path(source.fp8, device, tp_size)
     if not native:
@@ -175,8 +179,6 @@ class LLM:
         self.spec = spec
         self.tensor_parallel_size = tensor_parallel_size
         if tensor_parallel_size > 1 or enable_expert_parallel:
-            from dockyard.distributed.sharding import check_parallel_config
-
             check_parallel_config(spec, tensor_parallel_size, enable_expert_parallel)
         config = EngineConfig(
             block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -206,8 +208,6 @@ class LLM:
         block_size = config.block_size
         num_blocks = config.num_kv_blocks or self._kv_blocks_from_memory(config)
         if self._workers is not None:
-            from dockyard.distributed.parallel_state import barrier, broadcast_object
-
             self._workers.watched("model loading", lambda: (broadcast_object((num_blocks, block_size)), barrier()))
             self._workers.ready = True
         self.engine = LLMEngine(self.model, spec, self.tokenizer, config, self.device, self.dtype, num_blocks)
@@ -223,7 +223,7 @@ class LLM:
                         expert_parallel: bool) -> None:
         """Join (or form) the tensor-parallel group as rank 0: under torchrun its env:// group,
         otherwise a group on a loopback TCP store with N - 1 spawned workers."""
-        from dockyard.distributed.parallel_state import free_port, init_parallel, launched_by_torchrun
+        # worker.py imports this module: the cycle the executor refactor removes
         from dockyard.distributed.worker import WorkerConfig, WorkerGroup, rank_device
 
         n = self.tensor_parallel_size
@@ -284,8 +284,6 @@ class LLM:
 
     def engine_kv_heads(self) -> int:
         """KV heads this rank's cache holds (all of them without tensor parallelism)."""
-        from dockyard.ops.attention import Attention
-
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         return layers[0].num_kv_heads if layers else self.spec.kv_cache_layout[1]
 

@@ -39,6 +39,7 @@ from lm_eval.models.utils import (
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from dockyard.dtypes import dtype_name
+from dockyard.engine.llm import LLM
 from dockyard.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -71,8 +72,6 @@ class DockyardLM(TemplateLM):
             logger.info("DockyardLM ignores model args %s", sorted(kwargs))
         seqs = int(batch_size) if isinstance(batch_size, int) or str(batch_size).isdigit() else 64
         if llm is None:
-            from dockyard import LLM
-
             llm = LLM(pretrained, dtype=dtype, device=device, max_num_seqs=seqs)
         self.llm = llm
         self.tokenizer = llm.get_tokenizer()

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from dockyard import __version__
 from dockyard.dtypes import dtype_name
-from dockyard.eval.tasks import TASKS, EvalError, parse_task_list, require_data, task_manager
+from dockyard.eval.tasks import TASKS, EvalError, parse_task_list, require_data, task_available, task_manager
+from dockyard.onboard.machine import detect_machine
 from dockyard.spec import is_number
 
 logger = logging.getLogger(__name__)
@@ -123,8 +125,6 @@ def _quiet_libraries(verbose: bool) -> Iterator[None]:
 def _versions(names: list[str]) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    from dockyard import __version__
-
     out = {"dockyard": __version__}
     packages = ["lm-eval"] + sorted({TASKS[n].package.pip_name for n in names})
     for pkg in packages:
@@ -212,7 +212,7 @@ def run_eval(options: EvalOptions, llm: Any = None, progress: TextIO | None = sy
     with _quiet_libraries(verbose):
         manager = task_manager(options.tasks)
 
-        from dockyard.eval.lm import DockyardLM
+        from dockyard.eval.lm import DockyardLM  # lm-eval is an optional dependency (the eval extra)
 
         t0 = time.perf_counter()
         lm = DockyardLM(options.model, llm=llm, dtype=options.dtype, device=options.device,
@@ -232,7 +232,6 @@ def run_eval(options: EvalOptions, llm: Any = None, progress: TextIO | None = sy
             values = ", ".join(f"{m.name} {m.value:.4f}" for m in result.metrics)
             _say(progress, f"[{i}/{len(options.tasks)}] {name}: {result.samples} docs, {result.num_fewshot}-shot, "
                            f"{result.seconds:.1f}s: {values}")
-    from dockyard.onboard.machine import detect_machine
 
     device = lm.llm.device.type
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -344,8 +343,6 @@ def results_table(run: EvalRun) -> str:
 
 def tasks_table() -> str:
     """``--list-tasks``: every task, its metrics, split, data package and whether it is installed."""
-    from dockyard.eval.tasks import task_available
-
     rows = [("task", "metrics", "split evaluated", "data package", "installed", "what")]
     for t in TASKS.values():
         rows.append((t.name, " ".join(t.metrics), t.split, t.package.pip_name, "yes" if task_available(t) else "NO",

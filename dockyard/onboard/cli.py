@@ -55,6 +55,7 @@ def add_onboard_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 def cmd_onboard(args: argparse.Namespace) -> int:
     """Run the gates; print progress on stderr and the summary table; return the exit status."""
     check_model_path(args.model)  # before torch is imported: a mistyped path fails at once, no report folder
+    # the CLI starts without torch: a command's modules load when it runs
     from dockyard.engine.threads import configure_threads
     from dockyard.onboard import OnboardOptions, run_onboard, summary_table
 

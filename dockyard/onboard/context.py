@@ -112,11 +112,11 @@ class RawModel:
 
 def read_raw_model(model: str | Path | None) -> RawModel:
     """Locate MODEL the way ``resolve_model`` does, but stop at the raw config dict."""
-    from dockyard.spec import read_config_json
+    from dockyard.spec import read_config_json  # this module stays torch-free: the CLI reads its choices
 
     path = locate_model(model)
     if path.is_file() and path.suffix == ".gguf":
-        from dockyard.weights.gguf import GGUFFile
+        from dockyard.weights.gguf import GGUFFile  # this module stays torch-free: the CLI reads its choices
 
         return RawModel(path.stem, path, "gguf", GGUFFile(path).hf_config())
     if path.is_file():

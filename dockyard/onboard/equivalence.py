@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from dockyard.engine.llm import LLM, load_model
+from dockyard.model_source import resolve_model
 from dockyard.onboard.config_surgery import SEQ_LEN, SPECIAL_TOKEN_REPLACEMENTS, shrink_config
 from dockyard.spec import is_number, language_model_config
 from dockyard.testing import paged_logits, rel_rmse
@@ -327,9 +329,6 @@ def _compare_levels(ours: nn.Module, hf_model: nn.Module, seq_len: int, decode_s
 def _run_ablation(ablation: Ablation, checkpoint: str, hf_model: nn.Module, seq_len: int, decode_steps: int,
                   seed: int) -> MutationResult:
     """Load ``checkpoint`` with one feature broken and compare up to the first level that fails."""
-    from dockyard.engine.llm import load_model  # the engine pulls in more than the rest of this module needs
-    from dockyard.model_source import resolve_model
-
     source = resolve_model(checkpoint)
     try:
         source = dataclasses.replace(source, spec=ablation.ablated_spec(source.spec))
@@ -378,7 +377,6 @@ def check_equivalence(config: dict[str, Any], workdir: str | Path | None = None,
         return result
     with tempfile.TemporaryDirectory(prefix="dockyard-equiv-", dir=workdir) as tmp:
         hf_model.save_pretrained(tmp)
-        from dockyard import LLM  # the engine pulls in more than the rest of this module needs
 
         try:
             llm = LLM(tmp, dtype="float32", device="cpu", num_kv_blocks=64)

@@ -191,6 +191,7 @@ def _triton_usable(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
         return False
     if kv_cache.shape[-1] != q.shape[-1] or kv_cache.device != q.device:
         return False
+    # Triton is an optional dependency
     from dockyard.ops.triton_attention import mla_supports, supports, triton_available
 
     if not triton_available(q.device):
@@ -216,7 +217,7 @@ def paged_attention(
     out = q.new_empty(*q.shape[:2], kv_cache.shape[-1])
     if num_decodes and metadata.seq_lens_tensor is not None:
         if decode_backend(q, kv_cache) == "triton":
-            from dockyard.ops.triton_attention import paged_decode_attention
+            from dockyard.ops.triton_attention import paged_decode_attention  # Triton is an optional dependency
 
             decoded = paged_decode_attention(q[:num_decodes], kv_cache, metadata.block_tables[:num_decodes],
                                              metadata.seq_lens_tensor[:num_decodes], scale, sliding_window,
@@ -241,7 +242,7 @@ def _decode_splits(metadata: AttentionMetadata, kv_cache: torch.Tensor, sliding_
     """The kernel's split count for ``metadata.decode_split_shape`` (None: the kernel's own default)."""
     if metadata.decode_split_shape is None:
         return None
-    from dockyard.ops.triton_attention import default_num_splits
+    from dockyard.ops.triton_attention import default_num_splits  # Triton is an optional dependency
 
     batch, context = metadata.decode_split_shape
     if sliding_window is not None:
@@ -303,7 +304,7 @@ class Attention(nn.Module):
             return _attend(q, k, v, self.scale, self.sliding_window, self.logit_softcap, sinks)
         tables = rotary.fused_tables(q) if rotary is not None else None
         if tables is not None and self.kv_cache.is_contiguous() and v.shape == k.shape:
-            from dockyard.ops.triton_fused import rotary_and_write_kv
+            from dockyard.ops.triton_fused import rotary_and_write_kv  # Triton is an optional dependency
 
             assert rotary is not None and positions is not None
             rotary_and_write_kv(q, k, v, positions, *tables, rotary.rotary_dim, self.kv_cache,

@@ -165,7 +165,7 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cuda":
             return fp8_linear_reference(x, self.weight, self.weight_scale_inv, self.block, self.bias)
-        from dockyard.ops.triton_fp8 import fp8_linear
+        from dockyard.ops.triton_fp8 import fp8_linear  # Triton is an optional dependency
 
         return fp8_linear(x, self.weight, self.weight_scale_inv, self.block, self.bias)
 

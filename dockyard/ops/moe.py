@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dockyard.distributed.parallel_state import all_reduce
 from dockyard.errors import ConfigError
 from dockyard.ops.activation import act_and_mul
 from dockyard.ops.dispatch import fused_ops_enabled
@@ -410,8 +411,6 @@ class SparseMoeBlock(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         if self.reduce_results:  # tensor/expert parallel: each rank has a partial sum
-            from dockyard.distributed.parallel_state import all_reduce
-
             out = all_reduce(out)
         return out.reshape(shape)
 

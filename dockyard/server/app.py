@@ -45,6 +45,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dockyard import __version__
+from dockyard.distributed.parallel_state import launched_by_torchrun
+from dockyard.distributed.worker import run_torchrun_worker
 from dockyard.engine.async_engine import AsyncLLM
 from dockyard.engine.llm import LLM
 from dockyard.errors import DockyardError
@@ -511,12 +513,9 @@ def serve(args: Any) -> int:
 
     tp = getattr(args, "tensor_parallel_size", 1)
     ep = getattr(args, "enable_expert_parallel", False)
-    from dockyard.distributed.parallel_state import launched_by_torchrun
 
     if launched_by_torchrun() and int(os.environ["RANK"]) != 0:
         # Past one host torchrun starts every rank with the same command; ranks ≥ 1 only run forwards.
-        from dockyard.distributed.worker import run_torchrun_worker
-
         run_torchrun_worker(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
                             seed=args.seed, expert_parallel=ep)
         return 0

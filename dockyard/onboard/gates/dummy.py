@@ -19,9 +19,14 @@ from typing import Any
 import torch
 
 from dockyard.dtypes import dtype_name
+from dockyard.engine.llm import LLM
+from dockyard.engine.sampling_params import SamplingParams
+from dockyard.memory import plan_memory
 from dockyard.onboard.config_surgery import text_config, with_layers, with_vocab, with_width
 from dockyard.onboard.context import DummyRun, GateContext, Outcome
+from dockyard.onboard.gates.fit import serving_dtype
 from dockyard.onboard.machine import available_now
+from dockyard.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +40,6 @@ MARGIN = 1 * GiB  # left unplanned below what is available: allocator slack, tra
 
 def _plan(cfg: dict[str, Any], dtype: torch.dtype, device_type: str) -> tuple[int, Any]:
     """(bytes the engine adds for ``cfg`` as this gate starts it, its spec)."""
-    from dockyard.memory import plan_memory
-    from dockyard.spec import ModelSpec
-
     spec = ModelSpec.from_hf_config(cfg)
     plan = plan_memory(spec, dtype, max_num_batched_tokens=ENGINE["max_num_batched_tokens"],
                        max_num_seqs=ENGINE["max_num_seqs"], device_type=device_type)
@@ -113,8 +115,6 @@ def _prompt_ids(llm: Any) -> list[int]:
 
 def first_request(llm: Any) -> dict[str, Any]:
     """Send one greedy request through the engine; capture the logits it sampled from."""
-    from dockyard import SamplingParams
-
     captured: list[torch.Tensor] = []
     original = llm.model.compute_logits
 
@@ -147,11 +147,8 @@ def first_request(llm: Any) -> dict[str, Any]:
 
 
 def run(ctx: GateContext) -> Outcome:
-    from dockyard import LLM
-
     if ctx.spec is None or ctx.raw is None:
         return Outcome("skip", "no validated spec (inspect did not pass)")
-    from dockyard.onboard.gates.fit import serving_dtype
 
     spec, machine = ctx.spec, ctx.machine
 

@@ -20,7 +20,13 @@ from typing import Any
 import torch
 
 from dockyard.dtypes import dtype_name
+from dockyard.engine.llm import LLM
+from dockyard.engine.sampling_params import SamplingParams
+from dockyard.errors import DockyardError
+from dockyard.onboard.accuracy import run_accuracy
 from dockyard.onboard.context import GateContext, Outcome, RealRun
+from dockyard.onboard.equivalence import rel_rmse, transformers_support
+from dockyard.onboard.gates.fit import ensure_plan
 from dockyard.onboard.machine import available_now, ram_bytes
 
 logger = logging.getLogger(__name__)
@@ -91,11 +97,6 @@ def _coherent(ids: list[int], text: str) -> tuple[bool, str]:
 
 
 def run(ctx: GateContext) -> Outcome:
-    from dockyard import LLM, SamplingParams
-    from dockyard.errors import DockyardError
-    from dockyard.onboard.equivalence import rel_rmse, transformers_support
-    from dockyard.onboard.gates.fit import ensure_plan
-
     opts, source = ctx.options, ctx.source
     if source is None:
         return Outcome("skip", "no validated spec (inspect did not pass)")
@@ -206,8 +207,6 @@ def run(ctx: GateContext) -> Outcome:
                    f"({reason}): {'coherent' if ok else 'INCOHERENT'}")
     ctx.real.prompts, ctx.real.passed = results, ok
     if ok and llm.tokenizer is not None:
-        from dockyard.onboard.accuracy import run_accuracy
-
         ctx.accuracy = run_accuracy(llm, opts.model)
         evidence["accuracy"] = {k: v for k, v in ctx.accuracy.items() if k != "results"}
         if ctx.accuracy["evaluated"]:

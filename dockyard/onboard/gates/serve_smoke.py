@@ -27,6 +27,7 @@ from typing import Any
 
 from dockyard.onboard.context import GateContext, Outcome
 from dockyard.server.cli import DEFAULT_PORT
+from dockyard.tokenizer import TOKENIZER_FILES
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,6 @@ def run(ctx: GateContext) -> Outcome:
         return Outcome("skip", f"server not available ({', '.join(absent)} not installed)", hard=False)
     if ctx.spec is None:
         return Outcome("skip", "no validated spec (inspect did not pass)", hard=False)
-    from dockyard.tokenizer import TOKENIZER_FILES
 
     source = ctx.source
     if source.gguf is None and not any((source.path / f).exists() for f in TOKENIZER_FILES):
