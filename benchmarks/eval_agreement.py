@@ -94,7 +94,7 @@ def main() -> int:
     from dockyard import LLM
     from dockyard.eval.lm import DockyardLM
     from dockyard.eval.tasks import task_manager
-    from dockyard.model_source import bundled_model_path
+    from dockyard.model_path import bundled_model_path
 
     gguf = bundled_model_path()
     llm = LLM(None, dtype="float32", device="cpu")

@@ -44,11 +44,12 @@ import triton.testing
 
 from dockyard import LLM, SamplingParams
 from dockyard.memory import plan_memory
-from dockyard.onboard.equivalence import TOLERANCES, paged_logits, rel_rmse
+from dockyard.onboard.equivalence import TOLERANCES
 from dockyard.ops.attention import AttentionMetadata, _attend
 from dockyard.ops.mla import MLAPagedAttention, absorbed_decode_reference
 from dockyard.ops.triton_attention import mla_num_splits, paged_mla_decode_attention
 from dockyard.spec import ModelSpec, read_config_json
+from dockyard.testing import paged_logits, rel_rmse
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from ceilings import measure, sync  # noqa: E402

@@ -33,10 +33,10 @@ import sys
 import torch
 import triton.testing
 
-from dockyard.onboard.equivalence import rel_rmse
 from dockyard.ops import triton_moe
 from dockyard.ops.moe import ExpertList, moe_reference, select_experts
 from dockyard.spec import ModelSpec
+from dockyard.testing import rel_rmse
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from ceilings import copy_bandwidth, matmul_rate  # noqa: E402

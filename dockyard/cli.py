@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from dockyard import LLM, SamplingParams
+    from dockyard import LLM, SamplingParams  # the CLI starts without torch: a command's modules load when it runs
 
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -90,6 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    # the CLI starts without torch: a command's modules load when it runs
     from dockyard.model_source import resolve_model
     from dockyard.onboard.config_features import detect_features, nearest_family, unrecognised_keys
     from dockyard.onboard.context import read_raw_model
@@ -101,6 +102,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     try:
         # metadata only; an absurd config is refused before the engine is imported
         source = resolve_model(args.model, **model_source_kwargs(args))
+        # the CLI starts without torch: a command's modules load when it runs
         from dockyard.onboard.machine import detect_machine
         from dockyard.run_plan import RunTarget, plan_for_run
 
@@ -182,6 +184,7 @@ def _print_features(features: list, near: object, unknown: list[str]) -> None:
 def cmd_models(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    # the CLI starts without torch: a command's modules load when it runs
     from dockyard.supported_models import catch_table, render
 
     configs = [Path(c) for c in args.configs]

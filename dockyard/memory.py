@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dockyard.dtypes import dtype_name
 from dockyard.errors import ConfigError
 from dockyard.ops.fp8_linear import scale_grid_shape
 from dockyard.registry import build_model
@@ -91,12 +92,6 @@ class MemoryPlan:
         return out
 
 
-def count_parameters(spec: ModelSpec, dtype: torch.dtype) -> tuple[int, dict[str, int]]:
-    """(number of parameters, bytes by dtype) of the model class for ``spec``, built on meta."""
-    numel, by_dtype, _ = _count(spec, dtype)
-    return numel, dict(by_dtype)
-
-
 def active_parameters(spec: ModelSpec, dtype: torch.dtype = torch.bfloat16) -> int:
     """Parameters one token runs through: all of them, less the routed experts it is not sent to."""
     return _count(spec, dtype)[2]
@@ -108,7 +103,7 @@ def _count(spec: ModelSpec, dtype: torch.dtype) -> tuple[int, dict[str, int], in
     numel = routed = 0
     for name, (p, times) in _layer_linears(spec, dtype)[0].items():  # tied parameters are yielded once
         numel += p.numel() * times
-        by_dtype[str(p.dtype).removeprefix("torch.")] += p.numel() * p.element_size() * times
+        by_dtype[dtype_name(p.dtype)] += p.numel() * p.element_size() * times
         if ".experts." in name:  # routed experts (shared experts live under shared_expert[s])
             routed += p.numel() * times
     idle = 0 if spec.moe is None else routed * (spec.moe.num_experts - spec.moe.top_k) // spec.moe.num_experts
@@ -193,12 +188,12 @@ def plan_memory(
     per_token = (3 * spec.hidden_size + spec.q_size + 2 * spec.kv_size + 3 * spec.intermediate_size) * act_bytes
     logits = min(max_num_seqs, tokens) * spec.vocab_size * 4 * 2  # logits + probabilities
     plan = MemoryPlan(
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=dtype_name(dtype),
         num_parameters=numel,
         active_parameters=active,
         weight_bytes=sum(by_dtype.values()),
         weight_bytes_by_dtype=dict(by_dtype),
-        kv_cache_dtype=str(kv_dtype).removeprefix("torch."),
+        kv_cache_dtype=dtype_name(kv_dtype),
         kv_bytes_per_token=kv_per_token,
         activation_peak_bytes=tokens * per_token + logits,
         overhead_bytes=OVERHEAD_BYTES.get(device_type, OVERHEAD_BYTES["cpu"]),
@@ -246,7 +241,7 @@ class WeightStorage:
     source: str = "config"
 
     def describe(self, dtype: torch.dtype) -> str:
-        run = str(dtype).removeprefix("torch.")
+        run = dtype_name(dtype)
         if self.fp8 is None:
             return run
         block = list(self.fp8.block) if self.fp8.block else "per-tensor"
@@ -254,10 +249,6 @@ class WeightStorage:
             return (f"FP8 {self.fp8.fmt} {block} attention/dense-MLP projections kept as stored (native FP8 "
                     f"matmul); other FP8 weights (MoE experts, MLA) dequantized and the rest held in {run}")
         return f"FP8 {self.fp8.fmt} {block} dequantized to {run} on load"
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _meta_model(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -319,11 +310,11 @@ def stored_weight_bytes(spec: ModelSpec, fp8: FP8Config | None, built_at: torch.
     for name, (p, times) in params.items():
         quantized = _fp8_layer_count(spec, name, times, fp8) if fp8 is not None and name in linears else 0
         if quantized:
-            out[_dtype_name(fp8.storage_dtype) + "+float32 scales"] += quantized * _fp8_bytes(tuple(p.shape), fp8,
+            out[dtype_name(fp8.storage_dtype) + "+float32 scales"] += quantized * _fp8_bytes(tuple(p.shape), fp8,
                                                                                               native=False)
         if quantized < times:
             dtype = plain if p.dtype == built_at else p.dtype
-            out[_dtype_name(dtype)] += p.numel() * dtype.itemsize * (times - quantized)
+            out[dtype_name(dtype)] += p.numel() * dtype.itemsize * (times - quantized)
     return dict(out)
 
 
@@ -356,10 +347,10 @@ def held_weight_bytes(spec: ModelSpec, dtype: torch.dtype, storage: WeightStorag
             # quantization config's unquantized modules are what stays out.
             fp8_layers = times if storage.fp8_weights is not None else _fp8_layer_count(spec, name, times,
                                                                                         storage.fp8)
-            out[_dtype_name(storage.fp8.storage_dtype) + "+float32 scales"] += fp8_layers * _fp8_bytes(
+            out[dtype_name(storage.fp8.storage_dtype) + "+float32 scales"] += fp8_layers * _fp8_bytes(
                 tuple(p.shape), storage.fp8, True)
         if fp8_layers < times:
-            out[_dtype_name(p.dtype)] += p.numel() * p.element_size() * (times - fp8_layers)
+            out[dtype_name(p.dtype)] += p.numel() * p.element_size() * (times - fp8_layers)
     return dict(out)
 
 

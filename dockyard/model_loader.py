@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from dockyard.distributed.sharding import lazy_cutter, shard_model, shard_weights
+from dockyard.dtypes import RUN_DTYPES
 from dockyard.errors import DockyardError
 from dockyard.model_source import ModelSource
 from dockyard.ops.linear import use_gemv_for_single_rows
@@ -33,7 +34,7 @@ from dockyard.weights.safetensors_dir import iter_safetensors
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {name: getattr(torch, name) for name in RUN_DTYPES}
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

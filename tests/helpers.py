@@ -12,7 +12,7 @@ import torch
 
 # The metric and the paged driver are library code now (the onboarding equivalence gate uses them).
 from dockyard.engine.sampling_params import SamplingParams
-from dockyard.onboard.equivalence import paged_logits, rel_rmse
+from dockyard.testing import paged_logits, rel_rmse
 
 __all__ = ["import_kernels", "interpreter_loop_bounds_fix", "paged_logits", "poison", "rel_rmse",
            "save_tiny_hf_model"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dockyard.cli import main
-from dockyard.model_source import bundled_model_path
+from dockyard.model_path import bundled_model_path
 from tests.onboard.test_inspect_keys import STARCODER2
 
 CONFIGS = Path(__file__).resolve().parents[1].parent / "shared" / "configs"

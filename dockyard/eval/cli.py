@@ -51,6 +51,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run ``dockyard eval``; return the exit status (0 ok, 1 check failed; errors raise EvalError → 2)."""
+    # the CLI starts without torch: a command's modules load when it runs
     from dockyard.engine.threads import configure_threads
     from dockyard.eval import runner
 

@@ -38,6 +38,8 @@ from lm_eval.models.utils import (
 )
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from dockyard.dtypes import dtype_name
+from dockyard.engine.llm import LLM
 from dockyard.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -71,8 +73,6 @@ class DockyardLM(TemplateLM):
             logger.info("DockyardLM ignores model args %s", sorted(kwargs))
         seqs = int(batch_size) if isinstance(batch_size, int) or str(batch_size).isdigit() else 64
         if llm is None:
-            from dockyard import LLM
-
             source = {name: value for name, value in (("revision", revision), ("download_dir", download_dir)) if value}
             llm = LLM(pretrained,
                       **{**(engine or {}), **source, "dtype": dtype, "device": device, "max_num_seqs": seqs})
@@ -137,7 +137,7 @@ class DockyardLM(TemplateLM):
 
     def get_model_info(self) -> dict[str, Any]:
         return {"model_name": self.name, "model_source": str(self.llm.source.path),
-                "model_dtype": str(self.llm.dtype).removeprefix("torch."), "engine": "dockyard"}
+                "model_dtype": dtype_name(self.llm.dtype), "engine": "dockyard"}
 
     # ---- running requests on the engine ----
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:

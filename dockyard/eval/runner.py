@@ -17,11 +17,15 @@ import math
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from dockyard.eval.tasks import TASKS, EvalError, parse_task_list, require_data, task_manager
+from dockyard import __version__
+from dockyard.dtypes import dtype_name
+from dockyard.eval.tasks import TASKS, EvalError, parse_task_list, require_data, task_available, task_manager
+from dockyard.onboard.machine import detect_machine
+from dockyard.spec import is_number
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +127,6 @@ def _quiet_libraries(verbose: bool) -> Iterator[None]:
 def _versions(names: list[str]) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    from dockyard import __version__
-
     out = {"dockyard": __version__}
     packages = ["lm-eval"] + sorted({TASKS[n].package.pip_name for n in names})
     for pkg in packages:
@@ -212,7 +214,7 @@ def run_eval(options: EvalOptions, llm: Any = None, progress: TextIO | None = sy
     with _quiet_libraries(verbose):
         manager = task_manager(options.tasks)
 
-        from dockyard.eval.lm import DockyardLM
+        from dockyard.eval.lm import DockyardLM  # lm-eval is an optional dependency (the eval extra)
 
         t0 = time.perf_counter()
         lm = DockyardLM(options.model, llm=llm, dtype=options.dtype, device=options.device,
@@ -220,7 +222,7 @@ def run_eval(options: EvalOptions, llm: Any = None, progress: TextIO | None = sy
         load_s = time.perf_counter() - t0
         # Record what the engine really runs with (a model handed in keeps its own limit).
         options.batch_size = lm.llm.engine.config.max_num_seqs
-        dtype = str(lm.llm.dtype).removeprefix("torch.")
+        dtype = dtype_name(lm.llm.dtype)
         _say(progress, f"model {lm.name} ({dtype}, {lm.llm.device}) ready in {load_s:.1f}s")
         results = []
         for i, name in enumerate(options.tasks, 1):
@@ -232,7 +234,6 @@ def run_eval(options: EvalOptions, llm: Any = None, progress: TextIO | None = sy
             values = ", ".join(f"{m.name} {m.value:.4f}" for m in result.metrics)
             _say(progress, f"[{i}/{len(options.tasks)}] {name}: {result.samples} docs, {result.num_fewshot}-shot, "
                            f"{result.seconds:.1f}s: {values}")
-    from dockyard.onboard.machine import detect_machine
 
     device = lm.llm.device.type
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -348,8 +349,6 @@ def results_table(run: EvalRun) -> str:
 
 def tasks_table() -> str:
     """``--list-tasks``: every task, its metrics, split, data package and whether it is installed."""
-    from dockyard.eval.tasks import task_available
-
     rows = [("task", "metrics", "split evaluated", "data package", "installed", "what")]
     for t in TASKS.values():
         rows.append((t.name, " ".join(t.metrics), t.split, t.package.pip_name, "yes" if task_available(t) else "NO",
@@ -436,7 +435,7 @@ def load_accuracy_yaml(path: str | Path) -> dict[str, Any]:
             _need(isinstance(m, dict) and isinstance(m.get("name"), str), path,
                   f"task {t['name']} metrics[{j}] needs a 'name'")
             value = m.get("value")
-            _need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), path,
+            _need(is_number(value) and math.isfinite(value), path,
                   f"task {t['name']} metric {m['name']}: 'value' must be a number, got {value!r}")
     for key, kind in (("limit", (int, float)), ("num_fewshot", int), ("batch_size", int)):
         value = data.get(key)
@@ -492,7 +491,3 @@ def run_check(path: str | Path, rtol: float = DEFAULT_RTOL, model: str | None = 
         _say(progress, f"note: {path} was written for {data['model_name']!r}; this run measured {run.model_name!r}")
     return compare(data, run, rtol)
 
-
-def run_to_dict(run: EvalRun) -> dict[str, Any]:
-    """The whole run as plain data (for report.json)."""
-    return asdict(run)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dockyard.errors import DockyardError
+from dockyard.tokenizer import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -201,8 +202,6 @@ def render_tasks(names: list[str], cache: Path | None = None) -> Path:
     The directory is ``<dockyard cache>/eval-tasks/<hash of its content>``, written to a temporary
     directory and renamed into place, so a crash never leaves a half-written task set.
     """
-    from dockyard.tokenizer import cache_root
-
     lm_tasks = lm_eval_tasks_dir()
     files: dict[str, str] = {}
     for name in names:

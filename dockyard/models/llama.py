@@ -24,7 +24,7 @@ from dockyard.ops.attention import Attention
 from dockyard.ops.fp8_linear import Fp8Linear, concat_fp8_linears
 from dockyard.ops.norm import RMSNorm
 from dockyard.ops.rotary import RotaryEmbedding, get_rope
-from dockyard.spec import GEMMA_TYPES, ModelSpec, RopeSpec
+from dockyard.spec import ModelSpec, RopeSpec
 
 # Multimodal checkpoints: the language model's weights sit under one of these prefixes (published
 # layout first, transformers v5's second); the towers and projectors are not part of the text model.
@@ -220,8 +220,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.embedding_multiplier = spec.embedding_multiplier
-        # Gemma rounds its √hidden to the activation dtype before multiplying; Granite does not.
-        self.round_multiplier = spec.model_type in GEMMA_TYPES
+        self.round_multiplier = spec.round_embedding_multiplier
         self.layers = nn.ModuleList(layers)
         self.norm = make_norm(spec, spec.hidden_size)
 

@@ -9,15 +9,27 @@ from __future__ import annotations
 from torch import nn
 
 from dockyard.models.llama import LlamaForCausalLM, LlamaMLP
-from dockyard.ops.moe import (
-    ExpertList,
-    GptOssExperts,
-    GptOssMoeBlock,
-    LocalExperts,
-    SparseMoeBlock,
-    mixtral_checkpoint_name,
-)
+from dockyard.ops.moe import ExpertList, GptOssExperts, GptOssMoeBlock, LocalExperts, SparseMoeBlock
 from dockyard.spec import ModelSpec
+
+_MIXTRAL_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def mixtral_checkpoint_name(name: str) -> str:
+    """A Mixtral checkpoint name → ours: ``block_sparse_moe.`` → ``mlp.``, ``experts.N.w1|w3|w2`` →
+    ``experts.N.gate_proj|up_proj|down_proj``; every other name unchanged.
+
+    ``model.layers.0.block_sparse_moe.experts.3.w1.weight`` → ``model.layers.0.mlp.experts.3.gate_proj.weight``.
+    """
+    parts = name.split(".")
+    if "block_sparse_moe" not in parts:
+        return name
+    i = parts.index("block_sparse_moe")
+    parts[i] = "mlp"
+    rest = parts[i + 1:]
+    if len(rest) >= 3 and rest[0] == "experts" and rest[1].isdigit() and rest[2] in _MIXTRAL_EXPERT_NAMES:
+        parts[i + 3] = _MIXTRAL_EXPERT_NAMES[rest[2]]
+    return ".".join(parts)
 
 
 class MoEForCausalLM(LlamaForCausalLM):

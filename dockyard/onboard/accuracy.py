@@ -14,6 +14,9 @@ import time
 import traceback
 from typing import Any
 
+from dockyard.errors import DockyardError
+from dockyard.eval.runner import EvalOptions, accuracy_data, command_line, run_eval
+
 logger = logging.getLogger(__name__)
 
 ONBOARD_TASKS = ("arc_easy",)
@@ -32,12 +35,6 @@ def run_accuracy(llm: Any, model: str | None) -> dict[str, Any]:
     Never raises: a missing package or an error in the evaluation is recorded as "not evaluated",
     with the reason (and the traceback in the gate's log).
     """
-    from dockyard.errors import DockyardError
-
-    try:
-        from dockyard.eval.runner import EvalOptions, accuracy_data, command_line, run_eval
-    except ImportError as exc:  # pragma: no cover - the eval package is part of dockyard
-        return not_evaluated(f"dockyard's eval package does not import ({exc})")
     options = EvalOptions(tasks=list(ONBOARD_TASKS), model=model, limit=ONBOARD_LIMIT)
     t0 = time.perf_counter()
     try:

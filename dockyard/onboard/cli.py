@@ -11,7 +11,8 @@ import json
 import sys
 
 from dockyard.engine_args import EngineArgs, field_help
-from dockyard.onboard.context import EXIT_CODES, GATE_NAMES, check_model_path
+from dockyard.model_path import check_model_path
+from dockyard.onboard.context import EXIT_CODES, GATE_NAMES
 
 
 def add_onboard_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -49,6 +50,7 @@ def add_onboard_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 def cmd_onboard(args: argparse.Namespace) -> int:
     """Run the gates; print progress on stderr and the summary table; return the exit status."""
     check_model_path(args.model)  # before torch is imported: a mistyped path fails at once, no report folder
+    # the CLI starts without torch: a command's modules load when it runs
     from dockyard.engine.threads import configure_threads
     from dockyard.onboard import OnboardOptions, run_onboard, summary_table
 

@@ -15,18 +15,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from dockyard.errors import DockyardError, ModelNotFoundError
-from dockyard.hub import locate_model
+from dockyard.dtypes import DTYPE_CHOICES
+from dockyard.errors import DockyardError
+from dockyard.model_path import locate_model
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: this module stays importable without torch (the CLI reads its choices)
+    import torch
+
+    from dockyard.memory import MemoryPlan
+    from dockyard.model_source import ModelSource
+    from dockyard.onboard.config_features import Feature
     from dockyard.onboard.machine import Machine
+    from dockyard.spec import ModelSpec
 
 GATE_NAMES = ("inspect", "fit", "equivalence", "dummy", "real", "features", "capacity", "serve-smoke")
-STATUSES = ("pass", "fail", "skip")
 # Verdict of a finished run → exit status of `dockyard onboard` (2 is a usage error: no run, no report).
 EXIT_CODES = {"PASS": 0, "FAIL": 1, "PASS-PARTIAL": 3}
 WEIGHTS_CHOICES = ("auto", "dummy", "real")
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -116,29 +121,15 @@ class RawModel:
     config: dict[str, Any]
 
 
-def check_model_path(model: str | Path | None) -> None:
-    """Raise ModelNotFoundError when MODEL names neither an existing path nor a repo id in the HF cache
-    (checked before anything heavy is imported or any report folder is made; None is the bundled model)."""
-    if model is not None:
-        locate_model(model)
-
-
 def read_raw_model(model: str | Path | None, revision: str | None = None,
                    download_dir: str | Path | None = None) -> RawModel:
     """Locate MODEL the way ``resolve_model`` does, but stop at the raw config dict (a repo id names it)."""
-    from dockyard.model_source import locate
-    from dockyard.spec import read_config_json
+    from dockyard.spec import read_config_json  # this module stays torch-free: the CLI reads its choices
 
-    location = locate(model, revision, download_dir)
+    location = locate_model(model, revision, download_dir)
     path, repo_id = location.path, location.repo_id
-    if path.is_dir() and not (path / "config.json").exists():
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) != 1:
-            raise ModelNotFoundError(f"{path} has no config.json"
-                                     + (f" and {len(ggufs)} .gguf files; name one of them" if ggufs else ""))
-        path = ggufs[0]
     if path.is_file() and path.suffix == ".gguf":
-        from dockyard.weights.gguf import GGUFFile
+        from dockyard.weights.gguf import GGUFFile  # this module stays torch-free: the CLI reads its choices
 
         return RawModel(repo_id or path.stem, path, "gguf", GGUFFile(path).hf_config())
     if path.is_file():
@@ -147,26 +138,51 @@ def read_raw_model(model: str | Path | None, revision: str | None = None,
 
 
 @dataclass
+class DummyRun:
+    """What the dummy gate ran: the config after its reductions, and its first request."""
+
+    layers: int
+    total_layers: int
+    true_shapes: bool  # the layer and embedding shapes that ran are the model's own
+    reductions: list[str]
+    config: dict[str, Any]
+    load_seconds: float | None = None
+    first_request: dict[str, Any] | None = None
+    num_parameters_run: int | None = None
+
+
+@dataclass
+class RealRun:
+    """What the real gate measured on the checkpoint's own weights (``passed``: its verdict)."""
+
+    passed: bool = False
+    load_seconds: float | None = None
+    tensors_loaded: int | None = None
+    generation: dict[str, Any] | None = None
+    prompts: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
 class GateContext:
-    """Everything gates share during one run."""
+    """Everything gates share during one run. Each field is filled by the gate named beside it."""
 
     options: OnboardOptions
     machine: Machine
     out_dir: Path
-    raw: RawModel | None = None
-    source: Any = None  # dockyard.model_source.ModelSource once inspect validated the config
-    features: list[Any] = field(default_factory=list)  # config_features.Feature
-    plan: Any = None  # dockyard.memory.MemoryPlan (fit gate)
-    dtype: Any = None  # torch dtype the engine runs in on this machine (dummy, features, serve-smoke)
-    plan_fp8_path: str = ""  # why the plan's FP8 checkpoint is kept FP8 or dequantized (fit)
-    fits_device: bool | None = None
-    dummy: dict[str, Any] = field(default_factory=dict)  # what the dummy gate ran (layers, reductions)
-    real: dict[str, Any] = field(default_factory=dict)  # what the real gate measured
-    serve_example: dict[str, Any] | None = None  # the curl actually run by serve-smoke, and its answer
-    ladder: list[dict[str, Any]] = field(default_factory=list)  # fallback-ladder entries
-    feature_matrix: list[dict[str, Any]] = field(default_factory=list)
-    capacity: dict[str, Any] | None = None
-    accuracy: dict[str, Any] | None = None  # the accuracy run the real gate made (onboard/accuracy.py)
+    raw: RawModel | None = None  # inspect
+    source: ModelSource | None = None  # inspect, once the config validated
+    features: list[Feature] = field(default_factory=list)  # inspect
+    plan: MemoryPlan | None = None  # fit
+    dtype: torch.dtype | None = None  # fit: the dtype the engine runs in on this machine
+    plan_fp8_path: str = ""  # fit: why the plan's FP8 checkpoint is kept FP8 or dequantized
+    fits_device: bool | None = None  # fit
+    dummy: DummyRun | None = None  # dummy
+    real: RealRun = field(default_factory=RealRun)  # real
+    serve_example: dict[str, Any] | None = None  # serve-smoke: the curl actually run, and its answer
+    ladder: list[dict[str, Any]] = field(default_factory=list)  # fallback-ladder entries (features)
+    feature_matrix: list[dict[str, Any]] = field(default_factory=list)  # features
+    capacity: dict[str, Any] | None = None  # capacity
+    accuracy: dict[str, Any] | None = None  # real: the accuracy run it made (onboard/accuracy.py)
     progress: TextIO | None = None  # the terminal's stream, for the running gate's sub-steps
     gate_label: str = ""  # "[5/8] real" while a gate runs
     gate_started: float = 0.0  # time.perf_counter() when it started
@@ -184,7 +200,7 @@ class GateContext:
         self.progress.flush()
 
     @property
-    def spec(self) -> Any:
+    def spec(self) -> ModelSpec | None:
         return None if self.source is None else self.source.spec
 
     @property

@@ -20,7 +20,6 @@ verdict's ``first_failure`` (e.g. "attention of layer 0"), which says where to l
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import tempfile
@@ -33,36 +32,21 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from dockyard.engine.llm import LLM
 from dockyard.errors import DockyardError
 from dockyard.model_impl import choose_model_impl
-from dockyard.ops.attention import Attention, AttentionMetadata, forward_context
-from dockyard.spec import language_model_config
+from dockyard.model_loader import load_model
+from dockyard.model_source import resolve_model
+from dockyard.onboard.config_surgery import SEQ_LEN, SPECIAL_TOKEN_REPLACEMENTS, shrink_config
+from dockyard.spec import is_number, language_model_config
+from dockyard.testing import paged_logits, rel_rmse
 
 if TYPE_CHECKING:
     from dockyard.onboard.ablations import Ablation
 
 logger = logging.getLogger(__name__)
 
-SEQ_LEN = 40
 DECODE_STEPS = 4
-SHRUNK_WINDOW = 8  # below SEQ_LEN, so the sliding window changes the result
-SHRUNK_VOCAB = 1000
-SHRUNK_HEAD_DIM = 16
-SHRUNK_INTERMEDIATE = 128
-MAX_EXPERTS = 4
-# Grouped routing (DeepSeek): 4 groups of 2 experts, the best 2 groups kept, 3 experts chosen among their 4, so
-# the group choice decides which experts can win.
-GROUPED_EXPERTS, GROUPED_N_GROUP, GROUPED_TOPK_GROUP, GROUPED_TOP_K = 8, 4, 2, 3
-# Soft-caps at the size of the shrunken model's attention scores and logits (a few units), so tanh bends them.
-SHRUNK_ATTN_SOFTCAP = 2.0
-SHRUNK_FINAL_SOFTCAP = 1.0
-SHRUNK_SWIGLU_LIMIT = 1.0  # gpt-oss's clamp, at the size of the shrunken gate/up activations
-# Rope scalings that depend on the original context (llama3, yarn, longrope) get one shorter than the first
-# prefill chunk, so every forward runs past it.
-SHRUNK_ROPE_ORIGINAL = 16
-# The context the shrunken model declares where its rope does not depend on it (every type but longrope, yarn and
-# dynamic): the rotary tables are built for it, once per model the mutation check loads.
-SHRUNK_MAX_POSITIONS = 1024
 # rmse(ours − ref) / rmse(ref) allowed per level. fp32 must agree to rounding; the bf16 bars are
 # the usual ones for comparing a bf16 engine with an fp32 reference.
 TOLERANCES: dict[str, dict[str, float]] = {
@@ -73,228 +57,6 @@ TOLERANCES: dict[str, dict[str, float]] = {
 }
 # (block kind, attribute of a decoder layer) in the order they are compared.
 BLOCKS = (("norm", "input_layernorm"), ("attention", "self_attn"), ("mlp", "mlp"))
-_SPECIAL_TOKEN_KEYS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "decoder_start_token_id": 0}
-
-
-def rel_rmse(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    """rmse(ours − ref) / rmse(ref), computed in float64."""
-    ours, ref = ours.double(), ref.double()
-    return float((ours - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
-
-
-def paged_logits(model: nn.Module, token_ids: list[int], chunks: list[int], block_size: int = 4,
-                 num_blocks: int = 64) -> torch.Tensor:
-    """Logits at every position of ``token_ids``, fed through the paged KV cache in ``chunks``.
-
-    E.g. chunks=[10, 1, 1] prefills 10 tokens then decodes two single tokens with the cache. The
-    model's own cache (if an engine bound one) is put back afterwards.
-    """
-    spec = model.spec
-    attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
-    dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
-    entries, heads, dim = spec.kv_cache_layout
-    cache = torch.zeros(len(attn_layers), entries, num_blocks, block_size, heads, dim, dtype=dtype, device=device)
-    previous = [layer.kv_cache for layer in attn_layers]
-    for i, layer in enumerate(attn_layers):
-        layer.kv_cache = cache[i]
-    # A scrambled block table checks that nothing assumes contiguous blocks.
-    table = list(range(num_blocks))[::-1][: -(-len(token_ids) // block_size)]
-    out, start = [], 0
-    try:
-        for n in chunks:
-            end = start + n
-            meta = AttentionMetadata(
-                slot_mapping=torch.tensor([table[p // block_size] * block_size + p % block_size
-                                           for p in range(start, end)], device=device),
-                block_tables=torch.tensor([table], device=device), query_lens=[n], seq_lens=[end],
-                block_size=block_size, seq_lens_tensor=torch.tensor([end], device=device),
-            )
-            with torch.no_grad(), forward_context(meta):
-                hidden = model(torch.tensor(token_ids[start:end], device=device),
-                               torch.arange(start, end, device=device))
-                out.append(model.compute_logits(hidden))
-            start = end
-    finally:
-        for layer, kv in zip(attn_layers, previous):
-            layer.kv_cache = kv
-    return torch.cat(out)
-
-
-# ---------------------------------------------------------------- shrinking the config
-def _text_part(config: dict[str, Any]) -> dict[str, Any]:
-    return dict(language_model_config(config))
-
-
-def _int(value: Any) -> int | None:
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def shrink_config(config: dict[str, Any], seq_len: int = SEQ_LEN) -> tuple[dict[str, Any], list[str]]:
-    """A toy-sized copy of ``config`` with every architectural flag kept; and notes on what changed."""
-    cfg = copy.deepcopy(_text_part(config))
-    notes: list[str] = []
-    for key in ("architectures", "_name_or_path", "auto_map", "transformers_version", "torch_dtype", "dtype",
-                "transformers.js_config"):
-        cfg.pop(key, None)
-    if cfg.pop("quantization_config", None) is not None:
-        notes.append("quantization_config dropped: the unquantized architecture is compared")
-    cfg["torch_dtype"] = "float32"
-
-    heads = _int(cfg.get("num_attention_heads")) or 4
-    kv_heads = _int(cfg.get("num_key_value_heads")) or heads
-    ratio = max(1, heads // max(kv_heads, 1))
-    small_kv = 2 if ratio <= 4 else 1
-    small_heads = small_kv * ratio
-    if small_heads < 4:  # plain multi-head attention: a few heads, kv == q
-        small_kv = small_heads = 4
-    hidden = _int(cfg.get("hidden_size")) or 64
-    explicit_head_dim = _int(cfg.get("head_dim"))
-    decoupled = explicit_head_dim is not None and explicit_head_dim * heads != hidden
-    cfg["num_attention_heads"] = small_heads
-    cfg["num_key_value_heads"] = small_kv
-    if decoupled:  # keep "q size != hidden size", as the real config has it
-        cfg["hidden_size"], cfg["head_dim"] = 64, SHRUNK_HEAD_DIM
-        if small_heads * SHRUNK_HEAD_DIM == 64:
-            cfg["hidden_size"] = 96
-    else:
-        cfg["hidden_size"] = small_heads * SHRUNK_HEAD_DIM
-        if explicit_head_dim is not None:
-            cfg["head_dim"] = SHRUNK_HEAD_DIM
-    _shrink_rope_lists(cfg, (explicit_head_dim or hidden // max(heads, 1)),
-                       cfg.get("head_dim") or cfg["hidden_size"] // small_heads)
-    notes.append(f"heads {heads}/{kv_heads} → {small_heads}/{small_kv} (q/kv ratio {ratio} kept), "
-                 f"head_dim {SHRUNK_HEAD_DIM}, hidden {hidden} → {cfg['hidden_size']}")
-
-    # Layers: enough to cover every layer type (and the dense/MoE split) twice over at most.
-    layer_types = cfg.get("layer_types")
-    kinds = list(dict.fromkeys(layer_types)) if isinstance(layer_types, list) else []
-    num_layers = 4 if len(kinds) > 1 or _int(cfg.get("first_k_dense_replace")) or cfg.get("mlp_only_layers") else 2
-    cfg["num_hidden_layers"] = num_layers
-    if kinds:
-        cfg["layer_types"] = [kinds[i % len(kinds)] for i in range(num_layers)]
-    if _int(cfg.get("sliding_window_pattern")):
-        cfg["sliding_window_pattern"] = 2
-    for key in ("max_window_layers",):
-        if _int(cfg.get(key)) is not None:
-            cfg[key] = min(int(cfg[key]), num_layers)
-    if _int(cfg.get("first_k_dense_replace")):
-        cfg["first_k_dense_replace"] = 1
-    if isinstance(cfg.get("mlp_only_layers"), list) and cfg["mlp_only_layers"]:
-        cfg["mlp_only_layers"] = [0]
-
-    for key, size in (("intermediate_size", SHRUNK_INTERMEDIATE), ("moe_intermediate_size", 32),
-                      ("shared_expert_intermediate_size", 64), ("ffn_hidden_size", SHRUNK_INTERMEDIATE)):
-        if _int(cfg.get(key)):
-            cfg[key] = size
-    for key in ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts"):
-        if _int(cfg.get(key)):
-            cfg[key] = min(int(cfg[key]), MAX_EXPERTS)
-    experts = min((int(cfg[k]) for k in ("num_experts", "n_routed_experts", "num_local_experts")
-                   if _int(cfg.get(k))), default=None)
-    for key in ("num_experts_per_tok", "experts_per_token"):
-        if _int(cfg.get(key)) and experts:
-            cfg[key] = min(int(cfg[key]), 2, experts)
-    if (_int(cfg.get("n_group")) or 1) > 1 and experts:
-        cfg.update(n_group=GROUPED_N_GROUP, topk_group=GROUPED_TOPK_GROUP, num_experts_per_tok=GROUPED_TOP_K)
-        for key in ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts"):
-            if _int(cfg.get(key)):
-                cfg[key] = GROUPED_EXPERTS
-        notes.append(f"grouped routing: {GROUPED_EXPERTS} experts in {GROUPED_N_GROUP} groups, best "
-                     f"{GROUPED_TOPK_GROUP} groups kept, top-{GROUPED_TOP_K}")
-    else:
-        for key in ("n_group", "topk_group"):
-            if _int(cfg.get(key)):
-                cfg[key] = 1
-    if _int(cfg.get("kv_lora_rank")):
-        cfg.update(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
-        if "head_dim" in cfg:  # transformers' MLA configs define head_dim as the rope dims
-            cfg["head_dim"] = 8
-        if cfg.get("q_lora_rank") is not None:
-            cfg["q_lora_rank"] = 48
-
-    vocab = _int(cfg.get("vocab_size")) or SHRUNK_VOCAB
-    cfg["vocab_size"] = SHRUNK_VOCAB
-    if "padded_vocab_size" in cfg:
-        cfg["padded_vocab_size"] = SHRUNK_VOCAB
-    for key, replacement in _SPECIAL_TOKEN_KEYS.items():
-        value = cfg.get(key)
-        if isinstance(value, list):
-            kept = [v for v in value if isinstance(v, int) and v < SHRUNK_VOCAB]
-            cfg[key] = kept or [replacement]
-        elif isinstance(value, int) and value >= SHRUNK_VOCAB:
-            cfg[key] = replacement
-    notes.append(f"vocab {vocab} → {SHRUNK_VOCAB}, {num_layers} layers, intermediate {SHRUNK_INTERMEDIATE}")
-
-    window = _int(cfg.get("sliding_window"))
-    if window and cfg.get("use_sliding_window") is not False and window >= seq_len:
-        cfg["sliding_window"] = SHRUNK_WINDOW
-        notes.append(f"sliding window {window} → {SHRUNK_WINDOW} (below the test length {seq_len}, so it matters)")
-    _make_features_bind(cfg, notes)
-    max_pos = _int(cfg.get("max_position_embeddings"))
-    if max_pos is not None and max_pos < seq_len:
-        notes.append(f"max_position_embeddings {max_pos} < test length; sequences shortened to it")
-    return cfg, notes
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _rope_dicts(rope: Any) -> list[dict[str, Any]]:
-    """A rope_scaling / rope_parameters value and its per-layer-type parts (transformers v5), as dicts."""
-    if not isinstance(rope, dict):
-        return []
-    return [rope] + [v for v in rope.values() if isinstance(v, dict)]
-
-
-def _make_features_bind(cfg: dict[str, Any], notes: list[str]) -> None:
-    """Move the features whose effect depends on magnitudes into the regime where they change the output on
-    the test inputs: soft-caps and clamps at the size of the toy model's values, rope scaling past its
-    original context, an attention scale unlike the default one, multipliers other than 1."""
-    for key, cap in (("attn_logit_softcapping", SHRUNK_ATTN_SOFTCAP), ("final_logit_softcapping", SHRUNK_FINAL_SOFTCAP),
-                     ("swiglu_limit", SHRUNK_SWIGLU_LIMIT)):
-        if _number(cfg.get(key)):
-            notes.append(f"{key} {cfg[key]} → {cap} (binds on the toy model's values)")
-            cfg[key] = cap
-    head_dim = _int(cfg.get("head_dim")) or cfg["hidden_size"] // cfg["num_attention_heads"]
-    if _number(cfg.get("query_pre_attn_scalar")) == head_dim:
-        cfg["query_pre_attn_scalar"] = 4 * head_dim
-    for key in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
-        if _number(cfg.get(key)) == 1.0:
-            cfg[key] = 0.5
-    for key in ("rope_scaling", "rope_parameters"):
-        for scaling in _rope_dicts(cfg.get(key)):
-            kind = scaling.get("rope_type") or scaling.get("type")
-            if kind in ("llama3", "yarn", "longrope", "su"):
-                old = scaling.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
-                scaling["original_max_position_embeddings"] = SHRUNK_ROPE_ORIGINAL
-                if kind == "yarn" and _number(scaling.get("factor")):  # keep factor = max / original, as yarn means
-                    cfg["max_position_embeddings"] = int(scaling["factor"] * SHRUNK_ROPE_ORIGINAL)
-                notes.append(f"{kind} rope: original context {old} → {SHRUNK_ROPE_ORIGINAL} (the test runs past it)")
-    if _int(cfg.get("original_max_position_embeddings")):
-        cfg["original_max_position_embeddings"] = SHRUNK_ROPE_ORIGINAL
-    kinds = {str(r.get("rope_type") or r.get("type")) for key in ("rope_scaling", "rope_parameters")
-             for r in _rope_dicts(cfg.get(key))}
-    max_pos = _int(cfg.get("max_position_embeddings"))
-    if max_pos and max_pos > SHRUNK_MAX_POSITIONS and not kinds & {"longrope", "su", "dynamic", "yarn"}:
-        cfg["max_position_embeddings"] = SHRUNK_MAX_POSITIONS
-        notes.append(f"max_position_embeddings {max_pos} → {SHRUNK_MAX_POSITIONS} (its rope does not depend on it)")
-
-
-def _shrink_rope_lists(cfg: dict[str, Any], old_head_dim: int, new_head_dim: int) -> None:
-    """Per-frequency lists (longrope's short/long factors) resampled to the new rotary size."""
-    partial = cfg.get("partial_rotary_factor")
-    factor = float(partial) if isinstance(partial, (int, float)) and not isinstance(partial, bool) else 1.0
-    old_half, new_half = int(old_head_dim * factor) // 2, int(new_head_dim * factor) // 2
-    for key in ("rope_scaling", "rope_parameters"):
-        rope = cfg.get(key)
-        if not isinstance(rope, dict):
-            continue
-        for name, value in list(rope.items()):
-            if isinstance(value, list) and len(value) == old_half and old_half > new_half > 0:
-                step = old_half / new_half
-                rope[name] = [value[int(i * step)] for i in range(new_half)]
 
 
 # ---------------------------------------------------------------- the HF reference
@@ -322,7 +84,7 @@ def build_reference(cfg: dict[str, Any], seed: int = 0) -> nn.Module:
 
     kwargs = {k: v for k, v in cfg.items() if k != "model_type"}
     hf_config = AutoConfig.for_model(cfg["model_type"], **kwargs)
-    for key, replacement in _SPECIAL_TOKEN_KEYS.items():  # defaults of the config class, too
+    for key, replacement in SPECIAL_TOKEN_REPLACEMENTS.items():  # defaults of the config class, too
         value = getattr(hf_config, key, None)
         if isinstance(value, int) and value >= hf_config.vocab_size:
             setattr(hf_config, key, replacement)
@@ -574,9 +336,6 @@ def _compare_levels(ours: nn.Module, hf_model: nn.Module, seq_len: int, decode_s
 def _run_ablation(ablation: Ablation, checkpoint: str, hf_model: nn.Module, seq_len: int, decode_steps: int,
                   seed: int, model_impl: str = "auto") -> MutationResult:
     """Load ``checkpoint`` with one feature broken and compare up to the first level that fails."""
-    from dockyard.model_loader import load_model  # pulls in the model families, more than the rest of this module needs
-    from dockyard.model_source import resolve_model
-
     source = resolve_model(checkpoint, model_impl=model_impl)
     try:
         source = dataclasses.replace(source, spec=ablation.ablated_spec(source.spec))
@@ -602,7 +361,7 @@ def check_equivalence(config: dict[str, Any], workdir: str | Path | None = None,
     ``model_impl`` picks the implementation loaded (``dockyard.model_impl``); on the generic path the blocks
     and layers are HF's own, so prefill logits and the paged decode are the levels compared."""
     t0 = time.perf_counter()
-    model_type = str(_text_part(config).get("model_type") or "")
+    model_type = str(language_model_config(config).get("model_type") or "")
     result = EquivalenceResult(status="skip", model_type=model_type, tolerances=TOLERANCES["float32"],
                                seq_len=seq_len, decode_steps=decode_steps)
     why_not = transformers_support(model_type)
@@ -615,9 +374,9 @@ def check_equivalence(config: dict[str, Any], workdir: str | Path | None = None,
         except DockyardError:
             pass  # the load below fails with the same refusal, recorded as the verdict
     cfg, notes = shrink_config(config, seq_len)
-    max_pos = _int(cfg.get("max_position_embeddings"))
-    if max_pos is not None and max_pos < seq_len:
-        seq_len = result.seq_len = max_pos
+    max_pos = cfg.get("max_position_embeddings")
+    if is_number(max_pos) and max_pos < seq_len:
+        seq_len = result.seq_len = int(max_pos)
         decode_steps = result.decode_steps = min(decode_steps, max(1, seq_len // 4))
     result.shrunk_config, result.notes = cfg, notes
     try:
@@ -632,7 +391,6 @@ def check_equivalence(config: dict[str, Any], workdir: str | Path | None = None,
         return result
     with tempfile.TemporaryDirectory(prefix="dockyard-equiv-", dir=workdir) as tmp:
         hf_model.save_pretrained(tmp)
-        from dockyard import LLM  # the engine pulls in more than the rest of this module needs
 
         try:
             llm = LLM(tmp, dtype="float32", device="cpu", num_kv_blocks=64, model_impl=model_impl)

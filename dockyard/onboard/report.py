@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dockyard import __version__
+from dockyard.onboard.accuracy import not_evaluated
 from dockyard.onboard.context import EXIT_CODES, GateContext, GateResult, jsonable
 from dockyard.onboard.gate_prose import gate_body
 from dockyard.server.cli import DEFAULT_PORT
@@ -87,8 +88,6 @@ def _proof(ctx: GateContext, gates: dict[str, GateResult]) -> dict[str, list[str
 
 def _accuracy(ctx: GateContext, gates: dict[str, GateResult]) -> dict[str, Any]:
     """The accuracy run the real gate made, or why none was made."""
-    from dockyard.onboard.accuracy import not_evaluated
-
     if ctx.accuracy is not None:
         return ctx.accuracy
     real = gates.get("real")

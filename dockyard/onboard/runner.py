@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dockyard.errors import DockyardError
+from dockyard.model_path import check_model_path
 from dockyard.onboard.context import (
     GateContext,
     GateResult,
     OnboardOptions,
     Outcome,
-    check_model_path,
     jsonable,
     read_raw_model,
 )
@@ -135,6 +135,7 @@ def run_onboard(options: OnboardOptions, progress: TextIO | None = None) -> Onbo
     """Run every gate for ``options.model``, write the artifacts, return the results and exit code.
 
     A MODEL path that does not exist raises ModelNotFoundError before any report folder is made."""
+    # the gates load torch and the engine: a mistyped MODEL path fails before that
     from dockyard.onboard.gates import GATES
     from dockyard.onboard.report import build_report, write_artifacts, write_progress
 

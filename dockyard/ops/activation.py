@@ -29,7 +29,7 @@ def act_and_mul(gate: torch.Tensor, up: torch.Tensor, act: str = "silu") -> torc
     """act(gate) * up — the MLP gating of Llama-style models (SiLU-and-mul for ``act='silu'``, one
     Triton kernel on CUDA)."""
     if act == "silu" and gate.dim() == 2 and fused_ops_enabled(gate):
-        from dockyard.ops.triton_fused import silu_and_mul
+        from dockyard.ops.triton_fused import silu_and_mul  # Triton is an optional dependency
 
         return silu_and_mul(gate, up)
     return get_activation(act)(gate) * up

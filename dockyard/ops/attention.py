@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
+
+from dockyard.ops.dispatch import triton_installed
 
 
 @dataclass
@@ -177,23 +178,20 @@ def decode_backend(q: torch.Tensor, kv_cache: torch.Tensor) -> str:
     usable = _triton_usable(q, kv_cache)
     if choice == "triton" and not usable:
         raise RuntimeError(f"{BACKEND_ENV}=triton, but the Triton decode kernel cannot run here (Triton "
-                           f"installed: {_triton_installed()}, device {q.device}, q {tuple(q.shape)} {q.dtype}, "
+                           f"installed: {triton_installed()}, device {q.device}, q {tuple(q.shape)} {q.dtype}, "
                            f"kv_cache {tuple(kv_cache.shape)})")
     return "triton" if usable else "reference"
 
 
 @functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def _triton_usable(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     """Whether a kernel handles q over this layer's cache: K and V per head (entries 2), or MLA's one
     latent per token (entries 1, q already absorbed into latent space)."""
-    if not _triton_installed() or q.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] not in (1, 2):
+    if not triton_installed() or q.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] not in (1, 2):
         return False
     if kv_cache.shape[-1] != q.shape[-1] or kv_cache.device != q.device:
         return False
+    # Triton is an optional dependency
     from dockyard.ops.triton_attention import mla_supports, supports, triton_available
 
     if not triton_available(q.device):
@@ -219,7 +217,7 @@ def paged_attention(
     out = q.new_empty(*q.shape[:2], kv_cache.shape[-1])
     if num_decodes and metadata.seq_lens_tensor is not None:
         if decode_backend(q, kv_cache) == "triton":
-            from dockyard.ops.triton_attention import paged_decode_attention
+            from dockyard.ops.triton_attention import paged_decode_attention  # Triton is an optional dependency
 
             decoded = paged_decode_attention(q[:num_decodes], kv_cache, metadata.block_tables[:num_decodes],
                                              metadata.seq_lens_tensor[:num_decodes], scale, sliding_window,
@@ -244,7 +242,7 @@ def _decode_splits(metadata: AttentionMetadata, kv_cache: torch.Tensor, sliding_
     """The kernel's split count for ``metadata.decode_split_shape`` (None: the kernel's own default)."""
     if metadata.decode_split_shape is None:
         return None
-    from dockyard.ops.triton_attention import default_num_splits
+    from dockyard.ops.triton_attention import default_num_splits  # Triton is an optional dependency
 
     batch, context = metadata.decode_split_shape
     if sliding_window is not None:
@@ -306,7 +304,7 @@ class Attention(nn.Module):
             return _attend(q, k, v, self.scale, self.sliding_window, self.logit_softcap, sinks)
         tables = rotary.fused_tables(q) if rotary is not None else None
         if tables is not None and self.kv_cache.is_contiguous() and v.shape == k.shape:
-            from dockyard.ops.triton_fused import rotary_and_write_kv
+            from dockyard.ops.triton_fused import rotary_and_write_kv  # Triton is an optional dependency
 
             assert rotary is not None and positions is not None
             rotary_and_write_kv(q, k, v, positions, *tables, rotary.rotary_dim, self.kv_cache,

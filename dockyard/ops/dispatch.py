@@ -17,6 +17,7 @@ FUSED_ENV = "DOCKYARD_FUSED_OPS"
 
 @functools.cache
 def triton_installed() -> bool:
+    """Whether Triton is installed (found without importing it: the one answer every op asks for)."""
     return importlib.util.find_spec("triton") is not None
 
 

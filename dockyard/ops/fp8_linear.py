@@ -32,14 +32,13 @@ the format's constants and shape rules, which both sides follow, in :mod:`dockya
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dockyard.ops.dispatch import triton_installed
 from dockyard.ops.fp8_format import AMAX_FLOOR, E4M3_MAX, FP8_DTYPE, GROUP, check_block, scale_grid_shape
 
 MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9), Hopper (9.0) and later
@@ -48,12 +47,6 @@ MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9), Hopper (9.0) and later
 # ---------------------------------------------------------------------------------------------
 # Where the native path can run
 # ---------------------------------------------------------------------------------------------
-@functools.cache
-def triton_importable() -> bool:
-    """Whether Triton is installed (found without importing it)."""
-    return importlib.util.find_spec("triton") is not None
-
-
 def native_fp8_unavailable(device: torch.device | str) -> str | None:
     """Why the FP8 kernel cannot run on ``device`` (None: it can): not CUDA, compute capability below
     8.9, or no Triton."""
@@ -66,7 +59,7 @@ def native_fp8_unavailable(device: torch.device | str) -> str | None:
     if capability < MIN_CAPABILITY:
         return (f"{torch.cuda.get_device_name(device)} has compute capability {capability[0]}.{capability[1]}; "
                 f"FP8 tensor cores need {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or later")
-    if not triton_importable():
+    if not triton_installed():
         return "Triton is not installed"
     return None
 
@@ -173,7 +166,7 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cuda":
             return fp8_linear_reference(x, self.weight, self.weight_scale_inv, self.block, self.bias)
-        from dockyard.ops.triton_fp8 import fp8_linear
+        from dockyard.ops.triton_fp8 import fp8_linear  # Triton is an optional dependency
 
         return fp8_linear(x, self.weight, self.weight_scale_inv, self.block, self.bias)
 

@@ -42,7 +42,7 @@ class DecodeLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if gemv_enabled(x, self.weight):
-            from dockyard.ops.triton_gemv import gemv
+            from dockyard.ops.triton_gemv import gemv  # Triton is an optional dependency
 
             return gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)

@@ -16,7 +16,7 @@ keeping views into the two stacked tensors (``MoEForCausalLM.fuse_projections``)
 
 Parameter names equal the published checkpoint names under a decoder layer's ``mlp.`` prefix:
 
-* ``SparseMoeBlock`` — Mixtral (after ``mixtral_checkpoint_name``), Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3:
+* ``SparseMoeBlock`` — Mixtral (after ``models/moe.mixtral_checkpoint_name``), Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3:
   ``gate.weight`` [E, H], ``gate.e_score_correction_bias`` [E] (noaux_tc only),
   ``experts.{e}.gate_proj|up_proj|down_proj.weight``, ``shared_expert.*`` + ``shared_expert_gate.weight``
   (Qwen2-MoE), ``shared_experts.*`` (DeepSeek).
@@ -396,10 +396,8 @@ class SparseMoeBlock(nn.Module):
         moe = _require_moe(spec)
         self.moe = moe
         hidden = spec.hidden_size
-        fp32_router = (spec.model_type.startswith("deepseek") or moe.topk_method != "greedy"
-                       or moe.scoring_func == "sigmoid")
         self.gate = MoEGate(hidden, moe.num_experts, correction_bias=moe.topk_method == "noaux_tc",
-                            fp32=fp32_router)
+                            fp32=moe.router_fp32)
         self.experts = ExpertList(moe.num_experts, hidden, moe.intermediate_size, spec.hidden_act)
         self.shared_expert: ExpertMLP | None = None
         self.shared_expert_gate: nn.Linear | None = None
@@ -537,25 +535,3 @@ class GptOssMoeBlock(nn.Module):
         raise ConfigError(f"{sharder.spec.architecture}: tensor parallelism does not support gpt-oss's stacked "
                           "experts yet; use tensor_parallel_size=1")
 
-
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoint names
-# ---------------------------------------------------------------------------------------------------------
-_MIXTRAL_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-
-
-def mixtral_checkpoint_name(name: str) -> str:
-    """A Mixtral checkpoint name → ours: ``block_sparse_moe.`` → ``mlp.``, ``experts.N.w1|w3|w2`` →
-    ``experts.N.gate_proj|up_proj|down_proj``; every other name unchanged.
-
-    ``model.layers.0.block_sparse_moe.experts.3.w1.weight`` → ``model.layers.0.mlp.experts.3.gate_proj.weight``.
-    """
-    parts = name.split(".")
-    if "block_sparse_moe" not in parts:
-        return name
-    i = parts.index("block_sparse_moe")
-    parts[i] = "mlp"
-    rest = parts[i + 1:]
-    if len(rest) >= 3 and rest[0] == "experts" and rest[1].isdigit() and rest[2] in _MIXTRAL_EXPERT_NAMES:
-        parts[i + 3] = _MIXTRAL_EXPERT_NAMES[rest[2]]
-    return ".".join(parts)

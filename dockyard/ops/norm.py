@@ -27,7 +27,7 @@ class RMSNorm(nn.Module):
     ]:
         """Normalize ``x``; with ``residual``, first add it and also return the sum (fused-op shape)."""
         if fused_ops_enabled(x):
-            from dockyard.ops.triton_fused import rms_norm
+            from dockyard.ops.triton_fused import rms_norm  # Triton is an optional dependency
 
             return rms_norm(x, self.weight, self.eps, self.one_plus, residual)
         if residual is not None:

@@ -136,7 +136,7 @@ def fp8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sc
     """``(x_q * x_scale) @ (w_q * w_scale)^T + bias`` in ``out_dtype``, accumulated in float32.
 
     x_q [M, K] e4m3 and x_scale [M, ceil(K/128)] float32 (from :func:`quantize_activation`); w_q [N, K]
-    e4m3 and w_scale its float32 grid over ``block`` (:func:`~dockyard.ops.fp8_linear.check_block`);
+    e4m3 and w_scale its float32 grid over ``block`` (:func:`~dockyard.ops.fp8_format.check_block`);
     bias [N] or None. ``config`` overrides :func:`default_config` (keys BLOCK_M, BLOCK_N, num_warps,
     num_stages, GROUP_M).
     """

@@ -30,11 +30,14 @@ the same kernel. Tile sizes per token count come from ``benchmarks/moe_kernels.p
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
 
-from dockyard.ops.moe import StackedExperts
+if TYPE_CHECKING:  # an annotation only: ops/moe.py imports this module (when Triton is installed)
+    from dockyard.ops.moe import StackedExperts
 
 # Activations the gate/up GEMM fuses (the ``ACTIVATION`` constexpr).
 _NO_ACTIVATION, _SILU_AND_MUL, _GPT_OSS_SWIGLU = 0, 1, 2

@@ -46,6 +46,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dockyard import __version__
+from dockyard.distributed.parallel_state import launched_by_torchrun
+from dockyard.distributed.worker import run_torchrun_worker
 from dockyard.engine.async_engine import AsyncLLM
 from dockyard.engine.llm import LLM
 from dockyard.engine_args import EngineArgs
@@ -623,12 +625,8 @@ def serve(args: Any) -> int:
 
     engine_args = engine_args_of(args)
     chat_template = read_chat_template(args.chat_template) if args.chat_template is not None else None
-    from dockyard.distributed.parallel_state import launched_by_torchrun
-
     if launched_by_torchrun() and int(os.environ["RANK"]) != 0:
         # Past one host torchrun starts every rank with the same command; ranks ≥ 1 only run forwards.
-        from dockyard.distributed.worker import run_torchrun_worker
-
         run_torchrun_worker(engine_args.model, load_format=engine_args.load_format, dtype=engine_args.dtype,
                             device=engine_args.device, seed=engine_args.seed,
                             expert_parallel=engine_args.enable_expert_parallel)

@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from dockyard.engine.async_engine import AsyncLLM, RequestStream
+from dockyard.engine.async_engine import AsyncLLM, EngineDeadError, RequestStream
 from dockyard.engine.llm import LLM
 from dockyard.engine.outputs import CompletionOutput, RequestOutput
 from dockyard.engine.sampling_params import SamplingParams
@@ -635,8 +635,6 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
 
 def to_api_error(exc: BaseException) -> APIError:
     """The APIError a failure maps to (InvalidRequestError → 400 with its param, engine gone → 503)."""
-    from dockyard.engine.async_engine import EngineDeadError
-
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, RequestFailedError):  # failed alone while generating

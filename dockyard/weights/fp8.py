@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dockyard.errors import WeightsError
+from dockyard.ops.fp8_linear import GROUP, Fp8Linear, native_fp8_unavailable
+from dockyard.weights.safetensors_dir import safetensors_files
 
 logger = logging.getLogger(__name__)
 
@@ -291,8 +293,6 @@ def choose_fp8_path(config: FP8Config, device: torch.device, tp_size: int = 1,
     cannot be had, except that on a CPU it is allowed (Fp8Linear then computes the same quantized
     math with PyTorch, slowly: for tests). ``assume_fp8_gpu``: plan for a CUDA GPU that is not on this
     machine, taken to have FP8 tensor cores and Triton (the device is not probed)."""
-    from dockyard.ops.fp8_linear import GROUP, native_fp8_unavailable
-
     setting = os.environ.get(FP8_NATIVE_ENV, "auto").strip().lower()
     if setting in ("0", "off", "false", "no"):
         return False, f"{FP8_NATIVE_ENV}={setting}"
@@ -323,8 +323,6 @@ def checkpoint_fp8_weights(model_dir: str | Path) -> set[str]:
     """Names of the weights in a safetensors checkpoint that carry a scale (read from the headers only)."""
     from safetensors import safe_open
 
-    from dockyard.weights.safetensors_dir import safetensors_files
-
     names: set[str] = set()
     for path in safetensors_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
@@ -340,8 +338,6 @@ def convert_to_fp8_linears(model: nn.Module, fp8_weights: set[str], config: FP8C
 
     Only the modules the model lists in ``fp8_linear_names()`` (projections that are only ever called)
     are candidates; FP8 weights of other modules (MoE expert banks, MLA) stay dequantized on load."""
-    from dockyard.ops.fp8_linear import Fp8Linear
-
     candidates = set(getattr(model, "fp8_linear_names", lambda: [])())
     name_map = getattr(model, "map_checkpoint_name", lambda n: n)
     converted: set[str] = set()

@@ -17,7 +17,8 @@ import math
 
 import torch
 
-E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+from dockyard.ops.fp8_format import E4M3_MAX
+
 FP8_BLOCK = (128, 128)  # the weight_block_size of DeepSeek-V3 and Qwen3-FP8 checkpoints
 # Logits of an FP8 copy against the unquantized model: rmse(fp8 - ref) / rmse(ref) stays below this.
 # e4m3 keeps 3 mantissa bits: round-to-nearest errs by at most 2^-4 of a weight (normal range) or

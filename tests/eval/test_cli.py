@@ -15,14 +15,14 @@ LIMIT = 6
 def use_bundled_llm(monkeypatch, bundled_llm):
     """The CLI loads its model through dockyard.LLM: hand it the session's already-loaded model (and
     keep what it was asked for)."""
-    import dockyard.engine.llm
+    import dockyard.eval.lm
 
     def load(*args, **kwargs):
         asked.append(kwargs)
         return bundled_llm
 
     asked: list[dict] = []
-    monkeypatch.setattr(dockyard.engine.llm, "LLM", load)
+    monkeypatch.setattr(dockyard.eval.lm, "LLM", load)
     return asked
 
 

@@ -15,9 +15,10 @@ import torch
 from safetensors.torch import save_file
 
 from dockyard.onboard import OnboardOptions, run_onboard
-from dockyard.onboard.context import GateContext
-from dockyard.onboard.gates import features
+from dockyard.onboard.config_surgery import trial_config
+from dockyard.onboard.context import GateContext, RealRun
 from dockyard.onboard.gates import inspect as inspect_gate
+from dockyard.onboard.gates.features import cuda_graph, fp8, parallel, torch_compile, trial_model
 from dockyard.onboard.machine import detect_machine
 from dockyard.spec import ModelSpec
 from dockyard.weights.fp8_quantize import FP8_LOGITS_BOUND, fp8_quantization_config, quantize_fp8_blocks
@@ -50,8 +51,8 @@ def _model_dir(tmp_path: Path, config: dict, name: str = "m") -> Path:
 
 def _matrix(tmp_path: Path, config: dict, monkeypatch) -> tuple[dict[str, dict], Path]:
     """Onboard ``config`` (dummy weights, CPU) through inspect, fit and features; the rows by feature."""
-    monkeypatch.setattr(features, "_compile_trial",
-                        lambda ctx: features._row("torch.compile", "not-run", "stubbed out in this test"))
+    monkeypatch.setattr(torch_compile, "trial_row",
+                        lambda ctx: trial_model.row("torch.compile", "not-run", "stubbed out in this test"))
     out = tmp_path / "out"
     run = run_onboard(OnboardOptions(model=str(_model_dir(tmp_path, config)), out=out, weights="dummy",
                                      device="cpu", skip=("equivalence", "dummy", "real", "capacity",
@@ -81,7 +82,7 @@ def _assert_identical_tokens(row: dict) -> None:
     ev = row["evidence"]
     assert ev["tokens_equal"] is True and ev["backend"] == "gloo" and ev["size"] == 2
     reference, parallel = ev["one_process"]["tokens"], ev["parallel"]["tokens"]
-    assert parallel == reference and [len(t) for t in reference] == [features.TRIAL_TOKENS] * 2
+    assert parallel == reference and [len(t) for t in reference] == [trial_model.TRIAL_TOKENS] * 2
     assert len({tuple(t) for t in reference}) == 2  # two prompts, two different continuations
 
 
@@ -142,7 +143,7 @@ def test_heads_that_do_not_split_are_unsupported_with_the_engines_words(tmp_path
 def test_moe_whose_experts_do_not_split(tmp_path):
     """3 experts cannot be placed over 2 ranks: refused by the engine's check, before anything runs."""
     ctx = _context(tmp_path, _model_dir(tmp_path, {**QWEN3_MOE, "num_experts": 3}))
-    row = features._parallel_row(ctx, None, "not needed", expert_parallel=True)
+    row = parallel.trial_row(ctx, None, "not needed", expert_parallel=True)
     assert row["status"] == "unsupported" and "num_experts=3 is not divisible" in row["why"], row["why"]
 
 
@@ -154,7 +155,7 @@ def test_trial_config_meets_the_real_split_case():
         real = {**LLAMA, "num_attention_heads": heads, "num_key_value_heads": kv, "hidden_size": heads * 64}
         if head_dim is not None:  # q width (heads × head_dim) unlike the hidden size, as in Qwen3
             real.update(head_dim=head_dim, hidden_size=2048)
-        cfg, notes = features.trial_config(real)
+        cfg, notes = trial_config(real)
         small, big = ModelSpec.from_hf_config(cfg), ModelSpec.from_hf_config(real)
         assert cfg["architectures"] == LLAMA["architectures"] and small.vocab_size < big.vocab_size
         assert (small.num_key_value_heads < 2) == (kv < 2), (heads, kv, cfg)
@@ -167,7 +168,7 @@ def test_trial_config_meets_the_real_split_case():
 def test_trial_config_of_qwen3_moe_splits_kv_heads_as_the_real_one():
     """Qwen3-30B-A3B: 32/4 heads (head_dim 128 over hidden 2048); the equivalence gate's shrink alone
     gives 8/1, which would replicate its one KV head instead of splitting four."""
-    cfg, notes = features.trial_config(shared_config("Qwen--Qwen3-30B-A3B"))
+    cfg, notes = trial_config(shared_config("Qwen--Qwen3-30B-A3B"))
     assert (cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (16, 2)
     assert cfg["hidden_size"] != cfg["num_attention_heads"] * cfg["head_dim"]  # still decoupled
     assert any("KV heads split over 2 ranks, as the real 32/4 would be" in n for n in notes)
@@ -183,12 +184,12 @@ def test_fp8_with_misapplied_scales_fails_the_bound(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fp8_quantize, "quantize_fp8_blocks", doubled)
     ctx = _context(tmp_path, _model_dir(tmp_path, TINY))
-    trials = features._Trials(ctx, _workdir(tmp_path))
-    row = features._fp8_row(ctx, trials, None)
+    trials = trial_model.Trials(ctx, _workdir(tmp_path))
+    row = fp8.trial_row(ctx, trials, None)
     trial = row["evidence"]["trial"]
     assert row["status"] == "unsupported" and "NOT < bound" in row["why"], row["why"]
     assert trial["rmse_ratio"] > trial["bound"] and not trial["passed"]
-    assert trial["bound"] < features.FP8_MAX_BOUND  # the noise control does not follow the broken quantizer
+    assert trial["bound"] < fp8.FP8_MAX_BOUND  # the noise control does not follow the broken quantizer
 
 
 def _fp8_checkpoint(tmp_path: Path) -> Path:
@@ -211,16 +212,16 @@ def _fp8_checkpoint(tmp_path: Path) -> Path:
 def test_fp8_checkpoint_adds_what_the_real_gate_showed(tmp_path):
     ctx = _context(tmp_path, _fp8_checkpoint(tmp_path))
     assert ctx.source.fp8 is not None and ctx.source.fp8.block == (128, 128)
-    trials = features._Trials(ctx, _workdir(tmp_path))
-    ctx.real = {"passed": True}
-    row = features._fp8_row(ctx, trials, None)
+    trials = trial_model.Trials(ctx, _workdir(tmp_path))
+    ctx.real = RealRun(passed=True)
+    row = fp8.trial_row(ctx, trials, None)
     assert row["status"] == "supported" and row["why"].startswith("FP8 trial (dequantized on load, float32)")
     assert row["why"].endswith("the real gate loaded this FP8 checkpoint (every weight paired with its scale) and "
                                "checked its output")
     assert row["evidence"]["checkpoint"] == {"weight_block_size": [128, 128], "loaded_and_checked": True}
     # Without the real gate's word, the trial alone speaks, and the row says the checkpoint was not checked.
-    ctx.real = {}
-    row = features._fp8_row(ctx, None, "no trial model")
+    ctx.real = RealRun()
+    row = fp8.trial_row(ctx, None, "no trial model")
     assert row["status"] == "not-run"
     assert row["why"] == ("FP8 trial could not be set up: no trial model; the real gate did not load and check this "
                           "FP8 checkpoint on this run (see its row)")
@@ -229,7 +230,7 @@ def test_fp8_checkpoint_adds_what_the_real_gate_showed(tmp_path):
 def test_parallel_tokens_that_differ_are_unsupported_naming_where(tmp_path, monkeypatch):
     """The row's verdict on a parallel run that decodes differently (the run itself faked: no worker)."""
     ctx = _context(tmp_path, _model_dir(tmp_path, TINY))
-    trials = features._Trials(ctx, _workdir(tmp_path))
+    trials = trial_model.Trials(ctx, _workdir(tmp_path))
     real_greedy = trials.greedy
 
     def greedy(device, dtype, observe=None, **engine):
@@ -240,7 +241,7 @@ def test_parallel_tokens_that_differ_are_unsupported_naming_where(tmp_path, monk
         return {"tokens": tokens, "start_seconds": 0.0, "decode_seconds": 0.0}
 
     monkeypatch.setattr(trials, "greedy", greedy)
-    row = features._parallel_row(ctx, trials, None, expert_parallel=False)
+    row = parallel.trial_row(ctx, trials, None, expert_parallel=False)
     expected = trials.reference("cpu", torch.float32)["tokens"][1][5]
     assert row["status"] == "unsupported" and row["evidence"]["tokens_equal"] is False
     assert row["why"] == (f"TP=2 over gloo (cpu) decodes differently from one process: prompt 1, token 5: "
@@ -256,7 +257,7 @@ def test_cuda_graph_row_reads_the_runner(tmp_path, monkeypatch, captured):
 
     ctx = _context(tmp_path, _model_dir(tmp_path, TINY))
     ctx.machine = dataclasses.replace(ctx.machine, device="cuda", num_gpus=1)
-    trials = features._Trials(ctx, _workdir(tmp_path))
+    trials = trial_model.Trials(ctx, _workdir(tmp_path))
     calls = []
 
     def greedy(device, dtype, observe=None, **engine):
@@ -267,7 +268,7 @@ def test_cuda_graph_row_reads_the_runner(tmp_path, monkeypatch, captured):
         return {"tokens": [[1, 2], [3, 4]], "start_seconds": 0.0, "decode_seconds": 0.0, **seen}
 
     monkeypatch.setattr(trials, "greedy", greedy)
-    row = features._cuda_graph_row(ctx, trials, None)
+    row = cuda_graph.trial_row(ctx, trials, None)
     if captured:
         assert calls == [{}, {"enforce_eager": True}]
         assert row["status"] == "supported" and row["why"].startswith("decode graphs captured (batch sizes [1, 2, 4])")

@@ -16,7 +16,8 @@ import torch
 import dockyard.onboard.gates.equivalence as equivalence_gate
 from dockyard.onboard import OnboardOptions, run_onboard
 from dockyard.onboard.ablations import ABLATIONS, Ablation
-from dockyard.onboard.equivalence import SEQ_LEN, TOLERANCES, build_reference, check_equivalence, shrink_config
+from dockyard.onboard.config_surgery import SEQ_LEN, shrink_config
+from dockyard.onboard.equivalence import TOLERANCES, build_reference, check_equivalence
 from tests.shared_configs import shared_config
 
 pytest.importorskip("transformers")

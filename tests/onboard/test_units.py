@@ -8,7 +8,7 @@ import pytest
 
 from dockyard.onboard import OnboardOptions, run_onboard
 from dockyard.onboard.config_features import detect_features, nearest_family
-from dockyard.onboard.equivalence import SEQ_LEN, SHRUNK_WINDOW, shrink_config
+from dockyard.onboard.config_surgery import SEQ_LEN, SHRUNK_WINDOW, shrink_config
 
 LLAMA = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,

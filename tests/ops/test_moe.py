@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from dockyard.onboard.equivalence import rel_rmse
+from dockyard.models.moe import mixtral_checkpoint_name
 from dockyard.ops.moe import (
     ExpertList,
     GptOssExperts,
@@ -26,11 +26,11 @@ from dockyard.ops.moe import (
     SparseMoeBlock,
     fused_experts,
     gpt_oss_swiglu,
-    mixtral_checkpoint_name,
     moe_reference,
     select_experts,
 )
 from dockyard.spec import ModelSpec, MoESpec
+from dockyard.testing import rel_rmse
 from dockyard.weights.loader import load_weights
 
 TOKENS, HIDDEN = 24, 64

@@ -8,10 +8,10 @@ import copy
 import pytest
 import torch
 
-from dockyard.onboard.equivalence import rel_rmse
 from dockyard.ops import moe
 from dockyard.ops.dispatch import FUSED_ENV
 from dockyard.ops.moe import ExpertList, LocalExperts, SparseMoeBlock, moe_reference
+from dockyard.testing import rel_rmse
 from tests.helpers import import_kernels, interpreter_loop_bounds_fix
 from tests.ops.test_moe import TOL, _hf_and_ours, _hf_out, _moe, _x
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from dockyard.model_source import bundled_model_path
+from dockyard.model_path import bundled_model_path
 
 API_KEY = "test-key-123"
 MODEL_NAME = "smol"

@@ -11,7 +11,8 @@ import jinja2
 import openai
 import pytest
 
-from dockyard.model_source import bundled_model_path, resolve_model
+from dockyard.model_path import bundled_model_path
+from dockyard.model_source import resolve_model
 from tests.server.conftest import ServerProcess, start_server, wait_for_health
 
 KEY = "vllm-style-key"

@@ -8,7 +8,9 @@ sequences of 128k tokens (or of the model's own maximum if shorter).
 
 from __future__ import annotations
 
+from dockyard.engine.llm_engine import EngineConfig
 from dockyard.onboard.context import GateContext, Outcome
+from dockyard.onboard.gates.fit import ensure_plan
 
 GiB = 1024**3
 BASELINE_CONTEXT = 131072
@@ -17,9 +19,6 @@ CONTEXT_ROWS = (4096, 8192, 32768, 131072)
 
 
 def run(ctx: GateContext) -> Outcome:
-    from dockyard.engine.llm_engine import EngineConfig
-    from dockyard.onboard.gates.fit import ensure_plan
-
     ensure_plan(ctx)
     plan, spec = ctx.plan, ctx.spec
     if plan is None or spec is None:

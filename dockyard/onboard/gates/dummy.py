@@ -9,7 +9,6 @@ embedding shapes that ran are the model's own.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import tempfile
@@ -19,10 +18,16 @@ from typing import Any
 
 import torch
 
+from dockyard.dtypes import dtype_name
+from dockyard.engine.llm import LLM
+from dockyard.engine.sampling_params import SamplingParams
+from dockyard.memory import plan_memory
 from dockyard.model_impl import with_standard_names
-from dockyard.onboard.context import GateContext, Outcome
+from dockyard.model_source import spec_for_config
+from dockyard.onboard.config_surgery import text_config, with_layers, with_vocab, with_width
+from dockyard.onboard.context import DummyRun, GateContext, Outcome
+from dockyard.onboard.gates.fit import serving_dtype
 from dockyard.onboard.machine import available_now
-from dockyard.spec import language_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -34,63 +39,8 @@ WIDTH_DIVISORS = (2, 4, 8, 16, 32, 64)
 MARGIN = 1 * GiB  # left unplanned below what is available: allocator slack, transient copies while loading
 
 
-def _text(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The dict holding the language model's sizes (text_config of multimodal wrappers)."""
-    text = cfg.get("text_config")
-    if isinstance(text, dict) and "hidden_size" not in cfg:
-        # Its class defaults are part of a text_config's meaning: make them explicit before editing sizes.
-        full = language_model_config(cfg)
-        text.update({k: v for k, v in full.items() if k not in text and k != "architectures"})
-        return text
-    return cfg
-
-
-def _with_layers(cfg: dict[str, Any], layers: int) -> dict[str, Any]:
-    out = copy.deepcopy(cfg)
-    t = _text(out)
-    t["num_hidden_layers"] = layers
-    if isinstance(t.get("layer_types"), list):
-        t["layer_types"] = t["layer_types"][:layers]
-    return out
-
-
-def _with_vocab(cfg: dict[str, Any], vocab: int) -> dict[str, Any]:
-    out = copy.deepcopy(cfg)
-    t = _text(out)
-    t["vocab_size"] = vocab
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = t.get(key)
-        if isinstance(value, list):
-            t[key] = [v for v in value if isinstance(v, int) and v < vocab] or None
-        elif isinstance(value, int) and value >= vocab:
-            t[key] = None
-    return out
-
-
-def _with_width(cfg: dict[str, Any], divisor: int) -> dict[str, Any]:
-    """Narrower layers: KV heads (and with them query heads, q/kv ratio kept), hidden and MLP ÷ divisor."""
-    out = copy.deepcopy(cfg)
-    t = _text(out)
-    heads = int(t["num_attention_heads"])
-    kv = int(t.get("num_key_value_heads") or heads)
-    head_dim = int(t.get("head_dim") or t["hidden_size"] // heads)
-    ratio = max(1, heads // kv)
-    new_kv = max(1, kv // divisor)
-    new_heads = new_kv * ratio
-    if new_heads == heads:  # a single KV head already: fewer query heads instead
-        new_heads = max(1, heads // divisor)
-        new_kv = new_heads if kv == heads else 1
-    t.update(num_attention_heads=new_heads, num_key_value_heads=new_kv, head_dim=head_dim,
-             hidden_size=max(64, int(t["hidden_size"]) // divisor // 8 * 8),
-             intermediate_size=max(64, int(t["intermediate_size"]) // divisor // 8 * 8))
-    return out
-
-
 def _plan(cfg: dict[str, Any], dtype: torch.dtype, device_type: str) -> tuple[int, Any]:
     """(bytes the engine adds for ``cfg`` as this gate starts it, its spec)."""
-    from dockyard.memory import plan_memory
-    from dockyard.model_source import spec_for_config
-
     spec = spec_for_config(cfg)
     plan = plan_memory(spec, dtype, max_num_batched_tokens=ENGINE["max_num_batched_tokens"],
                        max_num_seqs=ENGINE["max_num_seqs"], device_type=device_type)
@@ -104,41 +54,41 @@ def choose_config(cfg: dict[str, Any], layers: int, budget: int, dtype: torch.dt
     """The config to run within ``budget`` bytes, the reductions made, and the bytes it needs."""
     reductions: list[str] = []
     cfg = with_standard_names(cfg)  # a generic-path config may keep its sizes under its own names (n_layer)
-    total_layers = int(_text(cfg)["num_hidden_layers"])
+    total_layers = int(text_config(cfg)["num_hidden_layers"])
     if layers < total_layers:
         reductions.append(f"layers {total_layers} → {layers} (asked for)")
-    candidate = _with_layers(cfg, layers)
+    candidate = with_layers(cfg, layers)
     need, _ = _plan(candidate, dtype, device_type)
     if need <= budget:
         return candidate, reductions, need
-    one, _ = _plan(_with_layers(cfg, 1), dtype, device_type)
-    two, _ = _plan(_with_layers(cfg, 2), dtype, device_type)
+    one, _ = _plan(with_layers(cfg, 1), dtype, device_type)
+    two, _ = _plan(with_layers(cfg, 2), dtype, device_type)
     per_layer = max(1, two - one)
     fit_layers = min(layers, int((budget - (one - per_layer)) // per_layer))
     if fit_layers >= 1:
         reductions.append(f"layers {total_layers} → {fit_layers} to fit {budget / GiB:.2f} GiB")
-        candidate = _with_layers(cfg, fit_layers)
+        candidate = with_layers(cfg, fit_layers)
         return candidate, reductions, _plan(candidate, dtype, device_type)[0]
     reductions.append(f"layers {total_layers} → 1 (one true-shape layer alone does not fit "
                       f"{budget / GiB:.2f} GiB)")
-    base = _with_layers(cfg, 1)
-    vocab = int(_text(cfg)["vocab_size"])
+    base = with_layers(cfg, 1)
+    vocab = int(text_config(cfg)["vocab_size"])
     for new_vocab in VOCAB_STEPS:
         if new_vocab >= vocab:
             continue
-        candidate = _with_vocab(base, new_vocab)
+        candidate = with_vocab(base, new_vocab)
         need, _ = _plan(candidate, dtype, device_type)
         if need <= budget:
             reductions.append(f"vocab {vocab} → {new_vocab}")
             return candidate, reductions, need
-    base = _with_vocab(base, min(vocab, VOCAB_STEPS[-1]))
+    base = with_vocab(base, min(vocab, VOCAB_STEPS[-1]))
     if min(vocab, VOCAB_STEPS[-1]) < vocab:
         reductions.append(f"vocab {vocab} → {VOCAB_STEPS[-1]}")
     for divisor in WIDTH_DIVISORS:
-        candidate = _with_width(base, divisor)
+        candidate = with_width(base, divisor)
         need, _ = _plan(candidate, dtype, device_type)
         if need <= budget:
-            t = _text(candidate)
+            t = text_config(candidate)
             reductions.append(f"width ÷{divisor}: hidden {t['hidden_size']}, heads {t['num_attention_heads']}/"
                               f"{t['num_key_value_heads']}, intermediate {t['intermediate_size']}")
             return candidate, reductions, need
@@ -167,8 +117,6 @@ def _prompt_ids(llm: Any) -> list[int]:
 
 def first_request(llm: Any) -> dict[str, Any]:
     """Send one greedy request through the engine; capture the logits it sampled from."""
-    from dockyard import SamplingParams
-
     captured: list[torch.Tensor] = []
     original = llm.model.compute_logits
 
@@ -201,11 +149,8 @@ def first_request(llm: Any) -> dict[str, Any]:
 
 
 def run(ctx: GateContext) -> Outcome:
-    from dockyard import LLM
-
     if ctx.spec is None or ctx.raw is None:
         return Outcome("skip", "no validated spec (inspect did not pass)")
-    from dockyard.onboard.gates.fit import serving_dtype
 
     spec, machine = ctx.spec, ctx.machine
 
@@ -215,18 +160,17 @@ def run(ctx: GateContext) -> Outcome:
     # GGUF metadata and config.json alike: the dict ModelSpec was built from.
     raw_cfg = ctx.raw.config
     cfg, reductions, need = choose_config(raw_cfg, layers, budget, dtype, machine.device)
-    evidence: dict[str, Any] = {"budget_bytes": budget, "budget_source": budget_source, "dtype": str(dtype)
-                                .removeprefix("torch."), "reductions": reductions, "total_layers":
-                                spec.num_hidden_layers, "engine": ENGINE}
+    evidence: dict[str, Any] = {"budget_bytes": budget, "budget_source": budget_source, "dtype": dtype_name(dtype),
+                                "reductions": reductions, "total_layers": spec.num_hidden_layers, "engine": ENGINE}
     if cfg is None:
         return Outcome("fail", f"even the smallest reduction needs {need / GiB:.2f} GiB, more than the "
                                f"{budget / GiB:.2f} GiB budget ({budget_source})", evidence)
-    t = _text(cfg)
+    t = text_config(cfg)
     true_shapes = not any(r.startswith(("vocab", "width")) for r in reductions)
     run_layers = int(t["num_hidden_layers"])
     evidence.update(layers=run_layers, true_shapes=true_shapes, bytes_needed=need)
-    ctx.dummy.update(layers=run_layers, total_layers=spec.num_hidden_layers, true_shapes=true_shapes,
-                     reductions=reductions, config=cfg)
+    ctx.dummy = DummyRun(layers=run_layers, total_layers=spec.num_hidden_layers, true_shapes=true_shapes,
+                         reductions=reductions, config=cfg)
     t0 = time.perf_counter()
     engine_kwargs = {"dtype": dtype, "device": machine.device, "load_format": "dummy", "seed": ctx.options.seed,
                      **ENGINE, **ctx.options.impl_kwargs}
@@ -245,7 +189,7 @@ def run(ctx: GateContext) -> Outcome:
         del llm
     evidence.update(load_seconds=load_s, num_parameters_run=num_params, parameter_shapes=shapes,
                     first_request=request)
-    ctx.dummy.update(load_seconds=load_s, first_request=request, num_parameters_run=num_params)
+    ctx.dummy.load_seconds, ctx.dummy.first_request, ctx.dummy.num_parameters_run = load_s, request, num_params
     logger.info("dummy run: %d/%d layers, true shapes %s, reductions %s", run_layers, spec.num_hidden_layers,
                 true_shapes, reductions)
     ok = request["logits_finite"] and len(request["output_token_ids"]) == MAX_NEW_TOKENS

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from dockyard.distributed.sharding import check_parallel_config
 from dockyard.errors import ConfigError
 from dockyard.onboard.context import GateContext, Outcome
 from dockyard.run_plan import MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS, RunTarget, plan_for_run, run_dtype
@@ -53,8 +54,6 @@ def ensure_plan(ctx: GateContext) -> None:
 
 def tensor_parallel_advice(ctx: GateContext, context: int) -> tuple[int | None, dict[str, object], str]:
     """(smallest accepted size that fits or None, each size's verdict, the advice in words)."""
-    from dockyard.distributed.sharding import check_parallel_config
-
     target = plan_target(ctx)
     if target.device_type == "cpu":
         return None, {}, ("tensor parallelism splits a model over GPUs with memory of their own; on this CPU "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from dockyard.errors import DockyardError
+from dockyard.model_source import resolve_model
 from dockyard.onboard.config_features import coverage, detect_features, nearest_family, unrecognised_keys
 from dockyard.onboard.context import GateContext, Outcome, read_raw_model
 from dockyard.registry import MODEL_REGISTRY, supported_architectures
@@ -19,8 +20,6 @@ logger = logging.getLogger(__name__)
 
 
 def run(ctx: GateContext) -> Outcome:
-    from dockyard.model_source import resolve_model
-
     ctx.raw = raw = read_raw_model(ctx.options.model)
     config = raw.config
     archs = config.get("architectures")

@@ -22,7 +22,14 @@ from typing import Any
 
 import torch
 
-from dockyard.onboard.context import GateContext, Outcome
+from dockyard.dtypes import dtype_name
+from dockyard.engine.llm import LLM
+from dockyard.engine.sampling_params import SamplingParams
+from dockyard.errors import DockyardError
+from dockyard.onboard.accuracy import run_accuracy
+from dockyard.onboard.context import GateContext, Outcome, RealRun
+from dockyard.onboard.equivalence import rel_rmse, transformers_support
+from dockyard.onboard.gates.fit import ensure_plan
 from dockyard.onboard.machine import available_now, ram_bytes
 
 logger = logging.getLogger(__name__)
@@ -90,11 +97,6 @@ def _coherent(ids: list[int], text: str) -> tuple[bool, str]:
 
 
 def run(ctx: GateContext) -> Outcome:
-    from dockyard import LLM, SamplingParams
-    from dockyard.errors import DockyardError
-    from dockyard.onboard.equivalence import rel_rmse, transformers_support
-    from dockyard.onboard.gates.fit import ensure_plan
-
     opts, source = ctx.options, ctx.source
     if source is None:
         return Outcome("skip", "no validated spec (inspect did not pass)")
@@ -126,7 +128,7 @@ def run(ctx: GateContext) -> Outcome:
     report = llm.load_report
     evidence: dict[str, Any] = {
         "checkpoint": {"kind": source.kind, "path": str(source.path)},
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": dtype_name(dtype),
         "load_seconds": load_s,
         "tensors_loaded": report.loaded,
         "bytes_loaded": report.bytes_loaded,
@@ -147,7 +149,7 @@ def run(ctx: GateContext) -> Outcome:
                               "tokens_per_second": generated / gen_s if gen_s else None,
                               "note": f"greedy, {len(prompts)} prompts batched, {evidence['dtype']}, "
                                       f"{machine.device}"}
-    ctx.real.update(load_seconds=load_s, generation=evidence["generation"], tensors_loaded=report.loaded)
+    ctx.real = RealRun(load_seconds=load_s, generation=evidence["generation"], tensors_loaded=report.loaded)
 
     reason = transformers_support(str(ctx.raw.config.get("model_type") or ""))
     hf_bytes = ctx.plan.num_parameters * 4
@@ -208,11 +210,8 @@ def run(ctx: GateContext) -> Outcome:
         ok = all_ok
         summary = (f"{report.loaded} tensors loaded, none missing or unexpected; coherence check only "
                    f"({reason}): {'coherent' if ok else 'INCOHERENT'}")
-    ctx.real["prompts"] = results
-    ctx.real["passed"] = ok
+    ctx.real.prompts, ctx.real.passed = results, ok
     if ok and llm.tokenizer is not None:
-        from dockyard.onboard.accuracy import run_accuracy
-
         ctx.step("accuracy run (dockyard eval, a small ARC-Easy subset)")
         ctx.accuracy = run_accuracy(llm, opts.model)
         evidence["accuracy"] = {k: v for k, v in ctx.accuracy.items() if k != "results"}

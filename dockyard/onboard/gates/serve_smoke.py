@@ -27,6 +27,7 @@ from typing import Any
 
 from dockyard.onboard.context import GateContext, Outcome
 from dockyard.server.cli import DEFAULT_PORT
+from dockyard.tokenizer import TOKENIZER_FILES
 
 logger = logging.getLogger(__name__)
 
@@ -140,13 +141,12 @@ def run(ctx: GateContext) -> Outcome:
         return Outcome("skip", f"server not available ({', '.join(absent)} not installed)", hard=False)
     if ctx.spec is None:
         return Outcome("skip", "no validated spec (inspect did not pass)", hard=False)
-    from dockyard.tokenizer import TOKENIZER_FILES
 
     source = ctx.source
     if source.gguf is None and not any((source.path / f).exists() for f in TOKENIZER_FILES):
         return Outcome("skip", f"{source.path} has no tokenizer ({', '.join(TOKENIZER_FILES)}): the server's chat "
                                "and completion endpoints need one", hard=False)
-    if ctx.fits_device is False or (ctx.dummy and ctx.dummy.get("layers", 0) < ctx.spec.num_hidden_layers):
+    if ctx.fits_device is False or (ctx.dummy is not None and ctx.dummy.layers < ctx.spec.num_hidden_layers):
         return Outcome("skip", "the whole model does not fit this machine, so it cannot be served here", hard=False)
     log_path = ctx.out_dir / "logs" / "serve-smoke.server.log"
     evidence: dict[str, Any] = {"deploy_command": "dockyard " + " ".join(shlex.quote(a) for a in
