@@ -14,7 +14,6 @@ how block-level equivalence tests call it).
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -183,7 +182,6 @@ def decode_backend(q: torch.Tensor, kv_cache: torch.Tensor) -> str:
     return "triton" if usable else "reference"
 
 
-@functools.cache
 def _triton_usable(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     """Whether a kernel handles q over this layer's cache: K and V per head (entries 2), or MLA's one
     latent per token (entries 1, q already absorbed into latent space)."""
