@@ -29,8 +29,16 @@ class UnsupportedArchitectureError(DockyardError):
     """The config names an architecture no dockyard model class implements."""
 
 
+class AbsurdConfigError(ConfigError):
+    """A size no model could have (10**9 layers, positions past any device): refused on every path."""
+
+
 class WeightsError(DockyardError):
     """Checkpoint tensors do not match the model: missing, unexpected or misshapen."""
+
+
+class CheckpointConversionError(WeightsError):
+    """A checkpoint tensor transformers converts on load (merged or split), which the generic path does not."""
 
 
 class InsufficientMemoryError(DockyardError):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dockyard.errors import ConfigError, DockyardError, UnsupportedArchitectureError
+from dockyard.errors import AbsurdConfigError, ConfigError, DockyardError, UnsupportedArchitectureError
 from dockyard.onboard.config_features import coverage, detect_features, unrecognised_keys
 from dockyard.registry import MODEL_REGISTRY, supported_architectures
 from dockyard.spec import ModelSpec
@@ -52,6 +52,8 @@ def native_gaps(config: dict[str, Any]) -> list[str]:
         gaps.append("unrecognised config keys " + ", ".join(unknown))
     try:
         ModelSpec.from_hf_config(config)
+    except AbsurdConfigError:
+        raise  # no path runs it: the refusal is the answer
     except ConfigError as exc:
         gaps.append(f"the spec refuses the config ({exc})")
     return gaps

@@ -27,11 +27,6 @@ from dockyard.model_impl import MODEL_IMPLS, ImplChoice, choose_model_impl
 from dockyard.model_path import locate_model
 from dockyard.spec import ModelSpec, read_config_json
 from dockyard.tokenizer import TOKENIZER_FILES, load_tokenizer
-from dockyard.weights import fp8
-from dockyard.weights.dummy import iter_dummy
-from dockyard.weights.fp8 import FP8Config
-from dockyard.weights.gguf import GGUFFile
-from dockyard.weights.safetensors_dir import iter_safetensors, safetensors_files
 
 if TYPE_CHECKING:  # resolving a model reads metadata only; torch comes with the weights
     import torch
@@ -74,6 +69,11 @@ class ModelSource:
 
     def _tensors(self, model: nn.Module, dtype: torch.dtype, seed: int,
                  native_fp8: set[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
+        # The weights modules import torch; resolving a model reads metadata only, so they load here.
+        from dockyard.weights import fp8
+        from dockyard.weights.dummy import iter_dummy
+        from dockyard.weights.safetensors_dir import iter_safetensors
+
         if self.kind == "gguf":
             return self.gguf.iter_tensors(dtype)
         if self.kind == "safetensors":
@@ -115,10 +115,11 @@ def _spec_for(choice: ImplChoice, config: dict[str, Any], name: str) -> ModelSpe
     return ModelSpec.from_hf_config(config, name=name)
 
 
-def spec_for_config(config: dict[str, Any], name: str | None = None) -> ModelSpec:
-    """The spec of a config dict alone on the path ``auto`` chooses for it (no model directory, so no remote
-    code): what sizing a reduced copy of a model needs."""
-    return _spec_for(choose_model_impl(config), config, name or str(config.get("_name_or_path") or "model"))
+def spec_for_config(config: dict[str, Any], name: str | None = None, model_impl: str = "auto") -> ModelSpec:
+    """The spec of a config dict alone on the path ``model_impl`` names (``auto``: the one it chooses; no model
+    directory, so no remote code): what sizing a reduced copy of a model needs."""
+    return _spec_for(choose_model_impl(config, model_impl), config,
+                     name or str(config.get("_name_or_path") or "model"))
 
 
 def resolve_model(model: str | Path | None = None, load_format: str = "auto", *, revision: str | None = None,
@@ -156,6 +157,8 @@ def _resolve(model: str | Path | None, load_format: str, revision: str | None,
     location = locate_model(model, revision, download_dir)
     path, repo_id = location.path, location.repo_id
     if path.is_file() and path.suffix == ".gguf":
+        from dockyard.weights.gguf import GGUFFile  # imports torch: `inspect` refuses absurd configs before it
+
         gguf = GGUFFile(path)
         name = repo_id or path.stem
         choice = choose_model_impl(gguf.hf_config(), model_impl)
@@ -178,6 +181,8 @@ def _resolve(model: str | Path | None, load_format: str, revision: str | None,
     if isinstance(quant, dict):
         method = str(quant.get("quant_method") or quant.get("fmt") or "unknown")
     if load_format == "auto" and path.is_dir():
+        from dockyard.weights.safetensors_dir import safetensors_files  # imports torch (see GGUFFile above)
+
         if safetensors_files(model_dir):
             kind = "safetensors"
             if method is not None and method != "fp8":
@@ -188,6 +193,8 @@ def _resolve(model: str | Path | None, load_format: str, revision: str | None,
                 )
     if method == "fp8":
         try:
+            from dockyard.weights.fp8 import FP8Config  # imports torch (see GGUFFile above)
+
             fp8 = FP8Config.from_quantization_config(quant, model_dir)
         except WeightsError:
             if kind == "safetensors":

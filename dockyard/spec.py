@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dockyard.dtypes import DTYPE_ALIASES, dtype_name
-from dockyard.errors import ConfigError, InvalidModelFileError, ModelNotFoundError
+from dockyard.errors import AbsurdConfigError, ConfigError, InvalidModelFileError, ModelNotFoundError
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 # The hidden_act values dockyard.ops.activation implements. Listed here, not imported from there, so that
@@ -342,7 +342,7 @@ class ModelSpec:
                 "each KV head shared by a whole number of query heads"
             )
         if self.max_position_embeddings > MAX_SANE_POSITIONS:
-            raise ConfigError(
+            raise AbsurdConfigError(
                 f"max_position_embeddings={self.max_position_embeddings} is absurd "
                 f"(> {MAX_SANE_POSITIONS:,}); fix config.json"
             )
@@ -471,7 +471,7 @@ def with_hf_defaults(config: dict[str, Any], fill_required: bool) -> dict[str, A
 
 def _check_layer_count(num_layers: int) -> None:
     if num_layers > MAX_SANE_LAYERS:
-        raise ConfigError(f"num_hidden_layers={num_layers:,} is absurd (> {MAX_SANE_LAYERS:,}; published models "
+        raise AbsurdConfigError(f"num_hidden_layers={num_layers:,} is absurd (> {MAX_SANE_LAYERS:,}; published models "
                           "have a few hundred at most); fix config.json")
 
 
