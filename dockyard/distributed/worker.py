@@ -54,7 +54,9 @@ def worker_main(cfg: WorkerConfig) -> None:
     device = rank_device(cfg.device_type, cfg.rank)
     init_parallel(cfg.rank, cfg.world_size, device, cfg.init_method)
     try:
-        source = resolve_model(cfg.model, cfg.load_format)
+        # Tensor parallelism runs native families only (LLM refuses the generic path before any worker starts):
+        # never re-decided here, where a trimmed trial config could read as one with unknown keys.
+        source = resolve_model(cfg.model, cfg.load_format, model_impl="dockyard")
         dtype = resolve_dtype(cfg.dtype, source.spec.torch_dtype, device)
         model, _ = load_model(source, device, dtype, cfg.seed, cfg.rank, cfg.world_size, cfg.expert_parallel)
         num_blocks, block_size = broadcast_object()

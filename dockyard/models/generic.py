@@ -33,7 +33,7 @@ from transformers.core_model_loading import WeightConverter, WeightRenaming, ren
 from transformers.initialization import no_init_weights
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from dockyard.errors import ConfigError, UnsupportedArchitectureError, WeightsError
+from dockyard.errors import CheckpointConversionError, ConfigError, UnsupportedArchitectureError
 from dockyard.models.transformers_attention import ATTN_IMPLEMENTATION, PagedAttentionSlot
 from dockyard.spec import ModelSpec, RopeSpec
 
@@ -226,10 +226,10 @@ class TransformersForCausalLM(nn.Module):
         renamed, converter = rename_source_key(name, self._renamings, self._converters, self.base_name,
                                                self._own_names)
         if converter is not None:
-            raise WeightsError(f"checkpoint tensor {name} needs transformers' conversion {converter!r} (tensors "
-                               "merged or split on load, e.g. per-expert MoE weights fused), which the generic path "
-                               "does not apply yet; run the architecture with --load-format dummy, or use a model "
-                               "with a native dockyard family")
+            raise CheckpointConversionError(
+                f"checkpoint tensor {name} needs transformers' conversion {converter!r} (tensors merged or split on "
+                "load, e.g. per-expert MoE weights fused), which the generic path does not apply yet; run the "
+                "architecture with --load-format dummy, or use a model with a native dockyard family")
         return renamed
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

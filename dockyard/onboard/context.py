@@ -204,6 +204,13 @@ class GateContext:
         return None if self.source is None else self.source.spec
 
     @property
+    def impl_kwargs(self) -> dict[str, Any]:
+        """``LLM``'s implementation keywords for the engines the gates start: the path inspect chose on the full
+        config (a reduced copy is never re-decided: its trimmed or default-filled keys would read as new)."""
+        impl = self.spec.model_impl if self.spec is not None else self.options.model_impl
+        return {"model_impl": impl, "trust_remote_code": self.options.trust_remote_code}
+
+    @property
     def model_name(self) -> str:
         return self.raw.name if self.raw is not None else str(self.options.model or "model")
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from dockyard.engine.llm import LLM
-from dockyard.errors import DockyardError
+from dockyard.errors import CheckpointConversionError, DockyardError
 from dockyard.model_impl import choose_model_impl
 from dockyard.model_loader import load_model
 from dockyard.model_source import resolve_model
@@ -394,6 +394,12 @@ def check_equivalence(config: dict[str, Any], workdir: str | Path | None = None,
 
         try:
             llm = LLM(tmp, dtype="float32", device="cpu", num_kv_blocks=64, model_impl=model_impl)
+        except CheckpointConversionError as exc:  # nothing to compare: not proven, and said so
+            result.status = "skip"
+            result.reason = (f"not measured: the generic (transformers) path cannot load the checkpoint transformers "
+                             f"saves for this architecture ({exc})")
+            result.duration_s = time.perf_counter() - t0
+            return result
         except Exception as exc:  # noqa: BLE001 - a load failure is the verdict, named
             result.status = "fail"
             result.levels.append(LevelResult("load", "weights saved by HF", tmp, None, 0.0, False,

@@ -108,6 +108,11 @@ def verdict(ctx: GateContext, results: list[GateResult]) -> dict[str, Any]:
     not_proven = [f"gate {r.name}: {r.summary}" for r in results if r.status == "skip"]
     if any(f.key == "multimodal" for f in ctx.features):
         not_proven.append("model part: the vision/audio tower (dockyard runs the language model only)")
+    inspect = next((r for r in results if r.name == "inspect"), None)
+    unknown = inspect.evidence.get("unrecognised_keys") if inspect is not None else None
+    if unknown:  # the generic path ran it: equal to transformers' class, which may not read them either
+        not_proven.append("config keys no dockyard family reads (compared only as transformers' class reads "
+                          "them): " + ", ".join(unknown))
     if running:
         current = next((r.name for r in results if r.status == "running"), None)
         return {"state": "running", "verdict": "INCOMPLETE", "exit_code": None, "current_gate": current,

@@ -126,7 +126,9 @@ def test_refusals_name_what_the_generic_path_cannot_do(tmp_path):
     AutoModelForCausalLM.from_config(stablelm).save_pretrained(tmp_path / "stablelm")
     with pytest.raises(UnsupportedArchitectureError, match="StableLmForCausalLM.*attention interface"):
         LLM(tmp_path / "stablelm", device="cpu", model_impl="transformers")
-    olmoe = AutoConfig.for_model("olmoe", **TINY_SIZES, num_experts=4, num_experts_per_tok=2)
+    # (its class's default token ids lie outside the tiny vocabulary, which generation_config.json would carry)
+    olmoe = AutoConfig.for_model("olmoe", **TINY_SIZES, num_experts=4, num_experts_per_tok=2, eos_token_id=2,
+                                 pad_token_id=1)
     AutoModelForCausalLM.from_config(olmoe).save_pretrained(tmp_path / "olmoe")  # per-expert tensors on disk
     with pytest.raises(WeightsError, match="experts.0.down_proj.weight needs transformers' conversion"):
         LLM(tmp_path / "olmoe", device="cpu")

@@ -39,9 +39,9 @@ WIDTH_DIVISORS = (2, 4, 8, 16, 32, 64)
 MARGIN = 1 * GiB  # left unplanned below what is available: allocator slack, transient copies while loading
 
 
-def _plan(cfg: dict[str, Any], dtype: torch.dtype, device_type: str) -> tuple[int, Any]:
-    """(bytes the engine adds for ``cfg`` as this gate starts it, its spec)."""
-    spec = spec_for_config(cfg)
+def _plan(cfg: dict[str, Any], dtype: torch.dtype, device_type: str, model_impl: str) -> tuple[int, Any]:
+    """(bytes the engine adds for ``cfg`` as this gate starts it on ``model_impl``'s path, its spec)."""
+    spec = spec_for_config(cfg, model_impl=model_impl)
     plan = plan_memory(spec, dtype, max_num_batched_tokens=ENGINE["max_num_batched_tokens"],
                        max_num_seqs=ENGINE["max_num_seqs"], device_type=device_type)
     kv = ENGINE["num_kv_blocks"] * ENGINE["block_size"] * plan.kv_bytes_per_token
@@ -49,26 +49,27 @@ def _plan(cfg: dict[str, Any], dtype: torch.dtype, device_type: str) -> tuple[in
     return plan.weight_bytes + plan.activation_peak_bytes + kv, spec
 
 
-def choose_config(cfg: dict[str, Any], layers: int, budget: int, dtype: torch.dtype,
-                  device_type: str) -> tuple[dict[str, Any] | None, list[str], int]:
-    """The config to run within ``budget`` bytes, the reductions made, and the bytes it needs."""
+def choose_config(cfg: dict[str, Any], layers: int, budget: int, dtype: torch.dtype, device_type: str,
+                  model_impl: str = "auto") -> tuple[dict[str, Any] | None, list[str], int]:
+    """The config to run within ``budget`` bytes on ``model_impl``'s path, the reductions made, and the bytes
+    it needs."""
     reductions: list[str] = []
     cfg = with_standard_names(cfg)  # a generic-path config may keep its sizes under its own names (n_layer)
     total_layers = int(text_config(cfg)["num_hidden_layers"])
     if layers < total_layers:
         reductions.append(f"layers {total_layers} → {layers} (asked for)")
     candidate = with_layers(cfg, layers)
-    need, _ = _plan(candidate, dtype, device_type)
+    need, _ = _plan(candidate, dtype, device_type, model_impl)
     if need <= budget:
         return candidate, reductions, need
-    one, _ = _plan(with_layers(cfg, 1), dtype, device_type)
-    two, _ = _plan(with_layers(cfg, 2), dtype, device_type)
+    one, _ = _plan(with_layers(cfg, 1), dtype, device_type, model_impl)
+    two, _ = _plan(with_layers(cfg, 2), dtype, device_type, model_impl)
     per_layer = max(1, two - one)
     fit_layers = min(layers, int((budget - (one - per_layer)) // per_layer))
     if fit_layers >= 1:
         reductions.append(f"layers {total_layers} → {fit_layers} to fit {budget / GiB:.2f} GiB")
         candidate = with_layers(cfg, fit_layers)
-        return candidate, reductions, _plan(candidate, dtype, device_type)[0]
+        return candidate, reductions, _plan(candidate, dtype, device_type, model_impl)[0]
     reductions.append(f"layers {total_layers} → 1 (one true-shape layer alone does not fit "
                       f"{budget / GiB:.2f} GiB)")
     base = with_layers(cfg, 1)
@@ -77,7 +78,7 @@ def choose_config(cfg: dict[str, Any], layers: int, budget: int, dtype: torch.dt
         if new_vocab >= vocab:
             continue
         candidate = with_vocab(base, new_vocab)
-        need, _ = _plan(candidate, dtype, device_type)
+        need, _ = _plan(candidate, dtype, device_type, model_impl)
         if need <= budget:
             reductions.append(f"vocab {vocab} → {new_vocab}")
             return candidate, reductions, need
@@ -86,7 +87,7 @@ def choose_config(cfg: dict[str, Any], layers: int, budget: int, dtype: torch.dt
         reductions.append(f"vocab {vocab} → {VOCAB_STEPS[-1]}")
     for divisor in WIDTH_DIVISORS:
         candidate = with_width(base, divisor)
-        need, _ = _plan(candidate, dtype, device_type)
+        need, _ = _plan(candidate, dtype, device_type, model_impl)
         if need <= budget:
             t = text_config(candidate)
             reductions.append(f"width ÷{divisor}: hidden {t['hidden_size']}, heads {t['num_attention_heads']}/"
@@ -159,7 +160,8 @@ def run(ctx: GateContext) -> Outcome:
     layers = min(ctx.options.num_layers or spec.num_hidden_layers, spec.num_hidden_layers)
     # GGUF metadata and config.json alike: the dict ModelSpec was built from.
     raw_cfg = ctx.raw.config
-    cfg, reductions, need = choose_config(raw_cfg, layers, budget, dtype, machine.device)
+    cfg, reductions, need = choose_config(raw_cfg, layers, budget, dtype, machine.device,
+                                          ctx.impl_kwargs["model_impl"])
     evidence: dict[str, Any] = {"budget_bytes": budget, "budget_source": budget_source, "dtype": dtype_name(dtype),
                                 "reductions": reductions, "total_layers": spec.num_hidden_layers, "engine": ENGINE}
     if cfg is None:
@@ -173,7 +175,7 @@ def run(ctx: GateContext) -> Outcome:
                          reductions=reductions, config=cfg)
     t0 = time.perf_counter()
     engine_kwargs = {"dtype": dtype, "device": machine.device, "load_format": "dummy", "seed": ctx.options.seed,
-                     **ENGINE, **ctx.options.impl_kwargs}
+                     **ENGINE, **ctx.impl_kwargs}
     with tempfile.TemporaryDirectory(prefix="dockyard-dummy-") as tmp:
         if reductions:
             config_path = Path(tmp) / "config.json"

@@ -114,7 +114,7 @@ def run_fp8_trial(ctx: GateContext, trials: Trials) -> dict[str, Any]:
                 bound)
     try:
         llm = LLM(str(folder), dtype=dtype, device=device, seed=trials.seed, max_model_len=trials.max_len,
-                  **TRIAL_ENGINE)
+                  **TRIAL_ENGINE, **trials.impl)
         try:
             held = [t for t in (*llm.model.parameters(), *llm.model.buffers()) if t.dtype == torch.float8_e4m3fn]
             logits = _prefill_logits(llm.model, trials.prompts, llm.device)

@@ -31,11 +31,12 @@ def _compile_model(ctx: GateContext) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A COMPILE_LAYERS-layer copy of the model with dummy weights (true widths when the dummy gate had them)."""
     budget, _ = memory_budget(ctx)
     layers = min(COMPILE_LAYERS, ctx.spec.num_hidden_layers)
-    cfg, reductions, need = choose_config(ctx.raw.config, layers, budget, torch.float32, ctx.machine.device)
+    impl = ctx.impl_kwargs["model_impl"]
+    cfg, reductions, need = choose_config(ctx.raw.config, layers, budget, torch.float32, ctx.machine.device, impl)
     if cfg is None:
         raise MemoryError(f"even a reduced copy needs {need} bytes, over the {budget}-byte budget")
     layers = int(text_config(cfg)["num_hidden_layers"])
-    model = dummy_model(spec_for_config(cfg), torch.device(ctx.machine.device), ctx.options.seed)
+    model = dummy_model(spec_for_config(cfg, model_impl=impl), torch.device(ctx.machine.device), ctx.options.seed)
     true_widths = not any(r.startswith(("vocab", "width")) for r in reductions)
     return model, {"layers": layers, "true_widths": true_widths, "reductions": reductions, "dtype": "float32",
                    "tokens": COMPILE_TOKENS, "path": "uncached prefill (the engine's paged path is not compiled)"}

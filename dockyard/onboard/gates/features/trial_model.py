@@ -76,7 +76,8 @@ class Trials:
 
     def __init__(self, ctx: GateContext, workdir: Path) -> None:
         self.config, self.notes = trial_config(ctx.raw.config)
-        self.spec = spec_for_config(self.config)
+        self.impl = ctx.impl_kwargs  # the path inspect chose, kept for the trimmed copy
+        self.spec = spec_for_config(self.config, model_impl=self.impl["model_impl"])
         self.workdir = workdir
         (workdir / "model").mkdir()
         self.path = workdir / "model" / "config.json"
@@ -105,7 +106,7 @@ class Trials:
         t0 = time.perf_counter()
         with worker_output_to_log() if ranks > 1 else contextlib.nullcontext():
             llm = LLM(str(self.path), load_format="dummy", dtype=dtype, device=device, seed=self.seed,
-                      max_model_len=self.max_len, **TRIAL_ENGINE, **engine)
+                      max_model_len=self.max_len, **TRIAL_ENGINE, **self.impl, **engine)
             try:
                 started = time.perf_counter()
                 params = SamplingParams(max_tokens=TRIAL_TOKENS, temperature=0.0, ignore_eos=True)
