@@ -74,7 +74,7 @@ MODEL_REGISTRY: dict[str, ModelEntry] = {
     "Gemma3ForCausalLM": _entry("llama", "LlamaForCausalLM", "gemma3", {"gemma3", "gemma3_text"},
                                 _GEMMA3 | {"mqa", "rope:default"}, example="google/gemma-3-1b-it"),
     "Gemma3ForConditionalGeneration": _entry("llama", "LlamaForCausalLM", "gemma3", {"gemma3", "gemma3_text"},
-                                             _GEMMA3, example="google/gemma-3-27b-it"),
+                                             _GEMMA3 | {"rope:default"}, example="google/gemma-3-27b-it"),
     "Olmo2ForCausalLM": _entry("llama", "LlamaForCausalLM", "olmo2", {"olmo2"},
                                frozenset({"mha", "gqa", "rope:default", "activation:silu", "qk_norm", "post_norms"}),
                                example="allenai/OLMo-2-0425-1B"),

@@ -53,11 +53,13 @@ NON_COMPUTE_KEYS = frozenset({
     "initial_context_length",  # gpt-oss: repeats rope_scaling's original_max_position_embeddings
     "image_token_index", "boi_token_index", "eoi_token_index", "mm_tokens_per_image", "unk_token_id",
     "sep_token_id", "decoder_start_token_id", "tokenizer_class",
+    "image_token_id", "boi_token_id", "eoi_token_id",  # transformers 5's names of the three above
+    "_sliding_window_pattern",  # transformers 5 saves it beside layer_types, which decides each layer's kind
 })
 _NON_COMPUTE_SUFFIXES = ("dropout", "_pdrop", "dropout_prob")  # inference runs without dropout
 # Keys whose value here is the computation dockyard does anyway (any other value is unrecognised).
 NEUTRAL_VALUES: dict[str, object] = {"rope_interleaved": False, "interpolate_factor": 1, "rope_position_scale": 1.0,
-                                     "full_attn_mod": 1}
+                                     "full_attn_mod": 1, "use_bidirectional_attention": False}
 # Keys detect_features reads beyond the spec's (each either names a feature or is checked for its neutral value).
 DETECTED_KEYS = frozenset({
     "n_head", "num_heads", "multi_query_group_num", "num_kv_heads", "multi_query_attention", "bias",
