@@ -103,21 +103,26 @@ def _tiny_dense_mla(tmp_path) -> str:
     return str(path)
 
 
-@needs_cuda
-def test_mla_graphs_equal_eager(tmp_path):
-    """An MLA model captures (its decode is the absorbed Triton kernel) and replays the tokens of eager mode."""
-    model = _tiny_dense_mla(tmp_path)
-    kwargs = dict(load_format="dummy", device="cuda", dtype="float32", max_num_seqs=4, seed=3,
+def _assert_graphs_equal_eager(model: str, max_num_seqs: int, rng: random.Random, lengths: tuple[int, ...],
+                               batches: list[slice]) -> None:
+    """The model captures its decode steps, and greedy tokens of each batch of prompts equal eager mode's."""
+    kwargs = dict(load_format="dummy", device="cuda", dtype="float32", max_num_seqs=max_num_seqs, seed=3,
                   kv_cache_memory_bytes=None, num_kv_blocks=256)
     graphs = LLM(model, **kwargs)
     assert graphs.engine.runner.graphs is not None, graphs.engine.runner.eager_reason
     eager = LLM(model, enforce_eager=True, **kwargs)
-    rng = random.Random(2)
-    prompts = [[rng.randrange(1024) for _ in range(n)] for n in (5, 40, 90)]
+    prompts = [[rng.randrange(1024) for _ in range(n)] for n in lengths]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    a = graphs.generate(prompts, params, use_tqdm=False)
-    b = eager.generate(prompts, params, use_tqdm=False)
-    assert [x.outputs[0].token_ids for x in a] == [y.outputs[0].token_ids for y in b]
+    for batch in batches:
+        a = graphs.generate(prompts[batch], params, use_tqdm=False)
+        b = eager.generate(prompts[batch], params, use_tqdm=False)
+        assert [x.outputs[0].token_ids for x in a] == [y.outputs[0].token_ids for y in b]
+
+
+@needs_cuda
+def test_mla_graphs_equal_eager(tmp_path):
+    """An MLA model captures (its decode is the absorbed Triton kernel) and replays the tokens of eager mode."""
+    _assert_graphs_equal_eager(_tiny_dense_mla(tmp_path), 4, random.Random(2), (5, 40, 90), batches=[slice(None)])
 
 
 @needs_cuda
@@ -170,16 +175,5 @@ def _tiny_moe(tmp_path, family: str) -> str:
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 def test_moe_graphs_equal_eager(tmp_path, family):
     """MoE models capture (the fused experts make no host sync) and replay the tokens of eager steps."""
-    model = _tiny_moe(tmp_path, family)
-    kwargs = dict(load_format="dummy", device="cuda", dtype="float32", max_num_seqs=8, seed=3,
-                  kv_cache_memory_bytes=None, num_kv_blocks=256)
-    graphs = LLM(model, **kwargs)
-    assert graphs.engine.runner.graphs is not None, graphs.engine.runner.eager_reason
-    eager = LLM(model, enforce_eager=True, **kwargs)
-    rng = random.Random(0)
-    prompts = [[rng.randrange(1024) for _ in range(n)] for n in (5, 17, 40, 3, 90)]
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    for batch in (prompts, prompts[2:3]):
-        a = graphs.generate(batch, params, use_tqdm=False)
-        b = eager.generate(batch, params, use_tqdm=False)
-        assert [x.outputs[0].token_ids for x in a] == [y.outputs[0].token_ids for y in b]
+    _assert_graphs_equal_eager(_tiny_moe(tmp_path, family), 8, random.Random(0), (5, 17, 40, 3, 90),
+                               batches=[slice(None), slice(2, 3)])
