@@ -53,11 +53,6 @@ class OnboardOptions:
     model_impl: str = "auto"  # auto | dockyard | transformers (dockyard.model_impl)
     trust_remote_code: bool = False  # run the modeling code the config's auto_map names
 
-    @property
-    def impl_kwargs(self) -> dict[str, Any]:
-        """The ``LLM`` / ``resolve_model`` arguments that choose the implementation."""
-        return {"model_impl": self.model_impl, "trust_remote_code": self.trust_remote_code}
-
     def validate(self) -> None:
         if self.weights not in WEIGHTS_CHOICES:
             raise DockyardError(f"--weights {self.weights!r} is not one of {', '.join(WEIGHTS_CHOICES)}")
@@ -205,8 +200,9 @@ class GateContext:
 
     @property
     def impl_kwargs(self) -> dict[str, Any]:
-        """``LLM``'s implementation keywords for the engines the gates start: the path inspect chose on the full
-        config (a reduced copy is never re-decided: its trimmed or default-filled keys would read as new)."""
+        """``LLM``'s / ``resolve_model``'s implementation keywords: the options' until inspect validated the spec,
+        then the path inspect chose on the full config (a reduced copy is never re-decided: its trimmed or
+        default-filled keys would read as new)."""
         impl = self.spec.model_impl if self.spec is not None else self.options.model_impl
         return {"model_impl": impl, "trust_remote_code": self.options.trust_remote_code}
 

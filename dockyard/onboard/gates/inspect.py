@@ -36,7 +36,7 @@ def run(ctx: GateContext) -> Outcome:
     spec_error = None
     try:
         ctx.source = resolve_model(ctx.options.model, "dummy" if ctx.options.weights == "dummy" else "auto",
-                                   **ctx.options.impl_kwargs)
+                                   **ctx.impl_kwargs)
     except DockyardError as exc:
         spec_error = str(exc)
         logger.info("spec does not validate: %s", exc)
