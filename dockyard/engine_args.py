@@ -262,8 +262,8 @@ class EngineArgs:
 MODEL_SOURCE_FIELDS = ("revision", "download_dir", "tokenizer", "generation_config", "model_impl", "trust_remote_code")
 
 
-def model_source_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """``resolve_model``'s keywords from a command line with :data:`MODEL_SOURCE_FIELDS`' flags."""
+def model_source_kwargs(args: argparse.Namespace | EngineArgs) -> dict[str, Any]:
+    """``resolve_model``'s keywords from a command line with :data:`MODEL_SOURCE_FIELDS`' flags (or EngineArgs)."""
     return {name: getattr(args, name) for name in MODEL_SOURCE_FIELDS}
 
 

@@ -350,3 +350,21 @@ def test_serve_refuses_bad_log_and_metrics_settings_before_loading(monkeypatch, 
     monkeypatch.setenv("DOCKYARD_LOG_STATS_INTERVAL", "soon")
     assert main(["serve", "--port", "0"]) == 2
     assert "DOCKYARD_LOG_STATS_INTERVAL='soon' must be a number of seconds > 0" in capsys.readouterr().err
+
+
+def test_tensor_parallel_ranks_load_the_same_revision(hub_env):
+    """The other ranks resolve the repo id with rank 0's engine arguments: at another revision (1 layer instead
+    of main's 2) TP=2 still equals transformers' greedy continuation of that revision's model."""
+    from dockyard import LLM
+
+    with torch.no_grad():
+        ref = _model(1).generate(torch.tensor([PROMPT_IDS]), max_new_tokens=6, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)[0, len(PROMPT_IDS):].tolist()
+    llm = LLM(REPO, revision=COMMIT_OLD, device="cpu", dtype="float32", num_kv_blocks=16, tensor_parallel_size=2,
+              generation_config="vllm")
+    try:
+        out = llm.generate([PROMPT_IDS], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
+                           use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert out[0].outputs[0].token_ids == ref

@@ -26,7 +26,7 @@ from dockyard.engine.memory_check import check_memory_fits
 from dockyard.engine.outputs import RequestOutput
 from dockyard.engine.sampling_params import SamplingParams
 from dockyard.engine.threads import configure_threads
-from dockyard.engine_args import EngineArgs
+from dockyard.engine_args import EngineArgs, model_source_kwargs
 from dockyard.errors import ConfigError, DockyardError, InvalidRequestError
 from dockyard.memory import plan_memory
 from dockyard.model_loader import load_model, resolve_device, resolve_dtype
@@ -81,10 +81,7 @@ class LLM:
         self.engine_args = args
         self._executor: Executor | None = None
         tensor_parallel_size = args.tensor_parallel_size
-        self.source: ModelSource = resolve_model(model, args.load_format, revision=args.revision,
-                                                 download_dir=args.download_dir, tokenizer=args.tokenizer,
-                                                 generation_config=args.generation_config,
-                                                 model_impl=args.model_impl, trust_remote_code=args.trust_remote_code)
+        self.source: ModelSource = resolve_model(model, args.load_format, **model_source_kwargs(args))
         if self.source.generation.sampling:
             logger.info("%s", self.source.generation.describe())
         spec = self.source.spec
@@ -120,12 +117,8 @@ class LLM:
         )
         if not args.skip_memory_check:  # before any worker starts or any weight is allocated
             check_memory_fits(spec, self.dtype, self.device, config, tensor_parallel_size)
-        if tensor_parallel_size > 1:  # the workers load the snapshot found here, whatever the revision
-            worker_model = self.source.path if self.source.repo_id else model
-            self._executor = Executor.start(worker_model, load_format=args.load_format, dtype=args.dtype,
-                                            device_type=self.device.type, seed=args.seed,
-                                            tensor_parallel_size=tensor_parallel_size,
-                                            expert_parallel=args.enable_expert_parallel)
+        if tensor_parallel_size > 1:  # the workers take the same arguments, and resolve the model the same way
+            self._executor = Executor.start(args, self.device.type, tensor_parallel_size)
             self.device = self._executor.device
             # The finalizer must not hold the LLM itself: it stops the workers when the LLM is collected.
             self._finalizer = weakref.finalize(self, self._executor.shutdown)
