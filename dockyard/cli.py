@@ -7,20 +7,21 @@ cause print one clear line and exit with status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from dockyard.bench import add_bench_parser, cmd_bench
+from dockyard.bench import add_bench_parser
+from dockyard.commands.features import print_features, read_features
 from dockyard.engine_args import MODEL_SOURCE_FIELDS, EngineArgs, add_vllm_refusals, field_help, model_source_kwargs
 from dockyard.errors import DockyardError
-from dockyard.eval.cli import add_eval_parser, cmd_eval
-from dockyard.onboard.cli import add_onboard_parser, cmd_onboard
-from dockyard.server.cli import add_serve_parser, cmd_serve
-
-GiB = 1024**3
+from dockyard.eval.cli import add_eval_parser
+from dockyard.model_path import check_model_path
+from dockyard.model_source import resolve_model
+from dockyard.onboard.cli import add_onboard_parser
+from dockyard.server.cli import add_serve_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,143 +68,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from dockyard import LLM, SamplingParams  # the CLI starts without torch: a command's modules load when it runs
-
-    params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        min_p=args.min_p, stop=args.stop,
-    )
-    engine_args = EngineArgs.from_cli_args(args)
-    if sys.stderr.isatty():  # a person is waiting: say what the next seconds go to (the weights get a bar)
-        print(f"dockyard generate: loading {engine_args.model or 'the bundled SmolLM2-135M-Instruct'} ...",
-              file=sys.stderr)
-    llm = LLM(engine_args.model, **engine_args.to_kwargs())
-    if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        messages.append({"role": "user", "content": args.prompt})
-        out = llm.chat(messages, params, use_tqdm=False)
-    else:
-        out = llm.generate([args.prompt], params, use_tqdm=False)
-    sys.stdout.write(out[0].outputs[0].text + "\n")
-    return 0
+# Each command's entry (module:function), imported when that command runs: building the parser and refusing bad
+# arguments never loads torch, the engine or FastAPI (dockyard/commands/).
+COMMANDS = {"generate": "dockyard.commands.generate:run", "inspect": "dockyard.commands.inspect:run",
+            "models": "dockyard.commands.models:run", "serve": "dockyard.server.app:serve",
+            "onboard": "dockyard.commands.onboard:run", "eval": "dockyard.commands.eval:run",
+            "bench": "dockyard.bench:cmd_bench"}
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
-    # the CLI starts without torch: a command's modules load when it runs
-    from dockyard.model_source import resolve_model
-    from dockyard.onboard.config_features import detect_features, nearest_family, unrecognised_keys
-    from dockyard.onboard.context import read_raw_model
-
-    config = read_raw_model(args.model, args.revision, args.download_dir).config
-    features = detect_features(config)
-    near = nearest_family(features, str(config.get("model_type") or ""))
-    unknown = unrecognised_keys(config)
-    try:
-        # metadata only; an absurd config is refused before the engine is imported
-        source = resolve_model(args.model, **model_source_kwargs(args))
-        # the CLI starts without torch: a command's modules load when it runs
-        from dockyard.onboard.machine import detect_machine
-        from dockyard.run_plan import RunTarget, plan_for_run
-
-        spec = source.spec
-        machine = detect_machine("auto", args.device_memory)
-        target = RunTarget.for_machine(machine.device, args.device_memory is not None)
-        plan, fp8_why = plan_for_run(source, target, args.dtype, max_num_batched_tokens=args.max_num_batched_tokens)
-    except DockyardError:
-        if not args.json:  # what the config asks for, before the one-line error
-            _print_features(features, near, unknown)
-        raise
-    fit = None
-    if args.device_memory is not None:
-        device_bytes = int(args.device_memory * GiB)
-        kv_tokens = plan.kv_tokens_that_fit(device_bytes)
-        fit = {"device_bytes": device_bytes, "fits": kv_tokens > 0, "kv_tokens": kv_tokens,
-               "max_len_fits": kv_tokens >= spec.max_model_len}
-    if args.json:
-        json.dump({"source": {"kind": source.kind, "path": str(source.path)}, "spec": spec.to_dict(),
-                   "target": {"device": target.device_type, "present": target.present, "fp8_path": fp8_why},
-                   "memory_plan": plan.to_dict(), "fit": fit, "features": [f.to_dict() for f in features],
-                   "nearest_family": near.to_dict() if near else None, "unrecognised_keys": unknown,
-                   "path": {"impl": spec.model_impl, "reason": source.impl_reason}},
-                  sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        return 0
-    print(f"model        {source.name}  ({source.kind}: {source.path})")
-    print(f"architecture {spec.architecture}  (model_type {spec.model_type})")
-    print(f"path         {spec.model_impl}: {source.impl_reason}")
-    print(f"layers {spec.num_hidden_layers}  hidden {spec.hidden_size}  intermediate {spec.intermediate_size}  "
-          f"vocab {spec.vocab_size}")
-    if spec.model_impl == "transformers":  # the spec holds sizes only: activation, rope, ... are HF's business
-        print(f"heads q {spec.num_attention_heads} / kv {spec.num_key_value_heads}  head_dim {spec.head_dim}  "
-              f"max positions {spec.max_position_embeddings}  (activation, rope, norms: transformers' class)")
-    else:
-        print(f"heads q {spec.num_attention_heads} / kv {spec.num_key_value_heads}  head_dim {spec.head_dim}  "
-              f"act {spec.hidden_act}  tied embeddings {spec.tie_word_embeddings}")
-        rope = spec.rope
-        window = f"  sliding window {spec.sliding_window}" if spec.sliding_window else ""
-        print(f"rope {rope.rope_type}  theta {rope.theta:g}  factor {rope.factor:g}  "
-              f"max positions {spec.max_position_embeddings}{window}")
-    where = "this machine's " + target.device_type if target.present else "a GPU of the given size"
-    print(f"\nmemory plan ({plan.dtype} on {where})")
-    active = (f"  ({plan.active_parameters:,} active per token)"
-              if plan.active_parameters != plan.num_parameters else "")
-    print(f"  parameters        {plan.num_parameters:,}{active}")
-    print(f"  checkpoint        {plan.checkpoint_bytes / GiB:.3f} GiB  ({plan.checkpoint_bytes:,} bytes; "
-          f"from {plan.checkpoint_source})")
-    print(f"  weights in memory {plan.weight_bytes / GiB:.3f} GiB  ({plan.weight_bytes:,} bytes; {plan.weight_format})")
-    max_len = spec.max_model_len
-    print(f"  KV cache / token  {plan.kv_bytes_per_token:,} bytes  "
-          f"({plan.kv_bytes_per_token * max_len / GiB:.2f} GiB at max length {max_len})")
-    if plan.sliding_layers:
-        print(f"  KV needed         {plan.kv_bytes_needed(max_len) / GiB:.2f} GiB at max length {max_len}: "
-              f"{plan.sliding_layers} of {plan.num_layers} layers keep a {plan.sliding_window}-token window "
-              "(the engine allocates the whole context for every layer today)")
-    print(f"  activation peak   {plan.activation_peak_bytes / GiB:.3f} GiB  "
-          f"(at {plan.max_num_batched_tokens} batched tokens)")
-    print(f"  overhead          {plan.overhead_bytes / GiB:.3f} GiB")
-    if fit is not None:
-        verdict = "fits" if fit["fits"] else "does NOT fit"
-        print(f"\non {args.device_memory:g} GiB: {verdict}; room for {fit['kv_tokens']:,} KV tokens")
-    print()
-    _print_features(features, near, unknown)
-    return 0
+def precheck(args: argparse.Namespace) -> None:
+    """What a command refuses before its module, and torch, load: ``onboard`` a MODEL path that does not exist
+    (no report folder is made), ``inspect`` an absurd or broken config (read as metadata only)."""
+    if args.command == "onboard":
+        check_model_path(args.model)
+    elif args.command == "inspect":
+        found = read_features(args)
+        try:
+            resolve_model(args.model, **model_source_kwargs(args))
+        except DockyardError:
+            if not args.json:  # what the config asks for, before the one-line error
+                print_features(found)
+            raise
 
 
-def _print_features(features: list, near: object, unknown: list[str]) -> None:
-    """The architectural features the config asks for, the closest registered family and the keys nobody reads."""
-    print("features     " + ", ".join(f.key for f in features if f.kind == "arch"))
-    if near is not None:
-        missing = ", ".join(f.label for f in near.missing) or "none"
-        print(f"family       {near.family} ({', '.join(near.architectures)}): {len(near.covered)} features covered; "
-              f"missing: {missing}")
-    note = "  (no native family verdict: dockyard cannot tell what they do)" if unknown else ""
-    print("unrecognised " + (", ".join(unknown) if unknown else "none") + note)
+def command_entry(command: str) -> Callable[[argparse.Namespace], int]:
+    """The function that carries out ``command`` (its module imported now)."""
+    module, _, function = COMMANDS[command].partition(":")
+    return getattr(importlib.import_module(module), function)
 
-
-def cmd_models(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    # the CLI starts without torch: a command's modules load when it runs
-    from dockyard.supported_models import catch_table, render
-
-    configs = [Path(c) for c in args.configs]
-    for c in configs:
-        if not c.is_dir():
-            raise DockyardError(f"--configs {c} is not a directory of <name>/config.json")
-    if args.catches and not configs:
-        raise DockyardError("--catches runs the mutation check on real configs: give --configs DIR")
-    page = catch_table(configs) if args.catches else render(configs)
-    if args.write:
-        Path(args.write).write_text(page)
-        print(f"wrote {args.write}", file=sys.stderr)
-    else:
-        sys.stdout.write(page)
-    return 0
-
-
-COMMANDS = {"generate": cmd_generate, "inspect": cmd_inspect, "serve": cmd_serve, "onboard": cmd_onboard,
-            "models": cmd_models, "eval": cmd_eval, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -212,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return COMMANDS[args.command](args)
+        precheck(args)
+        return command_entry(args.command)(args)
     except DockyardError as exc:
         print(f"dockyard {args.command}: error: {exc}", file=sys.stderr)
         return 2

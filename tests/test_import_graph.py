@@ -6,6 +6,9 @@ in a function is still a cycle: it only fails later, and in an order that depend
 names lazily (a ``_LAZY = {name: module}`` table in its ``__init__``, as ``dockyard`` and
 ``dockyard.onboard`` have) counts as an import of the module that defines it.
 
+A module-level ``COMMANDS = {"name": "dockyard.module:function"}`` table (the CLI loads a command's module
+when that command runs) counts as imports of the modules it names.
+
 Function-local imports of dockyard's own modules are allowed only to keep an optional dependency
 optional (or an entry point light), and each says so in a comment on its line or the line above.
 """
@@ -34,6 +37,16 @@ def _lazy_table(tree: ast.Module) -> dict[str, str]:
             return {k.value: v.value for k, v in zip(node.value.keys, node.value.values, strict=True)
                     if isinstance(k, ast.Constant) and isinstance(v, ast.Constant)}
     return {}
+
+
+def _command_table(tree: ast.Module) -> set[str]:
+    """The modules a ``COMMANDS = {"name": "dockyard.module:function"}`` literal names, if there is one."""
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "COMMANDS" for t in node.targets)
+                and isinstance(node.value, ast.Dict)):
+            return {v.value.partition(":")[0] for v in node.value.values
+                    if isinstance(v, ast.Constant) and isinstance(v.value, str) and ":" in v.value}
+    return set()
 
 
 def _type_checking_only(tree: ast.Module) -> set[int]:
@@ -88,6 +101,7 @@ def _graph() -> tuple[dict[str, set[str]], list[str]]:
     uncommented = []
     for name, (path, tree) in sources.items():
         lines = path.read_text().splitlines()
+        graph[name].update(_command_table(tree) & modules)
         for target, line, in_function in _imports(name, path, tree, modules, lazy):
             graph[name].add(target)
             if in_function and not _commented(lines, line):
@@ -188,3 +202,5 @@ def test_the_graph_sees_cycles_and_local_imports(tmp_path):
     lines = ["def f():", "    # Triton is an optional dependency", "    from dockyard.ops import triton_a",
              "    from dockyard.ops import triton_b", "", "    from dockyard.ops import triton_c"]
     assert [_commented(lines, n) for n in (3, 4, 6)] == [True, True, False]
+    table = ast.parse('COMMANDS = {"run": "dockyard.engine.llm:main", "other": "dockyard.spec:f"}\n')
+    assert _command_table(table) == {"dockyard.engine.llm", "dockyard.spec"}

@@ -7,11 +7,8 @@ imported when the command runs.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 from dockyard.engine_args import EngineArgs, field_help
-from dockyard.model_path import check_model_path
 from dockyard.onboard.context import EXIT_CODES, GATE_NAMES
 
 
@@ -47,28 +44,3 @@ def add_onboard_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     return p
 
 
-def cmd_onboard(args: argparse.Namespace) -> int:
-    """Run the gates; print progress on stderr and the summary table; return the exit status."""
-    check_model_path(args.model)  # before torch is imported: a mistyped path fails at once, no report folder
-    # the CLI starts without torch: a command's modules load when it runs
-    from dockyard.engine.threads import configure_threads
-    from dockyard.onboard import OnboardOptions, run_onboard, summary_table
-
-    configure_threads(args.num_threads)
-
-    options = OnboardOptions(
-        model=args.model, out=args.out, weights=args.weights, device=args.device,
-        device_memory_gib=args.device_memory, dtype=args.dtype, num_layers=args.num_layers,
-        dummy_memory_gib=args.dummy_memory,
-        skip=tuple(args.skip), compile_backend=args.compile_backend, model_impl=args.model_impl,
-        trust_remote_code=args.trust_remote_code,
-    )
-    run = run_onboard(options, progress=sys.stderr)
-    table = summary_table(run)
-    if args.json:
-        print(table, file=sys.stderr)
-        json.dump(run.report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(table)
-    return run.exit_code

@@ -35,7 +35,9 @@ from dockyard.onboard.context import (
     jsonable,
     read_raw_model,
 )
+from dockyard.onboard.gates import GATES
 from dockyard.onboard.machine import detect_machine
+from dockyard.onboard.report import build_report, write_artifacts, write_progress
 
 logger = logging.getLogger(__name__)
 
@@ -135,10 +137,6 @@ def run_onboard(options: OnboardOptions, progress: TextIO | None = None) -> Onbo
     """Run every gate for ``options.model``, write the artifacts, return the results and exit code.
 
     A MODEL path that does not exist raises ModelNotFoundError before any report folder is made."""
-    # the gates load torch and the engine: a mistyped MODEL path fails before that
-    from dockyard.onboard.gates import GATES
-    from dockyard.onboard.report import build_report, write_artifacts, write_progress
-
     options.validate()
     check_model_path(options.model)
     machine = detect_machine(options.device, options.device_memory_gib)

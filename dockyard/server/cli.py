@@ -62,8 +62,3 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return p
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the server until SIGINT/SIGTERM; the exit status (0 on a requested stop)."""
-    from dockyard.server.app import serve  # the CLI starts without torch: a command's modules load when it runs
-
-    return serve(args)
