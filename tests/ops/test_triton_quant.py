@@ -1,0 +1,132 @@
+"""The quantized-weight kernels (GEMV, GEMM, dequantizer) against independent references: GGUF blocks
+against ``gguf.quants.dequantize`` and int4 groups against the published formula computed in float64
+here, each then multiplied in float64. On a machine without CUDA they run in Triton's interpreter at
+small sizes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+from dockyard.ops.quant_format import Int4Weight
+from tests.helpers import import_kernels
+
+pytest.importorskip("triton")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+INTERPRET = DEVICE.type == "cpu"
+tq = import_kernels("dockyard.ops.triton_quant", INTERPRET)
+
+GGUF_TYPES = ["Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+# Byte offsets of the float16 super-block scales (d, and dmin where there is one) in llama.cpp's layouts.
+_KQUANT_HALVES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def gguf_rows(qtype: str, n: int, k: int, seed: int) -> np.ndarray:
+    """uint8 [n, bytes per row] of GGUF blocks: Q4_0/Q8_0 quantized by ``gguf`` itself; K-quants (which
+    ``gguf`` does not quantize) random bytes with finite float16 scales at their published offsets, so
+    every code, sub-block scale and min is exercised."""
+    rng = np.random.default_rng(seed)
+    qt = GGMLQuantizationType[qtype]
+    if qtype in _KQUANT_HALVES:
+        values, nbytes = GGML_QUANT_SIZES[qt]
+        raw = rng.integers(0, 256, (n, k // values, nbytes), dtype=np.uint8)
+        for offset in _KQUANT_HALVES[qtype]:
+            half = rng.uniform(1e-3, 1e-2, (n, k // values)).astype(np.float16)
+            raw[..., offset:offset + 2] = half.view(np.uint8).reshape(n, k // values, 2)
+        return raw.reshape(n, -1)
+    return gguf_quantize(rng.standard_normal((n, k)).astype(np.float32), qt)
+
+
+def gguf_operand(qtype: str, n: int, k: int, seed: int = 0) -> tuple[object, torch.Tensor]:
+    """(the kernels' operand on DEVICE, the float64 reference weight [n, k] from ``gguf``)."""
+    rows = gguf_rows(qtype, n, k, seed)
+    ref = torch.from_numpy(gguf_dequantize(rows, GGMLQuantizationType[qtype]).astype(np.float64)).reshape(n, k)
+    op = tq.QuantOperand(torch.from_numpy(rows).to(DEVICE), int(GGMLQuantizationType[qtype]), (n, k))
+    return op, ref
+
+
+def int4_weight(n: int, k: int, group: int, zeros: bool, act_order: bool, seed: int = 0) -> tuple[Int4Weight, torch.Tensor]:
+    """A random :class:`Int4Weight` and its float64 dense weight in input-feature order, written from the
+    format's definition (codes, (q - zero) * scale per group, stored column j multiplies feature perm[j])."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=gen)
+    groups = -(-k // group)
+    scales = (torch.rand(n, groups, generator=gen) * 0.02 + 0.001).to(torch.float16)
+    zero = torch.randint(0, 16, (n, groups), generator=gen) if zeros else torch.full((n, groups), 8)
+    padded = torch.nn.functional.pad(codes, (0, k % 2))
+    packed = (padded[:, 0::2] | (padded[:, 1::2] << 4)).to(torch.uint8)
+    perm = torch.randperm(k, generator=gen) if act_order else None
+    g = torch.arange(k) // group
+    stored = (codes.double() - zero.double()[:, g]) * scales.double()[:, g]
+    dense = torch.empty_like(stored)
+    dense[:, perm if perm is not None else torch.arange(k)] = stored
+    weight = Int4Weight(packed, scales, zero.to(torch.uint8) if zeros else None, group, k, perm)
+    return weight, dense
+
+
+def int4_operand(weight: Int4Weight) -> object:
+    return tq.QuantOperand(weight.packed.to(DEVICE), tq.INT4, (weight.out_features, weight.in_features),
+                           weight.scales.to(DEVICE), None if weight.zeros is None else weight.zeros.to(DEVICE),
+                           weight.group_size)
+
+
+def check_product(got: torch.Tensor, x: torch.Tensor, dense: torch.Tensor, dtype: torch.dtype) -> None:
+    want = x.double().cpu() @ dense.T
+    # float32 accumulation of the products; half-precision inputs add their roundings (x, tile, output).
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double().cpu(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("qtype", GGUF_TYPES)
+def test_gguf_kernels_equal_gguf_reference(qtype):
+    """Every byte of a row decoded as ``gguf`` decodes it (dequantizer exactly, in float32), and GEMV and
+    GEMM (ragged row tiles: 12 rows) equal the float64 product; two super-blocks of K-quants."""
+    op, ref = gguf_operand(qtype, 12, 512, seed=GGUF_TYPES.index(qtype))
+    torch.testing.assert_close(tq.dequantize(op, torch.float32).double().cpu(), ref, rtol=0, atol=0)
+    gen = torch.Generator().manual_seed(1)
+    x1, xm = torch.randn(1, 512, generator=gen).to(DEVICE), torch.randn(5, 512, generator=gen).to(DEVICE)
+    check_product(tq.quant_gemv(x1, op, config=(4, 128, 4)), x1, ref, torch.float32)
+    check_product(tq.quant_gemm(xm, op, config=(16, 16, 64, 4, 1)), xm, ref, torch.float32)
+
+
+@pytest.mark.parametrize(("group", "zeros", "act_order"), [(32, False, False), (64, True, False),
+                                                           (128, True, True), (128, False, True)])
+def test_int4_kernels_equal_float64(group, zeros, act_order):
+    """Group sizes 32/64/128, symmetric and with zero points, with an act-order permutation; K not a
+    multiple of the tiles (ragged last group) and N ragged; bias added."""
+    n, k = 10, 320
+    weight, dense = int4_weight(n, k, group, zeros, act_order, seed=group)
+    op = int4_operand(weight)
+    perm = None if weight.perm is None else weight.perm.to(DEVICE)
+    gen = torch.Generator().manual_seed(2)
+    bias = torch.randn(n, generator=gen).to(DEVICE)
+    x1, xm = torch.randn(1, k, generator=gen).to(DEVICE), torch.randn(3, k, generator=gen).to(DEVICE)
+    for x in (x1, xm):
+        y = tq.quant_linear(x, op, bias, perm)
+        check_product(y - bias, x, dense, torch.float32)
+
+
+def test_int4_half_precision_and_large_batch_path(monkeypatch):
+    """bfloat16 activations through all three paths (GEMV, GEMM, dequantize + F.linear)."""
+    weight, dense = int4_weight(16, 256, 64, True, False, seed=5)
+    op = int4_operand(weight)
+    monkeypatch.setattr(tq, "DEQUANTIZE_MIN_ROWS", 4)
+    gen = torch.Generator().manual_seed(3)
+    for m in (1, 3, 6):
+        x = torch.randn(m, 256, generator=gen).to(DEVICE, torch.bfloat16)
+        check_product(tq.quant_linear(x, op), x, dense, torch.bfloat16)
+
+
+def test_operand_refuses_what_no_kernel_reads():
+    with pytest.raises(ValueError, match="no kernel for weight format"):
+        tq.QuantOperand(torch.zeros(2, 20, dtype=torch.uint8), int(GGMLQuantizationType.Q4_1), (2, 32))
+    with pytest.raises(ValueError, match="whole number of 256-value blocks"):
+        tq.QuantOperand(torch.zeros(2, 144, dtype=torch.uint8), int(GGMLQuantizationType.Q4_K), (2, 128))
+    with pytest.raises(ValueError, match="uint8"):
+        tq.QuantOperand(torch.zeros(2, 18), int(GGMLQuantizationType.Q4_0), (2, 32))
