@@ -50,7 +50,8 @@ def gguf_operand(qtype: str, n: int, k: int, seed: int = 0) -> tuple[object, tor
     return op, ref
 
 
-def int4_weight(n: int, k: int, group: int, zeros: bool, act_order: bool, seed: int = 0) -> tuple[Int4Weight, torch.Tensor]:
+def int4_weight(n: int, k: int, group: int, zeros: bool, act_order: bool,
+                seed: int = 0) -> tuple[Int4Weight, torch.Tensor]:
     """A random :class:`Int4Weight` and its float64 dense weight in input-feature order, written from the
     format's definition (codes, (q - zero) * scale per group, stored column j multiplies feature perm[j])."""
     gen = torch.Generator().manual_seed(seed)
