@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
 import time
 import traceback
@@ -43,7 +42,7 @@ from torch import nn
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from ceilings import measure  # noqa: E402
-from fp8_matmul import CONFIG, L2_DEFEAT_BYTES, SHAPES, log, rel_rms, time_graph  # noqa: E402
+from fp8_matmul import CONFIG, L2_DEFEAT_BYTES, SHAPES, decode_rate, log, rel_rms, time_graph  # noqa: E402
 
 FORMATS = ("int4_g128_sym", "int4_g128_zeros", "int4_g32_zeros", "Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 MS = (1, 16, 64, 256, 1024)
@@ -218,25 +217,10 @@ def run_llm(label: str, fmt: str | None, prompt: list[int], ceilings: dict, eage
     ids = torch.tensor(prompt, device=llm.device)
     with torch.no_grad():
         logits = llm.model.compute_logits(llm.model(ids, torch.arange(len(prompt), device=llm.device))).float()
-    greedy = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
-    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    llm.generate([prompt], greedy, use_tqdm=False)
-    timings = {}
-    for key, params in (("t128", greedy), ("t1", one)):
-        runs = []
-        for _ in range(3):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            outputs = llm.generate([prompt], params, use_tqdm=False)
-            torch.cuda.synchronize()
-            runs.append(time.perf_counter() - t)
-        timings[key] = statistics.median(runs)
-        if key == "t128":
-            row["tokens"] = list(outputs[0].outputs[0].token_ids)
-    per_token = (timings["t128"] - timings["t1"]) / 127
+    row.update(decode_rate(llm, prompt))
+    per_token = row["decode_ms_per_token"] / 1e3
     roofline = ceilings["copy_bytes_per_s"] / row["step_bytes"]
-    row.update({"decode_ms_per_token": per_token * 1e3, "decode_tokens_per_s": 1 / per_token,
-                "roofline_tokens_per_s": roofline, "fraction_of_roofline": (1 / per_token) / roofline})
+    row.update({"roofline_tokens_per_s": roofline, "fraction_of_roofline": (1 / per_token) / roofline})
     log(f"    {label}: {row['decode_tokens_per_s']:.1f} tok/s, roofline {roofline:.1f}, graphs {row['cuda_graphs']}")
     if fmt is not None:
         from dockyard.ops.quant_linear import QuantLinear
