@@ -30,6 +30,9 @@ TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_si
         "vocab_size": 97, "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
         "tie_word_embeddings": False, "torch_dtype": "float32"}
 TOKENS = [5, 17, 3, 88, 41, 9, 60, 2]
+TINY_PROJECTIONS = [f"model.layers.{i}.{p}" for i in range(2) for p in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+    "mlp.down_proj")]
 
 
 def _model() -> torch.nn.Module:
@@ -152,3 +155,33 @@ def test_choose_quant_path(monkeypatch):
     monkeypatch.setenv(ql.QUANT_NATIVE_ENV, "maybe")
     with pytest.raises(WeightsError, match="not one of auto, 0, 1"):
         ql.choose_quant_path(cpu)
+
+
+def test_model_loader_keeps_what_the_source_can_yield_quantized(monkeypatch):
+    """``model_loader._keep_quantized``: the projections a GGUF source reports in a kernel block type become
+    GGUFLinear (forced on the CPU), an int4 source's become Int4Linear; without the override on a CPU, or
+    with ``DOCKYARD_QUANT_NATIVE=0``, nothing changes. The sources are stand-ins answering the loaders' API."""
+    from types import SimpleNamespace
+
+    from dockyard import model_loader
+
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+
+    class GGUFStandIn:
+        def kernel_quantized_weights(self, names):
+            return {n: "Q4_K" for n in names if n in (q_proj, "model.embed_tokens.weight")}
+
+    gguf_source = SimpleNamespace(kind="gguf", gguf=GGUFStandIn(), int4=None)
+    int4_source = SimpleNamespace(kind="safetensors", gguf=None, int4=object())
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(ql.QUANT_NATIVE_ENV, raising=False)
+    assert model_loader._keep_quantized(_model(), gguf_source, cpu, 1) == set()
+    monkeypatch.setenv(ql.QUANT_NATIVE_ENV, "1")
+    model = _model()
+    assert model_loader._keep_quantized(model, gguf_source, cpu, 1) == {q_proj}
+    assert isinstance(model.get_submodule(q_proj[: -len(".weight")]), ql.GGUFLinear)
+    model = _model()
+    assert len(model_loader._keep_quantized(model, int4_source, cpu, 1)) == 14
+    assert all(isinstance(model.get_submodule(n), ql.Int4Linear) for n in TINY_PROJECTIONS)
+    monkeypatch.setenv(ql.QUANT_NATIVE_ENV, "0")
+    assert model_loader._keep_quantized(_model(), int4_source, cpu, 1) == set()
