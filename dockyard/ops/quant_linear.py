@@ -1,16 +1,17 @@
 """Linear layers whose weights stay quantized in memory: GGUF blocks (:class:`GGUFLinear`) and int4 groups
 (:class:`Int4Linear`), multiplied by the Triton kernels of :mod:`dockyard.ops.triton_quant`.
 
-Which path a quantized checkpoint takes (:func:`choose_quant_path`): on a CUDA GPU with Triton, in one
-process, the projections of attention and dense MLPs (the model's ``fp8_linear_names()``: Linears that are
-only ever called) become these modules before loading (:func:`convert_to_quant_linears`); the loaders yield
-those weights as :class:`~dockyard.ops.quant_format.GGUFBlocks` / :class:`~dockyard.ops.quant_format.Int4Weight`
-and :func:`dockyard.weights.loader.load_weights` hands them to :meth:`QuantLinear.load_quantized`. Everywhere
-else (CPU, tensor parallelism) the checkpoint is dequantized on load, as before: the CPU has no kernel that
-would beat a float matmul on the dequantized weight, and reading the weight is not its bottleneck.
-``DOCKYARD_QUANT_NATIVE=0`` forces dequantize-on-load, ``=1`` demands the quantized path (an error where it
-cannot run; on a CPU it is allowed, and the modules compute with PyTorch on the weight dequantized per
-call — the reference math, for tests).
+Which path a quantized checkpoint takes (:func:`choose_quant_path`): with ``DOCKYARD_QUANT_NATIVE=1``, on a
+CUDA GPU with Triton, in one process, the projections of attention and dense MLPs (the model's
+``fp8_linear_names()``: Linears that are only ever called) become these modules before loading
+(:func:`convert_to_quant_linears`); the loaders yield those weights as
+:class:`~dockyard.ops.quant_format.GGUFBlocks` / :class:`~dockyard.ops.quant_format.Int4Weight` and
+:func:`dockyard.weights.loader.load_weights` hands them to :meth:`QuantLinear.load_quantized` (an error where
+it cannot run; on a CPU it is allowed, and the modules compute with PyTorch on the weight dequantized per
+call — the reference math, for tests). By default (and with ``=0``) the checkpoint is dequantized on load, as
+before: on the GPU the kernels are correct but slower than bf16 matmuls on the dequantized weights
+(benchmarks/RESULTS.md), so the quantized path is for models that do not fit otherwise; on the CPU reading
+the weight is not the bottleneck.
 
 A converted module whose checkpoint tensor turns out unquantized (a GGUF file mixes F16/F32 tensors in)
 or quantized in a block type the kernels do not read (Q4_1, Q2_K, ...) keeps that weight dense in the model
@@ -223,32 +224,35 @@ def concat_quant_linears(linears: list[nn.Module]) -> QuantLinear | None:
 def choose_quant_path(device: torch.device, tp_size: int = 1, assume_gpu: bool = False) -> tuple[bool, str]:
     """(quantized, why): whether a quantized checkpoint's projections stay quantized on ``device``.
 
-    ``DOCKYARD_QUANT_NATIVE``: ``auto`` (default) keeps them quantized on a CUDA device with Triton, without
-    tensor parallelism; ``0`` always dequantizes on load; ``1`` asks for the quantized path and raises a
-    WeightsError where it cannot be had, except that on a CPU it is allowed (PyTorch reference math, for
-    tests). ``assume_gpu``: plan for a CUDA GPU that is not on this machine (the device is not probed)."""
+    ``DOCKYARD_QUANT_NATIVE``: ``auto`` (default) and ``0`` dequantize on load — the kernels are correct but
+    still slower than bf16 matmuls on the dequantized weights (benchmarks/RESULTS.md), so keeping weights
+    quantized only pays where memory is short; ``1`` keeps them quantized on a CUDA device with Triton,
+    without tensor parallelism, and raises a WeightsError where that cannot be had, except that on a CPU it
+    is allowed (PyTorch reference math, for tests). ``assume_gpu``: plan for a CUDA GPU that is not on this
+    machine, taken to have Triton (the device is not probed)."""
     setting = os.environ.get(QUANT_NATIVE_ENV, "auto").strip().lower()
     if setting in ("0", "off", "false", "no"):
         return False, f"{QUANT_NATIVE_ENV}={setting}"
-    if setting not in ("auto", "", "1", "on", "true", "yes"):
+    if setting in ("auto", ""):
+        return False, (f"the quantized-weight kernels are slower than bf16 matmuls for now; {QUANT_NATIVE_ENV}=1 "
+                       "keeps the weights quantized (less memory)")
+    if setting not in ("1", "on", "true", "yes"):
         raise WeightsError(f"{QUANT_NATIVE_ENV}={setting!r} is not one of auto, 0, 1")
-    forced = setting not in ("auto", "")
     why_not = None
     if tp_size > 1:
         why_not = f"tensor parallelism (tensor_parallel_size={tp_size}) keeps dequantize-on-load for now"
     elif assume_gpu:
-        return True, "quantized-weight kernels, assuming a CUDA GPU with Triton"
+        return True, f"quantized-weight kernels ({QUANT_NATIVE_ENV}={setting}), assuming a CUDA GPU with Triton"
+    elif device.type == "cpu":
+        return True, f"forced by {QUANT_NATIVE_ENV}={setting} (PyTorch reference math on the CPU)"
     elif device.type != "cuda":
-        why_not = None if forced and device.type == "cpu" else f"device {device} is not a CUDA GPU"
+        why_not = f"device {device} is not a CUDA GPU"
     elif not triton_installed():
         why_not = "Triton is not installed"
     if why_not is None:
-        return True, (f"forced by {QUANT_NATIVE_ENV}={setting} (PyTorch reference math on the CPU)"
-                      if device.type == "cpu" else f"quantized-weight kernels on {device}")
-    if forced:
-        raise WeightsError(f"{QUANT_NATIVE_ENV}={setting} asks to keep weights quantized, but {why_not}; unset it "
-                           f"(or set {QUANT_NATIVE_ENV}=0) to dequantize the checkpoint on load")
-    return False, why_not
+        return True, f"quantized-weight kernels on {device} ({QUANT_NATIVE_ENV}={setting})"
+    raise WeightsError(f"{QUANT_NATIVE_ENV}={setting} asks to keep weights quantized, but {why_not}; unset it "
+                       f"(or set {QUANT_NATIVE_ENV}=0) to dequantize the checkpoint on load")
 
 
 def convert_to_quant_linears(model: nn.Module, weights: set[str], cls: type[QuantLinear]) -> set[str]:

@@ -232,8 +232,9 @@ class QuantOperand:
 # GEMM: starting points, `benchmarks/quant_matmul.py` times alternatives.
 GEMV_CONFIG = (4, 256, 4)
 GEMM_CONFIG = (16, 64, 64, 4, 3)
-# From this many rows on, :func:`quant_linear` dequantizes the weight and calls cuBLAS.
-DEQUANTIZE_MIN_ROWS = 128
+# From this many rows on, :func:`quant_linear` dequantizes the weight and calls cuBLAS: on an H200 that beat
+# the fused GEMM at every M >= 16 measured except Q4_K / Q5_K at M 16 (benchmarks/RESULTS.md).
+DEQUANTIZE_MIN_ROWS = 2
 
 
 def quant_gemv(x: torch.Tensor, w: QuantOperand, bias: torch.Tensor | None = None,
@@ -285,8 +286,8 @@ def dequantize(w: QuantOperand, dtype: torch.dtype) -> torch.Tensor:
 def quant_linear(x: torch.Tensor, w: QuantOperand, bias: torch.Tensor | None = None,
                  perm: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` [..., K] times the quantized weight (stored columns multiply ``x[..., perm]``) plus ``bias``:
-    one row → :func:`quant_gemv`; fewer than :data:`DEQUANTIZE_MIN_ROWS` → :func:`quant_gemm`; more → the
-    weight dequantized (:func:`dequantize`) and ``F.linear``. The output has x's dtype."""
+    one row → :func:`quant_gemv`; fewer than :data:`DEQUANTIZE_MIN_ROWS` → :func:`quant_gemm`; from there
+    the weight dequantized (:func:`dequantize`) and ``F.linear``. The output has x's dtype."""
     x2 = x.reshape(-1, x.shape[-1])
     if perm is not None:
         x2 = x2.index_select(1, perm)

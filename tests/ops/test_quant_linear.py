@@ -141,15 +141,19 @@ def test_unconverted_and_dense_weights():
 
 
 def test_choose_quant_path(monkeypatch):
+    """Default and 0: dequantize on load (the kernels are slower than bf16 for now); 1: quantized where the
+    kernels run (or the CPU's reference math), else an error naming why."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv(ql.QUANT_NATIVE_ENV, raising=False)
-    assert ql.choose_quant_path(cpu) == (False, "device cpu is not a CUDA GPU")
-    assert ql.choose_quant_path(cuda, assume_gpu=True)[0]
-    assert not ql.choose_quant_path(cuda, tp_size=2)[0]
+    assert not ql.choose_quant_path(cpu)[0]
+    assert not ql.choose_quant_path(cuda, assume_gpu=True)[0]
     monkeypatch.setenv(ql.QUANT_NATIVE_ENV, "1")
     assert ql.choose_quant_path(cpu)[0]
+    assert ql.choose_quant_path(cuda, assume_gpu=True)[0]
     with pytest.raises(WeightsError, match="tensor parallelism"):
         ql.choose_quant_path(cuda, tp_size=2)
+    with pytest.raises(WeightsError, match="not a CUDA GPU"):
+        ql.choose_quant_path(torch.device("meta"))
     monkeypatch.setenv(ql.QUANT_NATIVE_ENV, "0")
     assert not ql.choose_quant_path(cuda, assume_gpu=True)[0]
     monkeypatch.setenv(ql.QUANT_NATIVE_ENV, "maybe")

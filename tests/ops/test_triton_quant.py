@@ -71,13 +71,15 @@ def test_int4_kernels_equal_float64(group, zeros, act_order):
     for x in (x1, xm):
         y = tq.quant_linear(x, op, bias, perm)
         check_product(y - bias, x, dense, torch.float32)
+    xs = xm if perm is None else xm[:, perm]  # the GEMM walks stored columns
+    check_product(tq.quant_gemm(xs.contiguous(), op, bias, config=(16, 16, 64, 4, 1)) - bias, xm, dense, torch.float32)
 
 
 def test_int4_half_precision_and_large_batch_path(monkeypatch):
     """bfloat16 activations through all three paths (GEMV, GEMM, dequantize + F.linear)."""
     weight, dense = int4_weight(16, 256, 64, True, False, seed=5)
     op = int4_operand(weight)
-    monkeypatch.setattr(tq, "DEQUANTIZE_MIN_ROWS", 4)
+    monkeypatch.setattr(tq, "DEQUANTIZE_MIN_ROWS", 4)  # 3 rows through the GEMM, 6 dequantized
     gen = torch.Generator().manual_seed(3)
     for m in (1, 3, 6):
         x = torch.randn(m, 256, generator=gen).to(DEVICE, torch.bfloat16)
