@@ -232,8 +232,9 @@ class QuantOperand:
 # GEMM: starting points, `benchmarks/quant_matmul.py` times alternatives.
 GEMV_CONFIG = (4, 256, 4)
 GEMM_CONFIG = (16, 64, 64, 4, 3)
-# From this many rows on, :func:`quant_linear` dequantizes the weight and calls cuBLAS: on an H200 that beat
-# the fused GEMM at every M >= 16 measured except Q4_K / Q5_K at M 16 (benchmarks/RESULTS.md).
+# From this many rows on, :func:`quant_linear` dequantizes the weight and calls cuBLAS: on an H200 that took
+# less time at M 64 than the fused GEMM at M 16 for every format and shape measured but Q4_K / Q5_K gate_up
+# (benchmarks/RESULTS.md), and its time hardly grows with M.
 DEQUANTIZE_MIN_ROWS = 2
 
 
