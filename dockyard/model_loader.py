@@ -136,18 +136,20 @@ def _keep_quantized(model: nn.Module, source: ModelSource, device: torch.device,
     whose checkpoint weights the kernels read into :class:`GGUFLinear` / :class:`Int4Linear` and return those
     weight names (the source yields them quantized); else nothing changes (dequantize on load).
     ``DOCKYARD_QUANT_NATIVE`` overrides the choice (``ops.quant_linear.choose_quant_path``)."""
-    candidates = {f"{name}.weight" for name in getattr(model, "fp8_linear_names", lambda: [])()}
     gguf = source.gguf if source.kind == "gguf" else None
     if gguf is not None and hasattr(gguf, "kernel_quantized_weights"):
-        names, cls, what = set(gguf.kernel_quantized_weights(candidates)) & candidates, GGUFLinear, "GGUF"
+        cls, what = GGUFLinear, "GGUF"
     elif getattr(source, "int4", None) is not None and source.kind == "safetensors":
-        names, cls, what = candidates, Int4Linear, "int4"  # the reader keeps those it holds as int4
+        cls, what = Int4Linear, "int4"
     else:
         return set()
     native, why = choose_quant_path(device, tp_size)
     if not native:
         logger.info("%s checkpoint: weights dequantized on load (%s)", what, why)
         return set()
+    candidates = {f"{name}.weight" for name in getattr(model, "fp8_linear_names", lambda: [])()}
+    # GGUF: those stored in a block type the kernels read; int4: all (the reader keeps those it holds as int4).
+    names = set(gguf.kernel_quantized_weights(candidates)) & candidates if gguf is not None else candidates
     converted = convert_to_quant_linears(model, names, cls)
     if device.type == "cuda":  # the replaced Linears' memory goes back to the device (the KV cache is sized from it)
         torch.cuda.empty_cache()
