@@ -216,8 +216,33 @@ def write_fp8_checkpoint(directory: Path, device: torch.device) -> dict:
     return {"seconds": time.perf_counter() - t0, "bytes": nbytes, "tensors": len(tensors)}
 
 
+def decode_rate(llm, prompt: list[int]) -> dict:  # noqa: ANN001 - dockyard.LLM
+    """Batch-1 greedy decode of 128 tokens after a warm-up (median of 3, the 1-token run subtracted):
+    {generate_128_s, generate_1_s, decode_ms_per_token, decode_tokens_per_s, tokens}."""
+    from dockyard import SamplingParams
+
+    greedy = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    llm.generate([prompt], greedy, use_tqdm=False)  # warm-up
+    timings, row = {}, {}
+    for key, params in (("t128", greedy), ("t1", one)):
+        runs = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = llm.generate([prompt], params, use_tqdm=False)
+            torch.cuda.synchronize()
+            runs.append(time.perf_counter() - t)
+        timings[key] = statistics.median(runs)
+        if key == "t128":
+            row["tokens"] = list(out[0].outputs[0].token_ids)
+    per_token = (timings["t128"] - timings["t1"]) / 127
+    return row | {"generate_128_s": timings["t128"], "generate_1_s": timings["t1"],
+                  "decode_ms_per_token": per_token * 1e3, "decode_tokens_per_s": 1 / per_token}
+
+
 def run_llm(model: str | Path, label: str, native: str, prompt: list[int], load_format: str = "auto") -> dict:
-    from dockyard import LLM, SamplingParams
+    from dockyard import LLM
     from dockyard.ops.fp8_linear import Fp8Linear, uses_native_fp8
 
     os.environ["DOCKYARD_FP8_NATIVE"] = native
@@ -235,24 +260,7 @@ def run_llm(model: str | Path, label: str, native: str, prompt: list[int], load_
     ids = torch.tensor(prompt, device=llm.device)
     with torch.no_grad():
         logits = llm.model.compute_logits(llm.model(ids, torch.arange(len(prompt), device=llm.device))).float().cpu()
-    greedy = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
-    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    llm.generate([prompt], greedy, use_tqdm=False)  # warm-up
-    timings = {}
-    for key, params in (("t128", greedy), ("t1", one)):
-        runs = []
-        for _ in range(3):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            out = llm.generate([prompt], params, use_tqdm=False)
-            torch.cuda.synchronize()
-            runs.append(time.perf_counter() - t)
-        timings[key] = statistics.median(runs)
-        if key == "t128":
-            row["tokens"] = list(out[0].outputs[0].token_ids)
-    per_token = (timings["t128"] - timings["t1"]) / 127
-    row.update({"generate_128_s": timings["t128"], "generate_1_s": timings["t1"],
-                "decode_ms_per_token": per_token * 1e3, "decode_tokens_per_s": 1 / per_token})
+    row.update(decode_rate(llm, prompt))
     log(f"    {label}: {row['decode_ms_per_token']:.2f} ms/token, graphs {row['cuda_graphs']}, "
         f"Fp8Linear modules {row['fp8_linear_modules']}")
     del llm, runner

@@ -8,7 +8,9 @@ tensor-parallel workers (ranks 1..N-1) and onboarding:
 2. with tensor parallelism, cut it in place to this rank's shard (:mod:`dockyard.distributed.sharding`)
    and read only this rank's slices of the checkpoint;
 3. for an FP8 checkpoint, choose between native FP8 matmuls and dequantizing on load
-   (:func:`dockyard.weights.fp8.choose_fp8_path`), then load the weights;
+   (:func:`dockyard.weights.fp8.choose_fp8_path`); for a GGUF or int4 checkpoint, between keeping the
+   projections' weights quantized and dequantizing on load (:func:`dockyard.ops.quant_linear.choose_quant_path`);
+   then load the weights;
 4. on CUDA, fuse projections and route single-row matmuls to the GEMV kernel.
 """
 
@@ -27,6 +29,7 @@ from dockyard.dtypes import RUN_DTYPES
 from dockyard.errors import DockyardError
 from dockyard.model_source import ModelSource
 from dockyard.ops.linear import use_gemv_for_single_rows
+from dockyard.ops.quant_linear import GGUFLinear, Int4Linear, choose_quant_path, convert_to_quant_linears
 from dockyard.registry import build_model
 from dockyard.weights.fp8 import checkpoint_fp8_weights, choose_fp8_path, convert_to_fp8_linears
 from dockyard.weights.loader import load_weights
@@ -97,8 +100,10 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, se
             weights = shard_weights(model, source.iter_weights(model, dtype, seed))
         report = load_weights(model, weights)
     else:
-        report = load_weights(model, source.iter_weights(model, dtype, seed, native_fp8=_native_fp8(
-            model, source, device, dtype, tp_size)))
+        native_fp8 = _native_fp8(model, source, device, dtype, tp_size)
+        keep = _keep_quantized(model, source, device, tp_size)
+        report = load_weights(model, source.iter_weights(model, dtype, seed, native_fp8=native_fp8,
+                                                         **({"keep_quantized": keep} if keep else {})))
     if device.type == "cuda" and hasattr(model, "fuse_projections"):
         model.fuse_projections()
     if device.type == "cuda":
@@ -123,4 +128,31 @@ def _native_fp8(model: nn.Module, source: ModelSource, device: torch.device, dty
         torch.cuda.empty_cache()
     logger.info("FP8 checkpoint: %d of %d FP8 weights kept FP8 for native matmuls (%s); the rest dequantized "
                 "on load to %s", len(converted), len(fp8_weights), why, dtype)
+    return converted
+
+
+def _keep_quantized(model: nn.Module, source: ModelSource, device: torch.device, tp_size: int) -> set[str]:
+    """For a GGUF or int4 checkpoint on a device with the quantized-weight kernels: turn the model's projections
+    whose checkpoint weights the kernels read into :class:`GGUFLinear` / :class:`Int4Linear` and return those
+    weight names (the source yields them quantized); else nothing changes (dequantize on load).
+    ``DOCKYARD_QUANT_NATIVE`` overrides the choice (``ops.quant_linear.choose_quant_path``)."""
+    gguf = source.gguf if source.kind == "gguf" else None
+    if gguf is not None and hasattr(gguf, "kernel_quantized_weights"):
+        cls, what = GGUFLinear, "GGUF"
+    elif getattr(source, "int4", None) is not None and source.kind == "safetensors":
+        cls, what = Int4Linear, "int4"
+    else:
+        return set()
+    native, why = choose_quant_path(device, tp_size)
+    if not native:
+        logger.info("%s checkpoint: weights dequantized on load (%s)", what, why)
+        return set()
+    candidates = {f"{name}.weight" for name in getattr(model, "fp8_linear_names", lambda: [])()}
+    # GGUF: those stored in a block type the kernels read; int4: all (the reader keeps those it holds as int4).
+    names = set(gguf.kernel_quantized_weights(candidates)) & candidates if gguf is not None else candidates
+    converted = convert_to_quant_linears(model, names, cls)
+    if device.type == "cuda":  # the replaced Linears' memory goes back to the device (the KV cache is sized from it)
+        torch.cuda.empty_cache()
+    logger.info("%s checkpoint: %d projection weights kept quantized (%s); the rest dequantized on load",
+                what, len(converted), why)
     return converted

@@ -23,6 +23,7 @@ from dockyard.ops.activation import act_and_mul
 from dockyard.ops.attention import Attention
 from dockyard.ops.fp8_linear import Fp8Linear, concat_fp8_linears
 from dockyard.ops.norm import RMSNorm
+from dockyard.ops.quant_linear import QuantLinear, concat_quant_linears
 from dockyard.ops.rotary import RotaryEmbedding, get_rope
 from dockyard.spec import ModelSpec, RopeSpec
 
@@ -48,7 +49,10 @@ def make_norm(spec: ModelSpec, size: int) -> RMSNorm:
 
 def _concat_linears(linears: list[nn.Module]) -> nn.Module | None:
     """One Linear whose output is the outputs of ``linears`` side by side; None where that is not exact
-    (FP8 parts whose scale blocks would straddle two of them, or a mix of FP8 and plain Linears)."""
+    (FP8 parts whose scale blocks would straddle two of them, quantized parts of different layouts, or a mix
+    of FP8 or quantized and plain Linears)."""
+    if any(isinstance(lin, QuantLinear) for lin in linears):
+        return concat_quant_linears(linears)
     if any(isinstance(lin, Fp8Linear) for lin in linears):
         if not all(isinstance(lin, Fp8Linear) for lin in linears):
             return None

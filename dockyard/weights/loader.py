@@ -6,6 +6,10 @@ parameter at its random initial value silently. A tensor of the wrong shape is n
 again as missing); an integer tensor where the model holds floating weights, and a weight with
 NaN or infinite values (one ``isfinite().all()`` per tensor as it is copied; off with
 ``check_finite=False`` or ``DOCKYARD_CHECK_FINITE=0``), are errors naming the tensor.
+
+Weights kept quantized (:class:`~dockyard.ops.quant_format.GGUFBlocks`, :class:`~dockyard.ops.quant_format.Int4Weight`)
+go to the :class:`~dockyard.ops.quant_linear.QuantLinear` they belong to (which also takes a dense tensor the
+checkpoint stored unquantized); where the model's module is a plain Linear they are dequantized on load.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import torch
 from torch import nn
 
 from dockyard.errors import WeightsError
+from dockyard.ops.quant_format import GGUFBlocks, Int4Weight
+from dockyard.ops.quant_linear import QuantLinear, dequantize_quantized
 
 # Buffers some checkpoints carry that are recomputed from the config, never loaded.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -65,9 +71,20 @@ def load_weights(
             report.ignored.append(ckpt_name)
             continue
         param = params.get(name)
+        quantized = isinstance(tensor, (GGUFBlocks, Int4Weight))
+        placeholder = param is not None and param.dtype == torch.uint8  # an empty QuantLinear weight
+        module = _quant_module(model, name) if quantized or placeholder else None
+        if module is not None:
+            module.load_quantized(tensor, ckpt_name)
+            filled.add(id(param))
+            report.loaded += 1
+            report.bytes_loaded += module.weight.numel() * module.weight.element_size()
+            continue
         if param is None:
             report.unexpected.append(ckpt_name)
             continue
+        if quantized:  # a module kept dense: dequantize on load
+            tensor = dequantize_quantized(tensor, param.dtype)
         if tuple(tensor.shape) != tuple(param.shape):
             mismatched.append(f"{ckpt_name}: checkpoint {tuple(tensor.shape)} vs model {tuple(param.shape)}")
             mismatched_params.add(id(param))
@@ -110,3 +127,14 @@ def load_weights(
             + "; check that config.json belongs to these weights"
         )
     return report
+
+
+def _quant_module(model: nn.Module, name: str) -> QuantLinear | None:
+    """The :class:`QuantLinear` whose ``weight`` parameter ``name`` is, or None."""
+    if not name.endswith(".weight"):
+        return None
+    try:
+        module = model.get_submodule(name[: -len(".weight")])
+    except AttributeError:
+        return None
+    return module if isinstance(module, QuantLinear) else None

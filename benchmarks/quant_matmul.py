@@ -1,0 +1,301 @@
+"""Quantized-weight matmuls (``dockyard/ops/triton_quant.py``): correctness and speed on one GPU.
+
+    PYTHONPATH=. python benchmarks/quant_matmul.py > quant_matmul.json     [--no-sweep] [--no-e2e]
+
+Needs a CUDA GPU with Triton (exit status 2 elsewhere). Progress on stderr, one JSON document on stdout.
+
+(a) ceilings measured in the same run: copy bandwidth and the bf16 matmul rate (``ceilings.measure``).
+(b) kernel vs reference at Llama-3.1-8B shapes (N, K): (6144, 4096) qkv, (4096, 4096) o, (28672, 4096)
+    gate_up, (4096, 14336) down, for int4 (group 128 symmetric, group 128 with zeros, group 32 with
+    zeros) and GGUF Q4_0, Q8_0, Q4_K, Q5_K, Q6_K: random codes (K-quant rows: random bytes with finite
+    scales), the reference weight dequantized by ``gguf.quants.dequantize`` / the int4 formula
+    (``quant_format.dequantize_int4``), the product in float64; relative rms error of GEMV (M 1), GEMM
+    (M 16) and dequantize + cuBLAS (M 256), bf16 activations and outputs.
+(c) timing, same shapes and formats: M 1 (GEMV), 16 and 64 (GEMM), 256 and 1024 (fused GEMM and
+    dequantize + cuBLAS), each against bf16 ``F.linear`` (cuBLAS) on a dense weight of the same shape, in
+    CUDA graphs over enough weight copies to exceed L2 (``fp8_matmul.time_graph``). GEMV: the quantized
+    bytes over the time, as a fraction of the copy bandwidth. Then a sweep of GEMV configurations.
+(d) end to end: ``LLM`` on ``benchmarks/configs/llama-3.1-8b.json`` with dummy weights: bf16, and the same
+    model with every projection (fused qkv, o, fused gate_up, down) replaced after loading by random int4
+    (group 128, symmetric) or Q4_K weights in :class:`Int4Linear` / :class:`GGUFLinear` (CUDA graphs
+    captured after the swap). Batch-1 greedy decode of 128 tokens (median of 3, prefill subtracted),
+    bytes read per step (every parameter but the input embedding, plus the int4 scales) over the copy bandwidth as
+    the roofline; prefill logits of the quantized path against the same weights dequantized into a bf16
+    model (the dequantize-on-load path); graph vs eager tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+import traceback
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+from torch import nn
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from ceilings import measure  # noqa: E402
+from fp8_matmul import CONFIG, L2_DEFEAT_BYTES, SHAPES, decode_rate, log, rel_rms, time_graph  # noqa: E402
+
+FORMATS = ("int4_g128_sym", "int4_g128_zeros", "int4_g32_zeros", "Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+MS = (1, 16, 64, 256, 1024)
+GEMV_SWEEP = [(1, 512, 4), (2, 256, 4), (2, 512, 4), (4, 512, 8), (8, 256, 4), (8, 256, 8), (16, 256, 8)]
+
+
+def random_weight(fmt: str, n: int, k: int, device: torch.device, gen: torch.Generator) -> dict:
+    """Random quantized weight of ``fmt`` on ``device``: {'operand', 'int4'|'blocks', 'nbytes'}."""
+    from dockyard.ops import triton_quant as tq
+    from dockyard.ops.quant_format import GGUFBlocks, Int4Weight
+
+    if fmt.startswith("int4"):
+        group = int(fmt.split("_")[1][1:])
+        packed = torch.randint(0, 256, (n, k // 2), generator=gen, device=device, dtype=torch.uint8)
+        scales = (torch.rand(n, k // group, generator=gen, device=device) * 0.02 / k ** 0.5).half()
+        zeros = (torch.randint(0, 16, (n, k // group), generator=gen, device=device, dtype=torch.uint8)
+                 if fmt.endswith("zeros") else None)
+        weight = Int4Weight(packed, scales, zeros, group, k)
+        op = tq.QuantOperand(packed, tq.INT4, (n, k), scales, zeros, group)
+        return {"operand": op, "int4": weight, "nbytes": weight.nbytes()}
+    qt = GGMLQuantizationType[fmt]
+    values, nbytes = GGML_QUANT_SIZES[qt]
+    raw = torch.randint(0, 256, (n, k // values, nbytes), generator=gen, device=device, dtype=torch.uint8)
+    scale = (torch.rand(n, k // values, generator=gen, device=device) * 1e-3 / k ** 0.5 + 1e-6).half()
+    halves = {"Q4_0": (0,), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}[fmt]
+    for offset in halves:  # finite float16 scales (d, dmin) at the published offsets
+        raw[..., offset:offset + 2] = scale.view(torch.uint8).view(n, k // values, 2)
+    data = raw.view(n, -1)
+    return {"operand": tq.QuantOperand(data, int(qt), (n, k)), "blocks": GGUFBlocks(data, int(qt), (n, k)),
+            "nbytes": data.numel()}
+
+
+def reference_weight(w: dict) -> torch.Tensor:
+    """float64 [N, K] by the independent references (gguf's numpy dequantizer, the int4 formula)."""
+    from dockyard.ops.quant_format import dequantize_int4
+
+    if "int4" in w:
+        return dequantize_int4(w["int4"], torch.float32).double()
+    b = w["blocks"]
+    values = gguf_dequantize(b.data.cpu().numpy(), GGMLQuantizationType(b.qtype)).astype(np.float64)
+    return torch.from_numpy(values.reshape(b.shape)).to(b.data.device)
+
+
+def time_each(call, items: list) -> float:
+    """Microseconds per ``call(item)``, all items in one CUDA graph (weights from HBM, not L2)."""
+    return 1e3 * time_graph(lambda: [call(item) for item in items], len(items))
+
+
+def kernels(device: torch.device, ceilings: dict, sweep: bool) -> dict:
+    from dockyard.ops import triton_quant as tq
+
+    out: dict = {"correctness": [], "timing": [], "sweep": []}
+    copy_bw = ceilings["copy_bytes_per_s"]
+    gen = torch.Generator(device=device).manual_seed(0)
+    for shape_name, (n, k) in SHAPES.items():
+        dense = (torch.randn(n, k, generator=gen, device=device) * k ** -0.5).bfloat16()
+        copies_dense = [dense.clone() for _ in range(max(2, -(-L2_DEFEAT_BYTES // dense.nbytes)))]
+        for fmt in FORMATS:
+            log(f"(b/c) {shape_name} {fmt}")
+            w = random_weight(fmt, n, k, device, gen)
+            if shape_name in ("o", "down"):
+                ref = reference_weight(w)
+                for m, path in ((1, "gemv"), (16, "gemm"), (256, "dequantize+cublas")):
+                    x = torch.randn(m, k, generator=gen, device=device).bfloat16()
+                    got = tq.quant_linear(x, w["operand"])
+                    want = x.double() @ ref.T
+                    out["correctness"].append({"shape": shape_name, "format": fmt, "M": m, "path": path,
+                                               "rel_rms": rel_rms(got, want)})
+                del ref
+            copies = [w] + [random_weight(fmt, n, k, device, gen)
+                            for _ in range(max(1, -(-L2_DEFEAT_BYTES // w["nbytes"])) - 1)]
+            for m in MS:
+                x = torch.randn(m, k, generator=gen, device=device).bfloat16()
+                row = {"shape": shape_name, "format": fmt, "M": m, "N": n, "K": k, "quant_bytes": w["nbytes"]}
+                row["bf16_cublas_us"] = time_each(lambda c, x=x: F.linear(x, c), copies_dense)
+                if m == 1:
+                    row["gemv_us"] = time_each(lambda c, x=x: tq.quant_gemv(x, c["operand"]), copies)
+                    row["gemv_fraction_of_copy_bw"] = w["nbytes"] / (row["gemv_us"] * 1e-6) / copy_bw
+                else:
+                    row["gemm_us"] = time_each(lambda c, x=x: tq.quant_gemm(x, c["operand"]), copies)
+                if m >= 64:
+                    row["dequant_cublas_us"] = time_each(
+                        lambda c, x=x: F.linear(x, tq.dequantize(c["operand"], x.dtype)), copies)
+                out["timing"].append(row)
+                log("    " + " ".join(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}"
+                                      for key, v in row.items()))
+            if sweep and shape_name == "gate_up" and fmt in ("int4_g128_sym", "Q4_K"):
+                x = torch.randn(1, k, generator=gen, device=device).bfloat16()
+                tried = []
+                for cfg in GEMV_SWEEP:
+                    try:
+                        us = time_each(lambda c, x=x, cfg=cfg: tq.quant_gemv(x, c["operand"], config=cfg), copies)
+                        tried.append({"config": cfg, "us": us,
+                                      "fraction_of_copy_bw": w["nbytes"] / (us * 1e-6) / copy_bw})
+                    except Exception as exc:  # a configuration the compiler refuses is recorded, not fatal
+                        tried.append({"config": cfg, "error": f"{type(exc).__name__}: {exc}"[:200]})
+                out["sweep"].append({"shape": shape_name, "format": fmt, "tried": tried})
+                log("    sweep " + ", ".join(f"{t['config']}={t.get('us', 0):.1f}" for t in tried))
+            del copies, w
+            torch.cuda.empty_cache()
+        del copies_dense
+    return out
+
+
+# ---- (d) end to end ----
+
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def quantize_projections(model: nn.Module, fmt: str, gen: torch.Generator) -> int:
+    """Replace every projection Linear by a random ``fmt`` module (loaded through ``load_quantized``)."""
+    from dockyard.ops.quant_linear import GGUFLinear, Int4Linear
+
+    count = 0
+    for name, module in list(model.named_modules()):
+        if name.rsplit(".", 1)[-1] not in PROJECTIONS or not isinstance(module, nn.Linear):
+            continue
+        n, k = module.weight.shape
+        w = random_weight(fmt, n, k, module.weight.device, gen)
+        cls = Int4Linear if "int4" in w else GGUFLinear
+        q = cls(k, n, bias=module.bias is not None, dtype=module.weight.dtype, device=module.weight.device)
+        q.load_quantized(w.get("int4", w.get("blocks")), name + ".weight")
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, q)
+        count += 1
+    gc.collect()
+    torch.cuda.empty_cache()
+    return count
+
+
+def step_bytes(model: nn.Module) -> int:
+    """Bytes a decode step reads: every parameter but the input embedding table, and the quantized modules'
+    scales, zeros and permutations (not the rotary tables: a step reads one row of them)."""
+    from dockyard.ops.quant_linear import QuantLinear
+
+    embed = model.model.embed_tokens.weight
+    tied = model.lm_head.weight is embed  # a tied lm_head still reads the whole table
+    buffers = [b for m in model.modules() if isinstance(m, QuantLinear) for b in m.buffers()]
+    tensors = {id(t): t for t in [*model.parameters(), *buffers] if tied or t is not embed}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def load_llm(fmt: str | None, **kwargs) -> object:
+    """``LLM`` on the 8B config with dummy weights; with ``fmt`` its projections swapped for random ``fmt``
+    weights (seeded: the same weights every time) between loading and the engine's CUDA graph capture."""
+    from dockyard import LLM
+    from dockyard.engine import llm as llm_module
+
+    original = llm_module.load_model
+
+    def load_then_quantize(*args, **kw):
+        model, report = original(*args, **kw)
+        quantize_projections(model, fmt, torch.Generator(device="cuda").manual_seed(7))
+        return model, report
+
+    if fmt is not None:
+        llm_module.load_model = load_then_quantize
+    try:
+        return LLM(str(CONFIG), load_format="dummy", max_model_len=1024, max_num_seqs=1, num_kv_blocks=64, **kwargs)
+    finally:
+        llm_module.load_model = original
+
+
+def run_llm(label: str, fmt: str | None, prompt: list[int], ceilings: dict, eager_check: bool) -> dict:
+    from dockyard import SamplingParams
+
+    log(f"(d) {label}: loading")
+    llm = load_llm(fmt)
+    runner = llm.engine.runner
+    row: dict = {"label": label, "cuda_graphs": runner.graphs is not None, "eager_reason": runner.eager_reason,
+                 "step_bytes": step_bytes(llm.model)}
+    ids = torch.tensor(prompt, device=llm.device)
+    with torch.no_grad():
+        logits = llm.model.compute_logits(llm.model(ids, torch.arange(len(prompt), device=llm.device))).float()
+    row.update(decode_rate(llm, prompt))
+    per_token = row["decode_ms_per_token"] / 1e3
+    roofline = ceilings["copy_bytes_per_s"] / row["step_bytes"]
+    row.update({"roofline_tokens_per_s": roofline, "fraction_of_roofline": (1 / per_token) / roofline})
+    log(f"    {label}: {row['decode_tokens_per_s']:.1f} tok/s, roofline {roofline:.1f}, graphs {row['cuda_graphs']}")
+    if fmt is not None:
+        from dockyard.ops.quant_linear import QuantLinear
+
+        # The dequantize-on-load path on the same weights: each module's weight dequantized by the reference
+        # (gguf's numpy dequantizer / the int4 formula) into a bf16 Linear.
+        for name, module in list(llm.model.named_modules()):
+            if isinstance(module, QuantLinear):
+                dense = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+                dense.weight = nn.Parameter(module.dequantized_weight(torch.bfloat16), requires_grad=False)
+                parent, _, attr = name.rpartition(".")
+                setattr(llm.model.get_submodule(parent), attr, dense)
+        with torch.no_grad():
+            dequantized = llm.model.compute_logits(llm.model(ids, torch.arange(len(prompt), device=llm.device)))
+        row["prefill_logits_rel_rms_vs_dequantized"] = rel_rms(logits, dequantized.float())
+        log(f"    logits vs dequantized path: rel rms {row['prefill_logits_rel_rms_vs_dequantized']:.3g}")
+    del llm, runner
+    gc.collect()
+    torch.cuda.empty_cache()
+    if eager_check and fmt is not None:
+        eager = load_llm(fmt, enforce_eager=True)
+        out = eager.generate([prompt], SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True), use_tqdm=False)
+        row["graph_tokens_equal_eager_32"] = list(out[0].outputs[0].token_ids) == row["tokens"][:32]
+        del eager
+        gc.collect()
+        torch.cuda.empty_cache()
+    return row
+
+
+def end_to_end(ceilings: dict) -> dict:
+    prompt = torch.randint(0, 128000, (64,), generator=torch.Generator().manual_seed(1)).tolist()
+    runs = [run_llm("bf16_dummy", None, prompt, ceilings, False),
+            run_llm("int4_g128_sym", "int4_g128_sym", prompt, ceilings, True),
+            run_llm("Q4_K", "Q4_K", prompt, ceilings, False)]
+    for r in runs:
+        r.pop("tokens", None)
+    bf16 = runs[0]["decode_tokens_per_s"]
+    return {"runs": runs, "speedup_vs_bf16": {r["label"]: r["decode_tokens_per_s"] / bf16 for r in runs[1:]}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--no-e2e", action="store_true")
+    parser.add_argument("--no-kernels", action="store_true")
+    parser.add_argument("--out", help="also write the JSON here after each part (kept if the run is cut short)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("quant_matmul.py needs a CUDA GPU with Triton", file=sys.stderr)
+        sys.exit(2)
+    import triton
+
+    device = torch.device("cuda")
+    t0 = time.perf_counter()
+    ceilings = measure(device, torch.bfloat16)
+    report: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+                    "triton": triton.__version__, "ceilings": ceilings}
+    log(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+        f"bf16 {ceilings['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
+    parts = [("kernels", lambda: kernels(device, ceilings, not args.no_sweep), args.no_kernels),
+             ("end_to_end", lambda: end_to_end(ceilings), args.no_e2e)]
+    for key, fn, skip in parts:
+        if skip:
+            continue
+        try:
+            report[key] = fn()
+        except Exception:  # record and go on: one failing part must not lose the others' figures
+            report[key + "_error"] = traceback.format_exc()
+            log(report[key + "_error"])
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(report, fh, indent=1, default=str)
+    report["seconds"] = time.perf_counter() - t0
+    print(json.dumps(report, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

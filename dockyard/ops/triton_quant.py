@@ -1,0 +1,307 @@
+"""Triton matmuls on weights kept quantized: int4 groups (w4a16) and GGUF blocks, dequantized in-kernel.
+
+``y = x @ W.T (+ bias)`` where ``W`` [N, K] is never materialized: each kernel reads the quantized bytes
+of a [rows, columns] tile and turns them into float32 values in registers (``_weight_tile``), with the
+meaning of :mod:`dockyard.ops.quant_format`:
+
+- int4 (:class:`~dockyard.ops.quant_format.Int4Weight`): code ``q`` = nibble ``j % 2`` of byte ``j // 2``
+  of the row, ``(q - zero) * scale`` of group ``j // group_size`` (zero 8 when the groups are symmetric);
+  an act-order permutation is applied to ``x`` before the kernel (stored column ``j`` multiplies
+  ``x[perm[j]]``), so the kernel always walks stored columns;
+- GGUF (:class:`~dockyard.ops.quant_format.GGUFBlocks`): llama.cpp's block layouts Q4_0, Q8_0 (32 values
+  per block, one float16 scale) and the 256-value super-blocks Q4_K, Q5_K (6-bit sub-block scales and
+  mins), Q6_K (int8 sub-block scales), as ``gguf.quants.dequantize`` reads them. A row is a run of
+  blocks; every float16 field sits at an even byte offset and is assembled from its two bytes.
+
+Three kernels share the tile: a GEMV for one row (batch-1 decode: each program streams ``BLOCK_N``
+weight rows along K, reading each quantized byte once from memory, float32 products reduced once), a
+GEMM for a few rows (tiles dequantized to the activation dtype, then ``tl.dot``), and a dequantizer
+(the weight written out in the activation dtype) behind :func:`quant_linear`'s large-batch path, where
+cuBLAS on the dequantized tile outruns an in-kernel dequantizing GEMM.
+
+They run on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (set before this module is imported),
+which is how the tests check them against ``gguf.quants.dequantize`` and ``quant_format.dequantize_int4``.
+Triton's own jit helpers (``tl.sum``, ``tl.zeros``, ``tl.cdiv``) are decorated when triton.language is
+imported, so under an interpreter switched on later they would not be interpreted; none is used.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+# The kernels' FORMAT: INT4, or a GGUF block type by its GGMLQuantizationType value.
+INT4 = -1
+Q4_0, Q8_0 = int(GGMLQuantizationType.Q4_0), int(GGMLQuantizationType.Q8_0)
+Q4_K, Q5_K, Q6_K = int(GGMLQuantizationType.Q4_K), int(GGMLQuantizationType.Q5_K), int(GGMLQuantizationType.Q6_K)
+GGUF_FORMATS = (Q4_0, Q8_0, Q4_K, Q5_K, Q6_K)  # the GGUF block types the kernels read
+
+
+def gguf_block(qtype: int) -> tuple[int, int]:
+    """(values, bytes) of one block of GGUF type ``qtype`` (the ``gguf`` package's table)."""
+    return GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _u8(ptr, offs, mask):
+    return tl.load(ptr + offs, mask=mask, other=0).to(tl.int32)
+
+
+@triton.jit
+def _i8(ptr, offs, mask):
+    return tl.load(ptr + offs, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _f16(ptr, offs, mask):
+    # A little-endian float16 at byte offset ``offs`` of a uint8 buffer.
+    lo = tl.load(ptr + offs, mask=mask, other=0).to(tl.uint16)
+    hi = tl.load(ptr + offs + 1, mask=mask, other=0).to(tl.uint16)
+    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _kquant_scale_min(ptr, base, j, mask):
+    # The 6-bit scale and min of sub-block j (0..7) from the 12 scale bytes at ``base`` (llama.cpp's
+    # get_scale_min_k4): sub-blocks 0-3 keep theirs in the low 6 bits of bytes j and j + 4; 4-7 take
+    # 4 bits from byte j + 4 and their top 2 bits from the spare high bits of bytes j - 4 and j.
+    low = j < 4
+    b_j = _u8(ptr, base + j, mask)
+    b_j4 = _u8(ptr, base + j + 4, mask)
+    b_jm4 = _u8(ptr, base + tl.where(low, j, j - 4), mask)
+    sc = tl.where(low, b_j & 63, (b_j4 & 15) | ((b_jm4 >> 6) << 4))
+    mn = tl.where(low, b_j4 & 63, (b_j4 >> 4) | ((b_j >> 6) << 4))
+    return sc.to(tl.float32), mn.to(tl.float32)
+
+
+@triton.jit
+def _weight_tile(w_ptr, s_ptr, z_ptr, rows, cols, mask, stride_w, stride_s, stride_z,
+                 FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """float32 weights of ``rows`` [R, 1] x ``cols`` [1, C] (stored column order); zero where masked."""
+    row_bytes = rows.to(tl.int64) * stride_w
+    if FORMAT == -1:  # INT4
+        q = (_u8(w_ptr, row_bytes + cols // 2, mask) >> ((cols % 2) * 4)) & 15
+        g = rows.to(tl.int64) * stride_s + cols // GROUP
+        scale = tl.load(s_ptr + g, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            zero = _u8(z_ptr, rows.to(tl.int64) * stride_z + cols // GROUP, mask).to(tl.float32)
+        else:
+            zero = 8.0
+        w = (q.to(tl.float32) - zero) * scale
+    elif FORMAT == 2:  # Q4_0: float16 d, 16 bytes; value e is nibble e // 16 of byte e % 16, (q - 8) * d
+        e = cols % 32
+        base = row_bytes + (cols // 32) * 18
+        q = (_u8(w_ptr, base + 2 + e % 16, mask) >> ((e // 16) * 4)) & 15
+        w = (q.to(tl.float32) - 8.0) * _f16(w_ptr, base, mask)
+    elif FORMAT == 8:  # Q8_0: float16 d, 32 int8; q * d
+        base = row_bytes + (cols // 32) * 34
+        w = _i8(w_ptr, base + 2 + cols % 32, mask) * _f16(w_ptr, base, mask)
+    elif FORMAT == 14:  # Q6_K: ql[128], qh[64], int8 scales[16], float16 d
+        e = cols % 256
+        base = row_bytes + (cols // 256) * 210
+        half = e // 128
+        quarter = (e % 128) // 32
+        lane = e % 32
+        ql = _u8(w_ptr, base + half * 64 + (quarter % 2) * 32 + lane, mask) >> ((quarter // 2) * 4)
+        qh = _u8(w_ptr, base + 128 + half * 32 + lane, mask) >> (quarter * 2)
+        q = ((ql & 15) | ((qh & 3) << 4)) - 32
+        w = q.to(tl.float32) * _i8(w_ptr, base + 192 + e // 16, mask) * _f16(w_ptr, base + 208, mask)
+    else:  # Q4_K (12), Q5_K (13): float16 d, dmin, 12 scale bytes, [Q5_K: qh[32]], qs[128]; d*sc*q - dmin*m
+        e = cols % 256
+        j = e // 32
+        if FORMAT == 12:
+            base = row_bytes + (cols // 256) * 144
+            qs = 16
+        else:
+            base = row_bytes + (cols // 256) * 176
+            qs = 48
+        q = (_u8(w_ptr, base + qs + (e // 64) * 32 + e % 32, mask) >> ((j % 2) * 4)) & 15
+        if FORMAT == 13:
+            q += ((_u8(w_ptr, base + 16 + e % 32, mask) >> j) & 1) << 4
+        sc, mn = _kquant_scale_min(w_ptr, base + 4, j, mask)
+        w = _f16(w_ptr, base, mask) * sc * q.to(tl.float32) - _f16(w_ptr, base + 2, mask) * mn
+    return w
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, N, stride_w, stride_s, stride_z,
+                 K: tl.constexpr, FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # K is a compile-time constant: the loop bound must be a Python int under the interpreter.
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    acc = tl.full([BLOCK_N, BLOCK_K], 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        k_ok = cols < K
+        x = tl.load(x_ptr + cols, mask=k_ok, other=0.0).to(tl.float32)
+        w = _weight_tile(w_ptr, s_ptr, z_ptr, rows[:, None], cols[None, :], row_ok[:, None] & k_ok[None, :],
+                         stride_w, stride_s, stride_z, FORMAT, GROUP, HAS_ZEROS)
+        acc += w * x[None, :]
+    y = tl.reduce(acc, 1, _add)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, M, N, stride_xm, stride_ym,
+                 stride_w, stride_s, stride_z,
+                 K: tl.constexpr, FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 DOT_F32: tl.constexpr):
+    # DOT_F32: multiply in float32 (the interpreter's dot on bfloat16 operands made in registers is wrong).
+    # Row tiles vary fastest, so the programs that share a weight tile run together (it is read from L2).
+    tiles_m = (M + BLOCK_M - 1) // BLOCK_M
+    pid_m = tl.program_id(0) % tiles_m
+    pid_n = tl.program_id(0) // tiles_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        k_ok = cols < K
+        a = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = _weight_tile(w_ptr, s_ptr, z_ptr, offs_n[:, None], cols[None, :], n_ok[:, None] & k_ok[None, :],
+                         stride_w, stride_s, stride_z, FORMAT, GROUP, HAS_ZEROS)
+        if DOT_F32:
+            acc += tl.dot(a.to(tl.float32), tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(a, tl.trans(w.to(a.dtype)))
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_w, stride_s, stride_z,
+                       FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    w = _weight_tile(w_ptr, s_ptr, z_ptr, rows[:, None], cols[None, :], mask, stride_w, stride_s, stride_z,
+                     FORMAT, GROUP, HAS_ZEROS)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------
+class QuantOperand:
+    """The tensors one kernel call reads: ``data`` (uint8 rows: packed nibbles or GGUF blocks), int4's
+    ``scales`` / ``zeros`` / ``group_size``, the ``format`` (:data:`INT4` or a GGUF type) and the logical
+    ``shape`` (N, K)."""
+
+    def __init__(self, data: torch.Tensor, fmt: int, shape: tuple[int, int], scales: torch.Tensor | None = None,
+                 zeros: torch.Tensor | None = None, group_size: int = 0) -> None:
+        if data.dtype != torch.uint8 or data.dim() != 2 or data.stride(1) != 1:
+            raise ValueError(f"quantized weight data must be uint8 [N, bytes] with contiguous rows, got "
+                             f"{data.dtype} {tuple(data.shape)}")
+        if fmt != INT4 and fmt not in GGUF_FORMATS:
+            raise ValueError(f"no kernel for weight format {fmt}; the kernels read int4 and GGUF "
+                             + ", ".join(GGMLQuantizationType(f).name for f in GGUF_FORMATS))
+        self.data, self.format, self.shape = data, fmt, (int(shape[0]), int(shape[1]))
+        self.scales, self.zeros, self.group_size = scales, zeros, group_size
+        if fmt != INT4 and self.shape[1] % gguf_block(fmt)[0]:
+            raise ValueError(f"a GGUF {GGMLQuantizationType(fmt).name} row of {self.shape[1]} values is not a "
+                             f"whole number of {gguf_block(fmt)[0]}-value blocks")
+
+    def args(self) -> tuple:
+        """(w_ptr, s_ptr, z_ptr) and their row strides, as the kernels take them."""
+        s = self.scales if self.scales is not None else self.data
+        z = self.zeros if self.zeros is not None else self.data
+        return (self.data, s, z), (self.data.stride(0), s.stride(0), z.stride(0))
+
+    def meta(self) -> dict:
+        return {"FORMAT": self.format, "GROUP": max(self.group_size, 1), "HAS_ZEROS": self.zeros is not None}
+
+
+# (BLOCK_N, BLOCK_K, num_warps) of the GEMV and (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the
+# GEMM: starting points, `benchmarks/quant_matmul.py` times alternatives.
+GEMV_CONFIG = (4, 256, 4)
+GEMM_CONFIG = (16, 64, 64, 4, 3)
+# From this many rows on, :func:`quant_linear` dequantizes the weight and calls cuBLAS: on an H200 that took
+# less time at M 64 than the fused GEMM at M 16 for every format and shape measured but Q4_K / Q5_K gate_up
+# (benchmarks/RESULTS.md), and its time hardly grows with M.
+DEQUANTIZE_MIN_ROWS = 2
+
+
+def quant_gemv(x: torch.Tensor, w: QuantOperand, bias: torch.Tensor | None = None,
+               config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """``x`` [1, K] (contiguous) times the quantized weight, transposed, plus ``bias`` → [1, N] in x's dtype."""
+    n, k = w.shape
+    if x.dim() != 2 or x.shape != (1, k) or x.stride(1) != 1:
+        raise ValueError(f"quant_gemv takes x [1, {k}] with contiguous rows, got {tuple(x.shape)}")
+    block_n, block_k, warps = config or GEMV_CONFIG
+    (wp, sp, zp), (sw, ss, sz) = w.args()
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, wp, sp, zp, bias if bias is not None else x, y, n, sw, ss, sz, K=k, HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(k)), num_warps=warps, **w.meta())
+    return y
+
+
+def quant_gemm(x: torch.Tensor, w: QuantOperand, bias: torch.Tensor | None = None,
+               config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+    """``x`` [M, K] (contiguous rows) times the quantized weight, transposed, plus ``bias`` → [M, N] in x's dtype,
+    each tile dequantized to x's dtype and multiplied with ``tl.dot`` (float32 accumulation)."""
+    n, k = w.shape
+    if x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
+        raise ValueError(f"quant_gemm takes x [M, {k}] with contiguous rows, got {tuple(x.shape)}")
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    block_m, block_n, block_k, warps, stages = config or GEMM_CONFIG
+    (wp, sp, zp), (sw, ss, sz) = w.args()
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    _gemm_kernel[grid](
+        x, wp, sp, zp, bias if bias is not None else x, y, m, n, x.stride(0), y.stride(0), sw, ss, sz, K=k,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT_F32=x.dtype == torch.float32 or x.device.type != "cuda", num_warps=warps, num_stages=stages, **w.meta())
+    return y
+
+
+def dequantize(w: QuantOperand, dtype: torch.dtype) -> torch.Tensor:
+    """The weight [N, K] in ``dtype`` (stored column order), computed in float32 by the kernels' tile."""
+    n, k = w.shape
+    out = torch.empty(n, k, dtype=dtype, device=w.data.device)
+    (wp, sp, zp), (sw, ss, sz) = w.args()
+    _dequantize_kernel[(triton.cdiv(n, 32), triton.cdiv(k, 256))](
+        wp, sp, zp, out, n, k, sw, ss, sz, BLOCK_N=32, BLOCK_K=256, num_warps=4, **w.meta())
+    return out
+
+
+def quant_linear(x: torch.Tensor, w: QuantOperand, bias: torch.Tensor | None = None,
+                 perm: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` [..., K] times the quantized weight (stored columns multiply ``x[..., perm]``) plus ``bias``:
+    one row → :func:`quant_gemv`; fewer than :data:`DEQUANTIZE_MIN_ROWS` → :func:`quant_gemm`; from there
+    the weight dequantized (:func:`dequantize`) and ``F.linear``. The output has x's dtype."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if perm is not None:
+        x2 = x2.index_select(1, perm)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if x2.shape[0] == 1:
+        y = quant_gemv(x2, w, bias)
+    elif x2.shape[0] < DEQUANTIZE_MIN_ROWS:
+        y = quant_gemm(x2, w, bias)
+    else:
+        y = torch.nn.functional.linear(x2, dequantize(w, x2.dtype), bias)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+__all__ = ["DEQUANTIZE_MIN_ROWS", "GEMM_CONFIG", "GEMV_CONFIG", "GGUF_FORMATS", "INT4", "QuantOperand", "dequantize",
+           "gguf_block", "quant_gemm", "quant_gemv", "quant_linear"]
