@@ -91,9 +91,9 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, se
     if tp_size > 1:
         shard_model(model, tp_rank, tp_size, expert_parallel)
         _native_fp8(model, source, device, dtype, tp_size)  # logs that FP8 is dequantized under TP (for now)
-        if source.kind == "safetensors" and source.fp8 is None:  # read only this rank's slices
+        if source.kind == "safetensors" and source.fp8 is None and source.int4 is None:  # only this rank's slices
             weights = iter_safetensors(source.path, cut=lazy_cutter(model))
-        else:  # dummy, GGUF (dequantized whole), FP8 (dequantized whole): sliced after reading
+        else:  # dummy, GGUF, FP8 and int4 (dequantized whole): sliced after reading
             weights = shard_weights(model, source.iter_weights(model, dtype, seed))
         report = load_weights(model, weights)
     else:
