@@ -38,10 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from dockyard.engine_args import INT4_METHODS
 from dockyard.errors import WeightsError
 from dockyard.ops.quant_format import INT4_SYMMETRIC_ZERO, Int4Weight, dequantize_int4
+from dockyard.weights.safetensors_dir import safetensors_files
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +69,6 @@ class Int4Config:
     method: str
     schemes: tuple[tuple[tuple[str, ...], Int4Scheme], ...]  # (targets, scheme); AWQ/GPTQ: one, targets ()
     zeros_minus_one: bool = False  # GPTQ v1 checkpoints store each zero point minus one
-    unquantized: tuple[str, ...] = ()  # modules_to_not_convert / ignore (for the memory plan and messages)
 
     @property
     def pieces(self) -> tuple[str, ...]:
@@ -93,7 +94,6 @@ class Int4Config:
             return _compressed_tensors_config(quant, where)
         _check_bits(quant.get("bits"), "bits", where)
         group = _group_size(quant.get("group_size", 128), "group_size", where)
-        unquantized = tuple(quant.get("modules_to_not_convert") or ())
         if method == "awq":
             version = str(quant.get("version", "gemm")).lower()
             if version != "gemm":
@@ -103,7 +103,7 @@ class Int4Config:
             if quant.get("zero_point", True) is not True:
                 raise WeightsError(f"{where}: quantization_config.zero_point={quant.get('zero_point')!r}: AWQ's GEMM "
                                    "packing stores zero points, so dockyard reads zero_point: true checkpoints only")
-            return cls("awq", (((), Int4Scheme(group, symmetric=False, act_order=False)),), False, unquantized)
+            return cls("awq", (((), Int4Scheme(group, symmetric=False, act_order=False)),))
         if method == "gptq":
             fmt = str(quant.get("checkpoint_format", "gptq"))
             if fmt not in GPTQ_FORMATS:
@@ -111,7 +111,7 @@ class Int4Config:
                                    f"{', '.join(GPTQ_FORMATS)}; dockyard reads GPTQ checkpoints as AutoGPTQ and "
                                    "GPTQModel save them (not repacked for a kernel such as marlin)")
             scheme = Int4Scheme(group, symmetric=bool(quant.get("sym", True)), act_order=bool(quant.get("desc_act")))
-            return cls("gptq", (((), scheme),), fmt == "gptq", unquantized)
+            return cls("gptq", (((), scheme),), zeros_minus_one=fmt == "gptq")
         raise WeightsError(f"{where}: quantization_config.quant_method={method!r} is not an int4 method "
                            f"({', '.join(INT4_METHODS)})")
 
@@ -171,7 +171,7 @@ def _compressed_tensors_config(quant: dict[str, Any], where: str | Path) -> Int4
         # "dynamic" is compressed-tensors' alias of "group": g_idx reorders the input rows.
         act_order = actorder in ("group", "dynamic")
         schemes.append((targets, Int4Scheme(group_size, bool(weights.get("symmetric", True)), act_order)))
-    return Int4Config("compressed-tensors", tuple(schemes), False, tuple(quant.get("ignore") or ()))
+    return Int4Config("compressed-tensors", tuple(schemes))
 
 
 def _target_matches(target: str, module: str) -> bool:
@@ -330,6 +330,17 @@ def to_int4(config: Int4Config, module: str, parts: dict[str, torch.Tensor]) -> 
 def _split(name: str, pieces: tuple[str, ...]) -> tuple[str, str] | None:
     module, _, suffix = name.rpartition(".")
     return (module, suffix) if module and suffix in pieces else None
+
+
+def checkpoint_int4_weights(model_dir: str | Path, config: Int4Config) -> set[str]:
+    """The ``X.weight`` names of the modules a safetensors checkpoint stores as int4 (read from the headers
+    only): what a caller may pass as ``keep_quantized`` to :func:`read_int4`."""
+    first_piece = "weight_packed" if config.method == "compressed-tensors" else "qweight"
+    names: set[str] = set()
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            names.update(n[: -len(first_piece)] + "weight" for n in f.keys() if n.endswith("." + first_piece))
+    return names
 
 
 def read_int4(weights: Iterable[tuple[str, torch.Tensor]], config: Int4Config, dtype: torch.dtype,

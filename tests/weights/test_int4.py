@@ -25,9 +25,10 @@ from safetensors.torch import load_file, save_file
 
 from dockyard.engine.llm import LLM
 from dockyard.errors import WeightsError
+from dockyard.memory import storage_of
 from dockyard.model_source import resolve_model
 from dockyard.ops.quant_format import Int4Weight, dequantize_int4
-from dockyard.weights.int4 import Int4Config, read_int4
+from dockyard.weights.int4 import Int4Config, checkpoint_int4_weights, read_int4
 from dockyard.weights.safetensors_dir import iter_safetensors
 from tests.helpers import rel_rmse, save_tiny_hf_model, unit_scale_llama, unit_scale_state
 from tests.weights.test_fp8_moe import CONFIG as QWEN3_MOE_CONFIG
@@ -234,6 +235,8 @@ def test_kept_int4_weights_carry_the_format(llama):
     path = llama.root / "kept"
     refs = write_int4(path, llama.config, llama.state, variant, torch.Generator().manual_seed(2))
     source = resolve_model(path)
+    assert checkpoint_int4_weights(path, source.int4) == set(refs)  # from the headers: what may be kept
+    assert storage_of(source).describe(torch.float32) == "int4 (gptq) dequantized to float32 on load"
     keep = {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"}
     out = dict(read_int4(iter_safetensors(path), source.int4, torch.float32, keep))
     for name in keep:
