@@ -88,7 +88,8 @@ class ModelSource:
                     return fp8.native_fp8(iter_safetensors(self.path), self.fp8, native_fp8, dtype)
                 return fp8.dequantize_fp8(iter_safetensors(self.path), self.fp8, dtype)
             if self.int4 is not None:
-                return read_int4(iter_safetensors(self.path), self.int4, dtype, keep_quantized)
+                device = next(model.parameters()).device
+                return read_int4(iter_safetensors(self.path), self.int4, dtype, keep_quantized, device)
             return iter_safetensors(self.path)
 
         return iter_dummy(model, seed)

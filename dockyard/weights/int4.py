@@ -186,7 +186,7 @@ def _target_matches(target: str, module: str) -> bool:
 
 def _nibbles(words: torch.Tensor) -> torch.Tensor:
     """int32 [R, C] → int16 [R, C, 8]: nibble i of each word (bits 4i..4i+3), as values 0..15."""
-    return ((words.to(torch.int32).unsqueeze(-1) >> _NIBBLE_SHIFTS) & 0xF).to(torch.int16)
+    return ((words.to(torch.int32).unsqueeze(-1) >> _NIBBLE_SHIFTS.to(words.device)) & 0xF).to(torch.int16)
 
 
 def _awq_columns(words: torch.Tensor) -> torch.Tensor:
@@ -216,11 +216,12 @@ def _permutation(g_idx: torch.Tensor, group_size: int, name: str) -> torch.Tenso
     every group ``group_size`` members (the last may have fewer)."""
     g_idx = g_idx.to(torch.int64)
     perm = torch.argsort(g_idx, stable=True)
-    want = torch.arange(g_idx.numel()) // group_size
+    in_order = torch.arange(g_idx.numel(), device=g_idx.device)
+    want = in_order // group_size
     if not torch.equal(g_idx[perm], want):
         raise WeightsError(f"{name} does not assign {group_size} input rows to each group (group_size); the "
                            "checkpoint does not match its quantization_config: re-download or re-export it")
-    return None if torch.equal(perm, torch.arange(g_idx.numel())) else perm
+    return None if torch.equal(perm, in_order) else perm
 
 
 def _g_idx_permutation(name: str, g_idx: torch.Tensor, in_features: int, group_size: int, act_order: bool
@@ -344,14 +345,16 @@ def checkpoint_int4_weights(model_dir: str | Path, config: Int4Config) -> set[st
 
 
 def read_int4(weights: Iterable[tuple[str, torch.Tensor]], config: Int4Config, dtype: torch.dtype,
-              keep_quantized: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
+              keep_quantized: set[str] | None = None, device: torch.device | None = None
+              ) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
     """Wrap a checkpoint's ``(name, tensor)`` stream: each quantized module ``X`` comes out once as
     ``X.weight``: an :class:`Int4Weight` when ``X.weight`` is in ``keep_quantized``, else dequantized to
     ``dtype``. Other tensors pass through unchanged.
 
     Pieces may come in any order and from any shard. A module missing a piece, carrying one its
     method does not have (or a zero point a symmetric scheme does not), or stored both quantized and as a
-    plain ``X.weight`` raises WeightsError naming the tensors."""
+    plain ``X.weight`` raises WeightsError naming the tensors. ``device``: where the pieces are unpacked and
+    dequantized (the model's; a GPU does it far faster than the host), None: where they were read."""
     keep = keep_quantized or set()
     waiting: dict[str, dict[str, torch.Tensor]] = {}
     done: dict[str, tuple[int, int]] = {}  # converted module -> (in_features, group size)
@@ -384,7 +387,7 @@ def read_int4(weights: Iterable[tuple[str, torch.Tensor]], config: Int4Config, d
         parts = waiting.setdefault(module, {})
         if suffix in parts:
             raise WeightsError(f"{name} appears twice in the checkpoint; re-download it")
-        parts[suffix] = tensor
+        parts[suffix] = tensor if device is None else tensor.to(device)  # converted where the model lives
         if not _required(config, scheme) <= parts.keys():
             continue
         del waiting[module]
