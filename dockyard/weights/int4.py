@@ -92,8 +92,12 @@ class Int4Config:
         method = str(quant.get("quant_method"))
         if method == "compressed-tensors":
             return _compressed_tensors_config(quant, where)
-        _check_bits(quant.get("bits"), "bits", where)
-        group = _group_size(quant.get("group_size", 128), "group_size", where)
+        # AutoAWQ's own quant_config names them w_bit / q_group_size; config.json's quantization_config bits /
+        # group_size.
+        bits_key = "bits" if "bits" in quant or "w_bit" not in quant else "w_bit"
+        group_key = "group_size" if "group_size" in quant or "q_group_size" not in quant else "q_group_size"
+        _check_bits(quant.get(bits_key), bits_key, where)
+        group = _group_size(quant.get(group_key, 128), group_key, where)
         if method == "awq":
             version = str(quant.get("version", "gemm")).lower()
             if version != "gemm":

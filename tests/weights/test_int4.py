@@ -207,6 +207,7 @@ def test_extra_piece_is_named():
 
 @pytest.mark.parametrize("config, message", [
     ({"quant_method": "gptq", "bits": 8, "group_size": 128}, "quantization_config.bits=8"),
+    ({"quant_method": "awq", "w_bit": 3, "q_group_size": 128}, "quantization_config.w_bit=3"),
     ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, "quantization_config.version='gemv'"),
     ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"},
      "quantization_config.checkpoint_format='marlin'"),
