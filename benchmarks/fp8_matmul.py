@@ -241,14 +241,15 @@ def decode_rate(llm, prompt: list[int]) -> dict:  # noqa: ANN001 - dockyard.LLM
                   "decode_ms_per_token": per_token * 1e3, "decode_tokens_per_s": 1 / per_token}
 
 
-def run_llm(model: str | Path, label: str, native: str, prompt: list[int], load_format: str = "auto") -> dict:
+def run_llm(model: str | Path, label: str, native: str, prompt: list[int], load_format: str = "auto",
+            **llm_kwargs: object) -> dict:
     from dockyard import LLM
     from dockyard.ops.fp8_linear import Fp8Linear, uses_native_fp8
 
     os.environ["DOCKYARD_FP8_NATIVE"] = native
     log(f"(c) {label}: loading")
     t0 = time.perf_counter()
-    llm = LLM(model, load_format=load_format, max_model_len=1024, max_num_seqs=1, num_kv_blocks=64)
+    llm = LLM(model, load_format=load_format, max_model_len=1024, max_num_seqs=1, num_kv_blocks=64, **llm_kwargs)
     load_s = time.perf_counter() - t0
     runner = llm.engine.runner
     row: dict = {

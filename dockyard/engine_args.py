@@ -44,7 +44,10 @@ GROUP_DESCRIPTIONS = {
 # vLLM's dtype names → the dtype dockyard runs ("auto": see dockyard.model_loader.resolve_dtype).
 DTYPE_ALIASES = {"auto": "auto", "half": "float16", "float16": "float16", "bfloat16": "bfloat16",
                  "float": "float32", "float32": "float32"}
-QUANTIZATION_METHODS = ("fp8",)  # what --quantization accepts: the checkpoint formats the loader reads
+# quantization_config.quant_method values of int4 weight-only checkpoints (dockyard.weights.int4 reads them)
+INT4_METHODS = ("awq", "gptq", "compressed-tensors")
+# What --quantization accepts: the checkpoint formats the loader reads; fp8 also quantizes an unquantized one.
+QUANTIZATION_METHODS = ("fp8", *INT4_METHODS)
 KV_CACHE_DTYPES = ("auto",)  # the cache holds K and V in the model's dtype
 
 
@@ -117,8 +120,10 @@ class EngineArgs:
         "seeds the random draws of requests that give no seed of their own (as vLLM: the process's RNG is "
         "seeded once at start-up) and the dummy weights", MODEL_GROUP, type=int))
     quantization: str | None = field(default=None, metadata=_flag(
-        "fp8: the checkpoint's FP8 weights (block-scaled e4m3, quantization_config quant_method fp8); "
-        "the default reads the method from the checkpoint", MODEL_GROUP, flags=("--quantization", "-q")))
+        "fp8: the checkpoint's FP8 weights (block-scaled e4m3, quantization_config quant_method fp8), or on an "
+        "unquantized checkpoint its projections quantized to FP8 while loading (online FP8); awq, gptq, "
+        "compressed-tensors: the checkpoint's int4 weights; the default reads the method from the checkpoint",
+        MODEL_GROUP, flags=("--quantization", "-q")))
     revision: str | None = field(default=None, metadata=_flag(
         "of a Hugging Face repo id: the branch, tag or commit to use (default: main)", LOAD_GROUP))
     download_dir: str | None = field(default=None, metadata=_flag(
@@ -206,8 +211,8 @@ class EngineArgs:
                               "in the model's dtype (an FP8 KV cache is not implemented); use auto")
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ConfigError(f"quantization={self.quantization!r} is not supported: dockyard runs unquantized "
-                              "checkpoints and FP8 ones (quantization_config quant_method fp8); use an FP8 or an "
-                              "unquantized checkpoint and drop --quantization")
+                              f"checkpoints and those quantized with {', '.join(QUANTIZATION_METHODS)}; use such a "
+                              "checkpoint and drop --quantization")
         if not self.enable_chunked_prefill:
             raise ConfigError("enable_chunked_prefill=False is not supported: the scheduler always prefills a "
                               "prompt longer than max_num_batched_tokens in chunks; to prefill whole prompts "
@@ -216,14 +221,19 @@ class EngineArgs:
             raise ConfigError(f"swap_space={self.swap_space} must be >= 0 (GiB)")
 
     def check_quantization(self, checkpoint_method: str | None, model_name: str) -> None:
-        """``quantization``, when given, must be the checkpoint's own method (as vLLM requires): dockyard does
-        not quantize an unquantized checkpoint while loading."""
-        if self.quantization is None or self.quantization == checkpoint_method:
+        """``quantization``, when given, must be the checkpoint's own method (as vLLM requires), except ``fp8``
+        on an unquantized checkpoint, which is quantized to FP8 while loading (:meth:`quantizes_online`)."""
+        if self.quantization is None or self.quantization == checkpoint_method \
+                or self.quantizes_online(checkpoint_method):
             return
         stored = f"is quantized with {checkpoint_method!r}" if checkpoint_method else "is not quantized"
         raise ConfigError(f"quantization={self.quantization!r} was asked for but model {model_name!r} {stored}; "
-                          "dockyard does not quantize weights while loading: serve an FP8 checkpoint, or drop "
-                          "--quantization")
+                          "dockyard quantizes weights while loading only to fp8, from an unquantized checkpoint: "
+                          "drop --quantization, or pass the checkpoint's own method")
+
+    def quantizes_online(self, checkpoint_method: str | None) -> bool:
+        """Whether this run quantizes an unquantized checkpoint to FP8 while loading (``--quantization fp8``)."""
+        return self.quantization == "fp8" and checkpoint_method is None
 
     # ---- command line ----
     @classmethod

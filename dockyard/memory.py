@@ -239,9 +239,12 @@ class WeightStorage:
     fp8_weights: frozenset[str] | None = None
     stored_bytes_by_dtype: dict[str, int] | None = None
     source: str = "config"
+    int4_method: str | None = None  # an int4 checkpoint's quant_method (its weights are dequantized on load)
 
     def describe(self, dtype: torch.dtype) -> str:
         run = dtype_name(dtype)
+        if self.int4_method is not None:
+            return f"int4 ({self.int4_method}) dequantized to {run} on load"
         if self.fp8 is None:
             return run
         block = list(self.fp8.block) if self.fp8.block else "per-tensor"
@@ -366,7 +369,8 @@ def storage_of(source: Any, native_fp8: bool = False) -> WeightStorage:
             mapped = (rename(n) for n in checkpoint_fp8_weights(source.path))
             fp8_weights = frozenset(n for n in mapped if n is not None)
         return WeightStorage(source.fp8, native_fp8 and source.fp8 is not None, fp8_weights,
-                             stored_bytes(source.path), "safetensors headers")
+                             stored_bytes(source.path), "safetensors headers",
+                             source.int4.method if source.int4 is not None else None)
     if source.fp8 is not None:
         where = f"config.json ({source.spec.torch_dtype}, quantization_config fp8)"
     elif source.quantization is not None:

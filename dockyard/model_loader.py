@@ -11,7 +11,9 @@ tensor-parallel workers (ranks 1..N-1) and onboarding:
    (:func:`dockyard.weights.fp8.choose_fp8_path`); for a GGUF or int4 checkpoint, between keeping the
    projections' weights quantized and dequantizing on load (:func:`dockyard.ops.quant_linear.choose_quant_path`);
    then load the weights;
-4. on CUDA, fuse projections and route single-row matmuls to the GEMV kernel.
+4. with ``quantize_fp8`` (online FP8, ``--quantization fp8`` on an unquantized checkpoint), turn the loaded
+   projections into FP8 ones (:func:`dockyard.weights.fp8_quantize.quantize_linears_fp8`);
+5. on CUDA, fuse projections and route single-row matmuls to the GEMV kernel.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from torch import nn
 
 from dockyard.distributed.sharding import lazy_cutter, shard_model, shard_weights
 from dockyard.dtypes import RUN_DTYPES
-from dockyard.errors import DockyardError
+from dockyard.errors import ConfigError, DockyardError
 from dockyard.model_source import ModelSource
+from dockyard.ops.fp8_linear import native_fp8_unavailable
 from dockyard.ops.linear import use_gemv_for_single_rows
 from dockyard.ops.quant_linear import GGUFLinear, Int4Linear, choose_quant_path, convert_to_quant_linears
 from dockyard.registry import build_model
 from dockyard.weights.fp8 import checkpoint_fp8_weights, choose_fp8_path, convert_to_fp8_linears
+from dockyard.weights.fp8_quantize import quantize_linears_fp8
 from dockyard.weights.loader import load_weights
 from dockyard.weights.safetensors_dir import iter_safetensors
 
@@ -76,11 +80,15 @@ def _skip_parameter_init() -> Iterator[None]:
 
 
 def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, seed: int = 0,
-               tp_rank: int = 0, tp_size: int = 1, expert_parallel: bool = False) -> tuple[nn.Module, Any]:
+               tp_rank: int = 0, tp_size: int = 1, expert_parallel: bool = False,
+               quantize_fp8: bool = False) -> tuple[nn.Module, Any]:
     """Build ``source``'s model on ``device`` in ``dtype`` and load its weights → (model, load report).
 
     With ``tp_size`` > 1 the model is cut to rank ``tp_rank``'s shard first and only that rank's
-    slices are loaded (``dockyard.distributed.sharding``)."""
+    slices are loaded (``dockyard.distributed.sharding``). ``quantize_fp8``: online FP8 (one process; on a
+    CUDA GPU with FP8 tensor cores, or on a CPU with the reference math)."""
+    if quantize_fp8:
+        check_online_fp8(source, device, tp_size)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -94,9 +102,9 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, se
     if tp_size > 1:
         shard_model(model, tp_rank, tp_size, expert_parallel)
         _native_fp8(model, source, device, dtype, tp_size)  # logs that FP8 is dequantized under TP (for now)
-        if source.kind == "safetensors" and source.fp8 is None:  # read only this rank's slices
+        if source.kind == "safetensors" and source.fp8 is None and source.int4 is None:  # only this rank's slices
             weights = iter_safetensors(source.path, cut=lazy_cutter(model))
-        else:  # dummy, GGUF (dequantized whole), FP8 (dequantized whole): sliced after reading
+        else:  # dummy, GGUF, FP8 and int4 (dequantized whole): sliced after reading
             weights = shard_weights(model, source.iter_weights(model, dtype, seed))
         report = load_weights(model, weights)
     else:
@@ -104,11 +112,32 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, se
         keep = _keep_quantized(model, source, device, tp_size)
         report = load_weights(model, source.iter_weights(model, dtype, seed, native_fp8=native_fp8,
                                                          **({"keep_quantized": keep} if keep else {})))
+    if quantize_fp8:
+        quantize_linears_fp8(model)
+        if device.type == "cuda":  # the replaced Linears' memory goes back (the KV cache is sized from it)
+            torch.cuda.empty_cache()
     if device.type == "cuda" and hasattr(model, "fuse_projections"):
         model.fuse_projections()
     if device.type == "cuda":
         use_gemv_for_single_rows(model)
     return model, report
+
+
+def check_online_fp8(source: ModelSource, device: torch.device, tp_size: int = 1) -> None:
+    """Refuse (ConfigError) online FP8 where the FP8 projections cannot run: a GPU without FP8 tensor cores, tensor
+    parallelism (the FP8 layers are single-process), or a checkpoint that is already quantized."""
+    why = None
+    if source.quantization is not None:
+        why = f"the checkpoint is already quantized ({source.quantization!r}); drop --quantization or pass that method"
+    elif tp_size > 1:
+        why = f"FP8 layers run in one process (tensor_parallel_size={tp_size}); drop --quantization or run on one GPU"
+    elif device.type == "cuda":
+        why = native_fp8_unavailable(device)
+        why = why and f"{why}; drop --quantization, or use a GPU with FP8 tensor cores (Ada, Hopper)"
+    if why:
+        raise ConfigError(f"--quantization fp8 (online FP8 of {source.name}) cannot run: {why}")
+    if device.type == "cpu":
+        logger.info("online FP8 on the CPU: the FP8 projections compute with PyTorch reference math (slow)")
 
 
 def _native_fp8(model: nn.Module, source: ModelSource, device: torch.device, dtype: torch.dtype,

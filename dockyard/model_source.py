@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
+from dockyard.engine_args import INT4_METHODS
 from dockyard.errors import ConfigError, DockyardError, UnsupportedArchitectureError, WeightsError
 from dockyard.generation_config import GenerationDefaults, load_generation_config
 from dockyard.hub import locate_model as hub_locate
@@ -47,6 +48,7 @@ class ModelSource:
     path: Path
     gguf: Any = None  # dockyard.weights.gguf.GGUFFile for kind == "gguf"
     fp8: Any = None  # dockyard.weights.fp8.FP8Config when quantization_config is fp8 (see weights/fp8.py)
+    int4: Any = None  # dockyard.weights.int4.Int4Config for AWQ / GPTQ / compressed-tensors int4 checkpoints
     quantization: str | None = None  # quantization_config.quant_method, as the config names it
     generation: GenerationDefaults = dataclasses.field(default_factory=GenerationDefaults)
     tokenizer_path: Path | None = None  # a separate tokenizer source (--tokenizer); None: the model's own
@@ -58,20 +60,24 @@ class ModelSource:
         return self.kind != "dummy"
 
     def iter_weights(self, model: nn.Module, dtype: torch.dtype, seed: int = 0,
-                     native_fp8: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                     native_fp8: set[str] | None = None, keep_quantized: set[str] | None = None
+                     ) -> Iterator[tuple[str, Any]]:
         """Checkpoint tensors for ``model`` (dummy ones at its shapes for kind == 'dummy'), counted on a
         progress bar on stderr when it is a terminal.
 
         FP8 checkpoints: the weights named in ``native_fp8`` (checkpoint names, see
-        ``weights.fp8.convert_to_fp8_linears``) come as stored with their scale grids; the rest dequantized."""
-        return tqdm(self._tensors(model, dtype, seed, native_fp8), desc=f"loading {self.kind} weights",
+        ``weights.fp8.convert_to_fp8_linears``) come as stored with their scale grids; the rest dequantized.
+        int4 checkpoints: the weights named in ``keep_quantized`` (checkpoint names) come as
+        ``ops.quant_format.Int4Weight``; the rest dequantized (``weights.int4.read_int4``)."""
+        return tqdm(self._tensors(model, dtype, seed, native_fp8, keep_quantized), desc=f"loading {self.kind} weights",
                     unit=" tensors", file=sys.stderr, disable=None, leave=False)
 
-    def _tensors(self, model: nn.Module, dtype: torch.dtype, seed: int,
-                 native_fp8: set[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
+    def _tensors(self, model: nn.Module, dtype: torch.dtype, seed: int, native_fp8: set[str] | None,
+                 keep_quantized: set[str] | None) -> Iterator[tuple[str, Any]]:
         # The weights modules import torch; resolving a model reads metadata only, so they load here.
         from dockyard.weights import fp8
         from dockyard.weights.dummy import iter_dummy
+        from dockyard.weights.int4 import read_int4
         from dockyard.weights.safetensors_dir import iter_safetensors
 
         if self.kind == "gguf":
@@ -81,6 +87,9 @@ class ModelSource:
                 if native_fp8:
                     return fp8.native_fp8(iter_safetensors(self.path), self.fp8, native_fp8, dtype)
                 return fp8.dequantize_fp8(iter_safetensors(self.path), self.fp8, dtype)
+            if self.int4 is not None:
+                device = next(model.parameters()).device
+                return read_int4(iter_safetensors(self.path), self.int4, dtype, keep_quantized, device)
             return iter_safetensors(self.path)
 
         return iter_dummy(model, seed)
@@ -175,21 +184,24 @@ def _resolve(model: str | Path | None, load_format: str, revision: str | None,
     name = repo_id or (model_dir.resolve().name if config_file.name == "config.json" else config_file.stem)
     choice = choose_model_impl(config, model_impl, model_dir if path.is_dir() else None, trust_remote_code)
     spec = _spec_for(choice, config, name)
-    kind, fp8 = "dummy", None
+    kind, fp8, int4 = "dummy", None, None
     quant = config.get("quantization_config")
     method = None
     if isinstance(quant, dict):
         method = str(quant.get("quant_method") or quant.get("fmt") or "unknown")
     if load_format == "auto" and path.is_dir():
+        from dockyard.weights.int4 import Int4Config  # imports torch (see GGUFFile above)
         from dockyard.weights.safetensors_dir import safetensors_files  # imports torch (see GGUFFile above)
 
         if safetensors_files(model_dir):
             kind = "safetensors"
-            if method is not None and method != "fp8":
+            if method in INT4_METHODS:
+                int4 = Int4Config.from_quantization_config(quant, model_dir)
+            elif method is not None and method != "fp8":
                 raise WeightsError(
                     f"{model_dir} holds a quantized checkpoint (quantization_config.quant_method={method!r}), "
-                    "which dockyard cannot load yet; use an unquantized (bf16/fp16/fp32) checkpoint, or "
-                    "--load-format dummy to run the architecture on dummy weights"
+                    f"which dockyard cannot load yet (it reads fp8, {', '.join(INT4_METHODS)}); use an unquantized "
+                    "(bf16/fp16/fp32) checkpoint, or --load-format dummy to run the architecture on dummy weights"
                 )
     if method == "fp8":
         try:
@@ -201,5 +213,5 @@ def _resolve(model: str | Path | None, load_format: str, revision: str | None,
                 raise
             # Dummy weights do not read the checkpoint's scales: the FP8 settings only matter to the plan.
             logger.info("quantization_config is fp8 with settings the loader refuses; dummy weights ignore it")
-    return ModelSource(name=name, spec=spec, kind=kind, path=model_dir, fp8=fp8, quantization=method,
+    return ModelSource(name=name, spec=spec, kind=kind, path=model_dir, fp8=fp8, int4=int4, quantization=method,
                        repo_id=repo_id, impl_reason=choice.reason)

@@ -4,6 +4,7 @@ Triton kernel modules in the interpreter's mode, requests poisoned past validati
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from pathlib import Path
 from types import ModuleType
@@ -14,14 +15,52 @@ import torch
 from dockyard.engine.sampling_params import SamplingParams
 from dockyard.testing import paged_logits, rel_rmse
 
-__all__ = ["import_kernels", "interpreter_loop_bounds_fix", "paged_logits", "poison", "rel_rmse",
-           "save_tiny_hf_model"]
+__all__ = ["import_kernels", "init_unit_scale_", "interpreter_loop_bounds_fix", "paged_logits", "poison",
+           "rel_rmse", "save_tiny_hf_model", "unit_scale_llama", "unit_scale_state"]
 
 
 def save_tiny_hf_model(hf_model: torch.nn.Module, directory: Path) -> Path:
     """Save an HF model (config + safetensors) so dockyard loads it through its own loader."""
     hf_model.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def init_unit_scale_(model: torch.nn.Module) -> torch.nn.Module:
+    """Redraw an HF model's Linear weights with std 1/sqrt(fan-in) and embeddings with std 1, in place: a
+    unit-scale signal through the layers, so the logits depend on every weight."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0, module.in_features ** -0.5)
+            elif isinstance(module, torch.nn.Embedding):
+                module.weight.normal_(0, 1)
+    return model
+
+
+def unit_scale_llama(intermediate_size: int, seed: int = 0) -> torch.nn.Module:
+    """A 2-layer HF Llama (hidden 256, 4 heads, 2 KV heads, vocab 512) at unit signal scale
+    (:func:`init_unit_scale_`), in float32."""
+    import transformers  # heavy; only the weights tests build HF models here
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=intermediate_size,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, tie_word_embeddings=False)
+    return init_unit_scale_(transformers.LlamaForCausalLM(config))
+
+
+def unit_scale_state(config: dict, directory: Path, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random float32 weights at unit signal scale (std 1/sqrt(fan-in), norm weights 1) for every parameter of
+    dockyard's model of ``config`` (its config.json is written to ``directory`` to build the shapes)."""
+    from dockyard.engine.llm import LLM  # the engine is heavy; only the tests that build checkpoints need it
+
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    shapes = LLM(directory / "config.json", load_format="dummy", device="cpu", dtype="float32",
+                 num_kv_blocks=4, max_num_seqs=1)
+    gen = torch.Generator().manual_seed(seed)
+    return {name: torch.ones(p.shape) if p.dim() == 1 else torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5
+            for name, p in shapes.model.state_dict().items()}
 
 
 def import_kernels(module_name: str, interpret: bool) -> ModuleType:

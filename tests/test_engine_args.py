@@ -114,7 +114,7 @@ def test_vllm_flags_not_honoured_are_refused_with_the_reason(flags, capsys):
 
 @pytest.mark.parametrize(("argv", "words"), [
     (["--kv-cache-dtype", "fp8"], "FP8 KV cache is not implemented"),
-    (["--quantization", "awq"], "quantization='awq' is not supported"),
+    (["--quantization", "bitsandbytes"], "quantization='bitsandbytes' is not supported"),
     (["--no-enable-chunked-prefill"], "raise --max-num-batched-tokens to --max-model-len"),
     (["--gpu-memory-utilization", "1.5"], "must be in (0, 1]"),
     (["--max-num-seqs", "0"], "max_num_seqs=0 must be a whole number >= 1"),
@@ -126,13 +126,18 @@ def test_unsupported_values_are_one_line_errors(argv, words, capsys):
 
 
 def test_quantization_must_match_the_checkpoint():
-    """As vLLM: --quantization fp8 names the checkpoint's own method; an unquantized one is not quantized on load."""
+    """As vLLM: --quantization names the checkpoint's own method; only fp8 quantizes an unquantized one on load."""
     fp8 = resolve_model(f"{CONFIGS}/Qwen--Qwen3-8B-FP8/config.json")
     plain = resolve_model(f"{CONFIGS}/Qwen--Qwen3-8B/config.json")
     EngineArgs(quantization="fp8").check_quantization(fp8.quantization, fp8.name)
     EngineArgs().check_quantization(fp8.quantization, fp8.name)
-    with pytest.raises(ConfigError, match="is not quantized; dockyard does not quantize weights while loading"):
-        EngineArgs(quantization="fp8").check_quantization(plain.quantization, plain.name)
+    assert not EngineArgs(quantization="fp8").quantizes_online(fp8.quantization)
+    EngineArgs(quantization="fp8").check_quantization(plain.quantization, plain.name)  # online FP8
+    assert EngineArgs(quantization="fp8").quantizes_online(plain.quantization)
+    with pytest.raises(ConfigError, match="is not quantized; dockyard quantizes weights while loading only to fp8"):
+        EngineArgs(quantization="awq").check_quantization(plain.quantization, plain.name)
+    with pytest.raises(ConfigError, match="is quantized with 'fp8'"):
+        EngineArgs(quantization="gptq").check_quantization(fp8.quantization, fp8.name)
 
 
 def test_gpu_memory_utilization_sizes_the_kv_cache_as_vllm():

@@ -29,7 +29,7 @@ from dockyard.engine.threads import configure_threads
 from dockyard.engine_args import EngineArgs, model_source_kwargs
 from dockyard.errors import ConfigError, DockyardError, InvalidRequestError
 from dockyard.memory import plan_memory
-from dockyard.model_loader import load_model, resolve_device, resolve_dtype
+from dockyard.model_loader import check_online_fp8, load_model, resolve_device, resolve_dtype
 from dockyard.model_source import ModelSource, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,8 @@ class LLM:
         self.dtype = resolve_dtype(args.dtype, spec.torch_dtype, self.device)
         self.spec = spec
         self.tensor_parallel_size = tensor_parallel_size
+        if args.quantizes_online(self.source.quantization):  # before any worker starts
+            check_online_fp8(self.source, self.device, tensor_parallel_size)
         if tensor_parallel_size > 1 or args.enable_expert_parallel:
             check_parallel_config(spec, tensor_parallel_size, args.enable_expert_parallel)
         config = EngineConfig(
@@ -134,8 +136,9 @@ class LLM:
     def _build(self, config: EngineConfig, seed: int, expert_parallel: bool, t0: float) -> None:
         """Load this rank's model, size the KV cache (telling the other ranks) and start the engine."""
         spec = self.spec
-        self.model, self.load_report = load_model(self.source, self.device, self.dtype, seed, 0,
-                                                  self.tensor_parallel_size, expert_parallel)
+        self.model, self.load_report = load_model(
+            self.source, self.device, self.dtype, seed, 0, self.tensor_parallel_size, expert_parallel,
+            quantize_fp8=self.engine_args.quantizes_online(self.source.quantization))
         self.tokenizer = self.source.load_tokenizer()
         block_size = config.block_size
         num_blocks = config.num_kv_blocks or self._kv_blocks_from_memory(config)

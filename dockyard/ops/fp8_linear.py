@@ -89,7 +89,7 @@ def quantize_weight_blocks(w: torch.Tensor, block: tuple[int, int] = (128, 128))
     """Quantize a weight [N, K] as block-FP8 checkpoints store it, on ``w``'s device: per ``block`` tile
     ``scale = max(amax, 1e-12) / 448`` (float32) and ``q = w / scale`` rounded to e4m3 (ragged edge tiles).
     Returns (q e4m3 [N, K], scale grid float32) — the ``weight`` and ``weight_scale_inv`` of :class:`Fp8Linear`.
-    For tests and benchmarks (dockyard loads FP8 checkpoints, it does not make them)."""
+    Online FP8 (``weights.fp8_quantize.quantize_linears_fp8``), tests and benchmarks use it."""
     (rows, cols), (bn, bk) = w.shape, block
     gr, gc = math.ceil(rows / bn), math.ceil(cols / bk)
     tiles = F.pad(w.float(), (0, gc * bk - cols, 0, gr * bn - rows)).view(gr, bn, gc, bk)

@@ -16,7 +16,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 
 from dockyard.engine.llm import LLM
@@ -29,7 +28,7 @@ from dockyard.weights.fp8_quantize import (
     fp8_quantization_config,
     quantize_fp8_blocks,
 )
-from tests.helpers import rel_rmse, save_tiny_hf_model
+from tests.helpers import rel_rmse, save_tiny_hf_model, unit_scale_llama
 
 BLOCK = 128
 FP8_QUANT = fp8_quantization_config((BLOCK, BLOCK))
@@ -73,17 +72,7 @@ def _write_checkpoint(directory: Path, src: Path, tensors: dict[str, torch.Tenso
 def checkpoints(tmp_path_factory):
     """bf16 reference checkpoint, its block-FP8 twin, and a per-tensor / per-channel FP8 twin."""
     root = tmp_path_factory.mktemp("fp8")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=320, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                      tie_word_embeddings=False)
-    hf = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():  # unit-scale signal through the layers, so the logits depend on every weight
-        for module in hf.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.normal_(0, module.in_features ** -0.5)
-            elif isinstance(module, torch.nn.Embedding):
-                module.weight.normal_(0, 1)
+    hf = unit_scale_llama(intermediate_size=320)
     bf16_dir = save_tiny_hf_model(hf.to(torch.bfloat16), root / "bf16")
     state = load_file(str(bf16_dir / "model.safetensors"))
     block, rows = dict(state), dict(state)
@@ -232,7 +221,7 @@ def test_pairing_errors_name_the_tensors(pairs, message):
     ({"fmt": "e5m2"}, r"quantization_config\.fmt='e5m2' is not supported"),
     ({"activation_scheme": "static"}, r"activation_scheme='static' is not supported"),
     ({"weight_block_size": [128]}, r"weight_block_size=\[128\] must be two positive integers"),
-    ({"quant_method": "awq"}, r"quant_method='awq'\), which dockyard cannot load yet"),
+    ({"quant_method": "bitsandbytes"}, r"quant_method='bitsandbytes'\), which dockyard cannot load yet"),
 ])
 def test_config_dockyard_cannot_honour_is_refused(checkpoints, tmp_path, change, message):
     for name in ("config.json", "model.safetensors"):

@@ -25,7 +25,7 @@ from dockyard.engine.llm import LLM
 from dockyard.ops.fp8_linear import Fp8Linear
 from dockyard.weights.fp8 import FP8_NATIVE_ENV
 from dockyard.weights.fp8_quantize import FP8_LOGITS_BOUND, fp8_quantization_config, quantize_fp8_blocks
-from tests.helpers import rel_rmse
+from tests.helpers import rel_rmse, unit_scale_state
 from tests.weights.test_fp8 import BLOCK, _logits, _reference
 
 CONFIG = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 256,
@@ -49,17 +49,7 @@ def checkpoints(tmp_path_factory):
     """The bf16 checkpoint (random weights at unit signal scale) and its block-FP8 twin (192-wide experts: a
     ragged 64-wide last block)."""
     root = tmp_path_factory.mktemp("fp8moe")
-    (root / "shapes").mkdir()
-    (root / "shapes" / "config.json").write_text(json.dumps(CONFIG))
-    shapes = LLM(root / "shapes" / "config.json", load_format="dummy", device="cpu", dtype="float32",
-                 num_kv_blocks=4, max_num_seqs=1)
-    gen = torch.Generator().manual_seed(0)
-    state = {}
-    for name, p in shapes.model.state_dict().items():
-        if p.dim() == 1:  # norm weights
-            state[name] = torch.ones(p.shape, dtype=torch.bfloat16)
-        else:
-            state[name] = (torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5).to(torch.bfloat16)
+    state = {name: w.to(torch.bfloat16) for name, w in unit_scale_state(CONFIG, root / "shapes").items()}
     quantized, fp8 = {}, dict(state)
     for name, w in state.items():
         if name.startswith("model.layers.") and name.endswith("_proj.weight") and w.dim() == 2:

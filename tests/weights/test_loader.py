@@ -112,13 +112,13 @@ def test_directory_with_config_only_uses_dummy(tmp_path):
 def test_quantized_checkpoint_is_refused_naming_the_method(tmp_path):
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64, "hidden_size": 32,
               "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-              "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}}
+              "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}
     (tmp_path / "config.json").write_text(json.dumps(config))
     save_file({"lm_head.weight": torch.zeros(64, 32)}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(WeightsError, match="quant_method='gptq'"):
+    with pytest.raises(WeightsError, match="quant_method='bitsandbytes'"):
         resolve_model(str(tmp_path))
     assert resolve_model(str(tmp_path), "dummy").kind == "dummy"  # the architecture still runs on dummy weights
-    # fp8 is the one method dockyard loads (dequantized on load: tests/weights/test_fp8.py).
+    # fp8 and the int4 methods are those dockyard loads (tests/weights/test_fp8.py, tests/weights/test_int4.py).
     config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert resolve_model(str(tmp_path)).fp8 is not None
