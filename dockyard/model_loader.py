@@ -8,7 +8,8 @@ tensor-parallel workers (ranks 1..N-1) and onboarding:
 2. with tensor parallelism, cut it in place to this rank's shard (:mod:`dockyard.distributed.sharding`)
    and read only this rank's slices of the checkpoint;
 3. for an FP8 checkpoint, choose between native FP8 matmuls and dequantizing on load
-   (:func:`dockyard.weights.fp8.choose_fp8_path`), then load the weights;
+   (:func:`dockyard.weights.fp8.choose_fp8_path`), then load the weights; FP8 KV-cache scales
+   (``…self_attn.k_scale`` / ``v_scale``) go to the attention layers (:mod:`dockyard.ops.fp8_kv`);
 4. on CUDA, fuse projections and route single-row matmuls to the GEMV kernel.
 """
 
@@ -26,6 +27,7 @@ from dockyard.distributed.sharding import lazy_cutter, shard_model, shard_weight
 from dockyard.dtypes import RUN_DTYPES
 from dockyard.errors import DockyardError
 from dockyard.model_source import ModelSource
+from dockyard.ops.fp8_kv import apply_kv_scales, split_kv_scales
 from dockyard.ops.linear import use_gemv_for_single_rows
 from dockyard.registry import build_model
 from dockyard.weights.fp8 import checkpoint_fp8_weights, choose_fp8_path, convert_to_fp8_linears
@@ -95,10 +97,13 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, se
             weights = iter_safetensors(source.path, cut=lazy_cutter(model))
         else:  # dummy, GGUF (dequantized whole), FP8 (dequantized whole): sliced after reading
             weights = shard_weights(model, source.iter_weights(model, dtype, seed))
-        report = load_weights(model, weights)
     else:
-        report = load_weights(model, source.iter_weights(model, dtype, seed, native_fp8=_native_fp8(
-            model, source, device, dtype, tp_size)))
+        weights = source.iter_weights(model, dtype, seed, native_fp8=_native_fp8(model, source, device, dtype, tp_size))
+    kv_scales: dict[str, dict[str, float]] = {}
+    report = load_weights(model, split_kv_scales(weights, kv_scales))
+    if kv_scales:
+        logger.info("FP8 KV-cache scales from the checkpoint for %d attention layers (used with --kv-cache-dtype fp8)",
+                    apply_kv_scales(model, kv_scales))
     if device.type == "cuda" and hasattr(model, "fuse_projections"):
         model.fuse_projections()
     if device.type == "cuda":

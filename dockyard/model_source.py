@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # resolving a model reads metadata only; torch comes with the
 logger = logging.getLogger(__name__)
 
 LOAD_FORMATS = ("auto", "dummy")
+MXFP4_METHOD = "mxfp4"  # quantization_config.quant_method of gpt-oss's published checkpoints (weights/mxfp4.py)
 
 
 @dataclass
@@ -72,11 +73,14 @@ class ModelSource:
         # The weights modules import torch; resolving a model reads metadata only, so they load here.
         from dockyard.weights import fp8
         from dockyard.weights.dummy import iter_dummy
+        from dockyard.weights.mxfp4 import dequantize_mxfp4
         from dockyard.weights.safetensors_dir import iter_safetensors
 
         if self.kind == "gguf":
             return self.gguf.iter_tensors(dtype)
         if self.kind == "safetensors":
+            if self.quantization == MXFP4_METHOD:  # gpt-oss's published experts: dequantized on load
+                return dequantize_mxfp4(iter_safetensors(self.path), dtype)
             if self.fp8 is not None:
                 if native_fp8:
                     return fp8.native_fp8(iter_safetensors(self.path), self.fp8, native_fp8, dtype)
@@ -185,7 +189,7 @@ def _resolve(model: str | Path | None, load_format: str, revision: str | None,
 
         if safetensors_files(model_dir):
             kind = "safetensors"
-            if method is not None and method != "fp8":
+            if method is not None and method not in ("fp8", MXFP4_METHOD):
                 raise WeightsError(
                     f"{model_dir} holds a quantized checkpoint (quantization_config.quant_method={method!r}), "
                     "which dockyard cannot load yet; use an unquantized (bf16/fp16/fp32) checkpoint, or "
