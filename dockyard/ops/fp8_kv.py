@@ -36,9 +36,6 @@ KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
 K_SCALE_HEADROOM = 200.0
 V_SCALE_HEADROOM = 100.0
 CALIBRATION_TOKENS = 256
-# e4m3 keeps 3 mantissa bits: a value's rounding error is at most 2^-4 of it (relative, normal range);
-# uniform over the step, its rms is 2^-4 / sqrt(3) ≈ 3.6%.
-E4M3_RELATIVE_STEP = 2.0**-3
 
 
 def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -157,6 +154,6 @@ def calibration_scale(x: torch.Tensor, headroom: float) -> torch.Tensor:
     return (x.detach().abs().amax().float() / headroom).clamp_min(1e-8)
 
 
-__all__ = ["CALIBRATION_TOKENS", "E4M3_RELATIVE_STEP", "K_SCALE_HEADROOM", "KV_CACHE_DTYPES", "V_SCALE_HEADROOM",
+__all__ = ["CALIBRATION_TOKENS", "K_SCALE_HEADROOM", "KV_CACHE_DTYPES", "V_SCALE_HEADROOM",
            "apply_kv_scales", "calibrating", "calibration", "calibration_scale", "dequantize", "is_fp8", "quantize",
            "resolve_kv_cache_dtype", "split_kv_scales"]

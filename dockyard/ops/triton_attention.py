@@ -427,11 +427,6 @@ def paged_decode_attention(
     splits = num_splits or default_num_splits(batch, num_kv_heads, max_context, q.device)
     split = splits > 1
     dot_dtype, dot_precision = _dot_mode(q, dot_precision)
-    if kv_scaled and dot_dtype == torch.bfloat16:
-        # e4m3 → float16 is one conversion instruction on GPUs with FP8 (to bfloat16 it goes through
-        # float32): the products run in float16, which holds every e4m3 value exactly and a query with
-        # 3 more mantissa bits than bfloat16 (a query entry beyond float16's 65504 would overflow).
-        dot_dtype = torch.float16
     part_acc, part_m, part_l = _split_partials(out, splits)
     options = _launch_options(num_warps, num_stages)
     _paged_decode_kernel[(batch, num_kv_heads, splits)](
