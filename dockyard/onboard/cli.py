@@ -43,7 +43,8 @@ def add_onboard_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--json", action="store_true", help="print report.json on stdout (the table goes to stderr)")
     # The engine flags onboarding takes (the plan and the runs use them; the real gate still compares in
     # float32 when that fits).
-    EngineArgs.add_cli_args(p, only=("dtype", "device", "num_threads", "model_impl", "trust_remote_code"))
+    EngineArgs.add_cli_args(p, only=("dtype", "device", "num_threads", "model_impl", "trust_remote_code",
+                                     "kv_cache_dtype"))
     return p
 
 
@@ -61,7 +62,7 @@ def cmd_onboard(args: argparse.Namespace) -> int:
         device_memory_gib=args.device_memory, dtype=args.dtype, num_layers=args.num_layers,
         dummy_memory_gib=args.dummy_memory,
         skip=tuple(args.skip), compile_backend=args.compile_backend, model_impl=args.model_impl,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, kv_cache_dtype=args.kv_cache_dtype,
     )
     run = run_onboard(options, progress=sys.stderr)
     table = summary_table(run)

@@ -3,6 +3,8 @@ misapplied on read, and MLA is refused by name."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -40,3 +42,18 @@ def test_fp8_kv_row_names_mla_as_unsupported(tmp_path):
     ctx = _context(tmp_path, _model_dir(tmp_path, shared_config("deepseek-ai--DeepSeek-V2-Lite")))
     row = fp8_kv.trial_row(ctx, None, "not needed")
     assert row["status"] == "unsupported" and "multi-head latent attention" in row["why"]
+
+
+def test_fit_and_capacity_plan_an_fp8_kv_cache_at_one_byte(tmp_path):
+    from dockyard.onboard.gates import fit
+
+    plans = {}
+    for kv in ("auto", "fp8"):
+        ctx = _context(tmp_path / kv, _model_dir(tmp_path, TINY, kv))
+        ctx.options = dataclasses.replace(ctx.options, kv_cache_dtype=kv)
+        fit.ensure_plan(ctx)
+        plans[kv] = ctx.plan
+    layers, heads, dim = TINY["num_hidden_layers"], TINY["num_key_value_heads"], 64 // 4
+    assert plans["auto"].kv_bytes_per_token == layers * 2 * heads * dim * 4  # float32 on the CPU
+    assert plans["fp8"].kv_bytes_per_token == layers * 2 * heads * dim * 1
+    assert plans["fp8"].kv_cache_dtype == "float8_e4m3fn"
