@@ -42,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dockyard.model_source import MXFP4_METHOD
 from dockyard.onboard.config_features import is_moe
 from dockyard.onboard.context import GateContext, Outcome
 from dockyard.onboard.gates.features import cuda_graph, fp8, fp8_kv, parallel, torch_compile
@@ -87,8 +88,14 @@ def run(ctx: GateContext) -> Outcome:
         rows.append(_guarded("FP8", lambda: fp8.trial_row(ctx, trials, setup_error)))
         rows.append(_guarded(fp8_kv.FEATURE, lambda: fp8_kv.trial_row(ctx, trials, setup_error)))
     quant = sorted(k.split(":", 1)[1] for k in keys if k.startswith("quantized:"))
-    for method in (m for m in quant if m != "fp8"):
+    for method in (m for m in quant if m not in ("fp8", MXFP4_METHOD)):
         rows.append(row(f"quantization ({method})", "unsupported", f"quant_method {method!r} is not implemented"))
+    if MXFP4_METHOD in quant:  # gpt-oss's published experts: dequantized on load (weights/mxfp4.py)
+        loaded = ctx.real.passed and ctx.source is not None and ctx.source.quantization == MXFP4_METHOD
+        rows.append(row(f"quantization ({MXFP4_METHOD})", "supported" if loaded else "not-run",
+                        "the real gate loaded this MXFP4 checkpoint (experts dequantized on load) and checked its "
+                        "output" if loaded else "MXFP4 experts are dequantized on load; the real gate did not load "
+                        "and check this checkpoint on this run"))
     if ctx.source is not None and ctx.source.kind == "gguf":
         real_ok = ctx.real.passed
         rows.append(row("GGUF dequantization", "supported" if real_ok else "not-run",
