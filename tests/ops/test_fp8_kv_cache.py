@@ -210,3 +210,26 @@ def test_graphs_equal_eager_with_fp8_cache(tmp_path):
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     a, b = graphs.generate(prompts, params, use_tqdm=False), eager.generate(prompts, params, use_tqdm=False)
     assert [x.outputs[0].token_ids for x in a] == [y.outputs[0].token_ids for y in b]
+
+
+def test_generic_path_calibrates_and_reads_an_fp8_cache(tmp_path):
+    """transformers' own modules (the generic path) write and read the FP8 cache through the same slot: logits
+    of chunked prefill + decodes stay within the onboarding bound of HF's own forward."""
+    transformers = pytest.importorskip("transformers")
+    from dockyard import LLM
+    from dockyard.onboard.gates.features.fp8_kv import FP8_KV_LOGITS_BOUND
+    from dockyard.testing import paged_logits, rel_rmse
+    from tests.models.test_generic import TINY_SIZES
+
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model("gpt_neox", **TINY_SIZES)
+    reference = transformers.AutoModelForCausalLM.from_config(config).eval()
+    reference.save_pretrained(tmp_path)
+    llm = LLM(tmp_path, device="cpu", num_kv_blocks=64, kv_cache_dtype="fp8")
+    assert llm.spec.model_impl == "transformers" and llm.engine.runner.kv_cache.dtype == fp8_kv.FP8_DTYPE
+    assert {m.kv_scale_source for m in llm.engine.runner.attention_layers} == {"calibrated"}
+    ids = torch.randint(0, TINY_SIZES["vocab_size"], (14,), generator=torch.Generator().manual_seed(2))
+    got = paged_logits(llm.model, ids.tolist(), [10, 1, 1, 1, 1], kv_cache_dtype=fp8_kv.FP8_DTYPE)
+    with torch.no_grad():
+        expected = reference(ids[None]).logits[0]
+    assert 0 < rel_rmse(got, expected) < FP8_KV_LOGITS_BOUND
