@@ -31,7 +31,7 @@ from dockyard.errors import ConfigError, DockyardError, InvalidRequestError
 from dockyard.memory import plan_memory
 from dockyard.model_loader import load_model, resolve_device, resolve_dtype
 from dockyard.model_source import ModelSource, resolve_model
-from dockyard.ops.fp8_kv import resolve_kv_cache_dtype
+from dockyard.ops.fp8_kv import latent_cache_refusal, resolve_kv_cache_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +120,8 @@ class LLM:
             enforce_eager=args.enforce_eager or tensor_parallel_size > 1, async_scheduling=args.async_scheduling,
             kv_cache_dtype=args.kv_cache_dtype,
         )
+        if args.kv_cache_dtype != "auto" and spec.mla is not None:  # before any weight is read
+            raise latent_cache_refusal(spec.name, args.kv_cache_dtype)
         if args.kv_cache_dtype != "auto" and tensor_parallel_size > 1:
             raise ConfigError(f"kv_cache_dtype={args.kv_cache_dtype!r} with tensor_parallel_size="
                               f"{tensor_parallel_size} is not supported yet (the workers' caches are not "

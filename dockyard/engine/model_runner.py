@@ -46,7 +46,6 @@ from dockyard.engine.cuda_graphs import DecodeGraphs, decode_split_shape, graph_
 from dockyard.engine.sampler import Sampler, SamplerOutput, SamplingBatch, argmax_suffices
 from dockyard.engine.scheduler import ScheduledSeq
 from dockyard.engine.sequence import Sequence
-from dockyard.errors import ConfigError
 from dockyard.ops import fp8_kv
 from dockyard.ops.attention import Attention as AttentionLayer
 from dockyard.ops.attention import AttentionMetadata, calibrate_kv_scales, forward_context
@@ -215,8 +214,7 @@ class ModelRunner:
         self.kv_cache_dtype = kv_cache_dtype or dtype
         if self.kv_cache_dtype == fp8_kv.FP8_DTYPE:
             if entries != 2:
-                raise ConfigError(f"{spec.name}: kv_cache_dtype fp8 is not supported for its KV cache of one latent "
-                                  "per token (multi-head latent attention); use --kv-cache-dtype auto")
+                raise fp8_kv.latent_cache_refusal(spec.name, "fp8")
             calibrate_kv_scales(model, self.attention_layers)
         self.kv_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=device)
         self._bind_kv_cache()

@@ -47,6 +47,12 @@ def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     return model_dtype if chosen is None else chosen
 
 
+def latent_cache_refusal(model_name: str, choice: str) -> ConfigError:
+    """The error for an FP8 cache asked of a model that caches one latent per token (MLA): not supported."""
+    return ConfigError(f"{model_name}: kv_cache_dtype={choice!r} is not supported for its KV cache of one latent per "
+                       "token (multi-head latent attention); use --kv-cache-dtype auto")
+
+
 def is_fp8(cache: torch.Tensor) -> bool:
     """Whether a KV cache tensor stores e4m3 values (and so needs its layer's scales)."""
     return cache.dtype == FP8_DTYPE

@@ -233,3 +233,16 @@ def test_generic_path_calibrates_and_reads_an_fp8_cache(tmp_path):
     with torch.no_grad():
         expected = reference(ids[None]).logits[0]
     assert 0 < rel_rmse(got, expected) < FP8_KV_LOGITS_BOUND
+
+
+def test_mla_and_tensor_parallel_refuse_an_fp8_cache_before_loading(tmp_path):
+    from dockyard import LLM
+    from dockyard.errors import ConfigError
+    from tests.engine.test_cuda_graphs import _tiny_dense_mla, _tiny_llama
+
+    (tmp_path / "mla").mkdir()
+    with pytest.raises(ConfigError, match="one latent per token"):
+        LLM(_tiny_dense_mla(tmp_path / "mla"), load_format="dummy", device="cpu", kv_cache_dtype="fp8")
+    with pytest.raises(ConfigError, match="tensor_parallel_size=2 is not supported yet"):
+        LLM(_tiny_llama(tmp_path), load_format="dummy", device="cpu", kv_cache_dtype="fp8_e4m3",
+            tensor_parallel_size=2)
