@@ -72,13 +72,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="split the model over N GPUs (rooflines then count N devices' ceilings)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8 | fp8_e4m3 (EngineArgs.kv_cache_dtype)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """The ``LLM`` keyword arguments of :func:`add_model_args`' options."""
     return {"load_format": args.load_format, "device": args.device, "dtype": args.dtype, "seed": args.seed,
             "enforce_eager": args.enforce_eager, "tensor_parallel_size": args.tensor_parallel_size,
-            "async_scheduling": False if args.no_async_scheduling else None}
+            "async_scheduling": False if args.no_async_scheduling else None,
+            "kv_cache_dtype": args.kv_cache_dtype}
 
 
 def sync(device: torch.device) -> None:

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     # at the measured bandwidth; the floor is the larger of the two.
     spec = llm.spec
     ceilings = measure(llm.device, llm.dtype, args.tensor_parallel_size)
-    plan = plan_memory(spec, llm.dtype)
+    plan = plan_memory(spec, llm.dtype, kv_cache_dtype=llm.engine.runner.kv_cache_dtype)
     lm_head = spec.vocab_size * spec.hidden_size
     matmul_params = plan.active_parameters - lm_head * (1 if spec.tie_word_embeddings else 2)
     # Model FLOPs: the matmuls of every token, the lm_head of every sampled one (attention not counted).
@@ -132,10 +132,18 @@ def main(argv: list[str] | None = None) -> dict:
     compute_floor = flops / ceilings["matmul_flops_per_s"]
     memory_floor = steps * plan.weight_bytes / ceilings["copy_bytes_per_s"]
     floor = max(compute_floor, memory_floor)
+    # KV reads of the decode steps: generated token j of a request (j >= 2) reads its context of I + j - 1
+    # tokens, at the cache's bytes per token (1 byte per element with an FP8 KV cache).
+    decode_context = sum((p.max_tokens - 1) * len(ids) + p.max_tokens * (p.max_tokens - 1) // 2
+                         for ids, p in zip(prompts, params))
+    kv_read_bytes = decode_context * plan.kv_bytes_per_token
+    result["kv_cache_dtype"] = plan.kv_cache_dtype
     result["roofline"] = {
         **{k: round(v / 1e9, 1) for k, v in ceilings.items()},  # GB/s and GFLOP/s
         "model_flops": flops, "steps": steps, "compute_floor_s": round(compute_floor, 2),
         "memory_floor_s": round(memory_floor, 2), "fraction_of_roofline": round(floor / elapsed, 3),
+        "kv_read_bytes": kv_read_bytes, "kv_floor_s": round(kv_read_bytes / ceilings["copy_bytes_per_s"], 2),
+        "weights_plus_kv_floor_s": round(memory_floor + kv_read_bytes / ceilings["copy_bytes_per_s"], 2),
         "mfu": round(flops / elapsed / ceilings["matmul_flops_per_s"], 3),
     }
     if profile is not None:

@@ -48,7 +48,8 @@ DTYPE_ALIASES = {"auto": "auto", "half": "float16", "float16": "float16", "bfloa
 INT4_METHODS = ("awq", "gptq", "compressed-tensors")
 # What --quantization accepts: the checkpoint formats the loader reads; fp8 also quantizes an unquantized one.
 QUANTIZATION_METHODS = ("fp8", *INT4_METHODS)
-KV_CACHE_DTYPES = ("auto",)  # the cache holds K and V in the model's dtype
+# --kv-cache-dtype: auto holds K and V in the model's dtype; fp8 / fp8_e4m3 as e4m3 with per-tensor scales.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 def human_readable_int(text: str) -> int:
@@ -156,8 +157,10 @@ class EngineArgs:
         "the KV cache's size in blocks, overriding both memory budgets", CACHE_GROUP, type=int,
         flags=("--num-kv-blocks", "--num-gpu-blocks-override")))
     kv_cache_dtype: str = field(default="auto", metadata=_flag(
-        "auto: K and V cached in the model's dtype (the only choice: an FP8 KV cache is not implemented)",
-        CACHE_GROUP))
+        "auto: K and V cached in the model's dtype; fp8 / fp8_e4m3: cached as float8 e4m3 (1 byte per value, "
+        "twice the tokens in the same memory) with one scale per layer for K and one for V, from the checkpoint "
+        "(k_scale / v_scale) when it has them, else calibrated at start-up", CACHE_GROUP,
+        metavar="|".join(KV_CACHE_DTYPES)))
     enable_prefix_caching: bool = field(default=True, metadata=_flag(
         "reuse the KV blocks of a prompt prefix already computed (on by default)", CACHE_GROUP,
         action=argparse.BooleanOptionalAction))
@@ -207,8 +210,8 @@ class EngineArgs:
             raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]: the "
                               "fraction of the GPU's total memory this engine may use (e.g. 0.9)")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported: the KV cache holds K and V "
-                              "in the model's dtype (an FP8 KV cache is not implemented); use auto")
+            raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)} "
+                              "(auto: the model's dtype; fp8 / fp8_e4m3: float8 e4m3 with per-tensor scales)")
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ConfigError(f"quantization={self.quantization!r} is not supported: dockyard runs unquantized "
                               f"checkpoints and those quantized with {', '.join(QUANTIZATION_METHODS)}; use such a "

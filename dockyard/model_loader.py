@@ -10,7 +10,8 @@ tensor-parallel workers (ranks 1..N-1) and onboarding:
 3. for an FP8 checkpoint, choose between native FP8 matmuls and dequantizing on load
    (:func:`dockyard.weights.fp8.choose_fp8_path`); for a GGUF or int4 checkpoint, between keeping the
    projections' weights quantized and dequantizing on load (:func:`dockyard.ops.quant_linear.choose_quant_path`);
-   then load the weights;
+   then load the weights; FP8 KV-cache scales (``…self_attn.k_scale`` / ``v_scale``) go to the attention
+   layers (:mod:`dockyard.ops.fp8_kv`);
 4. with ``quantize_fp8`` (online FP8, ``--quantization fp8`` on an unquantized checkpoint), turn the loaded
    projections into FP8 ones (:func:`dockyard.weights.fp8_quantize.quantize_linears_fp8`);
 5. on CUDA, fuse projections and route single-row matmuls to the GEMV kernel.
@@ -30,6 +31,7 @@ from dockyard.distributed.sharding import lazy_cutter, shard_model, shard_weight
 from dockyard.dtypes import RUN_DTYPES
 from dockyard.errors import ConfigError, DockyardError
 from dockyard.model_source import ModelSource
+from dockyard.ops.fp8_kv import apply_kv_scales, split_kv_scales
 from dockyard.ops.fp8_linear import native_fp8_unavailable
 from dockyard.ops.linear import use_gemv_for_single_rows
 from dockyard.ops.quant_linear import GGUFLinear, Int4Linear, choose_quant_path, convert_to_quant_linears
@@ -106,12 +108,16 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, se
             weights = iter_safetensors(source.path, cut=lazy_cutter(model))
         else:  # dummy, GGUF, FP8 and int4 (dequantized whole): sliced after reading
             weights = shard_weights(model, source.iter_weights(model, dtype, seed))
-        report = load_weights(model, weights)
     else:
         native_fp8 = _native_fp8(model, source, device, dtype, tp_size)
         keep = _keep_quantized(model, source, device, tp_size)
-        report = load_weights(model, source.iter_weights(model, dtype, seed, native_fp8=native_fp8,
-                                                         **({"keep_quantized": keep} if keep else {})))
+        weights = source.iter_weights(model, dtype, seed, native_fp8=native_fp8,
+                                      **({"keep_quantized": keep} if keep else {}))
+    kv_scales: dict[str, dict[str, float]] = {}
+    report = load_weights(model, split_kv_scales(weights, kv_scales))
+    if kv_scales:
+        logger.info("FP8 KV-cache scales from the checkpoint for %d attention layers (used with --kv-cache-dtype fp8)",
+                    apply_kv_scales(model, kv_scales))
     if quantize_fp8:
         quantize_linears_fp8(model)
         if device.type == "cuda":  # the replaced Linears' memory goes back (the KV cache is sized from it)

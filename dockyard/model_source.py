@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # resolving a model reads metadata only; torch comes with the
 logger = logging.getLogger(__name__)
 
 LOAD_FORMATS = ("auto", "dummy")
+MXFP4_METHOD = "mxfp4"  # quantization_config.quant_method of gpt-oss's published checkpoints (weights/mxfp4.py)
 
 
 @dataclass
@@ -78,11 +79,14 @@ class ModelSource:
         from dockyard.weights import fp8
         from dockyard.weights.dummy import iter_dummy
         from dockyard.weights.int4 import read_int4
+        from dockyard.weights.mxfp4 import dequantize_mxfp4
         from dockyard.weights.safetensors_dir import iter_safetensors
 
         if self.kind == "gguf":
             return self.gguf.iter_tensors(dtype)
         if self.kind == "safetensors":
+            if self.quantization == MXFP4_METHOD:  # gpt-oss's published experts: dequantized on load
+                return dequantize_mxfp4(iter_safetensors(self.path), dtype)
             if self.fp8 is not None:
                 if native_fp8:
                     return fp8.native_fp8(iter_safetensors(self.path), self.fp8, native_fp8, dtype)
@@ -197,11 +201,12 @@ def _resolve(model: str | Path | None, load_format: str, revision: str | None,
             kind = "safetensors"
             if method in INT4_METHODS:
                 int4 = Int4Config.from_quantization_config(quant, model_dir)
-            elif method is not None and method != "fp8":
+            elif method is not None and method not in ("fp8", MXFP4_METHOD):
                 raise WeightsError(
                     f"{model_dir} holds a quantized checkpoint (quantization_config.quant_method={method!r}), "
-                    f"which dockyard cannot load yet (it reads fp8, {', '.join(INT4_METHODS)}); use an unquantized "
-                    "(bf16/fp16/fp32) checkpoint, or --load-format dummy to run the architecture on dummy weights"
+                    f"which dockyard cannot load yet (it reads fp8, {', '.join(INT4_METHODS)}, {MXFP4_METHOD}); "
+                    "use an unquantized (bf16/fp16/fp32) checkpoint, or --load-format dummy to run the architecture "
+                    "on dummy weights"
                 )
     if method == "fp8":
         try:

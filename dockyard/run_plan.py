@@ -16,6 +16,7 @@ import torch
 
 from dockyard.memory import MemoryPlan, plan_memory, storage_of
 from dockyard.model_loader import resolve_dtype
+from dockyard.ops.fp8_kv import resolve_kv_cache_dtype
 from dockyard.weights.fp8 import choose_fp8_path
 
 # The engine's defaults (dockyard.engine.llm.LLM): the plan is for the engine as it would start.
@@ -52,10 +53,13 @@ def fp8_path(source: Any, target: RunTarget, tp_size: int = 1) -> tuple[bool, st
 
 def plan_for_run(source: Any, target: RunTarget, dtype: str | torch.dtype = "auto", tp_size: int = 1,
                  max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS,
-                 max_num_seqs: int = MAX_NUM_SEQS) -> tuple[MemoryPlan, str]:
-    """(the plan, why the FP8 path was chosen) for ``source`` (a ``model_source.ModelSource``) on ``target``."""
+                 max_num_seqs: int = MAX_NUM_SEQS, kv_cache_dtype: str = "auto") -> tuple[MemoryPlan, str]:
+    """(the plan, why the FP8 path was chosen) for ``source`` (a ``model_source.ModelSource``) on ``target``;
+    ``kv_cache_dtype`` as ``--kv-cache-dtype`` (fp8: 1 byte per cached element)."""
     spec = source.spec
     native, why = fp8_path(source, target, tp_size)
-    plan = plan_memory(spec, run_dtype(dtype, spec.torch_dtype, target), max_num_batched_tokens=max_num_batched_tokens,
+    run = run_dtype(dtype, spec.torch_dtype, target)
+    plan = plan_memory(spec, run, kv_cache_dtype=resolve_kv_cache_dtype(kv_cache_dtype, run),
+                       max_num_batched_tokens=max_num_batched_tokens,
                        max_num_seqs=max_num_seqs, device_type=target.device_type, storage=storage_of(source, native))
     return plan, why

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dockyard.ops.attention import Attention, AttentionMetadata, forward_context
+from dockyard.ops import fp8_kv
+from dockyard.ops.attention import Attention, AttentionMetadata, calibrate_kv_scales, forward_context
 
 
 def rel_rmse(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -21,18 +22,23 @@ def rel_rmse(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def paged_logits(model: nn.Module, token_ids: list[int], chunks: list[int], block_size: int = 4,
-                 num_blocks: int = 64) -> torch.Tensor:
+                 num_blocks: int = 64, kv_cache_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Logits at every position of ``token_ids``, fed through the paged KV cache in ``chunks``.
 
     E.g. chunks=[10, 1, 1] prefills 10 tokens then decodes two single tokens with the cache. The
-    model's own cache (if an engine bound one) is put back afterwards.
+    model's own cache (if an engine bound one) is put back afterwards. ``kv_cache_dtype`` (default: the
+    model's dtype) float8_e4m3fn runs an FP8 cache, its scales calibrated first where the layers have
+    none from a checkpoint (as the engine does).
     """
     spec = model.spec
     attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     entries, heads, dim = spec.kv_cache_layout
-    cache = torch.zeros(len(attn_layers), entries, num_blocks, block_size, heads, dim, dtype=dtype, device=device)
+    cache = torch.zeros(len(attn_layers), entries, num_blocks, block_size, heads, dim,
+                        dtype=kv_cache_dtype or dtype, device=device)
+    if fp8_kv.is_fp8(cache):
+        calibrate_kv_scales(model, attn_layers)
     previous = [layer.kv_cache for layer in attn_layers]
     for i, layer in enumerate(attn_layers):
         layer.kv_cache = cache[i]

@@ -113,7 +113,7 @@ def test_vllm_flags_not_honoured_are_refused_with_the_reason(flags, capsys):
 
 
 @pytest.mark.parametrize(("argv", "words"), [
-    (["--kv-cache-dtype", "fp8"], "FP8 KV cache is not implemented"),
+    (["--kv-cache-dtype", "fp8_e5m2"], "kv_cache_dtype='fp8_e5m2' is not one of auto, fp8, fp8_e4m3"),
     (["--quantization", "bitsandbytes"], "quantization='bitsandbytes' is not supported"),
     (["--no-enable-chunked-prefill"], "raise --max-num-batched-tokens to --max-model-len"),
     (["--gpu-memory-utilization", "1.5"], "must be in (0, 1]"),

@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
         device_memory_gib=args.device_memory, dtype=args.dtype, num_layers=args.num_layers,
         dummy_memory_gib=args.dummy_memory,
         skip=tuple(args.skip), compile_backend=args.compile_backend, model_impl=args.model_impl,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, kv_cache_dtype=args.kv_cache_dtype,
     )
     run = run_onboard(options, progress=sys.stderr)
     table = summary_table(run)

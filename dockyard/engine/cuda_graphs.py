@@ -69,7 +69,7 @@ def why_not_capturable(model: nn.Module, kv_cache: torch.Tensor, max_model_len: 
     # A decode query as the layer's kernel takes it: [1, heads, cache dim] (MLA's absorbed query has the
     # latent's width, which is the cache's).
     for shape in {(m.num_heads, m.head_dim) for m in attention}:
-        probe_q = torch.empty(1, *shape, dtype=kv_cache.dtype, device=kv_cache.device)
+        probe_q = torch.empty(1, *shape, dtype=next(model.parameters()).dtype, device=kv_cache.device)
         if decode_backend(probe_q, kv_cache[0]) != "triton":
             return ("the Triton decode kernel is not available for its attention (the reference decode path "
                     "gathers whole block tables)")

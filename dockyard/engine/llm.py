@@ -31,6 +31,7 @@ from dockyard.errors import ConfigError, DockyardError, InvalidRequestError
 from dockyard.memory import plan_memory
 from dockyard.model_loader import check_online_fp8, load_model, resolve_device, resolve_dtype
 from dockyard.model_source import ModelSource, resolve_model
+from dockyard.ops.fp8_kv import latent_cache_refusal, resolve_kv_cache_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,14 @@ class LLM:
             gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=args.enable_prefix_caching,
             # The other ranks replay eager forwards; captured graphs would need them to replay too.
             enforce_eager=args.enforce_eager or tensor_parallel_size > 1, async_scheduling=args.async_scheduling,
+            kv_cache_dtype=args.kv_cache_dtype,
         )
+        if args.kv_cache_dtype != "auto" and spec.mla is not None:  # before any weight is read
+            raise latent_cache_refusal(spec.name, args.kv_cache_dtype)
+        if args.kv_cache_dtype != "auto" and tensor_parallel_size > 1:
+            raise ConfigError(f"kv_cache_dtype={args.kv_cache_dtype!r} with tensor_parallel_size="
+                              f"{tensor_parallel_size} is not supported yet (the workers' caches are not "
+                              "calibrated); run one process or use --kv-cache-dtype auto")
         if not args.skip_memory_check:  # before any worker starts or any weight is allocated
             check_memory_fits(spec, self.dtype, self.device, config, tensor_parallel_size)
         if tensor_parallel_size > 1:  # the workers take the same arguments, and resolve the model the same way
@@ -160,7 +168,9 @@ class LLM:
             finalizer()
 
     def _kv_blocks_from_memory(self, config: EngineConfig) -> int:
-        plan = plan_memory(self.spec, self.dtype, max_num_batched_tokens=config.max_num_batched_tokens,
+        kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
+        plan = plan_memory(self.spec, self.dtype, kv_cache_dtype=kv_dtype,
+                           max_num_batched_tokens=config.max_num_batched_tokens,
                            max_num_seqs=config.max_num_seqs, device_type=self.device.type)
         # Each rank caches its own KV heads: the plan's bytes scaled to this rank's share of the layout.
         local, full = parallel_config_of(self.model, self.spec).kv_cache_layout(self.spec), self.spec.kv_cache_layout

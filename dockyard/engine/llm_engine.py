@@ -46,6 +46,7 @@ from dockyard.engine.sampling_params import SamplingParams
 from dockyard.engine.scheduler import AsyncScheduler, SampledTokens, ScheduledSeq, Scheduler
 from dockyard.engine.sequence import Sequence
 from dockyard.errors import InvalidRequestError
+from dockyard.ops.fp8_kv import resolve_kv_cache_dtype
 from dockyard.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False  # CUDA: never capture decode steps in CUDA graphs
     async_scheduling: bool | None = None  # overlap a step's host work with the GPU; None: on for CUDA
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8 / fp8_e4m3: e4m3 with per-tensor scales
 
 
 @dataclass
@@ -105,7 +107,8 @@ class LLMEngine:
                                          spec.eos_token_ids)
         self.runner = ModelRunner(model, spec, num_blocks, config.block_size, device, dtype,
                                   max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
-                                  enforce_eager=config.enforce_eager)
+                                  enforce_eager=config.enforce_eager,
+                                  kv_cache_dtype=resolve_kv_cache_dtype(config.kv_cache_dtype, dtype))
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self.metrics = EngineMetrics()

@@ -22,6 +22,7 @@ import torch
 
 from dockyard.errors import InsufficientMemoryError
 from dockyard.memory import MemoryPlan, plan_memory
+from dockyard.ops.fp8_kv import resolve_kv_cache_dtype
 from dockyard.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -121,8 +122,8 @@ def check_memory_fits(spec: ModelSpec, dtype: torch.dtype, device: torch.device,
                       tensor_parallel_size: int = 1) -> MemoryPlan:
     """The memory plan, or :class:`InsufficientMemoryError` with its numbers and what would fit."""
     def need_at(d: torch.dtype, batched: int) -> tuple[MemoryPlan, StartupNeed]:
-        plan = plan_memory(spec, d, max_num_batched_tokens=batched, max_num_seqs=config.max_num_seqs,
-                           device_type=device.type)
+        plan = plan_memory(spec, d, kv_cache_dtype=resolve_kv_cache_dtype(config.kv_cache_dtype, d),
+                           max_num_batched_tokens=batched, max_num_seqs=config.max_num_seqs, device_type=device.type)
         return plan, startup_need(plan, device, config, tensor_parallel_size)
 
     batched = config.max_num_batched_tokens

@@ -15,6 +15,10 @@ not known yet (row ``p`` scores prompt token ``p + 1``) also goes through ``comp
 chunks of rows so that at most ~``PROMPT_LOGITS_CHUNK_ELEMENTS`` logits exist at a time; they
 are log-softmaxed in float32 as the model gives them (no penalties, no temperature).
 
+An FP8 KV cache (``kv_cache_dtype`` float8_e4m3fn, :mod:`dockyard.ops.fp8_kv`) is allocated at one
+byte per element; layers without checkpoint scales get theirs from one calibration forward pass at
+start-up, before any CUDA graph is captured.
+
 On CUDA, decode-only steps replay a captured CUDA graph of the forward (:mod:`.cuda_graphs`)
 unless ``enforce_eager`` is set or the model cannot be captured; every other step runs eagerly.
 
@@ -42,8 +46,9 @@ from dockyard.engine.cuda_graphs import DecodeGraphs, decode_split_shape, graph_
 from dockyard.engine.sampler import Sampler, SamplerOutput, SamplingBatch, argmax_suffices
 from dockyard.engine.scheduler import ScheduledSeq
 from dockyard.engine.sequence import Sequence
+from dockyard.ops import fp8_kv
 from dockyard.ops.attention import Attention as AttentionLayer
-from dockyard.ops.attention import AttentionMetadata, forward_context
+from dockyard.ops.attention import AttentionMetadata, calibrate_kv_scales, forward_context
 from dockyard.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -192,7 +197,8 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, spec: ModelSpec, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype, *, max_num_seqs: int = 64,
-                 max_model_len: int | None = None, enforce_eager: bool = False) -> None:
+                 max_model_len: int | None = None, enforce_eager: bool = False,
+                 kv_cache_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.spec = spec
         self.device = device
@@ -205,7 +211,12 @@ class ModelRunner:
         # On CUDA one more block than the block manager owns: the sink of captured batches' padding rows.
         use_graphs = device.type == "cuda" and not enforce_eager
         shape = (len(self.attention_layers), entries, num_blocks + int(use_graphs), block_size, heads, dim)
-        self.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.kv_cache_dtype = kv_cache_dtype or dtype
+        if self.kv_cache_dtype == fp8_kv.FP8_DTYPE:
+            if entries != 2:
+                raise fp8_kv.latent_cache_refusal(spec.name, "fp8")
+            calibrate_kv_scales(model, self.attention_layers)
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=device)
         self._bind_kv_cache()
         self.graphs: DecodeGraphs | None = None
         # Tensor parallel, rank 0: sends each step's inputs to the other ranks before its forward

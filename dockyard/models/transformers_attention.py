@@ -24,7 +24,7 @@ from torch import nn
 from transformers import AttentionInterface
 
 from dockyard.errors import UnsupportedArchitectureError
-from dockyard.ops.attention import Attention, _attend, paged_attention, write_kv_cache
+from dockyard.ops.attention import Attention, _attend
 
 ATTN_IMPLEMENTATION = "dockyard"
 
@@ -81,6 +81,7 @@ def paged_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     sinks = s_aux
     metadata = Attention.current_metadata()
     if metadata is None or slot.kv_cache is None:  # outside the engine (a plain forward): causal over the input
+        slot.observe_kv(k, v)
         out = _attend(q, k, v, scale, sliding_window, softcap, sinks)
     else:
         entries, heads, dim = slot.kv_cache.shape[0], slot.kv_cache.shape[-2], slot.kv_cache.shape[-1]
@@ -89,8 +90,8 @@ def paged_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
                 f"{type(module).__name__} gives keys {tuple(k.shape[1:])} and values {tuple(v.shape[1:])} per "
                 f"token, but the KV cache was sized for ({heads}, {dim}) from the config; the config's head "
                 "counts do not describe this module")
-        write_kv_cache(k, v, slot.kv_cache, metadata.slot_mapping)
-        out = paged_attention(q, slot.kv_cache, metadata, scale, sliding_window, softcap, sinks)
+        slot.write_kv(k, v, metadata.slot_mapping)
+        out = slot.attend_cached(q, metadata, scale, sliding_window, softcap, sinks)
     return out[None], None
 
 

@@ -40,7 +40,6 @@ def add_onboard_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--json", action="store_true", help="print report.json on stdout (the table goes to stderr)")
     # The engine flags onboarding takes (the plan and the runs use them; the real gate still compares in
     # float32 when that fits).
-    EngineArgs.add_cli_args(p, only=("dtype", "device", "num_threads", "model_impl", "trust_remote_code"))
+    EngineArgs.add_cli_args(p, only=("dtype", "device", "num_threads", "model_impl", "trust_remote_code",
+                                     "kv_cache_dtype"))
     return p
-
-

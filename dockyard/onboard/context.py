@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from dockyard.dtypes import DTYPE_CHOICES
+from dockyard.engine_args import KV_CACHE_DTYPES
 from dockyard.errors import DockyardError
 from dockyard.model_path import locate_model
 
@@ -52,6 +53,7 @@ class OnboardOptions:
     seed: int = 0
     model_impl: str = "auto"  # auto | dockyard | transformers (dockyard.model_impl)
     trust_remote_code: bool = False  # run the modeling code the config's auto_map names
+    kv_cache_dtype: str = "auto"  # the plan's KV cache (fit, capacity): auto | fp8 | fp8_e4m3 (1 byte per element)
 
     def validate(self) -> None:
         if self.weights not in WEIGHTS_CHOICES:
@@ -62,6 +64,8 @@ class OnboardOptions:
             raise DockyardError(f"--model-impl {self.model_impl!r} is not one of auto, dockyard, transformers")
         if self.dtype not in DTYPE_CHOICES:
             raise DockyardError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise DockyardError(f"--kv-cache-dtype {self.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
         unknown = [g for g in self.skip if g not in GATE_NAMES]
         if unknown:
             raise DockyardError(f"--skip {', '.join(unknown)}: no such gate; gates: {', '.join(GATE_NAMES)}")

@@ -9,11 +9,16 @@ computation: queries at the end of a context of ``seq_len`` tokens, attending ca
 The model runner publishes the metadata with :func:`forward_context`; an :class:`Attention`
 module called outside such a context treats its input as one sequence with no cache (this is
 how block-level equivalence tests call it).
+
+An FP8 KV cache (``float8_e4m3fn``, :mod:`dockyard.ops.fp8_kv`) stores K and V divided by the
+layer's ``k_scale`` / ``v_scale``; every write quantizes with them and every read (the reference
+path here, the Triton kernel) multiplies them back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +29,10 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from dockyard.ops import fp8_kv
 from dockyard.ops.dispatch import triton_installed
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,12 +88,20 @@ def forward_context(metadata: AttentionMetadata | None) -> Iterator[None]:
         _CONTEXT = previous
 
 
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """Store the new tokens' keys and values at their slots (every slot valid: a padded row of a
-    captured batch writes to a block no sequence owns). No host synchronization."""
+    captured batch writes to a block no sequence owns). No host synchronization. An FP8 cache
+    stores them quantized with ``k_scale`` / ``v_scale``."""
     num_kv_heads, head_dim = k.shape[-2:]
     keys = kv_cache[0].view(-1, num_kv_heads, head_dim)
     values = kv_cache[1].view(-1, num_kv_heads, head_dim)
+    if fp8_kv.is_fp8(kv_cache):
+        assert k_scale is not None and v_scale is not None, "an FP8 KV cache written without its scales"
+        # Byte views: index_copy_ has no float8 kernel on the CPU.
+        keys.view(torch.uint8).index_copy_(0, slot_mapping, fp8_kv.quantize(k, k_scale).view(torch.uint8))
+        values.view(torch.uint8).index_copy_(0, slot_mapping, fp8_kv.quantize(v, v_scale).view(torch.uint8))
+        return
     keys.index_copy_(0, slot_mapping, k.to(keys.dtype))
     values.index_copy_(0, slot_mapping, v.to(values.dtype))
 
@@ -202,13 +218,14 @@ def _triton_usable(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
 def paged_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
     sliding_window: int | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention for a mixed batch: each sequence's queries over its cached context.
 
     The sequences at the front of the batch that decode one token go to the Triton kernel on CUDA
     (see :func:`decode_backend`) as one batch; the others (prompts, chunks of prompts), and every
     batch on the CPU, take the reference path one sequence at a time (a whole uncached prompt is
-    causal SDPA).
+    causal SDPA). An FP8 cache is read as its values times ``k_scale`` / ``v_scale``.
     """
     num_decodes = metadata.num_leading_decodes
     start = 0
@@ -220,17 +237,18 @@ def paged_attention(
             decoded = paged_decode_attention(q[:num_decodes], kv_cache, metadata.block_tables[:num_decodes],
                                              metadata.seq_lens_tensor[:num_decodes], scale, sliding_window,
                                              softcap, sinks, num_splits=_decode_splits(metadata, kv_cache,
-                                                                                       sliding_window))
+                                                                                       sliding_window),
+                                             k_scale=k_scale, v_scale=v_scale)
             if num_decodes == len(metadata.query_lens):
                 return decoded
             out[:num_decodes] = decoded
             start = num_decodes
         elif metadata.is_decode_only and num_decodes > 1:
-            return _decode_attention(q, kv_cache, metadata, scale, sliding_window, softcap, sinks)
+            return _decode_attention(q, kv_cache, metadata, scale, sliding_window, softcap, sinks, k_scale, v_scale)
     for i in range(start, len(metadata.query_lens)):
         q_len = metadata.query_lens[i]
-        k = gather_context(kv_cache[0], metadata, i).to(q.dtype)
-        v = gather_context(kv_cache[1], metadata, i).to(q.dtype)
+        k = fp8_kv.dequantize(gather_context(kv_cache[0], metadata, i), k_scale, q.dtype)
+        v = fp8_kv.dequantize(gather_context(kv_cache[1], metadata, i), v_scale, q.dtype)
         out[start:start + q_len] = _attend(q[start:start + q_len], k, v, scale, sliding_window, softcap, sinks)
         start += q_len
     return out
@@ -250,13 +268,16 @@ def _decode_splits(metadata: AttentionMetadata, kv_cache: torch.Tensor, sliding_
 
 def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
                       sliding_window: int | None, softcap: float | None = None,
-                      sinks: torch.Tensor | None = None) -> torch.Tensor:
+                      sinks: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query per sequence: gather every context through the block tables and attend in one call."""
     batch, max_blocks = metadata.block_tables.shape
     num_kv_heads, head_dim = kv_cache.shape[-2:]
     ctx = max_blocks * metadata.block_size
-    k = kv_cache[0][metadata.block_tables].reshape(batch, ctx, num_kv_heads, head_dim).to(q.dtype)
-    v = kv_cache[1][metadata.block_tables].reshape(batch, ctx, num_kv_heads, head_dim).to(q.dtype)
+    k = fp8_kv.dequantize(kv_cache[0][metadata.block_tables], k_scale, q.dtype).reshape(batch, ctx, num_kv_heads,
+                                                                                          head_dim)
+    v = fp8_kv.dequantize(kv_cache[1][metadata.block_tables], v_scale, q.dtype).reshape(batch, ctx, num_kv_heads,
+                                                                                          head_dim)
     groups = q.shape[1] // num_kv_heads
     if groups > 1:
         k = k.repeat_interleave(groups, dim=2)
@@ -271,11 +292,31 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, metadata: Attenti
     return out[:, :, 0, :]
 
 
+@torch.no_grad()
+def calibrate_kv_scales(model: nn.Module, layers: list[Attention]) -> None:
+    """FP8 KV-cache scales for the ``layers`` the checkpoint gave none: one forward pass of ``model``
+    without a cache over ``fp8_kv.CALIBRATION_TOKENS`` seeded token ids (:mod:`dockyard.ops.fp8_kv`)."""
+    missing = [layer for layer in layers if layer.kv_scale_source != "checkpoint"]
+    if not missing:
+        logger.info("FP8 KV cache: per-tensor scales of all %d layers from the checkpoint", len(layers))
+        return
+    spec = model.spec
+    device = next(model.parameters()).device
+    tokens = min(fp8_kv.CALIBRATION_TOKENS, spec.max_model_len)
+    ids = torch.randint(0, spec.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0)).to(device)
+    with fp8_kv.calibration(), forward_context(None):
+        model(ids, torch.arange(tokens, device=device))
+    logger.info("FP8 KV cache: per-tensor scales of %d of %d layers calibrated at start-up (%d tokens), the rest "
+                "from the checkpoint", len(missing), len(layers), tokens)
+
+
 class Attention(nn.Module):
     """Multi-head / grouped-query attention on the paged KV cache published by the runner.
 
     ``logit_softcap`` soft-caps the scores (Gemma 2); per-head ``sinks`` may be passed to each
-    call (gpt-oss keeps them as a parameter of its attention block).
+    call (gpt-oss keeps them as a parameter of its attention block). ``k_scale`` / ``v_scale`` are the
+    layer's FP8 KV-cache scales (used only when the bound cache is FP8); ``kv_scale_source`` says where
+    they came from: "default" (1.0), "checkpoint" or "calibrated".
     """
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
@@ -289,6 +330,41 @@ class Attention(nn.Module):
         self.logit_softcap = logit_softcap
         # Assigned by the model runner once the pool is allocated: [entries, blocks, block_size, heads, dim].
         self.kv_cache: torch.Tensor | None = None
+        # Not in the state dict: the weights loader fills parameters only; checkpoint scales arrive through
+        # fp8_kv.apply_kv_scales.
+        self.register_buffer("k_scale", torch.ones((), dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones((), dtype=torch.float32), persistent=False)
+        self.kv_scale_source = "default"
+
+    def set_kv_scales(self, k_scale: float | torch.Tensor, v_scale: float | torch.Tensor, source: str) -> None:
+        """Set the FP8 KV-cache scales in place (captured CUDA graphs read these very tensors)."""
+        self.k_scale.fill_(k_scale)
+        self.v_scale.fill_(v_scale)
+        self.kv_scale_source = source
+
+    def observe_kv(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """During an FP8 calibration pass (:func:`fp8_kv.calibration`), raise the scales to cover ``k``/``v``
+        (checkpoint scales are kept); otherwise nothing."""
+        if not fp8_kv.calibrating() or self.kv_scale_source == "checkpoint":
+            return
+        k_new = fp8_kv.calibration_scale(k, fp8_kv.K_SCALE_HEADROOM)
+        v_new = fp8_kv.calibration_scale(v, fp8_kv.V_SCALE_HEADROOM)
+        if self.kv_scale_source == "calibrated":
+            k_new, v_new = torch.maximum(k_new, self.k_scale), torch.maximum(v_new, self.v_scale)
+        self.set_kv_scales(k_new, v_new, "calibrated")
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Store new keys and values in the bound cache (quantized with this layer's scales when FP8)."""
+        assert self.kv_cache is not None
+        write_kv_cache(k, v, self.kv_cache, slot_mapping, self.k_scale, self.v_scale)
+
+    def attend_cached(self, q: torch.Tensor, metadata: AttentionMetadata, scale: float,
+                      sliding_window: int | None = None, softcap: float | None = None,
+                      sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """:func:`paged_attention` of ``q`` over the bound cache, with this layer's scales."""
+        assert self.kv_cache is not None
+        return paged_attention(q, self.kv_cache, metadata, scale, sliding_window, softcap, sinks,
+                               self.k_scale, self.v_scale)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None = None,
                 rotary: nn.Module | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -299,6 +375,7 @@ class Attention(nn.Module):
         if metadata is None or self.kv_cache is None:
             if rotary is not None:
                 q, k = rotary(positions, q, k)
+            self.observe_kv(k, v)
             return _attend(q, k, v, self.scale, self.sliding_window, self.logit_softcap, sinks)
         tables = rotary.fused_tables(q) if rotary is not None else None
         if tables is not None and self.kv_cache.is_contiguous() and v.shape == k.shape:
@@ -306,13 +383,12 @@ class Attention(nn.Module):
 
             assert rotary is not None and positions is not None
             rotary_and_write_kv(q, k, v, positions, *tables, rotary.rotary_dim, self.kv_cache,
-                                metadata.slot_mapping)
+                                metadata.slot_mapping, self.k_scale, self.v_scale)
         else:
             if rotary is not None:
                 q, k = rotary(positions, q, k)
-            write_kv_cache(k, v, self.kv_cache, metadata.slot_mapping)
-        return paged_attention(q, self.kv_cache, metadata, self.scale, self.sliding_window, self.logit_softcap,
-                               sinks)
+            self.write_kv(k, v, metadata.slot_mapping)
+        return self.attend_cached(q, metadata, self.scale, self.sliding_window, self.logit_softcap, sinks)
 
     @staticmethod
     def current_metadata() -> AttentionMetadata | None:

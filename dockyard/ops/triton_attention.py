@@ -14,7 +14,10 @@ from the paged KV cache ``[2, num_blocks, block_size, num_kv_heads, head_dim]``.
   the output directly;
 - supports a sliding window, Gemma 2's logit soft-capping and gpt-oss's per-head sinks (a logit
   that joins the softmax denominator and attends to nothing), with the same semantics as
-  :func:`ops.attention.softmax_attention`.
+  :func:`ops.attention.softmax_attention`;
+- reads an FP8 (e4m3) cache: the tiles are converted to the product dtype as loaded, the key scale
+  is folded into the score scale and the value scale into the output (both per tensor, read from
+  device scalars, :mod:`dockyard.ops.fp8_kv`), so a token costs one byte per element to read.
 
 :func:`paged_mla_decode_attention` is the same scheme for DeepSeek's multi-head latent attention in
 its absorbed form (see :mod:`dockyard.ops.mla`): the cache ``[1, num_blocks, block_size, 1,
@@ -39,6 +42,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from dockyard.ops.fp8_kv import is_fp8
 
 # Fewest context tokens one split should own: below this, the extra partial writes and the
 # reduction launch cost more than the parallelism gains.
@@ -102,7 +107,7 @@ def _store_result(acc, m_i, l_i, rows, row_ok, dims, dim_ok, b, split, num_split
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, sinks_ptr,
+    q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, sinks_ptr, k_scale_ptr, v_scale_ptr,
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     stride_qb, stride_qh,
     stride_cache_block, stride_cache_tok, stride_cache_head,
@@ -114,7 +119,7 @@ def _paged_decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_SINKS: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_SCALED: tl.constexpr,
 ):
     """Program (b, kv_head, split): the group's queries over one token range of sequence b."""
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -128,6 +133,8 @@ def _paged_decode_kernel(
     if USE_WINDOW:
         lo = tl.maximum(seq_len - window, 0)
     start, end = _split_range(lo, seq_len, split, num_splits, BLOCK_N)
+    if KV_SCALED:  # FP8 cache: k = stored · k_scale, folded into the score scale
+        scale = scale * tl.load(k_scale_ptr)
 
     rows = tl.arange(0, GROUP_PAD)
     row_ok = rows < GROUP
@@ -168,6 +175,8 @@ def _paged_decode_kernel(
 
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_DTYPE, DOT_PRECISION)
 
+    if KV_SCALED:  # v = stored · v_scale: the weighted sum is linear in v
+        acc = acc * tl.load(v_scale_ptr)
     _store_result(acc, m_i, l_i, heads, row_ok, dims, dim_ok, b, split, num_splits,
                   out_ptr, stride_ob, stride_oh, part_acc_ptr, part_m_ptr, part_l_ptr,
                   NUM_Q_HEADS, HEAD_DIM, SPLIT)
@@ -381,17 +390,20 @@ def paged_decode_attention(
     sliding_window: int | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None, *,
     num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
     num_stages: int | None = None, dot_precision: str | None = None,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of one query per sequence over its paged context → [B, Hq, D] in q's dtype.
 
     ``q`` [B, Hq, D]; ``kv_cache`` [2, num_blocks, block_size, Hkv, D] (any float dtype; converted
-    to q's dtype on load, as the reference does); ``block_tables`` [B, max_blocks] (int32 or int64;
-    entries past a sequence's last block are never read); ``seq_lens`` [B] context lengths on the
-    device, including the token being decoded. ``sliding_window`` W: the query sees the last W
-    keys. ``softcap``: scores s become softcap·tanh(s / softcap). ``sinks`` [Hq]: per-head logits
-    that join the softmax denominator. The keyword-only arguments override the tuning defaults;
-    ``dot_precision`` is Triton's mode for float32 products ("tf32x3", the default where the GPU
-    has tf32, about float32's accuracy on the tensor cores; "ieee", exact, on the FMA units).
+    to q's dtype on load, as the reference does; an FP8 cache needs ``k_scale`` and ``v_scale``,
+    0-dim float32 tensors on the device, and is read as its values times them); ``block_tables``
+    [B, max_blocks] (int32 or int64; entries past a sequence's last block are never read);
+    ``seq_lens`` [B] context lengths on the device, including the token being decoded.
+    ``sliding_window`` W: the query sees the last W keys. ``softcap``: scores s become softcap·tanh(s /
+    softcap). ``sinks`` [Hq]: per-head logits that join the softmax denominator. The keyword-only
+    arguments override the tuning defaults; ``dot_precision`` is Triton's mode for float32 products
+    ("tf32x3", the default where the GPU has tf32, about float32's accuracy on the tensor cores; "ieee",
+    exact, on the FMA units).
     """
     batch, num_q_heads, head_dim = q.shape
     entries, _, page_size, num_kv_heads, cache_dim = kv_cache.shape
@@ -401,6 +413,9 @@ def paged_decode_attention(
         raise ValueError(f"unsupported: head_dim {head_dim}, {num_q_heads} q heads, {num_kv_heads} kv heads, {q.dtype}")
     if q.stride(-1) != 1 or kv_cache.stride(-1) != 1:
         raise ValueError("q and kv_cache need a contiguous last dimension")
+    kv_scaled = is_fp8(kv_cache)
+    if kv_scaled and (k_scale is None or v_scale is None):
+        raise ValueError("an FP8 kv_cache needs k_scale and v_scale")
     out = torch.empty(batch, num_q_heads, head_dim, dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
@@ -416,6 +431,7 @@ def paged_decode_attention(
     options = _launch_options(num_warps, num_stages)
     _paged_decode_kernel[(batch, num_kv_heads, splits)](
         q, kv_cache[0], kv_cache[1], block_tables, seq_lens, sinks if sinks is not None else q,
+        k_scale if kv_scaled else q, v_scale if kv_scaled else q,
         out, part_acc, part_m, part_l,
         q.stride(0), q.stride(1),
         kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
@@ -428,7 +444,7 @@ def paged_decode_attention(
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         PAGE_SIZE=page_size, BLOCK_N=block_n,
         USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None, USE_SINKS=sinks is not None,
-        SPLIT=split, DOT_DTYPE=_TL_DTYPES[dot_dtype], DOT_PRECISION=dot_precision,
+        SPLIT=split, DOT_DTYPE=_TL_DTYPES[dot_dtype], DOT_PRECISION=dot_precision, KV_SCALED=kv_scaled,
         **options,
     )
     if split:

@@ -20,6 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
+from dockyard.ops.fp8_format import E4M3_MAX
+from dockyard.ops.fp8_kv import is_fp8
+
+_E4M3_MAX = tl.constexpr(E4M3_MAX)
+
 
 # Triton's own jit helpers (tl.sum, tl.sigmoid) are decorated when triton.language is imported, so
 # under an interpreter switched on later they would not be interpreted; these are this module's.
@@ -160,10 +165,11 @@ def _rotate_heads(x_ptr, stride_tok, stride_head, tok, n_heads, cos, sin,
 
 @triton.jit
 def _rotary_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr,
+                      k_scale_ptr, v_scale_ptr,
                       stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
                       stride_c_slot, stride_c_head, stride_table, n_q_heads, n_kv_heads,
                       HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-                      BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+                      BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, KV_SCALED: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
@@ -178,24 +184,40 @@ def _rotary_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, 
     head_ok = (heads < n_kv_heads)[:, None]
     dst = heads[:, None] * stride_c_head + slot * stride_c_slot
     ok = head_ok & h_ok[None, :]
-    tl.store(kc_ptr + dst + half[None, :], r1.to(kc_ptr.dtype.element_ty), mask=ok)
-    tl.store(kc_ptr + dst + HALF + half[None, :], r2.to(kc_ptr.dtype.element_ty), mask=ok)
+    k_inv = 1.0
+    v_inv = 1.0
+    if KV_SCALED:  # FP8 cache: values divided by the layer's scales (ops.fp8_kv.quantize)
+        k_inv = 1.0 / tl.load(k_scale_ptr)
+        v_inv = 1.0 / tl.load(v_scale_ptr)
+    tl.store(kc_ptr + dst + half[None, :], _cache_value(r1, k_inv, kc_ptr, KV_SCALED), mask=ok)
+    tl.store(kc_ptr + dst + HALF + half[None, :], _cache_value(r2, k_inv, kc_ptr, KV_SCALED), mask=ok)
     dims = tl.arange(0, BLOCK_D)
     d_ok = head_ok & (dims < HEAD_DIM)[None, :]
     if 2 * HALF < HEAD_DIM:  # partial rotary: the key's unrotated features, as they are
         tail = head_ok & (dims >= 2 * HALF)[None, :] & (dims < HEAD_DIM)[None, :]
         k = tl.load(k_ptr + tok * stride_k_tok + heads[:, None] * stride_k_head + dims[None, :], mask=tail)
-        tl.store(kc_ptr + dst + dims[None, :], k.to(kc_ptr.dtype.element_ty), mask=tail)
+        tl.store(kc_ptr + dst + dims[None, :], _cache_value(k, k_inv, kc_ptr, KV_SCALED), mask=tail)
     v = tl.load(v_ptr + tok * stride_v_tok + heads[:, None] * stride_v_head + dims[None, :], mask=d_ok)
-    tl.store(vc_ptr + dst + dims[None, :], v.to(vc_ptr.dtype.element_ty), mask=d_ok)
+    tl.store(vc_ptr + dst + dims[None, :], _cache_value(v, v_inv, vc_ptr, KV_SCALED), mask=d_ok)
+
+
+@triton.jit
+def _cache_value(x, inv_scale, cache_ptr, KV_SCALED: tl.constexpr):
+    """``x`` as the cache stores it: cast, or (FP8) rounded from x / scale in float32, saturated at ±448."""
+    if KV_SCALED:
+        y = x.to(tl.float32) * inv_scale
+        return tl.minimum(tl.maximum(y, -_E4M3_MAX), _E4M3_MAX).to(cache_ptr.dtype.element_ty)
+    return x.to(cache_ptr.dtype.element_ty)
 
 
 def rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         cos_table: torch.Tensor, sin_table: torch.Tensor, rotary_dim: int,
-                        kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+                        kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                        v_scale: torch.Tensor | None = None) -> None:
     """One kernel for a layer's new tokens: rotate q [T, Hq, D] and k [T, Hkv, D] in place (NeoX halves,
     first ``rotary_dim`` features) and store the rotated k and v [T, Hkv, D] at their ``slot_mapping``
-    slots of ``kv_cache`` [2, blocks, block_size, Hkv, D] (cast to its dtype)."""
+    slots of ``kv_cache`` [2, blocks, block_size, Hkv, D] (cast to its dtype; an FP8 cache stores them
+    divided by ``k_scale`` / ``v_scale``, as :func:`dockyard.ops.fp8_kv.quantize`)."""
     tokens, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     if (q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or cos_table.stride(-1) != 1
@@ -204,14 +226,18 @@ def rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
     if tuple(kv_cache.shape[-2:]) != (kv_heads, head_dim) or v.shape != k.shape:
         raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)} do not fit the KV cache {tuple(kv_cache.shape)}")
     half = rotary_dim // 2
+    kv_scaled = is_fp8(kv_cache)
+    if kv_scaled and (k_scale is None or v_scale is None):
+        raise ValueError("an FP8 kv_cache needs k_scale and v_scale")
     if tokens:
         _rotary_kv_kernel[(tokens,)](
             q, k, v, positions, slot_mapping, cos_table, sin_table, kv_cache[0], kv_cache[1],
+            k_scale if kv_scaled else q, v_scale if kv_scaled else q,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             kv_heads * head_dim, head_dim, cos_table.stride(0), q_heads, kv_heads,
             HALF=half, HEAD_DIM=head_dim, BLOCK_HQ=triton.next_power_of_2(q_heads),
             BLOCK_HK=triton.next_power_of_2(kv_heads), BLOCK_HALF=triton.next_power_of_2(half),
-            BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4,
+            BLOCK_D=triton.next_power_of_2(head_dim), KV_SCALED=kv_scaled, num_warps=4,
         )
 
 

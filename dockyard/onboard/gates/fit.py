@@ -49,7 +49,8 @@ def ensure_plan(ctx: GateContext) -> None:
     if ctx.dtype is None:
         ctx.dtype = serving_dtype(ctx)
     if ctx.plan is None:
-        ctx.plan, ctx.plan_fp8_path = plan_for_run(ctx.source, plan_target(ctx), ctx.options.dtype)
+        ctx.plan, ctx.plan_fp8_path = plan_for_run(ctx.source, plan_target(ctx), ctx.options.dtype,
+                                                   kv_cache_dtype=ctx.options.kv_cache_dtype)
 
 
 def tensor_parallel_advice(ctx: GateContext, context: int) -> tuple[int | None, dict[str, object], str]:
@@ -65,7 +66,8 @@ def tensor_parallel_advice(ctx: GateContext, context: int) -> tuple[int | None, 
         except ConfigError as exc:
             sizes[str(tp)] = f"refused: {exc}"
             continue
-        plan_tp, _ = plan_for_run(ctx.source, target, ctx.options.dtype, tp_size=tp)
+        plan_tp, _ = plan_for_run(ctx.source, target, ctx.options.dtype, tp_size=tp,
+                                  kv_cache_dtype=ctx.options.kv_cache_dtype)
         need = bytes_per_device(plan_tp, tp, ctx.spec.num_key_value_heads, context)
         sizes[str(tp)] = {"bytes_per_device": need, "fits": need <= ctx.machine.device_bytes}
         if need <= ctx.machine.device_bytes:

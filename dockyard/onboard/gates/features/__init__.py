@@ -26,8 +26,11 @@ error, never a crash.
   the unquantized model within ``FP8_LOGITS_BOUND``, and which path ran (native FP8 matmul when a
   parameter stayed ``float8_e4m3fn``, else dequantized on load). An FP8 checkpoint adds what the
   real gate showed on its own weights.
+* FP8 KV cache: the trial model through the paged cache (chunked prefill, then decodes) with an e4m3
+  cache (scales calibrated as the engine does) against a cache in its own dtype: logits within
+  ``FP8_KV_LOGITS_BOUND`` (3 × e4m3's rms rounding error); MLA is refused by the engine, so unsupported.
 
-One module per trial (``cuda_graph``, ``torch_compile``, ``parallel``, ``fp8``); the model they share
+One module per trial (``cuda_graph``, ``torch_compile``, ``parallel``, ``fp8``, ``fp8_kv``); the model they share
 is ``trial_model``, the process plumbing (worker output, threads, dynamo off) ``plumbing``.
 """
 
@@ -39,9 +42,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dockyard.model_source import MXFP4_METHOD
 from dockyard.onboard.config_features import is_moe
 from dockyard.onboard.context import GateContext, Outcome
-from dockyard.onboard.gates.features import cuda_graph, fp8, parallel, torch_compile
+from dockyard.onboard.gates.features import cuda_graph, fp8, fp8_kv, parallel, torch_compile
 from dockyard.onboard.gates.features.trial_model import Trials, error_text, row
 
 logger = logging.getLogger(__name__)
@@ -82,9 +86,16 @@ def run(ctx: GateContext) -> Outcome:
         else:
             rows.append(row("expert parallel", "not-applicable", "dense model: the config has no experts"))
         rows.append(_guarded("FP8", lambda: fp8.trial_row(ctx, trials, setup_error)))
+        rows.append(_guarded(fp8_kv.FEATURE, lambda: fp8_kv.trial_row(ctx, trials, setup_error)))
     quant = sorted(k.split(":", 1)[1] for k in keys if k.startswith("quantized:"))
-    for method in (m for m in quant if m != "fp8"):
+    for method in (m for m in quant if m not in ("fp8", MXFP4_METHOD)):
         rows.append(row(f"quantization ({method})", "unsupported", f"quant_method {method!r} is not implemented"))
+    if MXFP4_METHOD in quant:  # gpt-oss's published experts: dequantized on load (weights/mxfp4.py)
+        loaded = ctx.real.passed and ctx.source is not None and ctx.source.quantization == MXFP4_METHOD
+        rows.append(row(f"quantization ({MXFP4_METHOD})", "supported" if loaded else "not-run",
+                        "the real gate loaded this MXFP4 checkpoint (experts dequantized on load) and checked its "
+                        "output" if loaded else "MXFP4 experts are dequantized on load; the real gate did not load "
+                        "and check this checkpoint on this run"))
     if ctx.source is not None and ctx.source.kind == "gguf":
         real_ok = ctx.real.passed
         rows.append(row("GGUF dequantization", "supported" if real_ok else "not-run",
