@@ -74,8 +74,8 @@ class ModelSource:
         from dockyard.weights.dummy import iter_dummy
         from dockyard.weights.safetensors_dir import iter_safetensors
 
-        if self.kind == "gguf":
-            return self.gguf.iter_tensors(dtype)
+        if self.kind == "gguf":  # named after this model's parameters (native or transformers' classes)
+            return self.gguf.iter_tensors(dtype, hf_names=model.state_dict().keys())
         if self.kind == "safetensors":
             if self.fp8 is not None:
                 if native_fp8:
