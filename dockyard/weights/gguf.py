@@ -146,6 +146,8 @@ class GGUFFile:
         model_type = section
         if section is None and arch in MODEL_ARCH_NAMES.values() and arch in CONFIG_MAPPING_NAMES:
             section, model_type = "llama", arch  # the standard LLM keys; the names are the same in llama.cpp
+        if arch == "llama" and self.get(f"{arch}.expert_count"):
+            model_type = "mixtral"  # llama.cpp writes Mixtral as llama with experts
         if model_type is not None and f"{model_type}_text" in CONFIG_MAPPING_NAMES:
             model_type = f"{model_type}_text"  # a GGUF holds the text model of a multimodal family
         if section is None or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -189,6 +191,9 @@ class GGUFFile:
             value = self.get(f"tokenizer.{gguf_key}")
             if value is not None:
                 cfg[hf_key] = int(value)
+        if model_type == "mixtral":  # the llama section has no expert keys; Mixtral's config names them so
+            cfg["num_local_experts"] = int(self._require(f"{arch}.expert_count"))
+            cfg["num_experts_per_tok"] = int(self._require(f"{arch}.expert_used_count"))
         for key, value in GGUF_CONFIG_DEFAULTS_MAPPING.get(model_type, {}).items():
             cfg.setdefault(key, value)
         kv_heads = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
