@@ -35,6 +35,8 @@ if TYPE_CHECKING:  # resolving a model reads metadata only; torch comes with the
 logger = logging.getLogger(__name__)
 
 LOAD_FORMATS = ("auto", "dummy")
+# The quantization_config methods whose checkpoints load; any other is refused by name.
+LOADED_QUANT_METHODS = ("fp8",)
 
 
 @dataclass
@@ -185,7 +187,7 @@ def _resolve(model: str | Path | None, load_format: str, revision: str | None,
 
         if safetensors_files(model_dir):
             kind = "safetensors"
-            if method is not None and method != "fp8":
+            if method is not None and method not in LOADED_QUANT_METHODS:
                 raise WeightsError(
                     f"{model_dir} holds a quantized checkpoint (quantization_config.quant_method={method!r}), "
                     "which dockyard cannot load yet; use an unquantized (bf16/fp16/fp32) checkpoint, or "

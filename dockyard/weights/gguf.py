@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFReader, get_tensor_name_map
+from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFReader, LlamaFileType, get_tensor_name_map
 from gguf.quants import dequantize
 from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
 from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
@@ -308,6 +308,31 @@ class GGUFFile:
                 if len(t.shape) == (2 if expert is None else 3):
                     out[hf_name] = t.tensor_type.name
         return out
+
+    def block_sizes(self, hf_names: Iterable[str]) -> dict[str, tuple[str, int, int]]:
+        """HF name → (GGML type, elements, stored bytes) of each of ``hf_names`` (weights kept as blocks; an
+        expert's share of its stacked tensor)."""
+        wanted = set(hf_names)
+        out: dict[str, tuple[str, int, int]] = {}
+        for gguf_name, targets in self.name_map().items():
+            t = self._tensors.get(gguf_name)
+            for hf_name, expert in targets:
+                if t is not None and hf_name in wanted:
+                    parts = 1 if expert is None else int(t.shape[-1])  # experts are the outermost GGUF dim
+                    out[hf_name] = (t.tensor_type.name, int(t.n_elements) // parts, int(t.n_bytes) // parts)
+        return out
+
+    def quantization_name(self) -> str:
+        """The file's quantization in llama.cpp's words (``Q4_K_M``, from ``general.file_type``) and the block
+        types its tensors use, largest share first."""
+        by_type = sorted(self.stored_bytes().items(), key=lambda kv: -kv[1])
+        blocks = ", ".join(name for name, _ in by_type)
+        file_type = self.get("general.file_type")
+        try:
+            name = LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_") if file_type is not None else None
+        except ValueError:
+            name = None
+        return f"GGUF {name} ({blocks})" if name else f"GGUF ({blocks})"
 
     def stored_bytes(self) -> dict[str, int]:
         """Bytes of tensor data by GGML type (``Q4_1``, ``F32``, ...): each tensor's blocks as stored."""
