@@ -11,7 +11,8 @@ per-family table of dockyard's own; each fact comes from the library that owns i
   both ``gguf`` and transformers know but the mapping lacks (``olmo2``) reads the standard LLM keys (the
   ``llama`` section). :data:`_EXTRA_CONFIG_KEYS` adds the keys the mapping leaves out but llama.cpp
   writes (the head size where the mapping does not take it, MoE expert widths, Gemma 2 soft-caps); rope
-  scaling keys and Llama 3's ``rope_freqs`` tensor become ``rope_scaling`` (:func:`llama3_rope_scaling`).
+  scaling keys and Llama 3's ``rope_freqs`` tensor become ``rope_scaling`` (:func:`llama3_rope_scaling`), as do
+  Phi-3's longrope factor tensors; a rope dimension below the head size is ``partial_rotary_factor``.
 - **tensor names**: ``gguf``'s tensor-name map for the architecture (``gguf.get_tensor_name_map``), asked
   for each parameter name of the model being loaded, as transformers' loader does; per-expert names
   (``mlp.experts.3.gate_proj``) are looked up without the index and take their slice of the stacked GGUF
@@ -78,6 +79,9 @@ _ROPE_SCALING_KEYS = {
 }
 _EOS_KEYS = ("eos_token_id", "eot_token_id", "eom_token_id")
 ROPE_FREQS = "rope_freqs.weight"
+# Phi-3's longrope factors: config, not weights (llama.cpp stores them as tensors).
+LONGROPE_FACTORS = {"long_factor": "rope_factors_long.weight", "short_factor": "rope_factors_short.weight"}
+CONFIG_TENSORS = frozenset({ROPE_FREQS, *LONGROPE_FACTORS.values()})
 # llama.cpp's converter writes Llama 3's rope factors against this original context when the config names none.
 _LLAMA3_ORIGINAL_CONTEXT = 8192
 _EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
@@ -222,16 +226,23 @@ class GGUFFile:
             "tie_word_embeddings": "output.weight" not in self._tensors,
             "torch_dtype": "float32",
         })
+        scaling = {hf_key: value for gguf_key, hf_key in _ROPE_SCALING_KEYS.items()
+                   if (value := self.get(f"{arch}.rope.scaling.{gguf_key}")) is not None}
         scaling_type = self.get(f"{arch}.rope.scaling.type")
         if scaling_type not in (None, "none"):
-            scaling: dict[str, Any] = {"rope_type": scaling_type}
-            for gguf_key, hf_key in _ROPE_SCALING_KEYS.items():
-                value = self.get(f"{arch}.rope.scaling.{gguf_key}")
-                if value is not None:
-                    scaling[hf_key] = value
-            cfg["rope_scaling"] = scaling
-        if ROPE_FREQS in self._tensors and (scaling := self._rope_freqs_scaling(cfg)) is not None:
-            cfg["rope_scaling"] = scaling
+            cfg["rope_scaling"] = {"rope_type": scaling_type, **scaling}
+        if ROPE_FREQS in self._tensors and (llama3 := self._rope_freqs_scaling(cfg)) is not None:
+            cfg["rope_scaling"] = llama3
+        if all(name in self._tensors for name in LONGROPE_FACTORS.values()):
+            cfg["rope_scaling"] = {**scaling, "rope_type": "longrope",
+                                   **{key: self._small_tensor(name).tolist() for key, name in LONGROPE_FACTORS.items()}}
+            original = cfg["rope_scaling"].get("original_max_position_embeddings")
+            if original is not None:  # where HF's Phi-3 config keeps it
+                cfg["original_max_position_embeddings"] = int(original)
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        rotary = self.get(f"{arch}.rope.dimension_count")
+        if rotary is not None and int(rotary) < head_dim and "partial_rotary_factor" not in cfg:
+            cfg["partial_rotary_factor"] = int(rotary) / head_dim
         eos = list(dict.fromkeys(int(e) for e in (self.get(f"tokenizer.ggml.{k}") for k in _EOS_KEYS)
                                  if e is not None))
         if eos:
@@ -243,8 +254,7 @@ class GGUFFile:
     def _rope_freqs_scaling(self, cfg: dict[str, Any]) -> dict[str, Any] | None:
         """Llama 3's rope scaling, recovered from the per-frequency factors llama.cpp stores as ``rope_freqs``
         (None when every factor is 1: no scaling)."""
-        tensor = self._tensors[ROPE_FREQS]
-        factors = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float64).reshape(-1)
+        factors = self._small_tensor(ROPE_FREQS)
         if np.all(factors == 1.0):
             return None
         head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
@@ -256,6 +266,11 @@ class GGUFFile:
                 "from its HF checkpoint instead"
             )
         return scaling
+
+    def _small_tensor(self, name: str) -> np.ndarray:
+        """A 1-D tensor that holds config values (rope factors), as float64."""
+        tensor = self._tensors[name]
+        return np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float64).reshape(-1)
 
     def chat_template(self) -> str | None:
         """The chat template the file carries (``tokenizer.chat_template``), or None."""
@@ -348,13 +363,14 @@ class GGUFFile:
 
         ``hf_names``: the parameter names of the model being loaded (default: dockyard's native model's).
         GGUF names the map does not know are yielded unchanged, so the loader reports them as unexpected;
-        ``rope_freqs`` is part of the config (:meth:`hf_config`), not a weight.
+        rope factor tensors (``rope_freqs``, Phi-3's ``rope_factors_long/short``) are part of the config
+        (:meth:`hf_config`), not weights.
         """
         cfg = self.hf_config()
         processor = TENSOR_PROCESSORS.get(self.architecture, TensorProcessor)(config=cfg)
         targets = self.name_map(hf_names)
         for t in self._reader.tensors:
-            if t.name == ROPE_FREQS:
+            if t.name in CONFIG_TENSORS:
                 continue
             dests = targets.get(t.name, [(t.name, None)])
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))

@@ -10,6 +10,7 @@ the reference weights are ``gguf.quants.dequantize`` of the bytes written, which
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import gguf
@@ -43,6 +44,11 @@ FAMILIES = {
     "gemma3": ("gemma3", transformers.Gemma3TextConfig, {"sliding_window": 4, "tie_word_embeddings": True},
                Q.Q4_K),
     "phi3": ("phi3", transformers.Phi3Config, {}, Q.Q4_0),
+    # Phi-3.5 / Phi-4-mini: longrope factors (stored as tensors) and a partial rotary dimension.
+    "phi3_longrope": ("phi3", transformers.Phi3Config, {
+        "partial_rotary_factor": 0.5, "original_max_position_embeddings": 64, "rope_parameters": {
+            "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + i / 32 for i in range(16)],
+            "long_factor": [2.0 + i / 8 for i in range(16)]}}, Q.Q8_0),
     "olmo2": ("olmo2", transformers.Olmo2Config, {}, Q.F32),
 }
 PROMPT = [1, 17, 300, 45, 9, 411, 8, 77, 23, 5, 199, 64]
@@ -123,6 +129,16 @@ def _write(model: torch.nn.Module, arch: str, qtype: Q, path: Path) -> dict[str,
                                     if "full_attention" in cfg.rope_parameters else cfg.rope_parameters["rope_theta"]))
     writer.add_bos_token_id(cfg.bos_token_id)
     writer.add_eos_token_id(cfg.eos_token_id)
+    rope = cfg.rope_parameters
+    if rope.get("rope_type") == "longrope":  # llama.cpp's Phi-3 converter: factors as tensors, attn_factor
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        writer.add_rope_dimension_count(int(cfg.partial_rotary_factor * head_dim))
+        original = cfg.original_max_position_embeddings
+        scale = cfg.max_position_embeddings / original
+        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
+        writer.add_rope_scaling_orig_ctx_len(original)
+        writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], np.float32))
+        writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], np.float32))
     experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
     if experts:
         writer.add_expert_count(experts)
