@@ -12,7 +12,7 @@ import torch
 
 from dockyard.memory import plan_memory, storage_of
 from dockyard.model_source import resolve_model
-from dockyard.onboard import OnboardOptions
+from dockyard.onboard import OnboardOptions, gate_prose
 from dockyard.onboard.config_features import quantization_scheme
 from dockyard.onboard.context import GateContext
 from dockyard.onboard.gates import fit as fit_gate
@@ -63,6 +63,8 @@ def test_config_checkpoints(tmp_path: Path, quant: dict | None, handling: str) -
     assert outcome.evidence["quantization"] == verdict
     if quant is not None:
         assert outcome.summary.startswith(f"{verdict['scheme']}, {handling}; ")
+    section = "\n".join(gate_prose._fit(gate_prose._Read(outcome.evidence)))
+    assert f"| quantization | {verdict['scheme']}: {handling} (" in section
 
 
 def test_gguf_file(tmp_path: Path) -> None:
