@@ -240,11 +240,20 @@ class WeightStorage:
     stored_bytes_by_dtype: dict[str, int] | None = None
     source: str = "config"
     int4_method: str | None = None  # an int4 checkpoint's quant_method (its weights are dequantized on load)
+    # A GGUF file: the weights the run keeps as GGUF blocks (HF name -> (GGML type, elements, stored bytes),
+    # ``GGUFFile.block_sizes``); every other tensor is dequantized to the run dtype on load.
+    gguf_blocks: dict[str, tuple[str, int, int]] | None = None
 
     def describe(self, dtype: torch.dtype) -> str:
         run = dtype_name(dtype)
         if self.int4_method is not None:
             return f"int4 ({self.int4_method}) dequantized to {run} on load"
+        if self.gguf_blocks is not None:
+            if not self.gguf_blocks:
+                return f"GGUF blocks dequantized to {run} on load"
+            types = ", ".join(sorted({q for q, _, _ in self.gguf_blocks.values()}))
+            return (f"{len(self.gguf_blocks)} GGUF weights kept as stored blocks ({types}, dequantized in-kernel); "
+                    f"the rest dequantized to {run} on load")
         if self.fp8 is None:
             return run
         block = list(self.fp8.block) if self.fp8.block else "per-tensor"
@@ -354,14 +363,19 @@ def held_weight_bytes(spec: ModelSpec, dtype: torch.dtype, storage: WeightStorag
                 tuple(p.shape), storage.fp8, True)
         if fp8_layers < times:
             out[dtype_name(p.dtype)] += p.numel() * p.element_size() * (times - fp8_layers)
+    for qtype, elements, stored in (storage.gguf_blocks or {}).values():  # held as stored, not dequantized
+        out[dtype_name(dtype)] -= elements * dtype.itemsize
+        out[f"GGUF {qtype}"] += stored
     return dict(out)
 
 
-def storage_of(source: Any, native_fp8: bool = False) -> WeightStorage:
+def storage_of(source: Any, native_fp8: bool = False, gguf_blocks: frozenset[str] = frozenset()) -> WeightStorage:
     """The :class:`WeightStorage` of a ``model_source.ModelSource``: GGUF blocks and safetensors headers as
-    measured from the files, a config alone by its dtype and ``quantization_config``."""
+    measured from the files, a config alone by its dtype and ``quantization_config``. ``gguf_blocks``: the HF
+    names of the weights the run keeps as GGUF blocks (``GGUFFile.kernel_quantized_weights``)."""
     if source.kind == "gguf":
-        return WeightStorage(stored_bytes_by_dtype=source.gguf.stored_bytes(), source=f"GGUF file {source.path.name}")
+        return WeightStorage(stored_bytes_by_dtype=source.gguf.stored_bytes(), source=f"GGUF file {source.path.name}",
+                             gguf_blocks=source.gguf.block_sizes(gguf_blocks))
     if source.kind == "safetensors":
         fp8_weights = None
         if source.fp8 is not None:

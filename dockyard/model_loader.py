@@ -172,7 +172,7 @@ def _keep_quantized(model: nn.Module, source: ModelSource, device: torch.device,
     weight names (the source yields them quantized); else nothing changes (dequantize on load).
     ``DOCKYARD_QUANT_NATIVE`` overrides the choice (``ops.quant_linear.choose_quant_path``)."""
     gguf = source.gguf if source.kind == "gguf" else None
-    if gguf is not None and hasattr(gguf, "kernel_quantized_weights"):
+    if gguf is not None:
         cls, what = GGUFLinear, "GGUF"
     elif getattr(source, "int4", None) is not None and source.kind == "safetensors":
         cls, what = Int4Linear, "int4"

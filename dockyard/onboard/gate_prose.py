@@ -103,6 +103,8 @@ def _fit(ev: _Read) -> list[str]:
                                                             " (a device of that size, not this machine's)")),
             ("run dtype", f"{ev.get('dtype')}; weights held as {ev.get('weight_format')}"),
             ("FP8 path", ev.get("fp8_path")),
+            ("quantization", "{scheme}: {handling} ({why})".format(**ev.get("quantization"))
+             if isinstance(ev.get("quantization"), dict) else ev.get("quantization")),
             ("parameters", _num(ev.get("num_parameters")) + (
                 f" ({_num(ev.get('active_parameters'))} active per token)"
                 if ev.get("active_parameters") not in (None, ev.get("num_parameters")) else "")),

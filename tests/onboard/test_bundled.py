@@ -79,6 +79,8 @@ def test_feature_matrix_rows(onboarded):
     assert fp8["status"] == "supported" and fp8["why"].endswith("the checkpoint itself is not FP8"), fp8["why"]
     assert fp8["evidence"]["trial"]["rmse_ratio"] < fp8["evidence"]["trial"]["bound"]
     assert matrix["MTP"]["status"] == "checkpoint-missing"
+    quant = matrix["quantization (GGUF Q4_1 (Q4_1, Q8_0, F32))"]  # llama.cpp's file type, then its block types
+    assert quant["status"] == "supported" and quant["evidence"]["handling"] == "dequantized", quant["why"]
     assert report["fallback_ladder"]["needed"] is False or report["fallback_ladder"]["entries"]
 
 

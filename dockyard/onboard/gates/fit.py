@@ -17,6 +17,7 @@ import torch
 from dockyard.distributed.sharding import check_parallel_config
 from dockyard.errors import ConfigError
 from dockyard.onboard.context import GateContext, Outcome
+from dockyard.onboard.quantization import quantization_verdict
 from dockyard.run_plan import MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS, RunTarget, plan_for_run, run_dtype
 
 GiB = 1024**3
@@ -51,6 +52,12 @@ def ensure_plan(ctx: GateContext) -> None:
     if ctx.plan is None:
         ctx.plan, ctx.plan_fp8_path = plan_for_run(ctx.source, plan_target(ctx), ctx.options.dtype,
                                                    kv_cache_dtype=ctx.options.kv_cache_dtype)
+
+
+def quantization_of(ctx: GateContext) -> dict[str, str]:
+    """The checkpoint's quantization and what the run on the plan's target does with it (``onboard.quantization``)."""
+    ensure_plan(ctx)
+    return quantization_verdict(ctx.source, ctx.features, ctx.plan, plan_target(ctx))
 
 
 def tensor_parallel_advice(ctx: GateContext, context: int) -> tuple[int | None, dict[str, object], str]:
@@ -92,6 +99,7 @@ def run(ctx: GateContext) -> Outcome:
     ctx.fits_device = fits = margin >= 0
     tp_fit, tp_sizes, tp_advice = (None, {}, "") if fits else tensor_parallel_advice(ctx, context)
     target = plan_target(ctx)
+    quant = quantization_of(ctx)
     evidence = {
         "device": target.device_type,
         "device_present": target.present,
@@ -101,6 +109,7 @@ def run(ctx: GateContext) -> Outcome:
         "dtype": plan.dtype,
         "weight_format": plan.weight_format,
         "fp8_path": ctx.plan_fp8_path,
+        "quantization": quant,
         "num_parameters": plan.num_parameters,
         "active_parameters": plan.active_parameters,
         "checkpoint_bytes": plan.checkpoint_bytes,
@@ -135,7 +144,8 @@ def run(ctx: GateContext) -> Outcome:
     where = f"{device_bytes / GiB:.1f} GiB {target.device_type}"
     stored = (f"; checkpoint {plan.checkpoint_bytes / GiB:.2f} GiB"
               if plan.checkpoint_bytes is not None and plan.checkpoint_bytes != plan.weight_bytes else "")
-    head = (f"{plan.weight_bytes / GiB:.2f} GiB weights ({plan.weight_format}){stored}, KV "
+    quantized = "" if quant["handling"] == "none" else f"{quant['scheme']}, {quant['handling']}; "
+    head = (f"{quantized}{plan.weight_bytes / GiB:.2f} GiB weights ({plan.weight_format}){stored}, KV "
             f"{plan.kv_bytes_per_token:,} B/token")
     if fits:
         return Outcome("pass", f"{head}; fits {where} with {margin / GiB:.1f} GiB to spare", evidence)

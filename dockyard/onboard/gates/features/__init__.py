@@ -47,6 +47,7 @@ from dockyard.onboard.config_features import is_moe
 from dockyard.onboard.context import GateContext, Outcome
 from dockyard.onboard.gates.features import cuda_graph, fp8, fp8_kv, parallel, torch_compile
 from dockyard.onboard.gates.features.trial_model import Trials, error_text, row
+from dockyard.onboard.gates.fit import quantization_of
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,22 @@ def _guarded(feature: str, trial: Callable[[], dict[str, Any]]) -> dict[str, Any
     except Exception as exc:  # noqa: BLE001 - the gate reports every row, whatever one trial does
         logger.exception("%s trial crashed", feature)
         return row(feature, "not-run", f"the trial itself crashed: {error_text(exc)}", error=error_text(exc))
+
+
+def _quantization_row(ctx: GateContext) -> dict[str, Any]:
+    """The checkpoint's quantization and what dockyard does with it; supported once the real gate checked the
+    loaded weights' output."""
+    verdict = quantization_of(ctx)
+    name = f"quantization ({verdict['scheme']})"
+    if verdict["handling"] == "none":
+        return row("quantization", "not-applicable", verdict["why"], **verdict)
+    if verdict["handling"] == "refused":
+        return row(name, "unsupported", verdict["why"], **verdict)
+    if ctx.real.passed:
+        return row(name, "supported", f"{verdict['handling']}: {verdict['why']}; the real gate checked the output "
+                                      "of the weights loaded this way", **verdict)
+    return row(name, "not-run", f"{verdict['handling']}: {verdict['why']}; the real gate did not pass on these "
+                                "weights", **verdict)
 
 
 def run(ctx: GateContext) -> Outcome:
@@ -87,20 +104,7 @@ def run(ctx: GateContext) -> Outcome:
             rows.append(row("expert parallel", "not-applicable", "dense model: the config has no experts"))
         rows.append(_guarded("FP8", lambda: fp8.trial_row(ctx, trials, setup_error)))
         rows.append(_guarded(fp8_kv.FEATURE, lambda: fp8_kv.trial_row(ctx, trials, setup_error)))
-    quant = sorted(k.split(":", 1)[1] for k in keys if k.startswith("quantized:"))
-    for method in (m for m in quant if m not in ("fp8", MXFP4_METHOD)):
-        rows.append(row(f"quantization ({method})", "unsupported", f"quant_method {method!r} is not implemented"))
-    if MXFP4_METHOD in quant:  # gpt-oss's published experts: dequantized on load (weights/mxfp4.py)
-        loaded = ctx.real.passed and ctx.source is not None and ctx.source.quantization == MXFP4_METHOD
-        rows.append(row(f"quantization ({MXFP4_METHOD})", "supported" if loaded else "not-run",
-                        "the real gate loaded this MXFP4 checkpoint (experts dequantized on load) and checked its "
-                        "output" if loaded else "MXFP4 experts are dequantized on load; the real gate did not load "
-                        "and check this checkpoint on this run"))
-    if ctx.source is not None and ctx.source.kind == "gguf":
-        real_ok = ctx.real.passed
-        rows.append(row("GGUF dequantization", "supported" if real_ok else "not-run",
-                        "the real gate loaded this GGUF (dequantized on load) and checked its output" if real_ok
-                        else "the real gate did not pass on this GGUF"))
+    rows.append(_guarded("quantization", lambda: _quantization_row(ctx)))
     if "mtp" in keys:
         rows.append(row("MTP", "unsupported", "the checkpoint has MTP layers (num_nextn_predict_layers > 0); "
                                               "dockyard has no speculative decoding yet"))
