@@ -42,7 +42,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dockyard.model_source import MXFP4_METHOD
 from dockyard.onboard.config_features import is_moe
 from dockyard.onboard.context import GateContext, Outcome
 from dockyard.onboard.gates.features import cuda_graph, fp8, fp8_kv, parallel, torch_compile
