@@ -122,6 +122,8 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, se
         quantize_linears_fp8(model)
         if device.type == "cuda":  # the replaced Linears' memory goes back (the KV cache is sized from it)
             torch.cuda.empty_cache()
+        else:
+            logger.info("online FP8 on the CPU: the FP8 projections compute with PyTorch reference math (slow)")
     if device.type == "cuda" and hasattr(model, "fuse_projections"):
         model.fuse_projections()
     if device.type == "cuda":
@@ -142,8 +144,6 @@ def check_online_fp8(source: ModelSource, device: torch.device, tp_size: int = 1
         why = why and f"{why}; drop --quantization, or use a GPU with FP8 tensor cores (Ada, Hopper)"
     if why:
         raise ConfigError(f"--quantization fp8 (online FP8 of {source.name}) cannot run: {why}")
-    if device.type == "cpu":
-        logger.info("online FP8 on the CPU: the FP8 projections compute with PyTorch reference math (slow)")
 
 
 def _native_fp8(model: nn.Module, source: ModelSource, device: torch.device, dtype: torch.dtype,

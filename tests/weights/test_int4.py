@@ -1,13 +1,13 @@
 """int4 checkpoints (AWQ, GPTQ with and without desc_act, compressed-tensors pack-quantized) load on the CPU.
 
-Each checkpoint is written here from random 4-bit codes, scales and zero points by an independent packer:
-AWQ's and GPTQ's published packing (AutoAWQ's GEMM order, AutoGPTQ's row packing and v1 "zero - 1" zero
-points) in plain integer arithmetic, and compressed-tensors' own ``pack_to_int32``. The reference weight
-is ``(q - zero) * scale`` in float64 with the group of each input row taken from the test's own ``g_idx``.
-A shrunken Llama's logits are compared with HF transformers running those float64 weights in float64;
-a shrunken Qwen3-MoE (every expert quantized) with the same model loaded from the float64 weights
-rounded to float32. Scales are float16, so ``(q - zero) * scale`` is exact in float32: loaded weights
-must equal the reference exactly.
+Each checkpoint is written from random 4-bit codes, scales and zero points by an independent packer
+(``tests/weights/int4_packers.py``): AWQ's and GPTQ's published packing (AutoAWQ's GEMM order, AutoGPTQ's
+row packing and v1 "zero - 1" zero points) in plain integer arithmetic, and compressed-tensors' own
+``pack_to_int32``. The reference weight is ``(q - zero) * scale`` in float64 with the group of each input
+row taken from the packer's own ``g_idx``. A shrunken Llama's logits are compared with HF transformers
+running those float64 weights in float64; a shrunken Qwen3-MoE (every expert quantized) with the same
+model loaded from the float64 weights rounded to float32. Scales are float16, so ``(q - zero) * scale`` is
+exact in float32: loaded weights must equal the reference exactly.
 """
 
 from __future__ import annotations
