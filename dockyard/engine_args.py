@@ -46,8 +46,9 @@ DTYPE_ALIASES = {"auto": "auto", "half": "float16", "float16": "float16", "bfloa
                  "float": "float32", "float32": "float32"}
 # quantization_config.quant_method values of int4 weight-only checkpoints (dockyard.weights.int4 reads them)
 INT4_METHODS = ("awq", "gptq", "compressed-tensors")
+MXFP4_METHOD = "mxfp4"  # quantization_config.quant_method of gpt-oss's published checkpoints (weights/mxfp4.py)
 # What --quantization accepts: the checkpoint formats the loader reads; fp8 also quantizes an unquantized one.
-QUANTIZATION_METHODS = ("fp8", *INT4_METHODS)
+QUANTIZATION_METHODS = ("fp8", *INT4_METHODS, MXFP4_METHOD)
 # --kv-cache-dtype: auto holds K and V in the model's dtype; fp8 / fp8_e4m3 as e4m3 with per-tensor scales.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from dockyard.engine_args import INT4_METHODS
+from dockyard.engine_args import INT4_METHODS, MXFP4_METHOD, QUANTIZATION_METHODS
 from dockyard.errors import ConfigError, DockyardError, UnsupportedArchitectureError, WeightsError
 from dockyard.generation_config import GenerationDefaults, load_generation_config
 from dockyard.hub import locate_model as hub_locate
@@ -36,9 +36,8 @@ if TYPE_CHECKING:  # resolving a model reads metadata only; torch comes with the
 logger = logging.getLogger(__name__)
 
 LOAD_FORMATS = ("auto", "dummy")
-MXFP4_METHOD = "mxfp4"  # quantization_config.quant_method of gpt-oss's published checkpoints (weights/mxfp4.py)
 # The quantization_config methods whose checkpoints load; any other is refused by name.
-LOADED_QUANT_METHODS = ("fp8", *INT4_METHODS, MXFP4_METHOD)
+LOADED_QUANT_METHODS = QUANTIZATION_METHODS
 
 
 @dataclass
