@@ -60,24 +60,27 @@ class ModelSource:
         return self.kind != "dummy"
 
     def iter_weights(self, model: nn.Module, dtype: torch.dtype, seed: int = 0,
-                     native_fp8: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                     native_fp8: set[str] | None = None,
+                     gguf_blocks: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
         """Checkpoint tensors for ``model`` (dummy ones at its shapes for kind == 'dummy'), counted on a
         progress bar on stderr when it is a terminal.
 
         FP8 checkpoints: the weights named in ``native_fp8`` (checkpoint names, see
-        ``weights.fp8.convert_to_fp8_linears``) come as stored with their scale grids; the rest dequantized."""
-        return tqdm(self._tensors(model, dtype, seed, native_fp8), desc=f"loading {self.kind} weights",
+        ``weights.fp8.convert_to_fp8_linears``) come as stored with their scale grids; the rest dequantized.
+        GGUF files: the weights named in ``gguf_blocks`` (``GGUFFile.kernel_quantized_weights``) come as
+        ``ops.quant_format.GGUFBlocks``; the rest dequantized to ``dtype``."""
+        return tqdm(self._tensors(model, dtype, seed, native_fp8, gguf_blocks), desc=f"loading {self.kind} weights",
                     unit=" tensors", file=sys.stderr, disable=None, leave=False)
 
-    def _tensors(self, model: nn.Module, dtype: torch.dtype, seed: int,
-                 native_fp8: set[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
+    def _tensors(self, model: nn.Module, dtype: torch.dtype, seed: int, native_fp8: set[str] | None,
+                 gguf_blocks: frozenset[str]) -> Iterator[tuple[str, torch.Tensor]]:
         # The weights modules import torch; resolving a model reads metadata only, so they load here.
         from dockyard.weights import fp8
         from dockyard.weights.dummy import iter_dummy
         from dockyard.weights.safetensors_dir import iter_safetensors
 
         if self.kind == "gguf":  # named after this model's parameters (native or transformers' classes)
-            return self.gguf.iter_tensors(dtype, hf_names=model.state_dict().keys())
+            return self.gguf.iter_tensors(dtype, gguf_blocks, hf_names=model.state_dict().keys())
         if self.kind == "safetensors":
             if self.fp8 is not None:
                 if native_fp8:

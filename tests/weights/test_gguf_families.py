@@ -21,6 +21,8 @@ import transformers
 
 from dockyard.model_loader import load_model
 from dockyard.model_source import resolve_model
+from dockyard.ops.quant_format import GGUFBlocks
+from dockyard.registry import build_model
 from dockyard.testing import paged_logits, rel_rmse
 from dockyard.weights.gguf import KERNEL_BLOCK_TYPES, GGUFFile, llama3_rope_scaling
 
@@ -251,6 +253,12 @@ def test_kept_quantized_rows(tmp_path: Path) -> None:
             assert blocks.data.dtype == torch.uint8 and blocks.shape == tuple(dense[name].shape)
             values = gguf.quants.dequantize(blocks.data.numpy(), Q(blocks.qtype)).reshape(blocks.shape)
             assert torch.equal(torch.from_numpy(values), dense[name]), name
+        # The engine's way in: ModelSource.iter_weights, named after the model being loaded.
+        source = resolve_model(tmp_path / f"{family}.gguf")
+        with torch.device("meta"):
+            model = build_model(source.spec)
+        loaded = dict(source.iter_weights(model, torch.float32, gguf_blocks=frozenset(quantized)))
+        assert {n for n, t in loaded.items() if isinstance(t, GGUFBlocks)} == set(quantized)
 
 
 def test_llama3_rope_freqs_become_rope_scaling() -> None:
