@@ -69,8 +69,9 @@ class ModelSource:
 
         FP8 checkpoints: the weights named in ``native_fp8`` (checkpoint names, see
         ``weights.fp8.convert_to_fp8_linears``) come as stored with their scale grids; the rest dequantized.
-        int4 checkpoints: the weights named in ``keep_quantized`` (checkpoint names) come as
-        ``ops.quant_format.Int4Weight``; the rest dequantized (``weights.int4.read_int4``)."""
+        int4 checkpoints and GGUF files: the weights named in ``keep_quantized`` (checkpoint / HF names) come as
+        ``ops.quant_format.Int4Weight`` (``weights.int4.read_int4``) or ``GGUFBlocks``
+        (``GGUFFile.kernel_quantized_weights``); the rest dequantized to ``dtype``."""
         return tqdm(self._tensors(model, dtype, seed, native_fp8, keep_quantized), desc=f"loading {self.kind} weights",
                     unit=" tensors", file=sys.stderr, disable=None, leave=False)
 
@@ -84,8 +85,7 @@ class ModelSource:
         from dockyard.weights.safetensors_dir import iter_safetensors
 
         if self.kind == "gguf":  # named after this model's parameters (native or transformers' classes)
-            return self.gguf.iter_tensors(dtype, hf_names=model.state_dict().keys(),
-                                          keep_quantized=frozenset(keep_quantized or ()))
+            return self.gguf.iter_tensors(dtype, frozenset(keep_quantized or ()), hf_names=model.state_dict().keys())
         if self.kind == "safetensors":
             if self.quantization == MXFP4_METHOD:  # gpt-oss's published experts: dequantized on load
                 return dequantize_mxfp4(iter_safetensors(self.path), dtype)

@@ -158,9 +158,10 @@ class GGUFFile:
             known = sorted(k for k in GGUF_CONFIG_MAPPING if k in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
                            or f"{k}_text" in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
             raise UnsupportedArchitectureError(
-                f"{self.path}: GGUF architecture {arch!r} is not supported (neither transformers' GGUF config "
-                f"mapping nor its causal-LM classes know it); supported: {', '.join(known)}, and the llama.cpp "
-                "architectures transformers has a causal-LM class of the same name for"
+                f"{self.path}: GGUF architecture {arch!r} is not supported: it maps to no causal-LM class of "
+                f"transformers (the decoders dockyard runs); readable: {', '.join(known)}, and the llama.cpp "
+                "architectures transformers has a causal-LM class of the same name for; convert the model from its "
+                "HF checkpoint instead"
             )
         return section, model_type
 

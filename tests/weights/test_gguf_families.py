@@ -21,6 +21,8 @@ import transformers
 
 from dockyard.model_loader import load_model
 from dockyard.model_source import resolve_model
+from dockyard.ops.quant_format import GGUFBlocks
+from dockyard.registry import build_model
 from dockyard.testing import paged_logits, rel_rmse
 from dockyard.weights.gguf import KERNEL_BLOCK_TYPES, GGUFFile, llama3_rope_scaling
 
@@ -194,23 +196,35 @@ def _write(model: torch.nn.Module, arch: str, qtype: Q, path: Path) -> dict[str,
     return reference
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_family_logits_equal_hf(family: str, tmp_path: Path) -> None:
+def _logits_vs_hf(family: str, path: Path, model_impl: str = "auto") -> float:
+    """Write ``family``'s tiny model to ``path``, load it through dockyard (``model_impl``) and return the
+    logits' rel. error against HF on the weights the file dequantizes to."""
     model, arch, qtype = _hf_model(family)
-    path = tmp_path / f"{family}.gguf"
     reference = _write(model, arch, qtype, path)
     with torch.no_grad():
         for name, p in model.state_dict().items():
             if name in reference:
                 p.copy_(torch.from_numpy(reference[name]))
         ref = model(torch.tensor([PROMPT])).logits[0]
-    source = resolve_model(path)
+    source = resolve_model(path, model_impl=model_impl)
     # llama.cpp writes Mistral as llama; the same class runs both.
     assert source.spec.architecture == ("LlamaForCausalLM" if family == "mistral" else type(model).__name__)
     ours, report = load_model(source, torch.device("cpu"), torch.float32)
     assert not report.missing and not report.unexpected
-    err = rel_rmse(paged_logits(ours, PROMPT, [len(PROMPT) - 2, 1, 1]), ref)
-    assert err < 1e-4, f"{family} ({qtype.name}): logits rel. error {err:.2e} vs HF on the same weights"
+    return rel_rmse(paged_logits(ours, PROMPT, [len(PROMPT) - 2, 1, 1]), ref)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_logits_equal_hf(family: str, tmp_path: Path) -> None:
+    err = _logits_vs_hf(family, tmp_path / f"{family}.gguf")
+    assert err < 1e-4, f"{family} ({FAMILIES[family][3].name}): logits rel. error {err:.2e} vs HF on the same weights"
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_generic_path_reads_gguf(family: str, tmp_path: Path) -> None:
+    """transformers' own classes (``--model-impl transformers``) take the same tensors, named after their
+    parameters."""
+    assert _logits_vs_hf(family, tmp_path / f"{family}.gguf", model_impl="transformers") < 1e-4
 
 
 def test_q4_k_packer_is_close() -> None:
@@ -251,6 +265,12 @@ def test_kept_quantized_rows(tmp_path: Path) -> None:
             assert blocks.data.dtype == torch.uint8 and blocks.shape == tuple(dense[name].shape)
             values = gguf.quants.dequantize(blocks.data.numpy(), Q(blocks.qtype)).reshape(blocks.shape)
             assert torch.equal(torch.from_numpy(values), dense[name]), name
+        # The engine's way in: ModelSource.iter_weights, named after the model being loaded.
+        source = resolve_model(tmp_path / f"{family}.gguf")
+        with torch.device("meta"):
+            model = build_model(source.spec)
+        loaded = dict(source.iter_weights(model, torch.float32, keep_quantized=set(quantized)))
+        assert {n for n, t in loaded.items() if isinstance(t, GGUFBlocks)} == set(quantized)
 
 
 def test_llama3_rope_freqs_become_rope_scaling() -> None:
