@@ -180,7 +180,7 @@ def test_onboard_names_the_report_after_the_repo_id_and_compares_with_eos(hub_en
     assert first["ours"] == first["reference"] == greedy[:stop_at + 1]
     assert first["text"].split() == _words(greedy[:stop_at])
     # The terminal saw the real gate's sub-steps with their times, not minutes of silence.
-    steps = [ln for ln in out.stderr.splitlines() if ln.startswith("[5/8] real …")]
+    steps = [ln for ln in out.stderr.splitlines() if ln.startswith("[5/9] real …")]
     assert any("loading the real weights" in ln for ln in steps), out.stderr
     assert any("transformers reference" in ln for ln in steps) and all(ln.endswith("s)") for ln in steps)
 

@@ -28,7 +28,8 @@ if TYPE_CHECKING:  # annotations only: this module stays importable without torc
     from dockyard.onboard.machine import Machine
     from dockyard.spec import ModelSpec
 
-GATE_NAMES = ("inspect", "fit", "equivalence", "dummy", "real", "features", "capacity", "serve-smoke")
+GATE_NAMES = ("inspect", "fit", "equivalence", "dummy", "real", "features", "capacity", "performance",
+              "serve-smoke")
 # Verdict of a finished run → exit status of `dockyard onboard` (2 is a usage error: no run, no report).
 EXIT_CODES = {"PASS": 0, "FAIL": 1, "PASS-PARTIAL": 3}
 WEIGHTS_CHOICES = ("auto", "dummy", "real")

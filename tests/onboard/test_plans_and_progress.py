@@ -110,7 +110,7 @@ def test_onboard_dtype_reaches_the_plan_and_the_runs(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps(TINY))
     run = run_onboard(OnboardOptions(model=str(tmp_path / "m"), out=tmp_path / "out", device="cpu", dtype="bfloat16",
-                                     skip=("equivalence", "features", "serve-smoke")))
+                                     skip=("equivalence", "features", "performance", "serve-smoke")))
     assert run.gate("fit").evidence["dtype"] == "bfloat16"  # on a CPU, auto would be float32
     assert run.gate("dummy").status == "pass" and run.gate("dummy").evidence["dtype"] == "bfloat16"
     assert run.report["options"]["dtype"] == "bfloat16"

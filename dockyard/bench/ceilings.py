@@ -1,18 +1,20 @@
 """Measured ceilings of the device a benchmark runs on: copy bandwidth and matmul rate.
 
-Results are compared with a roofline built from these numbers, never from a datasheet.
+Results are compared with a roofline built from these numbers, never from a datasheet. ``dockyard bench
+latency|throughput``, the onboarding performance gate and the kernel benchmarks in ``benchmarks/`` all
+measure them here.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
 
-def _timeit(fn, device: torch.device, repeat: int = 7, inner: int = 10) -> float:
+def _timeit(fn: Callable[[], object], device: torch.device, repeat: int = 7, inner: int = 10) -> float:
     """Median seconds of one ``fn()``: on CUDA timed with events around ``inner`` back-to-back calls
     (so launch and synchronization overheads do not count), after a warm-up."""
     fn()  # warm-up
@@ -52,35 +54,16 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None) 
     return 2 * n**3 / seconds
 
 
-def measure(device: torch.device, dtype: torch.dtype, devices: int = 1) -> dict[str, float]:
+def measure(device: torch.device, dtype: torch.dtype, devices: int = 1, scaled_down: bool = False) -> dict[str, float]:
     """Copy bandwidth and matmul rate of ``device``, times ``devices`` (tensor parallel: every rank's
-    GPU reads its shard and multiplies at the same rates)."""
-    return {"copy_bytes_per_s": devices * copy_bandwidth(device),
-            "matmul_flops_per_s": devices * matmul_rate(device, dtype)}
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The model options every engine benchmark takes (model path, weights, device, dtype, eager mode)."""
-    p.add_argument("--model", default=None, help="HF config/checkpoint/GGUF (default: the bundled model)")
-    p.add_argument("--load-format", default="auto", choices=("auto", "dummy"))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    p.add_argument("--no-async-scheduling", action="store_true",
-                   help="apply each step's tokens before the next step starts (default on CUDA: overlap them)")
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="split the model over N GPUs (rooflines then count N devices' ceilings)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    """The ``LLM`` keyword arguments of :func:`add_model_args`' options."""
-    return {"load_format": args.load_format, "device": args.device, "dtype": args.dtype, "seed": args.seed,
-            "enforce_eager": args.enforce_eager, "tensor_parallel_size": args.tensor_parallel_size,
-            "async_scheduling": False if args.no_async_scheduling else None}
+    GPU reads its shard and multiplies at the same rates). ``scaled_down`` (CPU only): a 64 MiB copy and a
+    1024² matmul, still past the caches but quick on a busy machine."""
+    small = scaled_down and device.type != "cuda"
+    return {"copy_bytes_per_s": devices * copy_bandwidth(device, 1 << 26 if small else None),
+            "matmul_flops_per_s": devices * matmul_rate(device, dtype, 1024 if small else None)}
 
 
 def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so a host timer covers it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
