@@ -21,7 +21,10 @@ from dockyard.testing import paged_logits, rel_rmse
 __all__ = ["dummy_chat_model_dir", "import_kernels", "interpreter_loop_bounds_fix", "paged_logits", "poison",
            "rel_rmse", "save_tiny_hf_model"]
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+# ChatML as SmolLM2's template writes it, its default system message included (so prompts are as long).
+CHAT_TEMPLATE = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful AI assistant named "
+                 "SmolLM, trained by Hugging Face<|im_end|>\n{% endif %}"
+                 "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 

@@ -23,7 +23,8 @@ from .test_engine import GREEDY, TOPICS, make_engine, prompts_of_varied_length, 
 
 # The dummy stand-in's tokenizer learns its merges from the texts these tests send.
 CORPUS = [f"Write about {topic}. Give many details. You are a careful assistant. Answer briefly and precisely. "
-          "Question: what is two plus two? user assistant" for topic in TOPICS]
+          "Question: what is two plus two? user assistant system You are a helpful AI assistant named SmolLM, "
+          "trained by Hugging Face" for topic in TOPICS]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,10 @@ def llm(request, tmp_path_factory):
     try:
         bundled_model_path()
     except ModelNotFoundError:  # no bundled GGUF here: the dummy-weight stand-in, on the GPU when there is one
-        return LLM(str(dummy_chat_model_dir(tmp_path_factory.mktemp("dummy-chat"), CORPUS)), load_format="dummy")
+        # The tests build engines of their own: the LLM's pool stays small, leaving the GPU's memory free for their
+        # graph captures (a capture that finds memory short would have to free cached blocks, which it cannot).
+        return LLM(str(dummy_chat_model_dir(tmp_path_factory.mktemp("dummy-chat"), CORPUS)), load_format="dummy",
+                   num_kv_blocks=64)
     return request.getfixturevalue("bundled_llm")
 
 
