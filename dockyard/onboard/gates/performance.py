@@ -119,7 +119,7 @@ def run(ctx: GateContext) -> Outcome:
         prefill = []
         for n in ttft_lens:
             ctx.step(f"time to first token of {n} tokens")
-            prefill.append(with_ttft_roofline(ttft(llm, n, rng, repeat=2 if on_gpu else 1), rate))
+            prefill.append(with_ttft_roofline(ttft(llm, n, rng, repeat=3 if on_gpu else 1), rate))
         runner = llm.engine.runner
         path = ctx.spec.model_impl
         causes = _likely_causes(llm, path) if on_gpu else [
