@@ -185,6 +185,35 @@ def test_onboard_names_the_report_after_the_repo_id_and_compares_with_eos(hub_en
     assert any("transformers reference" in ln for ln in steps) and all(ln.endswith("s)") for ln in steps)
 
 
+def test_onboard_revision_reaches_every_gate_and_the_serve_command(hub_env, tmp_path):
+    from dockyard.onboard.context import GateContext, OnboardOptions
+    from dockyard.onboard.gates.serve_smoke import serve_command
+    from dockyard.onboard.machine import detect_machine
+
+    out = _cli(hub_env, "onboard", REPO, "--revision", COMMIT_OLD, "--weights", "real", "--skip", "equivalence",
+               "--skip", "features", "--skip", "capacity", "--skip", "performance", "--skip", "serve-smoke",
+               cwd=tmp_path)
+    report = json.loads((tmp_path / "reports" / "org" / "tiny" / "report.json").read_text())
+    gates = {g["name"]: g for g in report["gates"]}
+    assert report["options"]["revision"] == COMMIT_OLD and report["model"]["path"].endswith(COMMIT_OLD), out.stderr
+    # The old commit has 1 layer (main has 2): inspect, the dummy engine and the real weights all read it.
+    assert report["architecture"]["spec"]["num_hidden_layers"] == 1
+    dummy = gates["dummy"]["evidence"]
+    assert gates["dummy"]["status"] == "pass" and dummy["layers"] == 1, gates["dummy"]["summary"]
+    assert dummy["num_parameters_run"] == sum(p.numel() for p in _model(1).parameters())  # the engine it built
+    real = gates["real"]
+    assert real["status"] == "pass" and real["evidence"]["checkpoint"]["path"].endswith(COMMIT_OLD), real["summary"]
+    with torch.no_grad():  # the 1-layer model's own greedy tokens, computed by transformers
+        ref = _model(1).generate(torch.tensor([PROMPT_IDS]), max_new_tokens=4, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)[0, len(PROMPT_IDS):].tolist()
+    assert real["evidence"]["prompts"][0]["reference"][:4] == ref
+    # The commands it prints and runs (the tutorial's deploy line, serve-smoke's server) name the revision too.
+    tutorial = (tmp_path / "reports" / "org" / "tiny" / "tutorial.md").read_text()
+    assert f"dockyard serve --model {REPO} --revision {COMMIT_OLD}" in tutorial
+    ctx = GateContext(OnboardOptions(model=REPO, revision=COMMIT_OLD), detect_machine("cpu", None), tmp_path)
+    assert serve_command(ctx)[:5] == ["serve", "--model", REPO, "--revision", COMMIT_OLD]
+
+
 def test_default_sampling_params_follow_the_generation_config(hub_env):
     from dockyard import LLM
 

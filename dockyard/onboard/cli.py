@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from dockyard.engine_args import EngineArgs, field_help
+from dockyard.engine_args import MODEL_SOURCE_FIELDS, EngineArgs, field_help
 from dockyard.model_path import check_model_path
 from dockyard.onboard.context import EXIT_CODES, GATE_NAMES
 
@@ -20,8 +20,8 @@ def add_onboard_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p = subparsers.add_parser(
         "onboard", help="prove the engine runs a model correctly: gates → report",
         description="Run the onboarding gates (inspect, fit, equivalence, dummy, real, features, capacity, "
-                    "serve-smoke) for MODEL and write report.md/report.json, accuracy.yaml, tutorial.md and one "
-                    "log per gate; report.json and report.md are rewritten after every gate. Exit status: "
+                    "performance, serve-smoke) for MODEL and write report.md/report.json, accuracy.yaml, tutorial.md "
+                    "and one log per gate; report.json and report.md are rewritten after every gate. Exit status: "
                     + ", ".join(f"{code} {verdict}" for verdict, code in EXIT_CODES.items())
                     + " (passed, but named gates or model parts were not proven), 2 bad arguments or a model path "
                     "that does not exist (no report is written).",
@@ -43,13 +43,14 @@ def add_onboard_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--json", action="store_true", help="print report.json on stdout (the table goes to stderr)")
     # The engine flags onboarding takes (the plan and the runs use them; the real gate still compares in
     # float32 when that fits).
-    EngineArgs.add_cli_args(p, only=("dtype", "device", "num_threads", "model_impl", "trust_remote_code"))
+    EngineArgs.add_cli_args(p, only=("dtype", "device", "num_threads", *MODEL_SOURCE_FIELDS))
     return p
 
 
 def cmd_onboard(args: argparse.Namespace) -> int:
     """Run the gates; print progress on stderr and the summary table; return the exit status."""
-    check_model_path(args.model)  # before torch is imported: a mistyped path fails at once, no report folder
+    # before torch is imported: a mistyped path fails at once, no report folder
+    check_model_path(args.model, args.revision, args.download_dir)
     # the CLI starts without torch: a command's modules load when it runs
     from dockyard.engine.threads import configure_threads
     from dockyard.onboard import OnboardOptions, run_onboard, summary_table
@@ -61,7 +62,8 @@ def cmd_onboard(args: argparse.Namespace) -> int:
         device_memory_gib=args.device_memory, dtype=args.dtype, num_layers=args.num_layers,
         dummy_memory_gib=args.dummy_memory,
         skip=tuple(args.skip), compile_backend=args.compile_backend, model_impl=args.model_impl,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, revision=args.revision, download_dir=args.download_dir,
+        tokenizer=args.tokenizer, generation_config=args.generation_config,
     )
     run = run_onboard(options, progress=sys.stderr)
     table = summary_table(run)

@@ -53,6 +53,12 @@ class OnboardOptions:
     seed: int = 0
     model_impl: str = "auto"  # auto | dockyard | transformers (dockyard.model_impl)
     trust_remote_code: bool = False  # run the modeling code the config's auto_map names
+    # Where MODEL's files come from (dockyard.hub; the engine's flags of the same names): every gate that reads the
+    # model, and the server serve-smoke starts, use them.
+    revision: str | None = None
+    download_dir: str | None = None
+    tokenizer: str | None = None
+    generation_config: str = "auto"
 
     def validate(self) -> None:
         if self.weights not in WEIGHTS_CHOICES:
@@ -208,8 +214,29 @@ class GateContext:
         return {"model_impl": impl, "trust_remote_code": self.options.trust_remote_code}
 
     @property
+    def source_kwargs(self) -> dict[str, Any]:
+        """``LLM``'s / ``resolve_model``'s model-source keywords (revision, download dir, tokenizer, generation
+        config): for every load of the user's MODEL, so each gate reads the same snapshot."""
+        return {name: getattr(self.options, name) for name in SOURCE_FLAGS}
+
+    @property
     def model_name(self) -> str:
         return self.raw.name if self.raw is not None else str(self.options.model or "model")
+
+
+# OnboardOptions' model-source fields → the flags ``dockyard serve`` (and every engine command) takes for them.
+SOURCE_FLAGS = {"revision": "--revision", "download_dir": "--download-dir", "tokenizer": "--tokenizer",
+                "generation_config": "--generation-config"}
+
+
+def source_flags(options: dict[str, Any]) -> list[str]:
+    """The model-source flags of a run's options (``OnboardOptions.to_dict()``), for the commands it prints or runs."""
+    out: list[str] = []
+    for name, flag in SOURCE_FLAGS.items():
+        value = options.get(name)
+        if value is not None and not (name == "generation_config" and value == "auto"):
+            out += [flag, str(value)]
+    return out
 
 
 def jsonable(value: Any) -> Any:

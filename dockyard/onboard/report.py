@@ -21,7 +21,7 @@ from typing import Any
 
 from dockyard import __version__
 from dockyard.onboard.accuracy import not_evaluated
-from dockyard.onboard.context import EXIT_CODES, GateContext, GateResult, jsonable
+from dockyard.onboard.context import EXIT_CODES, GateContext, GateResult, jsonable, source_flags
 from dockyard.onboard.gate_prose import gate_body
 from dockyard.server.cli import DEFAULT_PORT
 
@@ -320,6 +320,7 @@ def _serve_command(report: dict[str, Any]) -> str:
     model = report["model"]["argument"]
     if model:
         args += ["--model", str(model)]
+    args += source_flags(report["options"])
     if report["model"]["source_kind"] == "dummy" or report["options"]["weights"] == "dummy":
         args += ["--load-format", "dummy"]
     if report["machine"]["device"] != "cpu":
