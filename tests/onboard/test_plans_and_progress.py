@@ -100,7 +100,7 @@ def test_sigkill_mid_run_leaves_a_valid_report_naming_the_gate(tmp_path):
     assert overall["state"] == "running" and overall["verdict"] == "INCOMPLETE" and overall["current_gate"] == "dummy"
     status = {g["name"]: g["status"] for g in report["gates"]}
     assert status == {"inspect": "pass", "fit": "pass", "equivalence": "skip", "dummy": "running", "real": "pending",
-                      "features": "pending", "capacity": "pending", "serve-smoke": "pending"}
+                      "features": "pending", "capacity": "pending", "performance": "pending", "serve-smoke": "pending"}
     assert "it was in gate `dummy`" in (out / "report.md").read_text()
 
 
