@@ -34,8 +34,10 @@ def llm(request, tmp_path_factory):
     except ModelNotFoundError:  # no bundled GGUF here: the dummy-weight stand-in, on the GPU when there is one
         # The tests build engines of their own: the LLM's pool stays small, leaving the GPU's memory free for their
         # graph captures (a capture that finds memory short would have to free cached blocks, which it cannot).
+        # float32 as on the CPU: some tests compare a request decoded in a batch with the same request alone, and
+        # in bfloat16 random weights leave near-ties that the batch's different GEMM shapes break either way.
         return LLM(str(dummy_chat_model_dir(tmp_path_factory.mktemp("dummy-chat"), CORPUS)), load_format="dummy",
-                   num_kv_blocks=64)
+                   num_kv_blocks=64, dtype="float32")
     return request.getfixturevalue("bundled_llm")
 
 
