@@ -26,7 +26,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from multiprocessing import connection as mp_connection
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -43,6 +42,7 @@ from dockyard.distributed.parallel_state import (
 )
 from dockyard.distributed.worker import WorkerConfig, rank_device
 from dockyard.engine.model_runner import StepInputs
+from dockyard.engine_args import EngineArgs
 from dockyard.errors import DockyardError
 
 logger = logging.getLogger(__name__)
@@ -147,11 +147,11 @@ class Executor:
         self.device = device
 
     @classmethod
-    def start(cls, model: str | Path | None, *, load_format: str, dtype: str | torch.dtype, device_type: str,
-              seed: int, tensor_parallel_size: int, expert_parallel: bool) -> Executor:
-        """Join (or form) the tensor-parallel group as rank 0: under torchrun its env:// group, otherwise
-        a group on a loopback TCP store with N - 1 spawned workers that load the same model."""
-        n = tensor_parallel_size
+    def start(cls, engine_args: EngineArgs, device_type: str) -> Executor:
+        """Join (or form) the tensor-parallel group of ``engine_args.tensor_parallel_size`` ranks as rank 0: under
+        torchrun its env:// group, otherwise a group on a loopback TCP store with N - 1 spawned workers that load
+        the same model from the same settings."""
+        n = engine_args.tensor_parallel_size
         device = rank_device(device_type, 0)
         if launched_by_torchrun():
             if int(os.environ["WORLD_SIZE"]) != n or int(os.environ["RANK"]) != 0:
@@ -161,9 +161,8 @@ class Executor:
             return cls(WorkerGroup([]), device)  # torchrun owns the processes; shutdown still ends their loops
         init_method = f"tcp://127.0.0.1:{free_port()}"
         threads = max(1, torch.get_num_threads() // n) if device.type == "cpu" else 0
-        configs = [WorkerConfig(model=None if model is None else str(model), load_format=load_format, dtype=dtype,
-                                device_type=device.type, seed=seed, rank=r, world_size=n, init_method=init_method,
-                                expert_parallel=expert_parallel, num_threads=threads)
+        configs = [WorkerConfig(engine_args, device_type=device.type, rank=r, world_size=n, init_method=init_method,
+                                num_threads=threads)
                    for r in range(1, n)]
         workers = WorkerGroup(configs)
         try:

@@ -20,23 +20,22 @@ import torch
 
 from dockyard.distributed.parallel_state import barrier, broadcast_object, destroy_parallel, init_parallel
 from dockyard.engine.model_runner import ModelRunner
+from dockyard.engine_args import EngineArgs
 from dockyard.model_loader import load_model, resolve_dtype
 from dockyard.model_source import resolve_model
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """What a worker needs to build rank ``rank``'s shard of the model rank 0 built."""
+    """What a worker needs to build rank ``rank``'s shard of the model rank 0 built: the ``LLM``'s own settings
+    (``engine_args``: its model, load format, dtype, seed, expert parallelism and model source; the model is the
+    snapshot rank 0 resolved when it named a repo id) and its place in the group."""
 
-    model: str | None
-    load_format: str
-    dtype: str | torch.dtype  # as given to LLM ('auto' resolves per rank exactly as on rank 0)
+    engine_args: EngineArgs
     device_type: str
-    seed: int
     rank: int
     world_size: int
     init_method: str | None
-    expert_parallel: bool
     num_threads: int = 0  # 0: leave torch's default
 
 
@@ -56,9 +55,11 @@ def worker_main(cfg: WorkerConfig) -> None:
     try:
         # Tensor parallelism runs native families only (LLM refuses the generic path before any worker starts):
         # never re-decided here, where a trimmed trial config could read as one with unknown keys.
-        source = resolve_model(cfg.model, cfg.load_format, model_impl="dockyard")
-        dtype = resolve_dtype(cfg.dtype, source.spec.torch_dtype, device)
-        model, _ = load_model(source, device, dtype, cfg.seed, cfg.rank, cfg.world_size, cfg.expert_parallel)
+        args = cfg.engine_args
+        source = resolve_model(args.model, args.load_format, revision=args.revision, download_dir=args.download_dir,
+                               model_impl="dockyard")
+        dtype = resolve_dtype(args.dtype, source.spec.torch_dtype, device)
+        model, _ = load_model(source, device, dtype, args.seed, cfg.rank, cfg.world_size, args.enable_expert_parallel)
         num_blocks, block_size = broadcast_object()
         runner = ModelRunner(model, source.spec, num_blocks, block_size, device, dtype, enforce_eager=True)
         barrier()  # rank 0 waits here, watching for workers that died loading
@@ -68,11 +69,11 @@ def worker_main(cfg: WorkerConfig) -> None:
         destroy_parallel()
 
 
-def run_torchrun_worker(model: str | None, *, load_format: str = "auto", dtype: str = "auto",
-                        device: str = "auto", seed: int = 0, expert_parallel: bool = False) -> None:
+def run_torchrun_worker(engine_args: EngineArgs) -> None:
     """Under torchrun, ranks ≥ 1: :func:`worker_main` with the group from env:// (rank 0 builds its
-    ``LLM(model, tensor_parallel_size=WORLD_SIZE, ...)`` as usual, which joins the same group)."""
+    ``LLM(model, tensor_parallel_size=WORLD_SIZE, ...)`` from the same settings, which joins the same group)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = engine_args.device
     device_type = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device).type
-    worker_main(WorkerConfig(model=model, load_format=load_format, dtype=dtype, device_type=device_type, seed=seed,
-                             rank=rank, world_size=world, init_method="env://", expert_parallel=expert_parallel))
+    worker_main(WorkerConfig(engine_args, device_type=device_type, rank=rank, world_size=world,
+                             init_method="env://"))

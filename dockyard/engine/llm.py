@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import sys
@@ -121,11 +122,9 @@ class LLM:
         if not args.skip_memory_check:  # before any worker starts or any weight is allocated
             check_memory_fits(spec, self.dtype, self.device, config, tensor_parallel_size)
         if tensor_parallel_size > 1:  # the workers load the snapshot found here, whatever the revision
-            worker_model = self.source.path if self.source.repo_id else model
-            self._executor = Executor.start(worker_model, load_format=args.load_format, dtype=args.dtype,
-                                            device_type=self.device.type, seed=args.seed,
-                                            tensor_parallel_size=tensor_parallel_size,
-                                            expert_parallel=args.enable_expert_parallel)
+            worker_args = (dataclasses.replace(args, model=str(self.source.path), revision=None)
+                           if self.source.repo_id else args)
+            self._executor = Executor.start(worker_args, self.device.type)
             self.device = self._executor.device
             # The finalizer must not hold the LLM itself: it stops the workers when the LLM is collected.
             self._finalizer = weakref.finalize(self, self._executor.shutdown)

@@ -627,9 +627,7 @@ def serve(args: Any) -> int:
     chat_template = read_chat_template(args.chat_template) if args.chat_template is not None else None
     if launched_by_torchrun() and int(os.environ["RANK"]) != 0:
         # Past one host torchrun starts every rank with the same command; ranks ≥ 1 only run forwards.
-        run_torchrun_worker(engine_args.model, load_format=engine_args.load_format, dtype=engine_args.dtype,
-                            device=engine_args.device, seed=engine_args.seed,
-                            expert_parallel=engine_args.enable_expert_parallel)
+        run_torchrun_worker(engine_args)
         return 0
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not METRICS_PREFIX.match(args.metrics_prefix):
