@@ -45,7 +45,8 @@ WARN_BELOW = 0.3  # a GPU figure under this fraction of its roofline is a warnin
 GPU = {"batches": (1, 64), "ttft_lens": (1024, 8192), "decode_input_len": 128, "output_len": 128, "layers": None}
 CPU = {"batches": (1, 4), "ttft_lens": (64, 256), "decode_input_len": 32, "output_len": 8, "layers": 4}
 SCALED_DOWN_NOTE = ("scaled down on CPU: at most {layers} layers, batches {batches}, prompts of {ttft_lens} tokens, "
-                    "{output_len} decode steps; the fractions describe this CPU, not a GPU")
+                    "{output_len} decode steps, ceilings from a 64 MiB copy and a 1024² matmul; the fractions describe "
+                    "this CPU, not a GPU (above 1: the model's larger matmuls ran faster than the small ceiling one)")
 
 
 def _likely_causes(llm: LLM, path: str) -> list[str]:
