@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib.image
 import pytest
 import torch
 import transformers
@@ -365,10 +366,14 @@ def test_bench_serve_against_the_server(server, tmp_path):
     assert _sample(after, gen, gen + "_total") - _sample(before, gen, gen + "_total") == 12
     assert (_sample(after, success, success + "_total", finished_reason="length")
             - _sample(before, success, success + "_total", finished_reason="length")) == 4
+    plot, saved = tmp_path / "serve.png", tmp_path / "rates.json"
     out = _cli(server, "bench", "serve", "--base-url", f"http://127.0.0.1:{port}/v1", "--dataset-name", "sharegpt",
                "--dataset-path", str(sharegpt), "--num-prompts", "1", "--sharegpt-output-len", "2",
-               "--request-rate", "50")
+               "--request-rate", "50", "inf", "--plot", str(plot), "--save-result", str(saved))
     assert out.returncode == 0 and "Successful requests:" in out.stdout and " 1\n" in out.stdout, out.stdout
+    runs = json.loads(saved.read_text())  # one result per rate, in order
+    assert [r["request_rate"] for r in runs] == [50, float("inf")] and all(r["completed"] == 1 for r in runs)
+    assert matplotlib.image.imread(plot).shape[0] > 200
 
 
 def test_serve_refuses_bad_log_and_metrics_settings_before_loading(monkeypatch, capsys):
