@@ -21,12 +21,17 @@ def tiny(tmp_path_factory):
     return str(path)
 
 
+def _bench(kind: str, tiny: str, plot, capsys, *flags: str) -> dict:
+    """``dockyard bench KIND`` on the tiny model with --json and --plot: its printed result."""
+    assert cli_main(["bench", kind, "--model", tiny, "--load-format", "dummy", "--device", "cpu", *flags, "--json",
+                     "--plot", str(plot)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
 def test_bench_latency_and_its_plot(tiny, tmp_path, capsys):
     plot = tmp_path / "latency.png"
-    assert cli_main(["bench", "latency", "--model", tiny, "--load-format", "dummy", "--device", "cpu",
-                     "--batch-sizes", "1", "3", "--output-len", "6", "--input-lens", "16", "64", "--json",
-                     "--plot", str(plot)]) == 0
-    result = json.loads(capsys.readouterr().out)
+    result = _bench("latency", tiny, plot, capsys, "--batch-sizes", "1", "3", "--output-len", "6", "--input-lens",
+                    "16", "64")
     assert [r["batch"] for r in result["decode"]] == [1, 3] and [r["input_len"] for r in result["ttft"]] == [16, 64]
     bandwidth = result["copy_GB_per_s"] * 1e9
     for r in result["decode"]:
@@ -40,10 +45,8 @@ def test_bench_latency_and_its_plot(tiny, tmp_path, capsys):
 
 def test_bench_throughput_and_its_plot(tiny, tmp_path, capsys):
     plot = tmp_path / "throughput.png"
-    assert cli_main(["bench", "throughput", "--model", tiny, "--load-format", "dummy", "--device", "cpu",
-                     "--num-prompts", "6", "--input-len", "8", "24", "--output-len", "2", "6", "--json",
-                     "--plot", str(plot)]) == 0
-    result = json.loads(capsys.readouterr().out)
+    result = _bench("throughput", tiny, plot, capsys, "--num-prompts", "6", "--input-len", "8", "24",
+                    "--output-len", "2", "6")
     assert result["num_prompts"] == 6 and 6 * 2 <= result["output_tokens"] <= 6 * 6
     roof = result["roofline"]
     # fraction = floor / elapsed and roofline tokens/s = output tokens / floor: their product is the measured rate
