@@ -73,9 +73,10 @@ def _engine_config(ctx: GateContext, scale: dict[str, Any]) -> tuple[dict[str, A
     cfg = ctx.dummy.config
     layers = int(text_config(cfg)["num_hidden_layers"])
     if scale["layers"] is not None and layers > scale["layers"]:
-        cfg = with_layers(cfg, scale["layers"])
-        return cfg, f"{scale['layers']} of {ctx.spec.num_hidden_layers} layers"
-    return cfg, f"{layers} of {ctx.spec.num_hidden_layers} layers"
+        cfg, layers = with_layers(cfg, scale["layers"]), scale["layers"]
+    shapes = ("" if ctx.dummy.true_shapes else
+              f", reduced shapes as in the dummy gate ({'; '.join(ctx.dummy.reductions)})")
+    return cfg, f"{layers} of {ctx.spec.num_hidden_layers} layers{shapes}"
 
 
 def run(ctx: GateContext) -> Outcome:
