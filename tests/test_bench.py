@@ -63,3 +63,5 @@ def test_bench_plot_path_that_cannot_be_written_is_a_clear_error(tiny, tmp_path,
                      "--batch-sizes", "1", "--output-len", "2", "--input-lens", "16", "--plot",
                      str(blocker / "x.png")])
     assert code != 0 and f"--plot {blocker / 'x.png'}: cannot write it" in capsys.readouterr().err
+    code = cli_main(["bench", "latency", "--model", tiny, "--plot", str(tmp_path / "plot.txt")])
+    assert code != 0 and "give a file name ending in .png, .svg, .pdf" in capsys.readouterr().err

@@ -10,9 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from dockyard.engine_args import EngineArgs
+from dockyard.errors import DockyardError
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 # (CPU default, GPU default): the CPU's are scaled down to finish in seconds.
 LATENCY_DEFAULTS: dict[str, tuple[Any, Any]] = {
@@ -78,9 +82,23 @@ def fill_defaults(args: argparse.Namespace, defaults: dict[str, tuple[Any, Any]]
 def run_and_report(args: argparse.Namespace, run: Callable[[argparse.Namespace], dict],
                    show: Callable[[dict, bool], None], plot: Callable[[dict, str], None]) -> dict:
     """``run(args)``, ``show`` its result (JSON with ``--json``), ``plot`` it into ``--plot``; the result."""
+    if args.plot:
+        check_plot_path(args.plot)
     result = run(args)
     show(result, args.json)
     if args.plot:
         plot(result, args.plot)
         print(f"plot: {args.plot}", file=sys.stderr)
     return result
+
+
+def check_plot_path(path: str | Path) -> None:
+    """Refuse a ``--plot`` path that cannot take the figure, before minutes of measuring (the file is created)."""
+    path = Path(path)
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        raise DockyardError(f"--plot {path}: give a file name ending in {', '.join(PLOT_SUFFIXES)}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError as exc:
+        raise DockyardError(f"--plot {path}: cannot write it ({exc.strerror}); give a writable path") from None

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dockyard.bench.args import check_plot_path
 from dockyard.errors import DockyardError
 
 PERCENTILES = (50, 90, 99)
@@ -275,6 +276,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     else:
         requests = random_dataset(args.num_prompts, args.random_input_len, args.random_output_len, args.seed,
                                   args.random_vocab_size)
+    if args.plot:
+        check_plot_path(args.plot)
     model = args.model or _first_model(args.base_url, args.api_key)
     summaries = []
     for rate in args.request_rate:
