@@ -22,12 +22,10 @@ import sys
 import torch
 
 from dockyard import LLM
+from dockyard.bench.ceilings import copy_bandwidth
 from dockyard.ops import fp8_kv
 from dockyard.ops.triton_attention import decode_kv_bytes, paged_decode_attention
 from dockyard.testing import paged_logits, rel_rmse
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from ceilings import copy_bandwidth  # noqa: E402
 
 
 def logit_error(model_path: str, prompt_len: int, decodes: int) -> dict:

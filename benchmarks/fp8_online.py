@@ -18,10 +18,9 @@ import sys
 import time
 
 import torch
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from ceilings import copy_bandwidth, matmul_rate  # noqa: E402
 from fp8_matmul import CONFIG, log, rel_rms, require_fp8_gpu, run_llm  # noqa: E402
+
+from dockyard.bench.ceilings import copy_bandwidth, matmul_rate
 
 
 def main() -> None:

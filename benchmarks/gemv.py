@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from ceilings import copy_bandwidth  # noqa: E402
 from fp8_matmul import time_graph  # noqa: E402
+
+from dockyard.bench.ceilings import copy_bandwidth  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}

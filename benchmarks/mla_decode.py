@@ -52,7 +52,7 @@ from dockyard.spec import ModelSpec, read_config_json
 from dockyard.testing import paged_logits, rel_rmse
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from ceilings import measure, sync  # noqa: E402
+from dockyard.bench.ceilings import measure, sync  # noqa: E402
 
 BS = 16
 RESULTS: dict = {"date": time.strftime("%Y-%m-%d"), "sections": {}}

@@ -39,7 +39,7 @@ from dockyard.spec import ModelSpec
 from dockyard.testing import rel_rmse
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from ceilings import copy_bandwidth, matmul_rate  # noqa: E402
+from dockyard.bench.ceilings import copy_bandwidth, matmul_rate  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): both GEMMs take the same one in the sweep.
 SWEEP = [cfg for cfg in itertools.product((16, 32, 64), (32, 64, 128), (64, 128), (4, 8), (3,))

@@ -36,13 +36,12 @@ import traceback
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fp8_matmul import CONFIG, L2_DEFEAT_BYTES, SHAPES, decode_rate, log, rel_rms, time_graph  # noqa: E402
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from torch import nn
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from ceilings import measure  # noqa: E402
-from fp8_matmul import CONFIG, L2_DEFEAT_BYTES, SHAPES, decode_rate, log, rel_rms, time_graph  # noqa: E402
+from dockyard.bench.ceilings import measure
 
 FORMATS = ("int4_g128_sym", "int4_g128_zeros", "int4_g32_zeros", "Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 MS = (1, 16, 64, 256, 1024)

@@ -80,7 +80,7 @@ def precheck(args: argparse.Namespace) -> None:
     """What a command refuses before its module, and torch, load: ``onboard`` a MODEL path that does not exist
     (no report folder is made), ``inspect`` an absurd or broken config (read as metadata only)."""
     if args.command == "onboard":
-        check_model_path(args.model)
+        check_model_path(args.model, args.revision, args.download_dir)
     elif args.command == "inspect":
         found = read_features(args)
         try:

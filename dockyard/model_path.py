@@ -52,11 +52,13 @@ def gemma3_270m_path() -> Path:
                                  "its chunk packages") from exc
 
 
-def check_model_path(model: str | Path | None) -> None:
-    """Raise ModelNotFoundError when MODEL names neither an existing path nor a repo id in the HF cache
-    (checked before anything heavy is imported or any report folder is made; None is the bundled model)."""
+def check_model_path(model: str | Path | None, revision: str | None = None,
+                     download_dir: str | Path | None = None) -> None:
+    """Raise ModelNotFoundError when MODEL names neither an existing path nor a repo id in the HF cache (at
+    ``revision``, under ``download_dir``), checked before anything heavy is imported or any report folder is
+    made; None is the bundled model."""
     if model is not None:
-        hub_locate(model)
+        hub_locate(model, revision, download_dir)
 
 
 def locate_model(model: str | Path | None, revision: str | None = None,

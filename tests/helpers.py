@@ -1,5 +1,6 @@
 """Shared test helpers: error metric, paged single-sequence driver, tiny HF reference models,
-Triton kernel modules in the interpreter's mode, requests poisoned past validation."""
+Triton kernel modules in the interpreter's mode, requests poisoned past validation, a dummy-weight chat
+model for machines without the bundled GGUF."""
 
 from __future__ import annotations
 
@@ -10,13 +11,48 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 # The metric and the paged driver are library code now (the onboarding equivalence gate uses them).
 from dockyard.engine.sampling_params import SamplingParams
 from dockyard.testing import paged_logits, rel_rmse
 
-__all__ = ["import_kernels", "init_unit_scale_", "interpreter_loop_bounds_fix", "paged_logits", "poison",
-           "rel_rmse", "save_tiny_hf_model", "unit_scale_llama", "unit_scale_state"]
+__all__ = ["dummy_chat_model_dir", "import_kernels", "init_unit_scale_", "interpreter_loop_bounds_fix", "paged_logits",
+           "poison", "rel_rmse", "save_tiny_hf_model", "unit_scale_llama", "unit_scale_state"]
+
+# ChatML as SmolLM2's template writes it, its default system message included (so prompts are as long).
+CHAT_TEMPLATE = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful AI assistant named "
+                 "SmolLM, trained by Hugging Face<|im_end|>\n{% endif %}"
+                 "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def dummy_chat_model_dir(directory: Path, corpus: list[str]) -> Path:
+    """A Llama-shaped config.json (run with dummy weights) and a byte-level BPE tokenizer with a ChatML template:
+    the stand-in for the bundled SmolLM2 where its GGUF is not installed (the GPU machine). The BPE merges are
+    learned from ``corpus`` (the tests' own prompts), so those encode to about as many tokens as SmolLM2's
+    tokenizer gives them; every byte is a token too, so any text encodes and decodes exactly."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=1024, special_tokens=specials, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    vocab = tok.get_vocab()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>",
+                                                eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.add_special_tokens({"additional_special_tokens": specials})
+    fast.chat_template = CHAT_TEMPLATE
+    directory.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(directory)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": len(vocab),
+              "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+              "bos_token_id": vocab["<|im_start|>"], "eos_token_id": vocab["<|im_end|>"],
+              "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
 
 
 def save_tiny_hf_model(hf_model: torch.nn.Module, directory: Path) -> Path:

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib.image
 import pytest
 import torch
 import transformers
@@ -180,9 +181,38 @@ def test_onboard_names_the_report_after_the_repo_id_and_compares_with_eos(hub_en
     assert first["ours"] == first["reference"] == greedy[:stop_at + 1]
     assert first["text"].split() == _words(greedy[:stop_at])
     # The terminal saw the real gate's sub-steps with their times, not minutes of silence.
-    steps = [ln for ln in out.stderr.splitlines() if ln.startswith("[5/8] real …")]
+    steps = [ln for ln in out.stderr.splitlines() if ln.startswith("[5/9] real …")]
     assert any("loading the real weights" in ln for ln in steps), out.stderr
     assert any("transformers reference" in ln for ln in steps) and all(ln.endswith("s)") for ln in steps)
+
+
+def test_onboard_revision_reaches_every_gate_and_the_serve_command(hub_env, tmp_path):
+    from dockyard.onboard.context import GateContext, OnboardOptions
+    from dockyard.onboard.gates.serve_smoke import serve_command
+    from dockyard.onboard.machine import detect_machine
+
+    out = _cli(hub_env, "onboard", REPO, "--revision", COMMIT_OLD, "--weights", "real", "--skip", "equivalence",
+               "--skip", "features", "--skip", "capacity", "--skip", "performance", "--skip", "serve-smoke",
+               cwd=tmp_path)
+    report = json.loads((tmp_path / "reports" / "org" / "tiny" / "report.json").read_text())
+    gates = {g["name"]: g for g in report["gates"]}
+    assert report["options"]["revision"] == COMMIT_OLD and report["model"]["path"].endswith(COMMIT_OLD), out.stderr
+    # The old commit has 1 layer (main has 2): inspect, the dummy engine and the real weights all read it.
+    assert report["architecture"]["spec"]["num_hidden_layers"] == 1
+    dummy = gates["dummy"]["evidence"]
+    assert gates["dummy"]["status"] == "pass" and dummy["layers"] == 1, gates["dummy"]["summary"]
+    assert dummy["num_parameters_run"] == sum(p.numel() for p in _model(1).parameters())  # the engine it built
+    real = gates["real"]
+    assert real["status"] == "pass" and real["evidence"]["checkpoint"]["path"].endswith(COMMIT_OLD), real["summary"]
+    with torch.no_grad():  # the 1-layer model's own greedy tokens, computed by transformers
+        ref = _model(1).generate(torch.tensor([PROMPT_IDS]), max_new_tokens=4, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)[0, len(PROMPT_IDS):].tolist()
+    assert real["evidence"]["prompts"][0]["reference"][:4] == ref
+    # The commands it prints and runs (the tutorial's deploy line, serve-smoke's server) name the revision too.
+    tutorial = (tmp_path / "reports" / "org" / "tiny" / "tutorial.md").read_text()
+    assert f"dockyard serve --model {REPO} --revision {COMMIT_OLD}" in tutorial
+    ctx = GateContext(OnboardOptions(model=REPO, revision=COMMIT_OLD), detect_machine("cpu", None), tmp_path)
+    assert serve_command(ctx)[:5] == ["serve", "--model", REPO, "--revision", COMMIT_OLD]
 
 
 def test_default_sampling_params_follow_the_generation_config(hub_env):
@@ -336,10 +366,14 @@ def test_bench_serve_against_the_server(server, tmp_path):
     assert _sample(after, gen, gen + "_total") - _sample(before, gen, gen + "_total") == 12
     assert (_sample(after, success, success + "_total", finished_reason="length")
             - _sample(before, success, success + "_total", finished_reason="length")) == 4
+    plot, saved = tmp_path / "serve.png", tmp_path / "rates.json"
     out = _cli(server, "bench", "serve", "--base-url", f"http://127.0.0.1:{port}/v1", "--dataset-name", "sharegpt",
                "--dataset-path", str(sharegpt), "--num-prompts", "1", "--sharegpt-output-len", "2",
-               "--request-rate", "50")
+               "--request-rate", "50", "inf", "--plot", str(plot), "--save-result", str(saved))
     assert out.returncode == 0 and "Successful requests:" in out.stdout and " 1\n" in out.stdout, out.stdout
+    runs = json.loads(saved.read_text())  # one result per rate, in order
+    assert [r["request_rate"] for r in runs] == [50, float("inf")] and all(r["completed"] == 1 for r in runs)
+    assert matplotlib.image.imread(plot).shape[0] > 200
 
 
 def test_serve_refuses_bad_log_and_metrics_settings_before_loading(monkeypatch, capsys):

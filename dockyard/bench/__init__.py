@@ -1,16 +1,50 @@
-"""``dockyard bench``: benchmarks shipped in the package (``serve``: any OpenAI-compatible endpoint)."""
+"""``dockyard bench``: benchmarks shipped in the package.
+
+``latency`` (decode tokens/s per batch size, time to first token per prompt length) and ``throughput``
+(offline requests to completion) load a model in this process and compare every figure with the
+roofline measured in the same run; ``serve`` drives any OpenAI-compatible endpoint. Each takes
+``--plot PATH``. The repository's ``benchmarks/latency.py`` and ``throughput.py`` call the same code.
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from dockyard.bench.args import add_latency_args, add_throughput_args
 from dockyard.bench.serve import add_bench_serve_args, cmd_bench_serve
 
 
+def _cmd_latency(args: argparse.Namespace) -> int:
+    from dockyard.bench.latency import cmd_bench_latency  # the CLI starts without torch: loaded when it runs
+
+    return cmd_bench_latency(args)
+
+
+def _cmd_throughput(args: argparse.Namespace) -> int:
+    from dockyard.bench.throughput import cmd_bench_throughput  # the CLI starts without torch: loaded when it runs
+
+    return cmd_bench_throughput(args)
+
+
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``bench serve`` on the CLI's subparsers."""
-    bench = subparsers.add_parser("bench", help="benchmarks (serve: latency and throughput of an OpenAI endpoint)")
+    """Register ``bench latency|throughput|serve`` on the CLI's subparsers."""
+    bench = subparsers.add_parser("bench", help="benchmarks: latency, throughput (in this process), serve (an "
+                                                "OpenAI endpoint)")
     sub = bench.add_subparsers(dest="bench_command", required=True)
+    latency = sub.add_parser("latency", help="decode tokens/s per batch size and TTFT per prompt length, against "
+                                             "the roofline measured in the same run",
+                             description="Load MODEL, measure the device's copy bandwidth and matmul rate, then time "
+                                         "decode at each --batch-sizes and time to first token at each --input-lens; "
+                                         "each figure is reported as a fraction of its roofline.")
+    add_latency_args(latency)
+    latency.set_defaults(bench_run=_cmd_latency)
+    throughput = sub.add_parser("throughput", help="offline throughput of random requests run to completion, "
+                                                   "against the roofline",
+                                description="Run --num-prompts random requests through MODEL to completion and "
+                                            "report requests/s, tokens/s and the fraction of the roofline "
+                                            "(compute and memory floors measured in the same run).")
+    add_throughput_args(throughput)
+    throughput.set_defaults(bench_run=_cmd_throughput)
     serve = sub.add_parser("serve", help="drive an OpenAI-compatible endpoint and report TTFT/TPOT/ITL/E2E",
                            description="Send streamed completions to --base-url at --request-rate (or all at once) "
                                        "and print TTFT, TPOT, ITL and end-to-end latency (mean, median, p50, p90, "

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dockyard.bench.args import check_plot_path
 from dockyard.errors import DockyardError
 
 PERCENTILES = (50, 90, 99)
@@ -235,11 +236,15 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-vocab-size", type=int, default=1000,
                    help="random prompts draw token ids from [10, this) (keep it within the model's vocabulary)")
     p.add_argument("--sharegpt-output-len", type=int, default=128)
-    p.add_argument("--request-rate", type=float, default=float("inf"),
-                   help="requests per second, Poisson arrivals (default inf: all at once)")
+    p.add_argument("--request-rate", type=float, nargs="+", default=[float("inf")], metavar="RATE",
+                   help="requests per second, Poisson arrivals (default inf: all at once); several rates run one "
+                        "after another (the plot's x axis)")
     p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-result", default=None, metavar="PATH", help="write the result JSON there")
+    p.add_argument("--save-result", default=None, metavar="PATH",
+                   help="write the result JSON there (a list of results when several --request-rate are given)")
+    p.add_argument("--plot", default=None, metavar="PATH",
+                   help="draw median and p99 TTFT, TPOT and E2E latency against the request rate into PATH")
 
 
 def _first_model(base_url: str, api_key: str | None) -> str:
@@ -258,11 +263,12 @@ def _first_model(base_url: str, api_key: str | None) -> str:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    """Run the serving benchmark, print the table, write the JSON."""
+    """Run the serving benchmark at each request rate, print each table, write the JSON and the plot."""
     if args.num_prompts < 1:
         raise DockyardError(f"--num-prompts must be >= 1, got {args.num_prompts}")
-    if args.request_rate <= 0:
-        raise DockyardError(f"--request-rate must be > 0 (inf: all at once), got {args.request_rate}")
+    bad = [r for r in args.request_rate if not r > 0]
+    if bad:
+        raise DockyardError(f"--request-rate must be > 0 (inf: all at once), got {bad[0]}")
     if args.dataset_name == "sharegpt":
         if not args.dataset_path:
             raise DockyardError("--dataset-name sharegpt needs --dataset-path FILE (a local ShareGPT JSON file)")
@@ -270,18 +276,30 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     else:
         requests = random_dataset(args.num_prompts, args.random_input_len, args.random_output_len, args.seed,
                                   args.random_vocab_size)
+    if args.plot:
+        check_plot_path(args.plot)
     model = args.model or _first_model(args.base_url, args.api_key)
-    results, duration = run_benchmark(args.base_url, model, requests, args.request_rate, args.max_concurrency,
-                                      args.seed, args.api_key)
-    summary = summarize(results, duration, requests)
-    summary.update(model_id=model, base_url=args.base_url, dataset_name=args.dataset_name,
-                   num_prompts=args.num_prompts, request_rate=args.request_rate,
-                   max_concurrency=args.max_concurrency, date=time.strftime("%Y%m%d-%H%M%S"))
-    print(format_summary(summary))
-    first_error = next((r.error for r in results if r.error), "")
-    if first_error:
-        print(f"dockyard bench serve: {summary['failed']} requests failed; the first: {first_error}", file=sys.stderr)
+    summaries = []
+    for rate in args.request_rate:
+        results, duration = run_benchmark(args.base_url, model, requests, rate, args.max_concurrency,
+                                          args.seed, args.api_key)
+        summary = summarize(results, duration, requests)
+        summary.update(model_id=model, base_url=args.base_url, dataset_name=args.dataset_name,
+                       num_prompts=args.num_prompts, request_rate=rate,
+                       max_concurrency=args.max_concurrency, date=time.strftime("%Y%m%d-%H%M%S"))
+        print(format_summary(summary))
+        first_error = next((r.error for r in results if r.error), "")
+        if first_error:
+            print(f"dockyard bench serve: {summary['failed']} requests failed at rate {rate}; the first: "
+                  f"{first_error}", file=sys.stderr)
+        summaries.append(summary)
     if args.save_result:
-        Path(args.save_result).write_text(json.dumps(summary, indent=2) + "\n")
+        saved = summaries[0] if len(summaries) == 1 else summaries
+        Path(args.save_result).write_text(json.dumps(saved, indent=2) + "\n")
         print(f"wrote {args.save_result}", file=sys.stderr)
-    return 0 if summary["completed"] else 1
+    if args.plot:
+        from dockyard.bench.plot import plot_serve  # matplotlib loads only when a plot is asked for
+
+        plot_serve(summaries, args.plot)
+        print(f"plot: {args.plot}", file=sys.stderr)
+    return 0 if all(s["completed"] for s in summaries) else 1

@@ -20,7 +20,8 @@ def run(args: argparse.Namespace) -> int:
         device_memory_gib=args.device_memory, dtype=args.dtype, num_layers=args.num_layers,
         dummy_memory_gib=args.dummy_memory,
         skip=tuple(args.skip), compile_backend=args.compile_backend, model_impl=args.model_impl,
-        trust_remote_code=args.trust_remote_code, kv_cache_dtype=args.kv_cache_dtype,
+        trust_remote_code=args.trust_remote_code, kv_cache_dtype=args.kv_cache_dtype, revision=args.revision,
+        download_dir=args.download_dir, tokenizer=args.tokenizer, generation_config=args.generation_config,
     )
     run = run_onboard(options, progress=sys.stderr)
     table = summary_table(run)

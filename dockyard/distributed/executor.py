@@ -147,10 +147,11 @@ class Executor:
         self.device = device
 
     @classmethod
-    def start(cls, engine_args: EngineArgs, device_type: str, tensor_parallel_size: int) -> Executor:
-        """Join (or form) the tensor-parallel group as rank 0: under torchrun its env:// group, otherwise
-        a group on a loopback TCP store with N - 1 spawned workers that load ``engine_args``' model."""
-        n = tensor_parallel_size
+    def start(cls, engine_args: EngineArgs, device_type: str) -> Executor:
+        """Join (or form) the tensor-parallel group of ``engine_args.tensor_parallel_size`` ranks as rank 0: under
+        torchrun its env:// group, otherwise a group on a loopback TCP store with N - 1 spawned workers that load
+        the same model from the same settings."""
+        n = engine_args.tensor_parallel_size
         device = rank_device(device_type, 0)
         if launched_by_torchrun():
             if int(os.environ["WORLD_SIZE"]) != n or int(os.environ["RANK"]) != 0:

@@ -27,9 +27,9 @@ from dockyard.model_source import resolve_model
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """What a worker needs to build rank ``rank``'s shard of the model rank 0 built: rank 0's engine
-    arguments (the model, its source flags, dtype as given — 'auto' resolves per rank exactly as on
-    rank 0 — seed, expert parallelism) and this rank's place in the group."""
+    """What a worker needs to build rank ``rank``'s shard of the model rank 0 built: the ``LLM``'s own settings
+    (``engine_args``: its model, load format, dtype, seed, expert parallelism and model source; the model is the
+    snapshot rank 0 resolved when it named a repo id) and its place in the group."""
 
     engine_args: EngineArgs
     device_type: str
@@ -70,8 +70,9 @@ def worker_main(cfg: WorkerConfig) -> None:
 
 def run_torchrun_worker(engine_args: EngineArgs) -> None:
     """Under torchrun, ranks ≥ 1: :func:`worker_main` with the group from env:// (rank 0 builds its
-    ``LLM(**engine_args, tensor_parallel_size=WORLD_SIZE)`` as usual, which joins the same group)."""
+    ``LLM(model, tensor_parallel_size=WORLD_SIZE, ...)`` from the same settings, which joins the same group)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = engine_args.device
     device_type = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device).type
-    worker_main(WorkerConfig(engine_args, device_type=device_type, rank=rank, world_size=world, init_method="env://"))
+    worker_main(WorkerConfig(engine_args, device_type=device_type, rank=rank, world_size=world,
+                             init_method="env://"))

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import sys
@@ -127,8 +128,10 @@ class LLM:
                               "calibrated); run one process or use --kv-cache-dtype auto")
         if not args.skip_memory_check:  # before any worker starts or any weight is allocated
             check_memory_fits(spec, self.dtype, self.device, config, tensor_parallel_size)
-        if tensor_parallel_size > 1:  # the workers take the same arguments, and resolve the model the same way
-            self._executor = Executor.start(args, self.device.type, tensor_parallel_size)
+        if tensor_parallel_size > 1:  # the workers load the snapshot found here, whatever the revision
+            worker_args = (dataclasses.replace(args, model=str(self.source.path), revision=None)
+                           if self.source.repo_id else args)
+            self._executor = Executor.start(worker_args, self.device.type)
             self.device = self._executor.device
             # The finalizer must not hold the LLM itself: it stops the workers when the LLM is collected.
             self._finalizer = weakref.finalize(self, self._executor.shutdown)

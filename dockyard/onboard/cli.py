@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from dockyard.engine_args import EngineArgs, field_help
+from dockyard.engine_args import MODEL_SOURCE_FIELDS, EngineArgs, field_help
 from dockyard.onboard.context import EXIT_CODES, GATE_NAMES
 
 
@@ -17,8 +17,8 @@ def add_onboard_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p = subparsers.add_parser(
         "onboard", help="prove the engine runs a model correctly: gates → report",
         description="Run the onboarding gates (inspect, fit, equivalence, dummy, real, features, capacity, "
-                    "serve-smoke) for MODEL and write report.md/report.json, accuracy.yaml, tutorial.md and one "
-                    "log per gate; report.json and report.md are rewritten after every gate. Exit status: "
+                    "performance, serve-smoke) for MODEL and write report.md/report.json, accuracy.yaml, tutorial.md "
+                    "and one log per gate; report.json and report.md are rewritten after every gate. Exit status: "
                     + ", ".join(f"{code} {verdict}" for verdict, code in EXIT_CODES.items())
                     + " (passed, but named gates or model parts were not proven), 2 bad arguments or a model path "
                     "that does not exist (no report is written).",
@@ -40,6 +40,5 @@ def add_onboard_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--json", action="store_true", help="print report.json on stdout (the table goes to stderr)")
     # The engine flags onboarding takes (the plan and the runs use them; the real gate still compares in
     # float32 when that fits).
-    EngineArgs.add_cli_args(p, only=("dtype", "device", "num_threads", "model_impl", "trust_remote_code",
-                                     "kv_cache_dtype"))
+    EngineArgs.add_cli_args(p, only=("dtype", "device", "num_threads", "kv_cache_dtype", *MODEL_SOURCE_FIELDS))
     return p

@@ -29,7 +29,8 @@ if TYPE_CHECKING:  # annotations only: this module stays importable without torc
     from dockyard.onboard.machine import Machine
     from dockyard.spec import ModelSpec
 
-GATE_NAMES = ("inspect", "fit", "equivalence", "dummy", "real", "features", "capacity", "serve-smoke")
+GATE_NAMES = ("inspect", "fit", "equivalence", "dummy", "real", "features", "capacity", "performance",
+              "serve-smoke")
 # Verdict of a finished run → exit status of `dockyard onboard` (2 is a usage error: no run, no report).
 EXIT_CODES = {"PASS": 0, "FAIL": 1, "PASS-PARTIAL": 3}
 WEIGHTS_CHOICES = ("auto", "dummy", "real")
@@ -54,6 +55,12 @@ class OnboardOptions:
     model_impl: str = "auto"  # auto | dockyard | transformers (dockyard.model_impl)
     trust_remote_code: bool = False  # run the modeling code the config's auto_map names
     kv_cache_dtype: str = "auto"  # the plan's KV cache (fit, capacity): auto | fp8 | fp8_e4m3 (1 byte per element)
+    # Where MODEL's files come from (dockyard.hub; the engine's flags of the same names): every gate that reads the
+    # model, and the server serve-smoke starts, use them.
+    revision: str | None = None
+    download_dir: str | None = None
+    tokenizer: str | None = None
+    generation_config: str = "auto"
 
     def validate(self) -> None:
         if self.weights not in WEIGHTS_CHOICES:
@@ -211,8 +218,29 @@ class GateContext:
         return {"model_impl": impl, "trust_remote_code": self.options.trust_remote_code}
 
     @property
+    def source_kwargs(self) -> dict[str, Any]:
+        """``LLM``'s / ``resolve_model``'s model-source keywords (revision, download dir, tokenizer, generation
+        config): for every load of the user's MODEL, so each gate reads the same snapshot."""
+        return {name: getattr(self.options, name) for name in SOURCE_FLAGS}
+
+    @property
     def model_name(self) -> str:
         return self.raw.name if self.raw is not None else str(self.options.model or "model")
+
+
+# OnboardOptions' model-source fields → the flags ``dockyard serve`` (and every engine command) takes for them.
+SOURCE_FLAGS = {"revision": "--revision", "download_dir": "--download-dir", "tokenizer": "--tokenizer",
+                "generation_config": "--generation-config"}
+
+
+def source_flags(options: dict[str, Any]) -> list[str]:
+    """The model-source flags of a run's options (``OnboardOptions.to_dict()``), for the commands it prints or runs."""
+    out: list[str] = []
+    for name, flag in SOURCE_FLAGS.items():
+        value = options.get(name)
+        if value is not None and not (name == "generation_config" and value == "auto"):
+            out += [flag, str(value)]
+    return out
 
 
 def jsonable(value: Any) -> Any:

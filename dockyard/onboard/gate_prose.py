@@ -256,6 +256,34 @@ def _capacity(ev: _Read) -> list[str]:
     return [" ".join(out) + " The Max length and capacity section below has the table."]
 
 
+def _performance(ev: _Read) -> list[str]:
+    if ev.get("error"):
+        return [f"The speed runs did not complete: {ev.get('error')}"]
+    bandwidth, rate = ev.get("copy_bytes_per_s"), ev.get("matmul_flops_per_s")
+    out = [f"On {ev.get('device')} in {ev.get('dtype')} ({ev.get('path')} path, {ev.get('layers_run')}, dummy "
+           f"weights), the engine decoded and prefilled while this run measured the device's ceilings: copy bandwidth "
+           f"{bandwidth / 1e9:,.1f} GB/s and matmul rate {rate / 1e12:,.2f} TFLOP/s. A decode step's floor is the "
+           f"bytes it reads (weights {_bytes(ev.get('weight_read_bytes'))}, plus the batch's K/V) over the "
+           f"bandwidth; a prompt's floor is its model FLOPs over the matmul rate. CUDA graphs: "
+           f"{_num(ev.get('cuda_graphs')) if ev.get('cuda_graphs') else 'none (decode ran eagerly)'}."]
+    if ev.get("scaled_down"):
+        out.append(f"This run was {ev.get('scaled_down_note')}.")
+    lines = [" ".join(out), "", "| decode batch | tokens/s | ms per step | bytes per step | roofline tokens/s | "
+             "fraction |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r.get('batch')} | {_num(r.get('tokens_per_s'))} | {_num(r.get('ms_per_step'))} | "
+              f"{_num(r.get('bytes_per_step'))} | {_num(r.get('roofline_tokens_per_s'))} | "
+              f"{_num(r.get('fraction_of_roofline'))} |" for r in ev.get("decode") or []]
+    lines += ["", "| prompt tokens | time to first token | model FLOPs | TFLOP/s | MFU |", "|---|---|---|---|---|"]
+    lines += [f"| {_num(r.get('input_len'))} | {_num(1e3 * r['seconds'])} ms | {r.get('model_flops'):.3g} | "
+              f"{_num(r.get('tflop_per_s'))} | {_num(r.get('mfu'))} |" for r in ev.get("ttft") or []]
+    warnings = ev.get("warnings") or []
+    lines += [""] + ([f"**Warning**: {w}." for w in warnings] if warnings else
+                     [f"No figure was under {_num(ev.get('warn_below'))} of its roofline on a GPU"
+                      + (" (warnings apply to GPU runs only)." if ev.get("scaled_down") else ".")
+                      + f" What the engine reports about its hot path: {'; '.join(ev.get('likely_causes') or [])}."])
+    return lines
+
+
 def _serve_smoke(ev: _Read) -> list[str]:
     health, port = ev.get("health"), ev.get("port")
     out = [f"The deploy command `{ev.get('deploy_command')}` was started"
@@ -283,11 +311,12 @@ LEFT_OUT = {
     "equivalence": {"status", "shrunk_config", "tolerances", "model_type", "duration_s"},
     "dummy": {"parameter_shapes"},
     "capacity": {"rows", "engine_cpu_kv_budget"},
+    "performance": {"scaled_down_note"},
     "serve-smoke": {"command", "deploy_port", "curl_note"},
 }
 RENDERERS: dict[str, Callable[[_Read], list[str]]] = {
     "inspect": _inspect, "fit": _fit, "equivalence": _equivalence, "dummy": _dummy, "real": _real,
-    "features": _features, "capacity": _capacity, "serve-smoke": _serve_smoke,
+    "features": _features, "capacity": _capacity, "performance": _performance, "serve-smoke": _serve_smoke,
 }
 
 

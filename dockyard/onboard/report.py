@@ -21,12 +21,12 @@ from typing import Any
 
 from dockyard import __version__
 from dockyard.onboard.accuracy import not_evaluated
-from dockyard.onboard.context import EXIT_CODES, GateContext, GateResult, jsonable
+from dockyard.onboard.context import EXIT_CODES, GateContext, GateResult, jsonable, source_flags
 from dockyard.onboard.gate_prose import gate_body
 from dockyard.server.cli import DEFAULT_PORT
 
 SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 GiB = 1024**3
 
 
@@ -320,6 +320,7 @@ def _serve_command(report: dict[str, Any]) -> str:
     model = report["model"]["argument"]
     if model:
         args += ["--model", str(model)]
+    args += source_flags(report["options"])
     if report["model"]["source_kind"] == "dummy" or report["options"]["weights"] == "dummy":
         args += ["--load-format", "dummy"]
     if report["machine"]["device"] != "cpu":
@@ -398,8 +399,28 @@ def render_tutorial(report: dict[str, Any]) -> str:
                     f"bytes of KV per token; smallest tensor-parallel size that fits: "
                     f"{ev.get('smallest_tensor_parallel_size')}")
     out += perf or ["No performance numbers were measured on this run."]
-    out += ["", "These are measurements from the onboarding run, not a benchmark.", ""]
+    out += ["", *_performance_lines(gates.get("performance")), "",
+            "These are measurements from the onboarding run; `dockyard bench latency` and `bench throughput` measure "
+            "the same way with more settings (`--plot` draws them).", ""]
     return "\n".join(out)
+
+
+def _performance_lines(gate: dict[str, Any] | None) -> list[str]:
+    """The tutorial's speed table: the performance gate's figures, each against the roofline of the same run."""
+    if not gate or gate["status"] != "pass":
+        return [f"Speed was not measured: the performance gate {'did not run' if not gate else gate['summary']}."]
+    ev = gate["evidence"]
+    out = [f"Speed on {ev['device']} ({ev['dtype']}, {ev['layers_run']}, dummy weights); the roofline is this run's "
+           f"copy bandwidth ({ev['copy_bytes_per_s'] / 1e9:,.1f} GB/s) and matmul rate "
+           f"({ev['matmul_flops_per_s'] / 1e12:,.2f} TFLOP/s)"
+           + (f"; {ev['scaled_down_note']}." if ev.get("scaled_down") else "."), "",
+           "| measurement | value | roofline | fraction |", "|---|---|---|---|"]
+    out += [f"| decode, batch {r['batch']} | {r['tokens_per_s']:,.1f} tokens/s | {r['roofline_tokens_per_s']:,.1f} "
+            f"tokens/s | {r['fraction_of_roofline']:.2f} |" for r in ev["decode"]]
+    out += [f"| time to first token, {r['input_len']:,} tokens | {1e3 * r['seconds']:,.1f} ms | "
+            f"{1e3 * r['seconds'] * r['mfu']:,.1f} ms | {r['mfu']:.2f} |" for r in ev["ttft"]]
+    out += [f"- **warning**: {w}" for w in ev.get("warnings") or []]
+    return out
 
 
 def _write(path: Path, text: str) -> None:

@@ -55,10 +55,10 @@ class OnboardRun:
         return next(r for r in self.results if r.name == name)
 
 
-def default_out_dir(model: str | None) -> Path:
+def default_out_dir(model: str | None, revision: str | None = None, download_dir: str | None = None) -> Path:
     """reports/<model-name>/ under the current directory."""
     try:
-        name = read_raw_model(model).name
+        name = read_raw_model(model, revision, download_dir).name
     except Exception:  # noqa: BLE001 - inspect reports the problem; the folder only needs a name
         name = Path(str(model)).name if model else "model"
     return Path("reports") / (name or "model")
@@ -138,9 +138,10 @@ def run_onboard(options: OnboardOptions, progress: TextIO | None = None) -> Onbo
 
     A MODEL path that does not exist raises ModelNotFoundError before any report folder is made."""
     options.validate()
-    check_model_path(options.model)
+    check_model_path(options.model, options.revision, options.download_dir)
     machine = detect_machine(options.device, options.device_memory_gib)
-    out_dir = Path(options.out) if options.out is not None else default_out_dir(options.model)
+    out_dir = Path(options.out) if options.out is not None else default_out_dir(options.model, options.revision,
+                                                                                      options.download_dir)
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     ctx = GateContext(options=options, machine=machine, out_dir=out_dir, progress=progress)
     results = [GateResult(name, "pending", "not reached yet", {}, 0.0, None, False) for name, _, _ in GATES]

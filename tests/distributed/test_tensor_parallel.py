@@ -206,6 +206,32 @@ def test_serve_passes_parallel_flags(monkeypatch):
     assert seen["tensor_parallel_size"] == 2 and seen["enable_expert_parallel"] is True
 
 
+def test_torchrun_ranks_take_the_servers_engine_args(monkeypatch):
+    """Under torchrun, ranks ≥ 1 of `dockyard serve` build their shard from the same EngineArgs as rank 0: the
+    model-source flags (a repo id's --revision) reach the worker's model resolution."""
+    import dockyard.distributed.worker as worker
+    import dockyard.server.app as app
+    from dockyard.cli import build_parser
+
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    resolved = {}
+
+    def fake_resolve(model, load_format, **kwargs):
+        resolved.update(model=model, load_format=load_format, **kwargs)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(worker, "init_parallel", lambda *a, **k: None)
+    monkeypatch.setattr(worker, "destroy_parallel", lambda: None)
+    monkeypatch.setattr(worker, "resolve_model", fake_resolve)
+    args = build_parser().parse_args(["serve", "org/model", "--revision", "abc123", "--download-dir", "/cache",
+                                      "--load-format", "dummy", "--device", "cpu", "-tp", "2"])
+    with pytest.raises(ConfigError, match="stop here"):
+        app.serve(args)
+    assert resolved == {"model": "org/model", "load_format": "dummy", "revision": "abc123", "download_dir": "/cache",
+                        "model_impl": "dockyard"}
+
+
 def test_worker_failing_at_start_up_fails_the_llm_at_once(tmp_path, monkeypatch):
     """A worker that dies loading (here: its model path is wrong) is reported by name and exit code,
     instead of rank 0 waiting out the collective's timeout."""
@@ -213,7 +239,8 @@ def test_worker_failing_at_start_up_fails_the_llm_at_once(tmp_path, monkeypatch)
 
     start = executor.WorkerGroup.__init__
     monkeypatch.setattr(executor.WorkerGroup, "__init__", lambda self, configs: start(
-        self, [dataclasses.replace(c, model=str(tmp_path / "missing")) for c in configs]))
+        self, [dataclasses.replace(c, engine_args=dataclasses.replace(c.engine_args, model=str(tmp_path / "missing")))
+               for c in configs]))
     model = _write(tmp_path, LLAMA)
     with pytest.raises(DockyardError, match=r"worker dockyard-tp1 exited \(code 1\)"):
         LLM(model, load_format="dummy", device="cpu", num_kv_blocks=8, tensor_parallel_size=2)

@@ -1,6 +1,9 @@
-"""Async scheduling gives exactly the outputs of synchronous stepping (bundled model, CPU).
+"""Async scheduling gives exactly the outputs of synchronous stepping.
 
-On the CPU nothing overlaps, but the engine takes the same path it takes on a GPU: a step's
+The model is the bundled SmolLM2 on the CPU; where its GGUF is not installed (the GPU machine) a Llama-shaped
+model with dummy weights and a byte-level chat tokenizer (``tests/helpers.dummy_chat_model_dir``), on CUDA when
+there is a GPU: the same requests and assertions, and there the overlap is real. On the CPU nothing overlaps,
+but the engine takes the same path it takes on a GPU: a step's
 sampled tokens stay "pending", the next step is scheduled and launched with those tokens read
 from the device tensor, and only then are they appended and checked for stops. Every test runs
 the same requests synchronously and asynchronously and compares the whole outputs.
@@ -10,15 +13,32 @@ from __future__ import annotations
 
 import pytest
 
-from dockyard import SamplingParams
+from dockyard import LLM, SamplingParams
 from dockyard.engine.sequence import PENDING_TOKEN
+from dockyard.errors import ModelNotFoundError
+from dockyard.model_path import bundled_model_path
 
-from .test_engine import GREEDY, make_engine, prompts_of_varied_length, run
+from ..helpers import dummy_chat_model_dir
+from .test_engine import GREEDY, TOPICS, make_engine, prompts_of_varied_length, run
+
+# The dummy stand-in's tokenizer learns its merges from the texts these tests send.
+CORPUS = [f"Write about {topic}. Give many details. You are a careful assistant. Answer briefly and precisely. "
+          "Question: what is two plus two? user assistant system You are a helpful AI assistant named SmolLM, "
+          "trained by Hugging Face" for topic in TOPICS]
 
 
 @pytest.fixture(scope="module")
-def llm(bundled_llm):
-    return bundled_llm
+def llm(request, tmp_path_factory):
+    try:
+        bundled_model_path()
+    except ModelNotFoundError:  # no bundled GGUF here: the dummy-weight stand-in, on the GPU when there is one
+        # The tests build engines of their own: the LLM's pool stays small, leaving the GPU's memory free for their
+        # graph captures (a capture that finds memory short would have to free cached blocks, which it cannot).
+        # float32 as on the CPU: some tests compare a request decoded in a batch with the same request alone, and
+        # in bfloat16 random weights leave near-ties that the batch's different GEMM shapes break either way.
+        return LLM(str(dummy_chat_model_dir(tmp_path_factory.mktemp("dummy-chat"), CORPUS)), load_format="dummy",
+                   num_kv_blocks=64, dtype="float32")
+    return request.getfixturevalue("bundled_llm")
 
 
 def run_both(llm, prompts, params, **config):

@@ -28,14 +28,14 @@ def test_every_applicable_gate_passes(onboarded):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
     gates = {g["name"]: g for g in report["gates"]}
-    for name in ("inspect", "fit", "equivalence", "dummy", "real", "features", "capacity"):
+    for name in ("inspect", "fit", "equivalence", "dummy", "real", "features", "capacity", "performance"):
         assert gates[name]["status"] == "pass", (name, gates[name]["summary"])
     smoke = gates["serve-smoke"]
     assert smoke["status"] == "pass" or smoke["summary"].startswith("server not available"), smoke["summary"]
     # The summary table is on stdout, progress on stderr.
-    assert "verdict: PASS: 8 passed" in proc.stdout and "equivalence" in proc.stdout
+    assert "verdict: PASS: 9 passed" in proc.stdout and "equivalence" in proc.stdout
     assert report["overall"]["verdict"] == "PASS" and report["overall"]["not_proven"] == []
-    assert "[3/8] equivalence" in proc.stderr
+    assert "[3/9] equivalence" in proc.stderr
 
 
 def test_real_gate_matches_hf_token_for_token(onboarded):

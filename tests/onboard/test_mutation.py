@@ -57,7 +57,7 @@ TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "voc
               "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
               "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "hidden_act": "silu", "attention_bias": True,
               "tie_word_embeddings": True}
-_LATER_GATES = ("dummy", "real", "features", "capacity", "serve-smoke")
+_LATER_GATES = ("dummy", "real", "features", "capacity", "performance", "serve-smoke")
 
 
 def _onboard_equivalence(tmp_path):

@@ -100,7 +100,7 @@ def test_sigkill_mid_run_leaves_a_valid_report_naming_the_gate(tmp_path):
     assert overall["state"] == "running" and overall["verdict"] == "INCOMPLETE" and overall["current_gate"] == "dummy"
     status = {g["name"]: g["status"] for g in report["gates"]}
     assert status == {"inspect": "pass", "fit": "pass", "equivalence": "skip", "dummy": "running", "real": "pending",
-                      "features": "pending", "capacity": "pending", "serve-smoke": "pending"}
+                      "features": "pending", "capacity": "pending", "performance": "pending", "serve-smoke": "pending"}
     assert "it was in gate `dummy`" in (out / "report.md").read_text()
 
 
@@ -110,7 +110,7 @@ def test_onboard_dtype_reaches_the_plan_and_the_runs(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps(TINY))
     run = run_onboard(OnboardOptions(model=str(tmp_path / "m"), out=tmp_path / "out", device="cpu", dtype="bfloat16",
-                                     skip=("equivalence", "features", "serve-smoke")))
+                                     skip=("equivalence", "features", "performance", "serve-smoke")))
     assert run.gate("fit").evidence["dtype"] == "bfloat16"  # on a CPU, auto would be float32
     assert run.gate("dummy").status == "pass" and run.gate("dummy").evidence["dtype"] == "bfloat16"
     assert run.report["options"]["dtype"] == "bfloat16"

@@ -125,7 +125,7 @@ def test_compile_failure_walks_the_fallback_ladder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     run = run_onboard(OnboardOptions(model=str(tmp_path / "m"), out=tmp_path / "out", weights="dummy",
-                                     device="cpu", skip=("serve-smoke",)))
+                                     device="cpu", skip=("performance", "serve-smoke")))
     assert run.exit_code == 3, [(r.name, r.summary) for r in run.results]  # PASS-PARTIAL: real, serve-smoke skipped
     matrix = {row["feature"]: row for row in run.report["feature_matrix"]}
     assert matrix["torch.compile"]["status"] == "unsupported"
@@ -146,7 +146,7 @@ def test_server_missing_is_a_skip(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "dockyard.server" else real_find_spec(name, *a))
     run = run_onboard(OnboardOptions(model=str(tmp_path / "m"), out=tmp_path / "out", weights="dummy",
-                                     device="cpu", skip=("features",)))
+                                     device="cpu", skip=("features", "performance")))
     assert run.gate("serve-smoke").status == "skip"
     assert run.gate("serve-smoke").summary.startswith("server not available")
     assert run.exit_code == 3 and run.report["overall"]["verdict"] == "PASS-PARTIAL"
@@ -163,7 +163,7 @@ def test_model_without_tokenizer_skips_serve_smoke(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps(TINY))
     run = run_onboard(OnboardOptions(model=str(tmp_path / "m"), out=tmp_path / "out", weights="dummy",
-                                     device="cpu", skip=("features",)))
+                                     device="cpu", skip=("features", "performance")))
     smoke = run.gate("serve-smoke")
     assert smoke.status == "skip" and "no tokenizer" in smoke.summary, smoke.summary
     assert run.gate("real").status == "skip" and "--weights dummy" in run.gate("real").summary

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from dockyard.onboard.context import GateContext, Outcome
-from dockyard.onboard.gates import capacity, dummy, equivalence, features, fit, inspect, real, serve_smoke
+from dockyard.onboard.gates import capacity, dummy, equivalence, features, fit, inspect, performance, real, serve_smoke
 
 Gate = Callable[[GateContext], Outcome]
 
@@ -17,5 +17,6 @@ GATES: tuple[tuple[str, Gate, str], ...] = (
     ("real", real.run, "real weights load completely; greedy output equals the HF reference"),
     ("features", features.run, "CUDA graph, torch.compile, TP, EP, FP8, MTP, multimodal"),
     ("capacity", capacity.run, "max model length from the config vs practical on the device"),
+    ("performance", performance.run, "decode tokens/s and time to first token as fractions of the measured roofline"),
     ("serve-smoke", serve_smoke.run, "HTTP server answers a chat and a completion request"),
 )

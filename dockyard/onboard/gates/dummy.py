@@ -182,7 +182,7 @@ def run(ctx: GateContext) -> Outcome:
             config_path.write_text(json.dumps({**t, "architectures": cfg.get("architectures")}))
             llm = LLM(str(config_path), **engine_kwargs)
         else:
-            llm = LLM(ctx.options.model, **engine_kwargs)
+            llm = LLM(ctx.options.model, **engine_kwargs, **ctx.source_kwargs)
         load_s = time.perf_counter() - t0
         num_params = sum(p.numel() for p in llm.model.parameters())
         shapes = {name: list(p.shape) for name, p in llm.model.named_parameters()

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 
 def run(ctx: GateContext) -> Outcome:
-    ctx.raw = raw = read_raw_model(ctx.options.model)
+    ctx.raw = raw = read_raw_model(ctx.options.model, ctx.options.revision, ctx.options.download_dir)
     config = raw.config
     archs = config.get("architectures")
     arch = str(archs[0]) if isinstance(archs, list) and archs else None
@@ -36,7 +36,7 @@ def run(ctx: GateContext) -> Outcome:
     spec_error = None
     try:
         ctx.source = resolve_model(ctx.options.model, "dummy" if ctx.options.weights == "dummy" else "auto",
-                                   **ctx.impl_kwargs)
+                                   **ctx.impl_kwargs, **ctx.source_kwargs)
     except DockyardError as exc:
         spec_error = str(exc)
         logger.info("spec does not validate: %s", exc)

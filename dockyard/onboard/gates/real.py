@@ -121,7 +121,7 @@ def run(ctx: GateContext) -> Outcome:
     t0 = time.perf_counter()
     try:
         llm = LLM(opts.model, dtype=dtype, device=machine.device, num_kv_blocks=256, max_num_seqs=8,
-                  **ctx.impl_kwargs)
+                  **ctx.impl_kwargs, **ctx.source_kwargs)
     except DockyardError as exc:
         return Outcome("fail", f"real weights do not load: {exc}", {"error": str(exc)})
     load_s = time.perf_counter() - t0

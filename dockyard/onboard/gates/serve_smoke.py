@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from dockyard.onboard.context import GateContext, Outcome
+from dockyard.onboard.context import GateContext, Outcome, source_flags
 from dockyard.server.cli import DEFAULT_PORT
 from dockyard.tokenizer import TOKENIZER_FILES
 
@@ -74,6 +74,7 @@ def serve_command(ctx: GateContext, port: int | None = None) -> list[str]:
     args = ["serve"]
     if ctx.options.model is not None:
         args += ["--model", str(ctx.options.model)]
+    args += source_flags(ctx.options.to_dict())
     if (ctx.source is not None and not ctx.source.has_real_weights) or ctx.options.weights == "dummy":
         args += ["--load-format", "dummy"]
     if ctx.machine.device != "cpu":
