@@ -7,7 +7,7 @@ schema token by token (the instance's own tokenization, serialized with ", " and
 use when free whitespace is off; each token accepted after its mask is filled): the time to fill the first
 mask (llguidance builds its lexer lazily there), the mean over the later steps and the largest. Both
 engines are driven the way the engine uses them: one matcher per request, one ``[1, ceil(V/32)]`` int32
-bitmask row per step.
+bitmask row per step. Then dockyard's own per-step mask (``allowed_token_mask``) at batch 1 and 64.
 
     python benchmarks/grammar_engines.py [--json]
 """
@@ -23,9 +23,13 @@ from pathlib import Path
 import llguidance
 import llguidance.hf
 import llguidance.torch
+import torch
 import xgrammar as xgr
 
 from dockyard.model_path import bundled_model_path
+from dockyard.structured_output.backend import GrammarBackend, GrammarMatcher
+from dockyard.structured_output.manager import allowed_token_mask, unpack_bitmask
+from dockyard.structured_output.params import StructuredOutputsParams
 from dockyard.tokenizer import load_tokenizer
 
 ADDRESS = {"type": "object", "properties": {"street": {"type": "string"}, "city": {"type": "string"},
@@ -112,6 +116,34 @@ def bench_llguidance(tokenizer, vocab_size: int) -> dict:
     return out
 
 
+def bench_engine_mask(tokenizer, vocab_size: int, batch_sizes: tuple[int, ...] = (1, 64), repeats: int = 20) -> dict:
+    """dockyard's per-step mask on the CPU for B matchers of the nested schema at staggered positions of its
+    instance: the engine's ``allowed_token_mask`` (rows filled at once on xgrammar's threads, unpacked to
+    [B, V]) against the same with the rows filled one after the other; ms per step."""
+    schema, instance = SCHEMAS["nested+enum+array"]
+    backend = GrammarBackend(tokenizer, vocab_size, [tokenizer.eos_token_id])
+    compiled = backend.compile(StructuredOutputsParams(json=schema, disable_any_whitespace=True))
+    ids = tokenizer.encode(json.dumps(instance), add_special_tokens=False)
+    out = {}
+    for batch in batch_sizes:
+        matchers = [GrammarMatcher(compiled) for _ in range(batch)]
+        for i, m in enumerate(matchers):
+            for tid in ids[:(i * 7) % len(ids)]:
+                m.accept(tid)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            bitmask = torch.full((batch, (vocab_size + 31) // 32), -1, dtype=torch.int32)
+            for row, m in enumerate(matchers):
+                m.fill_bitmask(bitmask, row)
+            unpack_bitmask(bitmask, vocab_size)
+        serial = (time.perf_counter() - t0) / repeats * 1e3
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            allowed_token_mask(matchers, vocab_size, "cpu")
+        out[batch] = {"row_by_row_ms": serial, "batched_ms": (time.perf_counter() - t0) / repeats * 1e3}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -121,7 +153,8 @@ def main() -> None:
         tokenizer = load_tokenizer(path)
         vocab_size = len(tokenizer)
         results[label] = {"vocab": vocab_size, "xgrammar": bench_xgrammar(tokenizer, vocab_size),
-                          "llguidance": bench_llguidance(tokenizer, vocab_size)}
+                          "llguidance": bench_llguidance(tokenizer, vocab_size),
+                          "engine_mask": bench_engine_mask(tokenizer, vocab_size)}
     if args.json:
         print(json.dumps(results, indent=1))
         return
@@ -135,6 +168,11 @@ def main() -> None:
                 print(f"| {label} ({r['vocab']:,}) | {engine} | {e['tokenizer_s']:.2f} | {name} | "
                       f"{s['compile_ms']:.1f} | {s['first_us']:.0f} | {s['mean_us']:.0f} | {s['max_us']:.0f} | "
                       f"{s['steps']} |")
+    print("\n| tokenizer (vocab) | batch | mask, rows one by one (ms) | mask, rows batched (ms) |")
+    print("|---|---|---|---|")
+    for label, r in results.items():
+        for batch, m in r["engine_mask"].items():
+            print(f"| {label} ({r['vocab']:,}) | {batch} | {m['row_by_row_ms']:.2f} | {m['batched_ms']:.2f} |")
 
 
 if __name__ == "__main__":
