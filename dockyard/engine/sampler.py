@@ -158,6 +158,10 @@ class SamplingBatch:
         bans (EOS unless ``ignore_eos``, and the stop token ids) for rows that have not reached it, and,
         given the logits' ``vocab_size``, the grammar masks of rows with a matcher and the logit bias."""
         params = [s.params for s in seqs]
+        # The grammar masks first: their host work (each matcher filling its bitmask row) then runs while the
+        # device still computes the step's logits, before the first copy below waits for it.
+        grammar_mask = None if vocab_size is None else allowed_token_mask([s.grammar for s in seqs], vocab_size,
+                                                                           device)
         batch = cls.build(params, [s.generator for s in seqs], device)
         batch.prompt_token_ids = [s.prompt_token_ids for s in seqs]
         batch.output_token_ids = [s.output_token_ids for s in seqs]
@@ -169,7 +173,7 @@ class SamplingBatch:
         if any(p.logprobs is not None for p in params):
             batch.num_logprobs = max(p.logprobs or 0 for p in params)
         if vocab_size is not None:
-            batch.allowed_token_mask = allowed_token_mask([s.grammar for s in seqs], vocab_size, device)
+            batch.allowed_token_mask = grammar_mask
             if any(p.logit_bias for p in params):
                 batch.logit_bias = logit_bias_tensor([p.logit_bias for p in params], vocab_size, device)
         return batch
