@@ -89,7 +89,7 @@ class GrammarBackend:
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: list[int]) -> None:
         self.vocab_size = vocab_size
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
-                                                  stop_token_ids=list(eos_token_ids))
+                                                  stop_token_ids=list(eos_token_ids) or None)
         self._compiler = xgr.GrammarCompiler(info)
 
     def compile(self, params: StructuredOutputsParams) -> CompiledGrammar:

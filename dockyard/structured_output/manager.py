@@ -73,7 +73,8 @@ class StructuredOutputManager:
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
         self._backend: GrammarBackend | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the cache (compile() is called from the server's event loop too)
+        self._backend_lock = threading.Lock()  # making the backend, which takes seconds
         self._cache: OrderedDict[str, Future[CompiledGrammar]] = OrderedDict()
         self._pool: ThreadPoolExecutor | None = None
 
@@ -98,13 +99,20 @@ class StructuredOutputManager:
         return future
 
     def backend(self) -> GrammarBackend:
-        """The backend for this tokenizer, made on first use."""
-        with self._lock:
+        """The backend for this tokenizer, made on first use (on a compile thread: it takes seconds)."""
+        with self._backend_lock:
             if self._backend is None:
-                # xgrammar takes seconds to import: only engines that get a structured request load it.
-                from dockyard.structured_output.backend import GrammarBackend
+                try:
+                    # xgrammar takes seconds to import: only engines that get a structured request load it.
+                    from dockyard.structured_output.backend import GrammarBackend
 
-                self._backend = GrammarBackend(self.tokenizer, self.vocab_size, self.eos_token_ids)
+                    self._backend = GrammarBackend(self.tokenizer, self.vocab_size, self.eos_token_ids)
+                except ImportError as exc:
+                    raise InvalidRequestError(f"{PARAM} needs the xgrammar package ({exc}); pip install xgrammar",
+                                              param=PARAM) from exc
+                except (RuntimeError, ValueError, TypeError) as exc:
+                    raise InvalidRequestError(f"{PARAM} is not available for this model: the grammar engine cannot "
+                                              f"read its tokenizer ({exc})", param=PARAM) from exc
             return self._backend
 
     def _compile(self, params: StructuredOutputsParams) -> CompiledGrammar:
@@ -116,8 +124,3 @@ class StructuredOutputManager:
         from dockyard.structured_output.backend import GrammarMatcher
 
         return GrammarMatcher(compiled)
-
-    def shutdown(self) -> None:
-        """Stop the compile threads (compilations not started are dropped)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)

@@ -190,3 +190,28 @@ def test_logit_bias(llm, chat_prompt):
     assert info.value.param == "logit_bias"
     with pytest.raises(InvalidRequestError, match="token ids >= 0"):
         SamplingParams(logit_bias={"-3": 1})
+
+
+def test_structural_tag_both_forms(llm):
+    """vLLM's structures/triggers form and xgrammar's format form: free text outside the tags, the schema
+    inside them (checked by replaying text through the engine's matcher)."""
+    manager = make_engine(llm).structured_output
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    legacy = {"structures": [{"begin": "<fn>", "schema": schema, "end": "</fn>"}], "triggers": ["<fn>"]}
+    current = {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<fn>"], "tags": [
+        {"type": "tag", "begin": "<fn>", "content": {"type": "json_schema", "json_schema": schema}, "end": "</fn>"}]}}
+    tok = llm.get_tokenizer()
+    for tag in (legacy, current):
+        compiled = manager.compile(StructuredOutputsParams(structural_tag=json.dumps(tag))).result()
+
+        def accepts(text: str, compiled=compiled) -> bool:  # noqa: ANN001 - xgrammar's CompiledGrammar
+            matcher = manager.matcher(compiled)
+            return all(matcher.accept(t) for t in tok.encode(text, add_special_tokens=False))
+
+        assert accepts('It is <fn>{"city": "Paris"}</fn> there')
+        assert not accepts('It is <fn>{"town": 3}</fn>')
+    with pytest.raises(InvalidRequestError) as info:
+        manager.compile(StructuredOutputsParams(structural_tag='{"type": "structural_tag", "format": {"type": "x"}}')
+                        ).result()
+    assert info.value.param == "structured_outputs.structural_tag"
+
