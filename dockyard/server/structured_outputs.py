@@ -8,7 +8,8 @@ One request names at most one constraint, in any of these spellings (the same on
   constraint kind, its options (``disable_any_whitespace``, ...) apply to the constraint another spelling
   gives;
 * vLLM's older ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``, with
-  ``guided_whitespace_pattern`` and ``guided_decoding_backend`` (``xgrammar`` or ``auto``).
+  ``guided_decoding_backend`` (``xgrammar`` or ``auto``); ``guided_whitespace_pattern`` is refused (xgrammar
+  has no whitespace regex).
 
 :func:`structured_outputs_of` returns the :class:`StructuredOutputsParams` and the wire field it came
 from; :func:`check_compiles` compiles it before the request enters the engine (cached for it), so a
@@ -81,7 +82,9 @@ def structured_outputs_of(req: SamplingFields) -> tuple[StructuredOutputsParams 
         if value is not None:
             sources.append(({kind: value}, name))
     if req.guided_whitespace_pattern is not None:
-        options["whitespace_pattern"] = req.guided_whitespace_pattern
+        raise _invalid("guided_whitespace_pattern", "guided_whitespace_pattern is not supported by the xgrammar "
+                                                    "backend; use structured_outputs.disable_any_whitespace=true for "
+                                                    "JSON without free whitespace")
     if len(sources) > 1:
         names = ", ".join(wire for _, wire in sources)
         raise _invalid(sources[1][1], f"give one structured-output constraint, not several ({names})")

@@ -20,7 +20,7 @@ import xgrammar as xgr
 
 from dockyard import SamplingParams
 from dockyard.errors import InvalidRequestError
-from dockyard.structured_output.manager import allowed_token_mask, unpack_bitmask
+from dockyard.structured_output.manager import StructuredOutputManager, allowed_token_mask, unpack_bitmask
 from dockyard.structured_output.params import StructuredOutputsParams
 
 from .test_async_scheduling import run_both
@@ -214,4 +214,10 @@ def test_structural_tag_both_forms(llm):
         manager.compile(StructuredOutputsParams(structural_tag='{"type": "structural_tag", "format": {"type": "x"}}')
                         ).result()
     assert info.value.param == "structured_outputs.structural_tag"
+
+
+def test_model_without_tokenizer_is_refused():
+    with pytest.raises(InvalidRequestError, match="tokenizer") as info:
+        StructuredOutputManager(None, 100, [0]).compile(StructuredOutputsParams(regex="a"))
+    assert info.value.param == "structured_outputs"
 

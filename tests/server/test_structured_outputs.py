@@ -160,6 +160,10 @@ def test_streamed_json_assembles_to_valid_json(client):
     ({"extra_body": {"guided_decoding_backend": "outlines", "guided_regex": "a"}}, "guided_decoding_backend",
      "xgrammar"),
     ({"response_format": {"type": "xml"}}, "response_format.type", "xml"),
+    ({"extra_body": {"guided_json": {"type": "object"}, "guided_whitespace_pattern": " *"}},
+     "guided_whitespace_pattern", "disable_any_whitespace"),
+    ({"extra_body": {"structured_outputs": {"disable_any_whitespace": True}}}, "structured_outputs",
+     "no constraint"),
     ({"logit_bias": {"49152": 5}}, "logit_bias", "vocabulary"),
 ])
 def test_invalid_constraints_are_400_naming_the_field(client, kwargs, param, needle):
