@@ -229,6 +229,7 @@ def test_torchrun_ranks_take_the_servers_engine_args(monkeypatch):
     with pytest.raises(ConfigError, match="stop here"):
         app.serve(args)
     assert resolved == {"model": "org/model", "load_format": "dummy", "revision": "abc123", "download_dir": "/cache",
+                        "tokenizer": None, "generation_config": "auto", "trust_remote_code": False,
                         "model_impl": "dockyard"}
 
 
