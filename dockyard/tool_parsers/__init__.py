@@ -17,6 +17,8 @@ from dockyard.tool_parsers.json_formats import (
     MistralToolParser,
     NamedToolParser,
     RequiredToolParser,
+    named_call_schema,
+    required_calls_schema,
 )
 from dockyard.tool_parsers.pythonic import PythonicToolParser
 
@@ -35,4 +37,4 @@ def get_tool_parser(name: str) -> ToolParser:
 
 
 __all__ = ["TOOL_PARSERS", "DeltaCall", "NamedToolParser", "ParsedCall", "ParsedOutput", "RequiredToolParser",
-           "ToolCallStreamer", "ToolParser", "get_tool_parser"]
+           "ToolCallStreamer", "ToolParser", "get_tool_parser", "named_call_schema", "required_calls_schema"]

@@ -20,6 +20,7 @@ is broken or cut off (``max_tokens``) is left as content when the output ends.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from dockyard.tool_parsers.base import (
     ParsedCall,
@@ -237,3 +238,23 @@ class NamedToolParser(ToolParser):
 
     def parse(self, text: str, final: bool) -> ParsedOutput:
         return ParsedOutput("", [ParsedCall(self.name, text, final)])
+
+
+def _arguments_schema(parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """A function's arguments schema (a function without ``parameters`` takes an object of anything)."""
+    return parameters if parameters else {"type": "object"}
+
+
+def required_calls_schema(functions: list[tuple[str, dict[str, Any] | None]], parallel: bool) -> dict[str, Any]:
+    """The JSON schema ``tool_choice: "required"`` holds the output to: a non-empty array of calls of the
+    given (name, parameters schema) functions, one call only unless ``parallel``."""
+    call = {"anyOf": [{"type": "object", "properties": {"name": {"type": "string", "enum": [name]},
+                                                       "parameters": _arguments_schema(parameters)},
+                       "required": ["name", "parameters"], "additionalProperties": False}
+                      for name, parameters in functions]}
+    return {"type": "array", "items": call, "minItems": 1, **({} if parallel else {"maxItems": 1})}
+
+
+def named_call_schema(parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """The JSON schema a named ``tool_choice`` holds the output to: the function's arguments."""
+    return _arguments_schema(parameters)
