@@ -81,6 +81,21 @@ _PASSTHROUGH = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty
 # StarCoder / SantaCoder / DeepSeek-Coder-style and Qwen2.5-Coder / CodeGemma-style.
 FIM_TOKENS = (("<fim_prefix>", "<fim_suffix>", "<fim_middle>"), ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"))
 
+
+
+def fim_tokens(tokenizer: Any) -> tuple[str, str, str] | None:
+    """The fill-in-the-middle tokens (prefix, suffix, middle) of ``tokenizer``, if it has one of the known sets."""
+    if tokenizer is None:
+        return None
+    vocab = tokenizer.get_vocab()
+    return next((t for t in FIM_TOKENS if all(x in vocab for x in t)), None)
+
+
+def fim_prompt(tokens: tuple[str, str, str], prefix: str, suffix: str) -> str:
+    """The prompt asking for the text between ``prefix`` and ``suffix`` (prefix-suffix-middle order)."""
+    return f"{tokens[0]}{prefix}{tokens[1]}{suffix}{tokens[2]}"
+
+
 Disconnected = Callable[[], Awaitable[None]]  # returns when the client has gone away
 
 
@@ -556,8 +571,8 @@ class OpenAIServing:
         fim = self._fim_tokens() if req.suffix is not None else None
         for item in items:
             if isinstance(item, str):
-                if fim is not None:  # prefix-suffix-middle order: the model writes the middle
-                    item = f"{fim[0]}{item}{fim[1]}{req.suffix}{fim[2]}"
+                if fim is not None:
+                    item = fim_prompt(fim, item, req.suffix or "")
                 try:
                     ids = self.llm.get_tokenizer().encode(item)
                 except DockyardError as exc:
@@ -583,12 +598,7 @@ class OpenAIServing:
                            param="best_of", code="unsupported_parameter")
 
     def _fim_tokens(self) -> tuple[str, str, str] | None:
-        """The fill-in-the-middle tokens (prefix, suffix, middle) of this model's tokenizer, if it has a set."""
-        tok = self.llm.tokenizer
-        if tok is None:
-            return None
-        vocab = tok.get_vocab()
-        return next((t for t in FIM_TOKENS if all(x in vocab for x in t)), None)
+        return fim_tokens(self.llm.tokenizer)
 
     def _echo_text(self, prompt: _Prompt) -> str:
         if prompt.text is not None:

@@ -8,6 +8,7 @@ for the template's rendering, and /v1/completions on the same prompt ids for the
 from __future__ import annotations
 
 import argparse
+import copy
 
 import openai
 import pytest
@@ -16,6 +17,7 @@ from dockyard.errors import ConfigError, DockyardError
 from dockyard.model_path import bundled_model_path
 from dockyard.model_source import resolve_model
 from dockyard.server.app import tool_and_reasoning_settings
+from dockyard.server.serving import fim_prompt, fim_tokens
 from tests.server.conftest import API_KEY, ServerProcess, ready_server
 
 KEY = API_KEY  # ServerProcess.call sends it
@@ -203,3 +205,13 @@ def test_serve_flags_are_checked_before_the_model_loads():
     with pytest.raises(ConfigError, match="deepseek_r1"):
         tool_and_reasoning_settings(args(reasoning_parser="nope"))
     assert tool_and_reasoning_settings(args(tool_call_parser="pythonic"))["tool_call_parser"] == "pythonic"
+
+
+def test_suffix_prompt_uses_the_tokenizers_fim_tokens(hf_tokenizer):
+    """StarCoder's published fill-in-the-middle prompt: <fim_prefix>PREFIX<fim_suffix>SUFFIX<fim_middle>."""
+    assert fim_tokens(hf_tokenizer) is None  # the bundled model has none: suffix is a 400 (above)
+    tok = copy.deepcopy(hf_tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"]})
+    fim = fim_tokens(tok)
+    assert fim_prompt(fim, "def add(a, b):\n", "\n    return c") == \
+        "<fim_prefix>def add(a, b):\n<fim_suffix>\n    return c<fim_middle>"
