@@ -247,6 +247,8 @@ class LLM:
                 f"got {len(params)} SamplingParams for {len(encoded)} prompts; give one, or one per prompt",
                 param="sampling_params",
             )
+        for p in {id(p): p for p in params}.values():  # a schema that does not compile: refused before any request
+            self.engine.check_structured_outputs(p)
         ids = []
         try:
             for (text, token_ids), p in zip(encoded, params):

@@ -17,6 +17,13 @@ back and handed to the scheduler, while the GPU runs. A sequence that stopped ha
 in the step launched meanwhile; its result is dropped. Outputs are identical to synchronous
 stepping.
 
+Structured outputs: a request with ``SamplingParams.structured_outputs`` has its grammar compiled on the
+:class:`~dockyard.structured_output.manager.StructuredOutputManager`'s threads; until it is ready the
+request waits outside the scheduler (the batch goes on without it), then each of its samples gets its own
+matcher and is scheduled. The sampler masks each row to what its matcher allows; after the scheduler has
+appended a token, the engine advances the sample's matcher by it (a token the grammar refuses fails the
+request alone), and a sample whose grammar has terminated finishes ("stop").
+
 A request fails alone: an exception in its own rows of a step (preparing inputs, sampling — see
 ``model_runner.isolate_failures`` — detokenizing, stop strings, building its output) finishes that
 request with ``RequestOutput.error`` set (its samples with ``finish_reason="error"``, KV blocks
@@ -31,6 +38,8 @@ import itertools
 import logging
 import time
 from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,8 +56,13 @@ from dockyard.engine.scheduler import AsyncScheduler, SampledTokens, ScheduledSe
 from dockyard.engine.sequence import Sequence
 from dockyard.errors import InvalidRequestError
 from dockyard.spec import ModelSpec
+from dockyard.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
+
+# How long an idle step waits for a grammar still compiling (so an engine loop with nothing else to do
+# sleeps instead of spinning).
+GRAMMAR_WAIT_S = 0.05
 
 
 @dataclass
@@ -86,6 +100,7 @@ class _Request:
     seqs: list[Sequence]
     arrival_time: float = field(default_factory=time.monotonic)
     error: Exception | None = None  # why it failed (its samples then finish with "error")
+    grammar: Future | None = None  # its compiled grammar, while it waits for it outside the scheduler
 
 
 class LLMEngine:
@@ -110,6 +125,8 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self.metrics = EngineMetrics()
         self._in_flight: _InFlight | None = None
+        self.structured_output = StructuredOutputManager(tokenizer, spec.vocab_size, spec.eos_token_ids)
+        self._compiling: list[_Request] = []  # requests waiting for their grammar, in arrival order
         # Built now: its start-up probe of the tokenizer takes tens of ms, not to be paid by a first token.
         self._detokenizer = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
 
@@ -156,8 +173,14 @@ class LLMEngine:
                 prompt_logprobs=[None] if params.prompt_logprobs is not None and i == 0 else None,
             )
             seqs.append(seq)
-            self.scheduler.add(seq)
-        self.requests[request_id] = _Request(request_id, prompt, list(prompt_token_ids), seqs)
+        req = _Request(request_id, prompt, list(prompt_token_ids), seqs)
+        if params.structured_outputs is not None:
+            req.grammar = self.structured_output.compile(params.structured_outputs)
+            self._compiling.append(req)
+        else:
+            for seq in seqs:
+                self.scheduler.add(seq)
+        self.requests[request_id] = req
         self.metrics.requests_added += 1
         self.metrics.prompt_tokens += n_prompt
 
@@ -166,6 +189,8 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return
+        if req in self._compiling:
+            self._compiling.remove(req)
         for seq in req.seqs:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
@@ -179,6 +204,8 @@ class LLMEngine:
             return
         if req.error is None:
             req.error = exc
+        if req in self._compiling:
+            self._compiling.remove(req)
         for seq in req.seqs:
             if not seq.is_finished:
                 seq.finish_reason = "error"
@@ -218,6 +245,8 @@ class LLMEngine:
 
         With async scheduling the tokens a step appends may be those of the step before it."""
         touched: dict[str, _Request] = {}
+        if self._compiling:
+            self._admit_compiled(touched)
         if self._in_flight is not None and self._async_scheduler().needs_pending_tokens():
             self._update_from_output([], self._take_in_flight(), touched, report_unfinished)
         scheduled = self.scheduler.schedule()
@@ -228,6 +257,8 @@ class LLMEngine:
         if not batch:
             if self._in_flight is not None:
                 self._update_from_output([], self._take_in_flight(), touched, report_unfinished)
+            elif self._compiling and not touched:  # nothing to run but grammars compiling: wait for one
+                wait_futures([req.grammar for req in self._compiling], GRAMMAR_WAIT_S, FIRST_COMPLETED)
             return ended + self._outputs(touched.values())
         self.metrics.steps += 1
         self.metrics.iteration_tokens.observe(sum(item.num_new_tokens for item in batch))
@@ -261,6 +292,28 @@ class LLMEngine:
         else:
             self._update_from_output(batch, current, touched, report_unfinished, out)
         return ended + self._outputs(touched.values())
+
+    def _admit_compiled(self, touched: dict[str, _Request]) -> None:
+        """Schedule the requests whose grammar has compiled (one matcher per sample); fail those whose
+        grammar does not compile (InvalidRequestError naming the field)."""
+        for req in [r for r in self._compiling if r.grammar is not None and r.grammar.done()]:
+            self._compiling.remove(req)
+            exc = req.grammar.exception()
+            if exc is not None:
+                self._fail_request(req.request_id, exc, touched)
+                continue
+            compiled = req.grammar.result()
+            req.grammar = None
+            for seq in req.seqs:
+                seq.grammar = self.structured_output.matcher(compiled)
+                self.scheduler.add(seq)
+
+    def check_structured_outputs(self, params: SamplingParams) -> None:
+        """Compile ``params``' grammar now (cached for the request that follows); InvalidRequestError
+        naming the field when it does not compile. Offline callers use it to refuse a bad schema before
+        any request is added."""
+        if params.structured_outputs is not None:
+            self.structured_output.compile(params.structured_outputs).result()
 
     def _async_scheduler(self) -> AsyncScheduler:
         """The scheduler, which has a step in flight only when it is the async one."""
@@ -326,6 +379,8 @@ class LLMEngine:
         """The engine's part of a token the scheduler appended to ``seq`` (row ``row`` of its step):
         latency metrics, logprobs, detokenization and stop strings (a sequence one ends is finished)."""
         token = seq.output_token_ids[-1]
+        if seq.grammar is not None:
+            self._advance_grammar(seq, token)
         if seq.first_token_time is None:
             seq.first_token_time = now
             self.metrics.observe_ttft(now - seq.arrival_time)
@@ -345,6 +400,18 @@ class LLMEngine:
         self._check_stop_strings(seq)
         if seq.finish_reason is not None and not seq.is_finished:
             self.scheduler.finish(seq)
+
+    @staticmethod
+    def _advance_grammar(seq: Sequence, token: int) -> None:
+        """Advance ``seq``'s matcher by its newest token; a terminated grammar ends the sample ("stop")."""
+        assert seq.grammar is not None
+        if not seq.grammar.accept(token):
+            raise InvalidRequestError(
+                f"the structured-output grammar does not allow token {token} after {len(seq.output_token_ids) - 1} "
+                "output tokens (min_tokens or stop token ids may forbid what the grammar needs)",
+                param="structured_outputs")
+        if seq.grammar.is_terminated and seq.finish_reason is None:
+            seq.finish_reason, seq.stop_reason = "stop", None
 
     def _outputs(self, reqs: Iterable[_Request]) -> list[RequestOutput]:
         """The outputs of ``reqs``; finished requests are counted and forgotten."""

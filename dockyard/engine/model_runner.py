@@ -392,7 +392,7 @@ class ModelRunner:
 
     def _sample_rows(self, logits: torch.Tensor, sampling: list[ScheduledSeq]) -> SamplerOutput:
         batch = SamplingBatch.for_sequences([item.seq for item in sampling], self.spec.eos_token_ids,
-                                            logits.device)
+                                            logits.device, vocab_size=logits.shape[1])
         return self.sampler(logits, batch)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> PromptLogprobTensors:

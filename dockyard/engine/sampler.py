@@ -6,8 +6,9 @@ Pure PyTorch on whatever device the logits live on. Per step the model runner bu
 :class:`Sampler` with the logits of those rows; the sampler applies every rule, in this order:
 
 1. Token constraints, in the logits' dtype: stop tokens banned until ``min_tokens`` outputs exist
-   (EOS unless ``ignore_eos``, and the stop token ids), then the hooks a later feature fills (a
-   per-row allowed-token mask, a per-row logit bias; None today).
+   (EOS unless ``ignore_eos``, and the stop token ids), then the per-row allowed-token mask of
+   structured outputs (rows with a grammar matcher; ``structured_output.manager.allowed_token_mask``),
+   then each row's ``logit_bias``.
 2. Penalties (:func:`apply_penalties`): repetition, presence, frequency.
 3. Logprobs of the result (in float32): reported after penalties, before temperature and the
    filters, as vLLM reports by default.
@@ -41,6 +42,7 @@ import torch
 
 from dockyard.engine.sampling_params import SamplingParams
 from dockyard.engine.sequence import Sequence as EngineSequence
+from dockyard.structured_output.manager import allowed_token_mask
 
 _NEG_INF = float("-inf")
 
@@ -85,8 +87,8 @@ class SamplingBatch:
     output_token_ids: list[Sequence[int]] | None = None  # per row, for every penalty; None: empty
     banned_token_ids: list[list[int]] | None = None  # per row: stop tokens min_tokens bans this step
     num_logprobs: int = 0  # top alternatives reported per row (0: the sampled token's logprob only)
-    # Hooks for structured output (nothing sets them yet): [B, V] bool, True where a token may be
-    # sampled; [B, V] added to the logits.
+    # [B, V] bool, True where a token may be sampled (structured outputs); [B, V] added to the logits
+    # (logit_bias). for_sequences sets them when a row needs them.
     allowed_token_mask: torch.Tensor | None = None
     logit_bias: torch.Tensor | None = None
 
@@ -150,10 +152,11 @@ class SamplingBatch:
 
     @classmethod
     def for_sequences(cls, seqs: Sequence[EngineSequence], eos_token_ids: Sequence[int],
-                      device: torch.device | str) -> SamplingBatch:
+                      device: torch.device | str, vocab_size: int | None = None) -> SamplingBatch:
         """The batch of one step that samples a next token for each of ``seqs`` (one row each): their
-        params and generators, token histories for the penalties, and the stop tokens ``min_tokens``
-        bans (EOS unless ``ignore_eos``, and the stop token ids) for rows that have not reached it."""
+        params and generators, token histories for the penalties, the stop tokens ``min_tokens``
+        bans (EOS unless ``ignore_eos``, and the stop token ids) for rows that have not reached it, and,
+        given the logits' ``vocab_size``, the grammar masks of rows with a matcher and the logit bias."""
         params = [s.params for s in seqs]
         batch = cls.build(params, [s.generator for s in seqs], device)
         batch.prompt_token_ids = [s.prompt_token_ids for s in seqs]
@@ -165,13 +168,33 @@ class SamplingBatch:
         ]
         if any(p.logprobs is not None for p in params):
             batch.num_logprobs = max(p.logprobs or 0 for p in params)
+        if vocab_size is not None:
+            batch.allowed_token_mask = allowed_token_mask([s.grammar for s in seqs], vocab_size, device)
+            if any(p.logit_bias for p in params):
+                batch.logit_bias = logit_bias_tensor([p.logit_bias for p in params], vocab_size, device)
         return batch
+
+
+def logit_bias_tensor(biases: Sequence[dict[int, float] | None], vocab_size: int, device: torch.device | str
+                      ) -> torch.Tensor:
+    """[B, V] float32 on ``device``: row ``i`` holds ``biases[i]`` (token id → value), zeros elsewhere."""
+    rows, cols, values = [], [], []
+    for row, bias in enumerate(biases):
+        for tid, value in (bias or {}).items():
+            rows.append(row)
+            cols.append(tid)
+            values.append(value)
+    out = torch.zeros(len(biases), vocab_size, dtype=torch.float32, device=device)
+    index = torch.tensor([rows, cols], dtype=torch.long).to(device)
+    out.index_put_((index[0], index[1]), torch.tensor(values, dtype=torch.float32).to(device))
+    return out
 
 
 def argmax_suffices(seqs: Sequence[EngineSequence]) -> bool:
     """Whether every one of ``seqs`` samples the argmax of its raw logits: greedy, with no logits rule
-    and nothing to report (``SamplingParams.needs_host_tokens`` false)."""
-    return all(s.params.greedy and not s.params.needs_host_tokens(len(s.output_token_ids)) for s in seqs)
+    and nothing to report (``SamplingParams.needs_host_tokens`` false, no logit bias)."""
+    return all(s.params.greedy and not s.params.logit_bias and not s.params.needs_host_tokens(len(s.output_token_ids))
+               for s in seqs)
 
 
 def _token_counts(rows: list[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:

@@ -11,7 +11,12 @@ token id <= 2**31 - 1; ``temperature`` in [0, 1e4]; ``repetition_penalty`` in (0
 ``presence_penalty`` / ``frequency_penalty`` in [-2, 2]; ``top_p`` in (0, 1]; ``min_p`` in [0, 1];
 ``seed`` any 64-bit value, signed or unsigned (reduced modulo 2**64). Floats must be finite.
 What depends on the model is checked when the engine takes the request
-(:meth:`check_for_vocab`): ``top_k`` <= vocab size and stop token ids in [0, vocab size).
+(:meth:`check_for_vocab`): ``top_k`` <= vocab size, stop token ids and ``logit_bias`` ids in
+[0, vocab size).
+
+``structured_outputs`` (:class:`~dockyard.structured_output.params.StructuredOutputsParams`, or a dict
+of its fields) holds the output to a JSON schema, regex, choice or grammar; ``logit_bias`` maps token
+ids to a value added to their logits, clamped to [-100, 100] as OpenAI's API clamps it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dockyard.errors import InvalidRequestError
+from dockyard.structured_output.params import StructuredOutputsParams
 
 # Below this temperature a request is decoded greedily (vLLM's _SAMPLING_EPS).
 GREEDY_TEMPERATURE_EPS = 1e-5
@@ -32,6 +38,7 @@ MAX_INT = 2**31 - 1  # token counts, top_k and token ids: int32 on every device
 MAX_TEMPERATURE = 1e4
 MAX_REPETITION_PENALTY = 1e4
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+LOGIT_BIAS_LIMIT = 100.0  # logit_bias values are clamped to [-LIMIT, LIMIT]
 
 
 def _bad(name: str, value: Any, rule: str) -> InvalidRequestError:
@@ -94,6 +101,8 @@ class SamplingParams:
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         self.n = _check_int("n", self.n, 1, MAX_N, f">= 1 and <= {MAX_N}")
@@ -131,6 +140,9 @@ class SamplingParams:
         self.include_stop_str_in_output = _check_bool(
             "include_stop_str_in_output", self.include_stop_str_in_output
         )
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+        self.logit_bias = self._normalize_logit_bias(self.logit_bias)
 
     @staticmethod
     def _normalize_stop(stop: Any) -> list[str]:
@@ -161,9 +173,29 @@ class SamplingParams:
             out.append(int(t))
         return out
 
+    @staticmethod
+    def _normalize_logit_bias(bias: Any) -> dict[int, float] | None:
+        """``{token id: bias}`` with int ids >= 0 (decimal strings accepted, as JSON keys are strings) and
+        finite values clamped to [-100, 100]; None or empty: no bias."""
+        if not bias:
+            return None
+        if not isinstance(bias, dict):
+            raise _bad("logit_bias", bias, "a mapping of token ids to numbers (or None)")
+        out = {}
+        for key, value in bias.items():
+            tid = int(key) if isinstance(key, str) and key.strip().isdigit() else key
+            if isinstance(tid, bool) or not isinstance(tid, numbers.Integral) or not 0 <= tid <= MAX_INT:
+                raise InvalidRequestError(f"logit_bias keys must be token ids >= 0, got {key!r}", param="logit_bias")
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise InvalidRequestError(f"logit_bias values must be finite numbers, got {value!r} for token {key!r}",
+                                          param="logit_bias")
+            out[int(tid)] = min(max(float(value), -LOGIT_BIAS_LIMIT), LOGIT_BIAS_LIMIT)
+        return out
+
     def check_for_vocab(self, vocab_size: int) -> None:
-        """Refuse what this model's vocabulary cannot honour: ``top_k`` above the vocabulary size and
-        stop token ids outside ``[0, vocab_size)`` (InvalidRequestError naming the parameter)."""
+        """Refuse what this model's vocabulary cannot honour: ``top_k`` above the vocabulary size, stop
+        token ids and ``logit_bias`` ids outside ``[0, vocab_size)`` (InvalidRequestError naming the
+        parameter)."""
         if self.top_k > vocab_size:
             raise InvalidRequestError(
                 f"top_k must be <= the vocabulary size ({vocab_size}), or 0 / -1 to disable it, got {self.top_k}",
@@ -173,6 +205,11 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {vocab_size}); give ids the model has",
                 param="stop_token_ids")
+        bad = sorted(t for t in self.logit_bias or () if t >= vocab_size)
+        if bad:
+            raise InvalidRequestError(
+                f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab_size}); give ids the model has",
+                param="logit_bias")
 
     @property
     def greedy(self) -> bool:
@@ -192,8 +229,10 @@ class SamplingParams:
 
     def needs_host_tokens(self, num_output_tokens: int) -> bool:
         """Whether sampling this request's next token, ``num_output_tokens`` generated so far, needs them
-        on the host: logprobs (reported per token), penalties (they count the output) or stop tokens
-        still banned by ``min_tokens``. A greedy request that needs none takes the plain argmax of the
-        logits, and async scheduling may launch its next step before its newest token is read back."""
-        return (self.logprobs is not None or self.uses_penalties
+        on the host: logprobs (reported per token), penalties (they count the output), stop tokens
+        still banned by ``min_tokens``, or a structured-output grammar (its matcher advances by each
+        token before the next mask). A greedy request that needs none, and no logit bias, takes the plain
+        argmax of the logits, and async scheduling may launch its next step before its newest token is
+        read back."""
+        return (self.logprobs is not None or self.uses_penalties or self.structured_outputs is not None
                 or not self.min_tokens_reached(num_output_tokens))

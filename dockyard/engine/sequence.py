@@ -5,11 +5,15 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from dockyard.engine.detokenizer import DetokenizerState
 from dockyard.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from dockyard.structured_output.backend import GrammarMatcher
 
 # Stands for a sampled token still on the device (async scheduling): the runner reads its value there.
 PENDING_TOKEN = -1
@@ -59,6 +63,9 @@ class Sequence:
     # step's inputs on the device.
     num_pending: int = 0
     pending_row: int = -1
+    # Structured outputs: this sample's position in its grammar (advanced by the engine with each token
+    # it keeps); set when the request's grammar has compiled, before the sequence is scheduled.
+    grammar: GrammarMatcher | None = None
 
     @property
     def token_ids(self) -> list[int]:
