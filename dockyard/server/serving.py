@@ -64,7 +64,15 @@ from dockyard.server.protocol import (
     TopLogprob,
     UsageInfo,
 )
-from dockyard.tool_parsers import NamedToolParser, RequiredToolParser, ToolParser, get_tool_parser
+from dockyard.structured_output.params import StructuredOutputsParams
+from dockyard.tool_parsers import (
+    NamedToolParser,
+    RequiredToolParser,
+    ToolParser,
+    get_tool_parser,
+    named_call_schema,
+    required_calls_schema,
+)
 
 logger = logging.getLogger(__name__)
 # The request log (--enable-log-requests): its own logger, so that it shows whatever --log-level says.
@@ -383,16 +391,25 @@ class OpenAIServing:
             return get_tool_parser(self.tool_call_parser)
         if choice == "none":
             return None
-        if True:  # until the grammar engine lands: nothing would hold the output to the functions' schemas
-            raise APIError(400, f"tool_choice {choice if isinstance(choice, str) else 'naming a function'} is not "
-                                'supported yet; send tool_choice "auto" or "none"', param="tool_choice",
-                           code="unsupported_parameter")
         if choice == "required":
             return RequiredToolParser()
         if choice.function.name not in names:
             raise APIError(400, f"tool_choice names the function {choice.function.name!r}, which is not among "
                                 f"tools ({', '.join(repr(n) for n in names)})", param="tool_choice.function.name")
         return NamedToolParser(choice.function.name)
+
+    @staticmethod
+    def _tool_constraint(req: ChatCompletionRequest, tool_parser: ToolParser | None) -> StructuredOutputsParams | None:
+        """The grammar that makes a required / named tool choice's output valid calls (None for the others)."""
+        if not isinstance(tool_parser, RequiredToolParser | NamedToolParser):
+            return None
+        functions = [(t.function.name, t.function.parameters) for t in req.tools or []]
+        if isinstance(tool_parser, RequiredToolParser):
+            schema = required_calls_schema(functions, parallel=req.parallel_tool_calls is not False)
+        else:
+            schema = named_call_schema(dict(functions)[tool_parser.name])
+        # No free whitespace: a small model could otherwise fill max_tokens with it.
+        return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
 
     def _output_parsers(self, req: ChatCompletionRequest, tool_parser: ToolParser | None, prompt: _Prompt,
                         n: int) -> list[ChoiceOutputParser] | None:
@@ -430,6 +447,12 @@ class OpenAIServing:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self._sampling_params(req, max_tokens, logprobs, max_param, logprobs_param="top_logprobs")
         tool_parser = self._tool_parser(req)
+        constraint = self._tool_constraint(req, tool_parser)
+        if constraint is not None:
+            if params.structured_outputs is not None:
+                raise APIError(400, "a required or named tool_choice already constrains the output; leave out "
+                                    "response_format / structured_outputs", param="tool_choice")
+            params.structured_outputs = constraint
         markers_special = (tool_parser is not None and tool_parser.needs_special_tokens) or (
             self.reasoning_parser is not None and self.reasoning_parser.needs_special_tokens)
         if markers_special and req.skip_special_tokens is None:
