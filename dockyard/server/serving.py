@@ -412,16 +412,16 @@ class OpenAIServing:
         return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
 
     def _output_parsers(self, req: ChatCompletionRequest, tool_parser: ToolParser | None, prompt: _Prompt,
-                        n: int) -> list[ChoiceOutputParser] | None:
+                        params: SamplingParams) -> list[ChoiceOutputParser] | None:
         """One parser per choice, or None when the text is passed through as it is."""
         if tool_parser is None and self.reasoning_parser is None:
             return None
         parallel = req.parallel_tool_calls is not False
-        # A grammar-held answer (required / named tool choice) starts at its first token: no reasoning section.
-        constrained = isinstance(tool_parser, RequiredToolParser | NamedToolParser)
-        reasoning = self.reasoning_parser if not constrained else None
+        # A grammar holds the output from its first token (the engine cannot start it where the reasoning
+        # ends), so a constrained answer has no reasoning section to take out.
+        reasoning = self.reasoning_parser if params.structured_outputs is None else None
         return [ChoiceOutputParser(reasoning(prompt.text or "") if reasoning else None, tool_parser, parallel)
-                for _ in range(n)]
+                for _ in range(params.n)]
 
     def _check_chat(self, req: ChatCompletionRequest) -> None:
         self._check_common(req)
@@ -461,7 +461,7 @@ class OpenAIServing:
         # does not hold up /health or other connections.
         prompt = await self._off_loop(self._chat_prompt, req)
         self._check_lengths([prompt], max_tokens, "messages", max_param)
-        parsers = self._output_parsers(req, tool_parser, prompt, params.n)
+        parsers = self._output_parsers(req, tool_parser, prompt, params)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self._start(request_id, [prompt], params, "chat")
         if req.stream:

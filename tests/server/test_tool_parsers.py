@@ -10,6 +10,7 @@ import pytest
 
 from dockyard.errors import ConfigError
 from dockyard.reasoning import reasoning_parser_class
+from dockyard.server.chat_output import ChoiceOutputParser
 from dockyard.tool_parsers import TOOL_PARSERS, RequiredToolParser, ToolCallStreamer, ToolParser, get_tool_parser
 
 WEATHER = {"location": "San Francisco, CA", "unit": "celsius"}
@@ -143,3 +144,31 @@ def test_reasoning_parser(name, prompt, text, reasoning, content):
     assert (got_r, got_c) == (reasoning, content)
     with pytest.raises(ConfigError, match="qwen3"):
         reasoning_parser_class("nope")
+
+
+# reasoning and tool calls in one output, as Qwen3 (qwen3 + hermes) and gpt-oss (openai + openai) write them
+COMBINED = [
+    ("qwen3", "hermes", "<|im_start|>assistant\n",
+     '<think>\nThe user wants the weather.\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": '
+     '{"location": "San Francisco, CA", "unit": "celsius"}}\n</tool_call>', "\nThe user wants the weather.\n", "\n\n"),
+    ("openai", "openai", "<|start|>assistant",
+     "<|channel|>analysis<|message|>Need the weather tool.<|end|><|start|>assistant<|channel|>commentary "
+     'to=functions.get_weather <|constrain|>json<|message|>{"location":"San Francisco, CA","unit":"celsius"}<|call|>',
+     "Need the weather tool.", ""),
+]
+
+
+@pytest.mark.parametrize("reasoning, tools, prompt, text, want_reasoning, want_content", COMBINED)
+def test_reasoning_then_tool_calls(reasoning, tools, prompt, text, want_reasoning, want_content):
+    whole = ChoiceOutputParser(reasoning_parser_class(reasoning)(prompt), get_tool_parser(tools)).update(text, True)
+    calls = [(c.function.name, json.loads(c.function.arguments)) for c in whole.tool_calls()]
+    assert (whole.reasoning, whole.content, calls) == (want_reasoning, want_content, [("get_weather", WEATHER)])
+    streamed = ChoiceOutputParser(reasoning_parser_class(reasoning)(prompt), get_tool_parser(tools))
+    got_reasoning, got_content, arguments = "", "", ""
+    for cut in range(1, len(text) + 1):
+        delta = streamed.update(text[:cut], cut == len(text))
+        got_reasoning, got_content = got_reasoning + delta.reasoning, got_content + delta.content
+        arguments += "".join(d.arguments for d in delta.calls)
+    assert (got_reasoning, got_content, arguments) == (want_reasoning, want_content,
+                                                       whole.tool_calls()[0].function.arguments)
+    assert streamed.called
