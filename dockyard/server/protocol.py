@@ -198,6 +198,7 @@ class ChatMessage(RequestModel):
     name: str | None = None
     tool_calls: list[ToolCallParam] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # an earlier answer's reasoning (Qwen3's template reads it)
 
 
 class FunctionDefinition(RequestModel):
@@ -251,7 +252,7 @@ class ChatCompletionRequest(SamplingFields):
     function_call: Any = None
     # vLLM extras: keyword arguments for the chat template (e.g. {"enable_thinking": false}).
     chat_template_kwargs: dict[str, Any] | None = None
-    reasoning_effort: str | None = None
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
 
 
 class TopLogprob(OpenAIModel):

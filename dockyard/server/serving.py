@@ -808,6 +808,8 @@ def _template_message(i: int, m: ChatMessage) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": _content_text(i, m)}
     if m.name is not None:
         message["name"] = m.name
+    if m.reasoning_content is not None:
+        message["reasoning_content"] = m.reasoning_content
     if m.role == "tool":
         if m.tool_call_id is None:
             raise APIError(400, f"messages[{i}] (tool) needs tool_call_id: the id of the assistant's tool call it "

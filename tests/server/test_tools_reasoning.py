@@ -24,9 +24,13 @@ from tests.server.conftest import API_KEY, ServerProcess, ready_server
 
 KEY = API_KEY  # ServerProcess.call sends it
 NAME = "smol-tools"
-# ChatML with Qwen's (hermes) way of showing tools, calls and results, and a think block opened for the
-# answer unless enable_thinking is false (then it is closed empty, as Qwen3's template does).
-TEMPLATE = """{%- if tools %}<|im_start|>system
+# ChatML with Qwen's (hermes) way of showing tools, calls and results, earlier reasoning in think blocks, a
+# think block opened for the answer unless enable_thinking is false (then it is closed empty, as Qwen3's
+# template does), and gpt-oss's "Reasoning: <effort>" system line.
+TEMPLATE = """{%- if reasoning_effort is defined %}<|im_start|>system
+Reasoning: {{ reasoning_effort }}<|im_end|>
+{% endif %}
+{%- if tools %}<|im_start|>system
 You may call these functions:
 {% for t in tools %}{{ t | tojson }}
 {% endfor %}<|im_end|>
@@ -42,7 +46,7 @@ You may call these functions:
 {{ m.content }}
 </tool_response><|im_end|>
 {% else %}<|im_start|>{{ m.role }}
-{{ m.content }}<|im_end|>
+{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>{% endif %}{{ m.content }}<|im_end|>
 {% endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}<|im_start|>assistant
@@ -162,6 +166,17 @@ def test_reasoning_content_live_streamed_and_not(client, tool_server):
     assert (out.reasoning_content, out.content) == (None, text)
 
 
+def test_reasoning_effort_and_earlier_reasoning_reach_the_template(client, hf_tokenizer):
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "Hello.", "reasoning_content": "Greet back."},
+                {"role": "user", "content": "bye"}]
+    out = client.chat.completions.create(model=NAME, messages=messages, max_tokens=1, reasoning_effort="high")
+    want = hf_tokenizer.apply_chat_template(messages, reasoning_effort="high", tokenize=False,
+                                            add_generation_prompt=True)
+    assert "Reasoning: high" in want and "<think>Greet back.</think>Hello." in want
+    assert out.usage.prompt_tokens == len(hf_tokenizer.encode(want, add_special_tokens=False))
+
+
 def test_tokenize_detokenize_round_trip_against_hf(tool_server, hf_tokenizer):
     prompt = "Hello, world! Ça va? 12345 <|im_start|>"
     for add in (True, False):
@@ -208,7 +223,8 @@ def test_tool_request_errors_name_the_field(tool_server):
               "messages.1.tool_calls.0.function.arguments"),
              ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
               "messages.0.content.0"),
-             ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs")]
+             ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
+             ({"reasoning_effort": "extreme"}, "reasoning_effort")]
     for extra, param in cases:
         status, body = tool_server.call("POST", "/v1/chat/completions", {**base, **extra})
         assert status == 400 and body["error"]["param"] == param, (extra, body)
