@@ -45,6 +45,27 @@ class ErrorResponse(OpenAIModel):
 
 
 # ---------------------------------------------------------------- shared request parts
+class JsonSchemaFormat(RequestModel):
+    """``response_format.json_schema``: a named JSON schema (``strict`` accepted: the schema is always
+    enforced, extra properties never allowed)."""
+
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestModel):
+    """``response_format``: ``text``, ``json_object``, ``json_schema`` (with ``json_schema``) or vLLM's
+    ``structural_tag`` (its ``structures`` and ``triggers``, or a ``format``)."""
+
+    type: str
+    json_schema: JsonSchemaFormat | None = None
+    structures: list[Any] | None = None
+    triggers: list[str] | None = None
+    format: dict[str, Any] | None = None
+
+
 class StreamOptions(RequestModel):
     """``stream_options``: ``include_usage`` adds a last chunk with the usage and no choices."""
 
@@ -91,6 +112,16 @@ class SamplingFields(RequestModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* names
+    # (server/serving.structured_outputs_of turns them into one StructuredOutputsParams).
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -230,12 +261,6 @@ class NamedToolChoice(RequestModel):
     function: NamedFunction
 
 
-class ResponseFormat(RequestModel):
-    """``response_format``; only ``{"type": "text"}`` is supported."""
-
-    type: str
-
-
 class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``."""
 
@@ -244,7 +269,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None

@@ -64,6 +64,7 @@ from dockyard.server.protocol import (
     TopLogprob,
     UsageInfo,
 )
+from dockyard.server.structured_outputs import check_compiles, structured_outputs_of
 from dockyard.structured_output.params import StructuredOutputsParams
 from dockyard.tool_parsers import (
     NamedToolParser,
@@ -83,7 +84,7 @@ _MIN_LOGPROB = -9999.0  # JSON has no -inf
 # SamplingParams fields a request may set directly (None = keep the default).
 _PASSTHROUGH = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                 "repetition_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "min_tokens",
-                "skip_special_tokens", "include_stop_str_in_output")
+                "skip_special_tokens", "include_stop_str_in_output", "logit_bias")
 
 # Fill-in-the-middle token sets (prefix, suffix, middle) as the code models' tokenizers name them:
 # StarCoder / SantaCoder / DeepSeek-Coder-style and Qwen2.5-Coder / CodeGemma-style.
@@ -243,15 +244,13 @@ class OpenAIServing:
                        param="model", code="model_not_found")
 
     def _check_common(self, req: SamplingFields) -> None:
-        if req.logit_bias:
-            raise APIError(400, "logit_bias is not supported yet; leave it out", param="logit_bias",
-                           code="unsupported_parameter")
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
 
     def _sampling_params(self, req: SamplingFields, max_tokens: int | None, logprobs: int | None,
                          max_tokens_param: str, prompt_logprobs: int | None = None,
-                         max_tokens_hint: str = "", logprobs_param: str = "logprobs") -> SamplingParams:
+                         max_tokens_hint: str = "", logprobs_param: str = "logprobs",
+                         structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
         if max_tokens is not None and (isinstance(max_tokens, bool) or max_tokens < 1):
             raise APIError(400, f"{max_tokens_param} must be >= 1{max_tokens_hint}, got {max_tokens}",
                            param=max_tokens_param, code="invalid_value")
@@ -263,7 +262,7 @@ class OpenAIServing:
         kwargs.pop("max_tokens", None)
         try:
             return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                                  **kwargs)
+                                  structured_outputs=structured_outputs, **kwargs)
         except InvalidRequestError as exc:
             # Name the field as this request spelled it (chat: max_completion_tokens, top_logprobs).
             wire = {"max_tokens": max_tokens_param, "logprobs": logprobs_param}.get(exc.param or "", exc.param)
@@ -428,10 +427,6 @@ class OpenAIServing:
         if req.functions or req.function_call is not None:
             raise APIError(400, "functions / function_call (deprecated by OpenAI) are not supported; send tools "
                                 "and tool_choice instead", param="functions", code="unsupported_parameter")
-        if req.response_format is not None and req.response_format.type != "text":
-            raise APIError(400, f"response_format {req.response_format.type!r} is not supported yet (structured "
-                                "output); only {\"type\": \"text\"}", param="response_format",
-                           code="unsupported_parameter")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
 
@@ -445,14 +440,18 @@ class OpenAIServing:
         else:
             max_tokens, max_param = req.max_tokens, "max_tokens"
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = self._sampling_params(req, max_tokens, logprobs, max_param, logprobs_param="top_logprobs")
+        structured, structured_param = structured_outputs_of(req)
         tool_parser = self._tool_parser(req)
         constraint = self._tool_constraint(req, tool_parser)
         if constraint is not None:
-            if params.structured_outputs is not None:
-                raise APIError(400, "a required or named tool_choice already constrains the output; leave out "
-                                    "response_format / structured_outputs", param="tool_choice")
-            params.structured_outputs = constraint
+            if structured is not None:
+                raise APIError(400, f"a required or named tool_choice already constrains the output; leave out "
+                                    f"{structured_param}", param="tool_choice")
+            structured, structured_param = constraint, "tools"
+        params = self._sampling_params(req, max_tokens, logprobs, max_param, logprobs_param="top_logprobs",
+                                       structured_outputs=structured)
+        if structured is not None:
+            await check_compiles(self.llm, structured, structured_param)
         markers_special = (tool_parser is not None and tool_parser.needs_special_tokens) or (
             self.reasoning_parser is not None and self.reasoning_parser.needs_special_tokens)
         if markers_special and req.skip_special_tokens is None:
@@ -637,8 +636,12 @@ class OpenAIServing:
         # max_tokens=0 with echo: score the prompt only (one token is generated, then dropped).
         prompt_only = bool(req.echo) and req.max_tokens == 0
         prompt_logprobs = req.logprobs if req.echo else None
+        structured, structured_param = structured_outputs_of(req)
         params = self._sampling_params(req, 1 if prompt_only else req.max_tokens, req.logprobs, "max_tokens",
-                                       prompt_logprobs=prompt_logprobs, max_tokens_hint=" (or 0 with echo=true)")
+                                       prompt_logprobs=prompt_logprobs, max_tokens_hint=" (or 0 with echo=true)",
+                                       structured_outputs=structured)
+        if structured is not None:
+            await check_compiles(self.llm, structured, structured_param)
         prompts = await self._off_loop(self._completion_prompts, req)  # off the event loop, as for chat
         self._check_lengths(prompts, req.max_tokens, "prompt", "max_tokens")
         request_id = f"cmpl-{uuid.uuid4().hex}"

@@ -46,12 +46,25 @@ def choice_ebnf(choices: list[str]) -> str:
 class GrammarMatcher:
     """One sample's position in its grammar (xgrammar's matcher, unlimited rollback)."""
 
+    _batch: xgr.BatchGrammarMatcher | None = None  # fills many rows on xgrammar's own threads
+
     def __init__(self, compiled: CompiledGrammar) -> None:
         self._matcher = xgr.GrammarMatcher(compiled)
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the tokens allowed next into row ``row`` of ``bitmask`` (int32 [B, words], on the CPU)."""
         self._matcher.fill_next_token_bitmask(bitmask, row)
+
+    @classmethod
+    def fill_rows(cls, matchers: list[GrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
+        """``matchers[i].fill_bitmask(bitmask, rows[i])`` for every i; several at once on xgrammar's threads
+        (a row's fill is independent of the others)."""
+        if len(matchers) == 1:
+            matchers[0].fill_bitmask(bitmask, rows[0])
+            return
+        if cls._batch is None:
+            cls._batch = xgr.BatchGrammarMatcher()
+        cls._batch.batch_fill_next_token_bitmask([m._matcher for m in matchers], bitmask, rows)
 
     def accept(self, token_id: int) -> bool:
         """Advance by ``token_id``; False (state unchanged) when the grammar does not allow it."""

@@ -9,7 +9,8 @@ takes seconds) is made on the first structured request, in the pool's thread.
 
 :func:`allowed_token_mask` turns the matchers of a step's rows into the sampler's per-row mask: each
 matcher fills its row of an int32 bitmask on the host (the only per-row host work), which is copied to the
-logits' device once and unpacked there into a ``[B, V]`` bool mask.
+logits' device once and unpacked there into a ``[B, V]`` bool mask; several rows are filled at once on
+xgrammar's own threads.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ COMPILE_THREADS = 2
 
 
 class RowMatcher(Protocol):
-    """What :func:`allowed_token_mask` needs of a row's matcher."""
+    """What :func:`allowed_token_mask` needs of the rows' matchers (``backend.GrammarMatcher``)."""
 
-    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None: ...
+    @classmethod
+    def fill_rows(cls, matchers: list[Any], bitmask: torch.Tensor, rows: list[int]) -> None: ...
 
 
 def _bit_values(device: torch.device) -> torch.Tensor:
@@ -53,12 +55,13 @@ def allowed_token_mask(matchers: Sequence[RowMatcher | None], vocab_size: int, d
                        ) -> torch.Tensor | None:
     """[B, V] bool on ``device``, True where row ``i``'s matcher allows a token (rows without one allow
     every token); None when no row has a matcher."""
-    if all(m is None for m in matchers):
+    rows = [row for row, m in enumerate(matchers) if m is not None]
+    if not rows:
         return None
     bitmask = torch.full((len(matchers), (vocab_size + 31) // 32), -1, dtype=torch.int32)
-    for row, matcher in enumerate(matchers):
-        if matcher is not None:
-            matcher.fill_bitmask(bitmask, row)
+    first = matchers[rows[0]]
+    assert first is not None
+    type(first).fill_rows([matchers[row] for row in rows], bitmask, rows)
     return unpack_bitmask(bitmask.to(device, non_blocking=True), vocab_size)
 
 

@@ -85,6 +85,15 @@ def test_mask_is_what_the_matcher_accepts(llm):
                 reference.rollback(1)
         assert 0 < accepted.sum() < vocab
         assert torch.equal(mask[1], accepted), f"after {step} tokens"
+    # several rows filled at once (xgrammar's threads) give each row's own mask
+    matchers = [manager.matcher(compiled) for _ in prefix]
+    for i, m in enumerate(matchers):
+        for t in prefix[:i]:
+            assert m.accept(t)
+    together = allowed_token_mask([None, *matchers], vocab, "cpu")
+    assert together[0].all()
+    for i, m in enumerate(matchers):
+        assert torch.equal(together[i + 1], allowed_token_mask([m], vocab, "cpu")[0])
     # rollback(k) takes the matcher k tokens back, mask included (speculative decoding's rejected drafts)
     matcher = manager.matcher(compiled)
     for t in prefix[:2]:

@@ -141,7 +141,7 @@ def build_cases() -> list[Case]:
                      [{"role": "user", "content": None}]):
         cases.append(_case(CHAT, 400, "messages", messages=messages))
     cases.append(_case(CHAT, 400, "messages", messages=_DROP))
-    cases += [_case(CHAT, 400, "response_format", response_format={"type": "json_object"}),
+    cases += [_case(CHAT, 400, "response_format.json_schema", response_format={"type": "json_schema"}),
               _case(CHAT, 400, "tools", tools=[{"type": "function"}]),
               _case(CHAT, 400, "functions", functions=[{}]),
               _case(CHAT, 400, "tool_choice", tool_choice="required"),
