@@ -224,7 +224,10 @@ def test_tool_request_errors_name_the_field(tool_server):
              ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
               "messages.0.content.0"),
              ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
-             ({"reasoning_effort": "extreme"}, "reasoning_effort")]
+             ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+             ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "x"}}}],
+               "tool_choice": "required"}, "tools"),  # the function's schema does not compile
+             ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice")]
     for extra, param in cases:
         status, body = tool_server.call("POST", "/v1/chat/completions", {**base, **extra})
         assert status == 400 and body["error"]["param"] == param, (extra, body)
