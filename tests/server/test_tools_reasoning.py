@@ -136,6 +136,21 @@ def test_required_and_named_tool_calls_validate_streamed_and_not(client, tool_ch
         assert (streamed, finish, content) == (calls, "tool_calls", "")
 
 
+def test_auto_tool_choice_reads_hermes_calls_from_a_live_answer(client):
+    """tool_choice auto with the server's hermes parser: a regex (structured outputs) makes the small model
+    write a call in Hermes' format, which comes back as tool_calls, streamed and not."""
+    regex = r'<tool_call>\n\{"name": "add", "arguments": \{"a": [1-9], "b": [1-9]\}\}\n</tool_call>'
+    kwargs = dict(model=NAME, messages=[{"role": "user", "content": QUESTIONS[1]}], tools=TOOLS, max_tokens=60,
+                  temperature=0.9, seed=3, extra_body={"structured_outputs": {"regex": regex}})
+    choice = client.chat.completions.create(**kwargs).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+    assert len(calls) == 1 and calls[0][0] == "add"
+    jsonschema.validate(json.loads(calls[0][1]), SCHEMAS["add"])
+    streamed, finish, content, _ = _assembled(client.chat.completions.create(**kwargs, stream=True))
+    assert (streamed, finish, content) == (calls, "tool_calls", "")
+
+
 def test_parallel_tool_calls_false_gives_one_call(client):
     out = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": QUESTIONS[0]}],
                                          tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
