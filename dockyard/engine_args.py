@@ -299,8 +299,6 @@ VLLM_FLAGS_NOT_HONOURED: dict[tuple[str, ...], str] = {
     ("--speculative-config",): "speculative decoding is not implemented; drop the flag",
     ("--enable-lora", "--lora-modules", "--max-loras", "--max-lora-rank"): "LoRA adapters are not supported; merge "
                                                                            "the adapter into the weights first",
-    ("--enable-auto-tool-choice", "--tool-call-parser"): "tool calling is not implemented; drop the flag",
-    ("--reasoning-parser",): "reasoning-content parsing is not implemented; drop the flag",
     ("--guided-decoding-backend", "--structured-outputs-config"): "structured output is not implemented yet; "
                                                                   "drop the flag",
     ("--limit-mm-per-prompt", "--mm-processor-kwargs"): "dockyard serves the text model only (vision towers are "

@@ -206,12 +206,15 @@ class LLM:
             )
         return self.tokenizer
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        """The prompt text for a conversation, through the tokenizer's own chat template."""
+    def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                            add_generation_prompt: bool = True, **template_kwargs: Any) -> str:
+        """The prompt text for a conversation, through the tokenizer's own chat template; ``tools`` (OpenAI's
+        function definitions) and ``template_kwargs`` (e.g. ``enable_thinking``) are the template's to use."""
         tok = self.get_tokenizer()
         if not getattr(tok, "chat_template", None):
             raise DockyardError(f"model {self.source.name!r} has no chat template; send a plain prompt")
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tok.apply_chat_template(messages, tools=tools, tokenize=False,
+                                       add_generation_prompt=add_generation_prompt, **template_kwargs)
 
     def _encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -52,6 +52,7 @@ from dockyard.engine.async_engine import AsyncLLM
 from dockyard.engine.llm import LLM
 from dockyard.engine_args import EngineArgs
 from dockyard.errors import DockyardError
+from dockyard.reasoning import reasoning_parser_class
 from dockyard.server.errors import (
     INTERNAL_ERROR_MESSAGE,
     APIError,
@@ -65,11 +66,16 @@ from dockyard.server.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from dockyard.server.serving import OpenAIServing, to_api_error
+from dockyard.tool_parsers import TOOL_PARSERS, get_tool_parser
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +203,9 @@ def build_app(llm: LLM, served_model_name: str | Sequence[str] | None = None, ap
               on_ready: Callable[[float], None] | None = None,
               on_fatal: Callable[[str], None] | None = None,
               listening: Callable[[], bool] | None = None, metrics_prefix: str = DEFAULT_PREFIX,
-              log_requests: bool = False, log_stats_interval: float | None = None) -> FastAPI:
+              log_requests: bool = False, log_stats_interval: float | None = None,
+              tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False,
+              reasoning_parser: str | None = None) -> FastAPI:
     """The FastAPI app serving ``llm`` under ``served_model_name`` (default: the model's name).
 
     ``warm_up``: run one chat (or completion) request through the app before /health says ready.
@@ -206,6 +214,8 @@ def build_app(llm: LLM, served_model_name: str | Sequence[str] | None = None, ap
     is also called if the engine dies while serving. ``metrics_prefix`` names the ``/metrics`` families
     (``vllm`` for vLLM's names); ``log_requests`` logs each request on ``dockyard.requests``;
     ``log_stats_interval`` (seconds; None: off) logs a stats line on ``dockyard.stats`` that often.
+    ``tool_call_parser`` / ``enable_auto_tool_choice`` / ``reasoning_parser``: as ``--tool-call-parser``,
+    ``--enable-auto-tool-choice`` and ``--reasoning-parser``.
     """
     if isinstance(served_model_name, str):
         names = [served_model_name]
@@ -218,7 +228,9 @@ def build_app(llm: LLM, served_model_name: str | Sequence[str] | None = None, ap
     async_llm = AsyncLLM(llm.engine, on_dead=engine_died)
     stats = ServerStats()
     registry = make_registry(llm.engine, stats, names[0], metrics_prefix)
-    serving = OpenAIServing(llm, async_llm, names, stats, log_requests=log_requests)
+    serving = OpenAIServing(llm, async_llm, names, stats, log_requests=log_requests,
+                            tool_call_parser=tool_call_parser, enable_auto_tool_choice=enable_auto_tool_choice,
+                            reasoning_parser=reasoning_parser)
     state = ServerState()
     warmup_task: asyncio.Task | None = None
 
@@ -332,7 +344,17 @@ def build_app(llm: LLM, served_model_name: str | Sequence[str] | None = None, ap
         req = await _parse(request, ChatCompletionRequest)
         return await _respond(await _run(serving.chat(req, _disconnect_waiter(request))))
 
-    _add_request_schemas(app, (CompletionRequest, ChatCompletionRequest))
+    @app.post("/tokenize", openapi_extra=_request_body_schema(TokenizeRequest),
+              responses={200: {"model": TokenizeResponse}, 400: {"model": ErrorResponse}})
+    async def tokenize(request: Request) -> Response:
+        return await _respond(await serving.tokenize(await _parse(request, TokenizeRequest)))
+
+    @app.post("/detokenize", openapi_extra=_request_body_schema(DetokenizeRequest),
+              responses={200: {"model": DetokenizeResponse}, 400: {"model": ErrorResponse}})
+    async def detokenize(request: Request) -> Response:
+        return await _respond(await serving.detokenize(await _parse(request, DetokenizeRequest)))
+
+    _add_request_schemas(app, (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest))
     return app
 
 
@@ -516,15 +538,30 @@ def engine_args_of(args: Any) -> EngineArgs:
 def read_chat_template(value: str) -> str:
     """``--chat-template``: the text of a file, or the value itself when it is Jinja (as vLLM decides)."""
     path = Path(value)
+    jinja = any(c in value for c in "{}\n")
     try:
         if path.is_file():
             return path.read_text()
     except OSError as exc:
-        raise DockyardError(f"--chat-template {value!r}: cannot read it ({exc.strerror or exc})") from None
-    if any(c in value for c in "{}\n"):
+        if not jinja:  # a template text longer than a file name can be makes is_file() fail: it is not a file
+            raise DockyardError(f"--chat-template {value!r}: cannot read it ({exc.strerror or exc})") from None
+    if jinja:
         return value
     raise DockyardError(f"--chat-template {value!r} is neither a file nor a Jinja template (no {{ }} in it); "
                         "give an existing file or the template text")
+
+
+def tool_and_reasoning_settings(args: Any) -> dict[str, Any]:
+    """``build_app``'s tool-calling and reasoning arguments from ``serve``'s flags, checked (before the model loads)."""
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise DockyardError("--enable-auto-tool-choice needs --tool-call-parser NAME: the format the model writes "
+                            f"tool calls in (one of {', '.join(sorted(TOOL_PARSERS))})")
+    if args.tool_call_parser is not None:
+        get_tool_parser(args.tool_call_parser)
+    if args.reasoning_parser is not None:
+        reasoning_parser_class(args.reasoning_parser)
+    return {"tool_call_parser": args.tool_call_parser, "enable_auto_tool_choice": args.enable_auto_tool_choice,
+            "reasoning_parser": args.reasoning_parser}
 
 
 def _make_server(config: Any, before_shutdown: Callable[[], Awaitable[None]]) -> Any:
@@ -635,6 +672,7 @@ def serve(args: Any) -> int:
                             "and '_', not starting with a digit (e.g. dockyard or vllm)")
     log_stats = not engine_args.disable_log_stats
     interval = _stats_interval() if log_stats else None  # a bad value is refused before the model loads
+    tool_settings = tool_and_reasoning_settings(args)  # likewise
     _check_port(args.host, args.port)
     _say(f"loading model {engine_args.model or '(bundled SmolLM2-135M-Instruct)'} ...")
     t0 = time.perf_counter()
@@ -674,7 +712,7 @@ def serve(args: Any) -> int:
     app = build_app(llm, names, api_key, cors=cors, on_ready=on_ready, on_fatal=on_fatal,
                     listening=lambda: bool(server is not None and server.started),
                     metrics_prefix=args.metrics_prefix, log_requests=log_requests,
-                    log_stats_interval=interval)
+                    log_stats_interval=interval, **tool_settings)
     uvicorn_level = (uvicorn.config.LOG_LEVELS[args.uvicorn_log_level] if args.uvicorn_log_level
                      else logger.getEffectiveLevel())
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, lifespan="on",

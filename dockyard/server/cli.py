@@ -10,6 +10,8 @@ import argparse
 import os
 
 from dockyard.engine_args import EngineArgs, add_vllm_refusals
+from dockyard.reasoning import REASONING_PARSERS
+from dockyard.tool_parsers import TOOL_PARSERS
 
 DEFAULT_PORT = 8000
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -57,6 +59,15 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                       help="log each request's prompt and sampling parameters on stderr")
     logs.add_argument("--disable-log-requests", action="store_true",
                       help="do not log requests (the default; accepted for vLLM's command lines)")
+    tools = p.add_argument_group("Tool calling and reasoning", "how the model's tool calls and reasoning are read")
+    tools.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help='answer tool_choice "auto" (the default when a request has tools): the model decides, '
+                            "and its tool calls are read with --tool-call-parser")
+    tools.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                       help=f"the format the model writes tool calls in: {', '.join(TOOL_PARSERS)}")
+    tools.add_argument("--reasoning-parser", default=None, metavar="NAME",
+                       help="separate the model's reasoning into reasoning_content: "
+                            f"{', '.join(REASONING_PARSERS)}")
     EngineArgs.add_cli_args(p)
     add_vllm_refusals(p)
     return p

@@ -198,18 +198,67 @@ class CompletionResponse(OpenAIModel):
 
 # ---------------------------------------------------------------- chat completions
 class ContentPart(RequestModel):
-    """One part of a message's content; only ``{"type": "text", "text": ...}`` is supported."""
+    """One part of a message's content: the text kinds OpenAI defines (``text``; ``refusal`` in an
+    assistant's history), each checked in serving; other kinds (images, audio, files) are refused there."""
 
     type: str
     text: str | None = None
+    refusal: str | None = None
+
+
+class FunctionCallParam(RequestModel):
+    """A function call in the history: its name and its arguments as a JSON text."""
+
+    name: str
+    arguments: str
+
+
+class ToolCallParam(RequestModel):
+    """An assistant's tool call in the history."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallParam
 
 
 class ChatMessage(RequestModel):
-    """One message of the conversation."""
+    """One message of the conversation (``tool`` messages answer an assistant's ``tool_calls`` by id)."""
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallParam] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None  # an earlier answer's reasoning (Qwen3's template reads it)
+
+
+class FunctionDefinition(RequestModel):
+    """A function the model may call; ``parameters`` is its arguments' JSON schema."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(RequestModel):
+    """One entry of ``tools``."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(RequestModel):
+    """The function a named ``tool_choice`` forces."""
+
+    name: str
+
+
+class NamedToolChoice(RequestModel):
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``."""
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -220,10 +269,14 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
+    # vLLM extras: keyword arguments for the chat template (e.g. {"enable_thinking": false}).
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
 
 
 class TopLogprob(OpenAIModel):
@@ -246,11 +299,28 @@ class ChoiceLogprobs(OpenAIModel):
     content: list[TokenLogprob] | None = None
 
 
+class FunctionCall(OpenAIModel):
+    """A generated function call: the name and the arguments' JSON text."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(OpenAIModel):
+    """A generated tool call."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(OpenAIModel):
-    """The generated message."""
+    """The generated message (``reasoning_content``: vLLM's extra, with a reasoning parser)."""
 
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatCompletionChoice(OpenAIModel):
@@ -275,11 +345,29 @@ class ChatCompletionResponse(OpenAIModel):
     system_fingerprint: str | None = None
 
 
+class DeltaFunctionCall(OpenAIModel):
+    """A piece of a streamed function call: the name in the first piece, then pieces of the arguments."""
+
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(OpenAIModel):
+    """A piece of a streamed tool call (``id`` and ``type`` in its first piece)."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(OpenAIModel):
     """What a streamed chunk adds to a choice's message (unset fields are left out, as OpenAI does)."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: Any) -> dict[str, Any]:
@@ -326,3 +414,40 @@ class ModelList(OpenAIModel):
 
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---------------------------------------------------------------- tokenize / detokenize (vLLM's extras)
+class TokenizeRequest(RequestModel):
+    """``POST /tokenize``: a ``prompt`` (``add_special_tokens`` default true) or chat ``messages`` rendered
+    through the chat template (``add_special_tokens`` default false, as the template holds them)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+    tools: list[ToolDefinition] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TokenizeResponse(OpenAIModel):
+    """The token ids (and, when asked for, each token's text)."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(RequestModel):
+    """``POST /detokenize``: token ids back to text."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(OpenAIModel):
+    """The text of the token ids."""
+
+    prompt: str

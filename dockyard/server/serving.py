@@ -37,6 +37,8 @@ from dockyard.engine.llm import LLM
 from dockyard.engine.outputs import CompletionOutput, RequestOutput
 from dockyard.engine.sampling_params import SamplingParams
 from dockyard.errors import DockyardError, InvalidRequestError, RequestFailedError
+from dockyard.reasoning import ReasoningParser, reasoning_parser_class
+from dockyard.server.chat_output import ChoiceOutputParser
 from dockyard.server.errors import INTERNAL_ERROR_MESSAGE, APIError, ClientDisconnected
 from dockyard.server.metrics import ServerStats
 from dockyard.server.protocol import (
@@ -46,19 +48,32 @@ from dockyard.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatCompletionStreamChoice,
+    ChatMessage,
     ChoiceLogprobs,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
     SamplingFields,
+    TokenizeRequest,
+    TokenizeResponse,
     TokenLogprob,
     TopLogprob,
     UsageInfo,
 )
 from dockyard.server.structured_outputs import check_compiles, structured_outputs_of
 from dockyard.structured_output.params import StructuredOutputsParams
+from dockyard.tool_parsers import (
+    NamedToolParser,
+    RequiredToolParser,
+    ToolParser,
+    get_tool_parser,
+    named_call_schema,
+    required_calls_schema,
+)
 
 logger = logging.getLogger(__name__)
 # The request log (--enable-log-requests): its own logger, so that it shows whatever --log-level says.
@@ -70,6 +85,25 @@ _MIN_LOGPROB = -9999.0  # JSON has no -inf
 _PASSTHROUGH = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                 "repetition_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "min_tokens",
                 "skip_special_tokens", "include_stop_str_in_output", "logit_bias")
+
+# Fill-in-the-middle token sets (prefix, suffix, middle) as the code models' tokenizers name them:
+# StarCoder / SantaCoder / DeepSeek-Coder-style and Qwen2.5-Coder / CodeGemma-style.
+FIM_TOKENS = (("<fim_prefix>", "<fim_suffix>", "<fim_middle>"), ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"))
+
+
+
+def fim_tokens(tokenizer: Any) -> tuple[str, str, str] | None:
+    """The fill-in-the-middle tokens (prefix, suffix, middle) of ``tokenizer``, if it has one of the known sets."""
+    if tokenizer is None:
+        return None
+    vocab = tokenizer.get_vocab()
+    return next((t for t in FIM_TOKENS if all(x in vocab for x in t)), None)
+
+
+def fim_prompt(tokens: tuple[str, str, str], prefix: str, suffix: str) -> str:
+    """The prompt asking for the text between ``prefix`` and ``suffix`` (prefix-suffix-middle order)."""
+    return f"{tokens[0]}{prefix}{tokens[1]}{suffix}{tokens[2]}"
+
 
 Disconnected = Callable[[], Awaitable[None]]  # returns when the client has gone away
 
@@ -173,7 +207,14 @@ class OpenAIServing:
     """Turns OpenAI requests into engine requests and engine outputs into OpenAI responses."""
 
     def __init__(self, llm: LLM, engine: AsyncLLM, served_model_names: list[str], stats: ServerStats,
-                 log_requests: bool = False) -> None:
+                 log_requests: bool = False, tool_call_parser: str | None = None,
+                 enable_auto_tool_choice: bool = False, reasoning_parser: str | None = None) -> None:
+        if tool_call_parser is not None:
+            get_tool_parser(tool_call_parser)  # an unknown name fails here, naming the known ones
+        self.tool_call_parser = tool_call_parser
+        self.enable_auto_tool_choice = enable_auto_tool_choice
+        self.reasoning_parser: type[ReasoningParser] | None = (
+            reasoning_parser_class(reasoning_parser) if reasoning_parser is not None else None)
         self.llm = llm
         self.engine = engine
         self.model_names = served_model_names
@@ -312,43 +353,80 @@ class OpenAIServing:
     def _chat_prompt(self, req: ChatCompletionRequest) -> _Prompt:
         if not req.messages:
             raise APIError(400, "messages must hold at least one message", param="messages", code="invalid_value")
-        conversation = []
-        for i, m in enumerate(req.messages):
-            content = m.content
-            if content is None:
-                if m.role != "assistant":
-                    raise APIError(400, f"messages[{i}] ({m.role}) has no content", param=f"messages.{i}.content")
-                content = ""
-            elif isinstance(content, list):
-                texts = []
-                for j, part in enumerate(content):
-                    if part.type != "text" or part.text is None:
-                        raise APIError(400, f"messages[{i}].content[{j}] is of type {part.type!r}; only text "
-                                            "parts ({\"type\": \"text\", \"text\": ...}) are supported",
-                                       param=f"messages.{i}.content.{j}", code="unsupported_content")
-                    texts.append(part.text)
-                content = "\n".join(texts)
-            conversation.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        text = self._render_chat(req)
+        return _Prompt(text, self.llm.get_tokenizer().encode(text, add_special_tokens=False))
+
+    def _render_chat(self, req: ChatCompletionRequest | TokenizeRequest, add_generation_prompt: bool = True) -> str:
+        """The request's messages (and tools) through the chat template."""
+        conversation = [_template_message(i, m) for i, m in enumerate(req.messages or [])]
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        kwargs = _template_kwargs(req)
         try:
-            text = self.llm.apply_chat_template(conversation)
-            token_ids = self.llm.get_tokenizer().encode(text, add_special_tokens=False)
+            return self.llm.apply_chat_template(conversation, tools=tools, add_generation_prompt=add_generation_prompt,
+                                                **kwargs)
         except DockyardError as exc:
             raise APIError(400, str(exc), param="messages") from None
         except Exception as exc:  # noqa: BLE001 - a template that raises (e.g. role order) is the request's fault
             raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
-        return _Prompt(text, token_ids)
+
+    def _tool_parser(self, req: ChatCompletionRequest) -> ToolParser | None:
+        """The parser of this request's tool calls (None: no tool calls are looked for)."""
+        choice = req.tool_choice
+        if not req.tools:
+            if choice not in (None, "none"):
+                raise APIError(400, "tool_choice needs tools; send the functions in tools, or leave tool_choice out",
+                               param="tool_choice")
+            return None
+        names = [t.function.name for t in req.tools]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise APIError(400, f"tools[{i}]: the function name {name!r} is used twice; give each function its "
+                                    "own name", param=f"tools.{i}.function.name")
+        if choice is None or choice == "auto":
+            if not (self.enable_auto_tool_choice and self.tool_call_parser):
+                raise APIError(400, 'tool_choice "auto" (the default with tools) needs the server started with '
+                                    "--enable-auto-tool-choice and --tool-call-parser NAME; otherwise send "
+                                    'tool_choice "none", "required" or a named function', param="tool_choice")
+            return get_tool_parser(self.tool_call_parser)
+        if choice == "none":
+            return None
+        if choice == "required":
+            return RequiredToolParser()
+        if choice.function.name not in names:
+            raise APIError(400, f"tool_choice names the function {choice.function.name!r}, which is not among "
+                                f"tools ({', '.join(repr(n) for n in names)})", param="tool_choice.function.name")
+        return NamedToolParser(choice.function.name)
+
+    @staticmethod
+    def _tool_constraint(req: ChatCompletionRequest, tool_parser: ToolParser | None) -> StructuredOutputsParams | None:
+        """The grammar that makes a required / named tool choice's output valid calls (None for the others)."""
+        if not isinstance(tool_parser, RequiredToolParser | NamedToolParser):
+            return None
+        functions = [(t.function.name, t.function.parameters) for t in req.tools or []]
+        if isinstance(tool_parser, RequiredToolParser):
+            schema = required_calls_schema(functions, parallel=req.parallel_tool_calls is not False)
+        else:
+            schema = named_call_schema(dict(functions)[tool_parser.name])
+        # No free whitespace: a small model could otherwise fill max_tokens with it.
+        return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+
+    def _output_parsers(self, req: ChatCompletionRequest, tool_parser: ToolParser | None, prompt: _Prompt,
+                        params: SamplingParams) -> list[ChoiceOutputParser] | None:
+        """One parser per choice, or None when the text is passed through as it is."""
+        if tool_parser is None and self.reasoning_parser is None:
+            return None
+        parallel = req.parallel_tool_calls is not False
+        # A grammar holds the output from its first token (the engine cannot start it where the reasoning
+        # ends), so a constrained answer has no reasoning section to take out.
+        reasoning = self.reasoning_parser if params.structured_outputs is None else None
+        return [ChoiceOutputParser(reasoning(prompt.text or "") if reasoning else None, tool_parser, parallel)
+                for _ in range(params.n)]
 
     def _check_chat(self, req: ChatCompletionRequest) -> None:
         self._check_common(req)
-        if req.tools:
-            raise APIError(400, "tools (function calling) are not supported yet; leave out tools",
-                           param="tools", code="unsupported_parameter")
         if req.functions or req.function_call is not None:
-            raise APIError(400, "functions / function_call are not supported", param="functions",
-                           code="unsupported_parameter")
-        if req.tool_choice not in (None, "none", "auto"):
-            raise APIError(400, "tool_choice needs tools, which are not supported yet", param="tool_choice",
-                           code="unsupported_parameter")
+            raise APIError(400, "functions / function_call (deprecated by OpenAI) are not supported; send tools "
+                                "and tool_choice instead", param="functions", code="unsupported_parameter")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
 
@@ -363,29 +441,47 @@ class OpenAIServing:
             max_tokens, max_param = req.max_tokens, "max_tokens"
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         structured, structured_param = structured_outputs_of(req)
+        tool_parser = self._tool_parser(req)
+        constraint = self._tool_constraint(req, tool_parser)
+        if constraint is not None:
+            if structured is not None:
+                raise APIError(400, f"a required or named tool_choice already constrains the output; leave out "
+                                    f"{structured_param}", param="tool_choice")
+            structured, structured_param = constraint, "tools"
         params = self._sampling_params(req, max_tokens, logprobs, max_param, logprobs_param="top_logprobs",
                                        structured_outputs=structured)
         if structured is not None:
             await check_compiles(self.llm, structured, structured_param)
+        markers_special = (tool_parser is not None and tool_parser.needs_special_tokens) or (
+            self.reasoning_parser is not None and self.reasoning_parser.needs_special_tokens)
+        if markers_special and req.skip_special_tokens is None:
+            params.skip_special_tokens = False  # the parser must see the format's markers
         # Templating and tokenizing take milliseconds each: off the event loop, so a burst of requests
         # does not hold up /health or other connections.
         prompt = await self._off_loop(self._chat_prompt, req)
         self._check_lengths([prompt], max_tokens, "messages", max_param)
+        parsers = self._output_parsers(req, tool_parser, prompt, params)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self._start(request_id, [prompt], params, "chat")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            lines = self._chat_stream(request_id, model, streams, params, len(prompt.token_ids), include_usage)
+            lines = self._chat_stream(request_id, model, streams, params, len(prompt.token_ids), include_usage,
+                                      parsers)
             return EventStream(lines, streams)
         (final,) = await self._collect(streams, disconnected)
-        choices = [
-            ChatCompletionChoice(
-                index=c.index, message=AssistantMessage(content=c.text),
-                logprobs=self._chat_logprobs(c, range(len(c.token_ids)), params),
-                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-            )
-            for c in final.outputs
-        ]
+        choices = []
+        for c in final.outputs:
+            message = AssistantMessage(content=c.text)
+            finish_reason = c.finish_reason
+            if parsers is not None:
+                parsed = parsers[c.index].update(c.text, final=True)
+                message = AssistantMessage(content=parsed.content or None, reasoning_content=parsed.reasoning or None,
+                                           tool_calls=parsed.tool_calls())
+                finish_reason = _finish_reason(finish_reason, parsers[c.index])
+            choices.append(ChatCompletionChoice(
+                index=c.index, message=message, logprobs=self._chat_logprobs(c, range(len(c.token_ids)), params),
+                finish_reason=finish_reason, stop_reason=c.stop_reason,
+            ))
         completion_tokens = sum(len(c.token_ids) for c in final.outputs)
         return ChatCompletionResponse(id=request_id, model=model, choices=choices,
                                       usage=_usage(len(prompt.token_ids), completion_tokens))
@@ -406,9 +502,11 @@ class OpenAIServing:
         return ChoiceLogprobs(content=content)
 
     async def _chat_stream(self, request_id: str, model: str, streams: list[RequestStream], params: SamplingParams,
-                           prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+                           prompt_tokens: int, include_usage: bool,
+                           parsers: list[ChoiceOutputParser] | None = None) -> AsyncIterator[str]:
         created = int(time.time())
         cursors = [_TextCursor(_hold_back(params)) for _ in range(params.n)]
+        texts = [""] * params.n  # what each choice's cursor has let through
         last: RequestOutput | None = None
 
         def chunk(choice: ChatCompletionStreamChoice) -> str:
@@ -426,12 +524,22 @@ class OpenAIServing:
                     finished = c.finish_reason is not None
                     delta = cur.text_delta(c.text, finished)
                     logprobs = self._chat_logprobs(c, cur.new_tokens(c), params)
-                    if not (delta or finished or (logprobs and logprobs.content)):
+                    message, finish_reason, news = DeltaMessage(content=delta), c.finish_reason, bool(delta)
+                    if parsers is not None:
+                        texts[c.index] += delta
+                        parsed = parsers[c.index].update(texts[c.index], finished)
+                        message = DeltaMessage(content=parsed.content or None,
+                                               reasoning_content=parsed.reasoning or None,
+                                               tool_calls=parsed.tool_call_deltas())
+                        news = bool(parsed.content or parsed.reasoning or parsed.calls)
+                        if finished:
+                            finish_reason = _finish_reason(finish_reason, parsers[c.index])
+                    if not (news or finished or (logprobs and logprobs.content)):
                         continue
                     cur.done = finished
                     yield chunk(ChatCompletionStreamChoice(
-                        index=c.index, delta=DeltaMessage(content=delta), logprobs=logprobs,
-                        finish_reason=c.finish_reason, stop_reason=c.stop_reason if finished else None,
+                        index=c.index, delta=message, logprobs=logprobs,
+                        finish_reason=finish_reason, stop_reason=c.stop_reason if finished else None,
                     ))
             if include_usage and last is not None:
                 completion_tokens = sum(len(c.token_ids) for c in last.outputs)
@@ -444,6 +552,36 @@ class OpenAIServing:
                 s.close()
         yield SSE_DONE
 
+    # ------------------------------------------------------------ tokenize / detokenize
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        """vLLM's ``/tokenize``: a prompt's token ids, or a chat's after its template."""
+        self.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give either prompt (a text) or messages (a chat), not both and not neither",
+                           param="prompt")
+        return await self._off_loop(self._tokenize, req)
+
+    def _tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        tok = self.llm.get_tokenizer()
+        if req.prompt is not None:
+            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
+        else:
+            text = self._render_chat(req, add_generation_prompt=req.add_generation_prompt)
+            ids = tok.encode(text, add_special_tokens=bool(req.add_special_tokens))
+        strs = tok.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids, token_strs=strs)
+
+    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        """vLLM's ``/detokenize``: token ids back to text."""
+        self.check_model(req.model)
+        tok = self.llm.get_tokenizer()
+        vocab = len(tok)
+        for i, t in enumerate(req.tokens):
+            if not 0 <= t < vocab:
+                raise APIError(400, f"tokens[{i}] = {t} is not a token id of this tokenizer (ids are 0 to {vocab - 1})",
+                               param=f"tokens.{i}", code="invalid_value")
+        return DetokenizeResponse(prompt=await self._off_loop(tok.decode, req.tokens))
+
     # ------------------------------------------------------------ completions
     def _completion_prompts(self, req: CompletionRequest) -> list[_Prompt]:
         prompt = req.prompt
@@ -452,8 +590,11 @@ class OpenAIServing:
         else:
             items = list(prompt)
         out = []
+        fim = self._fim_tokens() if req.suffix is not None else None
         for item in items:
             if isinstance(item, str):
+                if fim is not None:
+                    item = fim_prompt(fim, item, req.suffix or "")
                 try:
                     ids = self.llm.get_tokenizer().encode(item)
                 except DockyardError as exc:
@@ -465,13 +606,21 @@ class OpenAIServing:
 
     def _check_completion(self, req: CompletionRequest) -> None:
         self._check_common(req)
-        if req.suffix is not None:
-            raise APIError(400, "suffix (fill-in-the-middle) is not supported; leave it out", param="suffix",
-                           code="unsupported_parameter")
+        if req.suffix is not None and self._fim_tokens() is None:
+            raise APIError(400, "suffix (fill-in-the-middle) is not supported by this model: its tokenizer has none "
+                                f"of the FIM token sets ({'; '.join(' '.join(t) for t in FIM_TOKENS)}); leave suffix "
+                                "out", param="suffix", code="unsupported_parameter")
+        if req.suffix is not None and not (isinstance(req.prompt, str) or all(isinstance(p, str) for p in req.prompt)):
+            raise APIError(400, "suffix needs the prompt as text (the prefix), not token ids", param="suffix")
+        if req.suffix is not None and req.echo:
+            raise APIError(400, "echo cannot be combined with suffix (as in OpenAI's API); leave one out", param="echo")
         n = 1 if req.n is None else req.n
         if req.best_of is not None and req.best_of != n:
             raise APIError(400, f"best_of={req.best_of} is not supported (only best_of == n, here {n})",
                            param="best_of", code="unsupported_parameter")
+
+    def _fim_tokens(self) -> tuple[str, str, str] | None:
+        return fim_tokens(self.llm.tokenizer)
 
     def _echo_text(self, prompt: _Prompt) -> str:
         if prompt.text is not None:
@@ -621,6 +770,86 @@ class OpenAIServing:
             for s in streams:
                 s.close()
         yield SSE_DONE
+
+
+def _finish_reason(reason: str | None, parser: ChoiceOutputParser) -> str | None:
+    """``tool_calls`` for a choice that ended by itself after calling tools (OpenAI's reason)."""
+    return "tool_calls" if reason == "stop" and parser.called else reason
+
+
+def _content_text(i: int, m: ChatMessage) -> str:
+    """A message's content as one text: a string, or its text parts joined (the kinds OpenAI defines for text)."""
+    content = m.content
+    if content is None:
+        if m.role != "assistant":
+            raise APIError(400, f"messages[{i}] ({m.role}) has no content", param=f"messages.{i}.content")
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        where = f"messages.{i}.content.{j}"
+        if part.type == "text" and part.text is not None:
+            texts.append(part.text)
+        elif part.type == "refusal" and m.role == "assistant" and part.refusal is not None:
+            texts.append(part.refusal)
+        elif part.type in ("text", "refusal"):
+            field = part.type
+            raise APIError(400, f"messages[{i}].content[{j}] is a {field} part without its {field!r} string"
+                           + ("" if field == "text" or m.role == "assistant" else
+                              " (refusal parts belong to assistant messages)"), param=where, code="invalid_value")
+        else:
+            raise APIError(400, f"messages[{i}].content[{j}] is of type {part.type!r}; only text parts "
+                                "({\"type\": \"text\", \"text\": ...}, and \"refusal\" in assistant messages) "
+                                "are supported", param=where, code="unsupported_content")
+    return "\n".join(texts)
+
+
+def _template_message(i: int, m: ChatMessage) -> dict[str, Any]:
+    """One request message as the chat template takes it (tool-call arguments as objects, as HF's templates
+    expect them)."""
+    message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": _content_text(i, m)}
+    if m.name is not None:
+        message["name"] = m.name
+    if m.reasoning_content is not None:
+        message["reasoning_content"] = m.reasoning_content
+    if m.role == "tool":
+        if m.tool_call_id is None:
+            raise APIError(400, f"messages[{i}] (tool) needs tool_call_id: the id of the assistant's tool call it "
+                                "answers", param=f"messages.{i}.tool_call_id")
+        message["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        if m.role != "assistant":
+            raise APIError(400, f"messages[{i}] ({m.role}) has tool_calls; only assistant messages make calls",
+                           param=f"messages.{i}.tool_calls")
+        calls = []
+        for j, call in enumerate(m.tool_calls):
+            try:
+                arguments = json.loads(call.function.arguments)
+            except ValueError:
+                raise APIError(400, f"messages[{i}].tool_calls[{j}].function.arguments is not JSON: "
+                                    f"{call.function.arguments[:80]!r}", param=f"messages.{i}.tool_calls.{j}.function."
+                                                                               "arguments") from None
+            calls.append({"id": call.id, "type": "function",
+                          "function": {"name": call.function.name, "arguments": arguments}})
+        message["tool_calls"] = calls
+    return message
+
+
+_TEMPLATE_OWN = frozenset({"messages", "conversation", "tools", "tokenize", "add_generation_prompt", "chat_template",
+                           "return_dict", "documents", "continue_final_message"})
+
+
+def _template_kwargs(req: Any) -> dict[str, Any]:
+    """``chat_template_kwargs`` and ``reasoning_effort``, the extras a request gives the chat template."""
+    kwargs = dict(req.chat_template_kwargs or {})
+    taken = sorted(_TEMPLATE_OWN.intersection(kwargs))
+    if taken:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(taken)}: the server sets those",
+                       param="chat_template_kwargs")
+    if getattr(req, "reasoning_effort", None) is not None:
+        kwargs["reasoning_effort"] = req.reasoning_effort
+    return kwargs
 
 
 def _join_logprobs(head: CompletionLogprobs | None, tail: CompletionLogprobs | None) -> CompletionLogprobs | None:

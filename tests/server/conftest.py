@@ -7,6 +7,7 @@ to a file whose tail is shown when a test fails.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +107,23 @@ def start_server(tmp: Path, *extra: str, gate: Path | None = None) -> ServerProc
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     return ServerProcess(proc, port, log_path)
+
+
+@contextlib.contextmanager
+def ready_server(tmp_path_factory: pytest.TempPathFactory, name: str, *extra: str,
+                 model_positional: bool = False) -> Iterator[ServerProcess]:
+    """A ``dockyard serve`` of the bundled model (its path given as MODEL when ``model_positional``) with
+    ``extra`` flags, ready (/health 200), stopped afterwards; skipped when the bundled model is not installed."""
+    try:
+        model = str(bundled_model_path())
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"bundled model not installed: {exc}")
+    srv = start_server(tmp_path_factory.mktemp(name), *([model] if model_positional else []), *extra)
+    try:
+        wait_for_health(srv, 200)
+        yield srv
+    finally:
+        srv.stop()
 
 
 def wait_for_health(server: ServerProcess, want: int, timeout: float = STARTUP_TIMEOUT_S) -> tuple[int, dict | str]:

@@ -180,7 +180,7 @@ def test_openapi_and_docs_behind_the_key_with_request_schemas(reference_llm):
                ("CompletionRequest", "/v1/completions", {"prompt": "x", "n": "2"}),
                ("CompletionRequest", "/v1/completions", {"prompt": "x", "stop": [1]}),
                ("ChatCompletionRequest", "/v1/chat/completions", {"messages": "Hi"}),
-               ("ChatCompletionRequest", "/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}),
+               ("ChatCompletionRequest", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}),
                ("ChatCompletionRequest", "/v1/chat/completions", {"messages": chat, "logprobs": 1})]
 
     async def work():

@@ -13,7 +13,7 @@ import pytest
 
 from dockyard.model_path import bundled_model_path
 from dockyard.model_source import resolve_model
-from tests.server.conftest import ServerProcess, start_server, wait_for_health
+from tests.server.conftest import ServerProcess, ready_server
 
 KEY = "vllm-style-key"
 NAMES = ("first-name", "second-name")
@@ -24,20 +24,14 @@ TEMPLATE = "{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% en
 
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory) -> ServerProcess:
-    try:
-        model = str(bundled_model_path())
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"bundled model not installed: {exc}")
-    srv = start_server(tmp_path_factory.mktemp("vllm-flags"), model, "--host", "127.0.0.1",
-                       "--served-model-name", *NAMES, "--api-key", KEY, "--max-model-len", "1k",
-                       "--dtype", "float", "--seed", "5", "--max-num-seqs", "3",
-                       "--max-num-batched-tokens", str(BATCH_TOKENS), "--enable-chunked-prefill",
-                       "--no-enable-prefix-caching", "--kv-cache-dtype", "auto", "--swap-space", "2",
-                       "--gpu-memory-utilization", "0.8", "--tensor-parallel-size", "1", "--disable-log-stats",
-                       "--uvicorn-log-level", "info", "--chat-template", TEMPLATE)
-    wait_for_health(srv, 200)
-    yield srv
-    srv.stop()
+    with ready_server(tmp_path_factory, "vllm-flags", "--host", "127.0.0.1",
+                      "--served-model-name", *NAMES, "--api-key", KEY, "--max-model-len", "1k",
+                      "--dtype", "float", "--seed", "5", "--max-num-seqs", "3",
+                      "--max-num-batched-tokens", str(BATCH_TOKENS), "--enable-chunked-prefill",
+                      "--no-enable-prefix-caching", "--kv-cache-dtype", "auto", "--swap-space", "2",
+                      "--gpu-memory-utilization", "0.8", "--tensor-parallel-size", "1", "--disable-log-stats",
+                      "--uvicorn-log-level", "info", "--chat-template", TEMPLATE, model_positional=True) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
