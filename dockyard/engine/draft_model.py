@@ -99,12 +99,16 @@ class DraftModelProposer:
         self.block_manager.allocate(shadow, len(shadow))
         return True
 
+    def release(self, seqs: list[Sequence]) -> None:
+        """Free the shadows (and their draft KV blocks) of ``seqs``, which finished."""
+        for seq in seqs:
+            entry = self.shadows.pop(seq.seq_id, None)
+            if entry is not None:
+                self.block_manager.free(entry[1])
+
     def _forget_stale(self) -> None:
-        """Free the shadows of target sequences that finished or were preempted."""
-        for seq_id, (seq, shadow) in list(self.shadows.items()):
-            if seq.status != SequenceStatus.RUNNING:
-                self.block_manager.free(shadow)
-                del self.shadows[seq_id]
+        """Free the shadows of target sequences that left the running set (preempted, or finished unseen)."""
+        self.release([seq for seq, _ in self.shadows.values() if seq.status != SequenceStatus.RUNNING])
 
     @staticmethod
     def _draw(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:

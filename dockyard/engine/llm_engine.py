@@ -438,6 +438,8 @@ class LLMEngine:
         return outputs
 
     def _observe_finished(self, req: _Request, reason: str) -> None:
+        if self.proposer is not None:  # a finished request's proposal state (a draft model's KV) is freed now
+            self.proposer.release(req.seqs)
         params = req.seqs[0].params
         timings = [RequestTiming(s.arrival_time, s.first_scheduled_time, s.first_token_time, s.last_token_time,
                                  len(s.output_token_ids)) for s in req.seqs]

@@ -58,6 +58,10 @@ class Proposer(Protocol):
         """At most ``max_tokens[i]`` proposed next tokens of ``seqs[i]`` (whose tokens are all known)."""
         ...
 
+    def release(self, seqs: list[EngineSequence]) -> None:
+        """``seqs`` finished: drop whatever the proposer keeps for them."""
+        ...
+
 
 class NgramProposer:
     """Prompt lookup: find the latest earlier occurrence of the sequence's last ``n`` tokens (``n`` from
@@ -68,6 +72,9 @@ class NgramProposer:
 
     def propose(self, seqs: list[EngineSequence], max_tokens: list[int]) -> list[Proposal]:
         return [Proposal(self.lookup(seq.token_ids, k)) for seq, k in zip(seqs, max_tokens, strict=True)]
+
+    def release(self, seqs: list[EngineSequence]) -> None:
+        """Nothing is kept per sequence."""
 
     def lookup(self, tokens: Sequence[int], k: int) -> list[int]:
         """Up to ``k`` tokens that followed the latest earlier match of the longest suffix that has one."""
@@ -121,7 +128,6 @@ def verify(logits: torch.Tensor, seqs: list[EngineSequence], proposals: list[Pro
     device = logits.device
     logits = apply_rules(logits, batch).float()
     num_rows = logits.shape[0]
-    lse = torch.logsumexp(logits, dim=-1)
     sizes = [len(p.token_ids) + 1 for p in proposals]
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
     # Per row: the proposal it verifies (-1 on each sequence's last row, which proposes nothing).
@@ -130,7 +136,7 @@ def verify(logits: torch.Tensor, seqs: list[EngineSequence], proposals: list[Pro
     draft_index = draft.clamp_min(0)
     greedy_rows = batch.greedy  # one row per verified position, so per row already
     accept = torch.zeros(num_rows, dtype=torch.bool, device=device)
-    replacement = logits.argmax(dim=-1)
+    argmax = replacement = logits.argmax(dim=-1)
     if not batch.all_greedy:
         x = filter_logits(logits, batch)
         probs = torch.softmax(x, dim=-1)
@@ -157,7 +163,7 @@ def verify(logits: torch.Tensor, seqs: list[EngineSequence], proposals: list[Pro
         drawn = torch.where(has_draft[:, None], log_residual, x) - noise.clamp_min(tiny).log()
         replacement = torch.where(greedy_rows, replacement, drawn.argmax(dim=-1))
         accept = torch.where(greedy_rows, accept, accept_sampled)
-    accept = torch.where(greedy_rows, has_draft & (logits.argmax(dim=-1) == draft), accept)
+    accept = torch.where(greedy_rows, has_draft & (argmax == draft), accept)
     # Accepted proposals per sequence: the index of its first row not accepted (its last row never is).
     row_in_seq = torch.tensor([j for n in sizes for j in range(n)], dtype=torch.long, device=device)
     seq_of_row = torch.tensor([i for i, n in enumerate(sizes) for _ in range(n)], dtype=torch.long, device=device)
@@ -166,8 +172,10 @@ def verify(logits: torch.Tensor, seqs: list[EngineSequence], proposals: list[Pro
         0, seq_of_row, first_rejected, reduce="amin")
     accepted_here = row_in_seq < num_accepted[seq_of_row]
     token_ids = torch.where(accepted_here, draft_index, replacement)
-    logprobs = logits.gather(1, token_ids[:, None]).squeeze(1) - lse
-    top_logprobs = top_token_ids = None
+    logprobs = top_logprobs = top_token_ids = None
+    if any(seq.params.logprobs is not None for seq in seqs):  # else the vocabulary-wide logsumexp is skipped
+        lse = torch.logsumexp(logits, dim=-1)
+        logprobs = logits.gather(1, token_ids[:, None]).squeeze(1) - lse
     if batch.num_logprobs > 0:
         values, top_token_ids = logits.topk(min(batch.num_logprobs, logits.shape[1]), dim=-1)
         top_logprobs = values - lse[:, None]

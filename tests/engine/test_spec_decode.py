@@ -154,8 +154,8 @@ def test_stops_end_where_they_do_without_speculation(bundled_llm, prompts, greed
         out = base[i].outputs[0]
         cut = min(20 + 7 * i, len(out.token_ids) - 2)
         text = tok.decode(out.token_ids[:cut + 1])
-        cases.append(SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, stop=[text[-3:]]))
-        cases.append(SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, stop_token_ids=[out.token_ids[cut]]))
+        cases.append(SamplingParams(temperature=0.0, max_tokens=64, stop=[text[-3:]]))
+        cases.append(SamplingParams(temperature=0.0, max_tokens=64, stop_token_ids=[out.token_ids[cut]]))
         cases.append(SamplingParams(temperature=0.0, max_tokens=cut + 1))
         cases.append(SamplingParams(temperature=0.0, max_tokens=48, repetition_penalty=1.2, frequency_penalty=0.3,
                                     logprobs=2, min_tokens=10))
