@@ -328,8 +328,6 @@ class ModelRunner:
             prompt_out = PromptLogprobsOutput.from_tensors(rows.prompt_spans, output.prompt_logprobs)
         if not rows.sampling:
             return [], None, prompt_out, failed
-        if any(item.spec_token_ids for item in rows.sampling):
-            return rows.sampling, self.verify(output.logits, rows.sampling), prompt_out, failed
         sampled, out, prompt_out, sample_failed = self._sample(output.logits, rows.sampling, prompt_out)
         return sampled, out, prompt_out, failed + sample_failed
 
@@ -369,7 +367,8 @@ class ModelRunner:
         return True
 
     def _execute_graph(self, batch: list[ScheduledSeq], pending: torch.Tensor | None
-                       ) -> tuple[list[ScheduledSeq], SamplerOutput | None, PromptLogprobsOutput | None, FailedSeqs]:
+                       ) -> tuple[list[ScheduledSeq], SamplerOutput | VerifyOutput | None, PromptLogprobsOutput | None,
+                                  FailedSeqs]:
         assert self.graphs is not None
         bs = self.block_size
         ids, positions, slots, lens, tables, sources = [], [], [], [], [], []
@@ -387,30 +386,35 @@ class ModelRunner:
                 lens.append(p + j + 1)
                 tables.append(seq.block_table)
         logits, argmax = self.graphs.run(ids, positions, slots, lens, tables, pending, sources)
-        if any(item.spec_token_ids for item in batch):
-            return batch, self.verify(logits, batch), None, []
-        if argmax_suffices([item.seq for item in batch]):
+        if argmax_suffices([item.seq for item in batch]) and not any(item.spec_token_ids for item in batch):
             return batch, SamplerOutput(argmax, None), None, []
         return self._sample(logits, batch, None)
 
     def _sample(self, logits: torch.Tensor, sampling: list[ScheduledSeq], prompt_out: PromptLogprobsOutput | None
-                ) -> tuple[list[ScheduledSeq], SamplerOutput | None, PromptLogprobsOutput | None, FailedSeqs]:
-        """The sampler over the sampling rows' float32 logits [len(sampling), vocab]; rows whose sampling
-        fails are left out (returned as failed), the others sampled as if those had not been there."""
-        row_of = {id(item): row for row, item in enumerate(sampling)}
+                ) -> tuple[list[ScheduledSeq], SamplerOutput | VerifyOutput | None, PromptLogprobsOutput | None,
+                           FailedSeqs]:
+        """The sampler over the sampling rows' float32 logits (one row per sequence, or 1 + its proposals'
+        rows when some sequence verifies proposals: then :meth:`verify` decides); rows whose sampling fails
+        are left out (returned as failed), the others sampled as if those had not been there."""
+        speculative = any(item.spec_token_ids for item in sampling)
+        rows_of, start = {}, 0
+        for item in sampling:
+            n = 1 + len(item.spec_token_ids)
+            rows_of[id(item)] = range(start, start + n)
+            start += n
         # A retry must draw what the first try would have: rewind the seeded generators before retries.
         states = [(g, g.get_state()) for g in (item.seq.generator for item in sampling) if g is not None]
         tries = 0
 
-        def run(items: list[ScheduledSeq]) -> SamplerOutput:
+        def run(items: list[ScheduledSeq]) -> SamplerOutput | VerifyOutput:
             nonlocal tries
             if tries:
                 for gen, state in states:
                     gen.set_state(state)
             tries += 1
-            rows = [row_of[id(item)] for item in items]
+            rows = [r for item in items for r in rows_of[id(item)]]
             subset = logits if len(items) == len(sampling) else logits[torch.tensor(rows, device=logits.device)]
-            return self._sample_rows(subset, items)
+            return self.verify(subset, items) if speculative else self._sample_rows(subset, items)
 
         sampled, out, failed = isolate_failures(sampling, run)
         return sampled, out, prompt_out, failed

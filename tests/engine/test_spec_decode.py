@@ -24,6 +24,7 @@ from dockyard.engine.speculative_config import SpeculativeConfig
 from dockyard.engine_args import EngineArgs
 from dockyard.errors import ConfigError
 from dockyard.server.metrics import ServerStats, make_registry, render_metrics
+from tests.helpers import poison
 
 NGRAM = SpeculativeConfig("ngram", 3, prompt_lookup_min=1, prompt_lookup_max=3)
 MAX_TOKENS = 128
@@ -194,6 +195,28 @@ def test_seeded_sampling_is_reproducible_and_n_gt_1(bundled_llm, prompts):
     for a, b in zip(first, again):
         assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
         assert len(a.outputs) == 2
+
+
+def test_a_request_failing_in_a_verify_step_fails_alone(bundled_llm, prompts):
+    """A bad value slipped past validation fails its own request inside the verify step (the min_tokens
+    mask of its rows); the others finish as they would have alone."""
+    params = [SamplingParams(temperature=0.0, max_tokens=24) for _ in range(2)]
+    base = run(make_engine(bundled_llm, None), prompts[:2], params)
+    engine = make_engine(bundled_llm, NGRAM)
+    params.append(SamplingParams(temperature=0.0, max_tokens=24, min_tokens=20))
+    for i, p in enumerate(params):
+        engine.add_request(f"f{i}", prompts[i], p)
+    done = {out.request_id: out for out in engine.step(report_unfinished=False)}  # the prefills
+    poison(params[2], "mask")
+    while engine.has_unfinished_requests():
+        done.update((out.request_id, out) for out in engine.step(report_unfinished=False))
+    for i in range(2):
+        assert done[f"f{i}"].error is None
+        assert done[f"f{i}"].outputs[0].token_ids == base[i].outputs[0].token_ids
+    assert done["f2"].error is not None and done["f2"].outputs[0].finish_reason == "error"
+    assert len(done["f2"].outputs[0].token_ids) == 1  # it failed after its prefill, in the first verify step
+    assert engine.metrics.spec_decode.num_drafts > 0
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
 # ---- the rejection sampler's distribution ----
