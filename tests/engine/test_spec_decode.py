@@ -7,6 +7,8 @@ checked against the known target distribution with a chi-square test on a small 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -186,6 +188,18 @@ def test_greedy_draft_model_is_exact(bundled_llm, prompts, greedy_runs):
     stats = engine.stats()
     assert stats["spec_decode_acceptance_rate"] > 0.9
     assert not engine.proposer.shadows and engine.proposer.block_manager.num_free_blocks == 512
+
+
+def test_llm_takes_a_draft_model_speculative_config(bundled_llm, bundled_gguf):
+    """The user's path: LLM(speculative_config=...) loads the draft checkpoint beside the target's."""
+    config = {"method": "draft_model", "model": str(bundled_gguf), "num_speculative_tokens": 2}
+    llm = LLM(dtype="float32", device="cpu", speculative_config=json.dumps(config))
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    prompt = COPY_PROMPTS[1]
+    out = llm.generate(prompt, params, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == bundled_llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    assert out.metrics["spec_decode_acceptance_rate"] > 0.5
+    assert llm.engine.stats()["spec_decode_num_drafts"] > 0
 
 
 def test_seeded_sampling_is_reproducible_and_n_gt_1(bundled_llm, prompts):
