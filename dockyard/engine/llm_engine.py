@@ -45,7 +45,8 @@ from dockyard.engine.sampler import SamplerOutput, make_generator
 from dockyard.engine.sampling_params import SamplingParams
 from dockyard.engine.scheduler import AsyncScheduler, SampledTokens, ScheduledSeq, Scheduler
 from dockyard.engine.sequence import Sequence
-from dockyard.engine.spec_decode import Proposer, SpeculativeConfig, VerifyOutput, make_proposer
+from dockyard.engine.spec_decode import Proposer, VerifyOutput, make_proposer
+from dockyard.engine.speculative_config import SpeculativeConfig
 from dockyard.errors import InvalidRequestError
 from dockyard.spec import ModelSpec
 

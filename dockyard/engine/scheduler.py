@@ -14,6 +14,11 @@ tokens are appended, the token-level stops apply (:func:`check_stop`: EOS, stop 
 length) and finished sequences free their blocks. What needs text (detokenization, stop strings)
 is the engine's.
 
+Speculative decoding (:mod:`dockyard.engine.spec_decode`): a decoding sequence with proposals
+(``Sequence.spec_token_ids``) is fed its newest token and its proposals in one step, within the token
+budget (proposals are dropped before anything is preempted for their blocks). After the step its
+accepted proposals count as computed and the blocks past its new length go back to the pool.
+
 :class:`AsyncScheduler` schedules a step while the previous step's sampled tokens are still on the
 device: it counts them as *pending* tokens of their sequences (they count in ``len(seq)``, so the
 next step feeds them, read on the device by the runner) until they arrive.
@@ -166,12 +171,12 @@ class Scheduler:
         self.finish(seq)
 
     def update_from_output(self, batch: list[ScheduledSeq], sampled: SampledTokens | None) -> list[int]:
-        """Bookkeeping after a step: ``batch`` has run (its tokens are in the KV cache and newly full
-        blocks are sealed for the prefix cache); then each token of ``sampled`` (this step's, or the
-        step before's with async scheduling; None when none reached the host) is appended to its
-        sequence, checked for a token-level stop (:func:`check_stop`), and a finished sequence frees
-        its blocks. Returns the rows of ``sampled`` whose token was appended (not those of sequences
-        that finished meanwhile: their token is void)."""
+        """Bookkeeping after a step: ``batch`` has run (its tokens and the proposals it accepted are in the KV
+        cache, newly full blocks are sealed for the prefix cache, rejected proposals' blocks freed); then
+        each token of ``sampled`` (this step's, or the step before's with async scheduling; None when none
+        reached the host) is appended to its sequence, checked for a token-level stop (:func:`check_stop`),
+        and a finished sequence frees its blocks. Returns the rows of ``sampled`` whose token was appended
+        (not those of sequences that finished meanwhile: their token is void)."""
         for item in batch:
             seq = item.seq
             seq.num_computed_tokens += item.num_new_tokens + item.num_accepted
