@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dockyard.engine.speculative_config import SpeculativeConfig
 from dockyard.errors import ConfigError
 
 # Argument groups, in the order ``--help`` shows them (vLLM's names).
@@ -198,6 +199,9 @@ class EngineArgs:
     skip_memory_check: bool = field(default=False, metadata=_flag(
         "load even when the memory plan says the model does not fit the device's free memory", RUNTIME_GROUP,
         action="store_true"))
+    speculative_config: Any = field(default=None, metadata=_flag(
+        "speculative decoding, as JSON: {\"method\": \"ngram\" | \"draft_model\", \"num_speculative_tokens\": k, "
+        "...} (ngram: prompt_lookup_min / prompt_lookup_max; draft_model: model)", SCHEDULER_GROUP, metavar="JSON"))
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, str):
@@ -221,6 +225,7 @@ class EngineArgs:
             raise ConfigError("enable_chunked_prefill=False is not supported: the scheduler always prefills a "
                               "prompt longer than max_num_batched_tokens in chunks; to prefill whole prompts "
                               "in one step raise --max-num-batched-tokens to --max-model-len instead")
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if self.swap_space is not None and self.swap_space < 0:
             raise ConfigError(f"swap_space={self.swap_space} must be >= 0 (GiB)")
 
@@ -296,7 +301,6 @@ VLLM_FLAGS_NOT_HONOURED: dict[tuple[str, ...], str] = {
     ("--distributed-executor-backend",): "tensor-parallel ranks are processes on one host (or torchrun's across "
                                          "hosts); drop the flag",
     ("--cpu-offload-gb",): "weights are never offloaded to CPU memory; use --tensor-parallel-size or a smaller dtype",
-    ("--speculative-config",): "speculative decoding is not implemented; drop the flag",
     ("--enable-lora", "--lora-modules", "--max-loras", "--max-lora-rank"): "LoRA adapters are not supported; merge "
                                                                            "the adapter into the weights first",
     ("--guided-decoding-backend", "--structured-outputs-config"): "structured output is not implemented yet; "

@@ -125,6 +125,16 @@ class BlockManager:
         self.allocate(seq, computed + n)
         return n
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the blocks of ``seq`` past the first ``num_tokens`` tokens (speculative rows that were
+        rejected); never a sealed block, since only computed, known tokens are sealed."""
+        keep = self._blocks_for(num_tokens)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks[block] = None
+
     def free(self, seq: Sequence) -> None:
         """Release every block of ``seq``; cached content stays reusable until evicted."""
         for block in reversed(seq.block_table):

@@ -22,6 +22,7 @@ import torch
 
 from dockyard.distributed.executor import Executor
 from dockyard.distributed.sharding import check_parallel_config, parallel_config_of
+from dockyard.engine.draft_model import DraftModelProposer
 from dockyard.engine.llm_engine import EngineConfig, LLMEngine
 from dockyard.engine.memory_check import check_memory_fits
 from dockyard.engine.outputs import RequestOutput
@@ -119,6 +120,7 @@ class LLM:
             # The other ranks replay eager forwards; captured graphs would need them to replay too.
             enforce_eager=args.enforce_eager or tensor_parallel_size > 1, async_scheduling=args.async_scheduling,
             kv_cache_dtype=args.kv_cache_dtype,
+            speculative_config=args.speculative_config,
         )
         if args.kv_cache_dtype != "auto" and spec.mla is not None:  # before any weight is read
             raise latent_cache_refusal(spec.name, args.kv_cache_dtype)
@@ -155,7 +157,9 @@ class LLM:
         num_blocks = config.num_kv_blocks or self._kv_blocks_from_memory(config)
         if self._executor is not None:
             self._executor.finish_start(num_blocks, block_size)
-        self.engine = LLMEngine(self.model, spec, self.tokenizer, config, self.device, self.dtype, num_blocks)
+        proposer = self._draft_proposer(config, num_blocks)
+        self.engine = LLMEngine(self.model, spec, self.tokenizer, config, self.device, self.dtype, num_blocks,
+                                proposer=proposer)
         if self._executor is not None:
             self.engine.runner.broadcast_step = self._executor.broadcast_step
         logger.info(
@@ -163,6 +167,23 @@ class LLM:
             self.source.name, self.source.kind, self.dtype, self.device, time.perf_counter() - t0,
             num_blocks, block_size, num_blocks * block_size,
         )
+
+    def _draft_proposer(self, config: EngineConfig, num_blocks: int) -> DraftModelProposer | None:
+        """speculative_config method draft_model: its model loaded beside the target's, with a KV cache of as
+        many blocks (None for any other method)."""
+        spec_config = config.speculative_config
+        if spec_config is None or spec_config.method != "draft_model":
+            return None
+        if self.tensor_parallel_size > 1:
+            raise ConfigError("speculative_config method='draft_model' runs on one device; drop tensor parallelism "
+                              "or use method 'ngram'")
+        args = self.engine_args
+        source = resolve_model(spec_config.model, args.load_format, revision=args.revision,
+                               download_dir=args.download_dir, model_impl=args.model_impl,
+                               trust_remote_code=args.trust_remote_code)
+        model, _ = load_model(source, self.device, self.dtype, args.seed)
+        return DraftModelProposer(model, source.spec, self.spec, num_blocks, config.block_size, self.device,
+                                  self.dtype, config.max_num_seqs, config.max_model_len or self.spec.max_model_len)
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers and leave the group (no-op without tensor parallelism)."""

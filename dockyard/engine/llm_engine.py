@@ -54,6 +54,8 @@ from dockyard.engine.sampler import SamplerOutput, make_generator
 from dockyard.engine.sampling_params import SamplingParams
 from dockyard.engine.scheduler import AsyncScheduler, SampledTokens, ScheduledSeq, Scheduler
 from dockyard.engine.sequence import Sequence
+from dockyard.engine.spec_decode import Proposer, VerifyOutput, make_proposer
+from dockyard.engine.speculative_config import SpeculativeConfig
 from dockyard.errors import InvalidRequestError
 from dockyard.ops.fp8_kv import resolve_kv_cache_dtype
 from dockyard.spec import ModelSpec
@@ -81,6 +83,7 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA: never capture decode steps in CUDA graphs
     async_scheduling: bool | None = None  # overlap a step's host work with the GPU; None: on for CUDA
     kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8 / fp8_e4m3: e4m3 with per-tensor scales
+    speculative_config: SpeculativeConfig | None = None  # speculative decoding (engine/spec_decode.py)
 
 
 @dataclass
@@ -109,7 +112,9 @@ class LLMEngine:
     """Holds requests and advances all of them one step at a time."""
 
     def __init__(self, model: torch.nn.Module, spec: ModelSpec, tokenizer: Any, config: EngineConfig,
-                 device: torch.device, dtype: torch.dtype, num_blocks: int) -> None:
+                 device: torch.device, dtype: torch.dtype, num_blocks: int, proposer: Proposer | None = None) -> None:
+        """``proposer``: speculative decoding's, when ``config.speculative_config`` names one that needs a
+        loaded model (draft_model); built here otherwise."""
         self.spec = spec
         self.tokenizer = tokenizer
         self.config = config
@@ -117,6 +122,12 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.async_scheduling = (device.type == "cuda" if config.async_scheduling is None
                                  else config.async_scheduling)
+        self.speculative_config = config.speculative_config
+        self.proposer: Proposer | None = None
+        if self.speculative_config is not None:
+            # A verify step's emitted tokens decide the next step's inputs and proposals: it runs synchronously.
+            self.async_scheduling = False
+            self.proposer = proposer or make_proposer(self.speculative_config)
         scheduler_class = AsyncScheduler if self.async_scheduling else Scheduler
         self.scheduler = scheduler_class(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                          spec.eos_token_ids)
@@ -239,6 +250,12 @@ class LLMEngine:
             "generation_tokens": m.generation_tokens,
             "num_preemptions": self.scheduler.num_preemptions,
             "steps": m.steps,
+            # Speculative decoding (zero without it): proposals verified and accepted.
+            "spec_decode_num_drafts": m.spec_decode.num_drafts,
+            "spec_decode_num_draft_tokens": m.spec_decode.num_draft_tokens,
+            "spec_decode_num_accepted_tokens": m.spec_decode.num_accepted_tokens,
+            "spec_decode_acceptance_rate": m.spec_decode.acceptance_rate,
+            "spec_decode_mean_acceptance_length": m.spec_decode.mean_acceptance_length,
         }
 
     # ---- the loop ----
@@ -252,6 +269,8 @@ class LLMEngine:
             self._admit_compiled(touched)
         if self._in_flight is not None and self._async_scheduler().needs_pending_tokens():
             self._update_from_output([], self._take_in_flight(), touched, report_unfinished)
+        if self.proposer is not None:
+            self._propose(self.proposer)
         scheduled = self.scheduler.schedule()
         ended = self._report_ended(scheduled.ended)
         for out in ended:  # reported (and forgotten) already
@@ -280,6 +299,9 @@ class LLMEngine:
                 assert entries is not None and len(entries) == span.first, (span.first, entries and len(entries))
                 entries.extend(prompt_out.entries(span, span.seq.params.prompt_logprobs or 0))
         self.metrics.prompt_tokens_computed += sum(item.num_prompt_tokens for item in batch)
+        if isinstance(out, VerifyOutput):
+            self._update_from_verify(batch, sampled, out, touched, report_unfinished)
+            return ended + self._outputs(touched.values())
         current = None
         if sampled:
             assert out is not None
@@ -359,11 +381,22 @@ class LLMEngine:
         rows = self.scheduler.update_from_output(batch, sampled)
         if sampled is None:
             return
-        want_logprobs = out is not None and any(seq.params.logprobs is not None for seq in sampled.seqs)
-        token_logprobs = out.logprobs.tolist() if want_logprobs and out.logprobs is not None else None
+        token_logprobs = self._token_logprobs(sampled.seqs, out)
+        self._process_tokens([(sampled.seqs[row], row) for row in rows], token_logprobs, out, touched,
+                             report_unfinished)
+
+    @staticmethod
+    def _token_logprobs(seqs: list[Sequence], out: SamplerOutput | None) -> list[float] | None:
+        """The sampled tokens' logprobs on the host, when a sequence of ``seqs`` reports them."""
+        want_logprobs = out is not None and any(seq.params.logprobs is not None for seq in seqs)
+        return out.logprobs.tolist() if want_logprobs and out is not None and out.logprobs is not None else None
+
+    def _process_tokens(self, appended: list[tuple[Sequence, int]], token_logprobs: list[float] | None,
+                        out: SamplerOutput | None, touched: dict[str, _Request], report_unfinished: bool) -> None:
+        """:meth:`_process_token` for each (sequence, its row of ``out``) the scheduler appended a token to;
+        a request whose processing fails is finished with the error."""
         now = time.monotonic()
-        for row in rows:
-            seq = sampled.seqs[row]
+        for seq, row in appended:
             try:
                 self._process_token(seq, row, now, token_logprobs, out)
             except Exception as exc:
@@ -376,6 +409,47 @@ class LLMEngine:
             req = self.requests.get(seq.request_id)
             if req is not None and (report_unfinished or seq.finish_reason is not None):
                 touched[req.request_id] = req
+
+    def _update_from_verify(self, batch: list[ScheduledSeq], sampled: list[ScheduledSeq], out: VerifyOutput,
+                            touched: dict[str, _Request], report_unfinished: bool) -> None:
+        """The bookkeeping of a speculative step: the accepted proposals' KV counts as computed (the rest is
+        rolled back), then the emitted tokens are handed over in rounds, the ``j``-th of every sequence in
+        round ``j``, so every stop condition applies token by token and a stop drops the tokens after it."""
+        counts = out.num_emitted.tolist()
+        tokens = out.sampled.token_ids.tolist()
+        m = self.metrics
+        for item, n in zip(sampled, counts, strict=True):
+            item.num_accepted = n - 1
+            if item.spec_token_ids:
+                m.spec_decode.observe(len(item.spec_token_ids), n - 1)
+        self.scheduler.update_from_output(batch, None)
+        token_logprobs = self._token_logprobs([item.seq for item in sampled], out.sampled)
+        for j in range(max(counts, default=0)):
+            rows = [(item.seq, off + j) for item, off, n in zip(sampled, out.offsets, counts, strict=True) if j < n]
+            round_tokens = SampledTokens([seq for seq, _ in rows], [tokens[row] for _, row in rows])
+            appended = self.scheduler.update_from_output([], round_tokens)
+            self._process_tokens([rows[i] for i in appended], token_logprobs, out.sampled, touched, report_unfinished)
+
+    def _propose(self, proposer: Proposer) -> None:
+        """Fresh proposals for every running sequence that decodes its newest token next, as many as can
+        still be emitted before its length limit (the emitted run is the accepted proposals plus one)."""
+        assert self.speculative_config is not None
+        k = self.speculative_config.num_speculative_tokens
+        seqs, limits = [], []
+        for seq in self.scheduler.running:
+            seq.spec_token_ids, seq.spec_probs = [], None
+            limit = min(k, seq.max_total_len - len(seq) - 1)
+            # A grammar-constrained sample is not speculated on: its matcher would have to check and roll back
+            # every proposal (the hook is the allowed-token mask per verified row; not wired yet).
+            if (limit > 0 and len(seq) - seq.num_computed_tokens == 1 and not seq.num_pending
+                    and seq.grammar is None):
+                seqs.append(seq)
+                limits.append(limit)
+        if not seqs:
+            return
+        for seq, limit, proposal in zip(seqs, limits, proposer.propose(seqs, limits), strict=True):
+            seq.spec_token_ids = proposal.token_ids[:limit]
+            seq.spec_probs = None if proposal.probs is None else proposal.probs[:limit]
 
     def _process_token(self, seq: Sequence, row: int, now: float, token_logprobs: list[float] | None,
                        out: SamplerOutput | None) -> None:
@@ -438,6 +512,8 @@ class LLMEngine:
         return outputs
 
     def _observe_finished(self, req: _Request, reason: str) -> None:
+        if self.proposer is not None:  # a finished request's proposal state (a draft model's KV) is freed now
+            self.proposer.release(req.seqs)
         params = req.seqs[0].params
         timings = [RequestTiming(s.arrival_time, s.first_scheduled_time, s.first_token_time, s.last_token_time,
                                  len(s.output_token_ids)) for s in req.seqs]
@@ -525,6 +601,11 @@ class LLMEngine:
             metrics["mean_inter_token_latency"] = sum(g[0] for g in gaps) / sum(g[1] for g in gaps)
         if finished:
             metrics["e2e_latency"] = time.monotonic() - req.arrival_time
+        drafts = sum(s.num_drafts for s in req.seqs)
+        if drafts:  # speculative decoding: this request's share of proposals verified and accepted
+            accepted = sum(s.num_accepted_tokens for s in req.seqs)
+            metrics["spec_decode_acceptance_rate"] = accepted / sum(s.num_draft_tokens for s in req.seqs)
+            metrics["spec_decode_mean_acceptance_length"] = 1 + accepted / drafts
         # Complete once the first sample has its first token (a later sample can overtake it only if the
         # first was preempted mid-prompt: then the prompt logprobs come with a later output).
         plp = req.seqs[0].prompt_logprobs

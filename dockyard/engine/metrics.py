@@ -59,6 +59,37 @@ class Histogram:
 
 
 @dataclass
+class SpecDecodeMetrics:
+    """Speculative decoding's counters (vLLM's ``spec_decode_*``): verified proposal runs (drafts), their
+    tokens, the accepted ones, and accepted ones by position in their run."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    def observe(self, num_draft_tokens: int, num_accepted: int) -> None:
+        """One sequence's verified proposals: ``num_draft_tokens`` of them, the first ``num_accepted`` accepted."""
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted
+        if len(self.accepted_per_pos) < num_draft_tokens:
+            self.accepted_per_pos.extend([0] * (num_draft_tokens - len(self.accepted_per_pos)))
+        for pos in range(num_accepted):
+            self.accepted_per_pos[pos] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted proposals over proposals (0 when none was made)."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens emitted per verified run: the accepted proposals plus the target's own token."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
+@dataclass
 class EngineMetrics:
     """Cumulative counters plus recent latency observations (seconds)."""
 
@@ -85,6 +116,7 @@ class EngineMetrics:
     request_time_per_output_token: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS))
     request_phases: dict[str, Histogram] = field(
         default_factory=lambda: {phase: Histogram(REQUEST_LATENCY_BUCKETS) for phase in REQUEST_PHASES})
+    spec_decode: SpecDecodeMetrics = field(default_factory=SpecDecodeMetrics)
 
     def observe_ttft(self, seconds: float) -> None:
         self.time_to_first_token.append(seconds)

@@ -46,6 +46,7 @@ from dockyard.engine.cuda_graphs import DecodeGraphs, decode_split_shape, graph_
 from dockyard.engine.sampler import Sampler, SamplerOutput, SamplingBatch, argmax_suffices
 from dockyard.engine.scheduler import ScheduledSeq
 from dockyard.engine.sequence import Sequence
+from dockyard.engine.spec_decode import Proposal, VerifyOutput, expanded_batch, verify
 from dockyard.ops import fp8_kv
 from dockyard.ops.attention import Attention as AttentionLayer
 from dockyard.ops.attention import AttentionMetadata, calibrate_kv_scales, forward_context
@@ -274,12 +275,16 @@ class ModelRunner:
             if end > seq.num_known_tokens:  # only the newest token can be pending
                 fill_rows.append(len(input_ids) - 1)
                 fill_sources.append(seq.pending_row)
+            last_row = len(input_ids) - 1
+            # Proposed tokens (speculative decoding) follow the newest one: every row of them gets logits.
+            input_ids.extend(item.spec_token_ids)
+            end += len(item.spec_token_ids)
             positions.extend(range(start, end))
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
-            query_lens.append(item.num_new_tokens)
+            query_lens.append(end - start)
             seq_lens.append(end)
             if item.samples:
-                sample_rows.append(len(input_ids) - 1)
+                sample_rows.extend(range(last_row, len(input_ids)))
                 sampling.append(item)
         max_blocks = max(len(item.seq.block_table) for item in batch)
         tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in batch]
@@ -311,8 +316,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def step(self, batch: list[ScheduledSeq], pending: torch.Tensor | None = None
-             ) -> tuple[list[ScheduledSeq], SamplerOutput | None, PromptLogprobsOutput | None, FailedSeqs]:
-        """Run one step; return the sequences that sampled, their sampler output, the prompt logprobs
+             ) -> tuple[list[ScheduledSeq], SamplerOutput | VerifyOutput | None, PromptLogprobsOutput | None,
+                        FailedSeqs]:
+        """Run one step; return the sequences that sampled, their sampler output (a :class:`VerifyOutput`
+        when some of them verified proposals: then every sampling sequence may emit several tokens), the prompt logprobs
         computed in this step (None when no sequence needed any), and the sequences whose rows failed
         (with the error; nothing of them was computed or sampled). ``pending``: the sampled tokens (on
         the device) of the step still in flight, which some inputs of this one are."""
@@ -347,10 +354,20 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inputs.sample_rows]) if inputs.sample_rows.numel() else None
         return ModelOutput(logits, prompt)
 
+    def verify(self, logits: torch.Tensor, sampling: list[ScheduledSeq]) -> VerifyOutput:
+        """A speculative step's sampling: every sampling sequence's proposals verified against its rows of
+        ``logits`` (one row per proposal plus one; :func:`~dockyard.engine.spec_decode.verify`)."""
+        seqs = [item.seq for item in sampling]
+        proposals = [Proposal(item.spec_token_ids, item.seq.spec_probs if item.spec_token_ids else None)
+                     for item in sampling]
+        batch = expanded_batch(seqs, [p.token_ids for p in proposals], self.spec.eos_token_ids, logits.device)
+        return verify(logits, seqs, proposals, batch, self.sampler.apply_logits_rules)
+
     def _graph_step(self, batch: list[ScheduledSeq]) -> bool:
-        """Whether a captured graph runs this step: every sequence decodes one token and samples it."""
+        """Whether a captured graph runs this step: every sequence decodes one token (and its proposals, one
+        graph row each) and samples it."""
         assert self.graphs is not None
-        if not self.graphs.fits(len(batch)):
+        if not self.graphs.fits(sum(1 + len(item.spec_token_ids) for item in batch)):
             return False
         for item in batch:
             seq = item.seq
@@ -361,42 +378,54 @@ class ModelRunner:
         return True
 
     def _execute_graph(self, batch: list[ScheduledSeq], pending: torch.Tensor | None
-                       ) -> tuple[list[ScheduledSeq], SamplerOutput | None, PromptLogprobsOutput | None, FailedSeqs]:
+                       ) -> tuple[list[ScheduledSeq], SamplerOutput | VerifyOutput | None, PromptLogprobsOutput | None,
+                                  FailedSeqs]:
         assert self.graphs is not None
         bs = self.block_size
         ids, positions, slots, lens, tables, sources = [], [], [], [], [], []
         for item in batch:
             seq = item.seq
             p = seq.num_computed_tokens
-            ids.append(seq.tokens(p, p + 1)[0])
-            sources.append(seq.pending_row if seq.num_pending else 0)
-            positions.append(p)
-            slots.append(seq.block_table[p // bs] * bs + p % bs)
-            lens.append(p + 1)
-            tables.append(seq.block_table)
+            # A verify step is a decode batch too: proposal j is a one-token row at position p + j whose
+            # context ends with it. Every row's KV is written before any row attends, so row j sees the
+            # step's rows 0..j: causal attention over the proposals, in the decode graph's shape.
+            for j, token in enumerate([seq.tokens(p, p + 1)[0], *item.spec_token_ids]):
+                ids.append(token)
+                sources.append(seq.pending_row if seq.num_pending else 0)
+                positions.append(p + j)
+                slots.append(seq.block_table[(p + j) // bs] * bs + (p + j) % bs)
+                lens.append(p + j + 1)
+                tables.append(seq.block_table)
         logits, argmax = self.graphs.run(ids, positions, slots, lens, tables, pending, sources)
-        if argmax_suffices([item.seq for item in batch]):
+        if argmax_suffices([item.seq for item in batch]) and not any(item.spec_token_ids for item in batch):
             return batch, SamplerOutput(argmax, None), None, []
         return self._sample(logits, batch, None)
 
     def _sample(self, logits: torch.Tensor, sampling: list[ScheduledSeq], prompt_out: PromptLogprobsOutput | None
-                ) -> tuple[list[ScheduledSeq], SamplerOutput | None, PromptLogprobsOutput | None, FailedSeqs]:
-        """The sampler over the sampling rows' float32 logits [len(sampling), vocab]; rows whose sampling
-        fails are left out (returned as failed), the others sampled as if those had not been there."""
-        row_of = {id(item): row for row, item in enumerate(sampling)}
+                ) -> tuple[list[ScheduledSeq], SamplerOutput | VerifyOutput | None, PromptLogprobsOutput | None,
+                           FailedSeqs]:
+        """The sampler over the sampling rows' float32 logits (one row per sequence, or 1 + its proposals'
+        rows when some sequence verifies proposals: then :meth:`verify` decides); rows whose sampling fails
+        are left out (returned as failed), the others sampled as if those had not been there."""
+        speculative = any(item.spec_token_ids for item in sampling)
+        rows_of, start = {}, 0
+        for item in sampling:
+            n = 1 + len(item.spec_token_ids)
+            rows_of[id(item)] = range(start, start + n)
+            start += n
         # A retry must draw what the first try would have: rewind the seeded generators before retries.
         states = [(g, g.get_state()) for g in (item.seq.generator for item in sampling) if g is not None]
         tries = 0
 
-        def run(items: list[ScheduledSeq]) -> SamplerOutput:
+        def run(items: list[ScheduledSeq]) -> SamplerOutput | VerifyOutput:
             nonlocal tries
             if tries:
                 for gen, state in states:
                     gen.set_state(state)
             tries += 1
-            rows = [row_of[id(item)] for item in items]
+            rows = [r for item in items for r in rows_of[id(item)]]
             subset = logits if len(items) == len(sampling) else logits[torch.tensor(rows, device=logits.device)]
-            return self._sample_rows(subset, items)
+            return self.verify(subset, items) if speculative else self._sample_rows(subset, items)
 
         sampled, out, failed = isolate_failures(sampling, run)
         return sampled, out, prompt_out, failed

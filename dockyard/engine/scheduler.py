@@ -14,6 +14,11 @@ tokens are appended, the token-level stops apply (:func:`check_stop`: EOS, stop 
 length) and finished sequences free their blocks. What needs text (detokenization, stop strings)
 is the engine's.
 
+Speculative decoding (:mod:`dockyard.engine.spec_decode`): a decoding sequence with proposals
+(``Sequence.spec_token_ids``) is fed its newest token and its proposals in one step, within the token
+budget (proposals are dropped before anything is preempted for their blocks). After the step its
+accepted proposals count as computed and the blocks past its new length go back to the pool.
+
 :class:`AsyncScheduler` schedules a step while the previous step's sampled tokens are still on the
 device: it counts them as *pending* tokens of their sequences (they count in ``len(seq)``, so the
 next step feeds them, read on the device by the runner) until they arrive.
@@ -38,6 +43,10 @@ class ScheduledSeq:
 
     seq: Sequence
     num_new_tokens: int
+    # Speculative decoding: proposed tokens fed after the new ones (their rows are verified, not computed
+    # for good), and how many of them the verification accepted (set before update_from_output).
+    spec_token_ids: list[int] = field(default_factory=list)
+    num_accepted: int = 0
 
     @property
     def samples(self) -> bool:
@@ -107,7 +116,12 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(len(seq) - seq.num_computed_tokens, budget)
-            while not bm.can_allocate(seq, seq.num_computed_tokens + n):
+            k = self._num_spec_tokens(seq, n, budget)
+            spec = seq.spec_token_ids[:k]
+            while not bm.can_allocate(seq, seq.num_computed_tokens + n + len(spec)):
+                if spec:  # speculation gives way before any sequence is preempted
+                    spec = []
+                    continue
                 victim = self.running.pop()
                 if victim is seq and not self.running:
                     # Alone and still too big: the whole pool cannot hold it, so recomputing would loop forever.
@@ -118,9 +132,9 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                bm.allocate(seq, seq.num_computed_tokens + n)
-                out.scheduled.append(ScheduledSeq(seq, n))
-                budget -= n
+                bm.allocate(seq, seq.num_computed_tokens + n + len(spec))
+                out.scheduled.append(ScheduledSeq(seq, n, spec))
+                budget -= n + len(spec)
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -133,6 +147,14 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
         return out
+
+    @staticmethod
+    def _num_spec_tokens(seq: Sequence, num_new_tokens: int, budget: int) -> int:
+        """How many of ``seq``'s proposals this step verifies: only a sequence decoding its newest token,
+        within the token budget."""
+        if not seq.spec_token_ids or num_new_tokens != 1 or seq.num_pending:
+            return 0
+        return min(len(seq.spec_token_ids), budget - 1)
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
@@ -149,15 +171,23 @@ class Scheduler:
         self.finish(seq)
 
     def update_from_output(self, batch: list[ScheduledSeq], sampled: SampledTokens | None) -> list[int]:
-        """Bookkeeping after a step: ``batch`` has run (its tokens are in the KV cache and newly full
-        blocks are sealed for the prefix cache); then each token of ``sampled`` (this step's, or the
-        step before's with async scheduling; None when none reached the host) is appended to its
-        sequence, checked for a token-level stop (:func:`check_stop`), and a finished sequence frees
-        its blocks. Returns the rows of ``sampled`` whose token was appended (not those of sequences
-        that finished meanwhile: their token is void)."""
+        """Bookkeeping after a step: ``batch`` has run (its tokens and the proposals it accepted are in the KV
+        cache, newly full blocks are sealed for the prefix cache, rejected proposals' blocks freed); then
+        each token of ``sampled`` (this step's, or the step before's with async scheduling; None when none
+        reached the host) is appended to its sequence, checked for a token-level stop (:func:`check_stop`),
+        and a finished sequence frees its blocks. Returns the rows of ``sampled`` whose token was appended
+        (not those of sequences that finished meanwhile: their token is void)."""
         for item in batch:
-            item.seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.seal_full_blocks(item.seq)
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens + item.num_accepted
+            if item.spec_token_ids:
+                seq.spec_token_ids, seq.spec_probs = [], None
+                seq.num_drafts += 1
+                seq.num_draft_tokens += len(item.spec_token_ids)
+                seq.num_accepted_tokens += item.num_accepted
+                if not seq.is_finished:  # rejected proposals' KV is void: their blocks go back to the pool
+                    self.block_manager.trim(seq, seq.num_computed_tokens + 1)
+            self.block_manager.seal_full_blocks(seq)
         if sampled is None:
             return []
         appended = []

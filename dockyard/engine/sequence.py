@@ -66,6 +66,14 @@ class Sequence:
     # Structured outputs: this sample's position in its grammar (advanced by the engine with each token
     # it keeps); set when the request's grammar has compiled, before the sequence is scheduled.
     grammar: GrammarMatcher | None = None
+    # Speculative decoding (engine/spec_decode.py): the proposer's guesses of the next tokens, fed with the
+    # newest token in the next step and verified there; the draft distribution they were drawn from
+    # ([len, V], None for deterministic proposals); runs of proposals verified, proposals and accepted ones.
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_probs: torch.Tensor | None = None
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     @property
     def token_ids(self) -> list[int]:

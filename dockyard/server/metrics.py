@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from dockyard.engine.llm_engine import LLMEngine
-from dockyard.engine.metrics import Histogram
+from dockyard.engine.metrics import Histogram, SpecDecodeMetrics
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 DEFAULT_PREFIX = "dockyard"
@@ -127,6 +127,20 @@ class EngineCollector(Collector):
         for endpoint, n in sorted(self.server.requests_received.items()):
             received.add_metric([*self.values, endpoint], n)
         yield received
+        if self.engine.speculative_config is not None:
+            yield from self._spec_decode(m.spec_decode)
+
+    def _spec_decode(self, spec: SpecDecodeMetrics) -> Iterator[Metric]:
+        """vLLM's speculative-decoding counters (exported only when the engine speculates)."""
+        yield self._counter("spec_decode_num_drafts", "Number of spec decoding drafts.", spec.num_drafts)
+        yield self._counter("spec_decode_num_draft_tokens", "Number of draft tokens.", spec.num_draft_tokens)
+        yield self._counter("spec_decode_num_accepted_tokens", "Number of accepted tokens.",
+                            spec.num_accepted_tokens)
+        per_pos = CounterMetricFamily(self.prefix + "spec_decode_num_accepted_tokens_per_pos",
+                                      "Accepted tokens per draft position.", labels=(*LABELS, "position"))
+        for pos, n in enumerate(spec.accepted_per_pos):
+            per_pos.add_metric([*self.values, str(pos)], n)
+        yield per_pos
 
 
 def make_registry(engine: LLMEngine, server: ServerStats, model_name: str,

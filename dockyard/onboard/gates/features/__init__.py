@@ -106,7 +106,8 @@ def run(ctx: GateContext) -> Outcome:
     rows.append(_guarded("quantization", lambda: _quantization_row(ctx)))
     if "mtp" in keys:
         rows.append(row("MTP", "unsupported", "the checkpoint has MTP layers (num_nextn_predict_layers > 0); "
-                                              "dockyard has no speculative decoding yet"))
+                                              "speculative decoding runs ngram and draft_model, but MTP heads are not "
+                                              "loaded yet (speculative_config method 'mtp')"))
     else:
         rows.append(row("MTP", "checkpoint-missing", "no MTP / speculative-decoding heads in the checkpoint "
                                                      "(num_nextn_predict_layers absent or 0)"))
