@@ -315,6 +315,13 @@ def test_reasoning_gate_from_the_prompt_and_rollback(llm):
         assert matcher.accept(t)
     assert torch.equal(allowed_token_mask([matcher], vocab, "cpu")[0],
                        torch.from_numpy(_reference_allowed(llm, compiled, answer[:2])))
+    # Offline: a chat prompt that closed its think block is held to the grammar from the first token.
+    text = llm.apply_chat_template([{"role": "user", "content": "Describe a person as JSON."}])
+    prompt = tok.encode(text + "<think>\n\n</think>\n\n", add_special_tokens=False)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=60, structured_outputs=so),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop"
+    jsonschema.validate(json.loads(out.text), PERSON)
     with pytest.raises(InvalidRequestError, match="reasoning_end_token_ids"):
         StructuredOutputsParams(regex="a", reasoning_end_token_ids=[])
     with pytest.raises(InvalidRequestError, match="needs reasoning_end_token_ids"):
