@@ -22,7 +22,9 @@ Structured outputs: a request with ``SamplingParams.structured_outputs`` has its
 request waits outside the scheduler (the batch goes on without it), then each of its samples gets its own
 matcher and is scheduled. The sampler masks each row to what its matcher allows; after the scheduler has
 appended a token, the engine advances the sample's matcher by it (a token the grammar refuses fails the
-request alone), and a sample whose grammar has terminated finishes ("stop").
+request alone), and a sample whose grammar has terminated finishes ("stop"). A reasoning model's request
+(``StructuredOutputsParams.reasoning_end_token_ids``) samples freely until its output has written the
+reasoning's end sequence, and is held to the grammar from the next token (``structured_output.reasoning_gate``).
 
 A request fails alone: an exception in its own rows of a step (preparing inputs, sampling — see
 ``model_runner.isolate_failures`` — detokenizing, stop strings, building its output) finishes that
@@ -330,7 +332,8 @@ class LLMEngine:
             compiled = req.grammar.result()
             req.grammar = None
             for seq in req.seqs:
-                seq.grammar = self.structured_output.matcher(compiled)
+                seq.grammar = self.structured_output.matcher(compiled, seq.params.structured_outputs,
+                                                             seq.prompt_token_ids)
                 self.scheduler.add(seq)
 
     def check_structured_outputs(self, params: SamplingParams) -> None:

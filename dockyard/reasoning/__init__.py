@@ -33,10 +33,16 @@ class ReasoningSplit:
 
 
 class ReasoningParser:
-    """Base class: ``split(text, final)`` → :class:`ReasoningSplit`; made per request with its prompt."""
+    """Base class: ``split(text, final)`` → :class:`ReasoningSplit`; made per request with its prompt.
+
+    ``START`` / ``END``: the text that opens and the text that ends the reasoning section. A constrained
+    request gets their token ids (``StructuredOutputsParams.reasoning_*_token_ids``), so that its grammar
+    starts where the reasoning ends."""
 
     name: str = ""
     needs_special_tokens: bool = False
+    START: str | None = None
+    END: str = ""
 
     def __init__(self, prompt: str = "") -> None:
         self.prompt = prompt
@@ -94,6 +100,8 @@ class HarmonyReasoningParser(ReasoningParser):
 
     name = "openai"
     needs_special_tokens = True
+    # An assistant turn begins in the prompt; its final channel is the answer.
+    START, END = "<|start|>assistant", "<|channel|>final<|message|>"
 
     def split(self, text: str, final: bool) -> ReasoningSplit:
         if not is_harmony(text):

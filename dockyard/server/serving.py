@@ -21,6 +21,7 @@ prompt alone (``finish_reason: "length"``, no completion tokens).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -223,6 +224,8 @@ class OpenAIServing:
         self.default_sampling = dict(llm.source.generation.sampling)
         self.log_requests = log_requests
         self._token_strs: dict[int, str] = {}
+        # The reasoning parser's (start, end) markers as token ids, once the tokenizer is first asked.
+        self._reasoning_marker_ids: tuple[list[int] | None, list[int]] | None = None
         # Chat templating and tokenization run here, off the event loop; one thread, because a fast
         # (Rust) tokenizer may refuse concurrent use ("Already borrowed"), as vLLM found.
         self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="dockyard-tokenize")
@@ -416,11 +419,21 @@ class OpenAIServing:
         if tool_parser is None and self.reasoning_parser is None:
             return None
         parallel = req.parallel_tool_calls is not False
-        # A grammar holds the output from its first token (the engine cannot start it where the reasoning
-        # ends), so a constrained answer has no reasoning section to take out.
-        reasoning = self.reasoning_parser if params.structured_outputs is None else None
+        reasoning = self.reasoning_parser
         return [ChoiceOutputParser(reasoning(prompt.text or "") if reasoning else None, tool_parser, parallel)
                 for _ in range(params.n)]
+
+    def _after_reasoning(self, structured: StructuredOutputsParams) -> StructuredOutputsParams:
+        """``structured`` starting where the reasoning parser's section ends (the markers' token ids)."""
+        if self.reasoning_parser is None:
+            return structured
+        if self._reasoning_marker_ids is None:
+            tok = self.llm.get_tokenizer()
+            cls = self.reasoning_parser
+            self._reasoning_marker_ids = (tok.encode(cls.START, add_special_tokens=False) if cls.START else None,
+                                          tok.encode(cls.END, add_special_tokens=False))
+        start, end = self._reasoning_marker_ids
+        return dataclasses.replace(structured, reasoning_start_token_ids=start, reasoning_end_token_ids=end)
 
     def _check_chat(self, req: ChatCompletionRequest) -> None:
         self._check_common(req)
@@ -448,6 +461,8 @@ class OpenAIServing:
                 raise APIError(400, f"a required or named tool_choice already constrains the output; leave out "
                                     f"{structured_param}", param="tool_choice")
             structured, structured_param = constraint, "tools"
+        if structured is not None:
+            structured = self._after_reasoning(structured)
         params = self._sampling_params(req, max_tokens, logprobs, max_param, logprobs_param="top_logprobs",
                                        structured_outputs=structured)
         if structured is not None:

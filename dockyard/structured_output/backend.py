@@ -23,6 +23,7 @@ import xgrammar as xgr
 
 from dockyard.errors import InvalidRequestError
 from dockyard.structured_output.params import PARAM, StructuredOutputsParams
+from dockyard.structured_output.reasoning_gate import ReasoningGate
 
 CompiledGrammar = xgr.CompiledGrammar
 # xgrammar prefixes its C++ errors with "[time] /path/file.cc:line: ": the message is what follows.
@@ -44,12 +45,20 @@ def choice_ebnf(choices: list[str]) -> str:
 
 
 class GrammarMatcher:
-    """One sample's position in its grammar (xgrammar's matcher, unlimited rollback)."""
+    """One sample's position in its grammar (xgrammar's matcher, unlimited rollback). With a ``gate``
+    (a reasoning model's request), the grammar applies only once the gate is open: tokens before that are
+    free and not fed to the grammar."""
 
     _batch: xgr.BatchGrammarMatcher | None = None  # fills many rows on xgrammar's own threads
 
-    def __init__(self, compiled: CompiledGrammar) -> None:
+    def __init__(self, compiled: CompiledGrammar, gate: ReasoningGate | None = None) -> None:
         self._matcher = xgr.GrammarMatcher(compiled)
+        self.gate = gate
+
+    @property
+    def active(self) -> bool:
+        """Whether the grammar constrains the next token (False while the sample is still reasoning)."""
+        return self.gate is None or self.gate.open
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the tokens allowed next into row ``row`` of ``bitmask`` (int32 [B, words], on the CPU)."""
@@ -67,12 +76,18 @@ class GrammarMatcher:
         cls._batch.batch_fill_next_token_bitmask([m._matcher for m in matchers], bitmask, rows)
 
     def accept(self, token_id: int) -> bool:
-        """Advance by ``token_id``; False (state unchanged) when the grammar does not allow it."""
-        return self._matcher.accept_token(token_id)
+        """Advance by ``token_id``; False (state unchanged) when the grammar does not allow it (a token
+        before the gate opens is always taken)."""
+        if self.active and not self._matcher.accept_token(token_id):
+            return False
+        if self.gate is not None:
+            self.gate.push(token_id)
+        return True
 
     def rollback(self, num_tokens: int) -> None:
         """Undo the last ``num_tokens`` accepted tokens (speculative decoding's rejected drafts)."""
-        self._matcher.rollback(num_tokens)
+        constrained = num_tokens if self.gate is None else self.gate.rollback(num_tokens)
+        self._matcher.rollback(constrained)
 
     @property
     def is_terminated(self) -> bool:

@@ -25,6 +25,7 @@ import torch
 
 from dockyard.errors import InvalidRequestError
 from dockyard.structured_output.params import PARAM, StructuredOutputsParams
+from dockyard.structured_output.reasoning_gate import ReasoningGate
 
 if TYPE_CHECKING:
     from dockyard.structured_output.backend import CompiledGrammar, GrammarBackend, GrammarMatcher
@@ -35,6 +36,9 @@ COMPILE_THREADS = 2
 
 class RowMatcher(Protocol):
     """What :func:`allowed_token_mask` needs of the rows' matchers (``backend.GrammarMatcher``)."""
+
+    @property
+    def active(self) -> bool: ...
 
     @classmethod
     def fill_rows(cls, matchers: list[Any], bitmask: torch.Tensor, rows: list[int]) -> None: ...
@@ -53,9 +57,9 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 def allowed_token_mask(matchers: Sequence[RowMatcher | None], vocab_size: int, device: torch.device | str
                        ) -> torch.Tensor | None:
-    """[B, V] bool on ``device``, True where row ``i``'s matcher allows a token (rows without one allow
-    every token); None when no row has a matcher."""
-    rows = [row for row, m in enumerate(matchers) if m is not None]
+    """[B, V] bool on ``device``, True where row ``i``'s matcher allows a token (rows without one, or whose
+    matcher is not active yet (still reasoning), allow every token); None when no row is constrained."""
+    rows = [row for row, m in enumerate(matchers) if m is not None and m.active]
     if not rows:
         return None
     bitmask = torch.full((len(matchers), (vocab_size + 31) // 32), -1, dtype=torch.int32)
@@ -118,9 +122,14 @@ class StructuredOutputManager:
     def _compile(self, params: StructuredOutputsParams) -> CompiledGrammar:
         return self.backend().compile(params)
 
-    def matcher(self, compiled: CompiledGrammar) -> GrammarMatcher:
-        """A fresh matcher at the start of ``compiled`` (one per sample)."""
+    def matcher(self, compiled: CompiledGrammar, params: StructuredOutputsParams | None = None,
+                prompt_token_ids: Sequence[int] = ()) -> GrammarMatcher:
+        """A fresh matcher at the start of ``compiled`` (one per sample); when ``params`` names the end of a
+        reasoning section, the grammar starts after it (see ``reasoning_gate``)."""
         # The backend module is loaded already: a compiled grammar came from it.
         from dockyard.structured_output.backend import GrammarMatcher
 
-        return GrammarMatcher(compiled)
+        gate = None
+        if params is not None and params.reasoning_end_token_ids:
+            gate = ReasoningGate(params.reasoning_end_token_ids, params.reasoning_start_token_ids, prompt_token_ids)
+        return GrammarMatcher(compiled, gate)

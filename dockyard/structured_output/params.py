@@ -8,6 +8,10 @@ regions whose content follows a schema, free text elsewhere). The options are vL
 ``disable_additional_properties`` (objects hold only the properties their schema names; always so with
 xgrammar's strict mode), ``disable_fallback`` (accepted: there is one backend, so never a fallback),
 ``whitespace_pattern`` (refused: xgrammar has no whitespace regex; use ``disable_any_whitespace``).
+For a reasoning model, ``reasoning_end_token_ids`` (the token ids that end its reasoning, e.g. those of
+``</think>``; the server fills it from ``--reasoning-parser``) makes the constraint start after the output
+has written them, unless the prompt already closed the reasoning (its last end sequence after its last
+``reasoning_start_token_ids``); see ``reasoning_gate``. They do not change the compiled grammar.
 Values are checked when the object is made (:class:`~dockyard.errors.InvalidRequestError` naming
 ``structured_outputs.<field>``); whether a schema, regex or grammar compiles is the backend's check.
 No grammar library is imported here.
@@ -44,6 +48,8 @@ class StructuredOutputsParams:
     disable_additional_properties: bool = False
     whitespace_pattern: str | None = None
     structural_tag: str | None = None
+    reasoning_end_token_ids: list[int] | None = None
+    reasoning_start_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.json is not None:
@@ -70,6 +76,16 @@ class StructuredOutputsParams:
         for name in ("disable_fallback", "disable_any_whitespace", "disable_additional_properties"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, f"must be true or false, got {getattr(self, name)!r}")
+        for name in ("reasoning_end_token_ids", "reasoning_start_token_ids"):
+            ids = getattr(self, name)
+            if ids is not None:
+                if (isinstance(ids, str) or not isinstance(ids, list | tuple) or not ids
+                        or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)):
+                    raise _bad(name, f"must be a non-empty list of token ids (integers >= 0), got {ids!r}")
+                setattr(self, name, list(ids))
+        if self.reasoning_start_token_ids is not None and self.reasoning_end_token_ids is None:
+            raise _bad("reasoning_start_token_ids", "needs reasoning_end_token_ids (the sequence that ends the "
+                                                    "reasoning); give both or neither")
         if self.whitespace_pattern is not None:
             raise _bad("whitespace_pattern", "is not supported by the xgrammar backend; use "
                                              "disable_any_whitespace=true for JSON without free whitespace")

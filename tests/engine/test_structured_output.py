@@ -19,6 +19,7 @@ import torch
 import xgrammar as xgr
 
 from dockyard import SamplingParams
+from dockyard.engine import sampler as sampler_module
 from dockyard.errors import InvalidRequestError
 from dockyard.structured_output.manager import StructuredOutputManager, allowed_token_mask, unpack_bitmask
 from dockyard.structured_output.params import StructuredOutputsParams
@@ -221,3 +222,107 @@ def test_model_without_tokenizer_is_refused():
         StructuredOutputManager(None, 100, [0]).compile(StructuredOutputsParams(regex="a"))
     assert info.value.param == "structured_outputs"
 
+
+
+def _first_end(tokens: list[int], end: list[int]) -> int | None:
+    """How many tokens precede the first token after ``end`` in ``tokens`` (None: ``end`` does not occur)."""
+    return next((i + len(end) for i in range(len(tokens) - len(end) + 1) if tokens[i:i + len(end)] == end), None)
+
+
+def _reference_allowed(llm, compiled: xgr.CompiledGrammar, tokens: list[int]) -> np.ndarray:
+    """[V] bool: what a fresh xgrammar matcher fed ``tokens`` allows next (its bitmask unpacked by numpy)."""
+    ref = xgr.GrammarMatcher(compiled)
+    assert all(ref.accept_token(t) for t in tokens)
+    bitmask = xgr.allocate_token_bitmask(1, llm.spec.vocab_size)
+    ref.fill_next_token_bitmask(bitmask)
+    return np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")[:llm.spec.vocab_size].astype(bool)
+
+
+def test_grammar_starts_after_the_reasoning_end(llm, chat_prompt, monkeypatch):
+    """With reasoning_end_token_ids, each sample's mask is all-ones until its output holds the end sequence
+    and from the next token on equals a fresh xgrammar matcher's (fed only the tokens after the end), step by
+    step for n = 3 seeded samples; async scheduling gives the synchronous outputs."""
+    tok = llm.get_tokenizer()
+    end = tok.encode("</think>", add_special_tokens=False)[:2]  # two tokens: the samples meet it soon
+    so = StructuredOutputsParams(json=PERSON, disable_any_whitespace=True, reasoning_end_token_ids=end)
+    # The bias makes the free part pick the end's tokens in random order until they form the sequence.
+    params = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=60, structured_outputs=so,
+                            logit_bias={t: 100 for t in end})
+    records: list[tuple[list[int], torch.Tensor | None]] = []
+    real_mask = sampler_module.allowed_token_mask
+
+    def recording(matchers, vocab_size, device):
+        mask = real_mask(matchers, vocab_size, device)
+        for row, m in enumerate(matchers):
+            if m is not None:
+                records.append((list(m.gate.tokens), None if mask is None else mask[row].clone()))
+        return mask
+
+    monkeypatch.setattr(sampler_module, "allowed_token_mask", recording)
+    sync, asyn, _, _ = run_both(llm, [chat_prompt], params)
+    assert asyn == sync
+    compiled = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(
+        tok, vocab_size=llm.spec.vocab_size, stop_token_ids=list(llm.spec.eos_token_ids))).compile_json_schema(
+        json.dumps(PERSON), any_whitespace=False)
+    outputs = [s[0] for s in sync[0]]
+    opened = [_first_end(out, end) for out in outputs]
+    assert all(o is not None and o > len(end) for o in opened), opened  # each sample reasoned a while first
+    assert any(s[2] == "stop" for s in sync[0])
+    for token_ids, _text, reason, _ in sync[0]:
+        if reason == "stop":  # the grammar ended the sample (EOS): what follows the end sequence is valid JSON
+            jsonschema.validate(json.loads(tok.decode(token_ids[_first_end(token_ids, end):-1])), PERSON)
+    free = constrained = 0
+    for seen, row in records:
+        assert any(out[:len(seen)] == seen for out in outputs)  # the matcher saw the sample's own tokens
+        start = _first_end(seen, end)
+        if start is None:
+            assert row is None or row.all()
+            free += 1
+        else:
+            assert row is not None and np.array_equal(row.numpy(), _reference_allowed(llm, compiled, seen[start:]))
+            constrained += 1
+    assert free >= len(outputs) + 2 and constrained >= len(outputs)
+    # before the end, the samples wrote tokens the grammar would refuse at the start of a JSON value
+    assert not _reference_allowed(llm, compiled, [])[end[0]]
+
+
+def test_reasoning_gate_from_the_prompt_and_rollback(llm):
+    """A prompt whose last end sequence follows its last start sequence has closed the reasoning (the grammar
+    applies from the first token); rolling back across the end sequence gives the state of those tokens."""
+    tok = llm.get_tokenizer()
+    start, end = (tok.encode(s, add_special_tokens=False) for s in ("<think>", "</think>"))
+    manager = make_engine(llm).structured_output
+    so = StructuredOutputsParams(json=PERSON, disable_any_whitespace=True, reasoning_end_token_ids=end,
+                                 reasoning_start_token_ids=start)
+    compiled = manager.compile(so).result()
+    vocab = llm.spec.vocab_size
+    closed = tok.encode("<think>\nold</think>x<think>\n\n</think>\n\n", add_special_tokens=False)
+    still_open = tok.encode("<think>old</think>x<think>\n", add_special_tokens=False)
+    assert manager.matcher(compiled, so, closed).active
+    assert not manager.matcher(compiled, so, still_open).active
+    assert allowed_token_mask([manager.matcher(compiled, so, still_open)], vocab, "cpu") is None
+    reasoning = tok.encode("Hmm.", add_special_tokens=False) + end
+    answer = tok.encode('{"name": "Al"', add_special_tokens=False)
+    matcher = manager.matcher(compiled, so, still_open)
+    for t in reasoning + answer:
+        assert matcher.accept(t)
+    want = torch.from_numpy(_reference_allowed(llm, compiled, answer))
+    assert torch.equal(allowed_token_mask([matcher], vocab, "cpu")[0], want)
+    assert not matcher.accept(end[0])  # the grammar holds now
+    matcher.rollback(len(answer) + 1)  # back into the end sequence: free again
+    assert not matcher.active
+    for t in end[-1:] + answer[:2]:
+        assert matcher.accept(t)
+    assert torch.equal(allowed_token_mask([matcher], vocab, "cpu")[0],
+                       torch.from_numpy(_reference_allowed(llm, compiled, answer[:2])))
+    # Offline: a chat prompt that closed its think block is held to the grammar from the first token.
+    text = llm.apply_chat_template([{"role": "user", "content": "Describe a person as JSON."}])
+    prompt = tok.encode(text + "<think>\n\n</think>\n\n", add_special_tokens=False)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=60, structured_outputs=so),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop"
+    jsonschema.validate(json.loads(out.text), PERSON)
+    with pytest.raises(InvalidRequestError, match="reasoning_end_token_ids"):
+        StructuredOutputsParams(regex="a", reasoning_end_token_ids=[])
+    with pytest.raises(InvalidRequestError, match="needs reasoning_end_token_ids"):
+        StructuredOutputsParams(regex="a", reasoning_start_token_ids=[1])

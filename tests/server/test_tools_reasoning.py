@@ -73,6 +73,9 @@ TOOLS = [
 ]
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 QUESTIONS = ["What is the weather in Paris?", "Add 2 and 40."]
+# The template closes the think block in the prompt: a constrained answer is held to its grammar from the first
+# token (with the think block open, the grammar would wait for the model to close it).
+NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +125,7 @@ def _assembled(stream) -> tuple[list[tuple[str, str]], str | None, str, str]:
 def test_required_and_named_tool_calls_validate_streamed_and_not(client, tool_choice, questions):
     for i, question in enumerate(questions):
         kwargs = dict(model=NAME, messages=[{"role": "user", "content": question}], tools=TOOLS,
-                      tool_choice=tool_choice, max_tokens=120, temperature=0.9, seed=100 + i)
+                      tool_choice=tool_choice, max_tokens=120, temperature=0.9, seed=100 + i, extra_body=NO_THINK)
         out = client.chat.completions.create(**kwargs)
         choice = out.choices[0]
         assert choice.finish_reason == "tool_calls", choice
@@ -141,7 +144,7 @@ def test_auto_tool_choice_reads_hermes_calls_from_a_live_answer(client):
     write a call in Hermes' format, which comes back as tool_calls, streamed and not."""
     regex = r'<tool_call>\n\{"name": "add", "arguments": \{"a": [1-9], "b": [1-9]\}\}\n</tool_call>'
     kwargs = dict(model=NAME, messages=[{"role": "user", "content": QUESTIONS[1]}], tools=TOOLS, max_tokens=60,
-                  temperature=0.9, seed=3, extra_body={"structured_outputs": {"regex": regex}})
+                  temperature=0.9, seed=3, extra_body={"structured_outputs": {"regex": regex}, **NO_THINK})
     choice = client.chat.completions.create(**kwargs).choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
@@ -154,7 +157,7 @@ def test_auto_tool_choice_reads_hermes_calls_from_a_live_answer(client):
 def test_parallel_tool_calls_false_gives_one_call(client):
     out = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": QUESTIONS[0]}],
                                          tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
-                                         max_tokens=120, temperature=0.9, seed=7)
+                                         max_tokens=120, temperature=0.9, seed=7, extra_body=NO_THINK)
     assert len(out.choices[0].message.tool_calls) == 1
 
 
@@ -175,9 +178,8 @@ def test_reasoning_content_live_streamed_and_not(client, tool_server):
     _, _, content, reasoning = _assembled(client.chat.completions.create(**kwargs, stream=True))
     assert (reasoning, content) == (text, "")
     # enable_thinking false: the template closes the think block, and the whole answer is content
-    no_think = {"chat_template_kwargs": {"enable_thinking": False}}
-    text = _completion_of(client, tool_server, messages, **no_think)
-    out = client.chat.completions.create(**kwargs, extra_body=no_think).choices[0].message
+    text = _completion_of(client, tool_server, messages, **NO_THINK)
+    out = client.chat.completions.create(**kwargs, extra_body=NO_THINK).choices[0].message
     assert (out.reasoning_content, out.content) == (None, text)
 
 
@@ -279,3 +281,38 @@ def test_suffix_prompt_uses_the_tokenizers_fim_tokens(hf_tokenizer):
     fim = fim_tokens(tok)
     assert fim_prompt(fim, "def add(a, b):\n", "\n    return c") == \
         "<fim_prefix>def add(a, b):\n<fim_suffix>\n    return c<fim_middle>"
+
+
+# Earlier turns that reason briefly and answer in JSON: the small model copies the pattern and closes its own
+# think block, after which the grammar holds the answer.
+FEW_SHOT = [{"role": "user", "content": "Name a city."},
+            {"role": "assistant", "reasoning_content": "\nParis is a city.\n", "content": '{"name": "Paris"}'},
+            {"role": "user", "content": "Name a color."},
+            {"role": "assistant", "reasoning_content": "\nRed is a color.\n", "content": '{"name": "Red"}'}]
+FRUIT = {"type": "object", "properties": {"name": {"type": "string", "enum": ["Apple", "Banana", "Cherry"]},
+                                          "sweet": {"type": "boolean"}},
+         "required": ["name", "sweet"], "additionalProperties": False}
+
+
+def test_structured_output_starts_after_the_reasoning(client):
+    """With --reasoning-parser and the think block open, a json_schema answer reasons freely first:
+    reasoning_content holds the think part, content the constrained JSON (streamed and not)."""
+    kwargs = dict(model=NAME, messages=FEW_SHOT + [{"role": "user", "content": "Name a fruit."}], max_tokens=60,
+                  temperature=0, response_format={"type": "json_schema", "json_schema": {
+                      "name": "fruit", "schema": FRUIT, "strict": True}})
+    out = client.chat.completions.create(**kwargs).choices[0]
+    assert out.finish_reason == "stop"
+    assert out.message.reasoning_content and "</think>" not in out.message.reasoning_content
+    jsonschema.validate(json.loads(out.message.content), FRUIT)
+    _, finish, content, reasoning = _assembled(client.chat.completions.create(**kwargs, stream=True))
+    assert (reasoning, content, finish) == (out.message.reasoning_content, out.message.content, "stop")
+
+
+def test_named_tool_choice_starts_after_the_reasoning(client):
+    messages = FEW_SHOT + [{"role": "user", "content": "Add 2 and 40."}]
+    out = client.chat.completions.create(model=NAME, messages=messages, tools=TOOLS, max_tokens=80, temperature=0,
+                                         tool_choice={"type": "function", "function": {"name": "add"}}).choices[0]
+    assert out.finish_reason == "tool_calls" and out.message.reasoning_content and out.message.content is None
+    (call,) = out.message.tool_calls
+    assert call.function.name == "add"
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS["add"])
