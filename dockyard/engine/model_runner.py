@@ -360,7 +360,8 @@ class ModelRunner:
         seqs = [item.seq for item in sampling]
         proposals = [Proposal(item.spec_token_ids, item.seq.spec_probs if item.spec_token_ids else None)
                      for item in sampling]
-        batch = expanded_batch(seqs, [p.token_ids for p in proposals], self.spec.eos_token_ids, logits.device)
+        batch = expanded_batch(seqs, [p.token_ids for p in proposals], self.spec.eos_token_ids, logits.device,
+                               logits.shape[-1])
         return verify(logits, seqs, proposals, batch, self.sampler.apply_logits_rules)
 
     def _graph_step(self, batch: list[ScheduledSeq]) -> bool:

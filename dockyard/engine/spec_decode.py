@@ -19,9 +19,10 @@ proposals stand:
 
 Every logits rule is applied per verified row as if the proposals before it had been emitted: row
 ``j`` of a sequence is a sequence whose output is extended by proposals ``0..j-1`` (penalty histories,
-``min_tokens`` bans). An accepted run is exactly such an extension, so rules hold inside it. A future
-allowed-token mask (structured output) plugs in the same way, one mask per verified row
-(``SamplingBatch.allowed_token_mask``), with the grammar matcher rolled back past the rejected rows.
+``min_tokens`` bans). An accepted run is exactly such an extension, so rules hold inside it. A
+grammar-constrained sequence (structured output) gets no proposals: its one row carries its matcher's
+mask, as in a plain step. (Speculating on it would need one mask per verified row, each from the matcher
+advanced by the proposals before it, and ``rollback`` past the rejected ones.)
 
 A row with no proposals draws its token exactly as :class:`~dockyard.engine.sampler.Sampler` would
 (same noise from the same generator), so non-speculative requests sharing the step are unchanged.
@@ -36,10 +37,17 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from dockyard.engine.sampler import SamplerOutput, SamplingBatch, _exponential_noise, filter_logits
+from dockyard.engine.sampler import (
+    SamplerOutput,
+    SamplingBatch,
+    _exponential_noise,
+    filter_logits,
+    logit_bias_tensor,
+)
 from dockyard.engine.sequence import Sequence as EngineSequence
 from dockyard.engine.speculative_config import SpeculativeConfig
 from dockyard.errors import ConfigError
+from dockyard.structured_output.manager import allowed_token_mask
 
 
 @dataclass
@@ -99,12 +107,16 @@ class VerifyOutput:
 
 
 def expanded_batch(seqs: list[EngineSequence], proposals: list[list[int]], eos_token_ids: Sequence[int],
-                   device: torch.device) -> SamplingBatch:
+                   device: torch.device, vocab_size: int | None = None) -> SamplingBatch:
     """The sampling batch of a verify step: ``len(proposals[i]) + 1`` rows per sequence, row ``j``
-    being ``seqs[i]`` with proposals ``0..j-1`` appended to its output (its histories and bans)."""
-    params, generators, prompts, outputs, banned = [], [], [], [], []
+    being ``seqs[i]`` with proposals ``0..j-1`` appended to its output (its histories and bans); given the
+    logits' ``vocab_size``, also the grammar masks (a constrained sequence gets no proposals, so its one
+    row is its matcher's mask) and the logit bias."""
+    params, generators, prompts, outputs, banned, matchers = [], [], [], [], [], []
     for seq, proposal in zip(seqs, proposals, strict=True):
         p = seq.params
+        assert seq.grammar is None or not proposal, "grammar-constrained sequences are not speculated on"
+        matchers.extend([seq.grammar] * (len(proposal) + 1))
         for j in range(len(proposal) + 1):
             output = seq.output_token_ids + proposal[:j] if j else seq.output_token_ids
             params.append(p)
@@ -117,6 +129,10 @@ def expanded_batch(seqs: list[EngineSequence], proposals: list[list[int]], eos_t
     batch.prompt_token_ids, batch.output_token_ids, batch.banned_token_ids = prompts, outputs, banned
     if any(p.logprobs is not None for p in params):
         batch.num_logprobs = max(p.logprobs or 0 for p in params)
+    if vocab_size is not None:
+        batch.allowed_token_mask = allowed_token_mask(matchers, vocab_size, device)
+        if any(p.logit_bias for p in params):
+            batch.logit_bias = logit_bias_tensor([p.logit_bias for p in params], vocab_size, device)
     return batch
 
 

@@ -26,6 +26,7 @@ from dockyard.engine.speculative_config import SpeculativeConfig
 from dockyard.engine_args import EngineArgs
 from dockyard.errors import ConfigError
 from dockyard.server.metrics import ServerStats, make_registry, render_metrics
+from dockyard.structured_output.params import StructuredOutputsParams
 from tests.helpers import poison
 
 NGRAM = SpeculativeConfig("ngram", 3, prompt_lookup_min=1, prompt_lookup_max=3)
@@ -209,6 +210,24 @@ def test_seeded_sampling_is_reproducible_and_n_gt_1(bundled_llm, prompts):
     for a, b in zip(first, again):
         assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
         assert len(a.outputs) == 2
+
+
+def test_grammar_constrained_requests_beside_speculating_ones(bundled_llm, prompts):
+    """A JSON-schema request in a speculating engine is not speculated on and gives what it gives without
+    speculation (parsing against its schema); the plain requests beside it still speculate, exactly."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    constrained = SamplingParams(temperature=0.0, max_tokens=24,
+                                 structured_outputs=StructuredOutputsParams(json=schema, disable_any_whitespace=True))
+    plain = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    batch = [prompts[0], prompts[2], prompts[1]]
+    params = [plain, constrained, plain]
+    base = run(make_engine(bundled_llm, None), batch, params)
+    engine = make_engine(bundled_llm, NGRAM)
+    spec = run(engine, batch, params, check_blocks=True)
+    assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in base]
+    assert set(json.loads(spec[1].outputs[0].text)) == {"n"}
+    assert engine.stats()["spec_decode_num_draft_tokens"] > 0
 
 
 def test_a_request_failing_in_a_verify_step_fails_alone(bundled_llm, prompts):
