@@ -18,6 +18,7 @@ from dockyard.onboard.context import GateContext
 from dockyard.onboard.gates import fit as fit_gate
 from dockyard.onboard.gates import inspect as inspect_gate
 from dockyard.onboard.machine import detect_machine
+from dockyard.weights.gguf import native_parameter_names
 from tests.onboard.test_units import TINY
 from tests.weights.test_gguf_families import _hf_model, _write
 
@@ -81,7 +82,7 @@ def test_plan_counts_kept_blocks_at_stored_size(tmp_path: Path) -> None:
     model, arch, qtype = _hf_model("qwen3_moe")
     _write(model, arch, qtype, tmp_path / "m.gguf")
     source = resolve_model(tmp_path / "m.gguf")
-    kept = frozenset(source.gguf.kernel_quantized_weights())
+    kept = frozenset(source.gguf.kernel_quantized_weights(native_parameter_names(source.gguf)))
     dense = plan_memory(source.spec, torch.bfloat16, storage=storage_of(source))
     blocks = plan_memory(source.spec, torch.bfloat16, storage=storage_of(source, gguf_blocks=kept))
     sizes = source.gguf.block_sizes(kept)
