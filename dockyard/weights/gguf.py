@@ -81,7 +81,7 @@ def _blocks(gguf: GGUFFile, t: Any, shape: tuple[int, ...], dests: list[tuple[st
         raise WeightsError(
             f"{gguf.path}: tensor {t.name!r} ({t.tensor_type.name}, shape {list(shape)}) was asked for as "
             f"GGUF blocks, but only 2-D weights in {', '.join(sorted(q.name for q in KERNEL_BLOCK_TYPES))} "
-            "stay quantized; ask kernel_quantized_weights() which do"
+            "stay quantized; ask GGUFFile.kernel_quantized_weights which do"
         )
     rows = np.ascontiguousarray(t.data).reshape(*shape[:-1], -1)
     # llama's q/k row order is a permutation of whole rows: the same processor moves the block rows.
