@@ -3,7 +3,8 @@ then dequantize it on load to the model dtype, or keep it FP8 for the native mat
 
 A quantized weight ``X.weight`` is stored as ``torch.float8_e4m3fn`` beside a float scale named
 ``X.weight_scale_inv`` (DeepSeek-V3, Qwen3-FP8) or ``X.weight_scale``; either way the real weight is
-``weight.float() * scale``. The config says how the scale is laid out: with ``weight_block_size
+``weight.float() * scale``. The config (:class:`~dockyard.weights.quant_config.FP8Config`, read without torch)
+says how the scale is laid out: with ``weight_block_size
 [bn, bk]`` it holds one value per bn × bk block (``(ceil(rows / bn), ceil(cols / bk))``, the last
 blocks ragged when a dimension is not a multiple of the block); without it, one value for the whole
 tensor or one per output row. Pairing is strict: an FP8 weight without its scale, a scale without

@@ -1,6 +1,7 @@
 """int4 weight-only checkpoints (AWQ, GPTQ, compressed-tensors ``pack-quantized``) read into one layout.
 
-Each format stores a quantized Linear ``X`` as a few tensors beside each other; :func:`read_int4` pairs them
+Each format stores a quantized Linear ``X`` as a few tensors beside each other (its ``quantization_config`` is
+read without torch into :class:`~dockyard.weights.quant_config.Int4Config`); :func:`read_int4` pairs them
 strictly (a missing or an extra piece names the tensor) and turns each module into the shared
 :class:`~dockyard.ops.quant_format.Int4Weight` (4-bit codes, a scale and a zero point per group of input
 columns, an optional input permutation). The stream then carries ``X.weight``: the ``Int4Weight`` itself
