@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dockyard import LLM  # noqa: E402
 from dockyard.ops.quant_format import dequantize_int4  # noqa: E402
-from dockyard.weights.int4 import Int4Config, to_int4  # noqa: E402
+from dockyard.weights.int4 import to_int4  # noqa: E402
+from dockyard.weights.quant_config import Int4Config  # noqa: E402
 from tests.helpers import rel_rmse, save_tiny_hf_model, unit_scale_llama  # noqa: E402
 from tests.weights.int4_packers import draw_int4, gptq_tensors, write_int4  # noqa: E402
 

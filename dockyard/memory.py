@@ -28,7 +28,8 @@ from dockyard.errors import ConfigError
 from dockyard.ops.fp8_linear import scale_grid_shape
 from dockyard.registry import build_model
 from dockyard.spec import PER_LAYER_FIELDS, ModelSpec
-from dockyard.weights.fp8 import FP8Config, checkpoint_fp8_weights, native_block
+from dockyard.weights.fp8 import checkpoint_fp8_weights, native_block, storage_dtype
+from dockyard.weights.quant_config import FP8Config
 from dockyard.weights.safetensors_dir import stored_bytes
 
 GiB = 1024**3
@@ -305,7 +306,7 @@ def _fp8_bytes(shape: tuple[int, ...], fp8: FP8Config, native: bool) -> int:
         scales = math.prod(scale_grid_shape(rows, cols, native_block(fp8, cols)))
     else:
         scales = math.prod(scale_grid_shape(rows, cols, fp8.block)) if fp8.block else 1
-    return rows * cols * fp8.storage_dtype.itemsize + 4 * scales
+    return rows * cols * storage_dtype(fp8).itemsize + 4 * scales
 
 
 def stored_weight_bytes(spec: ModelSpec, fp8: FP8Config | None, built_at: torch.dtype = torch.float32
@@ -322,7 +323,7 @@ def stored_weight_bytes(spec: ModelSpec, fp8: FP8Config | None, built_at: torch.
     for name, (p, times) in params.items():
         quantized = _fp8_layer_count(spec, name, times, fp8) if fp8 is not None and name in linears else 0
         if quantized:
-            out[dtype_name(fp8.storage_dtype) + "+float32 scales"] += quantized * _fp8_bytes(tuple(p.shape), fp8,
+            out[fp8.storage_dtype_name + "+float32 scales"] += quantized * _fp8_bytes(tuple(p.shape), fp8,
                                                                                               native=False)
         if quantized < times:
             dtype = plain if p.dtype == built_at else p.dtype
@@ -359,7 +360,7 @@ def held_weight_bytes(spec: ModelSpec, dtype: torch.dtype, storage: WeightStorag
             # quantization config's unquantized modules are what stays out.
             fp8_layers = times if storage.fp8_weights is not None else _fp8_layer_count(spec, name, times,
                                                                                         storage.fp8)
-            out[dtype_name(storage.fp8.storage_dtype) + "+float32 scales"] += fp8_layers * _fp8_bytes(
+            out[storage.fp8.storage_dtype_name + "+float32 scales"] += fp8_layers * _fp8_bytes(
                 tuple(p.shape), storage.fp8, True)
         if fp8_layers < times:
             out[dtype_name(p.dtype)] += p.numel() * p.element_size() * (times - fp8_layers)

@@ -36,6 +36,7 @@ from dockyard.ops.fp8_linear import native_fp8_unavailable
 from dockyard.ops.linear import use_gemv_for_single_rows
 from dockyard.ops.quant_linear import GGUFLinear, Int4Linear, choose_quant_path, convert_to_quant_linears
 from dockyard.registry import build_model
+from dockyard.weights.checkpoint import iter_weights
 from dockyard.weights.fp8 import checkpoint_fp8_weights, choose_fp8_path, convert_to_fp8_linears
 from dockyard.weights.fp8_quantize import quantize_linears_fp8
 from dockyard.weights.loader import load_weights
@@ -107,12 +108,12 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, se
         if source.kind == "safetensors" and source.fp8 is None and source.int4 is None:  # only this rank's slices
             weights = iter_safetensors(source.path, cut=lazy_cutter(model))
         else:  # dummy, GGUF, FP8 and int4 (dequantized whole): sliced after reading
-            weights = shard_weights(model, source.iter_weights(model, dtype, seed))
+            weights = shard_weights(model, iter_weights(source, model, dtype, seed))
     else:
         native_fp8 = _native_fp8(model, source, device, dtype, tp_size)
         keep = _keep_quantized(model, source, device, tp_size)
-        weights = source.iter_weights(model, dtype, seed, native_fp8=native_fp8,
-                                      **({"keep_quantized": keep} if keep else {}))
+        weights = iter_weights(source, model, dtype, seed, native_fp8=native_fp8,
+                               **({"keep_quantized": keep} if keep else {}))
     kv_scales: dict[str, dict[str, float]] = {}
     report = load_weights(model, split_kv_scales(weights, kv_scales))
     if kv_scales:

@@ -6,21 +6,22 @@ dummy weights), a ``config.json`` file (dummy weights at true shapes), or a Hugg
 found in (or downloaded into) the HF cache (:mod:`dockyard.hub`), which then names the model.
 The model's ``generation_config.json`` (:mod:`dockyard.generation_config`) adds its end-of-sequence
 ids to the spec's and gives request defaults; ``tokenizer`` names another tokenizer source.
+
+Resolving reads metadata only, without torch (``dockyard inspect`` answers before torch loads): the config, a
+GGUF file's metadata (:mod:`dockyard.weights.gguf_metadata`), the checkpoint's file list and its
+``quantization_config`` (:mod:`dockyard.weights.quant_config`). The weights are read by
+:func:`dockyard.weights.checkpoint.iter_weights`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from tqdm import tqdm
-
-from dockyard.engine_args import INT4_METHODS, MXFP4_METHOD, QUANTIZATION_METHODS
+from dockyard.engine_args import INT4_METHODS, QUANTIZATION_METHODS
 from dockyard.errors import ConfigError, DockyardError, UnsupportedArchitectureError, WeightsError
 from dockyard.generation_config import GenerationDefaults, load_generation_config
 from dockyard.hub import locate_model as hub_locate
@@ -28,10 +29,9 @@ from dockyard.model_impl import MODEL_IMPLS, ImplChoice, choose_model_impl
 from dockyard.model_path import locate_model
 from dockyard.spec import ModelSpec, read_config_json
 from dockyard.tokenizer import TOKENIZER_FILES, load_tokenizer
-
-if TYPE_CHECKING:  # resolving a model reads metadata only; torch comes with the weights
-    import torch
-    from torch import nn
+from dockyard.weights.gguf_metadata import GGUFFile
+from dockyard.weights.quant_config import FP8Config, Int4Config
+from dockyard.weights.safetensors_dir import safetensors_files
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +48,9 @@ class ModelSource:
     spec: ModelSpec
     kind: str  # "gguf" | "safetensors" | "dummy"
     path: Path
-    gguf: Any = None  # dockyard.weights.gguf.GGUFFile for kind == "gguf"
-    fp8: Any = None  # dockyard.weights.fp8.FP8Config when quantization_config is fp8 (see weights/fp8.py)
-    int4: Any = None  # dockyard.weights.int4.Int4Config for AWQ / GPTQ / compressed-tensors int4 checkpoints
+    gguf: GGUFFile | None = None  # for a .gguf file (kind "gguf", or "dummy" with --load-format dummy)
+    fp8: FP8Config | None = None  # when quantization_config is fp8 (see weights/fp8.py)
+    int4: Int4Config | None = None  # for AWQ / GPTQ / compressed-tensors int4 checkpoints (see weights/int4.py)
     quantization: str | None = None  # quantization_config.quant_method, as the config names it
     generation: GenerationDefaults = dataclasses.field(default_factory=GenerationDefaults)
     tokenizer_path: Path | None = None  # a separate tokenizer source (--tokenizer); None: the model's own
@@ -60,45 +60,6 @@ class ModelSource:
     @property
     def has_real_weights(self) -> bool:
         return self.kind != "dummy"
-
-    def iter_weights(self, model: nn.Module, dtype: torch.dtype, seed: int = 0,
-                     native_fp8: set[str] | None = None, keep_quantized: set[str] | None = None
-                     ) -> Iterator[tuple[str, Any]]:
-        """Checkpoint tensors for ``model`` (dummy ones at its shapes for kind == 'dummy'), counted on a
-        progress bar on stderr when it is a terminal.
-
-        FP8 checkpoints: the weights named in ``native_fp8`` (checkpoint names, see
-        ``weights.fp8.convert_to_fp8_linears``) come as stored with their scale grids; the rest dequantized.
-        int4 checkpoints and GGUF files: the weights named in ``keep_quantized`` (checkpoint / HF names) come as
-        ``ops.quant_format.Int4Weight`` (``weights.int4.read_int4``) or ``GGUFBlocks``
-        (``GGUFFile.kernel_quantized_weights``); the rest dequantized to ``dtype``."""
-        return tqdm(self._tensors(model, dtype, seed, native_fp8, keep_quantized), desc=f"loading {self.kind} weights",
-                    unit=" tensors", file=sys.stderr, disable=None, leave=False)
-
-    def _tensors(self, model: nn.Module, dtype: torch.dtype, seed: int, native_fp8: set[str] | None,
-                 keep_quantized: set[str] | None) -> Iterator[tuple[str, Any]]:
-        # The weights modules import torch; resolving a model reads metadata only, so they load here.
-        from dockyard.weights import fp8
-        from dockyard.weights.dummy import iter_dummy
-        from dockyard.weights.int4 import read_int4
-        from dockyard.weights.mxfp4 import dequantize_mxfp4
-        from dockyard.weights.safetensors_dir import iter_safetensors
-
-        if self.kind == "gguf":  # named after this model's parameters (native or transformers' classes)
-            return self.gguf.iter_tensors(dtype, frozenset(keep_quantized or ()), hf_names=model.state_dict().keys())
-        if self.kind == "safetensors":
-            if self.quantization == MXFP4_METHOD:  # gpt-oss's published experts: dequantized on load
-                return dequantize_mxfp4(iter_safetensors(self.path), dtype)
-            if self.fp8 is not None:
-                if native_fp8:
-                    return fp8.native_fp8(iter_safetensors(self.path), self.fp8, native_fp8, dtype)
-                return fp8.dequantize_fp8(iter_safetensors(self.path), self.fp8, dtype)
-            if self.int4 is not None:
-                device = next(model.parameters()).device
-                return read_int4(iter_safetensors(self.path), self.int4, dtype, keep_quantized, device)
-            return iter_safetensors(self.path)
-
-        return iter_dummy(model, seed)
 
     def load_tokenizer(self) -> Any:
         """The HF tokenizer for this model (cached conversion for GGUF); None if it ships none."""
@@ -172,8 +133,6 @@ def _resolve(model: str | Path | None, load_format: str, revision: str | None,
     location = locate_model(model, revision, download_dir)
     path, repo_id = location.path, location.repo_id
     if path.is_file() and path.suffix == ".gguf":
-        from dockyard.weights.gguf import GGUFFile  # imports torch: `inspect` refuses absurd configs before it
-
         gguf = GGUFFile(path)
         name = repo_id or path.stem
         choice = choose_model_impl(gguf.hf_config(), model_impl)
@@ -196,9 +155,6 @@ def _resolve(model: str | Path | None, load_format: str, revision: str | None,
     if isinstance(quant, dict):
         method = str(quant.get("quant_method") or quant.get("fmt") or "unknown")
     if load_format == "auto" and path.is_dir():
-        from dockyard.weights.int4 import Int4Config  # imports torch (see GGUFFile above)
-        from dockyard.weights.safetensors_dir import safetensors_files  # imports torch (see GGUFFile above)
-
         if safetensors_files(model_dir):
             kind = "safetensors"
             if method in INT4_METHODS:
@@ -212,8 +168,6 @@ def _resolve(model: str | Path | None, load_format: str, revision: str | None,
                 )
     if method == "fp8":
         try:
-            from dockyard.weights.fp8 import FP8Config  # imports torch (see GGUFFile above)
-
             fp8 = FP8Config.from_quantization_config(quant, model_dir)
         except WeightsError:
             if kind == "safetensors":

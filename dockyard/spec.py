@@ -1,7 +1,7 @@
 """ModelSpec: the one normalized, validated description of a model.
 
 Built from an HF ``config.json`` dict (GGUF metadata is first turned into such a dict by
-``dockyard.weights.gguf``). Every architecture quirk the code branches on is a named field
+``dockyard.weights.gguf_metadata``). Every architecture quirk the code branches on is a named field
 here; nothing past this module reads raw config dicts. Validation fails early with a
 message that names the field and the value.
 """

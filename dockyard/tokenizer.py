@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dockyard.errors import InvalidModelFileError, ModelNotFoundError
+from dockyard.weights.gguf_metadata import GGUF_MAGIC
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -102,8 +103,6 @@ def _load_cached(entry: Path) -> PreTrainedTokenizerBase | None:
 def _convert_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     """The slow path: transformers builds the tokenizer from the GGUF metadata."""
     from transformers import AutoTokenizer
-
-    from dockyard.weights.gguf import GGUF_MAGIC  # weights.gguf imports torch: the CLI's commands load without it
 
     try:
         with open(path, "rb") as fh:

@@ -25,7 +25,7 @@ from dockyard import LLM
 from dockyard.errors import WeightsError
 from dockyard.memory import plan_memory, storage_of
 from dockyard.model_source import resolve_model
-from dockyard.weights.fp8 import FP8Config
+from dockyard.weights.quant_config import FP8Config
 from tests.helpers import llama_parameters
 from tests.shared_configs import CONFIGS_DIR
 

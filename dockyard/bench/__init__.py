@@ -9,21 +9,16 @@ roofline measured in the same run; ``serve`` drives any OpenAI-compatible endpoi
 from __future__ import annotations
 
 import argparse
+import importlib
 
 from dockyard.bench.args import add_latency_args, add_throughput_args
-from dockyard.bench.serve import add_bench_serve_args, cmd_bench_serve
+from dockyard.bench.serve import add_bench_serve_args
 
-
-def _cmd_latency(args: argparse.Namespace) -> int:
-    from dockyard.bench.latency import cmd_bench_latency  # the CLI starts without torch: loaded when it runs
-
-    return cmd_bench_latency(args)
-
-
-def _cmd_throughput(args: argparse.Namespace) -> int:
-    from dockyard.bench.throughput import cmd_bench_throughput  # the CLI starts without torch: loaded when it runs
-
-    return cmd_bench_throughput(args)
+# Each benchmark's entry (module:function), imported when it runs: latency and throughput load torch and the
+# engine, which building the CLI's parser must not (the same scheme as dockyard.cli.COMMANDS).
+COMMANDS = {"latency": "dockyard.bench.latency:cmd_bench_latency",
+            "throughput": "dockyard.bench.throughput:cmd_bench_throughput",
+            "serve": "dockyard.bench.serve:cmd_bench_serve"}
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -37,22 +32,20 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
                                          "decode at each --batch-sizes and time to first token at each --input-lens; "
                                          "each figure is reported as a fraction of its roofline.")
     add_latency_args(latency)
-    latency.set_defaults(bench_run=_cmd_latency)
     throughput = sub.add_parser("throughput", help="offline throughput of random requests run to completion, "
                                                    "against the roofline",
                                 description="Run --num-prompts random requests through MODEL to completion and "
                                             "report requests/s, tokens/s and the fraction of the roofline "
                                             "(compute and memory floors measured in the same run).")
     add_throughput_args(throughput)
-    throughput.set_defaults(bench_run=_cmd_throughput)
     serve = sub.add_parser("serve", help="drive an OpenAI-compatible endpoint and report TTFT/TPOT/ITL/E2E",
                            description="Send streamed completions to --base-url at --request-rate (or all at once) "
                                        "and print TTFT, TPOT, ITL and end-to-end latency (mean, median, p50, p90, "
                                        "p99) and throughput; --save-result writes vLLM's bench-serve JSON.")
     add_bench_serve_args(serve)
-    serve.set_defaults(bench_run=cmd_bench_serve)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the chosen benchmark."""
-    return args.bench_run(args)
+    module, _, function = COMMANDS[args.bench_command].partition(":")
+    return getattr(importlib.import_module(module), function)(args)

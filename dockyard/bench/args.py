@@ -8,6 +8,7 @@ CPU and GPU is left None here and filled by :func:`fill_defaults` once the devic
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -95,6 +96,8 @@ def run_and_report(args: argparse.Namespace, run: Callable[[argparse.Namespace],
 def check_plot_path(path: str | Path) -> None:
     """Refuse a ``--plot`` path that cannot take the figure, before minutes of measuring (the file is created)."""
     path = Path(path)
+    if importlib.util.find_spec("matplotlib") is None:
+        raise DockyardError(f"--plot {path}: matplotlib is not installed; pip install matplotlib (or dockyard[plot])")
     if path.suffix.lower() not in PLOT_SUFFIXES:
         raise DockyardError(f"--plot {path}: give a file name ending in {', '.join(PLOT_SUFFIXES)}")
     try:

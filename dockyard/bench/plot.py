@@ -8,7 +8,9 @@
 - serve: median and p99 TTFT, TPOT and end-to-end latency against the request rate of each run (an
   endpoint's roofline is not known to the client, so none is drawn).
 
-Each figure names the model, device and dtype, so a committed plot says what it measured.
+Each figure names the model, device and dtype, so a committed plot says what it measured. matplotlib is an
+optional dependency (the ``plot`` extra): it is imported when a figure is drawn, and ``--plot`` is refused up
+front without it (``bench.args.check_plot_path``).
 """
 
 from __future__ import annotations
@@ -17,13 +19,17 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from dockyard.errors import DockyardError
 
-matplotlib.use("Agg")  # files only: no display on servers and CI
 
-import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (no display on servers and CI)."""
+    import matplotlib  # an optional dependency (the plot extra)
 
-from dockyard.errors import DockyardError  # noqa: E402
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _save(fig: Any, path: str | Path) -> None:
@@ -35,7 +41,7 @@ def _save(fig: Any, path: str | Path) -> None:
         raise DockyardError(f"--plot {path}: cannot write it ({exc}); give a writable path ending in .png, .svg "
                             "or .pdf") from None
     finally:
-        plt.close(fig)
+        _pyplot().close(fig)
 
 
 def _title(result: dict[str, Any]) -> str:
@@ -45,6 +51,7 @@ def _title(result: dict[str, Any]) -> str:
 def plot_latency(result: dict[str, Any], path: str | Path) -> None:
     """Decode ms/step vs batch size and TTFT vs prompt length, each with its roofline floor."""
     decode, ttft = result.get("decode") or [], result.get("ttft") or []
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     ax = axes[0]
     batches = [r["batch"] for r in decode]
@@ -81,6 +88,7 @@ def plot_throughput(result: dict[str, Any], path: str | Path) -> None:
     bars = [("dockyard", result["output_tokens_per_s"])]
     if "hf" in result:
         bars.append(("HF generate (best batch)", result["hf"]["best_output_tokens_per_s"]))
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ax.bar([b[0] for b in bars], [b[1] for b in bars])
     ax.axhline(roof["roofline_output_tokens_per_s"], linestyle="--", color="k",
@@ -98,6 +106,7 @@ def plot_serve(summaries: list[dict[str, Any]], path: str | Path) -> None:
     finite = [s["request_rate"] for s in summaries if math.isfinite(s["request_rate"])]
     inf_at = 2 * max(finite) if finite else 1.0
     xs = [s["request_rate"] if math.isfinite(s["request_rate"]) else inf_at for s in summaries]
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, key, title in zip(axes, ("ttft", "tpot", "e2el"), ("TTFT", "TPOT", "end-to-end")):
         for stat in ("median", "p99"):

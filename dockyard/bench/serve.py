@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dockyard.bench.args import check_plot_path
+from dockyard.bench.plot import plot_serve
 from dockyard.errors import DockyardError
 
 PERCENTILES = (50, 90, 99)
@@ -298,8 +299,6 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         Path(args.save_result).write_text(json.dumps(saved, indent=2) + "\n")
         print(f"wrote {args.save_result}", file=sys.stderr)
     if args.plot:
-        from dockyard.bench.plot import plot_serve  # matplotlib loads only when a plot is asked for
-
         plot_serve(summaries, args.plot)
         print(f"plot: {args.plot}", file=sys.stderr)
     return 0 if all(s["completed"] for s in summaries) else 1

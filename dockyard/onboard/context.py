@@ -19,6 +19,8 @@ from dockyard.dtypes import DTYPE_CHOICES
 from dockyard.engine_args import KV_CACHE_DTYPES
 from dockyard.errors import DockyardError
 from dockyard.model_path import locate_model
+from dockyard.spec import read_config_json
+from dockyard.weights.gguf_metadata import GGUFFile
 
 if TYPE_CHECKING:  # annotations only: this module stays importable without torch (the CLI reads its choices)
     import torch
@@ -130,13 +132,9 @@ class RawModel:
 def read_raw_model(model: str | Path | None, revision: str | None = None,
                    download_dir: str | Path | None = None) -> RawModel:
     """Locate MODEL the way ``resolve_model`` does, but stop at the raw config dict (a repo id names it)."""
-    from dockyard.spec import read_config_json  # this module stays torch-free: the CLI reads its choices
-
     location = locate_model(model, revision, download_dir)
     path, repo_id = location.path, location.repo_id
     if path.is_file() and path.suffix == ".gguf":
-        from dockyard.weights.gguf import GGUFFile  # this module stays torch-free: the CLI reads its choices
-
         return RawModel(repo_id or path.stem, path, "gguf", GGUFFile(path).hf_config())
     if path.is_file():
         return RawModel(repo_id or path.resolve().parent.name, path, "config", read_config_json(path))

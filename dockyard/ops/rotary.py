@@ -300,7 +300,8 @@ class RotaryEmbedding(nn.Module):
         positions = positions.to(q.device)
         tables = self.fused_tables(q)
         if tables is not None:
-            # One Triton kernel per tensor, rotating in place (q and k are fresh projections).
+            # One Triton kernel per tensor, rotating in place (q and k are fresh projections); Triton is an
+            # optional dependency
             from dockyard.ops.triton_fused import rotary_in_place
 
             return (rotary_in_place(q, positions, *tables, self.rotary_dim),

@@ -107,7 +107,7 @@ class StructuredOutputManager:
         with self._backend_lock:
             if self._backend is None:
                 try:
-                    # xgrammar takes seconds to import: only engines that get a structured request load it.
+                    # xgrammar is an optional dependency (the structured extra), loaded by the first structured request
                     from dockyard.structured_output.backend import GrammarBackend
 
                     self._backend = GrammarBackend(self.tokenizer, self.vocab_size, self.eos_token_ids)
@@ -126,7 +126,7 @@ class StructuredOutputManager:
                 prompt_token_ids: Sequence[int] = ()) -> GrammarMatcher:
         """A fresh matcher at the start of ``compiled`` (one per sample); when ``params`` names the end of a
         reasoning section, the grammar starts after it (see ``reasoning_gate``)."""
-        # The backend module is loaded already: a compiled grammar came from it.
+        # xgrammar is an optional dependency (the structured extra); loaded already: a compiled grammar came from it
         from dockyard.structured_output.backend import GrammarMatcher
 
         gate = None

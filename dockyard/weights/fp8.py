@@ -3,7 +3,8 @@ then dequantize it on load to the model dtype, or keep it FP8 for the native mat
 
 A quantized weight ``X.weight`` is stored as ``torch.float8_e4m3fn`` beside a float scale named
 ``X.weight_scale_inv`` (DeepSeek-V3, Qwen3-FP8) or ``X.weight_scale``; either way the real weight is
-``weight.float() * scale``. The config says how the scale is laid out: with ``weight_block_size
+``weight.float() * scale``. The config (:class:`~dockyard.weights.quant_config.FP8Config`, read without torch)
+says how the scale is laid out: with ``weight_block_size
 [bn, bk]`` it holds one value per bn × bk block (``(ceil(rows / bn), ceil(cols / bk))``, the last
 blocks ragged when a dimension is not a multiple of the block); without it, one value for the whole
 tensor or one per output row. Pairing is strict: an FP8 weight without its scale, a scale without
@@ -18,15 +19,11 @@ multiply with the FP8 kernel; any other FP8 weight is still dequantized.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
-import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,92 +31,19 @@ from torch import nn
 
 from dockyard.errors import WeightsError
 from dockyard.ops.fp8_linear import GROUP, Fp8Linear, native_fp8_unavailable
+from dockyard.weights.quant_config import FP8Config
 from dockyard.weights.safetensors_dir import safetensors_files
 
 logger = logging.getLogger(__name__)
 
 # Scale names, tried in this order: "X.weight_scale_inv" and "X.weight_scale" both belong to "X.weight".
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
-FORMATS = {"e4m3": torch.float8_e4m3fn}  # quantization_config.fmt -> the dtype its weights are stored in
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
 
 
-@dataclass(frozen=True)
-class FP8Config:
-    """What an fp8 ``quantization_config`` says about its weights."""
-
-    block: tuple[int, int] | None = None  # weight_block_size; None: per-tensor or per-channel scales
-    fmt: str = "e4m3"
-    # Module name patterns the checkpoint keeps unquantized: ``modules_to_not_convert`` (transformers) or
-    # ``ignored_layers`` (vLLM's FP8 configs), matched as transformers matches them (:meth:`keeps_unquantized`).
-    unquantized: tuple[str, ...] = ()
-
-    @property
-    def storage_dtype(self) -> torch.dtype:
-        return FORMATS[self.fmt]
-
-    def keeps_unquantized(self, module: str) -> bool:
-        """Whether the module named ``module`` (checkpoint naming, e.g. ``model.layers.3.self_attn.q_proj``) is
-        stored unquantized: a pattern matches it from the start up to a module boundary (as a regular
-        expression, so ``model.layers.*.self_attn`` covers every layer's attention), or as a suffix."""
-        return any(p.match(module) or module.endswith(suffix) for p, suffix in _unquantized_patterns(self.unquantized))
-
-    @classmethod
-    def from_quantization_config(cls, quant: dict[str, Any], where: str | Path) -> FP8Config:
-        """Validate an fp8 ``quantization_config``; refuse what dequantize-on-load cannot honour."""
-        fmt = quant.get("fmt") or "e4m3"
-        if fmt not in FORMATS:
-            raise WeightsError(
-                f"{where}: quantization_config.fmt={fmt!r} is not supported; dockyard loads FP8 checkpoints "
-                f"stored as {', '.join(FORMATS)} ({', '.join(str(d) for d in FORMATS.values())}); use such a "
-                "checkpoint, an unquantized one, or --load-format dummy"
-            )
-        scheme = quant.get("activation_scheme") or "dynamic"
-        if scheme != "dynamic":
-            raise WeightsError(
-                f"{where}: quantization_config.activation_scheme={scheme!r} is not supported; dockyard "
-                "keeps activations in the model dtype (dequantize on load) or scales them per token (native "
-                "FP8), which honours only 'dynamic' activation scaling (static input scales would be "
-                "ignored); use a checkpoint "
-                "with activation_scheme 'dynamic', an unquantized one, or --load-format dummy"
-            )
-        unquantized = _module_patterns(quant, where)
-        block = quant.get("weight_block_size")
-        if block is None:
-            return cls(None, fmt, unquantized)
-        if (not isinstance(block, (list, tuple)) or len(block) != 2
-                or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
-            raise WeightsError(
-                f"{where}: quantization_config.weight_block_size={block!r} must be two positive integers "
-                "[rows, cols] (or absent for per-tensor / per-channel scales); fix config.json"
-            )
-        return cls((block[0], block[1]), fmt, unquantized)
-
-
-def _module_patterns(quant: dict[str, Any], where: str | Path) -> tuple[str, ...]:
-    """The ``modules_to_not_convert`` and ``ignored_layers`` of a quantization config, validated."""
-    patterns: list[str] = []
-    for key in ("modules_to_not_convert", "ignored_layers"):
-        value = quant.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-            raise WeightsError(f"{where}: quantization_config.{key}={value!r} must be a list of module names; "
-                               "fix config.json")
-        for v in value:
-            try:
-                re.compile(v)
-            except re.error as exc:
-                raise WeightsError(f"{where}: quantization_config.{key} entry {v!r} is not a valid module "
-                                   f"pattern ({exc}); fix config.json") from None
-        patterns.extend(value)
-    return tuple(dict.fromkeys(patterns))
-
-
-@functools.lru_cache(maxsize=16)
-def _unquantized_patterns(patterns: tuple[str, ...]) -> tuple[tuple[re.Pattern[str], str], ...]:
-    # The boundary keeps "layers.1" from matching "layers.11" and "mlp.gate" from matching "mlp.gate_proj".
-    return tuple((re.compile(rf"(?:{p})(?:(?<=\.)|(?=\.|$))"), p) for p in patterns)
+def storage_dtype(config: FP8Config) -> torch.dtype:
+    """The torch dtype ``config``'s quantized weights are stored in."""
+    return getattr(torch, config.storage_dtype_name)
 
 
 def scale_owner(name: str) -> str | None:
@@ -211,10 +135,10 @@ def _paired(weights: Iterable[tuple[str, torch.Tensor]], config: FP8Config) -> I
             else:
                 scales_waiting[owner] = (name, tensor)
         elif tensor.dtype in FP8_DTYPES:
-            if tensor.dtype != config.storage_dtype:
+            if tensor.dtype != storage_dtype(config):
                 raise WeightsError(
                     f"FP8 weight {name} is stored as {tensor.dtype}, but quantization_config.fmt={config.fmt!r} "
-                    f"means {config.storage_dtype}; fix config.json's fmt or re-export the checkpoint"
+                    f"means {storage_dtype(config)}; fix config.json's fmt or re-export the checkpoint"
                 )
             if name in scales_waiting:
                 scale_name, scale = scales_waiting.pop(name)

@@ -1,4 +1,8 @@
-"""Weights from a safetensors checkpoint directory (one file, or shards with an index)."""
+"""Weights from a safetensors checkpoint directory (one file, or shards with an index).
+
+The listing and the header reading need no torch (a resolved model's metadata uses them); the tensors come
+through safetensors' torch reader, which imports torch when :func:`iter_safetensors` first opens a file.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,14 @@ import struct
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from dockyard.errors import InvalidModelFileError, ModelNotFoundError
+
+if TYPE_CHECKING:  # annotations only: the checkpoint's listing and headers are read without torch
+    import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 

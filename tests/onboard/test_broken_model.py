@@ -8,7 +8,7 @@ import json
 import pytest
 
 import dockyard.models.llama as llama
-import dockyard.weights.safetensors_dir as safetensors_dir
+import dockyard.weights.checkpoint as checkpoint
 from dockyard.onboard import OnboardOptions, run_onboard
 
 pytest.importorskip("transformers")
@@ -59,7 +59,7 @@ def test_wrong_rope_theta_fails_at_attention(tmp_path, monkeypatch):
 
 
 def test_swapped_gate_and_up_projections_fail_at_mlp(tmp_path, monkeypatch):
-    original = safetensors_dir.iter_safetensors
+    original = checkpoint.iter_safetensors  # the name the checkpoint reader calls
 
     def swapped(model_dir):
         for name, tensor in original(model_dir):
@@ -69,5 +69,5 @@ def test_swapped_gate_and_up_projections_fail_at_mlp(tmp_path, monkeypatch):
                 name = name.replace(".up_proj.", ".gate_proj.")
             yield name, tensor
 
-    monkeypatch.setattr(safetensors_dir, "iter_safetensors", swapped)
+    monkeypatch.setattr(checkpoint, "iter_safetensors", swapped)
     _check_failure(_onboard(tmp_path), "mlp", tmp_path)

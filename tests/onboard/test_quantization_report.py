@@ -18,10 +18,12 @@ from dockyard.onboard.context import GateContext
 from dockyard.onboard.gates import fit as fit_gate
 from dockyard.onboard.gates import inspect as inspect_gate
 from dockyard.onboard.machine import detect_machine
+from dockyard.weights.gguf import native_parameter_names
 from tests.onboard.test_units import TINY
 from tests.weights.test_gguf_families import _hf_model, _write
 
 AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
+BNB = {"quant_method": "bitsandbytes", "load_in_4bit": True}
 GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": False, "desc_act": True}
 CT = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": {
     "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32,
@@ -51,14 +53,15 @@ def _config_dir(tmp_path: Path, quant: dict | None) -> Path:
     return folder
 
 
-@pytest.mark.parametrize(("quant", "handling"), [(None, "none"), (AWQ, "refused"), (FP8, "dequantized")])
+@pytest.mark.parametrize(("quant", "handling"), [(None, "none"), (BNB, "refused"), (AWQ, "dequantized"),
+                                                     (FP8, "dequantized")])
 def test_config_checkpoints(tmp_path: Path, quant: dict | None, handling: str) -> None:
     ctx = _context(tmp_path, _config_dir(tmp_path, quant))
     verdict = fit_gate.quantization_of(ctx)
     assert verdict["handling"] == handling, verdict
     assert verdict["scheme"] == ("none" if quant is None else quantization_scheme(quant))
-    if quant is AWQ:
-        assert "'awq'" in verdict["why"] and "dummy weights" in verdict["why"]
+    if quant is BNB:
+        assert "'bitsandbytes'" in verdict["why"] and "dummy weights" in verdict["why"]
     outcome = fit_gate.run(ctx)
     assert outcome.evidence["quantization"] == verdict
     if quant is not None:
@@ -81,7 +84,7 @@ def test_plan_counts_kept_blocks_at_stored_size(tmp_path: Path) -> None:
     model, arch, qtype = _hf_model("qwen3_moe")
     _write(model, arch, qtype, tmp_path / "m.gguf")
     source = resolve_model(tmp_path / "m.gguf")
-    kept = frozenset(source.gguf.kernel_quantized_weights())
+    kept = frozenset(source.gguf.kernel_quantized_weights(native_parameter_names(source.gguf)))
     dense = plan_memory(source.spec, torch.bfloat16, storage=storage_of(source))
     blocks = plan_memory(source.spec, torch.bfloat16, storage=storage_of(source, gguf_blocks=kept))
     sizes = source.gguf.block_sizes(kept)

@@ -30,7 +30,8 @@ from dockyard.ops.fp8_linear import (
     quantize_weight_blocks,
     uses_native_fp8,
 )
-from dockyard.weights.fp8 import FP8_NATIVE_ENV, FP8Config, choose_fp8_path
+from dockyard.weights.fp8 import FP8_NATIVE_ENV, choose_fp8_path
+from dockyard.weights.quant_config import FP8Config
 from tests.helpers import import_kernels, rel_rmse
 from tests.weights.test_fp8 import LOGITS_BOUND, PROMPTS, checkpoints  # noqa: F401  (checkpoints: a fixture)
 

@@ -21,13 +21,14 @@ from safetensors.torch import load_file, save_file
 from dockyard.engine.llm import LLM
 from dockyard.errors import WeightsError
 from dockyard.model_source import resolve_model
-from dockyard.weights.fp8 import FP8Config, dequantize, dequantize_fp8
+from dockyard.weights.fp8 import dequantize, dequantize_fp8
 from dockyard.weights.fp8_quantize import (
     E4M3_MAX,
     FP8_LOGITS_BOUND,
     fp8_quantization_config,
     quantize_fp8_blocks,
 )
+from dockyard.weights.quant_config import FP8Config
 from tests.helpers import rel_rmse, save_tiny_hf_model, unit_scale_llama
 
 BLOCK = 128

@@ -20,7 +20,8 @@ from dockyard.errors import (
 )
 from dockyard.registry import build_model
 from dockyard.spec import ModelSpec
-from dockyard.weights.gguf import GGUFFile
+from dockyard.weights.gguf import iter_tensors
+from dockyard.weights.gguf_metadata import GGUFFile
 from dockyard.weights.loader import load_weights
 
 BUNDLED = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,7 +52,7 @@ def ours(gguf_path: Path) -> GGUFFile:
 @pytest.fixture(scope="module")
 def our_tensors(ours: GGUFFile) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    for name, tensor in ours.iter_tensors():
+    for name, tensor in iter_tensors(ours):
         assert name not in tensors, f"{name} yielded twice"
         tensors[name] = tensor
     return tensors
@@ -198,7 +199,7 @@ def test_synthetic_round_trip(tmp_path: Path) -> None:
     assert cfg["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
     spec = ModelSpec.from_hf_config(cfg)
     assert spec.rope.rope_type == "linear" and spec.rope.factor == 2.0
-    got = dict(f.iter_tensors())
+    got = dict(iter_tensors(f))
     assert set(got) == set(state)
     for name, ref in state.items():
         qtype = _qtype(name)
@@ -210,9 +211,9 @@ def test_synthetic_round_trip(tmp_path: Path) -> None:
             expect = gguf.quants.dequantize(gguf.quants.quantize(ref, qtype), qtype)
         assert got[name].shape == ref.shape, name
         assert torch.equal(got[name], torch.from_numpy(expect)), f"{name} ({qtype.name})"
-    assert next(f.iter_tensors(torch.bfloat16))[1].dtype == torch.bfloat16
+    assert next(iter_tensors(f, torch.bfloat16))[1].dtype == torch.bfloat16
     _require_llama_model()
-    report = load_weights(build_model(spec), f.iter_tensors())
+    report = load_weights(build_model(spec), iter_tensors(f))
     assert report.loaded == len(state)
 
 
@@ -221,7 +222,7 @@ def test_unknown_tensor_name_is_kept(tmp_path: Path) -> None:
     state["blk.0.mystery.weight"] = (np.ones(32, dtype=np.float32), Q.F32)
     state["rope_freqs.weight"] = (np.ones(4, dtype=np.float32), Q.F32)  # all 1: no scaling, not a weight
     f = GGUFFile(_write_gguf(tmp_path / "u.gguf", state))
-    names = [n for n, _ in f.iter_tensors()]
+    names = [n for n, _ in iter_tensors(f)]
     assert "blk.0.mystery.weight" in names and "rope_freqs.weight" not in names
     assert "rope_scaling" not in f.hf_config()
     assert "lm_head.weight" in names
@@ -232,7 +233,7 @@ def test_undequantizable_type_names_tensor(tmp_path: Path) -> None:
     raw = np.zeros((16, gguf.GGML_QUANT_SIZES[Q.Q8_1][1]), dtype=np.uint8)
     path = _write_gguf(tmp_path / "q81.gguf", {"blk.1.attn_v.weight": (raw, Q.Q8_1)})
     with pytest.raises(WeightsError, match=r"blk\.1\.attn_v\.weight.*Q8_1"):
-        list(GGUFFile(path).iter_tensors())
+        list(iter_tensors(GGUFFile(path)))
 
 
 def test_unsupported_architecture(tmp_path: Path) -> None:
@@ -242,7 +243,7 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedArchitectureError, match="'t5'"):
         f.hf_config()
     with pytest.raises(UnsupportedArchitectureError, match="'t5'"):
-        list(f.iter_tensors())
+        list(iter_tensors(f))
 
 
 def test_missing_metadata_key(tmp_path: Path) -> None:

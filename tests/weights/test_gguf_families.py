@@ -24,7 +24,9 @@ from dockyard.model_source import resolve_model
 from dockyard.ops.quant_format import GGUFBlocks
 from dockyard.registry import build_model
 from dockyard.testing import paged_logits, rel_rmse
-from dockyard.weights.gguf import KERNEL_BLOCK_TYPES, GGUFFile, llama3_rope_scaling
+from dockyard.weights.checkpoint import iter_weights
+from dockyard.weights.gguf import iter_tensors, native_parameter_names
+from dockyard.weights.gguf_metadata import KERNEL_BLOCK_TYPES, GGUFFile, llama3_rope_scaling
 
 Q = gguf.GGMLQuantizationType
 SIZES = {"hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -252,13 +254,13 @@ def test_kept_quantized_rows(tmp_path: Path) -> None:
         model, arch, qtype = _hf_model(family)
         _write(model, arch, qtype, tmp_path / f"{family}.gguf")
         f = GGUFFile(tmp_path / f"{family}.gguf")
-        quantized = f.kernel_quantized_weights()
+        quantized = f.kernel_quantized_weights(native_parameter_names(f))
         assert "model.layers.0.self_attn.q_proj.weight" in quantized and "model.norm.weight" not in quantized
         if family == "qwen3_moe":
             assert "model.layers.1.mlp.experts.3.down_proj.weight" in quantized
         assert {Q[v] for v in quantized.values()} <= KERNEL_BLOCK_TYPES
-        dense = dict(f.iter_tensors())
-        kept = dict(f.iter_tensors(keep_quantized=frozenset(quantized)))
+        dense = dict(iter_tensors(f))
+        kept = dict(iter_tensors(f, keep_quantized=frozenset(quantized)))
         assert set(kept) == set(dense)
         for name in quantized:
             blocks = kept[name]
@@ -269,7 +271,7 @@ def test_kept_quantized_rows(tmp_path: Path) -> None:
         source = resolve_model(tmp_path / f"{family}.gguf")
         with torch.device("meta"):
             model = build_model(source.spec)
-        loaded = dict(source.iter_weights(model, torch.float32, keep_quantized=set(quantized)))
+        loaded = dict(iter_weights(source, model, torch.float32, keep_quantized=set(quantized)))
         assert {n for n, t in loaded.items() if isinstance(t, GGUFBlocks)} == set(quantized)
 
 

@@ -27,7 +27,8 @@ from dockyard.errors import WeightsError
 from dockyard.memory import storage_of
 from dockyard.model_source import resolve_model
 from dockyard.ops.quant_format import Int4Weight, dequantize_int4
-from dockyard.weights.int4 import Int4Config, checkpoint_int4_weights, read_int4
+from dockyard.weights.int4 import checkpoint_int4_weights, read_int4
+from dockyard.weights.quant_config import Int4Config
 from dockyard.weights.safetensors_dir import iter_safetensors
 from tests.helpers import rel_rmse, save_tiny_hf_model, unit_scale_llama, unit_scale_state
 from tests.weights.int4_packers import (
