@@ -359,7 +359,7 @@ def render_tutorial(report: dict[str, Any]) -> str:
             "## Functional Verification", ""]
     example = report.get("serve_example")
     if example:
-        chat = example["chat"]
+        chat = example.get("request") or example["chat"]  # a base model's verified request is its completion
         ran = (f" ({example['port_note']})" if example.get("port_note") else "")
         out += [f"The serve-smoke gate ran the command above and this request{ran}, and got the response "
                 "below.", "", "```bash", chat["curl"], "```", "",

@@ -15,6 +15,7 @@ from dockyard.model_source import resolve_model
 from dockyard.onboard import OnboardOptions, gate_prose
 from dockyard.onboard.config_features import quantization_scheme
 from dockyard.onboard.context import GateContext
+from dockyard.onboard.gates import features as features_gate
 from dockyard.onboard.gates import fit as fit_gate
 from dockyard.onboard.gates import inspect as inspect_gate
 from dockyard.onboard.machine import detect_machine
@@ -68,6 +69,10 @@ def test_config_checkpoints(tmp_path: Path, quant: dict | None, handling: str) -
         assert outcome.summary.startswith(f"{verdict['scheme']}, {handling}; ")
     section = "\n".join(gate_prose._fit(gate_prose._Read(outcome.evidence)))
     assert f"| quantization | {verdict['scheme']}: {handling} (" in section
+    row = features_gate._quantization_row(ctx)  # the real gate did not run here
+    assert row["status"] == {"none": "not-applicable", "refused": "unsupported", "dequantized": "not-run"}[handling]
+    assert row["evidence"] == {"scheme": verdict["scheme"], "handling": handling}
+    assert row["feature"] == ("quantization" if quant is None else f"quantization ({verdict['scheme']})")
 
 
 def test_gguf_file(tmp_path: Path) -> None:

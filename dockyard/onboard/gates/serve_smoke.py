@@ -199,13 +199,21 @@ def run(ctx: GateContext) -> Outcome:
                         "curl": curl_command(f"{deploy}/v1/chat/completions", chat_body), "curl_run": chat_curl}
     evidence["completion"] = {"status": comp_status, "answer": comp_text, "response": comp,
                               "curl": curl_command(f"{deploy}/v1/completions", comp_body), "curl_run": comp_curl}
-    ok = chat_status == 200 and comp_status == 200 and bool(chat_text) and bool(comp_text)
-    if chat_status == 200 and chat_text:
+    # A GGUF without a chat template is a base model: its chat request is refused (400), as it should be.
+    chat_applies = source.gguf is None or source.gguf.chat_template() is not None
+    evidence["chat_applies"] = chat_applies
+    ok = (chat_status == 200 and bool(chat_text) if chat_applies else chat_status == 400) and (
+        comp_status == 200 and bool(comp_text))
+    verified = evidence["chat" if chat_applies else "completion"]  # a base model's example is its completion
+    if verified["status"] == 200 and verified["answer"]:
         ctx.serve_example = {"command": evidence["deploy_command"], "port": DEFAULT_PORT, "ran_on_port": port,
                              "port_note": evidence["port_note"], "chat": evidence["chat"],
-                             "completion": evidence["completion"]}
+                             "completion": evidence["completion"],
+                             "request": verified}
     if ok:
-        return Outcome("pass", f"ready after {evidence['startup_seconds']:.1f}s; chat answered {chat_text[:40]!r}; "
+        chat_said = (f"chat answered {chat_text[:40]!r}" if chat_applies else
+                     "no chat template in the GGUF (a base model): chat refused with 400 as it should be")
+        return Outcome("pass", f"ready after {evidence['startup_seconds']:.1f}s; {chat_said}; "
                                f"completion answered {comp_text[:30]!r}", evidence, hard=False)
     return Outcome("fail", f"false ready: /health said 200 but chat → {chat_status} {chat_text[:60]!r}, "
                            f"completion → {comp_status} {comp_text[:60]!r}", evidence, hard=False)

@@ -64,17 +64,17 @@ def _quantization_row(ctx: GateContext) -> dict[str, Any]:
     """The checkpoint's quantization and what dockyard does with it; supported once the real gate checked the
     loaded weights' output."""
     verdict = quantization_of(ctx)
-    evidence = {k: v for k, v in verdict.items() if k != "why"}  # the row's own why says it
-    name = f"quantization ({verdict['scheme']})"
-    if verdict["handling"] == "none":
-        return row("quantization", "not-applicable", verdict["why"], **evidence)
-    if verdict["handling"] == "refused":
-        return row(name, "unsupported", verdict["why"], **evidence)
+    scheme, handling, why = verdict["scheme"], verdict["handling"], verdict["why"]
+    name = f"quantization ({scheme})"
+    if handling == "none":
+        return row("quantization", "not-applicable", why, scheme=scheme, handling=handling)
+    if handling == "refused":
+        return row(name, "unsupported", why, scheme=scheme, handling=handling)
     if ctx.real.passed:
-        return row(name, "supported", f"{verdict['handling']}: {verdict['why']}; the real gate checked the output "
-                                      "of the weights loaded this way", **evidence)
-    return row(name, "not-run", f"{verdict['handling']}: {verdict['why']}; the real gate did not pass on these "
-                                "weights", **evidence)
+        return row(name, "supported", f"{handling}: {why}; the real gate checked the output of the weights "
+                                      "loaded this way", scheme=scheme, handling=handling)
+    return row(name, "not-run", f"{handling}: {why}; the real gate did not pass on these weights", scheme=scheme,
+               handling=handling)
 
 
 def run(ctx: GateContext) -> Outcome:
