@@ -91,6 +91,24 @@ def bench_xgrammar(tokenizer, vocab_size: int) -> dict:
     return out
 
 
+def bench_xgrammar_compile_truncated(tokenizer, vocab_size: int, keep: int, repeats: int = 3) -> dict:
+    """xgrammar's compile time (best of ``repeats``, cache off) over the first ``keep`` tokens of ``tokenizer``'s
+    vocabulary as raw bytes: a vocabulary of exactly ``keep`` real tokens (e.g. 128,256, Llama 3's size) cut from
+    a larger one, for a compile-time figure at that size."""
+    decoded = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size).decoded_vocab[:keep]
+    info = xgr.TokenizerInfo(decoded, xgr.VocabType.RAW, vocab_size=keep)
+    compiler = xgr.GrammarCompiler(info, cache_enabled=False)
+    out = {}
+    for name, (schema, _) in SCHEMAS.items():
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+            times.append(time.perf_counter() - t0)
+        out[name] = min(times) * 1e3
+    return out
+
+
 def bench_llguidance(tokenizer, vocab_size: int) -> dict:
     t0 = time.perf_counter()
     lltok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
@@ -147,7 +165,14 @@ def bench_engine_mask(tokenizer, vocab_size: int, batch_sizes: tuple[int, ...] =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--compile-at-vocab", type=int, default=None, metavar="N",
+                        help="only xgrammar's compile time over the first N tokens of Gemma-3's vocabulary")
     args = parser.parse_args()
+    if args.compile_at_vocab:
+        tokenizer = load_tokenizer(gemma_gguf())
+        ms = bench_xgrammar_compile_truncated(tokenizer, len(tokenizer), args.compile_at_vocab)
+        print(json.dumps({"vocab": args.compile_at_vocab, "compile_ms_best_of_3": ms}))
+        return
     results = {}
     for label, path in (("SmolLM2-135M (bundled)", bundled_model_path()), ("Gemma-3-270M", gemma_gguf())):
         tokenizer = load_tokenizer(path)
