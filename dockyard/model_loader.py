@@ -134,10 +134,14 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, se
 
 def check_online_fp8(source: ModelSource, device: torch.device, tp_size: int = 1) -> None:
     """Refuse (ConfigError) online FP8 where the FP8 projections cannot run: a GPU without FP8 tensor cores, tensor
-    parallelism (the FP8 layers are single-process), or a checkpoint that is already quantized."""
+    parallelism (the FP8 layers are single-process), or a checkpoint that is already quantized (a GGUF file
+    included: re-quantizing its dequantized blocks would add FP8's error to theirs)."""
     why = None
     if source.quantization is not None:
         why = f"the checkpoint is already quantized ({source.quantization!r}); drop --quantization or pass that method"
+    elif source.gguf is not None:
+        why = (f"the GGUF file's weights are already quantized ({source.gguf.quantization_name()}); drop "
+               "--quantization (they are dequantized on load)")
     elif tp_size > 1:
         why = f"FP8 layers run in one process (tensor_parallel_size={tp_size}); drop --quantization or run on one GPU"
     elif device.type == "cuda":

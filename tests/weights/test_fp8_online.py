@@ -75,3 +75,8 @@ def test_online_fp8_is_refused_where_it_cannot_run(bf16_checkpoint, tmp_path):
         check_online_fp8(source, torch.device("cpu"), tp_size=2)
     with pytest.raises(ConfigError, match="transformers path has no FP8 layers"):
         _llm(bf16_checkpoint, quantization="fp8", model_impl="transformers")
+
+
+def test_online_fp8_of_a_gguf_is_refused(bundled_gguf):
+    with pytest.raises(ConfigError, match=r"the GGUF file's weights are already quantized \(GGUF Q4_1"):
+        check_online_fp8(resolve_model(bundled_gguf), torch.device("cpu"))
