@@ -78,13 +78,14 @@ COMMANDS = {"generate": "dockyard.commands.generate:run", "inspect": "dockyard.c
 
 def precheck(args: argparse.Namespace) -> None:
     """What a command refuses before its module, and torch, load: ``onboard`` a MODEL path that does not exist
-    (no report folder is made), ``inspect`` an absurd or broken config (read as metadata only)."""
+    (no report folder is made), ``inspect`` an absurd or broken config (read as metadata only; the source it
+    resolves is kept as ``args.resolved_source`` for the command, so a GGUF's header is parsed once)."""
     if args.command == "onboard":
         check_model_path(args.model, args.revision, args.download_dir)
     elif args.command == "inspect":
         found = read_features(args)
         try:
-            resolve_model(args.model, **model_source_kwargs(args))
+            args.resolved_source = resolve_model(args.model, **model_source_kwargs(args))
         except DockyardError:
             if not args.json:  # what the config asks for, before the one-line error
                 print_features(found)
@@ -95,7 +96,6 @@ def command_entry(command: str) -> Callable[[argparse.Namespace], int]:
     """The function that carries out ``command`` (its module imported now)."""
     module, _, function = COMMANDS[command].partition(":")
     return getattr(importlib.import_module(module), function)
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     """Print (or dump as JSON) the model's spec, memory plan, features and implementation path."""
     found = read_features(args)
     try:
-        source = resolve_model(args.model, **model_source_kwargs(args))
+        source = getattr(args, "resolved_source", None) or resolve_model(args.model, **model_source_kwargs(args))
         spec = source.spec
         machine = detect_machine("auto", args.device_memory)
         target = RunTarget.for_machine(machine.device, args.device_memory is not None)
