@@ -36,8 +36,6 @@ from dockyard.weights.safetensors_dir import safetensors_files
 logger = logging.getLogger(__name__)
 
 LOAD_FORMATS = ("auto", "dummy")
-# The quantization_config methods whose checkpoints load; any other is refused by name.
-LOADED_QUANT_METHODS = QUANTIZATION_METHODS
 
 
 @dataclass
@@ -159,10 +157,10 @@ def _resolve(model: str | Path | None, load_format: str, revision: str | None,
             kind = "safetensors"
             if method in INT4_METHODS:
                 int4 = Int4Config.from_quantization_config(quant, model_dir)
-            elif method is not None and method not in LOADED_QUANT_METHODS:
+            elif method is not None and method not in QUANTIZATION_METHODS:
                 raise WeightsError(
                     f"{model_dir} holds a quantized checkpoint (quantization_config.quant_method={method!r}), "
-                    f"which dockyard cannot load yet (it reads {', '.join(LOADED_QUANT_METHODS)}); "
+                    f"which dockyard cannot load yet (it reads {', '.join(QUANTIZATION_METHODS)}); "
                     "use an unquantized (bf16/fp16/fp32) checkpoint, or --load-format dummy to run the architecture "
                     "on dummy weights"
                 )

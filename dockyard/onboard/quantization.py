@@ -4,13 +4,14 @@ One verdict per model: ``scheme`` (a GGUF file's llama.cpp type and block format
 ``quantization_config`` in words, ``config_features.quantization_scheme``), ``handling`` (``native``: kept
 as stored and computed on in that form; ``dequantized``: expanded to the run dtype on load; ``refused``:
 dockyard does not load it; ``none``: an unquantized checkpoint) and ``why``, from the same decisions the
-engine takes (the memory plan's storage, ``run_plan.fp8_path``, ``model_source.LOADED_QUANT_METHODS``).
+engine takes (the memory plan's storage, ``run_plan.fp8_path``, ``engine_args.QUANTIZATION_METHODS``).
 """
 
 from __future__ import annotations
 
+from dockyard.engine_args import QUANTIZATION_METHODS
 from dockyard.memory import MemoryPlan
-from dockyard.model_source import LOADED_QUANT_METHODS, ModelSource
+from dockyard.model_source import ModelSource
 from dockyard.onboard.config_features import Feature
 from dockyard.run_plan import RunTarget, fp8_path
 
@@ -38,8 +39,8 @@ def quantization_verdict(source: ModelSource, features: list[Feature], plan: Mem
         native, why = fp8_path(source, target)
         return {"scheme": scheme, "handling": "native" if native else "dequantized",
                 "why": f"{plan.weight_format}: {why}{dummy}"}
-    if method in LOADED_QUANT_METHODS:
+    if method in QUANTIZATION_METHODS:
         return {"scheme": scheme, "handling": "dequantized", "why": f"{plan.weight_format}{dummy}"}
     return {"scheme": scheme, "handling": "refused",
             "why": f"dockyard does not load quant_method {method!r} checkpoints yet (it loads "
-                   f"{', '.join(LOADED_QUANT_METHODS)}); the architecture runs on dummy weights only"}
+                   f"{', '.join(QUANTIZATION_METHODS)}); the architecture runs on dummy weights only"}
