@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from dockyard.bench import add_bench_parser
-from dockyard.commands.features import print_features, read_features
+from dockyard.commands.features import read_features, show_refusal
 from dockyard.engine_args import MODEL_SOURCE_FIELDS, EngineArgs, add_vllm_refusals, field_help, model_source_kwargs
 from dockyard.errors import DockyardError
 from dockyard.eval.cli import add_eval_parser
@@ -86,9 +86,8 @@ def precheck(args: argparse.Namespace) -> None:
         found = read_features(args)
         try:
             args.resolved_source = resolve_model(args.model, **model_source_kwargs(args))
-        except DockyardError:
-            if not args.json:  # what the config asks for, before the one-line error
-                print_features(found)
+        except DockyardError as exc:
+            show_refusal(found, args.json, exc)  # what the config asks for, before the one-line error
             raise
 
 

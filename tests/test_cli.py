@@ -105,6 +105,13 @@ def test_inspect_of_an_unsupported_architecture_names_features_family_and_unknow
     assert "plain_mlp" in out and "layernorm" in out
     assert "family       llama (LlamaForCausalLM)" in out and "missing: " in out
     assert "unrecognised norm_epsilon" in out
+    # --json: the refusal is one JSON object on stdout (a script is not left with nothing), the error on stderr
+    assert main(["inspect", str(tmp_path / "config.json"), "--model-impl", "dockyard", "--json"]) == 2
+    out, err = capsys.readouterr()
+    refusal = json.loads(out)
+    assert refusal["error"]["type"] == "UnsupportedArchitectureError" and "Starcoder2ForCausalLM" in err
+    assert refusal["error"]["message"] in err and "norm_epsilon" in refusal["unrecognised_keys"]
+    assert {"plain_mlp", "layernorm"} <= {f["key"] for f in refusal["features"]}
 
 
 def test_prompt_longer_than_max_length():

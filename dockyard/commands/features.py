@@ -5,6 +5,8 @@ family and the keys nobody reads. ``dockyard inspect`` prints them, also before 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,3 +41,16 @@ def print_features(found: ConfigFeatures) -> None:
               f"missing: {missing}")
     note = "  (no native family verdict: dockyard cannot tell what they do)" if unknown else ""
     print("unrecognised " + (", ".join(unknown) if unknown else "none") + note)
+
+
+def show_refusal(found: ConfigFeatures, as_json: bool, error: Exception) -> None:
+    """What the config asks for, shown before a refusal: as text (the error follows on stderr), or, under
+    ``--json``, one JSON object with the error so a script reading stdout is not left with nothing."""
+    if not as_json:
+        print_features(found)
+        return
+    json.dump({"error": {"type": type(error).__name__, "message": str(error)},
+               "features": [f.to_dict() for f in found.features],
+               "nearest_family": found.near.to_dict() if found.near else None,
+               "unrecognised_keys": found.unknown}, sys.stdout, indent=2)
+    sys.stdout.write("\n")

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from dockyard.commands.features import print_features, read_features
+from dockyard.commands.features import print_features, read_features, show_refusal
 from dockyard.engine_args import model_source_kwargs
 from dockyard.errors import DockyardError
 from dockyard.memory import GiB
@@ -28,9 +28,8 @@ def run(args: argparse.Namespace) -> int:
         machine = detect_machine("auto", args.device_memory)
         target = RunTarget.for_machine(machine.device, args.device_memory is not None)
         plan, fp8_why = plan_for_run(source, target, args.dtype, max_num_batched_tokens=args.max_num_batched_tokens)
-    except DockyardError:
-        if not args.json:  # what the config asks for, before the one-line error
-            print_features(found)
+    except DockyardError as exc:
+        show_refusal(found, args.json, exc)  # what the config asks for, before the one-line error
         raise
     fit = None
     if args.device_memory is not None:
