@@ -36,7 +36,6 @@ from dockyard.distributed.parallel_state import (
     barrier,
     broadcast_object,
     destroy_parallel,
-    free_port,
     init_parallel,
     launched_by_torchrun,
 )
@@ -44,6 +43,7 @@ from dockyard.distributed.worker import WorkerConfig, rank_device
 from dockyard.engine.model_runner import StepInputs
 from dockyard.engine_args import EngineArgs
 from dockyard.errors import DockyardError
+from dockyard.ports import free_port
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ is decided here once; the modules shard themselves from it and the KV cache is s
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -97,12 +96,6 @@ def backend_for(device: torch.device | str) -> str:
     """The collective backend for ``device``: nccl on CUDA, gloo otherwise."""
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for the single-host TCP store)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launched_by_torchrun() -> bool:

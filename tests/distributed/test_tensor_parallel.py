@@ -17,9 +17,10 @@ import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
 from dockyard import LLM, SamplingParams
-from dockyard.distributed.parallel_state import destroy_parallel, free_port, init_parallel
+from dockyard.distributed.parallel_state import destroy_parallel, init_parallel
 from dockyard.distributed.sharding import check_parallel_config, shard_model, shard_weights
 from dockyard.errors import ConfigError, DockyardError
+from dockyard.ports import free_port
 from dockyard.registry import build_model
 from dockyard.spec import ModelSpec
 from dockyard.weights.loader import load_weights

@@ -11,7 +11,6 @@ import contextlib
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,16 +21,12 @@ from pathlib import Path
 import pytest
 
 from dockyard.model_path import bundled_model_path
+from dockyard.ports import free_port  # noqa: F401  (the server tests import it from here)
 
 API_KEY = "test-key-123"
 MODEL_NAME = "smol"
 STARTUP_TIMEOUT_S = 240
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_call(port: int, method: str, path: str, body: bytes | dict | None = None,

@@ -16,7 +16,6 @@ import logging
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dockyard.onboard.context import GateContext, Outcome, source_flags
+from dockyard.ports import free_port, port_is_free
 from dockyard.server.cli import DEFAULT_PORT
 from dockyard.tokenizer import TOKENIZER_FILES
 
@@ -35,22 +35,6 @@ CHAT_QUESTION = "What is the capital of France?"
 COMPLETION_PROMPT = "The quick brown fox"
 MAX_TOKENS = 24
 SERVER_MODULES = ("dockyard.server", "fastapi", "uvicorn")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_is_free(port: int) -> bool:
-    """Whether a server could listen on 127.0.0.1:``port`` now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _request(url: str, body: dict[str, Any] | None = None, timeout: float = 120.0) -> tuple[int, Any]:
