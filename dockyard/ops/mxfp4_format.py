@@ -11,6 +11,8 @@ values along K (e8m0: 2^(s - 127)). An e2m1 nibble is a sign bit and a 3-bit mag
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dockyard.errors import WeightsError
@@ -46,6 +48,13 @@ def check_mxfp4_pair(blocks: torch.Tensor, scales: torch.Tensor, name: str = "we
                            f"scale per block of {BLOCK} values)")
 
 
+def scale_code_for_rms(k: int) -> int:
+    """The e8m0 code that gives uniformly random nibbles a root-mean-square value near 1/sqrt(``k``) (dummy
+    weights keep activations at their scale, as dense dummy matrices do)."""
+    rms = (sum(v * v for v in E2M1_MAGNITUDES) / len(E2M1_MAGNITUDES)) ** 0.5
+    return E8M0_BIAS - round(math.log2(rms * math.sqrt(k)))
+
+
 def dequantize_mxfp4_tensor(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
                             name: str = "weight") -> torch.Tensor:
     """``blocks`` uint8 [..., rows, G, 16] and ``scales`` uint8 [..., rows, G] → [..., G·32, rows] in ``dtype``
@@ -61,4 +70,5 @@ def dequantize_mxfp4_tensor(blocks: torch.Tensor, scales: torch.Tensor, dtype: t
 
 
 __all__ = ["BLOCK", "BLOCKS_SUFFIX", "E2M1_MAGNITUDES", "E8M0_BIAS", "SCALES_SUFFIX", "check_mxfp4_pair",
-           "dequantize_mxfp4_tensor", "e2m1_table", "mxfp4_bytes"]
+           "dequantize_mxfp4_tensor", "e2m1_table", "mxfp4_bytes",
+           "scale_code_for_rms"]

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
+from torch import nn
 
+from dockyard.engine_args import MXFP4_METHOD
 from dockyard.errors import WeightsError
 from dockyard.ops.dispatch import triton_installed
 from dockyard.ops.mxfp4_format import BLOCKS_SUFFIX, SCALES_SUFFIX, check_mxfp4_pair, dequantize_mxfp4_tensor
@@ -63,6 +66,23 @@ def choose_mxfp4_path(device: torch.device, tp_size: int = 1, assume_gpu: bool =
         raise WeightsError(f"{QUANT_NATIVE_ENV}={setting} asks to keep the MXFP4 experts, but {why_not}; unset it "
                            f"(or set {QUANT_NATIVE_ENV}=0) to dequantize them on load")
     return False, why_not
+
+
+def source_mxfp4_path(source: Any, device: torch.device, tp_size: int = 1, assume_gpu: bool = False
+                      ) -> tuple[bool, str] | None:
+    """:func:`choose_mxfp4_path` for a ``model_source.ModelSource`` whose experts may be held MXFP4: an MXFP4
+    checkpoint (or its config with dummy weights) on dockyard's own gpt-oss classes; None for any other."""
+    if source.quantization != MXFP4_METHOD or source.kind == "gguf" or source.spec.model_impl != "dockyard":
+        return None
+    return choose_mxfp4_path(device, tp_size, assume_gpu)
+
+
+def mxfp4_held_weights(model: nn.Module) -> frozenset[str]:
+    """The weights ``X`` that ``model`` holds as MXFP4 parameters ``X_blocks`` / ``X_scales`` (uint8)."""
+    params = dict(model.named_parameters())
+    return frozenset(name.removesuffix(BLOCKS_SUFFIX) for name, p in params.items()
+                     if name.endswith(BLOCKS_SUFFIX) and p.dtype == torch.uint8
+                     and name.removesuffix(BLOCKS_SUFFIX) + SCALES_SUFFIX in params)
 
 
 def dequantize_mxfp4(weights: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype,
