@@ -33,6 +33,8 @@ from dockyard.spec import ModelSpec
 from dockyard.testing import rel_rmse
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from moe_kernels import replay_ms  # noqa: E402
+
 from dockyard.bench.ceilings import copy_bandwidth, matmul_rate  # noqa: E402
 
 CALLS = 8
@@ -77,17 +79,7 @@ def graph_ms(calls: list) -> float:  # noqa: ANN001 - callables
     with torch.cuda.graph(graph):
         for call in calls:
             call()
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / len(calls))
-    return sorted(times)[len(times) // 2]
+    return replay_ms(graph, len(calls))
 
 
 @torch.no_grad()
