@@ -22,7 +22,8 @@ Parameter names equal the published checkpoint names under a decoder layer's ``m
   (Qwen2-MoE), ``shared_experts.*`` (DeepSeek).
 * ``GptOssMoeBlock`` — gpt-oss: ``router.weight|bias``, ``experts.gate_up_proj`` [E, H, 2I] (gate/up
   interleaved), ``experts.gate_up_proj_bias`` [E, 2I], ``experts.down_proj`` [E, I, H],
-  ``experts.down_proj_bias`` [E, H].
+  ``experts.down_proj_bias`` [E, H]; built inside ``mxfp4_expert_banks``, the published MXFP4 pairs
+  ``experts.gate_up_proj_blocks|_scales`` and ``experts.down_proj_blocks|_scales`` instead of the two weights.
 """
 
 from __future__ import annotations

@@ -24,7 +24,9 @@ takes it where the fused ops serve).
 Weights are addressed through strides, so the Mixtral/Qwen/DeepSeek layout (gate rows then up rows,
 [E, 2I, H], built after loading by ``ExpertList.stack_``) and gpt-oss's ([E, H, 2I] shapes, gate/up
 interleaved; after loading stored with the reduction dimension contiguous by ``GptOssExperts.stack_``) run
-the same kernel. Tile sizes per token count come from ``benchmarks/moe_kernels.py --sweep`` and
+the same kernel. gpt-oss's experts kept MXFP4 (``ops.mxfp4_format``: e2m1 nibbles, an e8m0 scale per 32 values
+along the reduction) run it too, dequantized in registers per K tile (``MXFP4``: 4.25 bits read per weight
+instead of 16). Tile sizes per token count come from ``benchmarks/moe_kernels.py --sweep`` and
 ``--graph-sweep`` (benchmarks/RESULTS.md).
 """
 
@@ -174,8 +176,10 @@ def _tile_dot(a, a_odd, b_ptrs, s_ptrs, b_mask, acc, MXFP4: tl.constexpr, PRECIS
         packed = b.to(tl.int32)
         scales = tl.load(s_ptrs, mask=b_mask, other=0)
         acc = tl.dot(a, _mxfp4_values(packed & 15, scales, a.dtype), acc, input_precision=PRECISION)
-        return tl.dot(a_odd, _mxfp4_values(packed >> 4, scales, a.dtype), acc, input_precision=PRECISION)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = tl.dot(a_odd, _mxfp4_values(packed >> 4, scales, a.dtype), acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
