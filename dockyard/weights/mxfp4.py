@@ -6,11 +6,13 @@ Modules named in ``modules_to_not_convert`` (attention, router, embeddings, lm_h
 pass through unchanged.
 
 :func:`choose_mxfp4_path` decides where the experts stay MXFP4: on a CUDA GPU of compute capability 9.0 or
-later (Hopper) with Triton, the fused MoE kernel dequantizes them in registers (``ops/triton_moe.py``), so
-the model holds 4.25 bits per expert weight; elsewhere they are dequantized on load to the model's dtype.
-``DOCKYARD_QUANT_NATIVE`` (the switch of every quantized-weight path, ``ops.quant_linear``) overrides it:
-``0`` always dequantizes (to compare), ``1`` insists on keeping them (allowed on a CPU, where the experts
-compute with PyTorch on weights dequantized per call: the reference math, for tests).
+later (Hopper) with Triton, the fused MoE kernel can dequantize them in registers (``ops/triton_moe.py``), so
+the model holds 4.25 bits per expert weight instead of 16. ``DOCKYARD_QUANT_NATIVE`` (the switch of every
+quantized-weight path, ``ops.quant_linear``) chooses: ``1`` keeps them there (and on a CPU, where the experts
+compute with PyTorch on weights dequantized per call: the reference math, for tests), ``0`` dequantizes them
+on load to the model's dtype, and ``auto`` (the default) does what :data:`MXFP4_KEPT_BY_DEFAULT` says: for now
+dequantize, since the MXFP4 kernel is still slower than the bf16 one (benchmarks/RESULTS.md) — keeping them
+pays where memory is short (gpt-oss-120b on one 141 GB GPU).
 
 :func:`dequantize_mxfp4` wraps a safetensors stream: each ``…_blocks`` is paired with its ``…_scales`` (in
 any order, across shards) and comes out as the plain ``…`` weight in the model's dtype, except the pairs
@@ -35,6 +37,9 @@ from dockyard.ops.quant_linear import QUANT_NATIVE_ENV
 
 # The fused MoE kernel's MXFP4 variant has been measured on Hopper (benchmarks/RESULTS.md); older GPUs dequantize.
 MXFP4_KERNEL_CAPABILITY = (9, 0)
+# Whether ``auto`` keeps the experts MXFP4 where the kernel runs: not while it is slower than the bf16 fused MoE
+# on the dequantized experts (benchmarks/RESULTS.md), so keeping them pays only where memory is short.
+MXFP4_KEPT_BY_DEFAULT = False
 
 
 def choose_mxfp4_path(device: torch.device, tp_size: int = 1, assume_gpu: bool = False) -> tuple[bool, str]:
@@ -46,6 +51,9 @@ def choose_mxfp4_path(device: torch.device, tp_size: int = 1, assume_gpu: bool =
     if setting not in ("auto", "", "1", "on", "true", "yes"):
         raise WeightsError(f"{QUANT_NATIVE_ENV}={setting!r} is not one of auto, 0, 1")
     forced = setting not in ("auto", "")
+    if not forced and not MXFP4_KEPT_BY_DEFAULT:
+        return False, (f"the MXFP4 fused MoE kernel is slower than the bf16 one for now; {QUANT_NATIVE_ENV}=1 keeps "
+                       "the experts MXFP4 on a Hopper GPU (less memory)")
     why_not = None
     if tp_size > 1:
         why_not = f"tensor parallelism (tensor_parallel_size={tp_size}) keeps dequantize-on-load"

@@ -24,7 +24,7 @@ from dockyard.onboard.equivalence import build_reference
 from dockyard.ops.quant_linear import QUANT_NATIVE_ENV
 from dockyard.run_plan import RunTarget, plan_for_run
 from dockyard.testing import paged_logits, rel_rmse
-from dockyard.weights.mxfp4 import MXFP4_KERNEL_CAPABILITY, choose_mxfp4_path, dequantize_mxfp4
+from dockyard.weights.mxfp4 import MXFP4_KEPT_BY_DEFAULT, MXFP4_KERNEL_CAPABILITY, choose_mxfp4_path, dequantize_mxfp4
 from tests.shared_configs import shared_config
 
 transformers = pytest.importorskip("transformers")
@@ -129,13 +129,13 @@ def test_mxfp4_experts_kept_as_stored_on_cpu(checkpoint, monkeypatch):
 
 def test_mxfp4_path_choice(monkeypatch):
     monkeypatch.delenv(QUANT_NATIVE_ENV, raising=False)
-    keep, why = choose_mxfp4_path(torch.device("cpu"))
-    assert not keep and "not a CUDA GPU" in why
-    assert choose_mxfp4_path(torch.device("cuda"), assume_gpu=True)[0]
-    assert not choose_mxfp4_path(torch.device("cuda"), tp_size=2, assume_gpu=True)[0]
+    assert choose_mxfp4_path(torch.device("cuda"), assume_gpu=True)[0] == MXFP4_KEPT_BY_DEFAULT
+    assert not choose_mxfp4_path(torch.device("cpu"))[0]
     monkeypatch.setenv(QUANT_NATIVE_ENV, "0")
     assert not choose_mxfp4_path(torch.device("cuda"), assume_gpu=True)[0]
     monkeypatch.setenv(QUANT_NATIVE_ENV, "1")
+    assert choose_mxfp4_path(torch.device("cuda"), assume_gpu=True)[0]
+    assert choose_mxfp4_path(torch.device("cpu"))[0]
     with pytest.raises(WeightsError, match="tensor_parallel_size=2"):
         choose_mxfp4_path(torch.device("cuda"), tp_size=2)
     monkeypatch.setenv(QUANT_NATIVE_ENV, "sometimes")
@@ -144,15 +144,15 @@ def test_mxfp4_path_choice(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < MXFP4_KERNEL_CAPABILITY,
-                    reason="the MXFP4 fused MoE path is chosen on a Hopper GPU")
+                    reason="the MXFP4 fused MoE path runs on a Hopper GPU")
 def test_mxfp4_gpu_logits_kept_vs_dequantized(checkpoint, monkeypatch):
-    """On the GPU (bfloat16) the default keeps the experts MXFP4 in the fused kernel: its logits are within the
-    error of the dequantized path (DOCKYARD_QUANT_NATIVE=0), both against HF on the float64 weights."""
+    """On the GPU (bfloat16) the experts kept MXFP4 in the fused kernel (DOCKYARD_QUANT_NATIVE=1): logits within
+    the error of the dequantized path (DOCKYARD_QUANT_NATIVE=0), both against HF on the float64 weights."""
     folder, ref, small = checkpoint
     ids = torch.randint(0, small["vocab_size"], (24,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = ref(ids[None]).logits[0]
-    monkeypatch.delenv(QUANT_NATIVE_ENV, raising=False)
+    monkeypatch.setenv(QUANT_NATIVE_ENV, "1")
     kept = LLM(str(folder), dtype="bfloat16", device="cuda", kv_cache_memory_bytes=1 << 24,
               model_impl="dockyard")
     assert all(p.dtype == torch.uint8 for p in _expert_parameters(kept).values())
@@ -171,9 +171,9 @@ def test_mxfp4_gpu_logits_kept_vs_dequantized(checkpoint, monkeypatch):
 
 
 def test_plan_counts_mxfp4_experts_at_packed_size(tmp_path, monkeypatch):
-    """gpt-oss-20b's config planned for a GPU elsewhere keeps the experts MXFP4: their bytes are 17/32 of one per
-    weight (a half byte per nibble, one scale byte per 32), counted here from the config by hand."""
-    monkeypatch.delenv(QUANT_NATIVE_ENV, raising=False)
+    """gpt-oss-20b's config planned for a GPU elsewhere with the experts kept MXFP4: their bytes are 17/32 of one
+    per weight (a half byte per nibble, one scale byte per 32), counted here from the config by hand."""
+    monkeypatch.setenv(QUANT_NATIVE_ENV, "1")
     config = shared_config("openai--gpt-oss-20b")
     (tmp_path / "config.json").write_text(json.dumps(config))
     source = resolve_model(tmp_path)
@@ -185,4 +185,10 @@ def test_plan_counts_mxfp4_experts_at_packed_size(tmp_path, monkeypatch):
     dense_gpu = plan_memory(source.spec, torch.bfloat16, storage=storage_of(source, mxfp4_experts=False))
     assert dense_gpu.weight_bytes - gpu.weight_bytes == experts * 2 - experts * 17 // 32
     assert "MXFP4 experts kept as stored" in gpu.weight_format
-    assert MXFP4_HELD not in cpu.weight_bytes_by_dtype and "dequantized to float32" in cpu.weight_format
+    assert MXFP4_HELD in cpu.weight_bytes_by_dtype  # forced on a CPU too
+    monkeypatch.setenv(QUANT_NATIVE_ENV, "auto")
+    default = plan_for_run(source, RunTarget("cuda", present=False))[0]
+    assert (MXFP4_HELD in default.weight_bytes_by_dtype) == MXFP4_KEPT_BY_DEFAULT
+    monkeypatch.setenv(QUANT_NATIVE_ENV, "0")
+    dense = plan_for_run(source, RunTarget("cuda", present=False))[0]
+    assert MXFP4_HELD not in dense.weight_bytes_by_dtype and "dequantized to bfloat16" in dense.weight_format
