@@ -19,8 +19,10 @@ from dockyard import LLM
 from dockyard.errors import WeightsError
 from dockyard.memory import MXFP4_HELD, plan_memory, storage_of
 from dockyard.model_source import resolve_model
+from dockyard.onboard.config_features import detect_features
 from dockyard.onboard.config_surgery import shrink_config
 from dockyard.onboard.equivalence import build_reference
+from dockyard.onboard.quantization import quantization_verdict
 from dockyard.ops.quant_linear import QUANT_NATIVE_ENV
 from dockyard.run_plan import RunTarget, plan_for_run
 from dockyard.testing import paged_logits, rel_rmse
@@ -186,9 +188,12 @@ def test_plan_counts_mxfp4_experts_at_packed_size(tmp_path, monkeypatch):
     assert dense_gpu.weight_bytes - gpu.weight_bytes == experts * 2 - experts * 17 // 32
     assert "MXFP4 experts kept as stored" in gpu.weight_format
     assert MXFP4_HELD in cpu.weight_bytes_by_dtype  # forced on a CPU too
+    features = detect_features(config)
+    assert quantization_verdict(source, features, gpu, RunTarget("cuda", present=False))["handling"] == "native"
     monkeypatch.setenv(QUANT_NATIVE_ENV, "auto")
     default = plan_for_run(source, RunTarget("cuda", present=False))[0]
     assert (MXFP4_HELD in default.weight_bytes_by_dtype) == MXFP4_KEPT_BY_DEFAULT
     monkeypatch.setenv(QUANT_NATIVE_ENV, "0")
     dense = plan_for_run(source, RunTarget("cuda", present=False))[0]
     assert MXFP4_HELD not in dense.weight_bytes_by_dtype and "dequantized to bfloat16" in dense.weight_format
+    assert quantization_verdict(source, features, dense, RunTarget("cuda", present=False))["handling"] == "dequantized"
