@@ -2,7 +2,7 @@
 they dequantize to, at gpt-oss's expert shapes on the GPU: checked against the float64 reference loop, timed,
 and set against the bytes-over-bandwidth roofline.
 
-    python benchmarks/moe_mxfp4.py --config benchmarks/configs/gpt-oss-20b.json --tokens 1 8 64 [--json]
+    python benchmarks/moe_mxfp4.py --config benchmarks/configs/gpt-oss-20b.json --tokens 1 8 64 [--sweep] [--json]
 
 For each token count T: an MXFP4 ``GptOssExperts`` bank with random nibbles and scales (around 1/sqrt(K)) and
 random biases, and a bf16 bank holding exactly the values they mean (``ops.mxfp4_format`` dequantization,
@@ -15,7 +15,8 @@ gpt-oss's routing. Reported per T:
   the calls; also the MXFP4 path with ``ALT_TILES`` (K tiles twice as long: a quarter of the bytes per tile);
 - the bytes each call reads (the distinct experts routed to × one expert's weights and biases as held — 17/32
   byte per MXFP4 weight, 2 per bf16 one — plus the activations) over its time, against the copy bandwidth
-  measured in the same run; the FLOPs against the bf16 matmul rate.
+  measured in the same run; the FLOPs against the bf16 matmul rate;
+- with ``--sweep``, the five fastest MXFP4 tiles of ``SWEEP`` (the same for both GEMMs) at each T.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ from dockyard.bench.ceilings import copy_bandwidth, matmul_rate  # noqa: E402
 
 CALLS = 8
 ALT_TILES = ((16, 64, 256, 4, 3), (16, 64, 256, 4, 3))
+# ``--sweep``: MXFP4 tiles (both GEMMs alike) timed in CUDA graphs at each T; BLOCK_K a multiple of 32.
+SWEEP = [(16, n, kk, w, st) for n in (32, 64, 128) for kk in (64, 128, 256) for w in (4, 8) for st in (2, 3)
+         if not (w == 8 and n == 32)]
 
 
 @torch.no_grad()
@@ -84,7 +88,7 @@ def graph_ms(calls: list) -> float:  # noqa: ANN001 - callables
 
 @torch.no_grad()
 def measure_row(tokens: int, spec: ModelSpec, banks: tuple, gate: torch.Tensor, bandwidth: float,
-                rate: float) -> dict:
+                rate: float, sweep: bool = False) -> dict:
     packed, bf16, f64 = banks
     device, hidden, inter, k = gate.device, spec.hidden_size, spec.moe.intermediate_size, spec.moe.top_k
     gen = torch.Generator(device=device).manual_seed(tokens)
@@ -115,6 +119,17 @@ def measure_row(tokens: int, spec: ModelSpec, banks: tuple, gate: torch.Tensor, 
         row[f"{label}_bytes"] = int(read)
         row[f"{label}_fraction_of_copy_bandwidth"] = round(read / (ms / 1e3) / bandwidth, 3)
         row[f"{label}_fraction_of_matmul_rate"] = round(flops / (ms / 1e3) / rate, 4)
+    if sweep:
+        timings = []
+        for cfg in SWEEP:
+            try:
+                ms = graph_ms([lambda x=x, w=w, i=i, c=(cfg, cfg): triton_moe.fused_moe(x, packed.stacked, w, i, c)
+                               for x, w, i in inputs])
+            except Exception as e:  # noqa: BLE001 - a configuration the device cannot run (shared memory)
+                print(f"sweep {tokens} {cfg}: {type(e).__name__}", file=sys.stderr)
+                continue
+            timings.append((ms, cfg))
+        row["mxfp4_sweep_best"] = [{"ms": round(ms, 4), "config": cfg} for ms, cfg in sorted(timings)[:5]]
     row["speedup_mxfp4_vs_bf16"] = round(row["bf16_ms"] / row["mxfp4_ms"], 2)
     row["roofline_ratio_bf16_over_mxfp4_bytes"] = round(row["bf16_bytes"] / row["mxfp4_bytes"], 2)
     return row
@@ -124,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="benchmarks/configs/gpt-oss-20b.json")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--sweep", action="store_true", help="time the MXFP4 tiles of SWEEP at each T")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     device = torch.device("cuda")
@@ -138,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     gate = torch.randn(spec.moe.num_experts, spec.hidden_size, device=device, dtype=torch.bfloat16)
     gate *= spec.hidden_size ** -0.5
     for tokens in args.tokens:
-        row = measure_row(tokens, spec, banks, gate, bandwidth, rate)
+        row = measure_row(tokens, spec, banks, gate, bandwidth, rate, args.sweep)
         result["rows"].append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     if args.json:
