@@ -23,9 +23,11 @@ from dockyard.onboard.config_features import detect_features
 from dockyard.onboard.config_surgery import shrink_config
 from dockyard.onboard.equivalence import build_reference
 from dockyard.onboard.quantization import quantization_verdict
+from dockyard.ops.moe import GptOssExperts, mxfp4_expert_banks
 from dockyard.ops.quant_linear import QUANT_NATIVE_ENV
 from dockyard.run_plan import RunTarget, plan_for_run
 from dockyard.testing import paged_logits, rel_rmse
+from dockyard.weights.dummy import iter_dummy
 from dockyard.weights.mxfp4 import MXFP4_KEPT_BY_DEFAULT, MXFP4_KERNEL_CAPABILITY, choose_mxfp4_path, dequantize_mxfp4
 from tests.shared_configs import shared_config
 
@@ -197,3 +199,19 @@ def test_plan_counts_mxfp4_experts_at_packed_size(tmp_path, monkeypatch):
     dense = plan_for_run(source, RunTarget("cuda", present=False))[0]
     assert MXFP4_HELD not in dense.weight_bytes_by_dtype and "dequantized to bfloat16" in dense.weight_format
     assert quantization_verdict(source, features, dense, RunTarget("cuda", present=False))["handling"] == "dequantized"
+
+
+def test_dummy_mxfp4_experts_have_the_dense_dummies_scale():
+    """Dummy weights for experts held MXFP4: random nibbles (all 16 codes) with one scale whose decoded values have
+    the root-mean-square 1/sqrt(K) dense dummy matrices have (decoded by this test's own e2m1 table)."""
+    with mxfp4_expert_banks():
+        bank = GptOssExperts(4, 64, 96, limit=7.0)
+    tensors = dict(iter_dummy(bank))
+    for name, k in (("gate_up_proj", 64), ("down_proj", 96)):
+        blocks, scales = tensors[name + "_blocks"], tensors[name + "_scales"]
+        assert blocks.dtype == scales.dtype == torch.uint8 and blocks.shape == getattr(bank, name + "_blocks").shape
+        codes = torch.stack([blocks & 15, blocks >> 4], dim=-1).reshape(*scales.shape, 32).long()
+        assert torch.bincount(codes.reshape(-1), minlength=16).min() > 0
+        values = E2M1[codes] * torch.pow(2.0, scales.double() - 127)[..., None]
+        rms = values.pow(2).mean().sqrt().item()
+        assert 0.7 < rms * k**0.5 < 1.4, rms
