@@ -30,14 +30,6 @@ def e2m1_table(dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.cat([magnitudes, -magnitudes])
 
 
-def mxfp4_bytes(shape: tuple[int, ...]) -> int:
-    """Bytes (blocks and scales) of a weight whose reduction dimension is the last of ``shape``."""
-    elements = 1
-    for size in shape:
-        elements *= size
-    return elements // 2 + elements // BLOCK
-
-
 def check_mxfp4_pair(blocks: torch.Tensor, scales: torch.Tensor, name: str = "weight") -> None:
     """WeightsError naming ``name`` unless ``blocks`` uint8 [..., rows, G, 16] and ``scales`` uint8 [..., rows, G]."""
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
@@ -70,5 +62,4 @@ def dequantize_mxfp4_tensor(blocks: torch.Tensor, scales: torch.Tensor, dtype: t
 
 
 __all__ = ["BLOCK", "BLOCKS_SUFFIX", "E2M1_MAGNITUDES", "E8M0_BIAS", "SCALES_SUFFIX", "check_mxfp4_pair",
-           "dequantize_mxfp4_tensor", "e2m1_table", "mxfp4_bytes",
-           "scale_code_for_rms"]
+           "dequantize_mxfp4_tensor", "e2m1_table", "scale_code_for_rms"]
