@@ -175,17 +175,7 @@ def graph_sweep(tokens: int, spec: ModelSpec, bank: ExpertList, gate: torch.Tens
         with torch.cuda.graph(graph):
             for x, w, i in inputs:
                 triton_moe.fused_moe(x, bank.stacked, w, i, configs)
-        for _ in range(3):
-            graph.replay()
-        times = []
-        for _ in range(20):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / GRAPH_CALLS)
-        return sorted(times)[len(times) // 2]
+        return replay_ms(graph, GRAPH_CALLS)
 
     default_up, default_down = triton_moe.pick_configs(tokens)
     row: dict = {"tokens": tokens, "distinct_experts": distinct, "default": [default_up, default_down]}
@@ -209,6 +199,21 @@ def graph_sweep(tokens: int, spec: ModelSpec, bank: ExpertList, gate: torch.Tens
     for key, ms in (("default", row["default_ms"]), ("best", best_ms)):
         row[f"fraction_of_copy_bandwidth_{key}"] = round(distinct * expert_bytes / (ms / 1e3) / bandwidth, 3)
     return row
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, calls: int) -> float:
+    """Median milliseconds per call of a captured ``graph`` holding ``calls`` calls (after 3 warm replays)."""
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[len(times) // 2]
 
 
 def _float_bank(bank: ExpertList) -> ExpertList:

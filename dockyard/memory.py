@@ -13,11 +13,12 @@ cache is planned per layer type: the engine allocates every layer for the whole 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from torch import nn
 from dockyard.dtypes import dtype_name
 from dockyard.errors import ConfigError
 from dockyard.ops.fp8_linear import scale_grid_shape
+from dockyard.ops.moe import mxfp4_expert_banks
 from dockyard.registry import build_model
 from dockyard.spec import PER_LAYER_FIELDS, ModelSpec
 from dockyard.weights.fp8 import checkpoint_fp8_weights, native_block, storage_dtype
@@ -244,9 +246,17 @@ class WeightStorage:
     # A GGUF file: the weights the run keeps as GGUF blocks (HF name -> (GGML type, elements, stored bytes),
     # ``GGUFFile.block_sizes``); every other tensor is dequantized to the run dtype on load.
     gguf_blocks: dict[str, tuple[str, int, int]] | None = None
+    # An MXFP4 checkpoint on dockyard's gpt-oss classes: whether the run keeps its experts as stored
+    # (``weights.mxfp4.source_mxfp4_path``); None: not such a checkpoint.
+    mxfp4_experts: bool | None = None
 
     def describe(self, dtype: torch.dtype) -> str:
         run = dtype_name(dtype)
+        if self.mxfp4_experts is not None:
+            if self.mxfp4_experts:
+                return (f"MXFP4 experts kept as stored ({MXFP4_HELD}, dequantized in the fused MoE kernel); "
+                        f"the rest {run}")
+            return f"MXFP4 experts dequantized to {run} on load"
         if self.int4_method is not None:
             return f"int4 ({self.int4_method}) dequantized to {run} on load"
         if self.gguf_blocks is not None:
@@ -264,19 +274,25 @@ class WeightStorage:
         return f"FP8 {self.fp8.fmt} {block} dequantized to {run} on load"
 
 
+# How the plan names the bytes of MXFP4 experts held as stored.
+MXFP4_HELD = "MXFP4 (e2m1 + e8m0 per 32)"
+
+
 def _meta_model(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The registered model class for ``spec`` with one layer of each kind, built on the meta device."""
     return _build_on_meta(sample_spec(spec, layer_kinds(spec)), dtype)
 
 
 @functools.lru_cache(maxsize=8)
-def _layer_linears(spec: ModelSpec, dtype: torch.dtype) -> tuple[dict[str, tuple[torch.Tensor, int]], frozenset[str],
-                                                                 frozenset[str]]:
+def _layer_linears(spec: ModelSpec, dtype: torch.dtype, mxfp4_experts: bool = False
+                   ) -> tuple[dict[str, tuple[torch.Tensor, int]], frozenset[str], frozenset[str]]:
     """(every parameter (meta) of the one-layer-per-kind model built at ``dtype``, with how many layers it
     stands for; the weights of Linear modules inside decoder layers; the weights of the projections the
-    native FP8 path may keep FP8). Layer names are those of the real model's first layer of each kind."""
+    native FP8 path may keep FP8). Layer names are those of the real model's first layer of each kind.
+    ``mxfp4_experts``: gpt-oss's experts built as MXFP4 blocks (``ops.moe.mxfp4_expert_banks``)."""
     kinds = layer_kinds(spec)
-    model = _build_on_meta(sample_spec(spec, kinds), dtype)
+    with mxfp4_expert_banks() if mxfp4_experts else contextlib.nullcontext():
+        model = _build_on_meta(sample_spec(spec, kinds), dtype)
 
     def real(name: str) -> tuple[str, int]:
         match = _LAYER_PARAMETER.match(name)
@@ -348,7 +364,7 @@ def _fp8_layer_count(spec: ModelSpec, name: str, times: int, fp8: FP8Config) -> 
 def held_weight_bytes(spec: ModelSpec, dtype: torch.dtype, storage: WeightStorage) -> dict[str, int]:
     """Bytes by dtype the run holds on the device: every parameter at ``dtype``, except on the native FP8
     path the projections stored FP8, which stay FP8 with a float32 scale grid (``ops.fp8_linear.Fp8Linear``)."""
-    params, linears, native = _layer_linears(spec, dtype)
+    params, linears, native = _layer_linears(spec, dtype, bool(storage.mxfp4_experts))
     kept: set[str] = set()
     if storage.fp8 is not None and storage.native_fp8:
         kept = set(native & (linears if storage.fp8_weights is None else storage.fp8_weights))
@@ -363,17 +379,22 @@ def held_weight_bytes(spec: ModelSpec, dtype: torch.dtype, storage: WeightStorag
             out[storage.fp8.storage_dtype_name + "+float32 scales"] += fp8_layers * _fp8_bytes(
                 tuple(p.shape), storage.fp8, True)
         if fp8_layers < times:
-            out[dtype_name(p.dtype)] += p.numel() * p.element_size() * (times - fp8_layers)
+            held = MXFP4_HELD if p.dtype == torch.uint8 else dtype_name(p.dtype)  # only MXFP4 experts are uint8
+            out[held] += p.numel() * p.element_size() * (times - fp8_layers)
     for qtype, elements, stored in (storage.gguf_blocks or {}).values():  # held as stored, not dequantized
         out[dtype_name(dtype)] -= elements * dtype.itemsize
         out[f"GGUF {qtype}"] += stored
     return dict(out)
 
 
-def storage_of(source: Any, native_fp8: bool = False, gguf_blocks: frozenset[str] = frozenset()) -> WeightStorage:
+def storage_of(source: Any, native_fp8: bool = False, gguf_blocks: frozenset[str] = frozenset(),
+               mxfp4_experts: bool | None = None) -> WeightStorage:
     """The :class:`WeightStorage` of a ``model_source.ModelSource``: GGUF blocks and safetensors headers as
     measured from the files, a config alone by its dtype and ``quantization_config``. ``gguf_blocks``: the HF
-    names of the weights the run keeps as GGUF blocks (``GGUFFile.kernel_quantized_weights``)."""
+    names of the weights the run keeps as GGUF blocks (``GGUFFile.kernel_quantized_weights``);
+    ``mxfp4_experts``: see :class:`WeightStorage`."""
+    if mxfp4_experts is not None:
+        return replace(storage_of(source, native_fp8, gguf_blocks), mxfp4_experts=mxfp4_experts)
     if source.kind == "gguf":
         return WeightStorage(stored_bytes_by_dtype=source.gguf.stored_bytes(), source=f"GGUF file {source.path.name}",
                              gguf_blocks=source.gguf.block_sizes(gguf_blocks))

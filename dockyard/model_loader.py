@@ -10,6 +10,8 @@ tensor-parallel workers (ranks 1..N-1) and onboarding:
 3. for an FP8 checkpoint, choose between native FP8 matmuls and dequantizing on load
    (:func:`dockyard.weights.fp8.choose_fp8_path`); for a GGUF or int4 checkpoint, between keeping the
    projections' weights quantized and dequantizing on load (:func:`dockyard.ops.quant_linear.choose_quant_path`);
+   for an MXFP4 checkpoint (gpt-oss), between MXFP4 experts in the fused MoE kernel and dequantizing on load
+   (:func:`dockyard.weights.mxfp4.choose_mxfp4_path`, decided before building: the experts are built as stored);
    then load the weights; FP8 KV-cache scales (``…self_attn.k_scale`` / ``v_scale``) go to the attention
    layers (:mod:`dockyard.ops.fp8_kv`);
 4. with ``quantize_fp8`` (online FP8, ``--quantization fp8`` on an unquantized checkpoint), turn the loaded
@@ -34,12 +36,14 @@ from dockyard.model_source import ModelSource
 from dockyard.ops.fp8_kv import apply_kv_scales, split_kv_scales
 from dockyard.ops.fp8_linear import native_fp8_unavailable
 from dockyard.ops.linear import use_gemv_for_single_rows
+from dockyard.ops.moe import mxfp4_expert_banks
 from dockyard.ops.quant_linear import GGUFLinear, Int4Linear, choose_quant_path, convert_to_quant_linears
 from dockyard.registry import build_model
 from dockyard.weights.checkpoint import iter_weights
 from dockyard.weights.fp8 import checkpoint_fp8_weights, choose_fp8_path, convert_to_fp8_linears
 from dockyard.weights.fp8_quantize import quantize_linears_fp8
 from dockyard.weights.loader import load_weights
+from dockyard.weights.mxfp4 import source_mxfp4_path
 from dockyard.weights.safetensors_dir import iter_safetensors
 
 logger = logging.getLogger(__name__)
@@ -97,7 +101,7 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, se
     try:
         # Every parameter is overwritten by the strict load below, so random init is skipped:
         # on a CPU it costs as much as the load itself.
-        with torch.device(device), _skip_parameter_init():
+        with torch.device(device), _skip_parameter_init(), _mxfp4_experts(source, device, tp_size):
             model = build_model(source.spec)
     finally:
         torch.set_default_dtype(previous)
@@ -169,6 +173,19 @@ def _native_fp8(model: nn.Module, source: ModelSource, device: torch.device, dty
     logger.info("FP8 checkpoint: %d of %d FP8 weights kept FP8 for native matmuls (%s); the rest dequantized "
                 "on load to %s", len(converted), len(fp8_weights), why, dtype)
     return converted
+
+
+def _mxfp4_experts(source: ModelSource, device: torch.device, tp_size: int) -> contextlib.AbstractContextManager:
+    """For an MXFP4 checkpoint (gpt-oss, on dockyard's classes) where the fused MoE kernel reads MXFP4: build its
+    experts as MXFP4 blocks (``ops.moe.mxfp4_expert_banks``; the loader then yields them as stored); else nothing
+    changes (dequantize on load). ``DOCKYARD_QUANT_NATIVE`` overrides the choice
+    (``weights.mxfp4.source_mxfp4_path``)."""
+    path = source_mxfp4_path(source, device, tp_size)
+    if path is None:
+        return contextlib.nullcontext()
+    keep, why = path
+    logger.info("MXFP4 checkpoint: experts %s (%s)", "kept MXFP4" if keep else "dequantized on load", why)
+    return mxfp4_expert_banks() if keep else contextlib.nullcontext()
 
 
 def _keep_quantized(model: nn.Module, source: ModelSource, device: torch.device, tp_size: int) -> set[str]:

@@ -18,6 +18,7 @@ from dockyard.memory import MemoryPlan, plan_memory, storage_of
 from dockyard.model_loader import resolve_dtype
 from dockyard.ops.fp8_kv import resolve_kv_cache_dtype
 from dockyard.weights.fp8 import choose_fp8_path
+from dockyard.weights.mxfp4 import source_mxfp4_path
 
 # The engine's defaults (dockyard.engine.llm.LLM): the plan is for the engine as it would start.
 MAX_NUM_BATCHED_TOKENS = 2048
@@ -59,7 +60,9 @@ def plan_for_run(source: Any, target: RunTarget, dtype: str | torch.dtype = "aut
     spec = source.spec
     native, why = fp8_path(source, target, tp_size)
     run = run_dtype(dtype, spec.torch_dtype, target)
+    mxfp4 = source_mxfp4_path(source, torch.device(target.device_type), tp_size, assume_gpu=not target.present)
+    storage = storage_of(source, native, mxfp4_experts=None if mxfp4 is None else mxfp4[0])
     plan = plan_memory(spec, run, kv_cache_dtype=resolve_kv_cache_dtype(kv_cache_dtype, run),
                        max_num_batched_tokens=max_num_batched_tokens,
-                       max_num_seqs=max_num_seqs, device_type=target.device_type, storage=storage_of(source, native))
+                       max_num_seqs=max_num_seqs, device_type=target.device_type, storage=storage)
     return plan, why

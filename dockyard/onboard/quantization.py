@@ -9,8 +9,8 @@ engine takes (the memory plan's storage, ``run_plan.fp8_path``, ``engine_args.QU
 
 from __future__ import annotations
 
-from dockyard.engine_args import QUANTIZATION_METHODS
-from dockyard.memory import MemoryPlan
+from dockyard.engine_args import MXFP4_METHOD, QUANTIZATION_METHODS
+from dockyard.memory import MXFP4_HELD, MemoryPlan
 from dockyard.model_source import ModelSource
 from dockyard.onboard.config_features import Feature
 from dockyard.run_plan import RunTarget, fp8_path
@@ -39,6 +39,8 @@ def quantization_verdict(source: ModelSource, features: list[Feature], plan: Mem
         native, why = fp8_path(source, target)
         return {"scheme": scheme, "handling": "native" if native else "dequantized",
                 "why": f"{plan.weight_format}: {why}{dummy}"}
+    if method == MXFP4_METHOD and MXFP4_HELD in plan.weight_bytes_by_dtype:  # experts kept (weights.mxfp4)
+        return {"scheme": scheme, "handling": "native", "why": f"{plan.weight_format}{dummy}"}
     if method in QUANTIZATION_METHODS:
         return {"scheme": scheme, "handling": "dequantized", "why": f"{plan.weight_format}{dummy}"}
     return {"scheme": scheme, "handling": "refused",

@@ -22,12 +22,15 @@ Parameter names equal the published checkpoint names under a decoder layer's ``m
   (Qwen2-MoE), ``shared_experts.*`` (DeepSeek).
 * ``GptOssMoeBlock`` — gpt-oss: ``router.weight|bias``, ``experts.gate_up_proj`` [E, H, 2I] (gate/up
   interleaved), ``experts.gate_up_proj_bias`` [E, 2I], ``experts.down_proj`` [E, I, H],
-  ``experts.down_proj_bias`` [E, H].
+  ``experts.down_proj_bias`` [E, H]; built inside ``mxfp4_expert_banks``, the published MXFP4 pairs
+  ``experts.gate_up_proj_blocks|_scales`` and ``experts.down_proj_blocks|_scales`` instead of the two weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -40,6 +43,8 @@ from dockyard.errors import ConfigError
 from dockyard.ops.activation import act_and_mul
 from dockyard.ops.dispatch import fused_ops_enabled
 from dockyard.ops.linear import gemv_enabled
+from dockyard.ops.mxfp4_format import BLOCK as MXFP4_BLOCK
+from dockyard.ops.mxfp4_format import BLOCKS_SUFFIX, SCALES_SUFFIX, dequantize_mxfp4_tensor
 from dockyard.spec import ModelSpec, MoESpec
 
 # gpt-oss's SwiGLU: glu = gate · σ(α · gate), α fixed by the architecture (HF config ``swiglu_alpha``).
@@ -228,6 +233,11 @@ class StackedExperts:
     of ``gate_up`` (``down``) for strides ``(s_e, s_n, s_k)`` in elements; the up weight's element is
     ``up_offset`` further. Biases likewise: ``(s_e, s_n, up offset)``. ``activation`` is ``"silu"`` (SiLU(gate)
     · up) or ``"gpt_oss"`` (its clamped SwiGLU with ``limit`` and ``alpha``).
+
+    MXFP4 weights (``gate_up_scales`` and ``down_scales`` given, ``ops.mxfp4_format``): ``gate_up`` and ``down``
+    hold uint8 bytes of two e2m1 values along k (the low nibble the even k), the strides and ``up_offset``
+    counted in bytes (``s_k`` = 1); the e8m0 scale of element (n, k) sits at ``e·s_e + n·s_n + k // 32`` of the
+    scales for their ``(s_e, s_n, up offset)``.
     """
 
     gate_up: torch.Tensor
@@ -243,10 +253,18 @@ class StackedExperts:
     down_bias_strides: tuple[int, int, int] = (0, 0, 0)
     limit: float | None = None
     alpha: float = GPT_OSS_SWIGLU_ALPHA
+    gate_up_scales: torch.Tensor | None = None
+    gate_up_scale_strides: tuple[int, int, int] = (0, 0, 0)
+    down_scales: torch.Tensor | None = None
+    down_scale_strides: tuple[int, int, int] = (0, 0, 0)
 
     @property
     def num_experts(self) -> int:
         return self.gate_up.shape[0]
+
+    @property
+    def is_mxfp4(self) -> bool:
+        return self.gate_up_scales is not None
 
 
 def stack_expert_mlps(experts: list[ExpertMLP]) -> StackedExperts | None:
@@ -444,21 +462,54 @@ class SparseMoeBlock(nn.Module):
         self.reduce_results = True
 
 
+_build_mxfp4_experts = False
+
+
+@contextlib.contextmanager
+def mxfp4_expert_banks() -> Iterator[None]:
+    """``GptOssExperts`` built inside hold their weights as MXFP4 blocks and scales, as gpt-oss's checkpoints
+    store them (the dense weights are never allocated)."""
+    global _build_mxfp4_experts
+    saved, _build_mxfp4_experts = _build_mxfp4_experts, True
+    try:
+        yield
+    finally:
+        _build_mxfp4_experts = saved
+
+
 class GptOssExperts(nn.Module):
     """gpt-oss's experts, stored stacked as in its checkpoints, with biases and a clamped SwiGLU.
 
     Per expert e: h = x @ gate_up_proj[e] + gate_up_proj_bias[e] (gate = h[..., ::2], up = h[..., 1::2]);
     gate ≤ limit, |up| ≤ limit; y = ((up + 1) · gate · σ(α · gate)) @ down_proj[e] + down_proj_bias[e].
+
+    Built inside :func:`mxfp4_expert_banks` (``mxfp4``), the two weights are held as the published checkpoint
+    stores them, ``gate_up_proj_blocks|_scales`` [E, 2I, H/32, 16 | ] and ``down_proj_blocks|_scales``
+    [E, H, I/32, 16 | ] (``ops.mxfp4_format``), and the fused kernel dequantizes them in registers; the
+    reference loop dequantizes one expert per call.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, limit: float | None,
                  alpha: float = GPT_OSS_SWIGLU_ALPHA) -> None:
         super().__init__()
-        # Left uninitialized: the strict loader fills every parameter (randn here would cost as much as the load).
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * intermediate_size))
+        self.mxfp4 = _build_mxfp4_experts
+        if self.mxfp4:
+            for name, rows, k in (("gate_up_proj", 2 * intermediate_size, hidden_size),
+                                  ("down_proj", hidden_size, intermediate_size)):
+                if k % MXFP4_BLOCK:
+                    raise ConfigError(f"gpt-oss MXFP4 experts: {name}'s reduction size {k} is not a multiple of "
+                                      f"{MXFP4_BLOCK}; the checkpoint cannot hold it in MXFP4 blocks")
+                blocks = torch.empty(num_experts, rows, k // MXFP4_BLOCK, MXFP4_BLOCK // 2, dtype=torch.uint8)
+                self.register_parameter(name + BLOCKS_SUFFIX, nn.Parameter(blocks, requires_grad=False))
+                scales = torch.empty(num_experts, rows, k // MXFP4_BLOCK, dtype=torch.uint8)
+                self.register_parameter(name + SCALES_SUFFIX, nn.Parameter(scales, requires_grad=False))
+        else:
+            # Left uninitialized: the strict loader fills every parameter (randn here would cost as much as the load).
+            self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * intermediate_size))
+            self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(num_experts, 2 * intermediate_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, hidden_size))
+        self.intermediate_size = intermediate_size
         self.limit = limit
         self.alpha = alpha
         # False keeps the reference loop (to compare, or to bisect a numerical difference).
@@ -466,12 +517,15 @@ class GptOssExperts(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        return self.gate_up_proj.shape[0]
+        return self.gate_up_proj_bias.shape[0]
 
     def stack_(self) -> None:
         """Once loaded: store each weight with its reduction dimension contiguous (gate/up as [E, 2I, H], down as
         [E, H, I]), which the grouped GEMM streams in long coalesced rows, the parameters becoming transposed
-        views (same shapes and names as the checkpoint; the reference path multiplies through them)."""
+        views (same shapes and names as the checkpoint; the reference path multiplies through them). MXFP4
+        blocks are laid out so already."""
+        if self.mxfp4:
+            return
         with torch.no_grad():
             for name in ("gate_up_proj", "down_proj"):
                 weight = getattr(self, name)
@@ -482,22 +536,43 @@ class GptOssExperts(nn.Module):
     @property
     def stacked(self) -> StackedExperts | None:
         """The weights through their strides: gate/up [E, H, 2I] with gate and up interleaved, down [E, I, H] (as
-        the checkpoint, or re-laid out by ``stack_``); None (the reference loop) when ``use_fused`` is off."""
+        the checkpoint, or re-laid out by ``stack_``), or their MXFP4 blocks [E, 2I, H/2] and [E, H, I/2] bytes;
+        None (the reference loop) when ``use_fused`` is off."""
         if not self.use_fused:
             return None
-        gate_up, down, bias, down_bias = self.gate_up_proj, self.down_proj, self.gate_up_proj_bias, self.down_proj_bias
+        bias, down_bias = self.gate_up_proj_bias, self.down_proj_bias
+        common = dict(intermediate_size=self.intermediate_size, activation="gpt_oss", gate_up_bias=bias,
+                      gate_up_bias_strides=(bias.stride(0), 2 * bias.stride(1), bias.stride(1)), down_bias=down_bias,
+                      down_bias_strides=(down_bias.stride(0), down_bias.stride(1), 0), limit=self.limit,
+                      alpha=self.alpha)
+        if self.mxfp4:
+            gate_up, down = self.gate_up_proj_blocks, self.down_proj_blocks
+            gate_up_scales, down_scales = self.gate_up_proj_scales, self.down_proj_scales
+            return StackedExperts(
+                gate_up=gate_up, gate_up_strides=(gate_up.stride(0), 2 * gate_up.stride(1), 1),
+                up_offset=gate_up.stride(1), down=down, down_strides=(down.stride(0), down.stride(1), 1),
+                gate_up_scales=gate_up_scales,
+                gate_up_scale_strides=(gate_up_scales.stride(0), 2 * gate_up_scales.stride(1),
+                                       gate_up_scales.stride(1)),
+                down_scales=down_scales, down_scale_strides=(down_scales.stride(0), down_scales.stride(1), 0),
+                **common)
+        gate_up, down = self.gate_up_proj, self.down_proj
         return StackedExperts(
             gate_up=gate_up, gate_up_strides=(gate_up.stride(0), 2 * gate_up.stride(2), gate_up.stride(1)),
             up_offset=gate_up.stride(2), down=down, down_strides=(down.stride(0), down.stride(2), down.stride(1)),
-            intermediate_size=down.shape[1], activation="gpt_oss",
-            gate_up_bias=bias, gate_up_bias_strides=(bias.stride(0), 2 * bias.stride(1), bias.stride(1)),
-            down_bias=down_bias, down_bias_strides=(down_bias.stride(0), down_bias.stride(1), 0),
-            limit=self.limit, alpha=self.alpha)
+            **common)
+
+    def expert_weights(self, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ``expert``'s (gate_up [H, 2I], down [I, H]) as dense matrices in ``dtype``."""
+        if not self.mxfp4:
+            return self.gate_up_proj[expert].to(dtype), self.down_proj[expert].to(dtype)
+        return (dequantize_mxfp4_tensor(self.gate_up_proj_blocks[expert], self.gate_up_proj_scales[expert], dtype),
+                dequantize_mxfp4_tensor(self.down_proj_blocks[expert], self.down_proj_scales[expert], dtype))
 
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        h = torch.addmm(self.gate_up_proj_bias[expert], x, self.gate_up_proj[expert])
-        return torch.addmm(self.down_proj_bias[expert], gpt_oss_swiglu(h, self.limit, self.alpha),
-                           self.down_proj[expert])
+        gate_up, down = self.expert_weights(expert, x.dtype)
+        h = torch.addmm(self.gate_up_proj_bias[expert], x, gate_up)
+        return torch.addmm(self.down_proj_bias[expert], gpt_oss_swiglu(h, self.limit, self.alpha), down)
 
 
 def gpt_oss_swiglu(gate_up: torch.Tensor, limit: float | None, alpha: float = GPT_OSS_SWIGLU_ALPHA) -> torch.Tensor:

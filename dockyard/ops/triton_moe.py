@@ -24,7 +24,9 @@ takes it where the fused ops serve).
 Weights are addressed through strides, so the Mixtral/Qwen/DeepSeek layout (gate rows then up rows,
 [E, 2I, H], built after loading by ``ExpertList.stack_``) and gpt-oss's ([E, H, 2I] shapes, gate/up
 interleaved; after loading stored with the reduction dimension contiguous by ``GptOssExperts.stack_``) run
-the same kernel. Tile sizes per token count come from ``benchmarks/moe_kernels.py --sweep`` and
+the same kernel. gpt-oss's experts kept MXFP4 (``ops.mxfp4_format``: e2m1 nibbles, an e8m0 scale per 32 values
+along the reduction) run it too, dequantized in registers per K tile (``MXFP4``: 4.25 bits read per weight
+instead of 16). Tile sizes per token count come from ``benchmarks/moe_kernels.py --sweep`` and
 ``--graph-sweep`` (benchmarks/RESULTS.md).
 """
 
@@ -35,6 +37,8 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 import triton.language as tl
+
+from dockyard.ops.mxfp4_format import BLOCK as MXFP4_BLOCK
 
 if TYPE_CHECKING:  # an annotation only: ops/moe.py imports this module (when Triton is installed)
     from dockyard.ops.moe import StackedExperts
@@ -150,17 +154,50 @@ def _combine_kernel(y_ptr, ids_ptr, out_ptr, H, num_experts, K: tl.constexpr, BL
 
 
 @triton.jit
+def _mxfp4_values(codes, scales, dtype: tl.constexpr):
+    # e2m1 nibble codes (int32 0..15) and their blocks' e8m0 scales (uint8) → values in ``dtype``. The nibble's
+    # float32 bit pattern is built directly (exponent field e - 1 + 127 and one mantissa bit; exponent code 0
+    # is the subnormal 0 or 0.5) and the scale's is 2^(s - 127) as an exponent field: both exact, as is their
+    # product (a 2-bit significand).
+    exponent = (codes >> 1) & 3
+    mantissa = codes & 1
+    bits = tl.where(exponent == 0, mantissa * (126 << 23), ((exponent + 126) << 23) | (mantissa << 22))
+    bits = bits | ((codes >> 3) << 31)
+    scale = (scales.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+    return (bits.to(tl.float32, bitcast=True) * scale).to(dtype)
+
+
+@triton.jit
+def _tile_dot(a, a_odd, b_ptrs, s_ptrs, b_mask, acc, MXFP4: tl.constexpr, PRECISION: tl.constexpr):
+    # acc + a · b for one K tile: b as stored, or MXFP4 bytes whose low nibbles meet a's even columns (``a``)
+    # and high nibbles its odd ones (``a_odd``).
+    b = tl.load(b_ptrs, mask=b_mask, other=0)
+    if MXFP4:
+        packed = b.to(tl.int32)
+        scales = tl.load(s_ptrs, mask=b_mask, other=0)
+        acc = tl.dot(a, _mxfp4_values(packed & 15, scales, a.dtype), acc, input_precision=PRECISION)
+        acc = tl.dot(a_odd, _mxfp4_values(packed >> 4, scales, a.dtype), acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _grouped_gemm_kernel(
-    a_ptr, b_ptr, bias_ptr, c_ptr, topk_weights_ptr, sorted_pairs_ptr, block_expert_ptr,
+    a_ptr, b_ptr, bias_ptr, c_ptr, topk_weights_ptr, sorted_pairs_ptr, block_expert_ptr, scales_ptr,
     num_pairs, N, K,
     stride_am, stride_be, stride_bn, stride_bk, up_offset,
     stride_bias_e, stride_bias_n, bias_up_offset, stride_cm,
+    stride_se, stride_sn, scale_up_offset,
     limit, alpha,
     A_ROWS_PER_TOKEN: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr,
-    MUL_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    MUL_WEIGHTS: tl.constexpr, MXFP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # c[pair, n] = act(Σ_k a[row(pair), k] · b[e, n, k] (+ bias)) (· topk_weight[pair]) for the block's pairs.
+    # MXFP4: b holds bytes of two e2m1 values along k (low nibble: the even k) with a scale per 32 values along k;
+    # a byte tile [BLOCK_K / 2, BLOCK_N] is expanded in registers into its even-k and odd-k halves, multiplied by
+    # the even and odd columns of a (no interleaving of the two halves needed).
     pid_m = tl.program_id(0)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
@@ -170,21 +207,30 @@ def _grouped_gemm_kernel(
     a_rows = (pairs // A_ROWS_PER_TOKEN).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
+    K_STEP: tl.constexpr = BLOCK_K // 2 if MXFP4 else BLOCK_K  # b rows (elements or bytes) per tile
+    A_STEP: tl.constexpr = 2 if MXFP4 else 1  # a columns per b row
+    offs_k = tl.arange(0, K_STEP)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * A_STEP
     b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    s_ptrs = scales_ptr + expert.to(tl.int64) * stride_se + offs_n[None, :] * stride_sn + (offs_k // 16)[:, None]
     acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
     acc_up = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_ok = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        k_ok = offs_k < (K - k0) // A_STEP
+        a_mask = row_ok[:, None] & k_ok[None, :]
+        b_mask = k_ok[:, None] & n_ok[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        if MXFP4:  # a's odd columns, for the high nibbles
+            a_odd = tl.load(a_ptrs + 1, mask=a_mask, other=0.0)
+        else:
+            a_odd = a
+        acc = _tile_dot(a, a_odd, b_ptrs, s_ptrs, b_mask, acc, MXFP4, PRECISION)
         if ACTIVATION != 0:
-            b_up = tl.load(b_ptrs + up_offset, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
+            acc_up = _tile_dot(a, a_odd, b_ptrs + up_offset, s_ptrs + scale_up_offset, b_mask, acc_up, MXFP4,
+                               PRECISION)
         a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_bk
+        b_ptrs += K_STEP * stride_bk
+        s_ptrs += BLOCK_K // 32
     if HAS_BIAS:
         bias_ptrs = bias_ptr + expert.to(tl.int64) * stride_bias_e + offs_n * stride_bias_n
         acc += tl.load(bias_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -271,18 +317,21 @@ def _gemm(a: torch.Tensor, weight: torch.Tensor, strides: tuple[int, int, int], 
           bias: torch.Tensor | None, bias_strides: tuple[int, int, int], out: torch.Tensor,
           topk_weights: torch.Tensor | None, sorted_pairs: torch.Tensor, block_expert: torch.Tensor,
           n: int, k: int, rows_per_token: int, activation: int, limit: float | None, alpha: float,
-          config: MoEConfig) -> None:
+          config: MoEConfig, scales: torch.Tensor | None = None,
+          scale_strides: tuple[int, int, int] = (0, 0, 0)) -> None:
     block_m, block_n, block_k, warps, stages = config
     grid = (block_expert.numel(), triton.cdiv(n, block_n))
     _grouped_gemm_kernel[grid](
         a, weight, bias if bias is not None else weight, out,
         topk_weights if topk_weights is not None else out, sorted_pairs, block_expert,
+        scales if scales is not None else weight,
         out.shape[0], n, k,
         a.stride(0), strides[0], strides[1], strides[2], up_offset,
         bias_strides[0], bias_strides[1], bias_strides[2], out.stride(0),
+        scale_strides[0], scale_strides[1], scale_strides[2],
         0.0 if limit is None else float(limit), float(alpha),
         A_ROWS_PER_TOKEN=rows_per_token, ACTIVATION=activation, HAS_BIAS=bias is not None,
-        CLAMP=limit is not None, MUL_WEIGHTS=topk_weights is not None,
+        CLAMP=limit is not None, MUL_WEIGHTS=topk_weights is not None, MXFP4=scales is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
         # float32 models get float32 products (as the reference's matmuls), not TF32.
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
@@ -303,6 +352,8 @@ def fused_moe(x: torch.Tensor, stacked: StackedExperts, topk_weights: torch.Tens
     up_cfg, down_cfg = configs or pick_configs(tokens, x.element_size())
     if up_cfg[0] != down_cfg[0]:
         raise ValueError(f"both GEMMs run on the same aligned blocks: BLOCK_M {up_cfg[0]} != {down_cfg[0]}")
+    if stacked.is_mxfp4:
+        _check_mxfp4(stacked, hidden, up_cfg, down_cfg)
     if tokens == 0:
         return torch.zeros_like(x)
     sorted_pairs, block_expert = align_pairs(topk_ids, stacked.num_experts, up_cfg[0], stats)
@@ -313,16 +364,28 @@ def fused_moe(x: torch.Tensor, stacked: StackedExperts, topk_weights: torch.Tens
     intermediate = torch.empty(tokens * top_k, inter_size, dtype=x.dtype, device=x.device)
     _gemm(x, stacked.gate_up, stacked.gate_up_strides, stacked.up_offset, stacked.gate_up_bias,
           stacked.gate_up_bias_strides, intermediate, None, sorted_pairs, block_expert,
-          inter_size, hidden, top_k, _ACTIVATION_CODES[stacked.activation], stacked.limit, stacked.alpha, up_cfg)
+          inter_size, hidden, top_k, _ACTIVATION_CODES[stacked.activation], stacked.limit, stacked.alpha, up_cfg,
+          stacked.gate_up_scales, stacked.gate_up_scale_strides)
     # Rows of pairs routed to another rank's experts are never written; the combine skips them.
     rows = torch.empty(tokens * top_k, hidden, dtype=torch.float32, device=x.device)
     _gemm(intermediate, stacked.down, stacked.down_strides, 0, stacked.down_bias, stacked.down_bias_strides,
-          rows, weights, sorted_pairs, block_expert, hidden, inter_size, 1, _NO_ACTIVATION, None, 1.0, down_cfg)
+          rows, weights, sorted_pairs, block_expert, hidden, inter_size, 1, _NO_ACTIVATION, None, 1.0, down_cfg,
+          stacked.down_scales, stacked.down_scale_strides)
     out = torch.empty_like(x)
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
     _combine_kernel[(tokens, triton.cdiv(hidden, _COMBINE_BLOCK))](rows, ids, out, hidden, stacked.num_experts,
                                                                    K=top_k, BLOCK_H=_COMBINE_BLOCK)
     return out
+
+
+def _check_mxfp4(stacked: StackedExperts, hidden: int, up_cfg: MoEConfig, down_cfg: MoEConfig) -> None:
+    """The MXFP4 GEMMs read whole 32-value blocks per K tile: K tiles and both reduction sizes multiples of 32."""
+    for what, size in (("hidden size", hidden), ("intermediate size", stacked.intermediate_size),
+                       ("gate/up BLOCK_K", up_cfg[2]), ("down BLOCK_K", down_cfg[2])):
+        if size % MXFP4_BLOCK:
+            raise ValueError(f"MXFP4 experts: the {what} {size} is not a multiple of {MXFP4_BLOCK} (one e8m0 scale "
+                             f"per {MXFP4_BLOCK} values along the reduction); dequantize the experts instead "
+                             "(DOCKYARD_QUANT_NATIVE=0)")
 
 
 # Hidden elements per program of the combine (a decode step's few tokens still spread over several SMs).

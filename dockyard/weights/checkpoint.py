@@ -3,7 +3,7 @@
 A :class:`~dockyard.model_source.ModelSource` is metadata (spec, kind, path, quantization settings; no torch);
 :func:`iter_weights` is where its weights are read: the GGUF file's tensors under the model's parameter names,
 a safetensors directory's (FP8 pairs dequantized or kept native, int4 modules dequantized or kept as
-``Int4Weight``, MXFP4 experts dequantized), or dummy tensors at the model's shapes.
+``Int4Weight``, MXFP4 experts dequantized or kept as stored), or dummy tensors at the model's shapes.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dockyard.weights import fp8
 from dockyard.weights.dummy import iter_dummy
 from dockyard.weights.gguf import iter_tensors
 from dockyard.weights.int4 import read_int4
-from dockyard.weights.mxfp4 import dequantize_mxfp4
+from dockyard.weights.mxfp4 import dequantize_mxfp4, mxfp4_held_weights
 from dockyard.weights.safetensors_dir import iter_safetensors
 
 
@@ -36,7 +36,8 @@ def iter_weights(source: ModelSource, model: nn.Module, dtype: torch.dtype, seed
     ``weights.fp8.convert_to_fp8_linears``) come as stored with their scale grids; the rest dequantized.
     int4 checkpoints: the weights named in ``keep_quantized`` (checkpoint names) come as
     ``ops.quant_format.Int4Weight``; the rest dequantized (``weights.int4.read_int4``); GGUF files: as
-    ``ops.quant_format.GGUFBlocks``."""
+    ``ops.quant_format.GGUFBlocks``. MXFP4 checkpoints: the experts the model holds as MXFP4 blocks come as stored,
+    the rest dequantized."""
     return tqdm(_tensors(source, model, dtype, seed, native_fp8, keep_quantized),
                 desc=f"loading {source.kind} weights", unit=" tensors", file=sys.stderr, disable=None, leave=False)
 
@@ -47,8 +48,8 @@ def _tensors(source: ModelSource, model: nn.Module, dtype: torch.dtype, seed: in
         return iter_tensors(source.gguf, dtype, hf_names=model.state_dict().keys(),
                             keep_quantized=frozenset(keep_quantized or ()))
     if source.kind == "safetensors":
-        if source.quantization == MXFP4_METHOD:  # gpt-oss's published experts: dequantized on load
-            return dequantize_mxfp4(iter_safetensors(source.path), dtype)
+        if source.quantization == MXFP4_METHOD:  # gpt-oss's experts: as stored where the model holds them MXFP4
+            return dequantize_mxfp4(iter_safetensors(source.path), dtype, mxfp4_held_weights(model))
         if source.fp8 is not None:
             if native_fp8:
                 return fp8.native_fp8(iter_safetensors(source.path), source.fp8, native_fp8, dtype)

@@ -2,7 +2,8 @@
 
 Each tensor's values depend only on (seed, name), never on iteration order. Matrices (linear
 and embedding) get std 1/sqrt(last dim) so activations keep their scale layer after layer; norm weights are 1
-and biases 0, so a model with dummy weights produces finite logits at any depth.
+and biases 0, so a model with dummy weights produces finite logits at any depth. MXFP4 expert blocks get the
+bytes of such a random float tensor (random nibbles) and one scale per tensor of the same root-mean-square.
 
 Large tensors are tiled from one seeded random pool of a prime number of values: filling a
 70B model with ``randn`` takes minutes on a CPU, tiling runs at memory speed. Because the pool
@@ -20,12 +21,19 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from dockyard.ops.mxfp4_format import BLOCK as MXFP4_BLOCK
+from dockyard.ops.mxfp4_format import SCALES_SUFFIX, scale_code_for_rms
+
 # A prime: row r of a [rows, cols] tensor starts at offset r * cols mod POOL_SIZE, so rows differ.
 POOL_SIZE = 1_048_573
 
 
 def _dummy_tensor(name: str, shape: torch.Size, dtype: torch.dtype, seed: int,
                   device: torch.device | None = None) -> torch.Tensor:
+    if dtype == torch.uint8:  # MXFP4 experts (ops.moe.GptOssExperts built as blocks): random nibbles, one scale
+        if name.endswith(SCALES_SUFFIX):
+            return torch.full(shape, scale_code_for_rms(shape[-1] * MXFP4_BLOCK), dtype=dtype)
+        return _dummy_tensor(name, shape, torch.float32, seed, device).view(torch.uint8)[..., ::4].reshape(shape)
     if name.endswith(".bias"):
         return torch.zeros(shape, dtype=dtype)
     if len(shape) <= 1:  # norm weights (and scalar constants of the generic path's HF modules)

@@ -1,63 +1,102 @@
-"""MXFP4 checkpoints (gpt-oss as published): the expert weights dequantized on load.
+"""MXFP4 checkpoints (gpt-oss as published): the expert weights kept as stored, or dequantized on load.
 
-Format (OCP Microscaling, MXFP4; gpt-oss's ``quantization_config.quant_method: mxfp4``): a weight
-``W`` [E, rows, K] is stored as ``W_blocks`` uint8 [E, rows, K / 32, 16], two FP4 (e2m1) values per
-byte, the low nibble first, and ``W_scales`` uint8 [E, rows, K / 32], one power-of-two scale per block
-of 32 values (e8m0: 2^(s - 127)). An e2m1 nibble is a sign bit and a 3-bit magnitude code 0..7 for
-0, 0.5, 1, 1.5, 2, 3, 4, 6. The checkpoint stores each expert bank as [E, out, in] (the blocks run
-along the reduction dimension), while the model keeps it as [E, in, out], so the dequantized weight
-is transposed on its last two dimensions. Modules named in ``modules_to_not_convert`` (attention,
-router, embeddings, lm_head) are stored in bf16 and pass through unchanged.
+The format is :mod:`dockyard.ops.mxfp4_format`'s (gpt-oss's ``quantization_config.quant_method: mxfp4``):
+each expert weight ``X`` comes as ``X_blocks`` (e2m1 nibbles) and ``X_scales`` (e8m0, one per 32 values).
+Modules named in ``modules_to_not_convert`` (attention, router, embeddings, lm_head) are stored in bf16 and
+pass through unchanged.
 
-:func:`dequantize_mxfp4` wraps a safetensors stream: each ``…_blocks`` is paired with its
-``…_scales`` (in any order, across shards) and comes out as the plain ``…`` weight in the model's
-dtype; an unpaired or mis-shaped tensor is a ``WeightsError`` naming it.
+:func:`choose_mxfp4_path` decides where the experts stay MXFP4: on a CUDA GPU of compute capability 9.0 or
+later (Hopper) with Triton, the fused MoE kernel can dequantize them in registers (``ops/triton_moe.py``), so
+the model holds 4.25 bits per expert weight instead of 16. ``DOCKYARD_QUANT_NATIVE`` (the switch of every
+quantized-weight path, ``ops.quant_linear``) chooses: ``1`` keeps them there (and on a CPU, where the experts
+compute with PyTorch on weights dequantized per call: the reference math, for tests), ``0`` dequantizes them
+on load to the model's dtype, and ``auto`` (the default) does what :data:`MXFP4_KEPT_BY_DEFAULT` says: for now
+dequantize, since the MXFP4 kernel is still slower than the bf16 one (benchmarks/RESULTS.md) — keeping them
+pays where memory is short (gpt-oss-120b on one 141 GB GPU).
+
+:func:`dequantize_mxfp4` wraps a safetensors stream: each ``…_blocks`` is paired with its ``…_scales`` (in
+any order, across shards) and comes out as the plain ``…`` weight in the model's dtype, except the pairs
+named in ``keep``, which pass through as stored (checked); an unpaired or mis-shaped tensor is a
+``WeightsError`` naming it.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
+from torch import nn
 
+from dockyard.engine_args import MXFP4_METHOD
 from dockyard.errors import WeightsError
+from dockyard.ops.dispatch import triton_installed
+from dockyard.ops.mxfp4_format import BLOCKS_SUFFIX, SCALES_SUFFIX, check_mxfp4_pair, dequantize_mxfp4_tensor
+from dockyard.ops.quant_linear import QUANT_NATIVE_ENV
 
-BLOCK = 32  # values per shared scale
-E8M0_BIAS = 127
-# e2m1 magnitudes by 3-bit code; the nibble's high bit is the sign.
-E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-BLOCKS_SUFFIX, SCALES_SUFFIX = "_blocks", "_scales"
-
-
-def e2m1_table(dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The 16 values of an FP4 nibble: codes 0..7 positive, 8..15 their negatives."""
-    magnitudes = torch.tensor(E2M1_MAGNITUDES, dtype=dtype)
-    return torch.cat([magnitudes, -magnitudes])
+# The fused MoE kernel's MXFP4 variant has been measured on Hopper (benchmarks/RESULTS.md); older GPUs dequantize.
+MXFP4_KERNEL_CAPABILITY = (9, 0)
+# Whether ``auto`` keeps the experts MXFP4 where the kernel runs: not while it is slower than the bf16 fused MoE
+# on the dequantized experts (benchmarks/RESULTS.md), so keeping them pays only where memory is short.
+MXFP4_KEPT_BY_DEFAULT = False
 
 
-def dequantize_mxfp4_tensor(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
-                            name: str = "weight") -> torch.Tensor:
-    """``blocks`` uint8 [..., rows, G, 16] and ``scales`` uint8 [..., rows, G] → [..., G·32, rows] in ``dtype``
-    (the checkpoint's [out, in] per expert turned to the model's [in, out])."""
-    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
-        raise WeightsError(f"{name}: MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
-    if blocks.dim() < 2 or blocks.shape[-1] != BLOCK // 2 or tuple(blocks.shape[:-1]) != tuple(scales.shape):
-        raise WeightsError(f"{name}{BLOCKS_SUFFIX} {tuple(blocks.shape)} and {name}{SCALES_SUFFIX} "
-                           f"{tuple(scales.shape)} do not form MXFP4 blocks ([..., G, {BLOCK // 2}] bytes with one "
-                           f"scale per block of {BLOCK} values)")
-    table = e2m1_table().to(blocks.device)
-    # Each byte gives two values, the low nibble first.
-    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).reshape(*blocks.shape[:-1], BLOCK).long()
-    exponents = scales.to(torch.int32) - E8M0_BIAS
-    values = torch.ldexp(table[codes], exponents[..., None].float())  # exact: a power-of-two scale
-    weight = values.reshape(*scales.shape[:-1], scales.shape[-1] * BLOCK)  # [..., rows, K]
-    return weight.transpose(-1, -2).to(dtype).contiguous()
+def choose_mxfp4_path(device: torch.device, tp_size: int = 1, assume_gpu: bool = False) -> tuple[bool, str]:
+    """(keep, why): whether an MXFP4 checkpoint's experts stay MXFP4 on ``device`` (module docstring).
+    ``assume_gpu``: plan for a CUDA GPU that is not on this machine, taken to be a Hopper with Triton."""
+    setting = os.environ.get(QUANT_NATIVE_ENV, "auto").strip().lower()
+    if setting in ("0", "off", "false", "no"):
+        return False, f"{QUANT_NATIVE_ENV}={setting}"
+    if setting not in ("auto", "", "1", "on", "true", "yes"):
+        raise WeightsError(f"{QUANT_NATIVE_ENV}={setting!r} is not one of auto, 0, 1")
+    forced = setting not in ("auto", "")
+    if not forced and not MXFP4_KEPT_BY_DEFAULT:
+        return False, (f"the MXFP4 fused MoE kernel is slower than the bf16 one for now; {QUANT_NATIVE_ENV}=1 keeps "
+                       "the experts MXFP4 on a Hopper GPU (less memory)")
+    why_not = None
+    if tp_size > 1:
+        why_not = f"tensor parallelism (tensor_parallel_size={tp_size}) keeps dequantize-on-load"
+    elif assume_gpu:
+        return True, "MXFP4 experts in the fused MoE kernel, assuming a Hopper GPU with Triton"
+    elif device.type == "cpu" and forced:
+        return True, f"forced by {QUANT_NATIVE_ENV}={setting} (PyTorch reference math on the CPU)"
+    elif device.type != "cuda":
+        why_not = f"device {device} is not a CUDA GPU"
+    elif not triton_installed():
+        why_not = "Triton is not installed"
+    elif torch.cuda.get_device_capability(device) < MXFP4_KERNEL_CAPABILITY:
+        why_not = (f"the GPU's compute capability {torch.cuda.get_device_capability(device)} is older than Hopper "
+                   f"{MXFP4_KERNEL_CAPABILITY}")
+    if why_not is None:
+        return True, f"MXFP4 experts dequantized in the fused MoE kernel on {device}"
+    if forced:
+        raise WeightsError(f"{QUANT_NATIVE_ENV}={setting} asks to keep the MXFP4 experts, but {why_not}; unset it "
+                           f"(or set {QUANT_NATIVE_ENV}=0) to dequantize them on load")
+    return False, why_not
 
 
-def dequantize_mxfp4(weights: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype
-                     ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The stream with every ``X_blocks`` / ``X_scales`` pair replaced by the dequantized ``X``; other tensors
-    pass through."""
+def source_mxfp4_path(source: Any, device: torch.device, tp_size: int = 1, assume_gpu: bool = False
+                      ) -> tuple[bool, str] | None:
+    """:func:`choose_mxfp4_path` for a ``model_source.ModelSource`` whose experts may be held MXFP4: an MXFP4
+    checkpoint (or its config with dummy weights) on dockyard's own gpt-oss classes; None for any other."""
+    if source.quantization != MXFP4_METHOD or source.kind == "gguf" or source.spec.model_impl != "dockyard":
+        return None
+    return choose_mxfp4_path(device, tp_size, assume_gpu)
+
+
+def mxfp4_held_weights(model: nn.Module) -> frozenset[str]:
+    """The weights ``X`` that ``model`` holds as MXFP4 parameters ``X_blocks`` / ``X_scales`` (uint8)."""
+    params = dict(model.named_parameters())
+    return frozenset(name.removesuffix(BLOCKS_SUFFIX) for name, p in params.items()
+                     if name.endswith(BLOCKS_SUFFIX) and p.dtype == torch.uint8
+                     and name.removesuffix(BLOCKS_SUFFIX) + SCALES_SUFFIX in params)
+
+
+def dequantize_mxfp4(weights: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype,
+                     keep: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    """The stream with every ``X_blocks`` / ``X_scales`` pair replaced by the dequantized ``X``, except for the
+    ``X`` in ``keep`` (checkpoint names), whose pair passes through as stored; other tensors pass through."""
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in weights:
         for suffix in (BLOCKS_SUFFIX, SCALES_SUFFIX):
@@ -69,7 +108,13 @@ def dequantize_mxfp4(weights: Iterable[tuple[str, torch.Tensor]], dtype: torch.d
                 parts[suffix] = tensor
                 if len(parts) == 2:
                     del pending[base]
-                    yield base, dequantize_mxfp4_tensor(parts[BLOCKS_SUFFIX], parts[SCALES_SUFFIX], dtype, base)
+                    blocks, scales = parts[BLOCKS_SUFFIX], parts[SCALES_SUFFIX]
+                    if base in keep:
+                        check_mxfp4_pair(blocks, scales, base)
+                        yield base + BLOCKS_SUFFIX, blocks
+                        yield base + SCALES_SUFFIX, scales
+                    else:
+                        yield base, dequantize_mxfp4_tensor(blocks, scales, dtype, base)
                 break
         else:
             yield name, tensor
