@@ -158,10 +158,14 @@ def oracle(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else \
         torch.device(args.device)
     ceilings = measure(device, torch.bfloat16, scaled_down=True)  # scaled down on a CPU only
-    # The engine captures decode graphs of up to max_num_seqs x (1 + k) rows for its verify steps.
+    # The engine captures decode graphs of up to max_num_seqs x (1 + k) rows for its verify steps. No prefix
+    # caching: every run prefills its prompts in full, so a run's first token is computed as its reference's was
+    # (a prompt served from the cache gets its last row's logits from a one-row step, which can round a near-tie
+    # of the dummy weights the other way and send the run off its reference continuation).
     llm = LLM(args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
-              max_num_seqs=max(args.batch_sizes), max_model_len=args.prompt_len + args.max_tokens + 16,
-              kv_cache_memory_bytes=KV_CACHE_BYTES,
+              max_num_seqs=args.max_num_seqs or max(args.batch_sizes),
+              max_model_len=args.prompt_len + args.max_tokens + 16,
+              kv_cache_memory_bytes=KV_CACHE_BYTES, enable_prefix_caching=False,
               speculative_config={"method": "ngram", "num_speculative_tokens": max(args.k)})
     engine = llm.engine
     # The reference: an engine on the same model without speculation (so with async scheduling on CUDA).
@@ -216,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=128, help="oracle: random prompt tokens")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="oracle: the engines' (default: the largest "
+                        "batch size)")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--p", type=float, nargs="+", default=[0.0, 0.5, 0.7, 0.9, 1.0])
     args = parser.parse_args(argv)
