@@ -168,7 +168,8 @@ def check_memory_fits(spec: ModelSpec, dtype: torch.dtype, device: torch.device,
     ways.append(f"a device with {need.total / GiB:.1f} GiB free")
     ways.append("--skip-memory-check (skip_memory_check=True) to load anyway")
     raise InsufficientMemoryError(
-        f"{spec.name} does not fit: {need.total / GiB:.2f} GiB needed at start-up at {plan.dtype} (weights "
+        f"{spec.name}" + (f" with its draft model {draft.name}" if draft is not None else "") + " does not fit: "
+        f"{need.total / GiB:.2f} GiB needed at start-up at {plan.dtype} (weights "
         f"{need.weights / GiB:.2f} GiB for {plan.num_parameters:,} parameters, activations "
         f"{need.activations / GiB:.2f} GiB, KV cache {need.kv_cache / GiB:.2f} GiB"
         + (f", worker processes {need.other_processes / GiB:.2f} GiB" if need.other_processes else "")
