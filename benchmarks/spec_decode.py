@@ -21,21 +21,16 @@ import argparse
 import dataclasses
 import json
 import random
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from ceilings import measure  # noqa: E402  (benchmarks/ is not a package)
-
-from dockyard import LLM, SamplingParams  # noqa: E402
-from dockyard.engine.llm_engine import LLMEngine  # noqa: E402
-from dockyard.engine.sequence import Sequence  # noqa: E402
-from dockyard.engine.spec_decode import Proposal  # noqa: E402
-from dockyard.engine.speculative_config import SpeculativeConfig  # noqa: E402
+from dockyard import LLM, SamplingParams
+from dockyard.bench.ceilings import measure
+from dockyard.engine.llm_engine import LLMEngine
+from dockyard.engine.sequence import Sequence
+from dockyard.engine.spec_decode import Proposal
+from dockyard.engine.speculative_config import SpeculativeConfig
 
 COPY_PROMPTS = [
     "Rename the variable total to result in this code and print the whole code again.\n"
@@ -73,6 +68,37 @@ class OracleProposer:
 
     def release(self, seqs: list[Sequence]) -> None:
         """Nothing is kept per sequence."""
+
+
+class StepTimer:
+    """Wall time inside ``engine.step`` and inside its ``runner.step`` (the forward, the verification and, for a
+    verify step, the wait for the device's result), so the host work outside the runner is their difference."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine_s = self.runner_s = 0.0
+        self._wrap(engine, "engine_s")
+        self._wrap(engine.runner, "runner_s")
+
+    def _wrap(self, obj: object, counter: str) -> None:
+        inner = obj.step
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                setattr(self, counter, getattr(self, counter) + time.perf_counter() - t)
+
+        obj.step = timed
+
+    def reset(self) -> None:
+        self.engine_s = self.runner_s = 0.0
+
+    def per_step(self, steps: int) -> dict:
+        """Milliseconds per step: engine.step, runner.step, and the host work outside the runner."""
+        n = max(steps, 1)
+        return {"step_ms": round(1e3 * self.engine_s / n, 3), "runner_ms": round(1e3 * self.runner_s / n, 3),
+                "outside_runner_ms": round(1e3 * (self.engine_s - self.runner_s) / n, 3)}
 
 
 def _sync(device: torch.device) -> None:
@@ -131,11 +157,15 @@ def ngram(args: argparse.Namespace) -> dict:
 def oracle(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else \
         torch.device(args.device)
-    ceilings = measure(device, torch.bfloat16)
-    max_rows = max(args.batch_sizes) * (max(args.k) + 1)
+    ceilings = measure(device, torch.bfloat16, scaled_down=True)  # scaled down on a CPU only
+    # The engine captures decode graphs of up to max_num_seqs x (1 + k) rows for its verify steps. No prefix
+    # caching: every run prefills its prompts in full, so a run's first token is computed as its reference's was
+    # (a prompt served from the cache gets its last row's logits from a one-row step, which can round a near-tie
+    # of the dummy weights the other way and send the run off its reference continuation).
     llm = LLM(args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
-              max_num_seqs=max(64, max_rows), max_model_len=args.prompt_len + args.max_tokens + 16,
-              kv_cache_memory_bytes=KV_CACHE_BYTES,
+              max_num_seqs=args.max_num_seqs or max(args.batch_sizes),
+              max_model_len=args.prompt_len + args.max_tokens + 16,
+              kv_cache_memory_bytes=KV_CACHE_BYTES, enable_prefix_caching=False,
               speculative_config={"method": "ngram", "num_speculative_tokens": max(args.k)})
     engine = llm.engine
     # The reference: an engine on the same model without speculation (so with async scheduling on CUDA).
@@ -149,6 +179,7 @@ def oracle(args: argparse.Namespace) -> dict:
                     "weight_GB": round(weight_bytes / 1e9, 2),
                     "roofline_forwards_per_s_batch1": round(ceilings["copy_bytes_per_s"] / weight_bytes, 1)}
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    timer = StepTimer(engine)
     gen = random.Random(0)
     for batch in args.batch_sizes:
         prompts = [[gen.randrange(100, vocab) for _ in range(args.prompt_len)] for _ in range(batch)]
@@ -166,8 +197,9 @@ def oracle(args: argparse.Namespace) -> dict:
             reference = {tuple(p): o for p, o in zip(prompts, run(llm, prompts, params)[1])}
             for p in args.p:
                 engine.proposer = OracleProposer(reference, p, vocab)
+                timer.reset()
                 seconds, outs, delta = run(llm, prompts, params)
-                row = _rates(seconds, delta)
+                row = _rates(seconds, delta) | timer.per_step(delta["steps"])
                 row["speedup"] = round(row["tokens_per_s"] / result[f"batch{batch}_off"]["tokens_per_s"], 2)
                 same = sum(a == b for r, o in zip(ref_outs, outs) for a, b in zip(r, o))
                 row["tokens_equal_to_off"] = round(same / sum(len(r) for r in ref_outs), 4)
@@ -188,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=128, help="oracle: random prompt tokens")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="oracle: the engines' (default: the largest "
+                        "batch size)")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--p", type=float, nargs="+", default=[0.0, 0.5, 0.7, 0.9, 1.0])
     args = parser.parse_args(argv)

@@ -150,3 +150,24 @@ def test_memory_check_counts_the_kv_pool_and_can_be_skipped(tmp_path, monkeypatc
         LLM(str(path), device="cpu", num_kv_blocks=4)
     llm = LLM(str(path), device="cpu", num_kv_blocks=4, skip_memory_check=True)
     assert len(llm.generate([[1, 2, 3]], use_tqdm=False)[0].outputs[0].token_ids) > 0
+
+
+def test_a_draft_model_is_counted_and_one_that_does_not_fit_is_refused_by_name(tmp_path):
+    """speculative_config draft_model: the draft's weights and its own KV cache count in the start-up check, so
+    a draft too large for the machine is refused by name before anything loads; a small one shares the KV
+    budget with the target (one block of each cache per block of the pool)."""
+    tiny = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 256}
+    target = _write(tmp_path, tiny, "target")
+    big = _write(tmp_path, shared_config("meta-llama--Llama-3.1-405B"), "llama-405b-draft")
+    kwargs = dict(load_format="dummy", device="cpu", dtype="bfloat16", kv_cache_memory_bytes=1 << 20)
+    with pytest.raises(InsufficientMemoryError, match="draft model llama-405b-draft") as info:
+        LLM(str(target), speculative_config={"method": "draft_model", "model": str(big), "num_speculative_tokens": 3},
+            **kwargs)
+    assert "a smaller draft model" in str(info.value) and "'ngram'" in str(info.value)
+    alone = LLM(str(target), **kwargs)
+    with_draft = LLM(str(target), speculative_config={"method": "draft_model", "model": str(target),
+                                                      "num_speculative_tokens": 2}, **kwargs)
+    blocks = with_draft.engine.block_manager.num_blocks
+    assert blocks == alone.engine.block_manager.num_blocks // 2 > 0
+    assert with_draft.engine.proposer.block_manager.num_blocks == blocks

@@ -24,7 +24,7 @@ from dockyard.distributed.executor import Executor
 from dockyard.distributed.sharding import check_parallel_config, parallel_config_of
 from dockyard.engine.draft_model import DraftModelProposer
 from dockyard.engine.llm_engine import EngineConfig, LLMEngine
-from dockyard.engine.memory_check import check_memory_fits
+from dockyard.engine.memory_check import check_memory_fits, kv_blocks_in_budget
 from dockyard.engine.outputs import RequestOutput
 from dockyard.engine.sampling_params import SamplingParams
 from dockyard.engine.threads import configure_threads
@@ -129,10 +129,12 @@ class LLM:
             raise ConfigError(f"kv_cache_dtype={args.kv_cache_dtype!r} with tensor_parallel_size="
                               f"{tensor_parallel_size} is not supported yet (the workers' caches are not "
                               "calibrated); run one process or use --kv-cache-dtype auto")
+        self._draft_source = self._resolve_draft(config)
         if not args.skip_memory_check:  # before any worker starts or any weight is allocated
             mxfp4 = source_mxfp4_path(self.source, self.device, tensor_parallel_size)  # experts held MXFP4
             check_memory_fits(spec, self.dtype, self.device, config, tensor_parallel_size,
-                              storage=None if mxfp4 is None else WeightStorage(mxfp4_experts=mxfp4[0]))
+                              storage=None if mxfp4 is None else WeightStorage(mxfp4_experts=mxfp4[0]),
+                              draft=None if self._draft_source is None else self._draft_source.spec)
         if tensor_parallel_size > 1:  # the workers load the snapshot found here, whatever the revision
             worker_args = (dataclasses.replace(args, model=str(self.source.path), revision=None)
                            if self.source.repo_id else args)
@@ -157,10 +159,18 @@ class LLM:
             quantize_fp8=self.engine_args.quantizes_online(self.source.quantization))
         self.tokenizer = self.source.load_tokenizer()
         block_size = config.block_size
+        # A draft model is loaded before the KV cache is sized: on a GPU the cache gets what its weights leave.
+        draft = None
+        if self._draft_source is not None:
+            draft, _ = load_model(self._draft_source, self.device, self.dtype, seed)
         num_blocks = config.num_kv_blocks or self._kv_blocks_from_memory(config)
         if self._executor is not None:
             self._executor.finish_start(num_blocks, block_size)
-        proposer = self._draft_proposer(config, num_blocks)
+        proposer = None
+        if draft is not None:
+            assert self._draft_source is not None
+            proposer = DraftModelProposer(draft, self._draft_source.spec, spec, num_blocks, block_size, self.device,
+                                          self.dtype, config.max_num_seqs, config.max_model_len or spec.max_model_len)
         self.engine = LLMEngine(self.model, spec, self.tokenizer, config, self.device, self.dtype, num_blocks,
                                 proposer=proposer)
         if self._executor is not None:
@@ -171,9 +181,9 @@ class LLM:
             num_blocks, block_size, num_blocks * block_size,
         )
 
-    def _draft_proposer(self, config: EngineConfig, num_blocks: int) -> DraftModelProposer | None:
-        """speculative_config method draft_model: its model loaded beside the target's, with a KV cache of as
-        many blocks (None for any other method)."""
+    def _resolve_draft(self, config: EngineConfig) -> ModelSource | None:
+        """speculative_config method draft_model: the draft's source (its config read, nothing loaded), which
+        runs beside the target's with a KV cache of as many blocks; None for any other method."""
         spec_config = config.speculative_config
         if spec_config is None or spec_config.method != "draft_model":
             return None
@@ -181,12 +191,9 @@ class LLM:
             raise ConfigError("speculative_config method='draft_model' runs on one device; drop tensor parallelism "
                               "or use method 'ngram'")
         args = self.engine_args
-        source = resolve_model(spec_config.model, args.load_format, revision=args.revision,
-                               download_dir=args.download_dir, model_impl=args.model_impl,
-                               trust_remote_code=args.trust_remote_code)
-        model, _ = load_model(source, self.device, self.dtype, args.seed)
-        return DraftModelProposer(model, source.spec, self.spec, num_blocks, config.block_size, self.device,
-                                  self.dtype, config.max_num_seqs, config.max_model_len or self.spec.max_model_len)
+        return resolve_model(spec_config.model, args.load_format, revision=args.revision,
+                             download_dir=args.download_dir, model_impl=args.model_impl,
+                             trust_remote_code=args.trust_remote_code)
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers and leave the group (no-op without tensor parallelism)."""
@@ -202,18 +209,23 @@ class LLM:
         # Each rank caches its own KV heads: the plan's bytes scaled to this rank's share of the layout.
         local, full = parallel_config_of(self.model, self.spec).kv_cache_layout(self.spec), self.spec.kv_cache_layout
         block_bytes = plan.kv_bytes_per_token * config.block_size * local[1] // full[1]
+        draft_block_bytes = 0
+        if self._draft_source is not None:  # one block of the draft's own cache comes with each block
+            draft_plan = plan_memory(self._draft_source.spec, self.dtype, device_type=self.device.type)
+            draft_block_bytes = draft_plan.kv_bytes_per_token * config.block_size
         if self.device.type == "cuda" and self.engine_args.kv_cache_memory_bytes is None:
             free, total = torch.cuda.mem_get_info(self.device)
             budget = gpu_kv_cache_budget(total, free, config.gpu_memory_utilization,
                                          torch.cuda.memory_reserved(self.device), plan.activation_peak_bytes)
         else:
             budget = config.kv_cache_memory_bytes
-        blocks = budget // block_bytes
+        blocks = kv_blocks_in_budget(budget, block_bytes, draft_block_bytes)
         if blocks < 1:
             raise DockyardError(
                 f"no memory is left for the KV cache on {self.device} (budget {budget} bytes, one block "
-                f"needs {block_bytes}); lower max_num_batched_tokens, or raise --gpu-memory-utilization (GPU) or "
-                "--kv-cache-memory-bytes"
+                f"needs {block_bytes + draft_block_bytes}"
+                + (" with the draft model's" if draft_block_bytes else "")
+                + "); lower max_num_batched_tokens, or raise --gpu-memory-utilization (GPU) or --kv-cache-memory-bytes"
             )
         return int(blocks)
 

@@ -133,8 +133,10 @@ class LLMEngine:
         scheduler_class = AsyncScheduler if self.async_scheduling else Scheduler
         self.scheduler = scheduler_class(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                          spec.eos_token_ids)
+        # A verify step decodes 1 + k rows per sequence, each a row of the decode graph: capture that many.
+        rows_per_seq = 1 + (self.speculative_config.num_speculative_tokens if self.speculative_config else 0)
         self.runner = ModelRunner(model, spec, num_blocks, config.block_size, device, dtype,
-                                  max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
+                                  max_num_seqs=config.max_num_seqs * rows_per_seq, max_model_len=self.max_model_len,
                                   enforce_eager=config.enforce_eager,
                                   kv_cache_dtype=resolve_kv_cache_dtype(config.kv_cache_dtype, dtype))
         self.requests: dict[str, _Request] = {}
@@ -418,8 +420,9 @@ class LLMEngine:
         """The bookkeeping of a speculative step: the accepted proposals' KV counts as computed (the rest is
         rolled back), then the emitted tokens are handed over in rounds, the ``j``-th of every sequence in
         round ``j``, so every stop condition applies token by token and a stop drops the tokens after it."""
-        counts = out.num_emitted.tolist()
-        tokens = out.sampled.token_ids.tolist()
+        # One device-to-host read for both (a verify step's only one unless logprobs are reported).
+        host = torch.cat([out.num_emitted, out.sampled.token_ids.to(out.num_emitted.device)]).tolist()
+        counts, tokens = host[:len(sampled)], host[len(sampled):]
         m = self.metrics
         for item, n in zip(sampled, counts, strict=True):
             item.num_accepted = n - 1

@@ -46,7 +46,7 @@ from dockyard.engine.cuda_graphs import DecodeGraphs, decode_split_shape, graph_
 from dockyard.engine.sampler import Sampler, SamplerOutput, SamplingBatch, argmax_suffices
 from dockyard.engine.scheduler import ScheduledSeq
 from dockyard.engine.sequence import Sequence
-from dockyard.engine.spec_decode import Proposal, VerifyOutput, expanded_batch, verify
+from dockyard.engine.spec_decode import Proposal, VerifyOutput, expanded_batch, verify, verify_argmax
 from dockyard.ops import fp8_kv
 from dockyard.ops.attention import Attention as AttentionLayer
 from dockyard.ops.attention import AttentionMetadata, calibrate_kv_scales, forward_context
@@ -354,10 +354,15 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inputs.sample_rows]) if inputs.sample_rows.numel() else None
         return ModelOutput(logits, prompt)
 
-    def verify(self, logits: torch.Tensor, sampling: list[ScheduledSeq]) -> VerifyOutput:
+    def verify(self, logits: torch.Tensor, sampling: list[ScheduledSeq], argmax: torch.Tensor | None = None
+               ) -> VerifyOutput:
         """A speculative step's sampling: every sampling sequence's proposals verified against its rows of
-        ``logits`` (one row per proposal plus one; :func:`~dockyard.engine.spec_decode.verify`)."""
+        ``logits`` (one row per proposal plus one; :func:`~dockyard.engine.spec_decode.verify`). When every
+        row takes its plain argmax, the argmax alone decides (``argmax``: the logits' own, from a graph)."""
         seqs = [item.seq for item in sampling]
+        if argmax_suffices(seqs):
+            return verify_argmax(logits.argmax(dim=-1) if argmax is None else argmax,
+                                 [item.spec_token_ids for item in sampling])
         proposals = [Proposal(item.spec_token_ids, item.seq.spec_probs if item.spec_token_ids else None)
                      for item in sampling]
         batch = expanded_batch(seqs, [p.token_ids for p in proposals], self.spec.eos_token_ids, logits.device,
@@ -398,7 +403,9 @@ class ModelRunner:
                 lens.append(p + j + 1)
                 tables.append(seq.block_table)
         logits, argmax = self.graphs.run(ids, positions, slots, lens, tables, pending, sources)
-        if argmax_suffices([item.seq for item in batch]) and not any(item.spec_token_ids for item in batch):
+        if argmax_suffices([item.seq for item in batch]):  # the graph's argmax is every row's token
+            if any(item.spec_token_ids for item in batch):
+                return batch, self.verify(logits, batch, argmax), None, []
             return batch, SamplerOutput(argmax, None), None, []
         return self._sample(logits, batch, None)
 

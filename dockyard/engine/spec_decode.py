@@ -103,7 +103,7 @@ class VerifyOutput:
 
     sampled: SamplerOutput
     offsets: list[int]
-    num_emitted: torch.Tensor  # [num seqs] int64, on the logits' device
+    num_emitted: torch.Tensor  # [num seqs] int64, on the logits' device (or the host: verify_argmax)
 
 
 def expanded_batch(seqs: list[EngineSequence], proposals: list[list[int]], eos_token_ids: Sequence[int],
@@ -146,8 +146,12 @@ def verify(logits: torch.Tensor, seqs: list[EngineSequence], proposals: list[Pro
     num_rows = logits.shape[0]
     sizes = [len(p.token_ids) + 1 for p in proposals]
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
-    # Per row: the proposal it verifies (-1 on each sequence's last row, which proposes nothing).
-    draft = torch.tensor([t for p in proposals for t in (*p.token_ids, -1)], dtype=torch.long, device=device)
+    # Per row, in one host-to-device copy: the proposal it verifies (-1 on each sequence's last row, which
+    # proposes nothing), its index within its sequence's rows, and its sequence.
+    index = torch.tensor([[t for p in proposals for t in (*p.token_ids, -1)],
+                          [j for n in sizes for j in range(n)],
+                          [i for i, n in enumerate(sizes) for _ in range(n)]], dtype=torch.long).to(device)
+    draft, row_in_seq, seq_of_row = index.unbind(0)
     has_draft = draft >= 0
     draft_index = draft.clamp_min(0)
     greedy_rows = batch.greedy  # one row per verified position, so per row already
@@ -181,8 +185,6 @@ def verify(logits: torch.Tensor, seqs: list[EngineSequence], proposals: list[Pro
         accept = torch.where(greedy_rows, accept, accept_sampled)
     accept = torch.where(greedy_rows, has_draft & (argmax == draft), accept)
     # Accepted proposals per sequence: the index of its first row not accepted (its last row never is).
-    row_in_seq = torch.tensor([j for n in sizes for j in range(n)], dtype=torch.long, device=device)
-    seq_of_row = torch.tensor([i for i, n in enumerate(sizes) for _ in range(n)], dtype=torch.long, device=device)
     first_rejected = torch.where(accept, num_rows, row_in_seq)
     num_accepted = torch.full((len(sizes),), num_rows, dtype=torch.long, device=device).scatter_reduce(
         0, seq_of_row, first_rejected, reduce="amin")
@@ -196,6 +198,27 @@ def verify(logits: torch.Tensor, seqs: list[EngineSequence], proposals: list[Pro
         values, top_token_ids = logits.topk(min(batch.num_logprobs, logits.shape[1]), dim=-1)
         top_logprobs = values - lse[:, None]
     return VerifyOutput(SamplerOutput(token_ids, logprobs, top_logprobs, top_token_ids), offsets, num_accepted + 1)
+
+
+def verify_argmax(argmax: torch.Tensor, proposals: list[list[int]]) -> VerifyOutput:
+    """Greedy verification when every row's token is the plain argmax of its logits (greedy rows, no logits
+    rule, nothing to report: ``sampler.argmax_suffices``): ``argmax`` [sum(len(p) + 1)] laid out as in
+    :func:`verify`. One device-to-host read of it and the comparison on the host, so a verify step adds no
+    kernel and no further synchronization to its forward. An accepted proposal equals the argmax of its
+    row, so every emitted token is that row's argmax."""
+    tokens = argmax.to("cpu", torch.long)
+    host = tokens.tolist()
+    offsets, counts, off = [], [], 0
+    for proposal in proposals:
+        accepted = 0
+        while accepted < len(proposal) and host[off + accepted] == proposal[accepted]:
+            accepted += 1
+        offsets.append(off)
+        counts.append(accepted + 1)
+        off += len(proposal) + 1
+    if off != len(host):
+        raise ValueError(f"{len(host)} argmax rows for proposals that need {off}")
+    return VerifyOutput(SamplerOutput(tokens, None), offsets, torch.tensor(counts, dtype=torch.long))
 
 
 def _uniform_per_row(seqs: list[EngineSequence], sizes: list[int], batch: SamplingBatch,
