@@ -64,7 +64,8 @@ def _likely_causes(llm: LLM, path: str) -> list[str]:
         causes.append(f"MoE experts run the reference loop, not the fused kernel ({unfused[0]} and "
                       f"{len(unfused) - 1} more)")
     if path == "transformers":
-        causes.append("the generic (transformers) path: HF's modules run eagerly, without dockyard's fused kernels")
+        causes.append("the generic (transformers) path: HF's modules, without dockyard's fused kernels"
+                      + (" (decode in CUDA graphs)" if runner.graphs is not None else ""))
     return causes or ["no known cause: the engine's fast paths are on"]
 
 
