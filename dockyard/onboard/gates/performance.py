@@ -12,13 +12,16 @@ in the run's dtype), never taken from a datasheet, and the figures come from the
 
 The model runs with dummy weights at the shapes the dummy gate chose (speed does not depend on the
 values). A fraction under 0.3 on a GPU is a warning naming its likely cause: decode steps run eagerly
-(and why), the reference attention or the expert loop on the hot path, or the generic (transformers)
-path. On a CPU everything is scaled down (at most four layers, short prompts, few steps) and the
-evidence says so: the fractions then say how the CPU path uses this CPU, nothing about a GPU.
+(and why), the reference attention or the expert loop on the hot path, a prefill that waited on the host
+queueing its eager forward (its launch time, from :func:`~dockyard.bench.latency.ttft`, close to its whole
+time), or the generic (transformers) path. On a CPU everything is scaled down (at most four layers, short
+prompts, few steps) and the evidence says so: the fractions then say how the CPU path uses this CPU, nothing
+about a GPU.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import random
@@ -42,6 +45,7 @@ from dockyard.ops.moe import RoutedExpertCounter, count_routed_experts
 logger = logging.getLogger(__name__)
 
 WARN_BELOW = 0.3  # a GPU figure under this fraction of its roofline is a warning
+HOST_BOUND = 0.8  # a prefill whose launch took this fraction of its time waited on the host, not the GPU
 GPU = {"batches": (1, 64), "ttft_lens": (1024, 8192), "decode_input_len": 128, "output_len": 128, "layers": None}
 CPU = {"batches": (1, 4), "ttft_lens": (64, 256), "decode_input_len": 32, "output_len": 8, "layers": 4}
 SCALED_DOWN_NOTE = ("scaled down on CPU: at most {layers} layers, batches {batches}, prompts of {ttft_lens} tokens, "
@@ -49,9 +53,11 @@ SCALED_DOWN_NOTE = ("scaled down on CPU: at most {layers} layers, batches {batch
                     "this CPU, not a GPU (above 1: the model's larger matmuls ran faster than the small ceiling one)")
 
 
-def _likely_causes(llm: LLM, path: str) -> list[str]:
+def _likely_causes(llm: LLM, path: str, prefill: list[dict[str, Any]]) -> list[str]:
     """What keeps a GPU run far from its roofline, as far as the engine can tell."""
-    causes = []
+    causes = [f"the prefill of {r['input_len']:,} tokens waited on the host: launching its eager forward took "
+              f"{1e3 * r['launch_seconds']:,.1f} of its {1e3 * r['seconds']:,.1f} ms"
+              for r in prefill if r["launch_seconds"] >= HOST_BOUND * r["seconds"]]
     runner = llm.engine.runner
     if runner.graphs is None:
         causes.append(f"decode steps run eagerly (no CUDA graphs): {runner.eager_reason or 'not captured'}")
@@ -101,6 +107,11 @@ def run(ctx: GateContext) -> Outcome:
     counter = RoutedExpertCounter(device) if ctx.spec.moe is not None else None
     count_routed_experts(counter)
     ctx.step("loading the model with dummy weights")
+    # The earlier gates' engines hold reference cycles: collected now, their device memory goes back before this
+    # engine sizes its KV cache and is timed.
+    gc.collect()
+    if on_gpu:
+        torch.cuda.empty_cache()
     try:
         with tempfile.TemporaryDirectory(prefix="dockyard-perf-") as tmp:
             config_path = Path(tmp) / "config.json"
@@ -125,7 +136,7 @@ def run(ctx: GateContext) -> Outcome:
             prefill.append(with_ttft_roofline(ttft(llm, n, rng, repeat=3 if on_gpu else 1), rate))
         runner = llm.engine.runner
         path = ctx.spec.model_impl
-        causes = _likely_causes(llm, path) if on_gpu else [
+        causes = _likely_causes(llm, path, prefill) if on_gpu else [
             "on a CPU neither CUDA graphs nor the Triton kernels run: the GPU's hot path was not measured"]
         graphs = runner.graphs.sizes if runner.graphs is not None else None
         weights = weight_read_bytes(llm)
