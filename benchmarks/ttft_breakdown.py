@@ -27,26 +27,15 @@ import torch
 
 from dockyard import LLM, SamplingParams
 from dockyard.bench.ceilings import sync
-from dockyard.bench.latency import decode_rate
+from dockyard.bench.latency import decode_rate, forward_host_times
 from dockyard.onboard.runner import _gate_logging
 
 
 def timed_prefills(llm: LLM, input_len: int, repeats: int, rng: random.Random) -> list[dict]:
     """One ``input_len``-token prompt with max_tokens 1, ``repeats`` times: wall time, steps, forward host time."""
-    runner = llm.engine.runner
-    execute = runner.execute
-    host = []
-
-    def timed_execute(inputs):  # the forward's host time: kernels launched, not waited for
-        t = time.perf_counter()
-        out = execute(inputs)
-        host.append(time.perf_counter() - t)
-        return out
-
-    runner.execute = timed_execute
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     runs = []
-    try:
+    with forward_host_times(llm) as host:
         for _ in range(repeats):
             prompt = [rng.randrange(llm.spec.vocab_size) for _ in range(input_len)]
             host.clear()
@@ -58,8 +47,6 @@ def timed_prefills(llm: LLM, input_len: int, repeats: int, rng: random.Random) -
             runs.append({"wall_ms": round(1e3 * (time.perf_counter() - t), 2),
                          "steps": llm.engine.metrics.steps - steps,
                          "forward_host_ms": [round(1e3 * h, 2) for h in host]})
-    finally:
-        del runner.execute
     return runs
 
 

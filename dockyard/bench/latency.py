@@ -32,11 +32,13 @@ The onboarding performance gate measures with the same functions (:func:`decode_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import random
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -132,46 +134,55 @@ def decode_rate(llm: LLM, batch: int, input_len: int, output_len: int, rng: rand
     return result
 
 
-def ttft(llm: LLM, input_len: int, rng: random.Random, repeat: int = 3) -> dict:
-    """Best of ``repeat`` times to the first token of one ``input_len``-token prompt (no prefix-cache hit), each
-    timed with Python's garbage collector paused (as ``timeit`` does: a collection is the process's, not the
-    engine's), and that run's ``forward_host_seconds``: the host's time inside the runner's forward calls. On CUDA
-    the forward only queues its kernels, so a forward host time close to the whole time means the prefill waited
-    on the host queueing its eager forward, not on the GPU."""
+@contextlib.contextmanager
+def forward_host_times(llm: LLM) -> Iterator[list[float]]:
+    """While active, the host's seconds inside each of the model runner's forward calls (``execute``; on CUDA they
+    only queue kernels), appended to the yielded list. The runner is wrapped by an instance attribute, not changed."""
     runner = llm.engine.runner
     execute = runner.execute
-    forward_host: list[float] = []
+    times: list[float] = []
 
-    def timed_execute(inputs: Any) -> Any:  # an instance attribute for the duration: the runner is not changed
+    def timed_execute(inputs: Any) -> Any:
         t = time.perf_counter()
         try:
             return execute(inputs)
         finally:
-            forward_host.append(time.perf_counter() - t)
+            times.append(time.perf_counter() - t)
 
+    runner.execute = timed_execute
+    try:
+        yield times
+    finally:
+        del runner.execute
+
+
+def ttft(llm: LLM, input_len: int, rng: random.Random, repeat: int = 3) -> dict:
+    """Best of ``repeat`` times to the first token of one ``input_len``-token prompt (no prefix-cache hit), each
+    timed with Python's garbage collector paused (as ``timeit`` does: a collection is the process's, not the
+    engine's), and that run's ``forward_host_seconds`` (:func:`forward_host_times`): a forward host time close to
+    the whole time means the prefill waited on the host queueing its eager forward, not on the GPU."""
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     best, host = float("inf"), 0.0
     collecting = gc.isenabled()
-    runner.execute = timed_execute
-    try:
-        for _ in range(repeat):
-            prompt = [rng.randrange(llm.spec.vocab_size) for _ in range(input_len)]
-            forward_host.clear()
-            gc.collect()
-            gc.disable()
-            sync(llm.device)
-            t = time.perf_counter()
-            llm.generate([prompt], params, use_tqdm=False)
-            sync(llm.device)
-            seconds = time.perf_counter() - t
+    with forward_host_times(llm) as forward_host:
+        try:
+            for _ in range(repeat):
+                prompt = [rng.randrange(llm.spec.vocab_size) for _ in range(input_len)]
+                forward_host.clear()
+                gc.collect()
+                gc.disable()
+                sync(llm.device)
+                t = time.perf_counter()
+                llm.generate([prompt], params, use_tqdm=False)
+                sync(llm.device)
+                seconds = time.perf_counter() - t
+                if collecting:
+                    gc.enable()
+                if seconds < best:
+                    best, host = seconds, sum(forward_host)
+        finally:
             if collecting:
                 gc.enable()
-            if seconds < best:
-                best, host = seconds, sum(forward_host)
-    finally:
-        del runner.execute
-        if collecting:
-            gc.enable()
     return {"input_len": input_len, "seconds": round(best, 4), "forward_host_seconds": round(host, 4),
             "model_flops": model_flops(llm, input_len)}
 
