@@ -45,6 +45,7 @@ from dockyard.ops.moe import RoutedExpertCounter, count_routed_experts
 logger = logging.getLogger(__name__)
 
 WARN_BELOW = 0.3  # a GPU figure under this fraction of its roofline is a warning
+NO_CAUSE = "no known cause: the engine's fast paths are on"
 HOST_BOUND = 0.8  # a prefill whose forward took this fraction of its time to queue waited on the host
 GPU = {"batches": (1, 64), "ttft_lens": (1024, 8192), "decode_input_len": 128, "output_len": 128, "layers": None}
 CPU = {"batches": (1, 4), "ttft_lens": (64, 256), "decode_input_len": 32, "output_len": 8, "layers": 4}
@@ -53,11 +54,18 @@ SCALED_DOWN_NOTE = ("scaled down on CPU: at most {layers} layers, batches {batch
                     "this CPU, not a GPU (above 1: the model's larger matmuls ran faster than the small ceiling one)")
 
 
-def _likely_causes(llm: LLM, path: str, prefill: list[dict[str, Any]]) -> list[str]:
+def _host_bound(r: dict[str, Any]) -> list[str]:
+    """The cause of a slow time to first token (:func:`~dockyard.bench.latency.ttft`'s ``r``) that its own
+    figures show: its forward took nearly all of it to queue on the host."""
+    if r["forward_host_seconds"] < HOST_BOUND * r["seconds"]:
+        return []
+    return [f"the prefill of {r['input_len']:,} tokens waited on the host: queueing its eager forward took "
+            f"{1e3 * r['forward_host_seconds']:,.1f} of its {1e3 * r['seconds']:,.1f} ms"]
+
+
+def _likely_causes(llm: LLM, path: str) -> list[str]:
     """What keeps a GPU run far from its roofline, as far as the engine can tell."""
-    causes = [f"the prefill of {r['input_len']:,} tokens waited on the host: queueing its eager forward took "
-              f"{1e3 * r['forward_host_seconds']:,.1f} of its {1e3 * r['seconds']:,.1f} ms"
-              for r in prefill if r["forward_host_seconds"] >= HOST_BOUND * r["seconds"]]
+    causes = []
     runner = llm.engine.runner
     if runner.graphs is None:
         causes.append(f"decode steps run eagerly (no CUDA graphs): {runner.eager_reason or 'not captured'}")
@@ -72,7 +80,7 @@ def _likely_causes(llm: LLM, path: str, prefill: list[dict[str, Any]]) -> list[s
     if path == "transformers":
         causes.append("the generic (transformers) path: HF's modules, without dockyard's fused kernels"
                       + (" (decode in CUDA graphs)" if runner.graphs is not None else ""))
-    return causes or ["no known cause: the engine's fast paths are on"]
+    return causes
 
 
 def _engine_config(ctx: GateContext, scale: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -137,7 +145,7 @@ def run(ctx: GateContext) -> Outcome:
             prefill.append(with_ttft_roofline(ttft(llm, n, rng, repeat=3 if on_gpu else 1), rate))
         runner = llm.engine.runner
         path = ctx.spec.model_impl
-        causes = _likely_causes(llm, path, prefill) if on_gpu else [
+        causes = _likely_causes(llm, path) if on_gpu else [
             "on a CPU neither CUDA graphs nor the Triton kernels run: the GPU's hot path was not measured"]
         graphs = runner.graphs.sizes if runner.graphs is not None else None
         weights = weight_read_bytes(llm)
@@ -152,12 +160,16 @@ def run(ctx: GateContext) -> Outcome:
     }
     if not on_gpu:
         evidence["scaled_down_note"] = SCALED_DOWN_NOTE.format(**scale)
-    low = [f"decode batch {r['batch']}: {r['fraction_of_roofline']:.2f}" for r in decode
+    # (figure, its likely causes): a decode figure the engine's causes, a prefill also its own host-bound time.
+    low = [(f"decode batch {r['batch']}: {r['fraction_of_roofline']:.2f}", causes) for r in decode
            if r["fraction_of_roofline"] < WARN_BELOW]
-    low += [f"TTFT {r['input_len']}: MFU {r['mfu']:.2f}" for r in prefill if r["mfu"] < WARN_BELOW]
-    evidence["warnings"] = ([f"{item} of the roofline, under {WARN_BELOW}; likely: {'; '.join(causes)}"
-                             for item in low] if on_gpu else [])
-    evidence["likely_causes"] = causes
+    low += [(f"TTFT {r['input_len']}: MFU {r['mfu']:.2f}", _host_bound(r) + causes) for r in prefill
+            if r["mfu"] < WARN_BELOW]
+    evidence["warnings"] = ([f"{item} of the roofline, under {WARN_BELOW}; likely: {'; '.join(why or [NO_CAUSE])}"
+                             for item, why in low] if on_gpu else [])
+    if on_gpu:
+        causes = [c for r in prefill for c in _host_bound(r)] + causes
+    evidence["likely_causes"] = causes or [NO_CAUSE]
     logger.info("performance: %s", json.dumps({"decode": decode, "ttft": prefill}))
     parts = [f"decode b{r['batch']} {r['tokens_per_s']:,.1f} tok/s ({r['fraction_of_roofline']:.2f} of roofline)"
              for r in decode]
@@ -165,5 +177,6 @@ def run(ctx: GateContext) -> Outcome:
     where = "GPU" if on_gpu else "CPU, scaled down"
     summary = f"{'; '.join(parts)} ({where}, {layer_note}, dummy weights)"
     if evidence["warnings"]:
-        summary += f"; WARNING: {len(evidence['warnings'])} figures under {WARN_BELOW} of the roofline: {causes[0]}"
+        first = (low[0][1] or [NO_CAUSE])[0]
+        summary += f"; WARNING: {len(evidence['warnings'])} figures under {WARN_BELOW} of the roofline: {first}"
     return Outcome("pass", summary, evidence, hard=False)
