@@ -3,7 +3,8 @@
 Every architecture of ``dockyard.generic_architectures`` against HF's eager reference (prefill logits and
 chunked prefill + decode through the paged KV cache, fp32, ≤ 1e-5); the bundled SmolLM2 on both paths
 (identical greedy tokens) and the engine's batching features on the generic one; remote code; refusals;
-the path chosen for every published config of ../shared/configs.
+the path chosen for every published config of ../shared/configs; CUDA graphs: no host synchronization in the
+generic decode forward (CPU, every architecture), capture and eager tokens, a failed capture's fallback (GPU).
 """
 
 from __future__ import annotations
