@@ -115,8 +115,8 @@ def run(ctx: GateContext) -> Outcome:
     counter = RoutedExpertCounter(device) if ctx.spec.moe is not None else None
     count_routed_experts(counter)
     ctx.step("loading the model with dummy weights")
-    # The earlier gates' engines hold reference cycles: collected now, their device memory goes back before this
-    # engine sizes its KV cache and is timed.
+    # An earlier gate's engine kept alive only by reference cycles would hold device memory while this engine
+    # sizes its KV cache and is timed: collected first.
     gc.collect()
     if on_gpu:
         torch.cuda.empty_cache()
