@@ -84,7 +84,7 @@ def main() -> int:
         figures["prefill_s"] = round(prefill_seconds(llm, prompt, args.repeats), 4)
         out[impl] = figures
         del llm, runner
-        gc.collect()  # the engine holds reference cycles: its device memory is freed only once they are collected
+        gc.collect()  # an engine kept only by reference cycles would hold its device memory into the next path's
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     out["identical_greedy_tokens"] = tokens["dockyard"] == tokens["transformers"]
