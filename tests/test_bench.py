@@ -39,6 +39,8 @@ def test_bench_latency_and_its_plot(tiny, tmp_path, capsys):
         assert r["roofline_tokens_per_s"] == pytest.approx(r["batch"] * bandwidth / r["bytes_per_step"], rel=1e-2)
         assert r["tokens_per_s"] == pytest.approx(r["batch"] * r["decode_steps"] / r["seconds"], rel=2e-2)
         assert 0 < r["fraction_of_roofline"] < math.inf
+    for r in result["ttft"]:  # the forward's host time is part of the whole (on a CPU, nearly all of it)
+        assert 0 < r["forward_host_seconds"] <= r["seconds"]
     image = matplotlib.image.imread(plot)
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
 

@@ -15,7 +15,9 @@ In the same run it measures the device's ceilings (copy bandwidth, bf16 matmul r
   the router chose in that step, counted on the device during the timed steps (graph replays
   included: ``ops.moe.RoutedExpertCounter``); Measured over the decode steps only (every sequence prefilled first,
   128-token prompts, ``--output-len`` tokens each, ignore_eos);
-- time to first token of one prompt of L tokens (one request, max_tokens 1): model FLOPs are
+- time to first token of one prompt of L tokens (one request, max_tokens 1, garbage collector paused; with the
+  host's time to queue the prefill's forward, which bounds it when the eager forward's kernels take longer to
+  queue than to run): model FLOPs are
   ``2 × matmul parameters × L`` (lm_head once) plus causal attention ``2 × layers × L² × heads ×
   head_dim``; MFU is those FLOPs per second over the measured matmul rate;
 - ``--check-eager``: the batch-1 greedy tokens with CUDA graphs equal the tokens of the same
@@ -30,11 +32,13 @@ The onboarding performance gate measures with the same functions (:func:`decode_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import random
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -130,19 +134,57 @@ def decode_rate(llm: LLM, batch: int, input_len: int, output_len: int, rng: rand
     return result
 
 
-def ttft(llm: LLM, input_len: int, rng: random.Random, repeat: int = 3) -> dict:
-    """Best of ``repeat`` times to the first token of one ``input_len``-token prompt (no prefix-cache hit)."""
-    vocab = llm.spec.vocab_size
-    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    best = float("inf")
-    for _ in range(repeat):
-        prompt = [rng.randrange(vocab) for _ in range(input_len)]
-        sync(llm.device)
+@contextlib.contextmanager
+def forward_host_times(llm: LLM) -> Iterator[list[float]]:
+    """While active, the host's seconds inside each of the model runner's forward calls (``execute``; on CUDA they
+    only queue kernels), appended to the yielded list. The runner is wrapped by an instance attribute, not changed."""
+    runner = llm.engine.runner
+    execute = runner.execute
+    times: list[float] = []
+
+    def timed_execute(inputs: Any) -> Any:
         t = time.perf_counter()
-        llm.generate([prompt], params, use_tqdm=False)
-        sync(llm.device)
-        best = min(best, time.perf_counter() - t)
-    return {"input_len": input_len, "seconds": round(best, 4), "model_flops": model_flops(llm, input_len)}
+        try:
+            return execute(inputs)
+        finally:
+            times.append(time.perf_counter() - t)
+
+    runner.execute = timed_execute
+    try:
+        yield times
+    finally:
+        del runner.execute
+
+
+def ttft(llm: LLM, input_len: int, rng: random.Random, repeat: int = 3) -> dict:
+    """Best of ``repeat`` times to the first token of one ``input_len``-token prompt (no prefix-cache hit), each
+    timed with Python's garbage collector paused (as ``timeit`` does: a collection is the process's, not the
+    engine's), and that run's ``forward_host_seconds`` (:func:`forward_host_times`): a forward host time close to
+    the whole time means the prefill waited on the host queueing its eager forward, not on the GPU."""
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    best, host = float("inf"), 0.0
+    collecting = gc.isenabled()
+    with forward_host_times(llm) as forward_host:
+        try:
+            for _ in range(repeat):
+                prompt = [rng.randrange(llm.spec.vocab_size) for _ in range(input_len)]
+                forward_host.clear()
+                gc.collect()
+                gc.disable()
+                sync(llm.device)
+                t = time.perf_counter()
+                llm.generate([prompt], params, use_tqdm=False)
+                sync(llm.device)
+                seconds = time.perf_counter() - t
+                if collecting:
+                    gc.enable()
+                if seconds < best:
+                    best, host = seconds, sum(forward_host)
+        finally:
+            if collecting:
+                gc.enable()
+    return {"input_len": input_len, "seconds": round(best, 4), "forward_host_seconds": round(host, 4),
+            "model_flops": model_flops(llm, input_len)}
 
 
 def eager_matches(llm: LLM, input_len: int, output_len: int, rng: random.Random) -> dict:
@@ -252,7 +294,7 @@ def print_latency(result: dict, as_json: bool) -> None:
               f"({r['fraction_of_roofline']:.2f} of the {r['roofline_tokens_per_s']:.1f} tok/s roofline)")
     for r in result["ttft"]:
         print(f"TTFT {r['input_len']:>6} tokens: {1e3 * r['seconds']:.1f} ms, {r['tflop_per_s']} TFLOP/s "
-              f"(MFU {r['mfu']:.2f})")
+              f"(MFU {r['mfu']:.2f}; forward queued by the host in {1e3 * r['forward_host_seconds']:.1f} ms)")
 
 
 def cmd_bench_latency(args: argparse.Namespace) -> int:

@@ -18,6 +18,11 @@ like the dense one. Models whose forward cannot be captured (experts on the refe
 reads per-expert counts on the host; attention the kernels do not handle; dynamic-NTK and longrope
 rotary) run eagerly; the reason is logged once.
 ``enforce_eager`` turns graphs off entirely.
+
+A model whose modules are not dockyard's (the generic path's HF modules: ``capture_by_trial``) cannot be
+judged by looking at its modules: :func:`capture_decode_graphs` tries the capture at start-up, and any model
+whose capture fails (a host synchronization, data-dependent Python, a pageable copy in its forward) runs
+eagerly with the failure as its recorded reason.
 """
 
 from __future__ import annotations
@@ -61,7 +66,9 @@ def why_not_capturable(model: nn.Module, kv_cache: torch.Tensor, max_model_len: 
     attention = [m for m in model.modules() if isinstance(m, Attention)]
     if not attention:
         return "it has no paged attention layers"
-    banks = [m.experts for m in model.modules() if hasattr(m, "experts")]
+    # A model captured by trial has no dockyard expert banks or rotary modules to inspect: its capture decides.
+    trial = bool(getattr(model, "capture_by_trial", False))
+    banks = [] if trial else [m.experts for m in model.modules() if hasattr(m, "experts")]
     if banks and (any(getattr(b, "stacked", None) is None for b in banks) or not fused_ops_enabled(kv_cache)):
         return "its MoE experts run the reference loop, which reads per-expert token counts on the host"
     if kv_cache.dim() != 6:
@@ -77,6 +84,35 @@ def why_not_capturable(model: nn.Module, kv_cache: torch.Tensor, max_model_len: 
         if not rotary.reserve(max_model_len):
             return f"its rotary embedding ({rotary.rope.rope_type}) depends on the largest position of a step"
     return None
+
+
+def capture_decode_graphs(model: nn.Module, kv_cache: torch.Tensor, sink_block: int, block_size: int,
+                          max_num_seqs: int, max_model_len: int) -> tuple[DecodeGraphs | None, str | None]:
+    """The model's captured decode graphs, or None and the reason decode steps run eagerly: what
+    :func:`why_not_capturable` finds, or the error of a capture that failed (the model then runs eagerly; a
+    broken CUDA context still fails loudly on the next synchronization)."""
+    reason = why_not_capturable(model, kv_cache, max_model_len)
+    if reason is not None:
+        return None, reason
+    stream = torch.cuda.current_stream(kv_cache.device)
+    graphs: DecodeGraphs | None = DecodeGraphs(model, kv_cache, sink_block, block_size, max_num_seqs, max_model_len)
+    try:
+        graphs.capture()
+        return graphs, None
+    except Exception as exc:  # noqa: BLE001 - any failure to capture means eager decode, with the reason kept
+        # The first error is the cause (a failed capture's end raises again, about the capture only).
+        while exc.__context__ is not None and isinstance(exc.__context__, Exception):
+            exc = exc.__context__
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        reason = (f"capturing the decode forward of {type(model).__name__} failed ({type(exc).__name__}: "
+                  f"{first_line})")
+    # A capture that fails in its end leaves the capture stream current: the engine's work goes back to its own.
+    torch.cuda.set_stream(stream)
+    graphs = None
+    torch.cuda.synchronize(kv_cache.device)
+    torch.cuda.empty_cache()
+    logger.warning("decode steps run eagerly: %s", reason)
+    return None, reason
 
 
 class _Staging:

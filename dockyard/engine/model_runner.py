@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from dockyard.distributed.sharding import parallel_config_of
-from dockyard.engine.cuda_graphs import DecodeGraphs, decode_split_shape, graph_batch_sizes, why_not_capturable
+from dockyard.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs, decode_split_shape, graph_batch_sizes
 from dockyard.engine.sampler import Sampler, SamplerOutput, SamplingBatch, argmax_suffices
 from dockyard.engine.scheduler import ScheduledSeq
 from dockyard.engine.sequence import Sequence
@@ -228,11 +228,9 @@ class ModelRunner:
         self._split_sizes = graph_batch_sizes(max_num_seqs)
         self._split_context = -(-max_len // block_size) * block_size
         if use_graphs:
-            self.eager_reason = why_not_capturable(model, self.kv_cache, max_len)
-            if self.eager_reason is None:
-                self.graphs = DecodeGraphs(model, self.kv_cache, num_blocks, block_size, max_num_seqs, max_len)
-                self.graphs.capture()
-            else:
+            self.graphs, self.eager_reason = capture_decode_graphs(model, self.kv_cache, num_blocks, block_size,
+                                                                   max_num_seqs, max_len)
+            if self.graphs is None:
                 logger.info("decode steps run eagerly (no CUDA graphs): %s", self.eager_reason)
 
     def _bind_kv_cache(self) -> None:

@@ -16,7 +16,15 @@ hidden states, so logit scaling and soft-capping stay HF's code.
 Refused, by name: classes whose attention does not go through transformers' attention interface
 (``_supports_attention_backend`` false: BLOOM and MPT with ALiBi, Falcon, StableLM), models whose number of
 attention modules is not their number of layers (hybrids with state-space or recurrent layers),
-tensor and expert parallelism. Decode runs eagerly (``cuda_graph_blocker``).
+tensor and expert parallelism.
+
+On CUDA, decode steps replay CUDA graphs as on the native path: the attention call reads the step's slots,
+block tables and lengths from the metadata the graph runner keeps in static buffers, transformers builds no
+mask for the ``"dockyard"`` implementation, and no cache object exists (``use_cache=False``), so a decoder
+whose own modules make no host synchronization (rotary from ``position_ids``, norms, MLPs) captures.
+Whether HF's modules do is known only by trying (``capture_by_trial``): a capture that fails (dynamic rotary
+reading the largest position, an expert loop counting tokens on the host, ...) leaves the model eager with
+the failure as the runner's ``eager_reason``.
 """
 
 from __future__ import annotations
@@ -186,8 +194,8 @@ class TransformersForCausalLM(nn.Module):
     """A transformers ``ForCausalLM`` on dockyard's engine: ``forward(input_ids, positions)`` → hidden states,
     ``compute_logits(hidden)`` → logits, attention on the paged KV cache."""
 
-    cuda_graph_blocker = ("the generic (transformers) path runs eagerly: its HF modules are not prepared for "
-                          "capture (host-side shape logic in masks, rotary and cache handling)")
+    # Its modules are HF's: whether its decode forward captures is decided by trying (engine/cuda_graphs.py).
+    capture_by_trial = True
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()

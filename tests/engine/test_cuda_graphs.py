@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dockyard import LLM, SamplingParams
+from dockyard.engine import cuda_graphs
 from dockyard.engine.cuda_graphs import graph_batch_sizes
 from dockyard.ops.rotary import get_rope
 from dockyard.spec import RopeSpec
@@ -177,3 +178,31 @@ def test_moe_graphs_equal_eager(tmp_path, family):
     """MoE models capture (the fused experts make no host sync) and replay the tokens of eager steps."""
     _assert_graphs_equal_eager(_tiny_moe(tmp_path, family), 8, random.Random(0), (5, 17, 40, 3, 90),
                                batches=[slice(None), slice(2, 3)])
+
+
+def test_a_failed_capture_leaves_the_model_eager_with_its_first_error_as_reason(monkeypatch):
+    """capture_decode_graphs on a model whose capture fails (as an HF module's host synchronization makes it):
+    no graphs, the first error as the reason, the engine's stream current again. The CUDA calls are stood in for
+    on the CPU; the GPU test below makes a real capture fail."""
+
+    class FailingCapture:
+        def __init__(self, *args: object) -> None:
+            pass
+
+        def capture(self) -> None:
+            try:
+                raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+            finally:  # the capture's end then fails about the capture itself, as torch.cuda.graph's does
+                raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    current = []
+    monkeypatch.setattr(cuda_graphs, "why_not_capturable", lambda *args: None)
+    monkeypatch.setattr(cuda_graphs, "DecodeGraphs", FailingCapture)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "engine stream")
+    monkeypatch.setattr(torch.cuda, "set_stream", current.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    graphs, reason = cuda_graphs.capture_decode_graphs(torch.nn.Linear(2, 2), torch.zeros(1), 0, 16, 4, 64)
+    assert graphs is None and current == ["engine stream"]
+    assert reason == ("capturing the decode forward of Linear failed (RuntimeError: CUDA error: operation not "
+                      "permitted when stream is capturing)")

@@ -3,24 +3,29 @@
 Every architecture of ``dockyard.generic_architectures`` against HF's eager reference (prefill logits and
 chunked prefill + decode through the paged KV cache, fp32, ≤ 1e-5); the bundled SmolLM2 on both paths
 (identical greedy tokens) and the engine's batching features on the generic one; remote code; refusals;
-the path chosen for every published config of ../shared/configs.
+the path chosen for every published config of ../shared/configs; CUDA graphs: no host synchronization in the
+generic decode forward (CPU, every architecture), capture and eager tokens, a failed capture's fallback (GPU).
 """
 
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from dockyard import LLM, SamplingParams
 from dockyard.errors import DockyardError, UnsupportedArchitectureError, WeightsError
 from dockyard.generic_architectures import GENERIC_EXAMPLES, TINY_SIZES, tiny_config
 from dockyard.model_impl import RemoteCodeError, choose_model_impl
+from dockyard.models.generic import TransformersForCausalLM
 from dockyard.onboard.equivalence import check_equivalence
+from dockyard.ops.attention import Attention
 from tests.engine.test_engine import make_engine, prompts_of_varied_length, run
 from tests.shared_configs import CONFIGS_DIR
 
@@ -214,3 +219,118 @@ def test_sizes_under_a_config_class_own_names_are_read_and_resized_through_trans
     assert (spec.num_hidden_layers, spec.hidden_size, spec.head_dim, spec.intermediate_size) == (2, 64, 16, 256)
     reduced = build_transformers_config(spec.replace(num_hidden_layers=1, vocab_size=500, intermediate_size=96))
     assert (reduced.n_layer, reduced.vocab_size, reduced.n_inner) == (1, 500, 96)
+
+
+# Operators that make the host wait for the device (on CUDA they fail a graph capture); on a CPU torch still
+# dispatches them, so a decode forward that would synchronize shows it here. (``tolist`` and ``.cpu()`` dispatch
+# nothing on a CPU: those only the GPU test's capture finds.)
+_HOST_SYNC_OPS = ("aten::item", "aten::is_nonzero", "aten::_local_scalar_dense", "aten::nonzero",
+                  "aten::masked_select", "aten::_unique2", "aten::unique_consecutive")
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Records the host-synchronizing operators dispatched while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in _HOST_SYNC_OPS:
+            self.seen.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def _decode_host_syncs(llm: LLM) -> tuple[int, list[str]]:
+    """(decode-only forwards run, host-synchronizing operators they dispatched) over a short batched generation."""
+    mode, calls = _HostSyncs(), [0]
+    forward = llm.model.forward
+
+    def watched(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        metadata = Attention.current_metadata()
+        if metadata is None or not metadata.is_decode_only:
+            return forward(input_ids, positions)
+        calls[0] += 1
+        with mode:
+            return forward(input_ids, positions)
+
+    llm.model.forward = watched
+    try:
+        llm.generate([[1, 2, 3, 4, 5], [7, 8, 9]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+                     use_tqdm=False)
+    finally:
+        del llm.model.forward
+    return calls[0], mode.seen
+
+
+def _tiny_config_file(model_type: str, directory: Path) -> Path:
+    """config.json of a tiny ``model_type`` in ``directory`` (Llama too: it runs on the generic path when asked)."""
+    config = (AutoConfig.for_model("llama", **TINY_SIZES, num_key_value_heads=2).to_dict() if model_type == "llama"
+              else tiny_config(model_type))
+    config["architectures"] = None
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory / "config.json"
+
+
+@pytest.mark.parametrize("model_type", ["llama", *sorted(GENERIC_EXAMPLES)])
+def test_generic_decode_forward_makes_no_host_synchronization(model_type, tmp_path):
+    """What CUDA graph capture needs of the HF modules, checked on the CPU for every architecture shown on the
+    generic path (the GPU tests capture some of them)."""
+    llm = LLM(_tiny_config_file(model_type, tmp_path), load_format="dummy", device="cpu", num_kv_blocks=32,
+              model_impl="transformers")
+    assert getattr(llm.model, "capture_by_trial", False) and getattr(llm.model, "cuda_graph_blocker", None) is None
+    calls, seen = _decode_host_syncs(llm)
+    assert calls == 3 and seen == []
+    if model_type == "llama":  # the check sees a synchronization where there is one
+        norm = llm.model.hf.model.norm
+        norm.forward = lambda x, _f=norm.forward: _f(x) * (1.0 if x.abs().max().item() >= 0 else 0.0)
+        assert len(_decode_host_syncs(llm)[1]) == 3
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+GPU_KWARGS = dict(load_format="dummy", device="cuda", dtype="float32", max_num_seqs=8, seed=3, num_kv_blocks=256,
+                  model_impl="transformers")
+
+
+def _greedy_tokens_equal(a: LLM, b: LLM) -> None:
+    """Greedy tokens of a padded batch (5 sequences replay the graph of 8) and of a lone sequence: a == b."""
+    rng = random.Random(0)
+    prompts = [[rng.randrange(a.spec.vocab_size) for _ in range(n)] for n in (5, 17, 40, 3, 90)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    for batch in (prompts, prompts[2:3]):
+        assert ([o.outputs[0].token_ids for o in a.generate(batch, params, use_tqdm=False)]
+                == [o.outputs[0].token_ids for o in b.generate(batch, params, use_tqdm=False)])
+
+
+@needs_cuda
+@pytest.mark.parametrize("model_type", ["llama", "gpt_neox", "gpt2", "cohere2", "gemma", "granitemoe"])
+def test_generic_graphs_give_the_eager_tokens(model_type, tmp_path):
+    """The generic path captures its decode steps (HF's modules in the graph) and replays eager mode's tokens."""
+    path = _tiny_config_file(model_type, tmp_path)
+    graphs = LLM(path, **GPU_KWARGS)
+    runner = graphs.engine.runner
+    if model_type == "granitemoe" and runner.graphs is None:  # HF's expert code may synchronize: said, not hidden
+        assert runner.eager_reason.startswith("capturing the decode forward of TransformersForCausalLM failed")
+    else:
+        assert runner.graphs is not None, runner.eager_reason
+    _greedy_tokens_equal(graphs, LLM(path, enforce_eager=True, **GPU_KWARGS))
+
+
+@needs_cuda
+def test_generic_capture_that_fails_leaves_decode_eager_with_its_reason(tmp_path, monkeypatch):
+    """A forward that reads a device value on the host (as dynamic rotary reads the largest position) cannot be
+    captured: the engine decodes eagerly, says why, and gives eager mode's tokens."""
+    path = _tiny_config_file("llama", tmp_path)
+    forward = TransformersForCausalLM.forward
+
+    def synchronizing(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if int(positions.max()) >= 1 << 40:
+            raise AssertionError("unreachable")
+        return forward(self, input_ids, positions)
+
+    monkeypatch.setattr(TransformersForCausalLM, "forward", synchronizing)
+    llm = LLM(path, **GPU_KWARGS)
+    runner = llm.engine.runner
+    assert runner.graphs is None
+    assert runner.eager_reason.startswith("capturing the decode forward of TransformersForCausalLM failed")
+    _greedy_tokens_equal(llm, LLM(path, enforce_eager=True, **GPU_KWARGS))

@@ -47,3 +47,14 @@ def test_performance_gate_on_cpu(tmp_path):
     perf = tutorial.split("## Performance", 1)[1]
     assert "| decode, batch 1 |" in perf and "| time to first token, 255 tokens |" in perf
     assert f"{ev['decode'][0]['tokens_per_s']:,.1f} tokens/s" in perf
+
+
+def test_a_prefill_that_waited_on_the_host_is_named_by_its_own_figures():
+    """A time to first token whose forward took ≥ 0.8 of it to queue is host-bound (the GPU would have waited);
+    one whose forward queued in a fraction of it is not: its cause lies elsewhere."""
+    from dockyard.onboard.gates.performance import _host_bound
+
+    waited = {"input_len": 1024, "seconds": 0.0470, "forward_host_seconds": 0.0440}
+    assert _host_bound(waited) == ["the prefill of 1,024 tokens waited on the host: queueing its eager forward took "
+                                   "44.0 of its 47.0 ms"]
+    assert _host_bound({"input_len": 8192, "seconds": 0.2394, "forward_host_seconds": 0.0220}) == []
