@@ -120,15 +120,15 @@ def test_reference_paths_read_fp8_cache(num_q_heads, num_kv_heads):
         torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("with_sinks", [False, True])
-def test_triton_kernel_reads_fp8_cache(num_splits, with_sinks):
+@pytest.mark.parametrize(("num_splits", "with_sinks", "block_n"),
+                         [(1, False, None), (1, True, None), (3, False, None), (3, True, None), (2, False, 128)])
+def test_triton_kernel_reads_fp8_cache(num_splits, with_sinks, block_n):
     q, cache, k_scale, v_scale, meta, _ = build(SEQ_LENS, 8, 2, 64, seed=num_splits)
     sinks = torch.randn(8, generator=torch.Generator().manual_seed(1)) if with_sinks else None
     expected = float64_decode(q, cache, k_scale, v_scale, meta, 0.125, sinks)
     dev = lambda t: t.to(DEVICE) if t is not None else None  # noqa: E731
     got = ta.paged_decode_attention(dev(q), dev(cache), dev(meta.block_tables), dev(meta.seq_lens_tensor), 0.125,
-                                    sinks=dev(sinks), num_splits=num_splits, k_scale=dev(k_scale),
+                                    sinks=dev(sinks), num_splits=num_splits, block_n=block_n, k_scale=dev(k_scale),
                                     v_scale=dev(v_scale))
     torch.testing.assert_close(got.cpu().double(), expected, atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError, match="k_scale and v_scale"):
