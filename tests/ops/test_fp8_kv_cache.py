@@ -246,3 +246,13 @@ def test_mla_and_tensor_parallel_refuse_an_fp8_cache_before_loading(tmp_path):
     with pytest.raises(ConfigError, match="tensor_parallel_size=2 is not supported yet"):
         LLM(_tiny_llama(tmp_path), load_format="dummy", device="cpu", kv_cache_dtype="fp8_e4m3",
             tensor_parallel_size=2)
+
+
+def test_fp8_value_tile_is_not_read_bytewise_from_shared_memory():
+    """Compiled for Hopper (no GPU needed): the FP8 kernel stages its value tile as 16-bit values, read back with the
+    transposing matrix load like the bf16 kernel's, never one byte per load (what the compiler does when the
+    conversion is left next to the product: benchmarks/RESULTS.md, session 8)."""
+    kernel_sass = pytest.importorskip("dockyard.bench.kernel_sass")
+    ptx = kernel_sass.compile_decode("fp8e4nv", "bf16", block_n=64, num_warps=4, num_stages=3).asm["ptx"]
+    assert kernel_sass.ptx_count(ptx, "ld.shared.b8") == 0
+    assert kernel_sass.ptx_count(ptx, "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16") > 0
