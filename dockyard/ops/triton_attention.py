@@ -363,14 +363,15 @@ def _dot_mode(q: torch.Tensor, dot_precision: str | None) -> tuple[torch.dtype, 
 
 
 # Decode kernel tiles by the cache's bytes per element: (BLOCK_N tokens, warps, pipeline stages) for heads
-# of up to 128 dims (wider heads take half the tokens). A 1-byte cache may take twice the tokens for the
-# same bytes per tile. From the sweeps of benchmarks/attention_kernels.py and benchmarks/fp8_kv_cache.py
-# (benchmarks/RESULTS.md).
+# of up to 128 dims (wider heads take half the tokens). The 1-byte (FP8) cache was swept on its own and keeps
+# the same tile: twice the tokens per tile was no faster, its loop being bound by the instructions it issues per
+# token, not by the bytes per tile. From the sweeps of benchmarks/attention_kernels.py and
+# benchmarks/fp8_kv_cache.py (benchmarks/RESULTS.md); other sizes take the float32 entry.
 DECODE_TILES: dict[int, tuple[int, int, int]] = {4: (64, 4, 3), 2: (64, 4, 3), 1: (64, 4, 3)}
 
 
 def _default_tile(head_dim: int, element_size: int) -> tuple[int, int, int]:
-    block_n, warps, stages = DECODE_TILES[element_size]
+    block_n, warps, stages = DECODE_TILES.get(element_size, DECODE_TILES[4])
     return (block_n if head_dim <= 128 else block_n // 2), warps, stages
 
 
