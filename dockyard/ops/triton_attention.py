@@ -15,9 +15,14 @@ from the paged KV cache ``[2, num_blocks, block_size, num_kv_heads, head_dim]``.
 - supports a sliding window, Gemma 2's logit soft-capping and gpt-oss's per-head sinks (a logit
   that joins the softmax denominator and attends to nothing), with the same semantics as
   :func:`ops.attention.softmax_attention`;
-- reads an FP8 (e4m3) cache: the tiles are converted to the product dtype as loaded, the key scale
-  is folded into the score scale and the value scale into the output (both per tensor, read from
-  device scalars, :mod:`dockyard.ops.fp8_kv`), so a token costs one byte per element to read.
+- reads an FP8 (e4m3) cache: the 1-byte tiles are loaded with the same 16-byte vector loads and
+  converted to the product dtype in registers (exact: every e4m3 value is a bfloat16 / float16
+  value); the key scale is folded into the score scale and the value scale into the output once per
+  program (both per tensor, read from device scalars, :mod:`dockyard.ops.fp8_kv`), so a token costs
+  one byte per element to read. The value tile is widened before it is staged for the tensor cores
+  (:func:`_widen_in_registers`): the weighted sum reduces over tokens, across the tile's rows, and an
+  8-bit tile read that way comes out of shared memory one byte per load, while a 16-bit one takes the
+  transposing matrix load. Tile sizes come per cache element size from ``DECODE_TILES``.
 
 :func:`paged_mla_decode_attention` is the same scheme for DeepSeek's multi-head latent attention in
 its absorbed form (see :mod:`dockyard.ops.mla`): the cache ``[1, num_blocks, block_size, 1,
@@ -85,6 +90,17 @@ def _online_softmax_step(s, v, m_i, l_i, acc, DOT_DTYPE: tl.constexpr, DOT_PRECI
     l_i = l_i * alpha + tl.reduce(p, 1, _add_combine)
     acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _widen_in_registers(x, DOT_DTYPE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """``x`` [ROWS, COLS] converted to DOT_DTYPE where it was loaded, in registers.
+
+    The split into even and odd columns and the join back leave every value in place; they are there
+    because a plain conversion feeding ``tl.dot`` is moved by the compiler to after the tile's staging
+    in shared memory, which for an 8-bit value tile (reduced along its rows) means byte-wide loads."""
+    even, odd = tl.split(tl.reshape(x, [ROWS, COLS // 2, 2]))
+    return tl.reshape(tl.join(even.to(DOT_DTYPE), odd.to(DOT_DTYPE)), [ROWS, COLS])
 
 
 @triton.jit
@@ -163,6 +179,8 @@ def _paged_decode_kernel(
         kv_mask = valid[:, None] & dim_ok[None, :]
         k = tl.load(k_ptr + row_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + row_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        if KV_SCALED:
+            v = _widen_in_registers(v, DOT_DTYPE, BLOCK_N, BLOCK_D)
 
         s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION)  # [GROUP_PAD, BLOCK_N] fp32
         if USE_SOFTCAP:
@@ -344,8 +362,17 @@ def _dot_mode(q: torch.Tensor, dot_precision: str | None) -> tuple[torch.dtype, 
     return dot_dtype, None
 
 
-def _default_block_n(head_dim: int) -> int:
-    return 64 if head_dim <= 128 else 32
+# Decode kernel tiles by the cache's bytes per element: (BLOCK_N tokens, warps, pipeline stages) for heads
+# of up to 128 dims (wider heads take half the tokens). The 1-byte (FP8) cache was swept on its own and keeps
+# the same tile: twice the tokens per tile was no faster, its loop being bound by the instructions it issues per
+# token, not by the bytes per tile. From the sweeps of benchmarks/attention_kernels.py and
+# benchmarks/fp8_kv_cache.py (benchmarks/RESULTS.md); other sizes take the float32 entry.
+DECODE_TILES: dict[int, tuple[int, int, int]] = {4: (64, 4, 3), 2: (64, 4, 3), 1: (64, 4, 3)}
+
+
+def _default_tile(head_dim: int, element_size: int) -> tuple[int, int, int]:
+    block_n, warps, stages = DECODE_TILES.get(element_size, DECODE_TILES[4])
+    return (block_n if head_dim <= 128 else block_n // 2), warps, stages
 
 
 def _split_partials(out: torch.Tensor, splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -423,12 +450,13 @@ def paged_decode_attention(
     max_context = block_tables.shape[1] * page_size
     if sliding_window is not None:
         max_context = min(max_context, sliding_window)
-    block_n = block_n or _default_block_n(head_dim)
+    default_block_n, default_warps, default_stages = _default_tile(head_dim, kv_cache.element_size())
+    block_n = block_n or default_block_n
     splits = num_splits or default_num_splits(batch, num_kv_heads, max_context, q.device)
     split = splits > 1
     dot_dtype, dot_precision = _dot_mode(q, dot_precision)
     part_acc, part_m, part_l = _split_partials(out, splits)
-    options = _launch_options(num_warps, num_stages)
+    options = _launch_options(num_warps or default_warps, num_stages or default_stages)
     _paged_decode_kernel[(batch, num_kv_heads, splits)](
         q, kv_cache[0], kv_cache[1], block_tables, seq_lens, sinks if sinks is not None else q,
         k_scale if kv_scaled else q, v_scale if kv_scaled else q,
@@ -529,5 +557,5 @@ def decode_kv_bytes(seq_lens: list[int], num_kv_heads: int, head_dim: int, eleme
     return 2 * tokens * num_kv_heads * head_dim * element_size
 
 
-__all__ = ["default_num_splits", "decode_kv_bytes", "mla_num_splits", "mla_supports", "paged_decode_attention",
-           "paged_mla_decode_attention", "supports", "triton_available"]
+__all__ = ["DECODE_TILES", "default_num_splits", "decode_kv_bytes", "mla_num_splits", "mla_supports",
+           "paged_decode_attention", "paged_mla_decode_attention", "supports", "triton_available"]

@@ -120,15 +120,15 @@ def test_reference_paths_read_fp8_cache(num_q_heads, num_kv_heads):
         torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("with_sinks", [False, True])
-def test_triton_kernel_reads_fp8_cache(num_splits, with_sinks):
+@pytest.mark.parametrize(("num_splits", "with_sinks", "block_n"),
+                         [(1, False, None), (1, True, None), (3, False, None), (3, True, None), (2, False, 128)])
+def test_triton_kernel_reads_fp8_cache(num_splits, with_sinks, block_n):
     q, cache, k_scale, v_scale, meta, _ = build(SEQ_LENS, 8, 2, 64, seed=num_splits)
     sinks = torch.randn(8, generator=torch.Generator().manual_seed(1)) if with_sinks else None
     expected = float64_decode(q, cache, k_scale, v_scale, meta, 0.125, sinks)
     dev = lambda t: t.to(DEVICE) if t is not None else None  # noqa: E731
     got = ta.paged_decode_attention(dev(q), dev(cache), dev(meta.block_tables), dev(meta.seq_lens_tensor), 0.125,
-                                    sinks=dev(sinks), num_splits=num_splits, k_scale=dev(k_scale),
+                                    sinks=dev(sinks), num_splits=num_splits, block_n=block_n, k_scale=dev(k_scale),
                                     v_scale=dev(v_scale))
     torch.testing.assert_close(got.cpu().double(), expected, atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError, match="k_scale and v_scale"):
@@ -246,3 +246,13 @@ def test_mla_and_tensor_parallel_refuse_an_fp8_cache_before_loading(tmp_path):
     with pytest.raises(ConfigError, match="tensor_parallel_size=2 is not supported yet"):
         LLM(_tiny_llama(tmp_path), load_format="dummy", device="cpu", kv_cache_dtype="fp8_e4m3",
             tensor_parallel_size=2)
+
+
+def test_fp8_value_tile_is_not_read_bytewise_from_shared_memory():
+    """Compiled for Hopper (no GPU needed): the FP8 kernel stages its value tile as 16-bit values, read back with the
+    transposing matrix load like the bf16 kernel's, never one byte per load (what the compiler does when the
+    conversion is left next to the product: benchmarks/RESULTS.md, session 8)."""
+    kernel_sass = pytest.importorskip("dockyard.bench.kernel_sass")
+    ptx = kernel_sass.compile_decode("fp8e4nv", "bf16", block_n=64, num_warps=4, num_stages=3).asm["ptx"]
+    assert kernel_sass.ptx_count(ptx, "ld.shared.b8") == 0
+    assert kernel_sass.ptx_count(ptx, "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16") > 0
