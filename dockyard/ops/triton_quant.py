@@ -197,6 +197,162 @@ def _dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_w, stride_s, s
 
 
 # ---------------------------------------------------------------------------------------------
+# Streaming GEMV for a few rows (decode): one kernel per layout family, each reading its packed bytes
+# as contiguous runs, decoding nibbles and bit-planes in registers, and applying every scale once per group
+# or sub-block to a partial dot product instead of once per weight.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _code_f32(q, offset: tl.constexpr):
+    # ``q - offset`` in float32 for a small non-negative integer q: OR-ing q into the mantissa of 2**23 gives
+    # the float 2**23 + q exactly, one integer op and one subtraction instead of an int-to-float conversion
+    # (a quarter-rate instruction that would bound a 4-bit GEMV below the memory bandwidth).
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + offset)
+
+
+@triton.jit
+def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, N, stride_xm, stride_ym, stride_w, stride_s,
+                      stride_z, K: tl.constexpr, GROUP: tl.constexpr, SUB: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, SUBS: tl.constexpr, EVEN: tl.constexpr):
+    # Each iteration reads SUBS runs of SUB // 2 packed bytes per row (SUB columns inside one group): the low
+    # nibbles multiply the even columns of x, the high nibbles the odd ones (x read contiguously and split);
+    # the zero point is folded into the run's sum of x, and the group's scale multiplies the run's dot product.
+    # EVEN: N a multiple of BLOCK_N and K of SUB * SUBS, so the weight loads need no mask (wide vector loads).
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    x_row = x_ptr + tl.program_id(1).to(tl.int64) * stride_xm
+    run = tl.arange(0, SUBS)
+    col = tl.arange(0, SUB)
+    byte = tl.arange(0, SUB // 2)
+    w_rows = w_ptr + rows.to(tl.int64) * stride_w
+    acc = tl.full([BLOCK_N, SUBS], 0.0, tl.float32)
+    for k0 in range(0, K, SUB * SUBS):
+        start = k0 + run * SUB  # [S] first column of each run
+        x_cols = start[:, None] + col[None, :]  # [S, SUB]
+        x = tl.load(x_row + x_cols, mask=x_cols < K, other=0.0).to(tl.float32)
+        xe, xo = tl.split(tl.reshape(x, [SUBS, SUB // 2, 2]))
+        w_at = w_rows[:, None, None] + (k0 // 2 + run[:, None] * (SUB // 2) + byte[None, :])[None, :, :]
+        if EVEN:
+            q = tl.load(w_at).to(tl.int32)
+        else:
+            q = tl.load(w_at, mask=row_ok[:, None, None] & ((start[:, None] + 2 * byte[None, :]) < K)[None, :, :],
+                        other=0).to(tl.int32)
+        prod = _code_f32(q & 15, 8.0) * xe[None, :, :] + _code_f32(q >> 4, 8.0) * xo[None, :, :]
+        dot = tl.reduce(prod, 2, _add)  # [N, S]
+        run_ok = row_ok[:, None] & (start < K)[None, :]
+        group = (start // GROUP)[None, :]
+        scale = tl.load(s_ptr + rows[:, None].to(tl.int64) * stride_s + group, mask=run_ok, other=0.0)
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + rows[:, None].to(tl.int64) * stride_z + group, mask=run_ok, other=8)
+            dot -= (zero.to(tl.float32) - 8.0) * tl.reduce(xe + xo, 1, _add)[None, :]
+        acc += scale.to(tl.float32) * dot
+    y = tl.reduce(acc, 1, _add)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + tl.program_id(1).to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _gguf_gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, N, stride_xm, stride_ym, stride_w,
+                      BLOCKS: tl.constexpr, BLOCK_BYTES: tl.constexpr, FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BPI: tl.constexpr):
+    # BLOCKS blocks per row, BPI of them per iteration. Each format's tile puts the bytes that share one
+    # scale (a 32-value block, a K-quant sub-block pair or a Q6_K 16-value scale run) along the last axis.
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    x_row = x_ptr + tl.program_id(1).to(tl.int64) * stride_xm
+    row_off = rows.to(tl.int64) * stride_w
+    if FORMAT == 2 or FORMAT == 8:  # Q4_0 (18 bytes: d, 16 nibble bytes), Q8_0 (34 bytes: d, 32 int8)
+        # The scale multiplies each product in place: these rows are only 2-byte aligned, so a block's bytes
+        # spread over many threads and a per-block sum would cost shuffles; one sum at the end instead.
+        if FORMAT == 2:
+            lane = tl.arange(0, 16)
+        else:
+            lane = tl.arange(0, 32)
+        acc3 = tl.full([BLOCK_N, BPI, lane.shape[0]], 0.0, tl.float32)
+        for b0 in range(0, BLOCKS, BPI):
+            blk = b0 + tl.arange(0, BPI)
+            blk_ok = blk < BLOCKS
+            off = row_off[:, None] + blk[None, :] * BLOCK_BYTES  # [N, B]
+            ok = row_ok[:, None] & blk_ok[None, :]
+            q = _u8(w_ptr, off[:, :, None] + 2 + lane[None, None, :], ok[:, :, None])
+            x_lo = tl.load(x_row + blk[:, None] * 32 + lane[None, :], mask=blk_ok[:, None], other=0.0).to(tl.float32)
+            if FORMAT == 2:  # value e is nibble e // 16 of byte e % 16, (q - 8) * d
+                x_hi = tl.load(x_row + blk[:, None] * 32 + 16 + lane[None, :], mask=blk_ok[:, None],
+                               other=0.0).to(tl.float32)
+                prod = _code_f32(q & 15, 8.0) * x_lo[None, :, :] + _code_f32(q >> 4, 8.0) * x_hi[None, :, :]
+            else:  # int8 as its byte XOR 128, offset by 128
+                prod = _code_f32(q ^ 128, 128.0) * x_lo[None, :, :]
+            acc3 += _f16(w_ptr, off, ok)[:, :, None] * prod
+        acc = tl.reduce(acc3, 2, _add)
+    elif FORMAT == 14:  # Q6_K: ql[128], qh[64], int8 scales[16], float16 d; pieces of 16 values share a scale
+        t = tl.arange(0, 16)
+        p = tl.arange(0, BPI * 4)  # (block, half h, lane-half lh) of the 32 lanes ql/qh bytes are laid out in
+        h = (p // 2) % 2
+        lane = (p % 2)[:, None] * 16 + t[None, :]  # [P, 16]
+        acc3 = tl.full([BLOCK_N, BPI * 4, 16], 0.0, tl.float32)
+        for b0 in range(0, BLOCKS, BPI):
+            blk = b0 + p // 4
+            p_ok = blk < BLOCKS
+            off = row_off[:, None] + (blk * BLOCK_BYTES)[None, :]  # [N, P]
+            ok = row_ok[:, None] & p_ok[None, :]
+            ok3 = ok[:, :, None]
+            byte = (h[:, None] * 64 + lane)[None, :, :]
+            ql_a = _u8(w_ptr, off[:, :, None] + byte, ok3)  # quarters 0 (low nibble) and 2 (high)
+            ql_b = _u8(w_ptr, off[:, :, None] + byte + 32, ok3)  # quarters 1 and 3
+            qh = _u8(w_ptr, off[:, :, None] + 128 + (h[:, None] * 32 + lane)[None, :, :], ok3)
+            x_at = x_row + (blk * 256 + h * 128)[:, None] + lane  # [P, 16], quarter 0
+            sc_at = off + 192 + (h * 8 + p % 2)[None, :]  # scale of quarter 0 (16-value pieces: e // 16)
+            d = _f16(w_ptr, off + 208, ok)
+            for quarter in tl.static_range(4):
+                if quarter % 2 == 0:
+                    ql = ql_a
+                else:
+                    ql = ql_b
+                if quarter < 2:
+                    ql = ql & 15
+                else:
+                    ql = ql >> 4
+                q = ql | (((qh >> (2 * quarter)) & 3) << 4)
+                xq = tl.load(x_at + quarter * 32, mask=p_ok[:, None], other=0.0).to(tl.float32)
+                scale = d * _i8(w_ptr, sc_at + quarter * 2, ok)
+                acc3 += (_code_f32(q, 32.0) * scale[:, :, None]) * xq[None, :, :]
+        acc = tl.reduce(acc3, 2, _add)
+    else:  # Q4_K (144 bytes), Q5_K (176): d, dmin, 12 scale bytes, [Q5_K: qh[32]], qs[128]; d*sc*q - dmin*m
+        lane = tl.arange(0, 32)
+        p = tl.arange(0, BPI * 4)  # (block, pair c of sub-blocks 2c and 2c + 1, which share 32 qs bytes)
+        c = p % 4
+        acc = tl.full([BLOCK_N, BPI * 4], 0.0, tl.float32)
+        for b0 in range(0, BLOCKS, BPI):
+            blk = b0 + p // 4
+            p_ok = blk < BLOCKS
+            off = row_off[:, None] + (blk * BLOCK_BYTES)[None, :]  # [N, P]
+            ok = row_ok[:, None] & p_ok[None, :]
+            ok3 = ok[:, :, None]
+            qs = _u8(w_ptr, off[:, :, None] + (BLOCK_BYTES - 128) + (c[:, None] * 32 + lane[None, :])[None], ok3)
+            q_lo = qs & 15
+            q_hi = qs >> 4
+            if FORMAT == 13:
+                qh = _u8(w_ptr, off[:, :, None] + 16 + lane[None, None, :], ok3) >> (2 * c)[None, :, None]
+                q_lo = q_lo | ((qh & 1) << 4)
+                q_hi = q_hi | ((qh & 2) << 3)
+            x_at = x_row + (blk * 256 + c * 64)[:, None] + lane[None, :]  # [P, 32]
+            x_lo = tl.load(x_at, mask=p_ok[:, None], other=0.0).to(tl.float32)
+            x_hi = tl.load(x_at + 32, mask=p_ok[:, None], other=0.0).to(tl.float32)
+            dot_lo = tl.reduce(_code_f32(q_lo, 0.0) * x_lo[None, :, :], 2, _add)
+            dot_hi = tl.reduce(_code_f32(q_hi, 0.0) * x_hi[None, :, :], 2, _add)
+            sc_lo, mn_lo = _kquant_scale_min(w_ptr, off + 4, (2 * c)[None, :], ok)
+            sc_hi, mn_hi = _kquant_scale_min(w_ptr, off + 4, (2 * c + 1)[None, :], ok)
+            x_sum_lo = tl.reduce(x_lo, 1, _add)[None, :]
+            x_sum_hi = tl.reduce(x_hi, 1, _add)[None, :]
+            acc += (_f16(w_ptr, off, ok) * (sc_lo * dot_lo + sc_hi * dot_hi)
+                    - _f16(w_ptr, off + 2, ok) * (mn_lo * x_sum_lo + mn_hi * x_sum_hi))
+    y = tl.reduce(acc, 1, _add)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + tl.program_id(1).to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------
 class QuantOperand:
@@ -228,22 +384,63 @@ class QuantOperand:
         return {"FORMAT": self.format, "GROUP": max(self.group_size, 1), "HAS_ZEROS": self.zeros is not None}
 
 
-# (BLOCK_N, BLOCK_K, num_warps) of the GEMV and (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the
-# GEMM: starting points, `benchmarks/quant_matmul.py` times alternatives.
+# (BLOCK_N, BLOCK_K, num_warps) of the generic tile GEMV (:func:`quant_gemv_tiles`, int4 groups of odd size) and
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMM: starting points, `benchmarks/quant_matmul.py`
+# times alternatives.
 GEMV_CONFIG = (4, 256, 4)
 GEMM_CONFIG = (16, 64, 64, 4, 3)
-# From this many rows on, :func:`quant_linear` dequantizes the weight and calls cuBLAS: on an H200 that took
-# less time at M 64 than the fused GEMM at M 16 for every format and shape measured but Q4_K / Q5_K gate_up
-# (benchmarks/RESULTS.md), and its time hardly grows with M.
-DEQUANTIZE_MIN_ROWS = 2
+# The streaming GEMV per format: (rows per program, columns per iteration, num_warps), the fastest at the
+# Llama-3.1-8B gate_up shape in `benchmarks/quant_matmul.py`'s sweep (benchmarks/RESULTS.md).
+STREAM_CONFIGS: dict[int, tuple[int, int, int]] = {
+    INT4: (4, 1024, 4), Q4_0: (4, 1024, 4), Q8_0: (4, 512, 4), Q4_K: (4, 1024, 4), Q5_K: (4, 1024, 4),
+    Q6_K: (4, 512, 4)}
+# Up to this many rows :func:`quant_linear` runs the streaming GEMV once per row (the programs of one row tile
+# run together, so the weight comes from memory once and from L2 for the other rows); the fused GEMM for
+# fewer than :data:`DEQUANTIZE_MIN_ROWS`; from there the weight is dequantized for cuBLAS.
+GEMV_MAX_ROWS = 8
+DEQUANTIZE_MIN_ROWS = GEMV_MAX_ROWS + 1
 
 
 def quant_gemv(x: torch.Tensor, w: QuantOperand, bias: torch.Tensor | None = None,
                config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """``x`` [1, K] (contiguous) times the quantized weight, transposed, plus ``bias`` → [1, N] in x's dtype."""
+    """``x`` [M, K] (contiguous rows, M small) times the quantized weight, transposed, plus ``bias`` → [M, N] in
+    x's dtype, by the streaming GEMV (one grid row of programs per row of x); ``config`` overrides the format's
+    :data:`STREAM_CONFIGS` entry (rows per program, columns per iteration, warps)."""
+    n, k = w.shape
+    if x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
+        raise ValueError(f"quant_gemv takes x [M, {k}] with contiguous rows, got {tuple(x.shape)}")
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    block_n, k_tile, warps = config or STREAM_CONFIGS[w.format]
+    grid = (triton.cdiv(n, block_n), m)
+    b = bias if bias is not None else x
+    if w.format == INT4:
+        group = max(w.group_size, 1)
+        sub = min(group & -group, k_tile, triton.next_power_of_2(k))  # a power of two inside one group
+        if sub < 2:  # an odd group size: no whole bytes per group
+            return quant_gemv_tiles(x, w, bias)
+        (wp, sp, zp), (sw, ss, sz) = w.args()
+        subs = min(max(k_tile // sub, 1), triton.next_power_of_2(triton.cdiv(k, sub)))
+        _int4_gemv_kernel[grid](x, wp, sp, zp, b, y, n, x.stride(0), y.stride(0), sw, ss, sz, K=k, GROUP=group,
+                                SUB=sub, HAS_ZEROS=w.zeros is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+                                SUBS=subs, EVEN=n % block_n == 0 and k % (sub * subs) == 0, num_warps=warps)
+        return y
+    values, nbytes = gguf_block(w.format)
+    blocks = k // values
+    _gguf_gemv_kernel[grid](x, w.data, b, y, n, x.stride(0), y.stride(0), w.data.stride(0), BLOCKS=blocks,
+                            BLOCK_BYTES=nbytes, FORMAT=w.format, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+                            BPI=min(max(k_tile // values, 1), triton.next_power_of_2(blocks)), num_warps=warps)
+    return y
+
+
+def quant_gemv_tiles(x: torch.Tensor, w: QuantOperand, bias: torch.Tensor | None = None,
+                     config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """``x`` [1, K] times the quantized weight through the generic per-element tile (any int4 group size)."""
     n, k = w.shape
     if x.dim() != 2 or x.shape != (1, k) or x.stride(1) != 1:
-        raise ValueError(f"quant_gemv takes x [1, {k}] with contiguous rows, got {tuple(x.shape)}")
+        raise ValueError(f"quant_gemv_tiles takes x [1, {k}] with contiguous rows, got {tuple(x.shape)}")
     block_n, block_k, warps = config or GEMV_CONFIG
     (wp, sp, zp), (sw, ss, sz) = w.args()
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
@@ -286,15 +483,15 @@ def dequantize(w: QuantOperand, dtype: torch.dtype) -> torch.Tensor:
 
 def quant_linear(x: torch.Tensor, w: QuantOperand, bias: torch.Tensor | None = None,
                  perm: torch.Tensor | None = None) -> torch.Tensor:
-    """``x`` [..., K] times the quantized weight (stored columns multiply ``x[..., perm]``) plus ``bias``:
-    one row → :func:`quant_gemv`; fewer than :data:`DEQUANTIZE_MIN_ROWS` → :func:`quant_gemm`; from there
-    the weight dequantized (:func:`dequantize`) and ``F.linear``. The output has x's dtype."""
+    """``x`` [..., K] times the quantized weight (stored columns multiply ``x[..., perm]``) plus ``bias``: up to
+    :data:`GEMV_MAX_ROWS` rows → :func:`quant_gemv`; fewer than :data:`DEQUANTIZE_MIN_ROWS` → :func:`quant_gemm`;
+    from there the weight dequantized (:func:`dequantize`) and ``F.linear``. The output has x's dtype."""
     x2 = x.reshape(-1, x.shape[-1])
     if perm is not None:
         x2 = x2.index_select(1, perm)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if x2.shape[0] == 1:
+    if x2.shape[0] <= GEMV_MAX_ROWS:
         y = quant_gemv(x2, w, bias)
     elif x2.shape[0] < DEQUANTIZE_MIN_ROWS:
         y = quant_gemm(x2, w, bias)
@@ -303,5 +500,5 @@ def quant_linear(x: torch.Tensor, w: QuantOperand, bias: torch.Tensor | None = N
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
-__all__ = ["DEQUANTIZE_MIN_ROWS", "GEMM_CONFIG", "GEMV_CONFIG", "GGUF_FORMATS", "INT4", "QuantOperand", "dequantize",
-           "gguf_block", "quant_gemm", "quant_gemv", "quant_linear"]
+__all__ = ["DEQUANTIZE_MIN_ROWS", "GEMM_CONFIG", "GEMV_CONFIG", "GEMV_MAX_ROWS", "GGUF_FORMATS", "INT4", "QuantOperand",
+           "STREAM_CONFIGS", "dequantize", "gguf_block", "quant_gemm", "quant_gemv", "quant_gemv_tiles", "quant_linear"]

@@ -87,7 +87,7 @@ def test_quantized_model_through_the_kernels(monkeypatch):
     pytest.importorskip("triton")
     interpret = not torch.cuda.is_available()
     tq = import_kernels("dockyard.ops.triton_quant", interpret)
-    monkeypatch.setattr(tq, "GEMV_CONFIG", (32, 128, 4))  # few programs: the interpreter runs them one by one
+    monkeypatch.setitem(tq.STREAM_CONFIGS, tq.INT4, (32, 128, 4))  # few programs: the interpreter runs them one by one
     monkeypatch.setattr(tq, "GEMM_CONFIG", (16, 64, 64, 4, 1))
     monkeypatch.setenv(FUSED_ENV, "1")
     if interpret:
