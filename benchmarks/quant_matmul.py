@@ -7,7 +7,7 @@ Needs a CUDA GPU with Triton (exit status 2 elsewhere). Progress on stderr, one 
 (a) ceilings measured in the same run: copy bandwidth and the bf16 matmul rate (``ceilings.measure``).
 (b) kernel vs reference at Llama-3.1-8B shapes (N, K): (6144, 4096) qkv, (4096, 4096) o, (28672, 4096)
     gate_up, (4096, 14336) down, for int4 (group 128 symmetric, group 128 with zeros, group 32 with
-    zeros) and GGUF Q4_0, Q8_0, Q4_K, Q5_K, Q6_K: random codes (K-quant rows: random bytes with finite
+    zeros) and GGUF Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K: random codes (K-quant rows: random bytes with finite
     scales), the reference weight dequantized by ``gguf.quants.dequantize`` / the int4 formula
     (``quant_format.dequantize_int4``), the product in float64; relative rms error of the streaming GEMV
     (M 1 and 4) and dequantize + cuBLAS (M 256), bf16 activations and outputs.
@@ -45,7 +45,7 @@ from torch import nn
 
 from dockyard.bench.ceilings import measure
 
-FORMATS = ("int4_g128_sym", "int4_g128_zeros", "int4_g32_zeros", "Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+FORMATS = ("int4_g128_sym", "int4_g128_zeros", "int4_g32_zeros", "Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 # (rows per program, columns per iteration, warps) of the streaming GEMV, tried per format at every shape.
 GEMV_SWEEP = [(2, 512, 4), (4, 512, 4), (4, 1024, 4), (8, 512, 4), (8, 1024, 8), (16, 512, 8)]
 
@@ -68,7 +68,7 @@ def random_weight(fmt: str, n: int, k: int, device: torch.device, gen: torch.Gen
     values, nbytes = GGML_QUANT_SIZES[qt]
     raw = torch.randint(0, 256, (n, k // values, nbytes), generator=gen, device=device, dtype=torch.uint8)
     scale = (torch.rand(n, k // values, generator=gen, device=device) * 1e-3 / k ** 0.5 + 1e-6).half()
-    halves = {"Q4_0": (0,), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}[fmt]
+    halves = {"Q4_0": (0,), "Q5_0": (0,), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}[fmt]
     for offset in halves:  # finite float16 scales (d, dmin) at the published offsets
         raw[..., offset:offset + 2] = scale.view(torch.uint8).view(n, k // values, 2)
     data = raw.view(n, -1)

@@ -26,6 +26,7 @@ from torch import nn
 from dockyard.dtypes import dtype_name
 from dockyard.errors import ConfigError
 from dockyard.ops.fp8_linear import scale_grid_shape
+from dockyard.ops.quant_linear import choose_quant_path
 from dockyard.registry import build_model
 from dockyard.spec import PER_LAYER_FIELDS, ModelSpec
 from dockyard.weights.fp8 import checkpoint_fp8_weights, native_block, storage_dtype
@@ -368,6 +369,35 @@ def held_weight_bytes(spec: ModelSpec, dtype: torch.dtype, storage: WeightStorag
         out[dtype_name(dtype)] -= elements * dtype.itemsize
         out[f"GGUF {qtype}"] += stored
     return dict(out)
+
+
+def projection_weight_names(spec: ModelSpec) -> frozenset[str]:
+    """Every layer's weight names of the projections that may stay quantized (the model's ``fp8_linear_names``)."""
+    _, _, firsts = _layer_linears(spec, torch.float32)
+    first_of = {layers[0]: layers for layers in layers_by_kind(spec) if layers}
+    out: set[str] = set()
+    for name in firsts:
+        match = _LAYER_PARAMETER.match(name)
+        if match is None:
+            out.add(name)
+            continue
+        rest = name[match.end():]
+        out.update(f"model.layers.{i}.{rest}" for i in first_of.get(int(match.group(1)), [int(match.group(1))]))
+    return frozenset(out)
+
+
+def kept_gguf_weights(source: Any, device: torch.device, tp_size: int = 1, assume_gpu: bool = False
+                      ) -> frozenset[str]:
+    """The HF names of a GGUF ``source``'s weights a run on ``device`` holds as blocks: the projections stored in
+    a format ``ops.quant_linear.choose_quant_path`` keeps there (what ``model_loader`` converts); none for other
+    sources."""
+    if source.kind != "gguf":
+        return frozenset()
+    formats, _ = choose_quant_path(device, tp_size, assume_gpu)
+    if not formats:
+        return frozenset()
+    stored = source.gguf.kernel_quantized_weights(projection_weight_names(source.spec))
+    return frozenset(name for name, qtype in stored.items() if qtype in formats)
 
 
 def storage_of(source: Any, native_fp8: bool = False, gguf_blocks: frozenset[str] = frozenset()) -> WeightStorage:

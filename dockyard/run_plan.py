@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dockyard.memory import MemoryPlan, plan_memory, storage_of
+from dockyard.memory import MemoryPlan, kept_gguf_weights, plan_memory, storage_of
 from dockyard.model_loader import resolve_dtype
 from dockyard.ops.fp8_kv import resolve_kv_cache_dtype
 from dockyard.weights.fp8 import choose_fp8_path
@@ -61,5 +61,7 @@ def plan_for_run(source: Any, target: RunTarget, dtype: str | torch.dtype = "aut
     run = run_dtype(dtype, spec.torch_dtype, target)
     plan = plan_memory(spec, run, kv_cache_dtype=resolve_kv_cache_dtype(kv_cache_dtype, run),
                        max_num_batched_tokens=max_num_batched_tokens,
-                       max_num_seqs=max_num_seqs, device_type=target.device_type, storage=storage_of(source, native))
+                       max_num_seqs=max_num_seqs, device_type=target.device_type,
+                       storage=storage_of(source, native, kept_gguf_weights(source, torch.device(target.device_type),
+                                                                            tp_size, assume_gpu=not target.present)))
     return plan, why

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dockyard.errors import InsufficientMemoryError
-from dockyard.memory import MemoryPlan, plan_memory
+from dockyard.memory import MemoryPlan, WeightStorage, plan_memory
 from dockyard.ops.fp8_kv import resolve_kv_cache_dtype
 from dockyard.spec import ModelSpec
 
@@ -119,11 +119,14 @@ def startup_need(plan: MemoryPlan, device: torch.device, config: EngineConfig, t
 
 
 def check_memory_fits(spec: ModelSpec, dtype: torch.dtype, device: torch.device, config: EngineConfig,
-                      tensor_parallel_size: int = 1) -> MemoryPlan:
-    """The memory plan, or :class:`InsufficientMemoryError` with its numbers and what would fit."""
+                      tensor_parallel_size: int = 1, storage: WeightStorage | None = None) -> MemoryPlan:
+    """The memory plan, or :class:`InsufficientMemoryError` with its numbers and what would fit. ``storage``: what
+    the checkpoint stores, where the run holds part of it as stored (GGUF blocks kept quantized); None: every
+    parameter at ``dtype``."""
     def need_at(d: torch.dtype, batched: int) -> tuple[MemoryPlan, StartupNeed]:
         plan = plan_memory(spec, d, kv_cache_dtype=resolve_kv_cache_dtype(config.kv_cache_dtype, d),
-                           max_num_batched_tokens=batched, max_num_seqs=config.max_num_seqs, device_type=device.type)
+                           max_num_batched_tokens=batched, max_num_seqs=config.max_num_seqs, device_type=device.type,
+                           storage=storage)
         return plan, startup_need(plan, device, config, tensor_parallel_size)
 
     batched = config.max_num_batched_tokens

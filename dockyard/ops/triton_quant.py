@@ -8,16 +8,22 @@ meaning of :mod:`dockyard.ops.quant_format`:
   of the row, ``(q - zero) * scale`` of group ``j // group_size`` (zero 8 when the groups are symmetric);
   an act-order permutation is applied to ``x`` before the kernel (stored column ``j`` multiplies
   ``x[perm[j]]``), so the kernel always walks stored columns;
-- GGUF (:class:`~dockyard.ops.quant_format.GGUFBlocks`): llama.cpp's block layouts Q4_0, Q8_0 (32 values
-  per block, one float16 scale) and the 256-value super-blocks Q4_K, Q5_K (6-bit sub-block scales and
-  mins), Q6_K (int8 sub-block scales), as ``gguf.quants.dequantize`` reads them. A row is a run of
-  blocks; every float16 field sits at an even byte offset and is assembled from its two bytes.
+- GGUF (:class:`~dockyard.ops.quant_format.GGUFBlocks`): llama.cpp's block layouts Q4_0, Q5_0, Q8_0 (32
+  values per block, one float16 scale; Q5_0's fifth bits in a 32-bit word) and the 256-value super-blocks
+  Q4_K, Q5_K (6-bit sub-block scales and mins), Q6_K (int8 sub-block scales), as ``gguf.quants.dequantize``
+  reads them. A row is a run of blocks; every float16 field sits at an even byte offset and is assembled from
+  its two bytes.
 
-Three kernels share the tile: a GEMV for one row (batch-1 decode: each program streams ``BLOCK_N``
-weight rows along K, reading each quantized byte once from memory, float32 products reduced once), a
-GEMM for a few rows (tiles dequantized to the activation dtype, then ``tl.dot``), and a dequantizer
-(the weight written out in the activation dtype) behind :func:`quant_linear`'s large-batch path, where
-cuBLAS on the dequantized tile outruns an in-kernel dequantizing GEMM.
+Batch-1 (and up to :data:`GEMV_MAX_ROWS` rows) decode runs a streaming GEMV per layout family
+(``_int4_gemv_kernel``, ``_gguf_gemv_kernel``): each program owns a few weight rows and walks K reading runs of
+packed bytes (wide loads where the layout is aligned), turns codes into floats in registers by OR-ing them into
+the mantissa of 2**23 (no int-to-float conversion), multiplies low nibbles with one half of x and high nibbles
+with the other, and applies each group's or sub-block's scale (and zero point, through the sum of x) once to a
+partial dot product rather than once per weight; float32 accumulation throughout. The per-element tile
+(``_weight_tile``) serves the rest: a generic GEMV (:func:`quant_gemv_tiles`, odd int4 group sizes), a GEMM for
+a few rows (tiles dequantized to the activation dtype, then ``tl.dot``), and a dequantizer (the weight written
+out in the activation dtype) behind :func:`quant_linear`'s large-batch path, where cuBLAS on the dequantized
+tile outruns an in-kernel dequantizing GEMM.
 
 They run on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (set before this module is imported),
 which is how the tests check them against ``gguf.quants.dequantize`` and ``quant_format.dequantize_int4``.
@@ -32,11 +38,13 @@ import triton
 import triton.language as tl
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from dockyard.weights.gguf_metadata import KERNEL_BLOCK_TYPES
+
 # The kernels' FORMAT: INT4, or a GGUF block type by its GGMLQuantizationType value.
 INT4 = -1
-Q4_0, Q8_0 = int(GGMLQuantizationType.Q4_0), int(GGMLQuantizationType.Q8_0)
+Q4_0, Q5_0, Q8_0 = int(GGMLQuantizationType.Q4_0), int(GGMLQuantizationType.Q5_0), int(GGMLQuantizationType.Q8_0)
 Q4_K, Q5_K, Q6_K = int(GGMLQuantizationType.Q4_K), int(GGMLQuantizationType.Q5_K), int(GGMLQuantizationType.Q6_K)
-GGUF_FORMATS = (Q4_0, Q8_0, Q4_K, Q5_K, Q6_K)  # the GGUF block types the kernels read
+GGUF_FORMATS = tuple(sorted(int(q) for q in KERNEL_BLOCK_TYPES))  # the GGUF block types the kernels read
 
 
 def gguf_block(qtype: int) -> tuple[int, int]:
@@ -100,6 +108,12 @@ def _weight_tile(w_ptr, s_ptr, z_ptr, rows, cols, mask, stride_w, stride_s, stri
         base = row_bytes + (cols // 32) * 18
         q = (_u8(w_ptr, base + 2 + e % 16, mask) >> ((e // 16) * 4)) & 15
         w = (q.to(tl.float32) - 8.0) * _f16(w_ptr, base, mask)
+    elif FORMAT == 6:  # Q5_0: float16 d, qh (bit e of 4 bytes), 16 bytes as Q4_0's; (q + 16 * bit - 16) * d
+        e = cols % 32
+        base = row_bytes + (cols // 32) * 22
+        q = (_u8(w_ptr, base + 6 + e % 16, mask) >> ((e // 16) * 4)) & 15
+        q |= ((_u8(w_ptr, base + 2 + e // 8, mask) >> (e % 8)) & 1) << 4
+        w = (q.to(tl.float32) - 16.0) * _f16(w_ptr, base, mask)
     elif FORMAT == 8:  # Q8_0: float16 d, 32 int8; q * d
         base = row_bytes + (cols // 32) * 34
         w = _i8(w_ptr, base + 2 + cols % 32, mask) * _f16(w_ptr, base, mask)
@@ -261,25 +275,33 @@ def _gguf_gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, N, stride_xm, stride_ym, st
     row_ok = rows < N
     x_row = x_ptr + tl.program_id(1).to(tl.int64) * stride_xm
     row_off = rows.to(tl.int64) * stride_w
-    if FORMAT == 2 or FORMAT == 8:  # Q4_0 (18 bytes: d, 16 nibble bytes), Q8_0 (34 bytes: d, 32 int8)
+    if FORMAT == 2 or FORMAT == 6 or FORMAT == 8:  # Q4_0 (d, 16 nibble bytes), Q5_0 (d, qh, 16), Q8_0 (d, 32 int8)
         # The scale multiplies each product in place: these rows are only 2-byte aligned, so a block's bytes
         # spread over many threads and a per-block sum would cost shuffles; one sum at the end instead.
-        if FORMAT == 2:
-            lane = tl.arange(0, 16)
-        else:
+        if FORMAT == 8:
             lane = tl.arange(0, 32)
+        else:
+            lane = tl.arange(0, 16)
         acc3 = tl.full([BLOCK_N, BPI, lane.shape[0]], 0.0, tl.float32)
         for b0 in range(0, BLOCKS, BPI):
             blk = b0 + tl.arange(0, BPI)
             blk_ok = blk < BLOCKS
             off = row_off[:, None] + blk[None, :] * BLOCK_BYTES  # [N, B]
             ok = row_ok[:, None] & blk_ok[None, :]
-            q = _u8(w_ptr, off[:, :, None] + 2 + lane[None, None, :], ok[:, :, None])
+            q = _u8(w_ptr, off[:, :, None] + BLOCK_BYTES - lane.shape[0] + lane[None, None, :], ok[:, :, None])
             x_lo = tl.load(x_row + blk[:, None] * 32 + lane[None, :], mask=blk_ok[:, None], other=0.0).to(tl.float32)
             if FORMAT == 2:  # value e is nibble e // 16 of byte e % 16, (q - 8) * d
                 x_hi = tl.load(x_row + blk[:, None] * 32 + 16 + lane[None, :], mask=blk_ok[:, None],
                                other=0.0).to(tl.float32)
                 prod = _code_f32(q & 15, 8.0) * x_lo[None, :, :] + _code_f32(q >> 4, 8.0) * x_hi[None, :, :]
+            elif FORMAT == 6:  # as Q4_0 with bit e of the little-endian word at byte 2 as the fifth bit, minus 16
+                x_hi = tl.load(x_row + blk[:, None] * 32 + 16 + lane[None, :], mask=blk_ok[:, None],
+                               other=0.0).to(tl.float32)
+                qh = (_u8(w_ptr, off + 2, ok) | (_u8(w_ptr, off + 3, ok) << 8) | (_u8(w_ptr, off + 4, ok) << 16)
+                      | (_u8(w_ptr, off + 5, ok) << 24))[:, :, None]
+                q_lo = (q & 15) | (((qh >> lane[None, None, :]) & 1) << 4)
+                q_hi = (q >> 4) | (((qh >> (lane[None, None, :] + 16)) & 1) << 4)
+                prod = _code_f32(q_lo, 16.0) * x_lo[None, :, :] + _code_f32(q_hi, 16.0) * x_hi[None, :, :]
             else:  # int8 as its byte XOR 128, offset by 128
                 prod = _code_f32(q ^ 128, 128.0) * x_lo[None, :, :]
             acc3 += _f16(w_ptr, off, ok)[:, :, None] * prod
@@ -392,8 +414,8 @@ GEMM_CONFIG = (16, 64, 64, 4, 3)
 # The streaming GEMV per format: (rows per program, columns per iteration, num_warps), the fastest at the
 # Llama-3.1-8B gate_up shape in `benchmarks/quant_matmul.py`'s sweep (benchmarks/RESULTS.md).
 STREAM_CONFIGS: dict[int, tuple[int, int, int]] = {
-    INT4: (4, 1024, 4), Q4_0: (4, 1024, 4), Q8_0: (4, 512, 4), Q4_K: (4, 1024, 4), Q5_K: (4, 1024, 4),
-    Q6_K: (4, 512, 4)}
+    INT4: (4, 1024, 4), Q4_0: (4, 1024, 4), Q5_0: (4, 1024, 4), Q8_0: (4, 512, 4), Q4_K: (4, 1024, 4),
+    Q5_K: (4, 1024, 4), Q6_K: (4, 512, 4)}
 # Up to this many rows :func:`quant_linear` runs the streaming GEMV once per row (the programs of one row tile
 # run together, so the weight comes from memory once and from L2 for the other rows); the fused GEMM for
 # fewer than :data:`DEQUANTIZE_MIN_ROWS`; from there the weight is dequantized for cuBLAS.

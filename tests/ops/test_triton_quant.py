@@ -21,7 +21,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRET = DEVICE.type == "cpu"
 tq = import_kernels("dockyard.ops.triton_quant", INTERPRET)
 
-GGUF_TYPES = ["Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+GGUF_TYPES = ["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 def gguf_operand(qtype: str, n: int, k: int, seed: int = 0) -> tuple[object, torch.Tensor]:
     """(the kernels' operand on DEVICE, the float64 reference weight [n, k] from ``gguf``)."""
     rows = gguf_rows(qtype, n, k, seed)
