@@ -5,18 +5,19 @@
 Needs a CUDA GPU with Triton (exit status 2 elsewhere). Progress on stderr, one JSON document on stdout.
 
 (a) ceilings measured in the same run: copy bandwidth and the bf16 matmul rate (``ceilings.measure``).
-(b) kernel vs reference at Llama-3.1-8B shapes (N, K): (6144, 4096) qkv, (4096, 4096) o, (28672, 4096)
-    gate_up, (4096, 14336) down, for int4 (group 128 symmetric, group 128 with zeros, group 32 with
+(b) kernel vs reference at Llama-3.1-8B shapes (N, K): (4096, 4096) o for every format, (4096, 14336) down for
+    one format of each kernel family; the formats: int4 (group 128 symmetric, group 128 with zeros, group 32 with
     zeros) and GGUF Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K: random codes (K-quant rows: random bytes with finite
     scales), the reference weight dequantized by ``gguf.quants.dequantize`` / the int4 formula
     (``quant_format.dequantize_int4``), the product in float64; relative rms error of the streaming GEMV
     (M 1 and 4) and dequantize + cuBLAS (M 256), bf16 activations and outputs.
-(c) timing, same shapes and formats, in CUDA graphs over enough weight copies to exceed L2
-    (``fp8_matmul.time_graph``): first every GEMV configuration of ``GEMV_SWEEP`` at M 1 (compiled beforehand
-    in parallel processes); per format the one with the least time summed over the four shapes (a layer) is
-    chosen and set for the rest of the run; with it M 1, 2, 4, 8 (GEMV) against bf16 ``F.linear`` (cuBLAS) on
-    a dense weight of the same shape (at M 1 also dockyard's bf16 GEMV, which a dequantized model runs), and
-    M 16 dequantize + cuBLAS. GEMV: the quantized bytes over the time, as a fraction of the copy bandwidth.
+(c) timing at the four shapes (qkv 6144 x 4096, o, gate_up 28672 x 4096, down), every format, in CUDA graphs
+    over enough weight copies to exceed L2 (``fp8_matmul.time_graph``): first every GEMV configuration of
+    ``GEMV_SWEEP`` at M 1 (compiled beforehand in parallel processes); per format the one with the least time
+    summed over the four shapes (a layer) is chosen and set for the rest of the run; with it M 1, 2, 4, 8 (GEMV)
+    against bf16 ``F.linear`` (cuBLAS) on a dense weight of the same shape (at M 1 also dockyard's bf16 GEMV,
+    which a dequantized model runs), and M 16 dequantize + cuBLAS. GEMV: the quantized bytes over the time, as a
+    fraction of the copy bandwidth.
 (d) end to end: ``LLM`` on ``benchmarks/configs/llama-3.1-8b.json`` with dummy weights: bf16, and the same
     model with every projection (fused qkv, o, fused gate_up, down) replaced after loading by random int4
     (group 128, symmetric) or Q4_K weights in :class:`Int4Linear` / :class:`GGUFLinear` (CUDA graphs
@@ -147,7 +148,9 @@ def kernels(device: torch.device, ceilings: dict, sweep: bool) -> dict:
             copies = [w] + [random_weight(fmt, n, k, device, gen)
                             for _ in range(max(1, -(-L2_DEFEAT_BYTES // w["nbytes"])) - 1)]
             weights[fmt, shape_name] = copies
-            if shape_name in ("o", "down"):  # correctness: the GEMV at 1 and 4 rows, the dequantizing path
+            # correctness (o for every format; down, K 14336, for one per kernel family): the GEMV at 1 and 4 rows,
+            # the dequantizing path
+            if shape_name == "o" or (shape_name == "down" and fmt in ("int4_g128_zeros", "Q5_0", "Q4_K", "Q6_K")):
                 ref = reference_weight(w)
                 for m, path in ((1, "gemv"), (4, "gemv"), (256, "dequantize+cublas")):
                     x = torch.randn(m, k, generator=gen, device=device).bfloat16()

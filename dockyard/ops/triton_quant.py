@@ -224,6 +224,14 @@ def _code_f32(q, offset: tl.constexpr):
 
 
 @triton.jit
+def _superblock_parts(row_off, row_ok, blk, BLOCKS: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+    # For the K-quant tiles' parts [P] (each in super-block ``blk``): the block, whether it exists, the byte
+    # offsets [N, P] of its super-block in every row, and the mask [N, P].
+    p_ok = blk < BLOCKS
+    return blk, p_ok, row_off[:, None] + (blk * BLOCK_BYTES)[None, :], row_ok[:, None] & p_ok[None, :]
+
+
+@triton.jit
 def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, N, stride_xm, stride_ym, stride_w, stride_s,
                       stride_z, K: tl.constexpr, GROUP: tl.constexpr, SUB: tl.constexpr, HAS_ZEROS: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, SUBS: tl.constexpr, EVEN: tl.constexpr):
@@ -313,10 +321,7 @@ def _gguf_gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, N, stride_xm, stride_ym, st
         lane = (p % 2)[:, None] * 16 + t[None, :]  # [P, 16]
         acc3 = tl.full([BLOCK_N, BPI * 4, 16], 0.0, tl.float32)
         for b0 in range(0, BLOCKS, BPI):
-            blk = b0 + p // 4
-            p_ok = blk < BLOCKS
-            off = row_off[:, None] + (blk * BLOCK_BYTES)[None, :]  # [N, P]
-            ok = row_ok[:, None] & p_ok[None, :]
+            blk, p_ok, off, ok = _superblock_parts(row_off, row_ok, b0 + p // 4, BLOCKS, BLOCK_BYTES)
             ok3 = ok[:, :, None]
             byte = (h[:, None] * 64 + lane)[None, :, :]
             ql_a = _u8(w_ptr, off[:, :, None] + byte, ok3)  # quarters 0 (low nibble) and 2 (high)
@@ -345,10 +350,7 @@ def _gguf_gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, N, stride_xm, stride_ym, st
         c = p % 4
         acc = tl.full([BLOCK_N, BPI * 4], 0.0, tl.float32)
         for b0 in range(0, BLOCKS, BPI):
-            blk = b0 + p // 4
-            p_ok = blk < BLOCKS
-            off = row_off[:, None] + (blk * BLOCK_BYTES)[None, :]  # [N, P]
-            ok = row_ok[:, None] & p_ok[None, :]
+            blk, p_ok, off, ok = _superblock_parts(row_off, row_ok, b0 + p // 4, BLOCKS, BLOCK_BYTES)
             ok3 = ok[:, :, None]
             qs = _u8(w_ptr, off[:, :, None] + (BLOCK_BYTES - 128) + (c[:, None] * 32 + lane[None, :])[None], ok3)
             q_lo = qs & 15
@@ -423,16 +425,21 @@ GEMV_MAX_ROWS = 8
 DEQUANTIZE_MIN_ROWS = GEMV_MAX_ROWS + 1
 
 
+def _output(x: torch.Tensor, w: QuantOperand, caller: str) -> tuple[int, torch.Tensor]:
+    """(rows of ``x``, the empty [M, N] output in x's dtype), after checking x is [M, K] with contiguous rows."""
+    n, k = w.shape
+    if x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
+        raise ValueError(f"{caller} takes x [M, {k}] with contiguous rows, got {tuple(x.shape)}")
+    return x.shape[0], torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+
+
 def quant_gemv(x: torch.Tensor, w: QuantOperand, bias: torch.Tensor | None = None,
                config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """``x`` [M, K] (contiguous rows, M small) times the quantized weight, transposed, plus ``bias`` → [M, N] in
     x's dtype, by the streaming GEMV (one grid row of programs per row of x); ``config`` overrides the format's
     :data:`STREAM_CONFIGS` entry (rows per program, columns per iteration, warps)."""
     n, k = w.shape
-    if x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
-        raise ValueError(f"quant_gemv takes x [M, {k}] with contiguous rows, got {tuple(x.shape)}")
-    m = x.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    m, y = _output(x, w, "quant_gemv")
     if m == 0:
         return y
     block_n, k_tile, warps = config or STREAM_CONFIGS[w.format]
@@ -477,10 +484,7 @@ def quant_gemm(x: torch.Tensor, w: QuantOperand, bias: torch.Tensor | None = Non
     """``x`` [M, K] (contiguous rows) times the quantized weight, transposed, plus ``bias`` → [M, N] in x's dtype,
     each tile dequantized to x's dtype and multiplied with ``tl.dot`` (float32 accumulation)."""
     n, k = w.shape
-    if x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
-        raise ValueError(f"quant_gemm takes x [M, {k}] with contiguous rows, got {tuple(x.shape)}")
-    m = x.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    m, y = _output(x, w, "quant_gemm")
     if m == 0:
         return y
     block_m, block_n, block_k, warps, stages = config or GEMM_CONFIG
