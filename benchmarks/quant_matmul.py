@@ -23,8 +23,9 @@ Needs a CUDA GPU with Triton (exit status 2 elsewhere). Progress on stderr, one 
     (group 128, symmetric) or Q4_K weights in :class:`Int4Linear` / :class:`GGUFLinear` (CUDA graphs
     captured after the swap). Batch-1 greedy decode of 128 tokens (median of 3, prefill subtracted),
     bytes read per step (every parameter but the input embedding, plus the int4 scales) over the copy bandwidth as
-    the roofline; prefill logits of the quantized path against the same weights dequantized into a bf16
-    model (the dequantize-on-load path); graph vs eager tokens.
+    the roofline; logits of the quantized path against the same weights dequantized into a bf16 model (the
+    dequantize-on-load path), for the prompt (dequantize + cuBLAS in both) and its first token alone (the GEMV);
+    graph vs eager tokens.
 """
 
 from __future__ import annotations
@@ -276,6 +277,12 @@ def load_llm(fmt: str | None, **kwargs) -> object:
         llm_module.load_model = original
 
 
+def prefill(llm, tokens: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - dockyard.LLM
+    """float32 logits of ``tokens`` as one prefill through the model (no engine)."""
+    with torch.no_grad():
+        return llm.model.compute_logits(llm.model(tokens, torch.arange(len(tokens), device=llm.device))).float()
+
+
 def run_llm(label: str, fmt: str | None, prompt: list[int], ceilings: dict, eager_check: bool) -> dict:
     from dockyard import SamplingParams
 
@@ -285,8 +292,8 @@ def run_llm(label: str, fmt: str | None, prompt: list[int], ceilings: dict, eage
     row: dict = {"label": label, "cuda_graphs": runner.graphs is not None, "eager_reason": runner.eager_reason,
                  "step_bytes": step_bytes(llm.model)}
     ids = torch.tensor(prompt, device=llm.device)
-    with torch.no_grad():
-        logits = llm.model.compute_logits(llm.model(ids, torch.arange(len(prompt), device=llm.device))).float()
+    # The whole prompt (its rows go through dequantize + cuBLAS) and its first token alone (one row: the GEMV).
+    logits, first = prefill(llm, ids), prefill(llm, ids[:1])
     row.update(decode_rate(llm, prompt))
     per_token = row["decode_ms_per_token"] / 1e3
     roofline = ceilings["copy_bytes_per_s"] / row["step_bytes"]
@@ -303,10 +310,10 @@ def run_llm(label: str, fmt: str | None, prompt: list[int], ceilings: dict, eage
                 dense.weight = nn.Parameter(module.dequantized_weight(torch.bfloat16), requires_grad=False)
                 parent, _, attr = name.rpartition(".")
                 setattr(llm.model.get_submodule(parent), attr, dense)
-        with torch.no_grad():
-            dequantized = llm.model.compute_logits(llm.model(ids, torch.arange(len(prompt), device=llm.device)))
-        row["prefill_logits_rel_rms_vs_dequantized"] = rel_rms(logits, dequantized.float())
-        log(f"    logits vs dequantized path: rel rms {row['prefill_logits_rel_rms_vs_dequantized']:.3g}")
+        row["prefill_logits_rel_rms_vs_dequantized"] = rel_rms(logits, prefill(llm, ids))
+        row["one_row_logits_rel_rms_vs_dequantized"] = rel_rms(first, prefill(llm, ids[:1]))
+        log(f"    logits vs dequantized path: rel rms {row['prefill_logits_rel_rms_vs_dequantized']:.3g} (prompt), "
+            f"{row['one_row_logits_rel_rms_vs_dequantized']:.3g} (one row)")
     del llm, runner
     gc.collect()
     torch.cuda.empty_cache()

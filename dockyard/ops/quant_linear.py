@@ -41,10 +41,11 @@ KERNEL_GGUF_TYPES = frozenset(int(q) for q in KERNEL_BLOCK_TYPES)  # the GGUF bl
 INT4_FORMAT = -1  # triton_quant.INT4
 KERNEL_FORMATS = frozenset({"int4", *(GGMLQuantizationType(q).name for q in KERNEL_GGUF_TYPES)})
 # Whether each format's streaming GEMV beat the dequantize-on-load path (the bf16 weight through dockyard's bf16
-# GEMV) over a Llama-3.1-8B layer's projections at batch 1 on an H200 (benchmarks/RESULTS.md, "streaming GEMV"):
-# those that did stay quantized on CUDA by default; the others are dequantized on load there.
-GEMV_BEATS_BF16_ON_CUDA = {"int4": True, "Q4_0": True, "Q5_0": True, "Q8_0": True, "Q4_K": True, "Q5_K": True,
-                           "Q6_K": True}
+# GEMV or cuBLAS, whichever is faster) over a Llama-3.1-8B layer's projections at batch 1 on an H200
+# (benchmarks/RESULTS.md, "streaming GEMV"): those that did stay quantized on CUDA by default; the others, whose
+# decoding costs more than the bytes they save, are dequantized on load there.
+GEMV_BEATS_BF16_ON_CUDA = {"int4": True, "Q4_0": True, "Q4_K": True, "Q5_0": False, "Q8_0": False, "Q5_K": False,
+                           "Q6_K": False}
 CUDA_DEFAULT_FORMATS = frozenset(f for f, faster in GEMV_BEATS_BF16_ON_CUDA.items() if faster)
 CUDA_DEQUANTIZED_FORMATS = KERNEL_FORMATS - CUDA_DEFAULT_FORMATS
 

@@ -413,14 +413,15 @@ class QuantOperand:
 # times alternatives.
 GEMV_CONFIG = (4, 256, 4)
 GEMM_CONFIG = (16, 64, 64, 4, 3)
-# The streaming GEMV per format: (rows per program, columns per iteration, num_warps), the fastest at the
-# Llama-3.1-8B gate_up shape in `benchmarks/quant_matmul.py`'s sweep (benchmarks/RESULTS.md).
-STREAM_CONFIGS: dict[int, tuple[int, int, int]] = {
-    INT4: (4, 1024, 4), Q4_0: (4, 1024, 4), Q5_0: (4, 1024, 4), Q8_0: (4, 512, 4), Q4_K: (4, 1024, 4),
-    Q5_K: (4, 1024, 4), Q6_K: (4, 512, 4)}
+# The streaming GEMV per format: (rows per program, columns per iteration, num_warps), the configuration with the
+# least time summed over a Llama-3.1-8B layer's four projections in `benchmarks/quant_matmul.py`'s sweep on an
+# H200 (benchmarks/RESULTS.md; for int4, the best of its three variants together).
+STREAM_CONFIGS: dict[int, tuple[int, int, int]] = {fmt: (4, 1024, 4) for fmt in (INT4, *GGUF_FORMATS)}
 # Up to this many rows :func:`quant_linear` runs the streaming GEMV once per row (the programs of one row tile
-# run together, so the weight comes from memory once and from L2 for the other rows); the fused GEMM for
-# fewer than :data:`DEQUANTIZE_MIN_ROWS`; from there the weight is dequantized for cuBLAS.
+# run together, so the weight comes from memory once and from L2 for the other rows, but each row decodes it
+# again: the time grows with the rows); the fused GEMM for fewer than :data:`DEQUANTIZE_MIN_ROWS`; from there the
+# weight is dequantized for cuBLAS. Up to 8 rows the GEMV took less time than dequantize + cuBLAS for every
+# format but Q8_0 / Q6_K at 8 rows (benchmarks/RESULTS.md).
 GEMV_MAX_ROWS = 8
 DEQUANTIZE_MIN_ROWS = GEMV_MAX_ROWS + 1
 
