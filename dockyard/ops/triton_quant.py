@@ -376,6 +376,68 @@ def _gguf_gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, N, stride_xm, stride_ym, st
     tl.store(y_ptr + tl.program_id(1).to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
+@triton.jit
+def _int4_dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, stride_w, stride_s, stride_z, K: tl.constexpr,
+                            GROUP: tl.constexpr, SUB: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr,
+                            SUBS: tl.constexpr):
+    # The streaming GEMV's runs, written out: low and high nibbles interleaved back into column order.
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    k0 = tl.program_id(1) * (SUB * SUBS)
+    start = k0 + tl.arange(0, SUBS) * SUB
+    even = start[:, None] + 2 * tl.arange(0, SUB // 2)[None, :]  # [S, B]
+    q = tl.load(w_ptr + rows[:, None, None].to(tl.int64) * stride_w + (even // 2)[None, :, :],
+                mask=row_ok[:, None, None] & (even < K)[None, :, :], other=0).to(tl.int32)
+    run_ok = row_ok[:, None] & (start < K)[None, :]
+    group = (start // GROUP)[None, :]
+    scale = tl.load(s_ptr + rows[:, None].to(tl.int64) * stride_s + group, mask=run_ok, other=0.0).to(tl.float32)
+    shift = tl.full([BLOCK_N, SUBS], 0.0, tl.float32)  # zero - 8
+    if HAS_ZEROS:
+        shift = tl.load(z_ptr + rows[:, None].to(tl.int64) * stride_z + group, mask=run_ok, other=8).to(tl.float32) - 8
+    lo = (_code_f32(q & 15, 8.0) - shift[:, :, None]) * scale[:, :, None]
+    hi = (_code_f32(q >> 4, 8.0) - shift[:, :, None]) * scale[:, :, None]
+    w = tl.reshape(tl.join(lo, hi), [BLOCK_N, SUBS * SUB])
+    cols = k0 + tl.arange(0, SUBS * SUB)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (cols < K)[None, :])
+
+
+@triton.jit
+def _gguf_dequantize_kernel(w_ptr, out_ptr, N, stride_w, stride_out, BLOCKS: tl.constexpr, BLOCK_BYTES: tl.constexpr,
+                            FORMAT: tl.constexpr, BLOCK_N: tl.constexpr, BPI: tl.constexpr):
+    # Q4_0 and Q4_K as the streaming GEMV reads them, each half of a byte run stored as a contiguous piece.
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    row_off = rows.to(tl.int64) * stride_w
+    out_rows = out_ptr + rows[:, None, None].to(tl.int64) * stride_out
+    if FORMAT == 2:  # Q4_0: (q - 8) * d, low nibbles values 0-15 of the block, high ones 16-31
+        lane = tl.arange(0, 16)
+        blk = tl.program_id(1) * BPI + tl.arange(0, BPI)
+        off = row_off[:, None] + blk[None, :] * BLOCK_BYTES
+        ok = row_ok[:, None] & (blk < BLOCKS)[None, :]
+        q = _u8(w_ptr, off[:, :, None] + 2 + lane[None, None, :], ok[:, :, None])
+        d = _f16(w_ptr, off, ok)[:, :, None]
+        at = out_rows + (blk[:, None] * 32 + lane[None, :])[None, :, :]
+        tl.store(at, (_code_f32(q & 15, 8.0) * d).to(out_ptr.dtype.element_ty), mask=ok[:, :, None])
+        tl.store(at + 16, (_code_f32(q >> 4, 8.0) * d).to(out_ptr.dtype.element_ty), mask=ok[:, :, None])
+    else:  # Q4_K: d * sc * q - dmin * m per 32-value sub-block; pair c's low nibbles are sub-block 2c
+        lane = tl.arange(0, 32)
+        p = tl.arange(0, BPI * 4)
+        c = p % 4
+        blk, p_ok, off, ok = _superblock_parts(row_off, row_ok, tl.program_id(1) * BPI + p // 4, BLOCKS,
+                                               BLOCK_BYTES)
+        qs = _u8(w_ptr, off[:, :, None] + 16 + (c[:, None] * 32 + lane[None, :])[None], ok[:, :, None])
+        sc_lo, mn_lo = _kquant_scale_min(w_ptr, off + 4, (2 * c)[None, :], ok)
+        sc_hi, mn_hi = _kquant_scale_min(w_ptr, off + 4, (2 * c + 1)[None, :], ok)
+        d = _f16(w_ptr, off, ok)
+        dmin = _f16(w_ptr, off + 2, ok)
+        at = out_rows + ((blk * 256 + c * 64)[:, None] + lane[None, :])[None, :, :]
+        lo = _code_f32(qs & 15, 0.0) * (d * sc_lo)[:, :, None] - (dmin * mn_lo)[:, :, None]
+        hi = _code_f32(qs >> 4, 0.0) * (d * sc_hi)[:, :, None] - (dmin * mn_hi)[:, :, None]
+        tl.store(at, lo.to(out_ptr.dtype.element_ty), mask=ok[:, :, None])
+        tl.store(at + 32, hi.to(out_ptr.dtype.element_ty), mask=ok[:, :, None])
+
+
 # ---------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------
@@ -498,13 +560,33 @@ def quant_gemm(x: torch.Tensor, w: QuantOperand, bias: torch.Tensor | None = Non
     return y
 
 
+# (rows, columns) per program of the streaming dequantizers (int4, Q4_0, Q4_K: the formats kept by default).
+DEQUANTIZE_TILE = (8, 1024)
+
+
 def dequantize(w: QuantOperand, dtype: torch.dtype) -> torch.Tensor:
-    """The weight [N, K] in ``dtype`` (stored column order), computed in float32 by the kernels' tile."""
+    """The weight [N, K] in ``dtype`` (stored column order), computed in float32: int4, Q4_0 and Q4_K by streaming
+    dequantizers (runs of packed bytes, contiguous stores), the other formats by the per-element tile."""
     n, k = w.shape
     out = torch.empty(n, k, dtype=dtype, device=w.data.device)
     (wp, sp, zp), (sw, ss, sz) = w.args()
-    _dequantize_kernel[(triton.cdiv(n, 32), triton.cdiv(k, 256))](
-        wp, sp, zp, out, n, k, sw, ss, sz, BLOCK_N=32, BLOCK_K=256, num_warps=4, **w.meta())
+    block_n, k_tile = DEQUANTIZE_TILE
+    group = max(w.group_size, 1)
+    sub = min(group & -group, k_tile, triton.next_power_of_2(k))
+    if w.format == INT4 and sub >= 2:
+        subs = min(k_tile // sub, triton.next_power_of_2(triton.cdiv(k, sub)))
+        _int4_dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, sub * subs))](
+            wp, sp, zp, out, n, sw, ss, sz, K=k, GROUP=group, SUB=sub, HAS_ZEROS=w.zeros is not None,
+            BLOCK_N=block_n, SUBS=subs, num_warps=4)
+    elif w.format in (Q4_0, Q4_K):
+        values, nbytes = gguf_block(w.format)
+        bpi = min(max(k_tile // values, 1), triton.next_power_of_2(k // values))
+        _gguf_dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k // values, bpi))](
+            w.data, out, n, sw, k, BLOCKS=k // values, BLOCK_BYTES=nbytes, FORMAT=w.format, BLOCK_N=block_n, BPI=bpi,
+            num_warps=4)
+    else:
+        _dequantize_kernel[(triton.cdiv(n, 32), triton.cdiv(k, 256))](
+            wp, sp, zp, out, n, k, sw, ss, sz, BLOCK_N=32, BLOCK_K=256, num_warps=4, **w.meta())
     return out
 
 
@@ -527,5 +609,6 @@ def quant_linear(x: torch.Tensor, w: QuantOperand, bias: torch.Tensor | None = N
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
-__all__ = ["DEQUANTIZE_MIN_ROWS", "GEMM_CONFIG", "GEMV_CONFIG", "GEMV_MAX_ROWS", "GGUF_FORMATS", "INT4", "QuantOperand",
-           "STREAM_CONFIGS", "dequantize", "gguf_block", "quant_gemm", "quant_gemv", "quant_gemv_tiles", "quant_linear"]
+__all__ = ["DEQUANTIZE_MIN_ROWS", "DEQUANTIZE_TILE", "GEMM_CONFIG", "GEMV_CONFIG", "GEMV_MAX_ROWS", "GGUF_FORMATS",
+           "INT4", "QuantOperand", "STREAM_CONFIGS", "dequantize", "gguf_block", "quant_gemm", "quant_gemv",
+           "quant_gemv_tiles", "quant_linear"]

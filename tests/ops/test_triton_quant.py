@@ -63,11 +63,13 @@ def test_gguf_kernels_equal_gguf_reference(qtype):
                                                            (128, True, True), (128, False, True)])
 def test_int4_kernels_equal_float64(group, zeros, act_order):
     """Group sizes 32/64/128, symmetric and with zero points, with an act-order permutation; K not a
-    multiple of the tiles (ragged last group) and N ragged; bias added."""
+    multiple of the tiles (ragged last group) and N ragged; bias added; the dequantizer exact."""
     n, k = 10, 320
     weight, dense = int4_weight(n, k, group, zeros, act_order, seed=group)
     op = int4_operand(weight)
     perm = None if weight.perm is None else weight.perm.to(DEVICE)
+    stored = dense if weight.perm is None else dense[:, weight.perm]  # stored column j is feature perm[j]
+    torch.testing.assert_close(tq.dequantize(op, torch.float32).double().cpu(), stored, rtol=0, atol=0)
     gen = torch.Generator().manual_seed(2)
     bias = torch.randn(n, generator=gen).to(DEVICE)
     x1, xm = torch.randn(1, k, generator=gen).to(DEVICE), torch.randn(3, k, generator=gen).to(DEVICE)
