@@ -1,6 +1,6 @@
 """Quantized-weight matmuls (``dockyard/ops/triton_quant.py``): correctness and speed on one GPU.
 
-    PYTHONPATH=. python benchmarks/quant_matmul.py > quant_matmul.json     [--no-sweep] [--no-e2e]
+    PYTHONPATH=. python benchmarks/quant_matmul.py > quant_matmul.json     [--no-sweep] [--no-e2e] [--dequantizers]
 
 Needs a CUDA GPU with Triton (exit status 2 elsewhere). Progress on stderr, one JSON document on stdout.
 
@@ -218,6 +218,32 @@ def kernels(device: torch.device, ceilings: dict, sweep: bool) -> dict:
     return out
 
 
+def dequantizers(device: torch.device, ceilings: dict) -> list[dict]:
+    """The dequantizer alone and dequantize + cuBLAS at 16 rows, for the formats kept by default, every shape: bytes
+    read (quantized) and written (bf16) over the time, as a fraction of the copy bandwidth."""
+    from dockyard.ops import triton_quant as tq
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for shape_name, (n, k) in SHAPES.items():
+        for fmt in ("int4_g128_sym", "int4_g128_zeros", "Q4_0", "Q4_K"):
+            w = random_weight(fmt, n, k, device, gen)
+            copies = [w] + [random_weight(fmt, n, k, device, gen)
+                            for _ in range(max(1, -(-L2_DEFEAT_BYTES // w["nbytes"])) - 1)]
+            x = torch.randn(16, k, generator=gen, device=device).bfloat16()
+            us = time_each(lambda c: tq.dequantize(c["operand"], torch.bfloat16), copies)
+            moved = w["nbytes"] + 2 * n * k  # read as stored, written in bf16
+            row = {"shape": shape_name, "format": fmt, "dequantize_us": us,
+                   "dequantize_fraction_of_copy_bw": moved / (us * 1e-6) / ceilings["copy_bytes_per_s"],
+                   "dequant_cublas_m16_us": time_each(
+                       lambda c, x=x: F.linear(x, tq.dequantize(c["operand"], x.dtype)), copies)}
+            rows.append(row)
+            log("    " + " ".join(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}" for key, v in row.items()))
+            del copies, w
+        torch.cuda.empty_cache()
+    return rows
+
+
 # ---- (d) end to end ----
 
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -343,6 +369,7 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--no-e2e", action="store_true")
     parser.add_argument("--no-kernels", action="store_true")
+    parser.add_argument("--dequantizers", action="store_true", help="also time the dequantizers (int4, Q4_0, Q4_K)")
     parser.add_argument("--out", help="also write the JSON here after each part (kept if the run is cut short)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -357,7 +384,8 @@ def main() -> None:
                     "triton": triton.__version__, "ceilings": ceilings}
     log(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
         f"bf16 {ceilings['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
-    parts = [("kernels", lambda: kernels(device, ceilings, not args.no_sweep), args.no_kernels),
+    parts = [("dequantizers", lambda: dequantizers(device, ceilings), not args.dequantizers),
+             ("kernels", lambda: kernels(device, ceilings, not args.no_sweep), args.no_kernels),
              ("end_to_end", lambda: end_to_end(ceilings), args.no_e2e)]
     for key, fn, skip in parts:
         if skip:
