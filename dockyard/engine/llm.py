@@ -30,7 +30,7 @@ from dockyard.engine.sampling_params import SamplingParams
 from dockyard.engine.threads import configure_threads
 from dockyard.engine_args import EngineArgs, model_source_kwargs
 from dockyard.errors import ConfigError, DockyardError, InvalidRequestError
-from dockyard.memory import kept_gguf_weights, plan_memory, storage_of
+from dockyard.memory import kept_gguf_weights, kept_int4_weights, plan_memory, storage_of
 from dockyard.model_loader import check_online_fp8, load_model, resolve_device, resolve_dtype
 from dockyard.model_source import ModelSource, resolve_model
 from dockyard.ops.fp8_kv import latent_cache_refusal, resolve_kv_cache_dtype
@@ -129,9 +129,11 @@ class LLM:
                               f"{tensor_parallel_size} is not supported yet (the workers' caches are not "
                               "calibrated); run one process or use --kv-cache-dtype auto")
         if not args.skip_memory_check:  # before any worker starts or any weight is allocated
-            kept = kept_gguf_weights(self.source, self.device, tensor_parallel_size)  # GGUF blocks held as stored
+            # Weights held quantized (GGUF blocks, int4) count at the size they are held.
+            blocks = kept_gguf_weights(self.source, self.device, tensor_parallel_size)
+            int4 = kept_int4_weights(self.source, self.device, tensor_parallel_size)
             check_memory_fits(spec, self.dtype, self.device, config, tensor_parallel_size,
-                              storage_of(self.source, gguf_blocks=kept) if kept else None)
+                              storage_of(self.source, gguf_blocks=blocks, int4_kept=int4) if blocks or int4 else None)
         if tensor_parallel_size > 1:  # the workers load the snapshot found here, whatever the revision
             worker_args = (dataclasses.replace(args, model=str(self.source.path), revision=None)
                            if self.source.repo_id else args)
