@@ -6,9 +6,10 @@
 The file is loaded twice through ``LLM``: with ``DOCKYARD_QUANT_NATIVE=1`` (the projections stored in a block
 type the kernels read stay GGUF blocks: :class:`~dockyard.ops.quant_linear.GGUFLinear`, Triton kernels on CUDA,
 PyTorch reference math on a CPU) and with ``=0`` (every weight dequantized to the run dtype by ``gguf``). For
-each: the projections kept quantized by block type, the bytes the model holds, the prefill logits of a few
-prompts, and greedy decode tokens/s at each batch size (``--decode-tokens`` new tokens per request after a
-warm-up, the one-token run subtracted, median of 3; CUDA graphs as the engine captures them).
+each: the projections kept quantized by block type, the bytes the model holds, the logits of a few prompts
+(prefilled but for the last token, which is a decode step), and greedy decode tokens/s at each batch size
+(``--decode-tokens`` new tokens per request after a warm-up, the one-token run subtracted, median of 3; CUDA graphs
+as the engine captures them).
 
 The two paths compute with the same real weights (the blocks' values), so their logits differ only by rounding:
 the dequantized path holds each weight rounded to the run dtype, and both round activations to it. Rounding to
@@ -40,6 +41,7 @@ import torch
 
 from dockyard import LLM, SamplingParams
 from dockyard.ops.quant_linear import QUANT_NATIVE_ENV, QuantLinear
+from dockyard.testing import paged_logits
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of",
            "In 1492, Columbus sailed"]
@@ -60,15 +62,11 @@ def held_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def prefill_logits(llm: LLM, prompts: list[list[int]]) -> list[torch.Tensor]:
-    """float32 logits of every prompt position, each prompt one prefill through the model (no engine)."""
-    out = []
+def prompt_logits(llm: LLM, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """float32 logits of every prompt position through the paged KV cache: all but the last token as one prefill,
+    the last as a decode step (one row: the GEMV path on CUDA)."""
     with torch.no_grad():
-        for ids in prompts:
-            tokens = torch.tensor(ids, device=llm.device)
-            hidden = llm.model(tokens, torch.arange(len(ids), device=llm.device))
-            out.append(llm.model.compute_logits(hidden).float().cpu())
-    return out
+        return [paged_logits(llm.model, ids, [len(ids) - 1, 1]).float().cpu() for ids in prompts]
 
 
 def decode_rate(llm: LLM, prompt: list[int], batch: int, new_tokens: int) -> dict:
@@ -105,7 +103,7 @@ def run_path(gguf: Path, native: str, device: str, batches: list[int], new_token
                                                 if isinstance(m, QuantLinear) and m.is_quantized)),
                  "cuda_graphs": getattr(llm.engine.runner, "graphs", None) is not None}
     prompts = [llm.tokenizer.encode(p) for p in PROMPTS]
-    logits = prefill_logits(llm, prompts)
+    logits = prompt_logits(llm, prompts)
     row["decode"] = [decode_rate(llm, prompts[0], b, new_tokens) for b in batches]
     del llm
     gc.collect()
@@ -126,7 +124,7 @@ def summary(report: dict) -> str:
              f"kept quantized: {q['kept_quantized'] or 'nothing'}",
              f"held weight bytes: quantized path {q['held_weight_bytes'] / 1e6:.1f} MB, "
              f"dequantized {d['held_weight_bytes'] / 1e6:.1f} MB",
-             "prefill logits, quantized vs dequantized path (rel rms per prompt): "
+             "prompt logits, quantized vs dequantized path (rel rms per prompt): "
              + ", ".join(f"{e:.2e}" for e in report["logits_rel_rms"])
              + f"; bound {report['logits_bound']:.2e} -> {'within' if report['within_bound'] else 'EXCEEDED'}"]
     for qd, dd in zip(q["decode"], d["decode"], strict=True):

@@ -10,7 +10,9 @@ the loaders yield those weights as :class:`~dockyard.ops.quant_format.GGUFBlocks
 faster than the dequantize-on-load path at batch 1 (:data:`GEMV_BEATS_BF16_ON_CUDA`), the rest are dequantized on load;
 ``DOCKYARD_QUANT_NATIVE=1`` keeps every format the kernels read (an error where they cannot run; on a CPU it is
 allowed, and the modules compute with PyTorch on the weight dequantized per call — the reference math, for
-tests), ``=0`` none. On a CPU the default dequantizes: reading the weight is not the bottleneck there.
+tests), ``=0`` none. On a CPU the default dequantizes: reading the weight is not the bottleneck there. The
+choice is made at batch 1: from two rows on the kept path is slower than bf16 matmuls (the GEMV decodes the
+weight again for each row; more rows dequantize it for cuBLAS), the price of holding a third of the bytes.
 
 A converted module whose checkpoint tensor turns out unquantized (a GGUF file mixes F16/F32 tensors in)
 or quantized in a block type the kernels do not read (Q4_1, Q2_K, ...) keeps that weight dense in the model
