@@ -4,8 +4,9 @@
 
 (a) A shrunken Llama (2 layers, hidden 256) written as a GPTQ checkpoint with ``desc_act`` (a permutation)
     and as an AWQ one by the tests' independent packers (``tests/weights/int4_packers.py``), loaded by ``LLM``
-    on the GPU in float32: every projection must equal the float64 reference rounded to float32, and the
-    logits are compared with the same weights dense (float64 reference rounded to float32) on the GPU.
+    on the GPU in float32 twice: dequantized on load (``DOCKYARD_QUANT_NATIVE=0``: every projection must equal
+    the float64 reference rounded to float32) and kept quantized (the CUDA default: the Triton kernels); each
+    path's logits are compared with the same weights dense (float64 reference rounded to float32) on the GPU.
 (b) One Llama-3.1-8B down_proj (4096 x 14336, GPTQ, group 128, desc_act) converted to ``Int4Weight`` and
     dequantized to bfloat16 (``weights.int4.to_int4`` + ``dequantize_int4``), timed on the host and on the
     GPU (the loader converts where the model lives).
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -25,6 +27,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dockyard import LLM  # noqa: E402
 from dockyard.ops.quant_format import dequantize_int4  # noqa: E402
+from dockyard.ops.quant_linear import QUANT_NATIVE_ENV, uses_quantized_weights  # noqa: E402
 from dockyard.weights.int4 import to_int4  # noqa: E402
 from dockyard.weights.quant_config import Int4Config  # noqa: E402
 from tests.helpers import rel_rmse, save_tiny_hf_model, unit_scale_llama  # noqa: E402
@@ -54,13 +57,20 @@ def correctness(root: Path) -> dict:
         (dense / "config.json").write_text(json.dumps(config))
         save_file(dict(state, **{n: r.float() for n, r in refs.items()}), str(dense / "model.safetensors"))
         kwargs = dict(device="cuda", dtype="float32", num_kv_blocks=16, max_num_seqs=2, enforce_eager=True)
-        llm = LLM(root / variant, **kwargs)
-        params = dict(llm.model.named_parameters())
-        exact = all(torch.equal(params[n].detach().cpu(), r.float()) for n, r in refs.items() if n in params)
-        got = logits(llm)
-        del llm
         ref = logits(LLM(dense, **kwargs))
-        out[variant] = {"weights_equal_float64_reference": exact, "logits_rel_rmse_vs_dense": rel_rmse(got, ref)}
+        row = {}
+        for path, native in (("dequantized_on_load", "0"), ("kept_quantized", "auto")):
+            os.environ[QUANT_NATIVE_ENV] = native
+            llm = LLM(root / variant, **kwargs)
+            params = dict(llm.model.named_parameters())
+            row[path] = {"kept_quantized": uses_quantized_weights(llm.model),
+                         "logits_rel_rmse_vs_dense": rel_rmse(logits(llm), ref)}
+            if native == "0":
+                row[path]["weights_equal_float64_reference"] = all(
+                    torch.equal(params[n].detach().cpu(), r.float()) for n, r in refs.items() if n in params)
+            del llm
+        os.environ.pop(QUANT_NATIVE_ENV)
+        out[variant] = row
         print(variant, out[variant], file=sys.stderr, flush=True)
     return out
 

@@ -1,27 +1,31 @@
 """Quantized-weight matmuls (``dockyard/ops/triton_quant.py``): correctness and speed on one GPU.
 
-    PYTHONPATH=. python benchmarks/quant_matmul.py > quant_matmul.json     [--no-sweep] [--no-e2e]
+    PYTHONPATH=. python benchmarks/quant_matmul.py > quant_matmul.json     [--no-sweep] [--no-e2e] [--dequantizers]
 
 Needs a CUDA GPU with Triton (exit status 2 elsewhere). Progress on stderr, one JSON document on stdout.
 
 (a) ceilings measured in the same run: copy bandwidth and the bf16 matmul rate (``ceilings.measure``).
-(b) kernel vs reference at Llama-3.1-8B shapes (N, K): (6144, 4096) qkv, (4096, 4096) o, (28672, 4096)
-    gate_up, (4096, 14336) down, for int4 (group 128 symmetric, group 128 with zeros, group 32 with
-    zeros) and GGUF Q4_0, Q8_0, Q4_K, Q5_K, Q6_K: random codes (K-quant rows: random bytes with finite
+(b) kernel vs reference at Llama-3.1-8B shapes (N, K): (4096, 4096) o for every format, (4096, 14336) down for
+    one format of each kernel family; the formats: int4 (group 128 symmetric, group 128 with zeros, group 32 with
+    zeros) and GGUF Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K: random codes (K-quant rows: random bytes with finite
     scales), the reference weight dequantized by ``gguf.quants.dequantize`` / the int4 formula
-    (``quant_format.dequantize_int4``), the product in float64; relative rms error of GEMV (M 1), GEMM
-    (M 16) and dequantize + cuBLAS (M 256), bf16 activations and outputs.
-(c) timing, same shapes and formats: M 1 (GEMV), 16 and 64 (GEMM), 256 and 1024 (fused GEMM and
-    dequantize + cuBLAS), each against bf16 ``F.linear`` (cuBLAS) on a dense weight of the same shape, in
-    CUDA graphs over enough weight copies to exceed L2 (``fp8_matmul.time_graph``). GEMV: the quantized
-    bytes over the time, as a fraction of the copy bandwidth. Then a sweep of GEMV configurations.
+    (``quant_format.dequantize_int4``), the product in float64; relative rms error of the streaming GEMV
+    (M 1 and 4) and dequantize + cuBLAS (M 256), bf16 activations and outputs.
+(c) timing at the four shapes (qkv 6144 x 4096, o, gate_up 28672 x 4096, down), every format, in CUDA graphs
+    over enough weight copies to exceed L2 (``fp8_matmul.time_graph``): first every GEMV configuration of
+    ``GEMV_SWEEP`` at M 1 (compiled beforehand in parallel processes); per format the one with the least time
+    summed over the four shapes (a layer) is chosen and set for the rest of the run; with it M 1, 2, 4, 8 (GEMV)
+    against bf16 ``F.linear`` (cuBLAS) on a dense weight of the same shape (at M 1 also dockyard's bf16 GEMV,
+    which a dequantized model runs), and M 16 dequantize + cuBLAS. GEMV: the quantized bytes over the time, as a
+    fraction of the copy bandwidth.
 (d) end to end: ``LLM`` on ``benchmarks/configs/llama-3.1-8b.json`` with dummy weights: bf16, and the same
     model with every projection (fused qkv, o, fused gate_up, down) replaced after loading by random int4
     (group 128, symmetric) or Q4_K weights in :class:`Int4Linear` / :class:`GGUFLinear` (CUDA graphs
     captured after the swap). Batch-1 greedy decode of 128 tokens (median of 3, prefill subtracted),
     bytes read per step (every parameter but the input embedding, plus the int4 scales) over the copy bandwidth as
-    the roofline; prefill logits of the quantized path against the same weights dequantized into a bf16
-    model (the dequantize-on-load path); graph vs eager tokens.
+    the roofline; logits of the quantized path against the same weights dequantized into a bf16 model (the
+    dequantize-on-load path), for the prompt (dequantize + cuBLAS in both) and its first token alone (the GEMV);
+    graph vs eager tokens.
 """
 
 from __future__ import annotations
@@ -43,9 +47,9 @@ from torch import nn
 
 from dockyard.bench.ceilings import measure
 
-FORMATS = ("int4_g128_sym", "int4_g128_zeros", "int4_g32_zeros", "Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
-MS = (1, 16, 64, 256, 1024)
-GEMV_SWEEP = [(1, 512, 4), (2, 256, 4), (2, 512, 4), (4, 512, 8), (8, 256, 4), (8, 256, 8), (16, 256, 8)]
+FORMATS = ("int4_g128_sym", "int4_g128_zeros", "int4_g32_zeros", "Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+# (rows per program, columns per iteration, warps) of the streaming GEMV, tried per format at every shape.
+GEMV_SWEEP = [(2, 512, 4), (4, 512, 4), (4, 1024, 4), (8, 512, 4), (8, 1024, 8), (16, 512, 8)]
 
 
 def random_weight(fmt: str, n: int, k: int, device: torch.device, gen: torch.Generator) -> dict:
@@ -66,7 +70,7 @@ def random_weight(fmt: str, n: int, k: int, device: torch.device, gen: torch.Gen
     values, nbytes = GGML_QUANT_SIZES[qt]
     raw = torch.randint(0, 256, (n, k // values, nbytes), generator=gen, device=device, dtype=torch.uint8)
     scale = (torch.rand(n, k // values, generator=gen, device=device) * 1e-3 / k ** 0.5 + 1e-6).half()
-    halves = {"Q4_0": (0,), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}[fmt]
+    halves = {"Q4_0": (0,), "Q5_0": (0,), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}[fmt]
     for offset in halves:  # finite float16 scales (d, dmin) at the published offsets
         raw[..., offset:offset + 2] = scale.view(torch.uint8).view(n, k // values, 2)
     data = raw.view(n, -1)
@@ -90,60 +94,154 @@ def time_each(call, items: list) -> float:
     return 1e3 * time_graph(lambda: [call(item) for item in items], len(items))
 
 
+def _compile_job(job: tuple[str, str, tuple[int, int, int], int]) -> str:
+    """Run one (format, shape, config, rows) GEMV once in a worker process, so its Triton binary is in the
+    on-disk cache before the timed process asks for it; returns an error text or ''."""
+    fmt, shape_name, cfg, m = job
+    try:
+        from dockyard.ops import triton_quant as tq
+
+        n, k = SHAPES[shape_name]
+        w = random_weight(fmt, n, k, torch.device("cuda"), torch.Generator(device="cuda").manual_seed(0))
+        tq.quant_gemv(torch.zeros(m, k, device="cuda", dtype=torch.bfloat16), w["operand"], config=cfg)
+        torch.cuda.synchronize()
+        return ""
+    except Exception as exc:  # recorded by the caller; the timed run then compiles (or fails) on its own
+        return f"{job}: {type(exc).__name__}: {exc}"[:300]
+
+
+def precompile(jobs: list) -> list[str]:
+    """Compile the sweep's kernels in parallel processes (Triton compiles one at a time per process)."""
+    import concurrent.futures
+    import multiprocessing
+    import os
+
+    workers = max(1, min(12, (os.cpu_count() or 2) - 2))
+    try:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return [e for e in pool.map(_compile_job, jobs) if e]
+    except Exception as exc:  # no pool: the timed loop compiles serially
+        return [f"precompile: {type(exc).__name__}: {exc}"[:300]]
+
+
+def _best(tried: dict) -> tuple:
+    """The configuration with the least summed time over the four shapes (one layer's projections)."""
+    return min(tried, key=lambda cfg: sum(tried[cfg].values()))
+
+
 def kernels(device: torch.device, ceilings: dict, sweep: bool) -> dict:
+    from dockyard.ops import triton_gemv
     from dockyard.ops import triton_quant as tq
 
-    out: dict = {"correctness": [], "timing": [], "sweep": []}
+    out: dict = {"correctness": [], "timing": [], "sweep": [], "chosen": {}}
     copy_bw = ceilings["copy_bytes_per_s"]
     gen = torch.Generator(device=device).manual_seed(0)
+    configs = GEMV_SWEEP if sweep else []
+    t0 = time.perf_counter()
+    out["precompile_errors"] = precompile([(fmt, s, cfg, 1) for fmt in FORMATS for s in ("o", "down")
+                                           for cfg in configs])
+    out["precompile_s"] = time.perf_counter() - t0
+    log(f"precompiled in {out['precompile_s']:.1f} s; errors: {out['precompile_errors'][:3]}")
+    weights: dict = {}
     for shape_name, (n, k) in SHAPES.items():
-        dense = (torch.randn(n, k, generator=gen, device=device) * k ** -0.5).bfloat16()
-        copies_dense = [dense.clone() for _ in range(max(2, -(-L2_DEFEAT_BYTES // dense.nbytes)))]
         for fmt in FORMATS:
-            log(f"(b/c) {shape_name} {fmt}")
             w = random_weight(fmt, n, k, device, gen)
-            if shape_name in ("o", "down"):
+            copies = [w] + [random_weight(fmt, n, k, device, gen)
+                            for _ in range(max(1, -(-L2_DEFEAT_BYTES // w["nbytes"])) - 1)]
+            weights[fmt, shape_name] = copies
+            # correctness (o for every format; down, K 14336, for one per kernel family): the GEMV at 1 and 4 rows,
+            # the dequantizing path
+            if shape_name == "o" or (shape_name == "down" and fmt in ("int4_g128_zeros", "Q5_0", "Q4_K", "Q6_K")):
                 ref = reference_weight(w)
-                for m, path in ((1, "gemv"), (16, "gemm"), (256, "dequantize+cublas")):
+                for m, path in ((1, "gemv"), (4, "gemv"), (256, "dequantize+cublas")):
                     x = torch.randn(m, k, generator=gen, device=device).bfloat16()
                     got = tq.quant_linear(x, w["operand"])
                     want = x.double() @ ref.T
                     out["correctness"].append({"shape": shape_name, "format": fmt, "M": m, "path": path,
                                                "rel_rms": rel_rms(got, want)})
                 del ref
-            copies = [w] + [random_weight(fmt, n, k, device, gen)
-                            for _ in range(max(1, -(-L2_DEFEAT_BYTES // w["nbytes"])) - 1)]
-            for m in MS:
+            # (c) the GEMV sweep at one row: every configuration on this shape
+            x = torch.randn(1, k, generator=gen, device=device).bfloat16()
+            for cfg in configs:
+                try:
+                    us = time_each(lambda c, x=x, cfg=cfg: tq.quant_gemv(x, c["operand"], config=cfg), copies)
+                except Exception as exc:  # a configuration the compiler refuses is recorded, not fatal
+                    out["sweep"].append({"format": fmt, "shape": shape_name, "config": cfg,
+                                         "error": f"{type(exc).__name__}: {exc}"[:200]})
+                    continue
+                out["sweep"].append({"format": fmt, "shape": shape_name, "config": cfg, "us": us,
+                                     "fraction_of_copy_bw": w["nbytes"] / (us * 1e-6) / copy_bw})
+            if shape_name == "o" and fmt == FORMATS[-1]:
+                log(f"    correctness so far: max rel rms {max(r['rel_rms'] for r in out['correctness']):.3g}")
+        torch.cuda.empty_cache()
+    for fmt in FORMATS:
+        tried: dict = {}
+        for r in out["sweep"]:
+            if r["format"] == fmt and "us" in r:
+                tried.setdefault(tuple(r["config"]), {})[r["shape"]] = r["us"]
+        tried = {cfg: v for cfg, v in tried.items() if len(v) == len(SHAPES)}
+        operand_format = weights[fmt, "o"][0]["operand"].format
+        if tried:
+            out["chosen"][fmt] = _best(tried)
+            if operand_format != tq.INT4 or fmt == "int4_g128_sym":  # the int4 entry: the end-to-end run's variant
+                tq.STREAM_CONFIGS[operand_format] = out["chosen"][fmt]
+        log(f"    {fmt}: best {out['chosen'].get(fmt)} of {len(tried)}")
+    # (c) the chosen configuration per format: M 1, 2, 4, 8 (the GEMV) against bf16 on a dense weight (cuBLAS;
+    # at M 1 also dockyard's bf16 GEMV, what a dequantized model runs), and M 16 dequantize + cuBLAS.
+    for shape_name, (n, k) in SHAPES.items():
+        dense = (torch.randn(n, k, generator=gen, device=device) * k ** -0.5).bfloat16()
+        copies_dense = [dense] + [dense.clone() for _ in range(max(2, -(-L2_DEFEAT_BYTES // dense.nbytes)) - 1)]
+        for fmt in FORMATS:
+            copies = weights[fmt, shape_name]
+            nbytes = copies[0]["nbytes"]
+            cfg = out["chosen"].get(fmt)
+            for m in (1, 2, 4, 8, 16):
                 x = torch.randn(m, k, generator=gen, device=device).bfloat16()
-                row = {"shape": shape_name, "format": fmt, "M": m, "N": n, "K": k, "quant_bytes": w["nbytes"]}
-                row["bf16_cublas_us"] = time_each(lambda c, x=x: F.linear(x, c), copies_dense)
+                row = {"shape": shape_name, "format": fmt, "M": m, "N": n, "K": k, "quant_bytes": nbytes,
+                       "bf16_cublas_us": time_each(lambda c, x=x: F.linear(x, c), copies_dense)}
                 if m == 1:
-                    row["gemv_us"] = time_each(lambda c, x=x: tq.quant_gemv(x, c["operand"]), copies)
-                    row["gemv_fraction_of_copy_bw"] = w["nbytes"] / (row["gemv_us"] * 1e-6) / copy_bw
+                    row["bf16_gemv_us"] = time_each(lambda c, x=x: triton_gemv.gemv(x, c), copies_dense)
+                if m <= 8:
+                    row["gemv_us"] = time_each(lambda c, x=x, cfg=cfg: tq.quant_gemv(x, c["operand"], config=cfg),
+                                               copies)
+                    row["gemv_fraction_of_copy_bw"] = nbytes / (row["gemv_us"] * 1e-6) / copy_bw
                 else:
-                    row["gemm_us"] = time_each(lambda c, x=x: tq.quant_gemm(x, c["operand"]), copies)
-                if m >= 64:
                     row["dequant_cublas_us"] = time_each(
                         lambda c, x=x: F.linear(x, tq.dequantize(c["operand"], x.dtype)), copies)
                 out["timing"].append(row)
                 log("    " + " ".join(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}"
                                       for key, v in row.items()))
-            if sweep and shape_name == "gate_up" and fmt in ("int4_g128_sym", "Q4_K"):
-                x = torch.randn(1, k, generator=gen, device=device).bfloat16()
-                tried = []
-                for cfg in GEMV_SWEEP:
-                    try:
-                        us = time_each(lambda c, x=x, cfg=cfg: tq.quant_gemv(x, c["operand"], config=cfg), copies)
-                        tried.append({"config": cfg, "us": us,
-                                      "fraction_of_copy_bw": w["nbytes"] / (us * 1e-6) / copy_bw})
-                    except Exception as exc:  # a configuration the compiler refuses is recorded, not fatal
-                        tried.append({"config": cfg, "error": f"{type(exc).__name__}: {exc}"[:200]})
-                out["sweep"].append({"shape": shape_name, "format": fmt, "tried": tried})
-                log("    sweep " + ", ".join(f"{t['config']}={t.get('us', 0):.1f}" for t in tried))
-            del copies, w
-            torch.cuda.empty_cache()
         del copies_dense
+        torch.cuda.empty_cache()
+    del weights
+    torch.cuda.empty_cache()
     return out
+
+
+def dequantizers(device: torch.device, ceilings: dict) -> list[dict]:
+    """The dequantizer alone and dequantize + cuBLAS at 16 rows, for the formats kept by default, every shape: bytes
+    read (quantized) and written (bf16) over the time, as a fraction of the copy bandwidth."""
+    from dockyard.ops import triton_quant as tq
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for shape_name, (n, k) in SHAPES.items():
+        for fmt in ("int4_g128_sym", "int4_g128_zeros", "Q4_0", "Q4_K"):
+            w = random_weight(fmt, n, k, device, gen)
+            copies = [w] + [random_weight(fmt, n, k, device, gen)
+                            for _ in range(max(1, -(-L2_DEFEAT_BYTES // w["nbytes"])) - 1)]
+            x = torch.randn(16, k, generator=gen, device=device).bfloat16()
+            us = time_each(lambda c: tq.dequantize(c["operand"], torch.bfloat16), copies)
+            moved = w["nbytes"] + 2 * n * k  # read as stored, written in bf16
+            row = {"shape": shape_name, "format": fmt, "dequantize_us": us,
+                   "dequantize_fraction_of_copy_bw": moved / (us * 1e-6) / ceilings["copy_bytes_per_s"],
+                   "dequant_cublas_m16_us": time_each(
+                       lambda c, x=x: F.linear(x, tq.dequantize(c["operand"], x.dtype)), copies)}
+            rows.append(row)
+            log("    " + " ".join(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}" for key, v in row.items()))
+            del copies, w
+        torch.cuda.empty_cache()
+    return rows
 
 
 # ---- (d) end to end ----
@@ -205,6 +303,12 @@ def load_llm(fmt: str | None, **kwargs) -> object:
         llm_module.load_model = original
 
 
+def prefill(llm, tokens: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - dockyard.LLM
+    """float32 logits of ``tokens`` as one prefill through the model (no engine)."""
+    with torch.no_grad():
+        return llm.model.compute_logits(llm.model(tokens, torch.arange(len(tokens), device=llm.device))).float()
+
+
 def run_llm(label: str, fmt: str | None, prompt: list[int], ceilings: dict, eager_check: bool) -> dict:
     from dockyard import SamplingParams
 
@@ -214,8 +318,8 @@ def run_llm(label: str, fmt: str | None, prompt: list[int], ceilings: dict, eage
     row: dict = {"label": label, "cuda_graphs": runner.graphs is not None, "eager_reason": runner.eager_reason,
                  "step_bytes": step_bytes(llm.model)}
     ids = torch.tensor(prompt, device=llm.device)
-    with torch.no_grad():
-        logits = llm.model.compute_logits(llm.model(ids, torch.arange(len(prompt), device=llm.device))).float()
+    # The whole prompt (its rows go through dequantize + cuBLAS) and its first token alone (one row: the GEMV).
+    logits, first = prefill(llm, ids), prefill(llm, ids[:1])
     row.update(decode_rate(llm, prompt))
     per_token = row["decode_ms_per_token"] / 1e3
     roofline = ceilings["copy_bytes_per_s"] / row["step_bytes"]
@@ -232,10 +336,10 @@ def run_llm(label: str, fmt: str | None, prompt: list[int], ceilings: dict, eage
                 dense.weight = nn.Parameter(module.dequantized_weight(torch.bfloat16), requires_grad=False)
                 parent, _, attr = name.rpartition(".")
                 setattr(llm.model.get_submodule(parent), attr, dense)
-        with torch.no_grad():
-            dequantized = llm.model.compute_logits(llm.model(ids, torch.arange(len(prompt), device=llm.device)))
-        row["prefill_logits_rel_rms_vs_dequantized"] = rel_rms(logits, dequantized.float())
-        log(f"    logits vs dequantized path: rel rms {row['prefill_logits_rel_rms_vs_dequantized']:.3g}")
+        row["prefill_logits_rel_rms_vs_dequantized"] = rel_rms(logits, prefill(llm, ids))
+        row["one_row_logits_rel_rms_vs_dequantized"] = rel_rms(first, prefill(llm, ids[:1]))
+        log(f"    logits vs dequantized path: rel rms {row['prefill_logits_rel_rms_vs_dequantized']:.3g} (prompt), "
+            f"{row['one_row_logits_rel_rms_vs_dequantized']:.3g} (one row)")
     del llm, runner
     gc.collect()
     torch.cuda.empty_cache()
@@ -265,6 +369,7 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--no-e2e", action="store_true")
     parser.add_argument("--no-kernels", action="store_true")
+    parser.add_argument("--dequantizers", action="store_true", help="also time the dequantizers (int4, Q4_0, Q4_K)")
     parser.add_argument("--out", help="also write the JSON here after each part (kept if the run is cut short)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -279,7 +384,8 @@ def main() -> None:
                     "triton": triton.__version__, "ceilings": ceilings}
     log(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
         f"bf16 {ceilings['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
-    parts = [("kernels", lambda: kernels(device, ceilings, not args.no_sweep), args.no_kernels),
+    parts = [("dequantizers", lambda: dequantizers(device, ceilings), not args.dequantizers),
+             ("kernels", lambda: kernels(device, ceilings, not args.no_sweep), args.no_kernels),
              ("end_to_end", lambda: end_to_end(ceilings), args.no_e2e)]
     for key, fn, skip in parts:
         if skip:

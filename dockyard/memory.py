@@ -28,9 +28,11 @@ from dockyard.dtypes import dtype_name
 from dockyard.errors import ConfigError
 from dockyard.ops.fp8_linear import scale_grid_shape
 from dockyard.ops.moe import mxfp4_expert_banks
+from dockyard.ops.quant_linear import choose_quant_path
 from dockyard.registry import build_model
 from dockyard.spec import PER_LAYER_FIELDS, ModelSpec
 from dockyard.weights.fp8 import checkpoint_fp8_weights, native_block, storage_dtype
+from dockyard.weights.int4 import checkpoint_int4_weights
 from dockyard.weights.quant_config import FP8Config
 from dockyard.weights.safetensors_dir import stored_bytes
 
@@ -249,6 +251,9 @@ class WeightStorage:
     # An MXFP4 checkpoint on dockyard's gpt-oss classes: whether the run keeps its experts as stored
     # (``weights.mxfp4.source_mxfp4_path``); None: not such a checkpoint.
     mxfp4_experts: bool | None = None
+    # An int4 checkpoint: the weights the run keeps as int4 (HF name -> (elements, bytes held: packed codes, scales,
+    # zero points, permutation), ``kept_int4_weights``); the others are dequantized to the run dtype on load.
+    int4_kept: dict[str, tuple[int, int]] | None = None
 
     def describe(self, dtype: torch.dtype) -> str:
         run = dtype_name(dtype)
@@ -257,6 +262,9 @@ class WeightStorage:
                 return (f"MXFP4 experts kept as stored ({MXFP4_HELD}, dequantized in the fused MoE kernel); "
                         f"the rest {run}")
             return f"MXFP4 experts dequantized to {run} on load"
+        if self.int4_method is not None and self.int4_kept:
+            return (f"int4 ({self.int4_method}): {len(self.int4_kept)} projection weights kept as int4 (dequantized "
+                    f"in-kernel); the rest dequantized to {run} on load")
         if self.int4_method is not None:
             return f"int4 ({self.int4_method}) dequantized to {run} on load"
         if self.gguf_blocks is not None:
@@ -384,17 +392,75 @@ def held_weight_bytes(spec: ModelSpec, dtype: torch.dtype, storage: WeightStorag
     for qtype, elements, stored in (storage.gguf_blocks or {}).values():  # held as stored, not dequantized
         out[dtype_name(dtype)] -= elements * dtype.itemsize
         out[f"GGUF {qtype}"] += stored
+    for elements, held in (storage.int4_kept or {}).values():
+        out[dtype_name(dtype)] -= elements * dtype.itemsize
+        out["int4+scales"] += held
     return dict(out)
 
 
+def projection_weight_names(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Every layer's weights of the projections that may stay quantized (the model's ``fp8_linear_names``), with
+    their shapes."""
+    params, _, firsts = _layer_linears(spec, torch.float32)
+    first_of = {layers[0]: layers for layers in layers_by_kind(spec) if layers}
+    out: dict[str, tuple[int, ...]] = {}
+    for name in firsts:
+        shape = tuple(params[name][0].shape)
+        match = _LAYER_PARAMETER.match(name)
+        if match is None:
+            out[name] = shape
+            continue
+        first, rest = int(match.group(1)), name[match.end():]
+        out.update((f"model.layers.{i}.{rest}", shape) for i in first_of.get(first, [first]))
+    return out
+
+
+def kept_int4_weights(source: Any, device: torch.device, tp_size: int = 1, assume_gpu: bool = False
+                      ) -> dict[str, tuple[int, int]]:
+    """HF name -> (elements, bytes held) of the int4 checkpoint weights a run on ``device`` keeps as int4: the
+    projections the checkpoint stores as int4 when ``ops.quant_linear.choose_quant_path`` keeps int4 there (what
+    ``model_loader`` converts). Held: the packed codes (half a byte each), a scale per group in 2 bytes (as the
+    checkpoints store them), a uint8 zero point per group unless symmetric, an int64 permutation with act order."""
+    if source.kind != "safetensors" or getattr(source, "int4", None) is None:
+        return {}
+    formats, _ = choose_quant_path(device, tp_size, assume_gpu)
+    if "int4" not in formats:
+        return {}
+    stored = checkpoint_int4_weights(source.path, source.int4)
+    out: dict[str, tuple[int, int]] = {}
+    for name, (n, k) in projection_weight_names(source.spec).items():
+        if name not in stored:
+            continue
+        scheme = source.int4.scheme_for(name.removesuffix(".weight"))
+        groups = -(-k // (scheme.group_size or k))
+        held = n * -(-k // 2) + n * groups * (2 + (not scheme.symmetric)) + 8 * k * scheme.act_order
+        out[name] = (n * k, held)
+    return out
+
+
+def kept_gguf_weights(source: Any, device: torch.device, tp_size: int = 1, assume_gpu: bool = False
+                      ) -> frozenset[str]:
+    """The HF names of a GGUF ``source``'s weights a run on ``device`` holds as blocks: the projections stored in
+    a format ``ops.quant_linear.choose_quant_path`` keeps there (what ``model_loader`` converts); none for other
+    sources."""
+    if source.kind != "gguf":
+        return frozenset()
+    formats, _ = choose_quant_path(device, tp_size, assume_gpu)
+    if not formats:
+        return frozenset()
+    stored = source.gguf.kernel_quantized_weights(projection_weight_names(source.spec))
+    return frozenset(name for name, qtype in stored.items() if qtype in formats)
+
+
 def storage_of(source: Any, native_fp8: bool = False, gguf_blocks: frozenset[str] = frozenset(),
-               mxfp4_experts: bool | None = None) -> WeightStorage:
+               int4_kept: dict[str, tuple[int, int]] | None = None, mxfp4_experts: bool | None = None
+               ) -> WeightStorage:
     """The :class:`WeightStorage` of a ``model_source.ModelSource``: GGUF blocks and safetensors headers as
     measured from the files, a config alone by its dtype and ``quantization_config``. ``gguf_blocks``: the HF
-    names of the weights the run keeps as GGUF blocks (``GGUFFile.kernel_quantized_weights``);
-    ``mxfp4_experts``: see :class:`WeightStorage`."""
+    names of the weights the run keeps as GGUF blocks (:func:`kept_gguf_weights`); ``int4_kept``: those an int4
+    checkpoint's run keeps as int4 (:func:`kept_int4_weights`); ``mxfp4_experts``: see :class:`WeightStorage`."""
     if mxfp4_experts is not None:
-        return replace(storage_of(source, native_fp8, gguf_blocks), mxfp4_experts=mxfp4_experts)
+        return replace(storage_of(source, native_fp8, gguf_blocks, int4_kept), mxfp4_experts=mxfp4_experts)
     if source.kind == "gguf":
         return WeightStorage(stored_bytes_by_dtype=source.gguf.stored_bytes(), source=f"GGUF file {source.path.name}",
                              gguf_blocks=source.gguf.block_sizes(gguf_blocks))
@@ -406,7 +472,7 @@ def storage_of(source: Any, native_fp8: bool = False, gguf_blocks: frozenset[str
             fp8_weights = frozenset(n for n in mapped if n is not None)
         return WeightStorage(source.fp8, native_fp8 and source.fp8 is not None, fp8_weights,
                              stored_bytes(source.path), "safetensors headers",
-                             source.int4.method if source.int4 is not None else None)
+                             source.int4.method if source.int4 is not None else None, int4_kept=int4_kept or None)
     if source.fp8 is not None:
         where = f"config.json ({source.spec.torch_dtype}, quantization_config fp8)"
     elif source.quantization is not None:

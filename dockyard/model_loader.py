@@ -190,9 +190,9 @@ def _mxfp4_experts(source: ModelSource, device: torch.device, tp_size: int) -> c
 
 def _keep_quantized(model: nn.Module, source: ModelSource, device: torch.device, tp_size: int) -> set[str]:
     """For a GGUF or int4 checkpoint on a device with the quantized-weight kernels: turn the model's projections
-    whose checkpoint weights the kernels read into :class:`GGUFLinear` / :class:`Int4Linear` and return those
-    weight names (the source yields them quantized); else nothing changes (dequantize on load).
-    ``DOCKYARD_QUANT_NATIVE`` overrides the choice (``ops.quant_linear.choose_quant_path``)."""
+    whose checkpoint weights are in a format kept quantized there into :class:`GGUFLinear` / :class:`Int4Linear`
+    and return those weight names (the source yields them quantized); else nothing changes (dequantize on load).
+    The formats kept: ``ops.quant_linear.choose_quant_path`` (``DOCKYARD_QUANT_NATIVE`` overrides it)."""
     gguf = source.gguf if source.kind == "gguf" else None
     if gguf is not None:
         cls, what = GGUFLinear, "GGUF"
@@ -200,13 +200,16 @@ def _keep_quantized(model: nn.Module, source: ModelSource, device: torch.device,
         cls, what = Int4Linear, "int4"
     else:
         return set()
-    native, why = choose_quant_path(device, tp_size)
-    if not native:
+    formats, why = choose_quant_path(device, tp_size)
+    candidates = {f"{name}.weight" for name in getattr(model, "fp8_linear_names", lambda: [])()}
+    # GGUF: those stored in a block type kept; int4: all (the reader keeps those it holds as int4).
+    if gguf is not None:
+        names = {n for n, qtype in gguf.kernel_quantized_weights(candidates).items() if qtype in formats} & candidates
+    else:
+        names = candidates if "int4" in formats else set()
+    if not names:
         logger.info("%s checkpoint: weights dequantized on load (%s)", what, why)
         return set()
-    candidates = {f"{name}.weight" for name in getattr(model, "fp8_linear_names", lambda: [])()}
-    # GGUF: those stored in a block type the kernels read; int4: all (the reader keeps those it holds as int4).
-    names = set(gguf.kernel_quantized_weights(candidates)) & candidates if gguf is not None else candidates
     converted = convert_to_quant_linears(model, names, cls)
     if device.type == "cuda":  # the replaced Linears' memory goes back to the device (the KV cache is sized from it)
         torch.cuda.empty_cache()

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dockyard.memory import MemoryPlan, plan_memory, storage_of
+from dockyard.memory import MemoryPlan, kept_gguf_weights, kept_int4_weights, plan_memory, storage_of
 from dockyard.model_loader import resolve_dtype
 from dockyard.ops.fp8_kv import resolve_kv_cache_dtype
 from dockyard.weights.fp8 import choose_fp8_path
@@ -52,6 +52,13 @@ def fp8_path(source: Any, target: RunTarget, tp_size: int = 1) -> tuple[bool, st
     return choose_fp8_path(source.fp8, torch.device(target.device_type), tp_size, assume_fp8_gpu=not target.present)
 
 
+def _kept_quantized(source: Any, target: RunTarget, tp_size: int) -> tuple[frozenset[str], dict[str, tuple[int, int]]]:
+    """(GGUF weights kept as blocks, int4 weights kept as int4) by a run on ``target``: the loader's own choice."""
+    device, assume_gpu = torch.device(target.device_type), not target.present
+    return (kept_gguf_weights(source, device, tp_size, assume_gpu),
+            kept_int4_weights(source, device, tp_size, assume_gpu))
+
+
 def plan_for_run(source: Any, target: RunTarget, dtype: str | torch.dtype = "auto", tp_size: int = 1,
                  max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS,
                  max_num_seqs: int = MAX_NUM_SEQS, kv_cache_dtype: str = "auto") -> tuple[MemoryPlan, str]:
@@ -61,7 +68,8 @@ def plan_for_run(source: Any, target: RunTarget, dtype: str | torch.dtype = "aut
     native, why = fp8_path(source, target, tp_size)
     run = run_dtype(dtype, spec.torch_dtype, target)
     mxfp4 = source_mxfp4_path(source, torch.device(target.device_type), tp_size, assume_gpu=not target.present)
-    storage = storage_of(source, native, mxfp4_experts=None if mxfp4 is None else mxfp4[0])
+    storage = storage_of(source, native, *_kept_quantized(source, target, tp_size),
+                         mxfp4_experts=None if mxfp4 is None else mxfp4[0])
     plan = plan_memory(spec, run, kv_cache_dtype=resolve_kv_cache_dtype(kv_cache_dtype, run),
                        max_num_batched_tokens=max_num_batched_tokens,
                        max_num_seqs=max_num_seqs, device_type=target.device_type, storage=storage)

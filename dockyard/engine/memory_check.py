@@ -139,9 +139,10 @@ def startup_need(plan: MemoryPlan, device: torch.device, config: EngineConfig, t
 def check_memory_fits(spec: ModelSpec, dtype: torch.dtype, device: torch.device, config: EngineConfig,
                       tensor_parallel_size: int = 1, storage: WeightStorage | None = None,
                       draft: ModelSpec | None = None) -> MemoryPlan:
-    """The memory plan, or :class:`InsufficientMemoryError` with its numbers and what would fit. ``storage``:
-    weights the run holds other than at ``dtype`` (None: all at ``dtype``); ``draft``: a speculative draft
-    model's spec (it runs at ``dtype``, its KV cache in its own dtype)."""
+    """The memory plan, or :class:`InsufficientMemoryError` with its numbers and what would fit. ``storage``: what
+    the checkpoint stores, where the run holds part of it as stored (GGUF blocks, int4 or MXFP4 kept quantized);
+    None: every parameter at ``dtype``. ``draft``: a speculative draft model's spec (it runs at ``dtype``, its KV
+    cache in its own dtype)."""
     def need_at(d: torch.dtype, batched: int) -> tuple[MemoryPlan, StartupNeed]:
         plan = plan_memory(spec, d, kv_cache_dtype=resolve_kv_cache_dtype(config.kv_cache_dtype, d),
                            max_num_batched_tokens=batched, max_num_seqs=config.max_num_seqs, device_type=device.type,

@@ -42,7 +42,9 @@ def quantization_verdict(source: ModelSource, features: list[Feature], plan: Mem
     if method == MXFP4_METHOD and MXFP4_HELD in plan.weight_bytes_by_dtype:  # experts kept (weights.mxfp4)
         return {"scheme": scheme, "handling": "native", "why": f"{plan.weight_format}{dummy}"}
     if method in QUANTIZATION_METHODS:
-        return {"scheme": scheme, "handling": "dequantized", "why": f"{plan.weight_format}{dummy}"}
+        kept = "int4+scales" in plan.weight_bytes_by_dtype  # int4 projections held as int4 (memory.kept_int4_weights)
+        return {"scheme": scheme, "handling": "native" if kept else "dequantized",
+                "why": f"{plan.weight_format}{dummy}"}
     return {"scheme": scheme, "handling": "refused",
             "why": f"dockyard does not load quant_method {method!r} checkpoints yet (it loads "
                    f"{', '.join(QUANTIZATION_METHODS)}); the architecture runs on dummy weights only"}

@@ -1,17 +1,18 @@
 """Linear layers whose weights stay quantized in memory: GGUF blocks (:class:`GGUFLinear`) and int4 groups
 (:class:`Int4Linear`), multiplied by the Triton kernels of :mod:`dockyard.ops.triton_quant`.
 
-Which path a quantized checkpoint takes (:func:`choose_quant_path`): with ``DOCKYARD_QUANT_NATIVE=1``, on a
-CUDA GPU with Triton, in one process, the projections of attention and dense MLPs (the model's
-``fp8_linear_names()``: Linears that are only ever called) become these modules before loading
-(:func:`convert_to_quant_linears`); the loaders yield those weights as
-:class:`~dockyard.ops.quant_format.GGUFBlocks` / :class:`~dockyard.ops.quant_format.Int4Weight` and
-:func:`dockyard.weights.loader.load_weights` hands them to :meth:`QuantLinear.load_quantized` (an error where
-it cannot run; on a CPU it is allowed, and the modules compute with PyTorch on the weight dequantized per
-call — the reference math, for tests). By default (and with ``=0``) the checkpoint is dequantized on load, as
-before: on the GPU the kernels are correct but slower than bf16 matmuls on the dequantized weights
-(benchmarks/RESULTS.md), so the quantized path is for models that do not fit otherwise; on the CPU reading
-the weight is not the bottleneck.
+Which path a quantized checkpoint takes (:func:`choose_quant_path`): on a CUDA GPU with Triton, in one process,
+the projections of attention and dense MLPs (the model's ``fp8_linear_names()``: Linears that are only ever
+called) whose checkpoint format is kept become these modules before loading (:func:`convert_to_quant_linears`);
+the loaders yield those weights as :class:`~dockyard.ops.quant_format.GGUFBlocks` /
+:class:`~dockyard.ops.quant_format.Int4Weight` and :func:`dockyard.weights.loader.load_weights` hands them to
+:meth:`QuantLinear.load_quantized`. By default the kept formats are those whose streaming GEMV was measured
+faster than the dequantize-on-load path at batch 1 (:data:`GEMV_BEATS_BF16_ON_CUDA`), the rest are dequantized on load;
+``DOCKYARD_QUANT_NATIVE=1`` keeps every format the kernels read (an error where they cannot run; on a CPU it is
+allowed, and the modules compute with PyTorch on the weight dequantized per call — the reference math, for
+tests), ``=0`` none. On a CPU the default dequantizes: reading the weight is not the bottleneck there. The
+choice is made at batch 1: from two rows on the kept path is slower than bf16 matmuls (the GEMV decodes the
+weight again for each row; more rows dequantize it for cuBLAS), the price of holding a third of the bytes.
 
 A converted module whose checkpoint tensor turns out unquantized (a GGUF file mixes F16/F32 tensors in)
 or quantized in a block type the kernels do not read (Q4_1, Q2_K, ...) keeps that weight dense in the model
@@ -33,13 +34,22 @@ from torch import nn
 from dockyard.errors import WeightsError
 from dockyard.ops.dispatch import fused_ops_enabled, triton_installed
 from dockyard.ops.quant_format import GGUFBlocks, Int4Weight, dequantize_int4
+from dockyard.weights.gguf_metadata import KERNEL_BLOCK_TYPES
 
 logger = logging.getLogger(__name__)
 
 QUANT_NATIVE_ENV = "DOCKYARD_QUANT_NATIVE"  # auto (default) | 0 (always dequantize on load) | 1 (keep quantized)
-# The GGUF block types the kernels read; the same values as triton_quant.GGUF_FORMATS, which imports Triton.
-KERNEL_GGUF_TYPES = frozenset(int(GGMLQuantizationType[n]) for n in ("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))
+KERNEL_GGUF_TYPES = frozenset(int(q) for q in KERNEL_BLOCK_TYPES)  # the GGUF block types the kernels read
 INT4_FORMAT = -1  # triton_quant.INT4
+KERNEL_FORMATS = frozenset({"int4", *(GGMLQuantizationType(q).name for q in KERNEL_GGUF_TYPES)})
+# Whether each format's streaming GEMV beat the dequantize-on-load path (the bf16 weight through dockyard's bf16
+# GEMV or cuBLAS, whichever is faster) over a Llama-3.1-8B layer's projections at batch 1 on an H200
+# (benchmarks/RESULTS.md, "streaming GEMV"): those that did stay quantized on CUDA by default; the others, whose
+# decoding costs more than the bytes they save, are dequantized on load there.
+GEMV_BEATS_BF16_ON_CUDA = {"int4": True, "Q4_0": True, "Q4_K": True, "Q5_0": False, "Q8_0": False, "Q5_K": False,
+                           "Q6_K": False}
+CUDA_DEFAULT_FORMATS = frozenset(f for f, faster in GEMV_BEATS_BF16_ON_CUDA.items() if faster)
+CUDA_DEQUANTIZED_FORMATS = KERNEL_FORMATS - CUDA_DEFAULT_FORMATS
 
 
 def dequantize_gguf(blocks: GGUFBlocks, dtype: torch.dtype) -> torch.Tensor:
@@ -221,36 +231,43 @@ def concat_quant_linears(linears: list[nn.Module]) -> QuantLinear | None:
 
 # ---- the choice and the conversion ----
 
-def choose_quant_path(device: torch.device, tp_size: int = 1, assume_gpu: bool = False) -> tuple[bool, str]:
-    """(quantized, why): whether a quantized checkpoint's projections stay quantized on ``device``.
+def choose_quant_path(device: torch.device, tp_size: int = 1, assume_gpu: bool = False) -> tuple[frozenset[str], str]:
+    """(formats, why): the weight formats (:data:`KERNEL_FORMATS` names) a quantized checkpoint's projections
+    keep on ``device``; the others are dequantized on load (an empty set: everything is).
 
-    ``DOCKYARD_QUANT_NATIVE``: ``auto`` (default) and ``0`` dequantize on load — the kernels are correct but
-    still slower than bf16 matmuls on the dequantized weights (benchmarks/RESULTS.md), so keeping weights
-    quantized only pays where memory is short; ``1`` keeps them quantized on a CUDA device with Triton,
-    without tensor parallelism, and raises a WeightsError where that cannot be had, except that on a CPU it
-    is allowed (PyTorch reference math, for tests). ``assume_gpu``: plan for a CUDA GPU that is not on this
-    machine, taken to have Triton (the device is not probed)."""
+    ``DOCKYARD_QUANT_NATIVE``: ``auto`` (default) keeps :data:`CUDA_DEFAULT_FORMATS` on a CUDA device with Triton
+    in one process and nothing elsewhere; ``0`` keeps nothing; ``1`` keeps every format the kernels read on a CUDA
+    device with Triton, without tensor parallelism, and raises a WeightsError where that cannot be had, except
+    that on a CPU it is allowed (PyTorch reference math, for tests). ``assume_gpu``: plan for a CUDA GPU that is
+    not on this machine, taken to have Triton (the device is not probed)."""
     setting = os.environ.get(QUANT_NATIVE_ENV, "auto").strip().lower()
     if setting in ("0", "off", "false", "no"):
-        return False, f"{QUANT_NATIVE_ENV}={setting}"
-    if setting in ("auto", ""):
-        return False, (f"the quantized-weight kernels are slower than bf16 matmuls for now; {QUANT_NATIVE_ENV}=1 "
-                       "keeps the weights quantized (less memory)")
-    if setting not in ("1", "on", "true", "yes"):
+        return frozenset(), f"{QUANT_NATIVE_ENV}={setting}"
+    forced = setting in ("1", "on", "true", "yes")
+    if not forced and setting not in ("auto", ""):
         raise WeightsError(f"{QUANT_NATIVE_ENV}={setting!r} is not one of auto, 0, 1")
     why_not = None
     if tp_size > 1:
         why_not = f"tensor parallelism (tensor_parallel_size={tp_size}) keeps dequantize-on-load for now"
     elif assume_gpu:
-        return True, f"quantized-weight kernels ({QUANT_NATIVE_ENV}={setting}), assuming a CUDA GPU with Triton"
+        pass
     elif device.type == "cpu":
-        return True, f"forced by {QUANT_NATIVE_ENV}={setting} (PyTorch reference math on the CPU)"
+        if forced:
+            return KERNEL_FORMATS, f"forced by {QUANT_NATIVE_ENV}={setting} (PyTorch reference math on the CPU)"
+        why_not = "on a CPU reading the weights is not the bottleneck"
     elif device.type != "cuda":
         why_not = f"device {device} is not a CUDA GPU"
     elif not triton_installed():
         why_not = "Triton is not installed"
+    where = "assuming a CUDA GPU with Triton" if assume_gpu else f"on {device}"
+    if why_not is None and forced:
+        return KERNEL_FORMATS, f"quantized-weight kernels {where} ({QUANT_NATIVE_ENV}={setting})"
     if why_not is None:
-        return True, f"quantized-weight kernels on {device} ({QUANT_NATIVE_ENV}={setting})"
+        return CUDA_DEFAULT_FORMATS, (f"quantized-weight kernels {where} for {', '.join(sorted(CUDA_DEFAULT_FORMATS))}"
+                                      f" (faster than bf16 at batch 1); {', '.join(sorted(CUDA_DEQUANTIZED_FORMATS))} "
+                                      f"dequantized ({QUANT_NATIVE_ENV}=1 keeps them too)")
+    if not forced:
+        return frozenset(), f"{why_not}; weights dequantized on load"
     raise WeightsError(f"{QUANT_NATIVE_ENV}={setting} asks to keep weights quantized, but {why_not}; unset it "
                        f"(or set {QUANT_NATIVE_ENV}=0) to dequantize the checkpoint on load")
 

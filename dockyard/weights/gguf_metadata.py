@@ -45,7 +45,7 @@ GGUF_MAGIC = b"GGUF"
 
 Q = GGMLQuantizationType
 # The block formats the GPU kernels dequantize in-kernel (ops/triton_quant.py): what llama.cpp users run.
-KERNEL_BLOCK_TYPES = frozenset({Q.Q4_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+KERNEL_BLOCK_TYPES = frozenset({Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
 
 # Metadata keys llama.cpp writes that transformers' mapping leaves out: "{arch}.<key>" -> HF config key.
 # Each is taken only where the mapping does not already read that GGUF key.

@@ -87,7 +87,7 @@ def test_quantized_model_through_the_kernels(monkeypatch):
     pytest.importorskip("triton")
     interpret = not torch.cuda.is_available()
     tq = import_kernels("dockyard.ops.triton_quant", interpret)
-    monkeypatch.setattr(tq, "GEMV_CONFIG", (32, 128, 4))  # few programs: the interpreter runs them one by one
+    monkeypatch.setitem(tq.STREAM_CONFIGS, tq.INT4, (32, 128, 4))  # few programs: the interpreter runs them one by one
     monkeypatch.setattr(tq, "GEMM_CONFIG", (16, 64, 64, 4, 1))
     monkeypatch.setenv(FUSED_ENV, "1")
     if interpret:
@@ -141,21 +141,25 @@ def test_unconverted_and_dense_weights():
 
 
 def test_choose_quant_path(monkeypatch):
-    """Default and 0: dequantize on load (the kernels are slower than bf16 for now); 1: quantized where the
-    kernels run (or the CPU's reference math), else an error naming why."""
+    """Default: on CUDA the formats of the measured table, on a CPU nothing; 0: nothing; 1: every format the
+    kernels read where they run (or the CPU's reference math), else an error naming why."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv(ql.QUANT_NATIVE_ENV, raising=False)
-    assert not ql.choose_quant_path(cpu)[0]
-    assert not ql.choose_quant_path(cuda, assume_gpu=True)[0]
+    assert ql.choose_quant_path(cpu)[0] == frozenset()
+    assert ql.choose_quant_path(cuda, assume_gpu=True)[0] == ql.CUDA_DEFAULT_FORMATS
+    assert ql.CUDA_DEFAULT_FORMATS == {f for f, faster in ql.GEMV_BEATS_BF16_ON_CUDA.items() if faster}
+    assert set(ql.GEMV_BEATS_BF16_ON_CUDA) == ql.KERNEL_FORMATS == {"int4", "Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K",
+                                                                    "Q6_K"}
+    assert ql.choose_quant_path(cuda, tp_size=2, assume_gpu=True)[0] == frozenset()  # auto: no error under TP
     monkeypatch.setenv(ql.QUANT_NATIVE_ENV, "1")
-    assert ql.choose_quant_path(cpu)[0]
-    assert ql.choose_quant_path(cuda, assume_gpu=True)[0]
+    assert ql.choose_quant_path(cpu)[0] == ql.KERNEL_FORMATS
+    assert ql.choose_quant_path(cuda, assume_gpu=True)[0] == ql.KERNEL_FORMATS
     with pytest.raises(WeightsError, match="tensor parallelism"):
         ql.choose_quant_path(cuda, tp_size=2)
     with pytest.raises(WeightsError, match="not a CUDA GPU"):
         ql.choose_quant_path(torch.device("meta"))
     monkeypatch.setenv(ql.QUANT_NATIVE_ENV, "0")
-    assert not ql.choose_quant_path(cuda, assume_gpu=True)[0]
+    assert ql.choose_quant_path(cuda, assume_gpu=True)[0] == frozenset()
     monkeypatch.setenv(ql.QUANT_NATIVE_ENV, "maybe")
     with pytest.raises(WeightsError, match="not one of auto, 0, 1"):
         ql.choose_quant_path(cpu)
@@ -189,3 +193,8 @@ def test_model_loader_keeps_what_the_source_can_yield_quantized(monkeypatch):
     assert all(isinstance(model.get_submodule(n), ql.Int4Linear) for n in TINY_PROJECTIONS)
     monkeypatch.setenv(ql.QUANT_NATIVE_ENV, "0")
     assert model_loader._keep_quantized(_model(), int4_source, cpu, 1) == set()
+    # Only the formats the path choice keeps: a Q4_K weight is dequantized where only Q6_K stays quantized.
+    monkeypatch.setattr(model_loader, "choose_quant_path", lambda device, tp: (frozenset({"Q6_K"}), "a test's choice"))
+    assert model_loader._keep_quantized(_model(), gguf_source, cpu, 1) == set()
+    monkeypatch.setattr(model_loader, "choose_quant_path", lambda device, tp: (frozenset({"Q4_K"}), "a test's choice"))
+    assert model_loader._keep_quantized(_model(), gguf_source, cpu, 1) == {q_proj}

@@ -21,7 +21,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRET = DEVICE.type == "cpu"
 tq = import_kernels("dockyard.ops.triton_quant", INTERPRET)
 
-GGUF_TYPES = ["Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+GGUF_TYPES = ["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 def gguf_operand(qtype: str, n: int, k: int, seed: int = 0) -> tuple[object, torch.Tensor]:
     """(the kernels' operand on DEVICE, the float64 reference weight [n, k] from ``gguf``)."""
     rows = gguf_rows(qtype, n, k, seed)
@@ -46,13 +46,16 @@ def check_product(got: torch.Tensor, x: torch.Tensor, dense: torch.Tensor, dtype
 
 @pytest.mark.parametrize("qtype", GGUF_TYPES)
 def test_gguf_kernels_equal_gguf_reference(qtype):
-    """Every byte of a row decoded as ``gguf`` decodes it (dequantizer exactly, in float32), and GEMV and
-    GEMM (ragged row tiles: 12 rows) equal the float64 product; two super-blocks of K-quants."""
-    op, ref = gguf_operand(qtype, 12, 512, seed=GGUF_TYPES.index(qtype))
+    """Every byte of a row decoded as ``gguf`` decodes it (dequantizer exactly, in float32), and the streaming
+    GEMV (one row; three rows with ragged row tiles of 8 and a ragged last run of blocks: three super-blocks of
+    K-quants, 24 blocks of Q4_0 / Q8_0 at 16 per iteration) and the GEMM equal the float64 product."""
+    k = 768
+    op, ref = gguf_operand(qtype, 12, k, seed=GGUF_TYPES.index(qtype))
     torch.testing.assert_close(tq.dequantize(op, torch.float32).double().cpu(), ref, rtol=0, atol=0)
     gen = torch.Generator().manual_seed(1)
-    x1, xm = torch.randn(1, 512, generator=gen).to(DEVICE), torch.randn(5, 512, generator=gen).to(DEVICE)
+    x1, xm = torch.randn(1, k, generator=gen).to(DEVICE), torch.randn(5, k, generator=gen).to(DEVICE)
     check_product(tq.quant_gemv(x1, op, config=(4, 128, 4)), x1, ref, torch.float32)
+    check_product(tq.quant_gemv(xm[:3], op, config=(8, 512, 4)), xm[:3], ref, torch.float32)
     check_product(tq.quant_gemm(xm, op, config=(16, 16, 64, 4, 1)), xm, ref, torch.float32)
 
 
@@ -60,11 +63,13 @@ def test_gguf_kernels_equal_gguf_reference(qtype):
                                                            (128, True, True), (128, False, True)])
 def test_int4_kernels_equal_float64(group, zeros, act_order):
     """Group sizes 32/64/128, symmetric and with zero points, with an act-order permutation; K not a
-    multiple of the tiles (ragged last group) and N ragged; bias added."""
+    multiple of the tiles (ragged last group) and N ragged; bias added; the dequantizer exact."""
     n, k = 10, 320
     weight, dense = int4_weight(n, k, group, zeros, act_order, seed=group)
     op = int4_operand(weight)
     perm = None if weight.perm is None else weight.perm.to(DEVICE)
+    stored = dense if weight.perm is None else dense[:, weight.perm]  # stored column j is feature perm[j]
+    torch.testing.assert_close(tq.dequantize(op, torch.float32).double().cpu(), stored, rtol=0, atol=0)
     gen = torch.Generator().manual_seed(2)
     bias = torch.randn(n, generator=gen).to(DEVICE)
     x1, xm = torch.randn(1, k, generator=gen).to(DEVICE), torch.randn(3, k, generator=gen).to(DEVICE)
@@ -76,12 +81,16 @@ def test_int4_kernels_equal_float64(group, zeros, act_order):
 
 
 def test_int4_half_precision_and_large_batch_path(monkeypatch):
-    """bfloat16 activations through all three paths (GEMV, GEMM, dequantize + F.linear)."""
+    """bfloat16 activations through all three paths (GEMV, GEMM, dequantize + F.linear), and the generic tile
+    GEMV the streaming one leaves odd group sizes to."""
     weight, dense = int4_weight(16, 256, 64, True, False, seed=5)
     op = int4_operand(weight)
-    monkeypatch.setattr(tq, "DEQUANTIZE_MIN_ROWS", 4)  # 3 rows through the GEMM, 6 dequantized
+    monkeypatch.setattr(tq, "GEMV_MAX_ROWS", 2)  # 2 rows through the streaming GEMV, 3 through the GEMM
+    monkeypatch.setattr(tq, "DEQUANTIZE_MIN_ROWS", 4)  # 6 dequantized
     gen = torch.Generator().manual_seed(3)
-    for m in (1, 3, 6):
+    x = torch.randn(1, 256, generator=gen).to(DEVICE, torch.bfloat16)
+    check_product(tq.quant_gemv_tiles(x, op), x, dense, torch.bfloat16)
+    for m in (1, 2, 3, 6):
         x = torch.randn(m, 256, generator=gen).to(DEVICE, torch.bfloat16)
         check_product(tq.quant_linear(x, op), x, dense, torch.bfloat16)
 
