@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -68,6 +68,17 @@ class Proposer(Protocol):
 
     def release(self, seqs: list[EngineSequence]) -> None:
         """``seqs`` finished: drop whatever the proposer keeps for them."""
+        ...
+
+
+@runtime_checkable
+class HiddenStateProposer(Proposer, Protocol):
+    """A proposer that drafts from the target's hidden states (MTP, :mod:`dockyard.engine.mtp`): the engine has
+    it follow the target's forward passes, which then run eagerly and compute every prompt position (no
+    prefix caching: a cached prefix has no hidden states)."""
+
+    def follow(self, runner: Any) -> None:
+        """Receive the hidden states of every forward ``runner`` (the target's ModelRunner) runs."""
         ...
 
 
