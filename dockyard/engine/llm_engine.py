@@ -122,7 +122,7 @@ class LLMEngine:
         self.config = config
         self.max_model_len = config.max_model_len or spec.max_model_len
         # An MTP proposer reads the target's hidden state of every position: no prefix caching, eager forwards.
-        follows_target = isinstance(proposer, HiddenStateProposer)
+        follows_target = config.speculative_config is not None and isinstance(proposer, HiddenStateProposer)
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           config.enable_prefix_caching and not follows_target)
         self.async_scheduling = (device.type == "cuda" if config.async_scheduling is None

@@ -68,16 +68,17 @@ def v3(tmp_path_factory):
     return SimpleNamespace(cfg=cfg, folder=folder, llm=llm, spec=llm.spec, prompts=prompts)
 
 
-def make_engine(v3, k: int | None, max_num_seqs: int = 16, tokenizer=None, spec=None) -> LLMEngine:
+def make_engine(v3, k: int | None, max_num_seqs: int = 16, tokenizer=None, spec=None,
+                num_blocks: int = NUM_BLOCKS) -> LLMEngine:
     """An engine on the shared target: plain (k None) or with an MTP proposer of its own."""
     llm = v3.llm
     proposer = None
     if k is not None:
         mtp = load_mtp(llm.source, llm.model, llm.device, llm.dtype)
-        proposer = MTPProposer(mtp, NUM_BLOCKS, BLOCK_SIZE, llm.device, llm.dtype, max_num_seqs, 512)
+        proposer = MTPProposer(mtp, num_blocks, BLOCK_SIZE, llm.device, llm.dtype, max_num_seqs, 512)
     config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=128, block_size=BLOCK_SIZE,
                           speculative_config=None if k is None else SpeculativeConfig("mtp", k))
-    return LLMEngine(llm.model, spec or v3.spec, tokenizer, config, llm.device, llm.dtype, NUM_BLOCKS,
+    return LLMEngine(llm.model, spec or v3.spec, tokenizer, config, llm.device, llm.dtype, num_blocks,
                      proposer=proposer)
 
 
@@ -92,9 +93,9 @@ def run(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams
     while engine.has_unfinished_requests():
         done.update((out.request_id, out) for out in engine.step(report_unfinished=False))
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-    if engine.proposer is not None:
+    if isinstance(engine.proposer, MTPProposer):
         assert not engine.proposer.shadows and not engine.proposer.hidden
-        assert engine.proposer.block_manager.num_free_blocks == NUM_BLOCKS
+        assert engine.proposer.block_manager.num_free_blocks == engine.proposer.block_manager.num_blocks
     return [done[f"s{first + i}"] for i in range(len(prompts))]
 
 
@@ -269,6 +270,28 @@ def test_greedy_mtp_is_exact(greedy_runs, k, batch):
     assert stats["spec_decode_num_draft_tokens"] >= (k - 0.1) * stats["spec_decode_num_drafts"]
     if batch == 16:
         assert mixed > 0
+
+
+def test_preempted_sequences_recompute_and_stay_exact(v3, greedy_runs):
+    """A KV pool too small for the batch: sequences are preempted and recomputed (the MTP layer's rows and held
+    hidden states are dropped and rebuilt from the recomputed prefill); the output is still the reference's."""
+    base = greedy_runs[0]
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    engine = make_engine(v3, 2, max_num_seqs=8, num_blocks=20)
+    out = tokens_of(run(engine, v3.prompts[:8], params))
+    assert out == [t[:48] for t in base[:8]]
+    assert engine.stats()["num_preemptions"] > 0 and engine.stats()["spec_decode_num_drafts"] > 0
+
+
+def test_sampled_requests_are_reproducible_with_mtp(v3):
+    """Sampled requests verify the MTP layer's drawn guesses by rejection sampling (their distribution q comes
+    with the proposal); a seeded request gives the same tokens twice."""
+    params = [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=24, seed=s, ignore_eos=True) for s in range(4)]
+    first = make_engine(v3, 3, max_num_seqs=4)
+    runs = [tokens_of(run(make_engine(v3, 3, max_num_seqs=4) if i else first, v3.prompts[:4], params))
+            for i in range(2)]
+    assert runs[0] == runs[1] and len({tuple(t) for t in runs[0]}) == 4
+    assert first.stats()["spec_decode_num_draft_tokens"] > 0
 
 
 def test_stops_end_where_they_do_without_mtp(v3, greedy_runs, bundled_llm):
