@@ -31,18 +31,12 @@ from dockyard.engine.outputs import RequestOutput
 from dockyard.engine.speculative_config import SpeculativeConfig
 from dockyard.errors import ConfigError, WeightsError
 from dockyard.model_loader import load_mtp
-from dockyard.models.deepseek_mtp import DeepseekMTP
 from dockyard.onboard.config_surgery import shrink_config, with_layers
+from dockyard.onboard.mtp_reference import MTPReference
 from dockyard.ops.mla import MLAAttention
 from dockyard.ops.moe import SparseMoeBlock
 from tests.helpers import rel_rmse
 from tests.shared_configs import shared_config
-
-transformers = pytest.importorskip("transformers")
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import (  # noqa: E402
-    DeepseekV3DecoderLayer,
-    DeepseekV3RotaryEmbedding,
-)
 
 NUM_PROMPTS, MAX_TOKENS = 20, 128
 # Batch 1 costs a target step and k MTP steps per emitted token, one sequence at a time: three of the prompts.
@@ -103,67 +97,6 @@ def tokens_of(outputs: list[RequestOutput]) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
-# ---------------------------------------------------------------- the reference: transformers' layer in float64
-def rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-
-class Reference:
-    """The MTP layer in float64: transformers' DeepseekV3DecoderLayer holding the layer's block weights, and
-    enorm / hnorm / eh_proj / shared_head (and the target's embedding and LM head) as torch ops."""
-
-    def __init__(self, cfg: dict, mtp: DeepseekMTP) -> None:
-        config = transformers.DeepseekV3Config(**{k: v for k, v in cfg.items() if k != "architectures"})
-        config._attn_implementation = "eager"
-        self.eps = config.rms_norm_eps
-        prefix = f"model.layers.{mtp.index}."
-        ours = {n[len(prefix):]: p.detach().double() for n, p in mtp.named_parameters()}
-        self.layer = DeepseekV3DecoderLayer(config, mtp.index).double().eval()
-        state = {}
-        for name in self.layer.state_dict():
-            if name == "mlp.experts.gate_up_proj":  # transformers stacks the experts: [E, 2I, H] and [E, H, I]
-                state[name] = torch.stack([torch.cat([ours[f"mlp.experts.{e}.gate_proj.weight"],
-                                                      ours[f"mlp.experts.{e}.up_proj.weight"]])
-                                           for e in range(config.n_routed_experts)])
-            elif name == "mlp.experts.down_proj":
-                state[name] = torch.stack([ours[f"mlp.experts.{e}.down_proj.weight"]
-                                           for e in range(config.n_routed_experts)])
-            else:
-                state[name] = ours[name]
-        self.layer.load_state_dict(state, strict=True)
-        self.rotary = DeepseekV3RotaryEmbedding(config)
-        self.w = ours
-        embed, head = mtp.shared
-        self.embed = embed.weight.detach().double()
-        self.head = ours.get("shared_head.head.weight", head.weight.detach().double())
-
-    @torch.no_grad()
-    def __call__(self, tokens: list[int], hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows t = 0.. (token t + 1, target hidden state t) → (logits [T, V], the layer's output [T, H])."""
-        w, n = self.w, len(tokens)
-        e = rms(self.embed[torch.tensor(tokens)], w["enorm.weight"], self.eps)
-        x = torch.cat([e, rms(hidden.double(), w["hnorm.weight"], self.eps)], dim=-1) @ w["eh_proj.weight"].T
-        positions = torch.arange(n)[None]
-        cos_sin = self.rotary(x[None], positions)
-        mask = torch.full((n, n), float("-inf"), dtype=torch.float64).triu(1)[None, None]
-        out = self.layer(x[None], attention_mask=mask, position_ids=positions, position_embeddings=cos_sin)
-        out = (out[0] if isinstance(out, tuple) else out)[0]
-        return rms(out, w["shared_head.norm.weight"], self.eps) @ self.head.T, out
-
-    def guesses(self, tokens: list[int], hidden: torch.Tensor, k: int) -> list[int]:
-        """The first ``k`` greedy guesses after ``tokens`` (all known; ``hidden``: the target's pre-norm hidden
-        states of all but the last), the layer fed its own output after the first."""
-        rows, h = list(tokens[1:]), hidden
-        out_tokens = []
-        for _ in range(k):
-            logits, out = self(rows, h)
-            guess = int(logits[-1].argmax())
-            out_tokens.append(guess)
-            rows.append(guess)
-            h = torch.cat([h.double(), out[-1:]])
-        return out_tokens
-
-
 def randomize(module: torch.nn.Module, seed: int) -> None:
     """Weights randn·fan_in^-½; norm weights and the routing bias 1 + 0.1·randn (not the dummy weights' ones)."""
     gen = torch.Generator().manual_seed(seed)
@@ -191,7 +124,7 @@ def test_mtp_layer_matches_transformers_in_float64(v3):
     llm = v3.llm
     mtp = load_mtp(llm.source, llm.model, llm.device, llm.dtype)
     randomize(mtp, 1)
-    ref = Reference(v3.cfg, mtp)
+    ref = MTPReference(v3.cfg, mtp)
     gen = torch.Generator().manual_seed(2)
     tokens = torch.randint(0, v3.spec.vocab_size, (24,), generator=gen)
     hidden = torch.randn(24, v3.spec.hidden_size, generator=gen)
@@ -215,7 +148,7 @@ def test_engine_guesses_are_the_reference_argmax(v3):
     engine = make_engine(v3, 3, max_num_seqs=4)
     proposer = engine.proposer
     randomize(proposer.mtp, 3)
-    reference = Reference(v3.cfg, proposer.mtp)
+    reference = MTPReference(v3.cfg, proposer.mtp)
     seen = []
     propose = proposer.propose
 

@@ -5,6 +5,7 @@ checkpoint without MTP layers is checkpoint-missing."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dockyard.onboard.gates.features import mtp, trial_model
 from tests.onboard.test_features import _context, _model_dir, _workdir
@@ -29,6 +30,23 @@ def test_mtp_row_is_a_real_trial(v3):
     assert ev["spec_decode_num_drafts"] > 0
     assert ev["spec_decode_num_draft_tokens"] >= ev["spec_decode_num_drafts"]
     assert 0 <= ev["spec_decode_acceptance_rate"] <= 1 and "acceptance rate" in row["why"]
+    assert ev["head"]["compared"] and ev["head"]["logits_rmse_ratio"] < mtp.MTP_HEAD_BOUND
+
+
+def test_mtp_layer_off_the_reference_is_unsupported(v3, monkeypatch):
+    """A layer that feeds the embedding and the hidden state the wrong way round fails the head check."""
+    ctx, trials = v3
+    real = mtp.DeepseekMTP
+
+    class Swapped(real):
+        def forward(self, input_ids, positions, previous_hidden):
+            layer = self.layer
+            x = layer.eh_proj(torch.cat([layer.hnorm(previous_hidden), layer.enorm(self.shared[0](input_ids))], -1))
+            return super(type(layer), layer).forward(positions, x)
+
+    monkeypatch.setattr(mtp, "DeepseekMTP", Swapped)
+    row = mtp.trial_row(ctx, trials, None)
+    assert row["status"] == "unsupported" and "float64 reference" in row["why"], row["why"]
 
 
 def test_mtp_tokens_that_differ_are_unsupported_naming_where(v3, monkeypatch):
