@@ -63,9 +63,9 @@ def v3(tmp_path_factory):
 
 
 def make_engine(v3, k: int | None, max_num_seqs: int = 16, tokenizer=None, spec=None,
-                num_blocks: int = NUM_BLOCKS) -> LLMEngine:
-    """An engine on the shared target: plain (k None) or with an MTP proposer of its own."""
-    llm = v3.llm
+                num_blocks: int = NUM_BLOCKS, llm: LLM | None = None) -> LLMEngine:
+    """An engine on the shared target (or ``llm``'s): plain (k None) or with an MTP proposer of its own."""
+    llm = llm or v3.llm
     proposer = None
     if k is not None:
         mtp = load_mtp(llm.source, llm.model, llm.device, llm.dtype)
@@ -106,9 +106,8 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
             p.copy_(1 + 0.1 * noise if p.dim() == 1 else noise * p.shape[1] ** -0.5)
 
 
-def target_hidden(v3, tokens: list[int]) -> torch.Tensor:
+def target_hidden(model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
     """The target's pre-norm hidden states of ``tokens`` (one causal forward without a cache)."""
-    model = v3.llm.model
     captured = {}
     handle = model.model.norm.register_forward_hook(
         lambda m, args, out: captured.update(h=out[1] if isinstance(out, tuple) else args[0]))
@@ -142,29 +141,72 @@ def test_mtp_layer_matches_transformers_in_float64(v3):
         assert rel_rmse(swapped.compute_logits(swapped(tokens, torch.arange(24), hidden)).double(), ref_logits) > 1e-3
 
 
+def check_guesses(engine: LLMEngine, cfg: dict, prompts: list[list[int]], max_tokens: int) -> LLMEngine:
+    """Run ``prompts`` greedily and check that every third proposal is the reference's greedy guesses from the
+    target's own hidden states (the proposer's k, capped near the length limit)."""
+    proposer = engine.proposer
+    reference = MTPReference(cfg, proposer.mtp)
+    seen = []
+    propose = proposer.propose
+
+    def recording(seqs, limits):
+        proposals = propose(seqs, limits)
+        seen.extend((list(s.token_ids), p.token_ids, k) for s, p, k in zip(seqs, proposals, limits))
+        return proposals
+
+    proposer.propose = recording
+    run(engine, prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+    assert len(seen) >= 20
+    assert {k for _, _, k in seen} >= {1, 3}  # the length limit caps the last proposals
+    for tokens, guesses, k in seen[::3]:
+        assert len(guesses) == k
+        expected = reference.guesses(tokens, target_hidden(engine.runner.model, tokens)[:-1], k)
+        assert guesses == expected, (len(tokens), guesses, expected)
+    return engine
+
+
 def test_engine_guesses_are_the_reference_argmax(v3):
     """Inside the engine (paged cache, hidden states from the target's forwards, k = 3, guesses rejected and
     rolled back), each proposal is the reference's greedy guess from the target's own hidden states."""
     engine = make_engine(v3, 3, max_num_seqs=4)
-    proposer = engine.proposer
-    randomize(proposer.mtp, 3)
-    reference = MTPReference(v3.cfg, proposer.mtp)
-    seen = []
-    propose = proposer.propose
+    randomize(engine.proposer.mtp, 3)
+    check_guesses(engine, v3.cfg, v3.prompts[:3], 12)
 
-    def recording(seqs, max_tokens):
-        proposals = propose(seqs, max_tokens)
-        seen.extend((list(s.token_ids), p.token_ids, k) for s, p, k in zip(seqs, proposals, max_tokens))
-        return proposals
 
-    proposer.propose = recording
-    run(engine, v3.prompts[:3], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
-    assert len(seen) >= 20
-    assert {k for _, _, k in seen} == {1, 2, 3}  # the length limit caps the last proposals
-    for tokens, guesses, k in seen[::3]:
-        assert len(guesses) == k
-        expected = reference.guesses(tokens, target_hidden(v3, tokens)[:-1], k)
-        assert guesses == expected, (len(tokens), guesses, expected)
+def zero_block_outputs(layer: torch.nn.Module) -> None:
+    """A decoder block that adds nothing to the residual stream: its attention and MLP outputs zeroed."""
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight.zero_()
+        for name, p in layer.mlp.named_parameters():
+            if "down_proj" in name:
+                p.zero_()
+
+
+def test_accepted_runs_with_a_guessable_target(v3, tmp_path):
+    """Acceptance > 0: a target whose decoder blocks add nothing (its next token depends on its current one only)
+    and an MTP layer wired to the same rule, nudged by the target's hidden state (eh_proj = [I, 0.3 I], a block
+    that adds nothing, the target's head), so that most guesses stand and some fall. The output is still
+    plain decoding's, and every proposal is still the reference's guess: the hidden states of accepted
+    proposals' rows are handed over right."""
+    (tmp_path / "config.json").write_text(json.dumps(v3.cfg))
+    llm = LLM(str(tmp_path), load_format="dummy", dtype="float32", device="cpu", model_impl="dockyard",
+              num_kv_blocks=64, block_size=BLOCK_SIZE, max_model_len=512)
+    for layer in llm.model.model.layers:
+        zero_block_outputs(layer)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    plain = tokens_of(run(make_engine(v3, None, llm=llm), v3.prompts[:4], params))
+    engine = make_engine(v3, 3, max_num_seqs=4, llm=llm)
+    mtp = engine.proposer.mtp
+    zero_block_outputs(mtp.layer)
+    hidden = v3.spec.hidden_size
+    with torch.no_grad():
+        mtp.layer.eh_proj.weight.copy_(torch.cat([torch.eye(hidden), 0.3 * torch.eye(hidden)], dim=1))
+    check_guesses(engine, v3.cfg, v3.prompts[4:7], 24)
+    spec = tokens_of(run(engine, v3.prompts[:4], params))
+    assert spec == plain
+    stats = engine.stats()
+    assert 0.3 < stats["spec_decode_acceptance_rate"] < 0.95, stats
+    assert stats["spec_decode_mean_acceptance_length"] > 2
 
 
 @pytest.fixture(scope="module")
