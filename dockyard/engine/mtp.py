@@ -46,7 +46,9 @@ class MTPProposer(DraftModelProposer):
                  max_num_seqs: int, max_model_len: int) -> None:
         super().__init__(mtp, mtp.spec, mtp.spec, num_blocks, block_size, device, dtype, max_num_seqs, max_model_len)
         self.mtp = mtp
-        self.hidden: dict[int, tuple[int, torch.Tensor]] = {}  # seq_id -> (first position, pre-norm hidden rows)
+        # seq_id -> consecutive chunks of its target pre-norm hidden states: (first position, rows); appended as
+        # steps come (a sequence that is not proposing yet, mid-prompt or constrained, is not copied each step).
+        self.hidden: dict[int, list[tuple[int, torch.Tensor]]] = {}
         self._step_hidden: torch.Tensor | None = None
         self._hook: RemovableHandle | None = None
 
@@ -76,22 +78,26 @@ class MTPProposer(DraftModelProposer):
         assert row == hidden.shape[0], (row, hidden.shape)
 
     def _store(self, seq_id: int, start: int, rows: torch.Tensor) -> None:
-        """Rows for positions ``start ..``, replacing the held ones from ``start`` on (kept before it when they
-        reach it)."""
-        held = self.hidden.get(seq_id)
-        if held is not None:
-            first, old = held
-            if first <= start <= first + len(old):
-                rows = torch.cat([old[:start - first], rows]) if start > first else rows
-                start = first
-        self.hidden[seq_id] = (start, rows)
+        """Rows for positions ``start ..``, replacing the held ones from ``start`` on (those before it are kept
+        when they reach it; after a gap nothing older is)."""
+        chunks = []
+        for first, held in self.hidden.get(seq_id, []):
+            if first >= start:
+                break
+            chunks.append((first, held[:start - first]))
+        if chunks and chunks[-1][0] + len(chunks[-1][1]) < start:
+            chunks = []
+        chunks.append((start, rows))
+        self.hidden[seq_id] = chunks
 
     def _rows(self, seq_id: int, start: int, end: int) -> torch.Tensor | None:
         """The held target hidden states of positions ``start .. end - 1``; None when some are not held."""
-        held = self.hidden.get(seq_id)
-        if held is None or not held[0] <= start or end > held[0] + len(held[1]):
+        chunks = self.hidden.get(seq_id)
+        if not chunks or chunks[0][0] > start or end > chunks[-1][0] + len(chunks[-1][1]):
             return None
-        return held[1][start - held[0]:end - held[0]]
+        parts = [held[max(0, start - first):end - first] for first, held in chunks
+                 if first < end and first + len(held) > start]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     # ---- proposing ----
     def _shadow_tokens(self, seq: Sequence) -> list[int]:
@@ -166,9 +172,11 @@ class MTPProposer(DraftModelProposer):
         del shadow.prompt_token_ids[real:]
         shadow.num_computed_tokens = min(shadow.num_computed_tokens, real)
         self.block_manager.trim(shadow, shadow.num_computed_tokens)
-        first, rows = self.hidden[seq.seq_id]
-        keep_from = max(first, real - 1)
-        self.hidden[seq.seq_id] = (keep_from, rows[keep_from - first:])
+        chunks = self.hidden[seq.seq_id]
+        keep_from, end = max(chunks[0][0], real - 1), chunks[-1][0] + len(chunks[-1][1])
+        rows = self._rows(seq.seq_id, keep_from, end)
+        assert rows is not None
+        self.hidden[seq.seq_id] = [(keep_from, rows)]
 
     def release(self, seqs: list[Sequence]) -> None:
         """Free the shadows and held hidden states of ``seqs``, which finished (or left the running set)."""
