@@ -2,7 +2,8 @@
 
 A *proposer* guesses up to ``k`` next tokens of a decoding sequence (:class:`NgramProposer`: prompt
 lookup in the sequence's own tokens; :class:`~dockyard.engine.draft_model.DraftModelProposer`: a
-smaller model with its own KV cache). The scheduler feeds the sequence's newest token and its
+smaller model with its own KV cache; :class:`~dockyard.engine.mtp.MTPProposer`: the checkpoint's MTP layer,
+fed the target's hidden states). The scheduler feeds the sequence's newest token and its
 proposals as ``1 + k`` rows of one step (in the paged KV cache, batched with sequences that do not
 speculate); the runner computes logits for all ``k + 1`` rows and :func:`verify` decides which
 proposals stand:
