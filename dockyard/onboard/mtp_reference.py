@@ -34,7 +34,7 @@ class MTPReference:
     def __init__(self, cfg: dict[str, Any], mtp: DeepseekMTP) -> None:
         """``cfg``: the config.json ``mtp``'s target was built from (a ``deepseek_v3`` model_type)."""
         config = DeepseekV3Config(**{k: v for k, v in cfg.items() if k != "architectures"})
-        config._attn_implementation = "eager"
+        config._attn_implementation = config._experts_implementation = "eager"  # the plain PyTorch forwards
         self.eps = config.rms_norm_eps
         prefix = f"model.layers.{mtp.index}."
         ours = {n[len(prefix):]: p.detach().double().cpu() for n, p in mtp.named_parameters()}
