@@ -200,8 +200,10 @@ class EngineArgs:
         "load even when the memory plan says the model does not fit the device's free memory", RUNTIME_GROUP,
         action="store_true"))
     speculative_config: Any = field(default=None, metadata=_flag(
-        "speculative decoding, as JSON: {\"method\": \"ngram\" | \"draft_model\", \"num_speculative_tokens\": k, "
-        "...} (ngram: prompt_lookup_min / prompt_lookup_max; draft_model: model)", SCHEDULER_GROUP, metavar="JSON"))
+        "speculative decoding, as JSON: {\"method\": \"ngram\" | \"draft_model\" | \"mtp\", "
+        "\"num_speculative_tokens\": k, ...} (ngram: prompt_lookup_min / prompt_lookup_max; draft_model: "
+        "model; mtp: the checkpoint's MTP layer)",
+        SCHEDULER_GROUP, metavar="JSON"))
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, str):

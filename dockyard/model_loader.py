@@ -17,6 +17,9 @@ tensor-parallel workers (ranks 1..N-1) and onboarding:
 4. with ``quantize_fp8`` (online FP8, ``--quantization fp8`` on an unquantized checkpoint), turn the loaded
    projections into FP8 ones (:func:`dockyard.weights.fp8_quantize.quantize_linears_fp8`);
 5. on CUDA, fuse projections and route single-row matmuls to the GEMV kernel.
+
+:func:`load_mtp` loads a DeepSeek-V3 checkpoint's MTP layer beside its target (speculative decoding's
+``mtp`` method): built like the target, only its tensors read from the same checkpoint (or dummy ones).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from dockyard.distributed.sharding import lazy_cutter, shard_model, shard_weight
 from dockyard.dtypes import RUN_DTYPES
 from dockyard.errors import ConfigError, DockyardError
 from dockyard.model_source import ModelSource
+from dockyard.models.deepseek import DeepseekForCausalLM
+from dockyard.models.deepseek_mtp import DeepseekMTP
 from dockyard.ops.fp8_kv import apply_kv_scales, split_kv_scales
 from dockyard.ops.fp8_linear import native_fp8_unavailable
 from dockyard.ops.linear import use_gemv_for_single_rows
@@ -44,7 +49,7 @@ from dockyard.weights.fp8 import checkpoint_fp8_weights, choose_fp8_path, conver
 from dockyard.weights.fp8_quantize import quantize_linears_fp8
 from dockyard.weights.loader import load_weights
 from dockyard.weights.mxfp4 import source_mxfp4_path
-from dockyard.weights.safetensors_dir import iter_safetensors
+from dockyard.weights.safetensors_dir import iter_safetensors, tensor_names
 
 logger = logging.getLogger(__name__)
 
@@ -216,3 +221,44 @@ def _keep_quantized(model: nn.Module, source: ModelSource, device: torch.device,
     logger.info("%s checkpoint: %d projection weights kept quantized (%s); the rest dequantized on load",
                 what, len(converted), why)
     return converted
+
+
+def load_mtp(source: ModelSource, target: nn.Module, device: torch.device, dtype: torch.dtype,
+             seed: int = 0) -> DeepseekMTP:
+    """The first MTP layer of ``source``'s checkpoint, beside its loaded ``target`` (whose embedding and, unless
+    the checkpoint stores ``shared_head.head``, LM head it uses): built in ``dtype`` on ``device`` and loaded
+    strictly (a missing tensor is named); dummy weights for a dummy source. FP8 and int4 weights are
+    dequantized on load. ConfigError when the model has no MTP layer or dockyard cannot read it."""
+    check_mtp_source(source)
+    spec = source.spec
+    if not isinstance(target, DeepseekForCausalLM):
+        raise ConfigError(f"speculative_config method='mtp' runs DeepSeek-V3-style MTP layers; {spec.architecture} "
+                          f"({spec.model_impl} implementation) has none dockyard can build; use method 'ngram' or "
+                          "'draft_model'")
+    index = spec.num_hidden_layers
+    own_head = (source.kind == "safetensors"
+                and f"model.layers.{index}.shared_head.head.weight" in tensor_names(source.path))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device), _skip_parameter_init():
+            mtp = DeepseekMTP(target, own_head).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    load_weights(mtp, iter_weights(source, mtp, dtype, seed, only=mtp.reads))
+    return mtp
+
+
+def check_mtp_source(source: ModelSource, tp_size: int = 1) -> None:
+    """Refuse (ConfigError) speculative_config method 'mtp' where it cannot run, before any weight is read: a model
+    without MTP layers, a checkpoint other than safetensors (or dummy weights), tensor parallelism."""
+    spec, instead = source.spec, "use method 'ngram', or 'draft_model' with a smaller model of the same tokenizer"
+    if spec.num_nextn_predict_layers < 1:
+        raise ConfigError(f"speculative_config method='mtp' needs the checkpoint's MTP layers, but {source.name} has "
+                          f"none (num_nextn_predict_layers={spec.num_nextn_predict_layers} in its config); {instead}")
+    if source.kind not in ("safetensors", "dummy"):
+        raise ConfigError(f"speculative_config method='mtp' reads the MTP layer from a safetensors checkpoint, and "
+                          f"{source.name} is a {source.kind} file; {instead}")
+    if tp_size > 1:
+        raise ConfigError(f"speculative_config method='mtp' runs on one device (tensor_parallel_size={tp_size}); drop "
+                          "tensor parallelism or use method 'ngram'")

@@ -60,6 +60,7 @@ SPEC_CONFIG_KEYS = frozenset({
     "routed_scaling_factor", "n_shared_experts", "shared_expert_intermediate_size", "first_k_dense_replace",
     "moe_layer_freq", "mlp_only_layers", "decoder_sparse_step",
     "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+    "num_nextn_predict_layers",
 })
 
 @dataclass(frozen=True)
@@ -166,6 +167,10 @@ class ModelSpec:
     moe_layers: tuple[bool, ...] = ()  # per layer: MoE (True) or dense MLP (False); empty when no MoE
     mla: MLASpec | None = None
     rope_interleave: bool = True  # MLA: the rope dims come in interleaved pairs (DeepSeek), de-interleaved first
+    # DeepSeek-V3 multi-token prediction: layers num_hidden_layers .. + num_nextn_predict_layers - 1 of the
+    # checkpoint (models/deepseek_mtp.py), and per such layer whether its MLP is an MoE.
+    num_nextn_predict_layers: int = 0
+    nextn_moe_layers: tuple[bool, ...] = ()
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -224,6 +229,9 @@ class ModelSpec:
         return self.sliding_window
 
     def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer ``layer``'s MLP is an MoE (past the decoder's layers: an MTP layer's)."""
+        if layer >= self.num_hidden_layers:
+            return bool(self.nextn_moe_layers) and self.nextn_moe_layers[layer - self.num_hidden_layers]
         return bool(self.moe_layers) and self.moe_layers[layer]
 
     def to_dict(self) -> dict[str, Any]:
@@ -232,6 +240,7 @@ class ModelSpec:
         out["eos_token_ids"] = list(self.eos_token_ids)
         out["layer_types"] = list(self.layer_types)
         out["moe_layers"] = list(self.moe_layers)
+        out["nextn_moe_layers"] = list(self.nextn_moe_layers)
         return out
 
     def replace(self, **changes: Any) -> ModelSpec:
@@ -273,7 +282,13 @@ class ModelSpec:
         mla = _mla_from_config(config)
         if mla is not None:  # queries and keys carry the no-rope and the rope part of each head
             head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
-        moe, moe_layers = _moe_from_config(config, model_type, num_layers)
+        nextn = _as_int("num_nextn_predict_layers", get("num_nextn_predict_layers") or 0)
+        if nextn < 0:
+            raise ConfigError(f"num_nextn_predict_layers={nextn} must be 0 or more (MTP layers in the checkpoint)")
+        _check_layer_count(num_layers + nextn)
+        # The MTP layers follow the decoder's and take their MLP kind from the same rule.
+        moe, moe_layers = _moe_from_config(config, model_type, num_layers + nextn)
+        moe_layers, nextn_moe_layers = moe_layers[:num_layers], moe_layers[num_layers:]
         intermediate = get("intermediate_size")
         if intermediate is None and moe is not None:
             intermediate = moe.intermediate_size
@@ -310,6 +325,8 @@ class ModelSpec:
             moe=moe,
             moe_layers=moe_layers,
             mla=mla,
+            num_nextn_predict_layers=nextn,
+            nextn_moe_layers=nextn_moe_layers,
             **_family_fields(config, model_type, hidden),
             bos_token_id=get("bos_token_id") if isinstance(get("bos_token_id"), int) else None,
             eos_token_ids=eos_ids,
@@ -388,6 +405,8 @@ class ModelSpec:
                                   f"n_routed_experts={m.num_experts} into groups")
             if len(self.moe_layers) != self.num_hidden_layers:
                 raise ConfigError("moe_layers must have one entry per layer")
+            if len(self.nextn_moe_layers) != self.num_nextn_predict_layers:
+                raise ConfigError("nextn_moe_layers must have one entry per MTP layer")
 
 
 def read_config_json(path: str | Path) -> dict[str, Any]:

@@ -56,7 +56,7 @@ class DraftModelProposer:
             with torch.inference_mode():
                 inputs, _ = self.runner.prepare([item for _, item in items])
                 logits = self.runner.execute(inputs).logits
-                tokens, q = self._draw(logits, [seqs[i] for i, _ in items])
+                tokens, q = draw_guesses(logits, [seqs[i] for i, _ in items])
             for row, ((i, item), token) in enumerate(zip(items, tokens.tolist(), strict=True)):
                 shadow = item.seq
                 shadow.num_computed_tokens = len(shadow)
@@ -71,10 +71,15 @@ class DraftModelProposer:
                 proposal.probs = torch.stack(rows)
         return proposals
 
+    def _shadow_tokens(self, seq: Sequence) -> list[int]:
+        """The tokens ``seq``'s shadow holds: the target's."""
+        return seq.token_ids
+
     def _sync(self, seq: Sequence) -> Sequence:
-        """``seq``'s shadow with the target's tokens; its KV kept up to the common prefix, the rest freed."""
+        """``seq``'s shadow with its tokens (:meth:`_shadow_tokens`); its KV kept up to the common prefix, the
+        rest freed."""
         entry = self.shadows.get(seq.seq_id)
-        tokens = seq.token_ids
+        tokens = self._shadow_tokens(seq)
         if entry is None:
             shadow = Sequence(seq.seq_id, seq.request_id, 0, list(tokens), seq.params, seq.max_total_len,
                               generator=seq.generator, status=SequenceStatus.RUNNING)
@@ -110,16 +115,16 @@ class DraftModelProposer:
         """Free the shadows of target sequences that left the running set (preempted, or finished unseen)."""
         self.release([seq for seq, _ in self.shadows.values() if seq.status != SequenceStatus.RUNNING])
 
-    @staticmethod
-    def _draw(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One guess per row: the argmax for greedy requests, else a draw from the draft's filtered
-        distribution, which is returned too ([rows, V] float32; None when every row is greedy)."""
-        logits = logits.float()
-        greedy = logits.argmax(dim=-1)
-        if all(seq.params.greedy for seq in seqs):
-            return greedy, None
-        batch = SamplingBatch.build([seq.params for seq in seqs], [seq.generator for seq in seqs], logits.device)
-        q = torch.softmax(filter_logits(logits, batch), dim=-1)
-        drawn = torch.stack([torch.multinomial(q[r], 1, generator=seq.generator).squeeze(0)
-                             for r, seq in enumerate(seqs)])
-        return torch.where(batch.greedy, greedy, drawn), q
+
+def draw_guesses(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One guess per row: the argmax for greedy requests, else a draw from the draft's filtered
+    distribution, which is returned too ([rows, V] float32; None when every row is greedy)."""
+    logits = logits.float()
+    greedy = logits.argmax(dim=-1)
+    if all(seq.params.greedy for seq in seqs):
+        return greedy, None
+    batch = SamplingBatch.build([seq.params for seq in seqs], [seq.generator for seq in seqs], logits.device)
+    q = torch.softmax(filter_logits(logits, batch), dim=-1)
+    drawn = torch.stack([torch.multinomial(q[r], 1, generator=seq.generator).squeeze(0)
+                         for r, seq in enumerate(seqs)])
+    return torch.where(batch.greedy, greedy, drawn), q

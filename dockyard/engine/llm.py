@@ -25,13 +25,21 @@ from dockyard.distributed.sharding import check_parallel_config, parallel_config
 from dockyard.engine.draft_model import DraftModelProposer
 from dockyard.engine.llm_engine import EngineConfig, LLMEngine
 from dockyard.engine.memory_check import check_memory_fits, kv_blocks_in_budget
+from dockyard.engine.mtp import MTPProposer
 from dockyard.engine.outputs import RequestOutput
 from dockyard.engine.sampling_params import SamplingParams
 from dockyard.engine.threads import configure_threads
 from dockyard.engine_args import EngineArgs, model_source_kwargs
 from dockyard.errors import ConfigError, DockyardError, InvalidRequestError
 from dockyard.memory import kept_gguf_weights, kept_int4_weights, plan_memory, storage_of
-from dockyard.model_loader import check_online_fp8, load_model, resolve_device, resolve_dtype
+from dockyard.model_loader import (
+    check_mtp_source,
+    check_online_fp8,
+    load_model,
+    load_mtp,
+    resolve_device,
+    resolve_dtype,
+)
 from dockyard.model_source import ModelSource, resolve_model
 from dockyard.ops.fp8_kv import latent_cache_refusal, resolve_kv_cache_dtype
 from dockyard.weights.mxfp4 import source_mxfp4_path
@@ -123,6 +131,8 @@ class LLM:
             kv_cache_dtype=args.kv_cache_dtype,
             speculative_config=args.speculative_config,
         )
+        if args.speculative_config is not None and args.speculative_config.method == "mtp":  # before any weight is read
+            check_mtp_source(self.source, tensor_parallel_size)
         if args.kv_cache_dtype != "auto" and spec.mla is not None:  # before any weight is read
             raise latent_cache_refusal(spec.name, args.kv_cache_dtype)
         if args.kv_cache_dtype != "auto" and tensor_parallel_size > 1:
@@ -176,6 +186,7 @@ class LLM:
             assert self._draft_source is not None
             proposer = DraftModelProposer(draft, self._draft_source.spec, spec, num_blocks, block_size, self.device,
                                           self.dtype, config.max_num_seqs, config.max_model_len or spec.max_model_len)
+        proposer = proposer or self._mtp_proposer(config, num_blocks, seed)
         self.engine = LLMEngine(self.model, spec, self.tokenizer, config, self.device, self.dtype, num_blocks,
                                 proposer=proposer)
         if self._executor is not None:
@@ -199,6 +210,16 @@ class LLM:
         return resolve_model(spec_config.model, args.load_format, revision=args.revision,
                              download_dir=args.download_dir, model_impl=args.model_impl,
                              trust_remote_code=args.trust_remote_code)
+
+    def _mtp_proposer(self, config: EngineConfig, num_blocks: int, seed: int) -> MTPProposer | None:
+        """speculative_config method mtp: the checkpoint's MTP layer loaded beside the target, with a KV cache of as
+        many blocks (None for any other method)."""
+        spec_config = config.speculative_config
+        if spec_config is None or spec_config.method != "mtp":
+            return None
+        mtp = load_mtp(self.source, self.model, self.device, self.dtype, seed)
+        return MTPProposer(mtp, num_blocks, config.block_size, self.device, self.dtype, config.max_num_seqs,
+                           config.max_model_len or self.spec.max_model_len)
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers and leave the group (no-op without tensor parallelism)."""

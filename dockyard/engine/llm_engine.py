@@ -56,7 +56,7 @@ from dockyard.engine.sampler import SamplerOutput, make_generator
 from dockyard.engine.sampling_params import SamplingParams
 from dockyard.engine.scheduler import AsyncScheduler, SampledTokens, ScheduledSeq, Scheduler
 from dockyard.engine.sequence import Sequence
-from dockyard.engine.spec_decode import Proposer, VerifyOutput, make_proposer
+from dockyard.engine.spec_decode import HiddenStateProposer, Proposer, VerifyOutput, make_proposer
 from dockyard.engine.speculative_config import SpeculativeConfig
 from dockyard.errors import InvalidRequestError
 from dockyard.ops.fp8_kv import resolve_kv_cache_dtype
@@ -121,7 +121,10 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config
         self.max_model_len = config.max_model_len or spec.max_model_len
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        # An MTP proposer reads the target's hidden state of every position: no prefix caching, eager forwards.
+        follows_target = config.speculative_config is not None and isinstance(proposer, HiddenStateProposer)
+        self.block_manager = BlockManager(num_blocks, config.block_size,
+                                          config.enable_prefix_caching and not follows_target)
         self.async_scheduling = (device.type == "cuda" if config.async_scheduling is None
                                  else config.async_scheduling)
         self.speculative_config = config.speculative_config
@@ -137,8 +140,10 @@ class LLMEngine:
         rows_per_seq = 1 + (self.speculative_config.num_speculative_tokens if self.speculative_config else 0)
         self.runner = ModelRunner(model, spec, num_blocks, config.block_size, device, dtype,
                                   max_num_seqs=config.max_num_seqs * rows_per_seq, max_model_len=self.max_model_len,
-                                  enforce_eager=config.enforce_eager,
+                                  enforce_eager=config.enforce_eager or follows_target,
                                   kv_cache_dtype=resolve_kv_cache_dtype(config.kv_cache_dtype, dtype))
+        if isinstance(self.proposer, HiddenStateProposer):
+            self.proposer.follow(self.runner)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self.metrics = EngineMetrics()

@@ -223,6 +223,9 @@ class ModelRunner:
         # Tensor parallel, rank 0: sends each step's inputs to the other ranks before its forward
         # (``Executor.broadcast_step``; they run the same ``execute`` on them).
         self.broadcast_step: Callable[[StepInputs], None] | None = None
+        # Speculative decoding's MTP proposer: told which sequences' rows each eager forward computed, right
+        # after it (it reads the target's hidden states of those rows; ``spec_decode.HiddenStateProposer``).
+        self.forward_observer: Callable[[list[ScheduledSeq]], None] | None = None
         self.eager_reason = "enforce_eager" if enforce_eager else None
         max_len = max_model_len or spec.max_model_len
         self._split_sizes = graph_batch_sizes(max_num_seqs)
@@ -332,6 +335,8 @@ class ModelRunner:
         if self.broadcast_step is not None:
             self.broadcast_step(inputs)
         output = self.execute(inputs)
+        if self.forward_observer is not None:
+            self.forward_observer(batch)
         prompt_out = None
         if output.prompt_logprobs is not None:
             prompt_out = PromptLogprobsOutput.from_tensors(rows.prompt_spans, output.prompt_logprobs)

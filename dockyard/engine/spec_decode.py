@@ -2,7 +2,8 @@
 
 A *proposer* guesses up to ``k`` next tokens of a decoding sequence (:class:`NgramProposer`: prompt
 lookup in the sequence's own tokens; :class:`~dockyard.engine.draft_model.DraftModelProposer`: a
-smaller model with its own KV cache). The scheduler feeds the sequence's newest token and its
+smaller model with its own KV cache; :class:`~dockyard.engine.mtp.MTPProposer`: the checkpoint's MTP layer,
+fed the target's hidden states). The scheduler feeds the sequence's newest token and its
 proposals as ``1 + k`` rows of one step (in the paged KV cache, batched with sequences that do not
 speculate); the runner computes logits for all ``k + 1`` rows and :func:`verify` decides which
 proposals stand:
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -68,6 +69,17 @@ class Proposer(Protocol):
 
     def release(self, seqs: list[EngineSequence]) -> None:
         """``seqs`` finished: drop whatever the proposer keeps for them."""
+        ...
+
+
+@runtime_checkable
+class HiddenStateProposer(Proposer, Protocol):
+    """A proposer that drafts from the target's hidden states (MTP, :mod:`dockyard.engine.mtp`): the engine has
+    it follow the target's forward passes, which then run eagerly and compute every prompt position (no
+    prefix caching: a cached prefix has no hidden states)."""
+
+    def follow(self, runner: Any) -> None:
+        """Receive the hidden states of every forward ``runner`` (the target's ModelRunner) runs."""
         ...
 
 

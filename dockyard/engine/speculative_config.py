@@ -19,7 +19,8 @@ SPECULATIVE_METHODS = ("ngram", "draft_model", "mtp")
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """vLLM's ``speculative_config``: ``method``, ``num_speculative_tokens`` and the method's own keys
-    (``prompt_lookup_min`` / ``prompt_lookup_max`` for ngram, ``model`` for draft_model)."""
+    (``prompt_lookup_min`` / ``prompt_lookup_max`` for ngram, ``model`` for draft_model; mtp reads the target's
+    own checkpoint)."""
 
     method: str
     num_speculative_tokens: int
@@ -41,8 +42,6 @@ class SpeculativeConfig:
         if self.method == "draft_model" and not self.model:
             raise ConfigError("speculative_config method='draft_model' needs \"model\": the draft checkpoint "
                               "(a path or hub id of a model with the same tokenizer)")
-        if self.method == "mtp":
-            raise ConfigError("speculative_config method='mtp' is not implemented yet; use 'ngram' or 'draft_model'")
 
     @classmethod
     def parse(cls, value: str | Mapping[str, Any] | SpeculativeConfig | None) -> SpeculativeConfig | None:

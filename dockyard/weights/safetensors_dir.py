@@ -62,6 +62,22 @@ def stored_bytes(model_dir: str | Path) -> dict[str, int]:
     return dict(out)
 
 
+def tensor_names(model_dir: str | Path) -> set[str]:
+    """The names of every tensor of the checkpoint, from the index (or the file headers) alone."""
+    index = Path(model_dir) / INDEX_FILE
+    if index.exists():
+        safetensors_files(model_dir)  # the index is checked there
+        return set(json.loads(index.read_text())["weight_map"])
+    names: set[str] = set()
+    for path in safetensors_files(model_dir):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names.update(f.keys())
+        except (SafetensorError, OSError) as exc:
+            raise InvalidModelFileError(f"{path} is not a readable safetensors file ({exc})") from exc
+    return names
+
+
 def iter_safetensors(model_dir: str | Path, cut: Callable[[str, Any], torch.Tensor | None] | None = None
                      ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield every (name, tensor) of the checkpoint, one shard open at a time.

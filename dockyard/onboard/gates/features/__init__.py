@@ -30,8 +30,12 @@ error, never a crash.
   cache (scales calibrated as the engine does) against a cache in its own dtype: logits within
   ``FP8_KV_LOGITS_BOUND`` (3 × e4m3's rms rounding error); MLA is refused by the engine, so unsupported.
 
-One module per trial (``cuda_graph``, ``torch_compile``, ``parallel``, ``fp8``, ``fp8_kv``); the model they share
-is ``trial_model``, the process plumbing (worker output, threads, dynamo off) ``plumbing``.
+* MTP (a checkpoint with ``num_nextn_predict_layers`` > 0; else checkpoint-missing): the trial model's MTP layer
+  proposing through speculative decoding's ``mtp`` method; greedy tokens must equal plain decoding's, and
+  the acceptance rate is reported.
+
+One module per trial (``cuda_graph``, ``torch_compile``, ``parallel``, ``fp8``, ``fp8_kv``, ``mtp``); the model they
+share is ``trial_model``, the process plumbing (worker output, threads, dynamo off) ``plumbing``.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from typing import Any
 
 from dockyard.onboard.config_features import is_moe
 from dockyard.onboard.context import GateContext, Outcome
-from dockyard.onboard.gates.features import cuda_graph, fp8, fp8_kv, parallel, torch_compile
+from dockyard.onboard.gates.features import cuda_graph, fp8, fp8_kv, mtp, parallel, torch_compile
 from dockyard.onboard.gates.features.trial_model import Trials, error_text, row
 from dockyard.onboard.gates.fit import quantization_of
 
@@ -104,14 +108,9 @@ def run(ctx: GateContext) -> Outcome:
             rows.append(row("expert parallel", "not-applicable", "dense model: the config has no experts"))
         rows.append(_guarded("FP8", lambda: fp8.trial_row(ctx, trials, setup_error)))
         rows.append(_guarded(fp8_kv.FEATURE, lambda: fp8_kv.trial_row(ctx, trials, setup_error)))
+        mtp_row = _guarded(mtp.FEATURE, lambda: mtp.trial_row(ctx, trials, setup_error))
     rows.append(_guarded("quantization", lambda: _quantization_row(ctx)))
-    if "mtp" in keys:
-        rows.append(row("MTP", "unsupported", "the checkpoint has MTP layers (num_nextn_predict_layers > 0); "
-                                              "speculative decoding runs ngram and draft_model, but MTP heads are not "
-                                              "loaded yet (speculative_config method 'mtp')"))
-    else:
-        rows.append(row("MTP", "checkpoint-missing", "no MTP / speculative-decoding heads in the checkpoint "
-                                                     "(num_nextn_predict_layers absent or 0)"))
+    rows.append(mtp_row)
     if "multimodal" in keys:
         rows.append(row("multimodal", "unsupported", "the config has a vision tower; dockyard serves text only"))
     else:
