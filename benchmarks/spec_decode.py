@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import random
 import time
@@ -145,6 +146,9 @@ def ngram(args: argparse.Namespace) -> dict:
             result[f"{name}_batch{batch}"] = _rates(seconds, delta)
             result.setdefault(f"outputs_batch{batch}", {})[name] = outs
         del llm
+        gc.collect()  # the next engine's KV pool is sized from the memory this one leaves
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     for batch in args.batch_sizes:  # greedy exactness on this device, as a fraction of matching tokens
         outs = result.pop(f"outputs_batch{batch}")
         ref = outs["off"]
