@@ -352,3 +352,16 @@ def test_the_mtp_layer_mlp_follows_the_config(v3):
     assert v3.spec.num_nextn_predict_layers == 1 and v3.spec.nextn_moe_layers == (True,)
     mtp = load_mtp(v3.llm.source, v3.llm.model, v3.llm.device, v3.llm.dtype)
     assert isinstance(mtp.layer.mlp, SparseMoeBlock) and isinstance(mtp.layer.self_attn, MLAAttention)
+
+
+@pytest.mark.manual  # a few minutes of CPU: 20 x 128 tokens one request at a time, for k = 1 and k = 3
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_mtp_is_exact_at_batch_1_on_all_20_prompts(v3, greedy_runs, k):
+    """The whole Must show at batch 1 (the default suite's batch-1 case takes 3 of the prompts): each of the 20
+    prompts, 128 greedy tokens, one request at a time, is token-for-token the output without speculation."""
+    base, _ = greedy_runs
+    single = make_engine(v3, k, max_num_seqs=1)
+    tokens = tokens_of(run(single, v3.prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
+                                                                ignore_eos=True)))
+    assert len(tokens) == NUM_PROMPTS and tokens == base
+    assert single.stats()["spec_decode_num_drafts"] >= NUM_PROMPTS * (MAX_TOKENS - 1) * 0.9
