@@ -76,13 +76,10 @@ def bundled_llm(bundled_gguf):
 @pytest.fixture(scope="session")
 def hf_model(bundled_gguf):
     """transformers' own load of the bundled GGUF in float32: the reference of the real-model tests
-    (and lm-eval's ``--model hf``)."""
-    import torch
-    import transformers
+    (and lm-eval's ``--model hf``); saved once per file and library versions (``tests.helpers.hf_gguf_reference``)."""
+    from tests.helpers import hf_gguf_reference
 
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(bundled_gguf.parent), gguf_file=bundled_gguf.name, dtype=torch.float32
-    ).eval()
+    return hf_gguf_reference(bundled_gguf)
 
 
 @pytest.fixture(scope="session")
