@@ -33,9 +33,9 @@ if _WORKERS and "OMP_NUM_THREADS" not in os.environ:
 
 
 LONGEST_FIRST = ("tests/engine/test_spec_decode.py", "tests/engine/test_engine.py", "tests/onboard/test_corpus.py",
-                 "tests/onboard/test_bundled.py", "tests/server/test_structured_outputs.py",
-                 "tests/server/test_tools_reasoning.py", "tests/test_hf_cache.py", "tests/test_real_model.py",
-                 "tests/test_gemma3_gguf.py")
+                 "tests/test_cli.py", "tests/onboard/test_bundled.py", "tests/engine/test_async_scheduling.py",
+                 "tests/server/test_structured_outputs.py", "tests/server/test_tools_reasoning.py",
+                 "tests/test_hf_cache.py", "tests/test_real_model.py", "tests/test_gemma3_gguf.py")
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
