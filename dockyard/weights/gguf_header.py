@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import mmap
 import struct
+import threading
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -191,6 +192,7 @@ def _decode_array(buf: mmap.mmap, array: _Array) -> list[Any]:
 
 
 _HEADERS: collections.OrderedDict[tuple[str, int, int], GGUFHeader] = collections.OrderedDict()
+_HEADERS_LOCK = threading.Lock()  # the server opens files from more than one thread
 
 
 def read_header(path: str | Path) -> GGUFHeader:
@@ -199,13 +201,14 @@ def read_header(path: str | Path) -> GGUFHeader:
     path = Path(path)
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    header = _HEADERS.get(key)
-    if header is None:
-        with open(path, "rb") as fh:
-            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        header = GGUFHeader(path, buf)
-        _HEADERS[key] = header
-        while len(_HEADERS) > _CACHED_FILES:
-            _HEADERS.popitem(last=False)
-    _HEADERS.move_to_end(key)
-    return header
+    with _HEADERS_LOCK:
+        header = _HEADERS.get(key)
+        if header is None:
+            with open(path, "rb") as fh:
+                buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            header = GGUFHeader(path, buf)
+            _HEADERS[key] = header
+            while len(_HEADERS) > _CACHED_FILES:
+                _HEADERS.popitem(last=False)
+        _HEADERS.move_to_end(key)
+        return header
