@@ -33,7 +33,7 @@ if _WORKERS and "OMP_NUM_THREADS" not in os.environ:
 
 
 LONGEST_FIRST = ("tests/engine/test_spec_decode.py", "tests/engine/test_engine.py", "tests/onboard/test_corpus.py",
-                 "tests/test_cli.py", "tests/onboard/test_bundled.py", "tests/engine/test_async_scheduling.py",
+                 "tests/onboard/test_bundled.py", "tests/test_cli.py", "tests/engine/test_async_scheduling.py",
                  "tests/server/test_structured_outputs.py", "tests/server/test_tools_reasoning.py",
                  "tests/test_hf_cache.py", "tests/test_real_model.py", "tests/test_gemma3_gguf.py")
 
