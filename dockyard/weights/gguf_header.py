@@ -117,6 +117,10 @@ class GGUFHeader:
                 view = data[start:start + n_bytes].reshape(quant_shape_to_byte_shape(np_dims, qtype))
             self.tensors.append(GGUFTensor(name, qtype, dims, n_elements, n_bytes, start, view))
 
+    def header_bytes(self) -> bytes:
+        """The file's bytes before the tensor data: its metadata and tensor table."""
+        return self._buf[:self.data_offset]
+
     def keys(self) -> list[str]:
         """The metadata keys, in file order."""
         return list(self._values)
