@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
+import gguf
 import safetensors.torch
 import torch
 import transformers
@@ -26,7 +27,7 @@ from dockyard.engine.sampling_params import SamplingParams
 from dockyard.testing import paged_logits, rel_rmse
 from dockyard.tokenizer import cache_root
 
-__all__ = ["dummy_chat_model_dir", "hf_gguf_reference", "import_kernels", "init_unit_scale_",
+__all__ = ["dummy_chat_model_dir", "finish_gguf", "hf_gguf_reference", "import_kernels", "init_unit_scale_",
            "interpreter_loop_bounds_fix", "paged_logits", "poison", "rel_rmse", "save_tiny_hf_model",
            "unit_scale_llama", "unit_scale_state"]
 
@@ -68,6 +69,16 @@ def save_tiny_hf_model(hf_model: torch.nn.Module, directory: Path) -> Path:
     """Save an HF model (config + safetensors) so dockyard loads it through its own loader."""
     hf_model.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def finish_gguf(writer: gguf.GGUFWriter) -> Path:
+    """Write what ``writer`` was given (header, metadata, tensors) to its file, close it, and return the path."""
+    path = Path(writer.path)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 _REFERENCE_MARKER = "reference.json"  # written last: its presence marks a complete entry

@@ -12,6 +12,7 @@ import pytest
 import dockyard.tokenizer as tokmod
 from dockyard.errors import InvalidModelFileError, ModelNotFoundError
 from dockyard.tokenizer import load_tokenizer
+from tests.helpers import finish_gguf
 
 BUNDLED = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXTS = [
@@ -117,11 +118,7 @@ def _write_vocab_gguf(path: Path, tokens: list[str]) -> Path:
     path.parent.mkdir(exist_ok=True)
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_token_list(tokens)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return finish_gguf(writer)
 
 
 def test_cache_key_follows_the_header_not_the_path(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import pytest
 from dockyard.errors import InvalidModelFileError
 from dockyard.weights.gguf_header import read_header
 from dockyard.weights.gguf_metadata import GGUFFile
+from tests.helpers import finish_gguf
 
 V = gguf.GGUFValueType
 Q = gguf.GGMLQuantizationType
@@ -81,11 +82,7 @@ def _write_every_value_type(path: Path, endianess: gguf.GGUFEndian = gguf.GGUFEn
     writer.add_tensor("f16", np.arange(64, dtype=np.float16).reshape(2, 32))
     writer.add_tensor("q8_0", gguf.quants.quantize(np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32), Q.Q8_0),
                       raw_dtype=Q.Q8_0)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return finish_gguf(writer)
 
 
 def test_every_value_type_equals_gguf_reader(tmp_path: Path) -> None:
