@@ -79,9 +79,12 @@ COMMANDS = {"generate": "dockyard.commands.generate:run", "inspect": "dockyard.c
 def precheck(args: argparse.Namespace) -> None:
     """What a command refuses before its module, and torch, load: ``onboard`` a MODEL path that does not exist
     (no report folder is made), ``inspect`` an absurd or broken config (read as metadata only; the source it
-    resolves is kept as ``args.resolved_source`` for the command, so a GGUF's header is parsed once)."""
+    resolves is kept as ``args.resolved_source`` for the command, so a GGUF's header is parsed once), ``generate``
+    a model it cannot resolve (a missing path, a file that is not a model, an architecture it cannot run)."""
     if args.command == "onboard":
         check_model_path(args.model, args.revision, args.download_dir)
+    elif args.command == "generate":
+        resolve_model(args.model, args.load_format, **model_source_kwargs(args))
     elif args.command == "inspect":
         found = read_features(args)
         try:

@@ -2,8 +2,9 @@
 
 transformers builds a GGUF file's tokenizer from its metadata, which takes seconds. The result is
 saved with ``save_pretrained`` under ``$DOCKYARD_CACHE/tokenizers/<key>/`` (default cache:
-``~/.cache/dockyard``), where the key derives from the file's absolute path, size and mtime and the
-transformers version, so a later load takes a fraction of a second. Entries are written to a temporary
+``~/.cache/dockyard``), where the key derives from the file's header (its metadata and tensor table: all the
+tokenizer is built from, so a reinstalled or copied file hits the same entry) and the transformers version,
+so a later load takes a fraction of a second. Entries are written to a temporary
 directory and renamed into place, so a crash cannot leave a half-written entry; an entry that fails to
 load is rebuilt.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dockyard.errors import InvalidModelFileError, ModelNotFoundError
+from dockyard.weights.gguf_header import read_header
 from dockyard.weights.gguf_metadata import GGUF_MAGIC
 
 if TYPE_CHECKING:
@@ -74,9 +76,16 @@ def _load_dir_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
 def _cache_key(path: Path) -> str:
     import transformers
 
-    st = path.stat()
-    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|transformers={transformers.__version__}"
-    return f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+    try:
+        header = read_header(path)
+    except Exception as exc:  # the header parser fails in many ways (ValueError, struct.error, ...) on bad input
+        raise InvalidModelFileError(
+            f"{path} is not a valid GGUF file ({type(exc).__name__}: {exc}); it may be truncated or corrupt: "
+            "download it again"
+        ) from exc
+    digest = hashlib.sha256(header.header_bytes())
+    digest.update(f"|transformers={transformers.__version__}".encode())
+    return f"{path.stem}-{digest.hexdigest()[:16]}"
 
 
 def _load_cached(entry: Path) -> PreTrainedTokenizerBase | None:

@@ -10,9 +10,10 @@ variable is set here, before any test module imports torch: each of N workers ge
 threads (at least 1), and the subprocesses the tests start (CLI, server, onboarding, parallel ranks)
 inherit it. An explicit ``OMP_NUM_THREADS`` is kept.
 
-The modules in :data:`LONGEST_FIRST` (each a minute or more of shared fixtures on 2 cores) are collected first,
-so the workers start on them and finish together instead of one ending on a long module alone (longest
-processing time first); the order of everything else is unchanged.
+The modules in :data:`LONGEST_FIRST` (the most CPU seconds, measured one module at a time with
+``benchmarks/suite_cputime.py``; figures in benchmarks/RESULTS.md) are collected first, longest first, so the
+workers start on them and finish together instead of one ending on a long module alone (longest processing
+time first); the order of everything else is unchanged. tests/test_suite_order.py checks that each exists.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ if _WORKERS and "OMP_NUM_THREADS" not in os.environ:
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-LONGEST_FIRST = ("tests/engine/test_spec_decode.py", "tests/onboard/test_bundled.py", "tests/test_gemma3_gguf.py",
-                 "tests/server/test_tools_reasoning.py", "tests/server/test_structured_outputs.py",
-                 "tests/engine/test_engine.py", "tests/test_hf_cache.py", "tests/test_real_model.py")
+LONGEST_FIRST = ("tests/engine/test_spec_decode.py", "tests/engine/test_engine.py", "tests/onboard/test_corpus.py",
+                 "tests/onboard/test_bundled.py", "tests/test_cli.py", "tests/engine/test_async_scheduling.py",
+                 "tests/server/test_structured_outputs.py", "tests/server/test_tools_reasoning.py",
+                 "tests/test_hf_cache.py", "tests/test_real_model.py", "tests/test_gemma3_gguf.py")
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -76,13 +78,10 @@ def bundled_llm(bundled_gguf):
 @pytest.fixture(scope="session")
 def hf_model(bundled_gguf):
     """transformers' own load of the bundled GGUF in float32: the reference of the real-model tests
-    (and lm-eval's ``--model hf``)."""
-    import torch
-    import transformers
+    (and lm-eval's ``--model hf``); saved once per file and library versions (``tests.helpers.hf_gguf_reference``)."""
+    from tests.helpers import hf_gguf_reference
 
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(bundled_gguf.parent), gguf_file=bundled_gguf.name, dtype=torch.float32
-    ).eval()
+    return hf_gguf_reference(bundled_gguf)
 
 
 @pytest.fixture(scope="session")

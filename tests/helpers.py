@@ -1,15 +1,23 @@
-"""Shared test helpers: error metric, paged single-sequence driver, tiny HF reference models,
-Triton kernel modules in the interpreter's mode, requests poisoned past validation, a dummy-weight chat
-model for machines without the bundled GGUF."""
+"""Shared test helpers: error metric, paged single-sequence driver, tiny HF reference models, transformers'
+load of a real GGUF (saved once per file and library versions), Triton kernel modules in the interpreter's
+mode, requests poisoned past validation, a dummy-weight chat model for machines without the bundled GGUF."""
 
 from __future__ import annotations
 
+import copy
+import functools
+import hashlib
 import importlib
+import importlib.metadata
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
+import gguf
+import safetensors.torch
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -17,9 +25,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 # The metric and the paged driver are library code now (the onboarding equivalence gate uses them).
 from dockyard.engine.sampling_params import SamplingParams
 from dockyard.testing import paged_logits, rel_rmse
+from dockyard.tokenizer import cache_root
 
-__all__ = ["dummy_chat_model_dir", "import_kernels", "init_unit_scale_", "interpreter_loop_bounds_fix", "paged_logits",
-           "poison", "rel_rmse", "save_tiny_hf_model", "unit_scale_llama", "unit_scale_state"]
+__all__ = ["dummy_chat_model_dir", "finish_gguf", "hf_gguf_reference", "import_kernels", "init_unit_scale_",
+           "interpreter_loop_bounds_fix", "paged_logits", "poison", "rel_rmse", "save_tiny_hf_model",
+           "unit_scale_llama", "unit_scale_state"]
 
 # ChatML as SmolLM2's template writes it, its default system message included (so prompts are as long).
 CHAT_TEMPLATE = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful AI assistant named "
@@ -59,6 +69,71 @@ def save_tiny_hf_model(hf_model: torch.nn.Module, directory: Path) -> Path:
     """Save an HF model (config + safetensors) so dockyard loads it through its own loader."""
     hf_model.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def finish_gguf(writer: gguf.GGUFWriter) -> Path:
+    """Write what ``writer`` was given (header, metadata, tensors) to its file, close it, and return the path."""
+    path = Path(writer.path)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+_REFERENCE_MARKER = "reference.json"  # written last: its presence marks a complete entry
+
+
+@functools.cache
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hf_gguf_reference(gguf_path: Path) -> torch.nn.Module:
+    """transformers' own load of ``gguf_path`` in float32 on the CPU (``from_pretrained(dir, gguf_file=name)``):
+    the reference of the real-model tests.
+
+    transformers' GGUF loader parses every metadata value of the file twice (with ``gguf.GGUFReader``, a numpy
+    view per token) and dequantizes every tensor with numpy: tens of CPU seconds per load. So the loaded model
+    is saved the first time (config, generation config, weights as safetensors; the config without the GGUF
+    quantization marker that keeps transformers from saving it) under ``$DOCKYARD_CACHE/test-references/``,
+    keyed by the file's content (sha256, so a reinstalled copy of the same file hits) and the versions of
+    transformers, gguf and torch; a later session loads that copy (identical tensors, the same model class).
+    Entries are written to a temporary folder and renamed into place; older entries of the same file are removed.
+    """
+    ident = (f"{_file_sha256(gguf_path)}|transformers={transformers.__version__}|gguf="
+             f"{importlib.metadata.version('gguf')}|torch={torch.__version__}")
+    root = cache_root() / "test-references"
+    entry = root / f"{gguf_path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+    if (entry / _REFERENCE_MARKER).is_file():
+        return transformers.AutoModelForCausalLM.from_pretrained(str(entry), dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32).eval()
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=root))
+    try:
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tensors, seen = {}, set()
+        for name, tensor in model.state_dict().items():
+            if tensor.data_ptr() not in seen:  # a tied weight is saved once, under its first name
+                seen.add(tensor.data_ptr())
+                tensors[name] = tensor.contiguous()
+        safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / _REFERENCE_MARKER).write_text(json.dumps({"source": str(gguf_path), "key": ident}))
+        for old in root.glob(f"{gguf_path.stem}-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, entry)
+    except OSError:  # another process wrote the entry first (or the disk is full): this session has its model
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model
 
 
 def init_unit_scale_(model: torch.nn.Module) -> torch.nn.Module:

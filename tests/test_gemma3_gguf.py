@@ -1,6 +1,7 @@
 """The second real model, Gemma-3-270M Q4_K_M (sliding-window layers, (1 + w) norms, qk-norm, k-quants, a
 262k-token SentencePiece vocabulary): dockyard's greedy tokens equal transformers' on the same GGUF
-(``gguf_file=``, float32, CPU), and the config it reads agrees with transformers'."""
+(``gguf_file=``, float32, CPU; saved once by ``tests.helpers.hf_gguf_reference``), and the config it reads agrees
+with transformers'."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
 from dockyard import LLM, SamplingParams
+from tests.helpers import hf_gguf_reference
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of"]
@@ -24,8 +25,7 @@ def gemma_llm(gemma3_gguf: Path) -> LLM:
 
 @pytest.fixture(scope="module")
 def gemma_hf(gemma3_gguf: Path) -> torch.nn.Module:
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(gemma3_gguf.parent), gguf_file=gemma3_gguf.name, dtype=torch.float32).eval()
+    return hf_gguf_reference(gemma3_gguf)
 
 
 def test_config_matches_transformers(gemma_llm: LLM, gemma_hf: torch.nn.Module) -> None:

@@ -6,11 +6,13 @@ import importlib.util
 import os
 from pathlib import Path
 
+import gguf
 import pytest
 
 import dockyard.tokenizer as tokmod
 from dockyard.errors import InvalidModelFileError, ModelNotFoundError
 from dockyard.tokenizer import load_tokenizer
+from tests.helpers import finish_gguf
 
 BUNDLED = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXTS = [
@@ -112,13 +114,22 @@ def test_unwritable_cache_still_loads(gguf_path, hf_tok, tmp_path, monkeypatch) 
     assert load_tokenizer(gguf_path) is hf_tok
 
 
-def test_cache_key_changes_with_file(tmp_path: Path) -> None:
-    f = tmp_path / "m.gguf"
-    f.write_bytes(b"GGUF1")
+def _write_vocab_gguf(path: Path, tokens: list[str]) -> Path:
+    path.parent.mkdir(exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_token_list(tokens)
+    return finish_gguf(writer)
+
+
+def test_cache_key_follows_the_header_not_the_path(tmp_path: Path) -> None:
+    f = _write_vocab_gguf(tmp_path / "m.gguf", ["a", "b"])
     key = tokmod._cache_key(f)
     assert key.startswith("m-") and key == tokmod._cache_key(f)
-    f.write_bytes(b"GGUF12")
-    assert tokmod._cache_key(f) != key
+    copy = tmp_path / "elsewhere" / "m.gguf"  # a reinstalled copy: another path and modification time
+    copy.parent.mkdir()
+    copy.write_bytes(f.read_bytes())
+    assert tokmod._cache_key(copy) == key
+    assert tokmod._cache_key(_write_vocab_gguf(tmp_path / "other" / "m.gguf", ["a", "c"])) != key
 
 
 def test_hf_directory(hf_tok, tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """GGUF files' metadata: the HF-style config, the tensor catalogue and names, read without torch.
 
 A GGUF file (llama.cpp's format) holds key/value metadata and tensors, many quantized. :class:`GGUFFile` opens
-one (``gguf``'s reader, numpy only, memory-mapped) and answers what a resolved model, ``dockyard inspect`` and
-the memory plan ask before any weight is read; :mod:`dockyard.weights.gguf` reads its tensors into torch.
+one (its header parsed by :mod:`dockyard.weights.gguf_header`: numpy only, memory-mapped, the token lists left
+undecoded unless asked for, once per file per process) and answers what a resolved model, ``dockyard inspect``
+and the memory plan ask before any weight is read; :mod:`dockyard.weights.gguf` reads its tensors into torch.
 Nothing here is a per-family table of dockyard's own; each fact comes from the library that owns it:
 
 - **config**: transformers' GGUF config mapping (``transformers.integrations.ggml.GGUF_CONFIG_MAPPING`` and
@@ -36,10 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFReader, LlamaFileType, ReaderTensor, get_tensor_name_map
+from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, LlamaFileType, get_tensor_name_map
 from gguf.quants import dequantize
 
 from dockyard.errors import InvalidModelFileError, ModelNotFoundError, UnsupportedArchitectureError
+from dockyard.weights.gguf_header import GGUFTensor, read_header
 
 GGUF_MAGIC = b"GGUF"
 
@@ -99,24 +101,21 @@ class GGUFFile:
                 f"(found {magic!r}); pass a .gguf file written by llama.cpp's converter"
             )
         try:
-            self._reader = GGUFReader(self.path)
-        except Exception as exc:  # the parser fails in many ways (ValueError, IndexError, ...) on bad input
+            self._header = read_header(self.path)
+        except Exception as exc:  # the parser fails in many ways (ValueError, struct.error, ...) on bad input
             raise InvalidModelFileError(
                 f"{self.path} is not a valid GGUF file ({type(exc).__name__}: {exc}); it may be truncated "
                 "or corrupt: download it again"
             ) from exc
-        self._tensors = {t.name: t for t in self._reader.tensors}
+        self._tensors = {t.name: t for t in self._header.tensors}
         self._config: dict[str, Any] | None = None
 
     # ---- metadata ----
     def get(self, key: str, default: Any = None) -> Any:
         """The value of metadata ``key`` (scalars as Python values, arrays as lists), or ``default``."""
-        fld = self._reader.fields.get(key)
-        if fld is None:
-            return default
         try:
-            return fld.contents()
-        except Exception as exc:
+            return self._header.get(key, default)
+        except Exception as exc:  # an array is decoded here, on first request: bad bytes fail here
             raise InvalidModelFileError(f"{self.path}: metadata key {key!r} is unreadable ({exc})") from exc
 
     @property
@@ -208,8 +207,7 @@ class GGUFFile:
         embd = self._tensors.get("token_embd.weight")
         vocab = int(embd.shape[-1]) if embd is not None and len(embd.shape) > 1 else cfg.get("vocab_size")
         if vocab is None:
-            tokens = self._reader.fields.get("tokenizer.ggml.tokens")
-            vocab = len(tokens.data) if tokens is not None else None
+            vocab = self._header.array_length("tokenizer.ggml.tokens")
         if vocab is None:
             raise InvalidModelFileError(
                 f"{self.path}: cannot tell the vocabulary size (no token_embd.weight, "
@@ -277,9 +275,9 @@ class GGUFFile:
 
     # ---- tensors ----
     @property
-    def tensors(self) -> list[ReaderTensor]:
-        """The file's tensors as ``gguf`` reads them (name, GGML type, shape fastest-first, memory-mapped data)."""
-        return self._reader.tensors
+    def tensors(self) -> list[GGUFTensor]:
+        """The file's tensors (name, GGML type, shape fastest-first, memory-mapped data)."""
+        return self._header.tensors
 
     def name_map(self, hf_names: Iterable[str]) -> dict[str, list[tuple[str, int | None]]]:
         """GGUF tensor name → [(HF name, expert index or None)] for the parameter names ``hf_names`` of the model
@@ -348,7 +346,7 @@ class GGUFFile:
     def stored_bytes(self) -> dict[str, int]:
         """Bytes of tensor data by GGML type (``Q4_1``, ``F32``, ...): each tensor's blocks as stored."""
         out: dict[str, int] = {}
-        for t in self._reader.tensors:
+        for t in self._header.tensors:
             out[t.tensor_type.name] = out.get(t.tensor_type.name, 0) + int(t.n_bytes)
         return out
 
