@@ -61,8 +61,8 @@ def test_wrong_rope_theta_fails_at_attention(tmp_path, monkeypatch):
 def test_swapped_gate_and_up_projections_fail_at_mlp(tmp_path, monkeypatch):
     original = checkpoint.iter_safetensors  # the name the checkpoint reader calls
 
-    def swapped(model_dir):
-        for name, tensor in original(model_dir):
+    def swapped(model_dir, **kwargs):
+        for name, tensor in original(model_dir, **kwargs):
             if ".mlp.gate_proj." in name:
                 name = name.replace(".gate_proj.", ".up_proj.")
             elif ".mlp.up_proj." in name:
