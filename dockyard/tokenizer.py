@@ -153,13 +153,66 @@ def _save_entry(tok: PreTrainedTokenizerBase, source: Path, entry: Path) -> None
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+# How many of a vocabulary's whole-word tokens the round-trip check encodes, and the share that must come back
+# as themselves (a working tokenizer returns all of them; a broken conversion splits them into pieces).
+ROUND_TRIP_SAMPLE = 200
+ROUND_TRIP_MIN_SHARE = 0.8
+
+
+def whole_word_round_trip(tok: PreTrainedTokenizerBase) -> tuple[int, int, str]:
+    """(how many sampled tokens encode back to themselves, how many were sampled, one that did not, or "").
+
+    The sample: up to :data:`ROUND_TRIP_SAMPLE` ids spread over the vocabulary whose text is an ASCII word of
+    three or more letters, with or without a leading space. Encoding that text alone must give the token
+    itself in any BPE or SentencePiece vocabulary built from its own merges or scores."""
+    special = set(tok.all_special_ids)
+    vocab = len(tok)
+    words = []
+    for i in range(0, vocab, max(1, vocab // (20 * ROUND_TRIP_SAMPLE))):
+        text = tok.decode([i])
+        word = text.strip()
+        if i not in special and len(word) >= 3 and word.isascii() and word.isalpha() and text in (word, " " + word):
+            words.append((i, text))
+    sample = words[:: max(1, len(words) // ROUND_TRIP_SAMPLE)][:ROUND_TRIP_SAMPLE]
+    ok, bad = 0, ""
+    for i, text in sample:
+        ids = tok.encode(text, add_special_tokens=False)
+        if ids == [i]:
+            ok += 1
+        elif not bad:
+            bad = f"{text!r} (token {i}) -> {ids}"
+    return ok, len(sample), bad
+
+
+def _round_trips(tok: PreTrainedTokenizerBase) -> tuple[bool, str]:
+    ok, n, bad = whole_word_round_trip(tok)
+    why = f"{ok} of {n} sampled whole-word tokens encode to themselves, e.g. {bad}"
+    return n == 0 or ok >= ROUND_TRIP_MIN_SHARE * n, why
+
+
 def _load_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The GGUF's tokenizer, cached; checked to encode its own vocabulary's words back to themselves, since some
+    transformers versions convert some GGUF vocabularies (Gemma-3's under 5.17) into a tokenizer that splits
+    every word, which would silently change every prompt."""
     if not path.is_file():
         raise ModelNotFoundError(f"GGUF file not found: {path}; check the path")
     entry = cache_root() / "tokenizers" / _cache_key(path)
     tok = _load_cached(entry)
     if tok is not None:
-        return tok
+        good, _ = _round_trips(tok)
+        if good:
+            return tok
+        logger.warning("tokenizer cache entry %s does not round-trip its vocabulary; rebuilding it", entry)
+        shutil.rmtree(entry, ignore_errors=True)
     tok = _convert_gguf_tokenizer(path)
+    good, why = _round_trips(tok)
+    if not good:
+        import transformers
+
+        raise InvalidModelFileError(
+            f"the tokenizer transformers {transformers.__version__} builds from {path} does not tokenize its own "
+            f"vocabulary ({why}): this transformers version converts this GGUF's tokenizer wrongly. Upgrade "
+            "transformers, or pass --tokenizer with the model's Hugging Face tokenizer directory"
+        )
     _save_entry(tok, path, entry)
     return tok

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -104,6 +105,41 @@ def test_broken_cache_entry_is_rebuilt(gguf_path, hf_tok, cache, monkeypatch) ->
     _assert_same_tokenizer(load_tokenizer(gguf_path), hf_tok)
     assert len(calls) == 3
     assert load_tokenizer(gguf_path) is not hf_tok and len(calls) == 3
+
+
+def _without_merges(tok):
+    """A copy of ``tok`` whose BPE merges are gone: it splits every word into single characters (how a wrong
+    GGUF conversion looks, e.g. transformers 5.17's of Gemma-3)."""
+    import copy
+
+    from tokenizers import Tokenizer
+
+    broken = copy.deepcopy(tok)
+    state = json.loads(tok.backend_tokenizer.to_str())
+    state["model"]["merges"] = []
+    broken._tokenizer = Tokenizer.from_str(json.dumps(state))
+    return broken
+
+
+def test_a_tokenizer_that_splits_its_own_words_is_refused_or_rebuilt(gguf_path, hf_tok, cache, monkeypatch) -> None:
+    assert tokmod.whole_word_round_trip(hf_tok)[:2] == (tokmod.ROUND_TRIP_SAMPLE, tokmod.ROUND_TRIP_SAMPLE)
+    broken = _without_merges(hf_tok)
+    ok, n, example = tokmod.whole_word_round_trip(broken)
+    assert n == tokmod.ROUND_TRIP_SAMPLE and ok < tokmod.ROUND_TRIP_MIN_SHARE * n and "->" in example
+    # A conversion that gives such a tokenizer is refused by name (and not cached) ...
+    monkeypatch.setattr(tokmod, "_convert_gguf_tokenizer", lambda path: broken)
+    with pytest.raises(InvalidModelFileError, match="does not tokenize its own vocabulary") as err:
+        load_tokenizer(gguf_path)
+    assert str(gguf_path) in str(err.value) and "--tokenizer" in str(err.value)
+    assert not (cache / "tokenizers").exists() or not list((cache / "tokenizers").iterdir())
+    # ... and a cache entry that no longer round-trips is rebuilt from a good conversion.
+    monkeypatch.setattr(tokmod, "_convert_gguf_tokenizer", lambda path: hf_tok)
+    load_tokenizer(gguf_path)
+    (entry,) = (cache / "tokenizers").iterdir()
+    state = json.loads((entry / "tokenizer.json").read_text())
+    state["model"]["merges"] = []
+    (entry / "tokenizer.json").write_text(json.dumps(state))
+    _assert_same_tokenizer(load_tokenizer(gguf_path), hf_tok)
 
 
 def test_unwritable_cache_still_loads(gguf_path, hf_tok, tmp_path, monkeypatch) -> None:
