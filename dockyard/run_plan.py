@@ -52,11 +52,13 @@ def fp8_path(source: Any, target: RunTarget, tp_size: int = 1) -> tuple[bool, st
     return choose_fp8_path(source.fp8, torch.device(target.device_type), tp_size, assume_fp8_gpu=not target.present)
 
 
-def _kept_quantized(source: Any, target: RunTarget, tp_size: int) -> tuple[frozenset[str], dict[str, tuple[int, int]]]:
-    """(GGUF weights kept as blocks, int4 weights kept as int4) by a run on ``target``: the loader's own choice."""
-    device, assume_gpu = torch.device(target.device_type), not target.present
+def kept_as_stored(source: Any, device: torch.device, tp_size: int = 1, assume_gpu: bool = False
+                   ) -> tuple[frozenset[str], dict[str, tuple[int, int]], bool | None]:
+    """What a run on ``device`` holds as the checkpoint stores it, the loader's own choice: (GGUF weights kept as
+    blocks, int4 weights kept as int4, whether MXFP4 experts stay MXFP4 — None: not an MXFP4 checkpoint)."""
+    mxfp4 = source_mxfp4_path(source, device, tp_size, assume_gpu=assume_gpu)
     return (kept_gguf_weights(source, device, tp_size, assume_gpu),
-            kept_int4_weights(source, device, tp_size, assume_gpu))
+            kept_int4_weights(source, device, tp_size, assume_gpu), None if mxfp4 is None else mxfp4[0])
 
 
 def plan_for_run(source: Any, target: RunTarget, dtype: str | torch.dtype = "auto", tp_size: int = 1,
@@ -67,9 +69,8 @@ def plan_for_run(source: Any, target: RunTarget, dtype: str | torch.dtype = "aut
     spec = source.spec
     native, why = fp8_path(source, target, tp_size)
     run = run_dtype(dtype, spec.torch_dtype, target)
-    mxfp4 = source_mxfp4_path(source, torch.device(target.device_type), tp_size, assume_gpu=not target.present)
-    storage = storage_of(source, native, *_kept_quantized(source, target, tp_size),
-                         mxfp4_experts=None if mxfp4 is None else mxfp4[0])
+    blocks, int4, mxfp4 = kept_as_stored(source, torch.device(target.device_type), tp_size, not target.present)
+    storage = storage_of(source, native, blocks, int4, mxfp4)
     plan = plan_memory(spec, run, kv_cache_dtype=resolve_kv_cache_dtype(kv_cache_dtype, run),
                        max_num_batched_tokens=max_num_batched_tokens,
                        max_num_seqs=max_num_seqs, device_type=target.device_type, storage=storage)

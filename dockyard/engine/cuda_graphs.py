@@ -61,8 +61,6 @@ def why_not_capturable(model: nn.Module, kv_cache: torch.Tensor, max_model_len: 
     capturable)."""
     if kv_cache.device.type != "cuda":
         return f"the model runs on {kv_cache.device.type}, not CUDA"
-    if getattr(model, "cuda_graph_blocker", None):  # a model class that knows it cannot be captured
-        return str(model.cuda_graph_blocker)
     attention = [m for m in model.modules() if isinstance(m, Attention)]
     if not attention:
         return "it has no paged attention layers"

@@ -31,7 +31,7 @@ from dockyard.engine.sampling_params import SamplingParams
 from dockyard.engine.threads import configure_threads
 from dockyard.engine_args import EngineArgs, model_source_kwargs
 from dockyard.errors import ConfigError, DockyardError, InvalidRequestError
-from dockyard.memory import kept_gguf_weights, kept_int4_weights, plan_memory, storage_of
+from dockyard.memory import plan_memory, storage_of
 from dockyard.model_loader import (
     check_mtp_source,
     check_online_fp8,
@@ -42,7 +42,7 @@ from dockyard.model_loader import (
 )
 from dockyard.model_source import ModelSource, resolve_model
 from dockyard.ops.fp8_kv import latent_cache_refusal, resolve_kv_cache_dtype
-from dockyard.weights.mxfp4 import source_mxfp4_path
+from dockyard.run_plan import kept_as_stored
 
 logger = logging.getLogger(__name__)
 
@@ -142,11 +142,8 @@ class LLM:
         self._draft_source = self._resolve_draft(config)
         if not args.skip_memory_check:  # before any worker starts or any weight is allocated
             # Weights held quantized (GGUF blocks, int4, MXFP4 experts) count at the size they are held.
-            blocks = kept_gguf_weights(self.source, self.device, tensor_parallel_size)
-            int4 = kept_int4_weights(self.source, self.device, tensor_parallel_size)
-            mxfp4 = source_mxfp4_path(self.source, self.device, tensor_parallel_size)  # experts held MXFP4
-            storage = (storage_of(self.source, gguf_blocks=blocks, int4_kept=int4,
-                                  mxfp4_experts=None if mxfp4 is None else mxfp4[0])
+            blocks, int4, mxfp4 = kept_as_stored(self.source, self.device, tensor_parallel_size)
+            storage = (storage_of(self.source, gguf_blocks=blocks, int4_kept=int4, mxfp4_experts=mxfp4)
                        if blocks or int4 or mxfp4 is not None else None)
             check_memory_fits(spec, self.dtype, self.device, config, tensor_parallel_size, storage,
                               draft=None if self._draft_source is None else self._draft_source.spec)
