@@ -431,9 +431,10 @@ def _write(path: Path, text: str) -> None:
 
 
 def write_progress(ctx: GateContext, report: dict[str, Any]) -> None:
-    """report.json and report.md as the run stands (rewritten as each gate starts and ends)."""
-    _write(ctx.out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    """report.json and report.md as the run stands (rewritten as each gate starts and ends). report.md first: a
+    process killed between the two writes never leaves report.json (what watchers read) ahead of report.md."""
     _write(ctx.out_dir / "report.md", render_markdown(report))
+    _write(ctx.out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_artifacts(ctx: GateContext, report: dict[str, Any]) -> None:
